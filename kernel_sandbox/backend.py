@@ -1,0 +1,374 @@
+"""The container backend: a policy in, a hardened Docker container out.
+
+This is the only module that talks to the Docker SDK and the only place where
+``docker.errors`` become :mod:`kernel_sandbox.errors`. Blocking SDK calls run in
+``asyncio.to_thread`` so a Jupyter Server's event loop never waits on the engine.
+Another backend (Podman, Kubernetes) would take the same :class:`ContainerRequest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from .errors import (
+    EngineUnavailable,
+    ImageBuildError,
+    ImageMissing,
+    KernelStartError,
+    RuntimeUnavailable,
+)
+from .policy import SandboxPolicy
+
+__all__ = ["LABEL_PREFIX", "ContainerRequest", "ContainerState", "DockerBackend"]
+
+LABEL_PREFIX = "io.kernel-sandbox."
+SANDBOX_HOME = "/home/sandbox"
+RUNTIME_MOUNT = "/run/kernel-sandbox"
+WORKSPACE_FALLBACK = "/workspace"
+# Paths inside the image a workspace must not be mounted over.
+RESERVED_PATHS = ("/tmp", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/opt", "/etc", "/run",
+                  "/var", "/proc", "/sys", "/dev", SANDBOX_HOME)
+
+
+def workspace_target(host_path: str) -> str:
+    """Where the notebook's directory appears inside: the same path, unless that is reserved."""
+    for reserved in RESERVED_PATHS:
+        if host_path == reserved or host_path.startswith(reserved + "/"):
+            return WORKSPACE_FALLBACK
+    return host_path
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ContainerRequest:
+    """Everything needed to start one kernel container, already decided by the provisioner."""
+
+    name: str
+    policy: SandboxPolicy
+    command: list[str]
+    env: dict[str, str]
+    labels: dict[str, str]
+    runtime_dir: str
+    user: str
+    workspace: str | None = None
+
+    @property
+    def workdir(self) -> str:
+        if self.workspace and self.policy.workspace != "none":
+            return workspace_target(self.workspace)
+        return SANDBOX_HOME
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What the engine says about a container: running or ended, and how it ended."""
+
+    running: bool
+    exit_code: int | None
+    oom_killed: bool = False
+    error: str = ""
+
+
+def _engine_unavailable(exc: BaseException) -> EngineUnavailable:
+    return EngineUnavailable(
+        f"cannot reach the Docker engine ({exc.__class__.__name__}). Start it (for example "
+        "`sudo systemctl start docker`, or `dockerd &`) and check `docker info` works."
+    )
+
+
+def container_options(request: ContainerRequest) -> dict[str, Any]:
+    """Map a request to ``docker.containers.create`` keyword arguments (the hardened defaults)."""
+    policy = request.policy
+    uid, gid = request.user.split(":")
+    tmpfs_opts = f"rw,nosuid,nodev,size={policy.tmpfs_size}"
+    volumes: dict[str, dict[str, str]] = {
+        request.runtime_dir: {"bind": RUNTIME_MOUNT, "mode": "rw"},
+    }
+    if request.workspace and policy.workspace != "none":
+        volumes[request.workspace] = {"bind": request.workdir, "mode": policy.workspace}
+    for mount in policy.mounts:
+        volumes[mount.source] = {"bind": mount.target, "mode": "ro" if mount.read_only else "rw"}
+    options: dict[str, Any] = {
+        "image": policy.image,
+        "command": request.command,
+        "name": request.name,
+        "labels": request.labels,
+        "environment": request.env,
+        "user": request.user,
+        "working_dir": request.workdir,
+        "hostname": "sandbox",
+        "network_mode": "none",
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "ipc_mode": "private",
+        "init": True,
+        "pids_limit": policy.pids_limit,
+        "mem_limit": policy.memory_limit,
+        "memswap_limit": policy.memory_limit,
+        "nano_cpus": int(policy.cpu_limit * 1e9),
+        "tmpfs": {
+            "/tmp": tmpfs_opts,
+            SANDBOX_HOME: f"{tmpfs_opts},uid={uid},gid={gid},mode=0700",
+        },
+        "volumes": volumes,
+        "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
+    }
+    if policy.runtime != "runc":
+        options["runtime"] = policy.runtime
+    return options
+
+
+class DockerBackend:
+    """Create, watch, signal and remove kernel containers on one Docker engine.
+
+    ``client_factory`` is injectable so tests (and other engines speaking the Docker API,
+    such as Podman's socket) can hand in their own client.
+    """
+
+    def __init__(self, client_factory: Callable[[], docker.DockerClient] = docker.from_env):
+        self._client_factory = client_factory
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = self._client_factory()
+            except docker.errors.DockerException as exc:
+                raise _engine_unavailable(exc) from exc
+        return self._client
+
+    async def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(self._guarded, func, *args, **kwargs)
+
+    def _guarded(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return func(*args, **kwargs)
+        except (requests.exceptions.ConnectionError, ConnectionError) as exc:
+            raise _engine_unavailable(exc) from exc
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, request: ContainerRequest) -> str:
+        """Create and start the container; return its id.
+
+        Raises:
+            ImageMissing: the policy's image is not on the engine.
+            RuntimeUnavailable: the policy's runtime is not registered with the engine.
+            EngineUnavailable: the engine does not answer.
+            KernelStartError: the engine refused to create or start the container.
+        """
+        return await self._call(self._start_sync, request)
+
+    def _start_sync(self, request: ContainerRequest) -> str:
+        options = container_options(request)
+        try:
+            # create + start, never run(): run() would try to pull a missing image.
+            container = self.client.containers.create(**options)
+            container.start()
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(
+                f"image {request.policy.image} is not on the Docker engine; build it with "
+                "`kernel-sandbox image build` (or set the policy's image to one that exists)"
+            ) from exc
+        except docker.errors.APIError as exc:
+            runtime = request.policy.runtime
+            if runtime != "runc" and runtime not in self._runtimes_sync():
+                raise RuntimeUnavailable(
+                    f"the Docker engine has no OCI runtime {runtime!r}; register it in "
+                    "/etc/docker/daemon.json (see `kernel-sandbox doctor`) or use runtime 'runc'"
+                ) from exc
+            self._remove_by_name(request.name)
+            raise KernelStartError(
+                f"the Docker engine refused to start kernel container {request.name}: "
+                f"{exc.explanation or exc}"
+            ) from exc
+        return str(container.id)
+
+    def _remove_by_name(self, name: str) -> None:
+        try:
+            self.client.containers.get(name).remove(force=True)
+        except docker.errors.DockerException:
+            pass
+
+    async def state(self, container_id: str) -> ContainerState:
+        """The container's real state; a container that is gone counts as ended (code -1)."""
+        return await self._call(self._state_sync, container_id)
+
+    def _state_sync(self, container_id: str) -> ContainerState:
+        try:
+            attrs = self.client.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            return ContainerState(running=False, exit_code=-1, error="container is gone")
+        state = attrs["State"]
+        if state.get("Running") or state.get("Status") in ("created", "restarting"):
+            return ContainerState(running=True, exit_code=None)
+        return ContainerState(
+            running=False,
+            exit_code=int(state.get("ExitCode", -1)),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=state.get("Error", ""),
+        )
+
+    async def signal(self, container_id: str, signum: int) -> None:
+        """Send ``signum`` to the container's init, which passes it to the kernel's group."""
+        await self._call(self._signal_sync, container_id, signum)
+
+    def _signal_sync(self, container_id: str, signum: int) -> None:
+        try:
+            self.client.api.kill(container_id, signal=signal.Signals(signum).name)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # not running: nothing to signal
+                return
+            raise
+
+    async def remove(self, container_id: str) -> None:
+        """Force-remove the container; "already gone" is fine (cleanup is idempotent)."""
+        await self._call(self._remove_sync, container_id)
+
+    def _remove_sync(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # removal already in progress
+                return
+            raise
+
+    async def logs_tail(self, container_id: str, lines: int = 15) -> str:
+        """The last lines the container printed (stdout and stderr), for error messages."""
+        return await self._call(self._logs_sync, container_id, lines)
+
+    def _logs_sync(self, container_id: str, lines: int) -> str:
+        try:
+            out = self.client.api.logs(container_id, tail=lines, stdout=True, stderr=True)
+        except docker.errors.DockerException:
+            return ""
+        return out.decode(errors="replace").strip()
+
+    # -- discovery --------------------------------------------------------------------------
+
+    async def find(self, **labels: str) -> list[dict[str, Any]]:
+        """Containers (running or not) carrying all of ``labels`` (names without the prefix)."""
+        return await self._call(self._find_sync, labels)
+
+    def _find_sync(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        filters = [f"{LABEL_PREFIX}managed=true"]
+        filters += [f"{LABEL_PREFIX}{k}={v}" for k, v in labels.items()]
+        return list(self.client.api.containers(all=True, filters={"label": filters}))
+
+    async def runtimes(self) -> list[str]:
+        """The OCI runtimes the engine has registered."""
+        return await self._call(self._runtimes_sync)
+
+    def _runtimes_sync(self) -> list[str]:
+        return sorted(self.client.info().get("Runtimes", {}))
+
+    async def ping(self) -> None:
+        """Raise EngineUnavailable unless the engine answers."""
+        await self._call(self._ping_sync)
+
+    def _ping_sync(self) -> None:
+        try:
+            self.client.ping()
+        except docker.errors.APIError as exc:
+            raise _engine_unavailable(exc) from exc
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def image_exists(self, tag: str) -> bool:
+        return await self._call(self._image_exists_sync, tag)
+
+    def _image_exists_sync(self, tag: str) -> bool:
+        try:
+            self.client.api.inspect_image(tag)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    async def pull(self, image: str) -> None:
+        """Pull ``image`` from its registry (only for bases; kernel images are built here)."""
+        await self._call(self._pull_sync, image)
+
+    def _pull_sync(self, image: str) -> None:
+        repository, _, tag = image.partition(":")
+        try:
+            self.client.api.pull(repository, tag=tag or "latest")
+        except docker.errors.APIError as exc:
+            raise ImageMissing(
+                f"base image {image} is not on the engine and cannot be pulled "
+                f"({exc.explanation or exc}); without a registry, create one with "
+                "`kernel-sandbox image base` and build with `--base kernel-sandbox/base:bookworm`"
+            ) from exc
+
+    async def run_once(self, image: str, command: list[str]) -> str:
+        """Run ``command`` in a throwaway, network-less container and return its output."""
+        return await self._call(self._run_once_sync, image, command)
+
+    def _run_once_sync(self, image: str, command: list[str]) -> str:
+        try:
+            out = self.client.containers.run(
+                image, command, remove=True, network_mode="none", stdout=True, stderr=True
+            )
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(f"image {image} is not on the Docker engine") from exc
+        except docker.errors.ContainerError as exc:
+            raise ImageBuildError(f"`{' '.join(command)}` failed in {image}: {exc.stderr!r}") from exc
+        return bytes(out).decode().strip()
+
+    async def build(
+        self, context: str, tag: str, buildargs: dict[str, str], progress: Callable[[str], None]
+    ) -> None:
+        """Build ``context`` with no network at all; stream each build line to ``progress``."""
+        await self._call(self._build_sync, context, tag, buildargs, progress)
+
+    def _build_sync(
+        self, context: str, tag: str, buildargs: dict[str, str], progress: Callable[[str], None]
+    ) -> None:
+        recent: list[str] = []
+        try:
+            stream = self.client.api.build(
+                path=context, tag=tag, buildargs=buildargs, network_mode="none",
+                rm=True, forcerm=True, decode=True, labels={f"{LABEL_PREFIX}image": "kernel"},
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    tail = "\n".join(recent[-10:])
+                    raise ImageBuildError(f"building {tag} failed: {chunk['error'].strip()}\n{tail}")
+                line = str(chunk.get("stream", "")).rstrip()
+                if line:
+                    recent.append(line)
+                    progress(line)
+        except docker.errors.APIError as exc:
+            raise ImageBuildError(f"building {tag} failed: {exc.explanation or exc}") from exc
+
+    async def import_rootfs(self, tarball: str, image: str) -> None:
+        """Import a root file system tarball as ``image`` (REPOSITORY:TAG)."""
+        repository, _, tag = image.partition(":")
+        await self._call(self.client.api.import_image_from_file, tarball, repository, tag or "latest")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def start_error(name: str, image: str, state: ContainerState, logs: str) -> KernelStartError:
+    """Build the message for a kernel container that ended while starting."""
+    how = "was killed: out of memory" if state.oom_killed else f"exited with status {state.exit_code}"
+    tail = "\n".join(logs.splitlines()[-10:]) or "(it printed nothing)"
+    return KernelStartError(
+        f"kernel container {name} (image {image}) {how} during start. Last log lines:\n{tail}"
+    )

@@ -1,0 +1,145 @@
+"""The ``kernel-sandbox`` command: build images, install kernelspecs, look after sandboxes.
+
+A thin layer: each command parses its flags, calls the library once through
+``asyncio.run`` and turns errors into a one-line message and an exit code
+(0 success, 1 failure, 2 usage or setup error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from . import __version__
+from .backend import DockerBackend
+from .errors import ImageBuildError, SandboxError
+from .image import DEFAULT_BASE, LOCAL_BASE, build_base_image, build_kernel_image
+from .kernelspec import install_kernelspec, shipped_kernelspecs
+from .policy import DEFAULT_IMAGE
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+err = Console(stderr=True, highlight=False)
+
+
+def _progress(prefix: str) -> Callable[[str], None]:
+    def show(line: str) -> None:
+        err.print(f"[dim]{prefix}[/dim] {line}", markup=True, soft_wrap=True)
+
+    return show
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def cmd_image_base(args: argparse.Namespace) -> int:
+    await build_base_image(
+        DockerBackend(), tag=args.tag, suite=args.suite, mirror=args.mirror, force=args.force,
+        progress=_progress("base"),
+    )
+    return EXIT_OK
+
+
+async def cmd_image_build(args: argparse.Namespace) -> int:
+    backend = DockerBackend()
+    if not args.force and await backend.image_exists(args.tag):
+        err.print(f"{args.tag} already exists (use --force to rebuild)")
+        return EXIT_OK
+    await build_kernel_image(
+        backend, base=args.base, tag=args.tag, binder=args.binder, progress=_progress("build"),
+    )
+    return EXIT_OK
+
+
+async def cmd_install(args: argparse.Namespace) -> int:
+    user = args.user
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    for source in shipped_kernelspecs():
+        where = install_kernelspec(source, user=user, prefix=prefix)
+        err.print(f"installed kernelspec {source.name} in {where}")
+    return EXIT_OK
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def _add_install_location(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user only")
+    where.add_argument("--sys-prefix", action="store_true",
+                       help="install into this Python environment (sys.prefix)")
+    where.add_argument("--prefix", metavar="P", help="install under prefix P")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernel-sandbox",
+        description="Run Jupyter kernels in ephemeral, network-less containers.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    install = commands.add_parser(
+        "install", help="install the sandboxed kernelspecs (python3-sandbox)",
+        description="Install the kernelspecs that come with kernel-sandbox, so that "
+        "`jupyter kernelspec list` shows python3-sandbox.",
+    )
+    _add_install_location(install)
+    install.set_defaults(func=cmd_install)
+
+    image = commands.add_parser("image", help="build the kernel image or a local base image")
+    image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = image_commands.add_parser(
+        "build", help=f"build the kernel image ({DEFAULT_IMAGE})",
+        description="Build the kernel image from an environment spec in repo2docker's formats. "
+        "Wheels are downloaded on the host; the build itself has no network.",
+    )
+    build.add_argument("--base", default=DEFAULT_BASE,
+                       help=f"base image with Python (default {DEFAULT_BASE}; without a "
+                       f"registry use {LOCAL_BASE} from `kernel-sandbox image base`)")
+    build.add_argument("--tag", default=DEFAULT_IMAGE, help="tag of the image to build")
+    build.add_argument("--binder", type=Path, default=None,
+                       help="environment folder (default: the binder/ shipped with kernel-sandbox)")
+    build.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
+    build.set_defaults(func=cmd_image_build)
+
+    base = image_commands.add_parser(
+        "base", help=f"create {LOCAL_BASE} with debootstrap (no registry needed)",
+        description="Create a minimal Debian base image with Python from this machine's apt "
+        "mirror, for air-gapped sites. Needs root and debootstrap.",
+    )
+    base.add_argument("--tag", default=LOCAL_BASE, help="tag of the base image")
+    base.add_argument("--suite", default="bookworm", help="Debian release (default bookworm)")
+    base.add_argument("--mirror", default=None,
+                      help="Debian mirror URL (default: the one in this machine's apt sources)")
+    base.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
+    base.set_defaults(func=cmd_image_base)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.func
+    try:
+        return asyncio.run(command(args))
+    except ImageBuildError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", markup=True)
+        return EXIT_FAILED
+    except SandboxError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", markup=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

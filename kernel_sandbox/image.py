@@ -1,0 +1,217 @@
+"""Building the images: a Debian base without any registry, and the kernel image, hermetically.
+
+The kernel image is built from an environment spec in repo2docker's formats (a ``binder/``
+folder). Wheels are downloaded on the host for the base image's Python, and the build itself
+runs with no network, so what is in the image is exactly what the host fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .backend import DockerBackend
+from .errors import ImageBuildError
+from .policy import DEFAULT_IMAGE
+
+__all__ = [
+    "DEFAULT_BASE",
+    "LOCAL_BASE",
+    "build_base_image",
+    "build_kernel_image",
+    "debian_mirror",
+    "default_binder_dir",
+]
+
+DEFAULT_BASE = "python:3.11-slim"
+LOCAL_BASE = "kernel-sandbox/base:bookworm"
+KERNEL_UID = 1000
+PLATFORM_TAGS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}")
+ALWAYS_REQUIRED = ("ipykernel",)
+Progress = Callable[[str], None]
+
+DOCKERFILE = f"""\
+ARG BASE
+FROM ${{BASE}} AS build
+COPY wheels /wheels
+COPY requirements.txt /requirements.txt
+RUN python3 -m venv /opt/kernel \\
+ && /opt/kernel/bin/python -m pip install --no-index --no-cache-dir --disable-pip-version-check \\
+      --find-links /wheels -r /requirements.txt \\
+ && /opt/kernel/bin/python -m pip uninstall -y --disable-pip-version-check pip
+
+FROM ${{BASE}}
+COPY --from=build /opt/kernel /opt/kernel
+RUN (getent group {KERNEL_UID} || groupadd -g {KERNEL_UID} sandbox) \\
+ && (getent passwd {KERNEL_UID} || useradd -u {KERNEL_UID} -g {KERNEL_UID} -d /home/sandbox -M sandbox) \\
+ && mkdir -p /home/sandbox && chown {KERNEL_UID}:{KERNEL_UID} /home/sandbox
+ENV PATH=/opt/kernel/bin:/usr/local/bin:/usr/bin:/bin PYTHONDONTWRITEBYTECODE=1
+USER {KERNEL_UID}:{KERNEL_UID}
+WORKDIR /home/sandbox
+CMD ["python", "-m", "ipykernel_launcher"]
+"""
+
+
+def default_binder_dir() -> Path:
+    """The environment spec shipped with the package (or the checkout's ``binder/``)."""
+    packaged = Path(__file__).parent / "data" / "binder"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "binder"
+
+
+def debian_mirror(sources: tuple[str, ...] = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")) -> str:
+    """The Debian mirror this machine's apt uses, so air-gapped sites follow their own mirror.
+
+    Raises:
+        ImageBuildError: no Debian mirror is configured.
+    """
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(p for p in source.iterdir() if p.suffix in (".list", ".sources"))
+        elif source.is_file():
+            files.append(source)
+    for path in files:
+        text = path.read_text(errors="replace")
+        for uri in re.findall(r"^\s*URIs:\s*(\S+)", text, re.MULTILINE) + re.findall(
+            r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", text, re.MULTILINE
+        ):
+            if "security" not in uri and "debian" in uri:
+                return uri
+    raise ImageBuildError(
+        "no Debian mirror found in /etc/apt/sources.list(.d); pass --mirror URL"
+    )
+
+
+def _stream(cmd: list[str], progress: Progress, what: str) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    recent: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        recent.append(line)
+        progress(line)
+    if proc.wait() != 0:
+        tail = "\n".join(recent[-10:])
+        raise ImageBuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+async def build_base_image(
+    backend: DockerBackend,
+    tag: str = LOCAL_BASE,
+    suite: str = "bookworm",
+    mirror: str | None = None,
+    force: bool = False,
+    progress: Progress = print,
+) -> bool:
+    """Create a minimal Debian image with Python from the machine's apt mirror (no registry).
+
+    Returns False when the image already existed and ``force`` is not set.
+
+    Raises:
+        ImageBuildError: debootstrap is missing or fails, or we are not root.
+    """
+    if not force and await backend.image_exists(tag):
+        progress(f"{tag} already exists (use --force to rebuild)")
+        return False
+    if shutil.which("debootstrap") is None:
+        raise ImageBuildError("debootstrap is not installed; run `apt-get install -y debootstrap`")
+    if os.geteuid() != 0:
+        raise ImageBuildError("creating a base image with debootstrap needs root; run it with sudo")
+    mirror = mirror or debian_mirror()
+    with tempfile.TemporaryDirectory(prefix="ks-base-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        progress(f"debootstrap {suite} from {mirror} (about a minute)")
+        _stream(
+            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv",
+             suite, str(rootfs), mirror],
+            progress, "debootstrap",
+        )
+        for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "var/cache/apt",
+                     "var/lib/apt/lists"):
+            shutil.rmtree(rootfs / junk, ignore_errors=True)
+        tarball = Path(tmp) / "rootfs.tar"
+        progress(f"importing the root file system as {tag}")
+        _stream(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], progress, "tar")
+        await backend.import_rootfs(str(tarball), tag)
+    progress(f"built {tag}")
+    return True
+
+
+def read_requirements(binder: Path) -> list[str]:
+    """The requirement lines of ``binder/requirements.txt`` plus what every kernel needs.
+
+    Raises:
+        ImageBuildError: the folder is missing, or it asks for what a hermetic build can't do.
+    """
+    if not binder.is_dir():
+        raise ImageBuildError(f"environment folder {binder} does not exist (--binder DIR)")
+    apt = binder / "apt.txt"
+    if apt.exists() and any(
+        line.strip() and not line.lstrip().startswith("#") for line in apt.read_text().splitlines()
+    ):
+        raise ImageBuildError(
+            f"{apt}: apt packages cannot be installed in a hermetic build yet; use a base image "
+            "(--base) that has them, or remove apt.txt"
+        )
+    lines: list[str] = []
+    req = binder / "requirements.txt"
+    if req.exists():
+        lines = [
+            line.strip() for line in req.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    for name in ALWAYS_REQUIRED:
+        if not any(re.match(rf"{name}\b", line, re.IGNORECASE) for line in lines):
+            lines.append(name)
+    return lines
+
+
+async def build_kernel_image(
+    backend: DockerBackend,
+    base: str = DEFAULT_BASE,
+    tag: str = DEFAULT_IMAGE,
+    binder: Path | None = None,
+    progress: Progress = print,
+) -> None:
+    """Build the kernel image from ``binder`` on top of ``base``, with no network in the build.
+
+    Raises:
+        ImageMissing: the base is absent and cannot be pulled.
+        ImageBuildError: wheels cannot be fetched or the build fails.
+    """
+    binder = binder or default_binder_dir()
+    requirements = read_requirements(binder)
+    if not await backend.image_exists(base):
+        progress(f"pulling base image {base}")
+        await backend.pull(base)
+    version = await backend.run_once(
+        base, ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]
+    )
+    progress(f"base {base} has Python {version}")
+    with tempfile.TemporaryDirectory(prefix="ks-build-") as tmp:
+        context = Path(tmp)
+        (context / "requirements.txt").write_text("\n".join(requirements) + "\n")
+        (context / "Dockerfile").write_text(DOCKERFILE)
+        wheels = context / "wheels"
+        progress(f"downloading wheels for Python {version}: {', '.join(requirements)}")
+        arch = platform.machine()
+        platform_args = [arg for p in PLATFORM_TAGS for arg in ("--platform", p.format(arch=arch))]
+        pip = [
+            sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+            "--only-binary=:all:", "--python-version", version, "--implementation", "cp",
+            *platform_args, "-d", str(wheels), "-r", str(context / "requirements.txt"),
+        ]
+        await asyncio.to_thread(_stream, pip, progress, "downloading wheels (pip download)")
+        progress(f"building {tag} from {base} with no network")
+        await backend.build(str(context), tag, {"BASE": base}, progress)
+    progress(f"built {tag}")

@@ -1,0 +1,367 @@
+"""The ``docker-sandbox`` kernel provisioner: one kernel, one ephemeral hardened container.
+
+``jupyter_client``'s KernelManager calls these coroutines; it never learns that the kernel
+runs in a container. The kernel talks ZeroMQ over ``ipc://`` sockets in a private runtime
+directory bind-mounted into a container that has no network interface but loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import signal
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Any as AnyTrait
+from traitlets import Dict, Float, Instance, List, Unicode, default
+
+from .backend import LABEL_PREFIX, RUNTIME_MOUNT, SANDBOX_HOME, ContainerRequest, DockerBackend
+from .backend import start_error as container_start_error
+from .errors import KernelStartError, PolicyError
+from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
+from .rundir import RuntimeDir, default_root, ipc_connection_info
+
+__all__ = ["DockerSandboxProvisioner"]
+
+# Host variables a kernel gets without asking: none that could carry a secret.
+BASE_ENV_ALLOWLIST = ("JPY_SESSION_NAME",)
+# Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
+_FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
+
+
+def _policy_trait(help: str) -> AnyTrait:
+    return AnyTrait(None, allow_none=True, config=True, help=help)
+
+
+class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Launch the kernelspec's argv inside an ephemeral, network-less Docker container.
+
+    Every policy key is a trait here, so it can be set in Jupyter config
+    (``c.DockerSandboxProvisioner.memory_limit = "4g"``) or in a kernelspec's
+    ``metadata.kernel_provisioner.config``; the kernelspec wins. Unset traits (None) fall
+    back to the chosen profile, then to the strict built-in defaults.
+    """
+
+    profile = Unicode("strict", config=True, help="Named policy profile to start from.")
+    profiles = Dict(
+        config=True,
+        help="Extra named profiles (name -> policy values), added to the built-in ones.",
+    )
+    ceilings = Dict(
+        config=True,
+        help="Operator ceilings no kernelspec may exceed, e.g. {'memory_limit': '8g'}. "
+        "Only settable in Jupyter config, never from a kernelspec.",
+    )
+    runtime_root = Unicode(
+        config=True, help="Directory holding the per-kernel runtime directories (keep it short)."
+    )
+    launch_timeout = Float(
+        60.0, config=True, help="Seconds to wait for the kernel to bind its sockets."
+    )
+    env_allowlist = List(
+        Unicode(),
+        default_value=list(BASE_ENV_ALLOWLIST),
+        config=True,
+        help="Host variables always passed in (the policy's env_passthrough adds more).",
+    )
+
+    image = _policy_trait("Kernel image (default kernel-sandbox/python:latest).")
+    memory_limit = _policy_trait("Memory limit, e.g. '2g'; swap is not allowed beyond it.")
+    cpu_limit = _policy_trait("CPUs the kernel may use, e.g. 1.5.")
+    pids_limit = _policy_trait("Maximum number of processes and threads in the sandbox.")
+    tmpfs_size = _policy_trait("Size cap of each writable tmpfs (/tmp and the home directory).")
+    workspace = _policy_trait("How the notebook's directory is mounted: none, ro or rw.")
+    mounts = _policy_trait("Extra host paths, 'HOST[:TARGET][:ro|rw]' (read-only by default).")
+    env = _policy_trait("Environment variables to set inside the sandbox.")
+    env_passthrough = _policy_trait("Names of host environment variables allowed in.")
+    runtime = _policy_trait("OCI runtime: runc (default), runsc (gVisor), kata, ...")
+    network = _policy_trait("Network access: 'none' (no interface but loopback).")
+    idle_timeout = _policy_trait("Seconds of idleness before an operator may cull (0: never).")
+    user = _policy_trait("uid:gid inside the sandbox (default: yours, or 1000:1000 for root).")
+
+    backend = Instance(DockerBackend)
+
+    @default("backend")
+    def _default_backend(self) -> DockerBackend:
+        return DockerBackend()
+
+    @default("runtime_root")
+    def _default_runtime_root(self) -> str:
+        return default_root()
+
+    container_id: str | None = None
+    container_name: str | None = None
+    runtime_dir: RuntimeDir | None = None
+    cwd: str | None = None
+
+    def __init__(self, **kwargs: Any):
+        spec_config = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FRAMEWORK_KWARGS}
+        super().__init__(**kwargs)
+        self._spec_config = spec_config
+        self._policy: SandboxPolicy | None = None
+        self._sources: dict[str, str] = {}
+        self._launched = False  # True once a container has started (later starts are restarts)
+
+    # -- policy -----------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> SandboxPolicy:
+        """The effective policy, validated once (PolicyError before any container exists)."""
+        if self._policy is None:
+            self._policy, self._sources = self.resolve_policy()
+        return self._policy
+
+    @property
+    def policy_sources(self) -> dict[str, str]:
+        """Where each policy value came from (default, profile X, jupyter config, kernelspec)."""
+        self.policy  # noqa: B018 - resolves and validates
+        return dict(self._sources)
+
+    def resolve_policy(self) -> tuple[SandboxPolicy, dict[str, str]]:
+        spec = dict(self._spec_config)
+        profile = spec.pop("profile", None) or self.profile
+        allowed = set(SandboxPolicy.keys())
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise PolicyError(
+                f"kernelspec {self._spec_name}: unknown provisioner config key "
+                f"{', '.join(map(repr, unknown))}; known keys: profile, {', '.join(sorted(allowed))}"
+            )
+        config_values = {
+            key: getattr(self, key) for key in SandboxPolicy.keys() if getattr(self, key) is not None
+        }
+        profiles = {**PROFILES, **self.profiles}
+        try:
+            return layer_policy(profile, profiles, config_values, spec, self.ceilings)
+        except PolicyError as exc:
+            raise PolicyError(f"kernelspec {self._spec_name}: {exc}") from exc
+
+    @property
+    def _spec_name(self) -> str:
+        return getattr(self.kernel_spec, "name", None) or "(unnamed)"
+
+    def _kernel_user(self) -> tuple[str, tuple[int, int]]:
+        if self.policy.user:
+            uid, gid = (int(x) for x in self.policy.user.split(":"))
+        elif os.getuid() == 0:
+            uid, gid = 1000, 1000
+        else:
+            uid, gid = os.getuid(), os.getgid()
+        if os.getuid() not in (0, uid):
+            raise PolicyError(
+                f"user: {uid}:{gid} differs from your uid {os.getuid()}; without root the "
+                "kernel must run as your own uid (leave 'user' unset)"
+            )
+        return f"{uid}:{gid}", (uid, gid)
+
+    # -- launch -----------------------------------------------------------------------------
+
+    @property
+    def has_process(self) -> bool:
+        return self.container_id is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Validate the policy, prepare the runtime directory and the connection info.
+
+        Called by ``KernelManager.pre_start_kernel`` on every start, restarts included; on a
+        restart the runtime directory and connection info are kept so clients stay connected.
+        """
+        policy = self.policy
+        user, owner = self._kernel_user()
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        self.cwd = str(kwargs.pop("cwd", None) or os.getcwd())
+        kwargs = await super().pre_launch(**kwargs)
+        host_env = kwargs.pop("env")
+
+        if self.runtime_dir is None or not self.runtime_dir.exists():
+            self.runtime_dir = RuntimeDir.create(self.runtime_root, owner)
+            key = uuid.uuid4().hex.encode()
+            name = self._spec_name
+            self.connection_info = ipc_connection_info(self.runtime_dir.socket_prefix, key, name)
+        self.runtime_dir.clear_sockets(self.connection_info)
+        inside_file = self.runtime_dir.write_container_connection_file(
+            self.connection_info, RUNTIME_MOUNT, owner
+        )
+        argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
+        kwargs["cmd"] = argv + list(extra_arguments)
+        kwargs["env"] = self._container_env(host_env, policy)
+        kwargs["user"] = user
+        return kwargs
+
+    def _container_env(self, host_env: dict[str, str], policy: SandboxPolicy) -> dict[str, str]:
+        """Deny by default: only the kernelspec's env, the policy's env and allowlisted names."""
+        env = {k: host_env[k] for k in (*self.env_allowlist, *policy.env_passthrough) if k in host_env}
+        env.update({k: host_env.get(k, v) for k, v in (self.kernel_spec.env or {}).items()})
+        env.update(policy.env)
+        env.update(
+            {
+                "HOME": SANDBOX_HOME,
+                "LANG": env.get("LANG", "C.UTF-8"),
+                "TINI_KILL_PROCESS_GROUP": "1",
+                "KERNEL_SANDBOX": "1",
+            }
+        )
+        return env
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the container and wait until the kernel has bound its sockets.
+
+        Raises:
+            KernelStartError: the container ended (its last log lines are in the message) or
+                did not bind its sockets within ``launch_timeout``.
+            ImageMissing, RuntimeUnavailable, EngineUnavailable: from the backend.
+        """
+        assert self.runtime_dir is not None
+        policy = self.policy
+        workspace = resolve_workspace(self.cwd) if policy.workspace != "none" else None
+        if policy.workspace != "none" and workspace is None:
+            self.log.warning(
+                "kernel %s: not mounting %s as the workspace (a host path no sandbox may see); "
+                "the kernel starts in %s", self.kernel_id, self.cwd, SANDBOX_HOME,
+            )
+        name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
+        request = ContainerRequest(
+            name=name,
+            policy=policy,
+            command=cmd,
+            env=kwargs.get("env", {}),
+            labels=self._labels(),
+            runtime_dir=str(self.runtime_dir.path),
+            user=kwargs["user"],
+            workspace=workspace,
+        )
+        started = time.monotonic()
+        try:
+            self.container_id = await self.backend.start(request)
+            self.container_name = name
+            await self._wait_until_listening()
+        except BaseException:
+            await self._discard_failed_launch()
+            raise
+        self._launched = True
+        self.log.debug("kernel %s: container %s ready in %.2fs", self.kernel_id, name,
+                       time.monotonic() - started)
+        return self.connection_info
+
+    async def _discard_failed_launch(self) -> None:
+        """Leave nothing behind after a failed start (the directory too, unless restarting)."""
+        if self.container_id is not None:
+            await self.backend.remove(self.container_id)
+            self.container_id = None
+        if not self._launched and self.runtime_dir is not None:
+            self.runtime_dir.remove()
+            self.runtime_dir = None
+
+    async def _wait_until_listening(self) -> None:
+        assert self.runtime_dir is not None and self.container_id is not None
+        deadline = time.monotonic() + self.launch_timeout
+        next_state_check = time.monotonic() + 0.2
+        while not self.runtime_dir.sockets_ready(self.connection_info):
+            now = time.monotonic()
+            if now >= next_state_check:
+                state = await self.backend.state(self.container_id)
+                if not state.running:
+                    logs = await self.backend.logs_tail(self.container_id)
+                    raise container_start_error(self.container_name or "", self.policy.image,
+                                                state, logs)
+                next_state_check = now + 0.25
+            if now >= deadline:
+                logs = await self.backend.logs_tail(self.container_id)
+                raise KernelStartError(
+                    f"kernel container {self.container_name} (image {self.policy.image}) did not "
+                    f"open its sockets within {self.launch_timeout:.0f}s; raise "
+                    "c.DockerSandboxProvisioner.launch_timeout or check the image. Last log "
+                    f"lines:\n{logs or '(none)'}"
+                )
+            await asyncio.sleep(0.005)
+
+    def _labels(self) -> dict[str, str]:
+        assert self.runtime_dir is not None
+        values = {
+            "managed": "true",
+            "kernel-id": self.kernel_id or "",
+            "kernelspec": self._spec_name,
+            "profile": self._spec_config.get("profile") or self.profile,
+            "owner": getpass.getuser(),
+            "owner-uid": str(os.getuid()),
+            "owner-pid": str(os.getpid()),
+            "owner-host": socket.gethostname(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "runtime-dir": str(self.runtime_dir.path),
+        }
+        return {LABEL_PREFIX + k: v for k, v in values.items()}
+
+    # -- life of a running kernel -----------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        """None while the container runs, else its exit code (137 for OOM-kill or SIGKILL)."""
+        if self.container_id is None:
+            return 0
+        state = await self.backend.state(self.container_id)
+        if state.running:
+            return None
+        if state.oom_killed:
+            self.log.warning("kernel %s: container %s was killed: out of memory (limit %d bytes)",
+                             self.kernel_id, self.container_name, self.policy.memory_limit)
+        return state.exit_code
+
+    async def wait(self) -> int | None:
+        """Wait until the container has ended; return its exit code."""
+        while (code := await self.poll()) is None:
+            await asyncio.sleep(0.1)
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        """Signal the kernel's process group inside the container (SIGINT interrupts a cell)."""
+        if self.container_id is not None:
+            await self.backend.signal(self.container_id, signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Remove the container; on the final cleanup also the runtime directory.
+
+        Idempotent: a container or directory that is already gone is fine.
+        """
+        if self.container_id is not None:
+            await self.backend.remove(self.container_id)
+            self.container_id = None
+        if not restart and self.runtime_dir is not None:
+            self.runtime_dir.remove()
+            self.runtime_dir = None
+
+    # -- persistence across a Jupyter Server restart ----------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info.update(
+            {
+                "container_id": self.container_id,
+                "container_name": self.container_name,
+                "runtime_dir": str(self.runtime_dir.path) if self.runtime_dir else None,
+                "cwd": self.cwd,
+            }
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        key = self.connection_info.get("key")
+        if isinstance(key, str):
+            self.connection_info = {**self.connection_info, "key": key.encode()}
+        self.container_id = provisioner_info.get("container_id")
+        self.container_name = provisioner_info.get("container_name")
+        runtime_dir = provisioner_info.get("runtime_dir")
+        self.runtime_dir = RuntimeDir(runtime_dir) if runtime_dir else None
+        self.cwd = provisioner_info.get("cwd")

@@ -1,0 +1,129 @@
+"""The per-kernel runtime directory: the only host path a kernel container shares by default.
+
+It holds the kernel's ipc sockets and the container's own connection file, is private
+(mode 0700) and owned by the kernel's uid, and lives under a short root because unix
+socket paths are limited to 107 bytes. It survives restarts (clients keep their sockets)
+and is removed on the final cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyError
+
+__all__ = ["CHANNELS", "MAX_SOCKET_PATH", "RuntimeDir", "default_root", "ipc_connection_info"]
+
+CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+MAX_SOCKET_PATH = 107
+SOCKET_PREFIX = "k"
+CONTAINER_CONNECTION_FILE = "connection.json"
+
+
+def default_root() -> str:
+    """A short, per-user root for runtime directories (``/tmp/kernel-sandbox-<uid>``)."""
+    return f"/tmp/kernel-sandbox-{os.getuid()}"
+
+
+def ipc_connection_info(socket_prefix: str, key: bytes, kernel_name: str) -> dict[str, Any]:
+    """Connection info for an ipc-transport kernel; the "ports" are only socket suffixes."""
+    info: dict[str, Any] = {
+        "transport": "ipc",
+        "ip": socket_prefix,
+        "key": key,
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": kernel_name,
+    }
+    info.update({name: number for number, name in enumerate(CHANNELS, start=1)})
+    return info
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PolicyError(
+            f"runtime_root: {path} is not a directory owned by you; remove it or configure "
+            "c.DockerSandboxProvisioner.runtime_root"
+        )
+    os.chmod(path, 0o700)
+
+
+class RuntimeDir:
+    """One kernel's private directory on the host, and its view from inside the container."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, root: str, owner: tuple[int, int] | None) -> RuntimeDir:
+        """Make a new private directory under ``root``, owned by ``owner`` (uid, gid) if given.
+
+        Raises:
+            PolicyError: the socket paths would exceed the unix limit, or the root is unsafe.
+        """
+        root_path = Path(root)
+        _make_private_dir(root_path)
+        path = root_path / secrets.token_hex(4)
+        longest = len(str(path / f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
+        if longest > MAX_SOCKET_PATH:
+            raise PolicyError(
+                f"runtime_root: socket paths under {root} would be {longest} bytes, over the "
+                f"unix limit of {MAX_SOCKET_PATH}; configure a shorter "
+                "c.DockerSandboxProvisioner.runtime_root"
+            )
+        path.mkdir(mode=0o700)
+        if owner is not None and os.getuid() == 0:
+            os.chown(path, *owner)
+        return cls(path)
+
+    @property
+    def socket_prefix(self) -> str:
+        return str(self.path / SOCKET_PREFIX)
+
+    def socket_paths(self, info: dict[str, Any]) -> list[Path]:
+        return [Path(f"{self.socket_prefix}-{info[name]}") for name in CHANNELS]
+
+    def sockets_ready(self, info: dict[str, Any]) -> bool:
+        """True once the kernel has bound all of its sockets."""
+        try:
+            return all(stat.S_ISSOCK(p.stat().st_mode) for p in self.socket_paths(info))
+        except FileNotFoundError:
+            return False
+
+    def clear_sockets(self, info: dict[str, Any]) -> None:
+        """Remove stale sockets of a previous container (before a restart's new one binds)."""
+        for path in self.socket_paths(info):
+            path.unlink(missing_ok=True)
+
+    def write_container_connection_file(
+        self, info: dict[str, Any], mount_point: str, owner: tuple[int, int] | None
+    ) -> str:
+        """Write the connection file the kernel reads, naming paths as the container sees them.
+
+        Returns the path of that file inside the container.
+        """
+        inside = dict(info)
+        inside["ip"] = f"{mount_point}/{SOCKET_PREFIX}"
+        key = inside["key"]
+        inside["key"] = key.decode() if isinstance(key, bytes) else key
+        target = self.path / CONTAINER_CONNECTION_FILE
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(inside, handle, indent=1)
+        if owner is not None and os.getuid() == 0:
+            os.chown(target, *owner)
+        return f"{mount_point}/{CONTAINER_CONNECTION_FILE}"
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def remove(self) -> None:
+        """Remove the directory and everything in it; already gone is fine."""
+        shutil.rmtree(self.path, ignore_errors=True)
