@@ -289,14 +289,18 @@ class DockerBackend:
     # -- images -----------------------------------------------------------------------------
 
     async def image_exists(self, tag: str) -> bool:
-        return await self._call(self._image_exists_sync, tag)
+        return await self.image_labels(tag) is not None
 
-    def _image_exists_sync(self, tag: str) -> bool:
+    async def image_labels(self, tag: str) -> dict[str, str] | None:
+        """The image's labels, or None when the engine does not have it."""
+        return await self._call(self._image_labels_sync, tag)
+
+    def _image_labels_sync(self, tag: str) -> dict[str, str] | None:
         try:
-            self.client.api.inspect_image(tag)
+            attrs = self.client.api.inspect_image(tag)
         except docker.errors.ImageNotFound:
-            return False
-        return True
+            return None
+        return dict(attrs.get("Config", {}).get("Labels") or {})
 
     async def pull(self, image: str) -> None:
         """Pull ``image`` from its registry (only for bases; kernel images are built here)."""
@@ -329,19 +333,21 @@ class DockerBackend:
         return bytes(out).decode().strip()
 
     async def build(
-        self, context: str, tag: str, buildargs: dict[str, str], progress: Callable[[str], None]
+        self, context: str, tag: str, buildargs: dict[str, str], labels: dict[str, str],
+        progress: Callable[[str], None],
     ) -> None:
         """Build ``context`` with no network at all; stream each build line to ``progress``."""
-        await self._call(self._build_sync, context, tag, buildargs, progress)
+        await self._call(self._build_sync, context, tag, buildargs, labels, progress)
 
     def _build_sync(
-        self, context: str, tag: str, buildargs: dict[str, str], progress: Callable[[str], None]
+        self, context: str, tag: str, buildargs: dict[str, str], labels: dict[str, str],
+        progress: Callable[[str], None],
     ) -> None:
         recent: list[str] = []
         try:
             stream = self.client.api.build(
                 path=context, tag=tag, buildargs=buildargs, network_mode="none",
-                rm=True, forcerm=True, decode=True, labels={f"{LABEL_PREFIX}image": "kernel"},
+                rm=True, forcerm=True, decode=True, labels={f"{LABEL_PREFIX}image": "kernel", **labels},
             )
             for chunk in stream:
                 if "error" in chunk:

@@ -48,12 +48,9 @@ async def cmd_image_base(args: argparse.Namespace) -> int:
 
 
 async def cmd_image_build(args: argparse.Namespace) -> int:
-    backend = DockerBackend()
-    if not args.force and await backend.image_exists(args.tag):
-        err.print(f"{args.tag} already exists (use --force to rebuild)")
-        return EXIT_OK
     await build_kernel_image(
-        backend, base=args.base, tag=args.tag, binder=args.binder, progress=_progress("build"),
+        DockerBackend(), base=args.base, tag=args.tag, binder=args.binder, force=args.force,
+        progress=_progress("build"),
     )
     return EXIT_OK
 
@@ -107,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tag", default=DEFAULT_IMAGE, help="tag of the image to build")
     build.add_argument("--binder", type=Path, default=None,
                        help="environment folder (default: the binder/ shipped with kernel-sandbox)")
-    build.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
+    build.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
     build.set_defaults(func=cmd_image_build)
 
     base = image_commands.add_parser(

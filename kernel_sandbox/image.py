@@ -8,6 +8,7 @@ runs with no network, so what is in the image is exactly what the host fetched.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import platform
 import re
@@ -36,6 +37,7 @@ LOCAL_BASE = "kernel-sandbox/base:bookworm"
 KERNEL_UID = 1000
 PLATFORM_TAGS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}")
 ALWAYS_REQUIRED = ("ipykernel",)
+SPEC_LABEL = "io.kernel-sandbox.spec-hash"
 Progress = Callable[[str], None]
 
 DOCKERFILE = f"""\
@@ -176,14 +178,23 @@ def read_requirements(binder: Path) -> list[str]:
     return lines
 
 
+def spec_hash(base: str, requirements: list[str]) -> str:
+    """Identifies what an image was built from, so an unchanged spec is not rebuilt."""
+    text = "\n".join([DOCKERFILE, base, *requirements])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 async def build_kernel_image(
     backend: DockerBackend,
     base: str = DEFAULT_BASE,
     tag: str = DEFAULT_IMAGE,
     binder: Path | None = None,
+    force: bool = False,
     progress: Progress = print,
-) -> None:
+) -> bool:
     """Build the kernel image from ``binder`` on top of ``base``, with no network in the build.
+
+    Returns False when ``tag`` was already built from the same spec (and not ``force``).
 
     Raises:
         ImageMissing: the base is absent and cannot be pulled.
@@ -191,6 +202,11 @@ async def build_kernel_image(
     """
     binder = binder or default_binder_dir()
     requirements = read_requirements(binder)
+    digest = spec_hash(base, requirements)
+    labels = await backend.image_labels(tag)
+    if not force and labels and labels.get(SPEC_LABEL) == digest:
+        progress(f"{tag} is up to date (spec {digest}; use --force to rebuild)")
+        return False
     if not await backend.image_exists(base):
         progress(f"pulling base image {base}")
         await backend.pull(base)
@@ -213,5 +229,6 @@ async def build_kernel_image(
         ]
         await asyncio.to_thread(_stream, pip, progress, "downloading wheels (pip download)")
         progress(f"building {tag} from {base} with no network")
-        await backend.build(str(context), tag, {"BASE": base}, progress)
+        await backend.build(str(context), tag, {"BASE": base}, {SPEC_LABEL: digest}, progress)
     progress(f"built {tag}")
+    return True
