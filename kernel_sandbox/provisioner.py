@@ -145,7 +145,10 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @property
     def _spec_name(self) -> str:
-        return getattr(self.kernel_spec, "name", None) or "(unnamed)"
+        spec = self.kernel_spec
+        if spec is None:
+            return "(unnamed)"
+        return spec.name or os.path.basename(spec.resource_dir or "") or "(unnamed)"
 
     def _kernel_user(self) -> tuple[str, tuple[int, int]]:
         if self.policy.user:
@@ -344,7 +347,11 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # -- persistence across a Jupyter Server restart ----------------------------------------
 
     async def get_provisioner_info(self) -> dict[str, Any]:
+        """JSON-safe state (the key as text) from which load_provisioner_info reconnects."""
         info = await super().get_provisioner_info()
+        key = self.connection_info.get("key")
+        if isinstance(key, bytes):
+            info["connection_info"] = {**self.connection_info, "key": key.decode()}
         info.update(
             {
                 "container_id": self.container_id,
@@ -356,6 +363,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        """Adopt a still-running sandbox (e.g. after a Jupyter Server restart)."""
         await super().load_provisioner_info(provisioner_info)
         key = self.connection_info.get("key")
         if isinstance(key, str):
@@ -365,3 +373,4 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         runtime_dir = provisioner_info.get("runtime_dir")
         self.runtime_dir = RuntimeDir(runtime_dir) if runtime_dir else None
         self.cwd = provisioner_info.get("cwd")
+        self._launched = True
