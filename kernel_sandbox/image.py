@@ -38,6 +38,8 @@ KERNEL_UID = 1000
 PLATFORM_TAGS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}")
 ALWAYS_REQUIRED = ("ipykernel",)
 SPEC_LABEL = "io.kernel-sandbox.spec-hash"
+# Modules of this package that run inside the sandbox (standard library only).
+INSIDE_MODULES = ("__init__.py", "watchdog.py")
 Progress = Callable[[str], None]
 
 DOCKERFILE = f"""\
@@ -49,6 +51,11 @@ RUN python3 -m venv /opt/kernel \\
  && /opt/kernel/bin/python -m pip install --no-index --no-cache-dir --disable-pip-version-check \\
       --find-links /wheels -r /requirements.txt \\
  && /opt/kernel/bin/python -m pip uninstall -y --disable-pip-version-check pip
+# the in-sandbox part of kernel-sandbox (watchdog, data client): standard library only
+COPY inside /inside
+RUN cp -r /inside/kernel_sandbox \\
+      "$(/opt/kernel/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/" \\
+ && /opt/kernel/bin/python -m compileall -q /opt/kernel/lib
 
 FROM ${{BASE}}
 COPY --from=build /opt/kernel /opt/kernel
@@ -64,7 +71,7 @@ CMD ["python", "-m", "ipykernel_launcher"]
 
 def default_binder_dir() -> Path:
     """The environment spec shipped with the package (or the checkout's ``binder/``)."""
-    packaged = Path(__file__).parent / "data" / "binder"
+    packaged = Path(__file__).parent / "_shared" / "binder"
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parent.parent / "binder"
@@ -178,10 +185,18 @@ def read_requirements(binder: Path) -> list[str]:
     return lines
 
 
+def inside_files() -> list[Path]:
+    """The package modules that are installed in the kernel image."""
+    package = Path(__file__).parent
+    return [package / name for name in INSIDE_MODULES]
+
+
 def spec_hash(base: str, requirements: list[str]) -> str:
     """Identifies what an image was built from, so an unchanged spec is not rebuilt."""
-    text = "\n".join([DOCKERFILE, base, *requirements])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([DOCKERFILE, base, *requirements]).encode())
+    for path in inside_files():
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 async def build_kernel_image(
@@ -218,6 +233,10 @@ async def build_kernel_image(
         context = Path(tmp)
         (context / "requirements.txt").write_text("\n".join(requirements) + "\n")
         (context / "Dockerfile").write_text(DOCKERFILE)
+        inside = context / "inside" / "kernel_sandbox"
+        inside.mkdir(parents=True)
+        for path in inside_files():
+            shutil.copy(path, inside / path.name)
         wheels = context / "wheels"
         progress(f"downloading wheels for Python {version}: {', '.join(requirements)}")
         arch = platform.machine()

@@ -24,7 +24,7 @@ PROVISIONER_NAME = "docker-sandbox"
 
 
 def shipped_kernelspecs_dir() -> Path:
-    packaged = Path(__file__).parent / "data" / "kernelspecs"
+    packaged = Path(__file__).parent / "_shared" / "kernelspecs"
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parent.parent / "kernelspecs"

@@ -12,6 +12,7 @@ import getpass
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -20,18 +21,22 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Any as AnyTrait
-from traitlets import Dict, Float, Instance, List, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
 
 from .backend import LABEL_PREFIX, RUNTIME_MOUNT, SANDBOX_HOME, ContainerRequest, DockerBackend
 from .backend import start_error as container_start_error
 from .errors import KernelStartError, PolicyError
 from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
+from .owner import LIFELINE, Lifeline, Owner
+from .reap import sweep
 from .rundir import RuntimeDir, default_root, ipc_connection_info
 
 __all__ = ["DockerSandboxProvisioner"]
 
 # Host variables a kernel gets without asking: none that could carry a secret.
 BASE_ENV_ALLOWLIST = ("JPY_SESSION_NAME",)
+# Runtime roots already swept for orphans by this process.
+_SWEPT_ROOTS: set[str] = set()
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
 
@@ -64,6 +69,16 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )
     launch_timeout = Float(
         60.0, config=True, help="Seconds to wait for the kernel to bind its sockets."
+    )
+    orphan_timeout = Float(
+        30.0, config=True,
+        help="Seconds a kernel keeps running after its owner process vanished (so a restarted "
+        "server can re-adopt it) before it ends itself; 0 disables the in-sandbox watchdog.",
+    )
+    reap_orphans = Bool(
+        True, config=True,
+        help="Remove sandboxes whose owner process is dead when the first kernel of a process "
+        "starts (in the background).",
     )
     env_allowlist = List(
         Unicode(),
@@ -108,6 +123,8 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._policy: SandboxPolicy | None = None
         self._sources: dict[str, str] = {}
         self._launched = False  # True once a container has started (later starts are restarts)
+        self._lifeline: Lifeline | None = None
+        self._image_has_watchdog: bool | None = None
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -183,20 +200,67 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs = await super().pre_launch(**kwargs)
         host_env = kwargs.pop("env")
 
+        self._sweep_orphans_once()
         if self.runtime_dir is None or not self.runtime_dir.exists():
             self.runtime_dir = RuntimeDir.create(self.runtime_root, owner)
             key = uuid.uuid4().hex.encode()
             name = self._spec_name
             self.connection_info = ipc_connection_info(self.runtime_dir.socket_prefix, key, name)
+        self._own_runtime_dir()
         self.runtime_dir.clear_sockets(self.connection_info)
         inside_file = self.runtime_dir.write_container_connection_file(
             self.connection_info, RUNTIME_MOUNT, owner
         )
         argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
-        kwargs["cmd"] = argv + list(extra_arguments)
+        kwargs["cmd"] = await self._with_watchdog(argv + list(extra_arguments))
         kwargs["env"] = self._container_env(host_env, policy)
         kwargs["user"] = user
         return kwargs
+
+    def _own_runtime_dir(self) -> None:
+        """Record this process as the kernel's owner and serve its lifeline."""
+        assert self.runtime_dir is not None
+        Owner.current().save(self.runtime_dir.path)
+        if self._lifeline is None:
+            self._lifeline = Lifeline(self.runtime_dir.shared)
+        self._lifeline.listen()
+        self._lifeline.drop_peers()  # a previous container's watchdog, if this is a restart
+        self._lifeline.accept_pending()
+
+    async def _with_watchdog(self, argv: list[str]) -> list[str]:
+        """Run the kernel under the in-sandbox watchdog when the image has it (our images do)."""
+        if self.orphan_timeout <= 0:
+            return argv
+        if self._image_has_watchdog is None:
+            labels = await self.backend.image_labels(self.policy.image) or {}
+            self._image_has_watchdog = labels.get(LABEL_PREFIX + "image") == "kernel"
+        if not self._image_has_watchdog:
+            return argv
+        lifeline = f"{RUNTIME_MOUNT}/{LIFELINE}"
+        return ["python", "-m", "kernel_sandbox.watchdog", lifeline, str(self.orphan_timeout),
+                "--", *argv]
+
+    def _sweep_orphans_once(self) -> None:
+        """Reap what killed owners left behind, once per process, without delaying the start."""
+        if self.runtime_root in _SWEPT_ROOTS or not self.reap_orphans:
+            return
+        _SWEPT_ROOTS.add(self.runtime_root)
+        root, log = self.runtime_root, self.log
+
+        def run() -> None:
+            backend = DockerBackend()
+            try:
+                report = asyncio.run(sweep(backend, root))
+            except Exception as exc:  # a failed sweep must never break a kernel start
+                log.warning("kernel-sandbox: orphan sweep failed: %s", exc)
+                return
+            finally:
+                backend.close()
+            if report:
+                log.info("kernel-sandbox: reaped %d orphaned container(s), %d runtime dir(s)",
+                         len(report.containers), len(report.runtime_dirs))
+
+        threading.Thread(target=run, name="kernel-sandbox-sweep", daemon=True).start()
 
     def _container_env(self, host_env: dict[str, str], policy: SandboxPolicy) -> dict[str, str]:
         """Deny by default: only the kernelspec's env, the policy's env and allowlisted names."""
@@ -236,7 +300,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             command=cmd,
             env=kwargs.get("env", {}),
             labels=self._labels(),
-            runtime_dir=str(self.runtime_dir.path),
+            runtime_dir=str(self.runtime_dir.shared),
             user=kwargs["user"],
             workspace=workspace,
         )
@@ -259,6 +323,9 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self.backend.remove(self.container_id)
             self.container_id = None
         if not self._launched and self.runtime_dir is not None:
+            if self._lifeline is not None:
+                self._lifeline.close()
+                self._lifeline = None
             self.runtime_dir.remove()
             self.runtime_dir = None
 
@@ -295,6 +362,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "owner": getpass.getuser(),
             "owner-uid": str(os.getuid()),
             "owner-pid": str(os.getpid()),
+            "owner-start": Owner.current().start or "",
             "owner-host": socket.gethostname(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runtime-dir": str(self.runtime_dir.path),
@@ -340,6 +408,9 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.container_id is not None:
             await self.backend.remove(self.container_id)
             self.container_id = None
+        if not restart and self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
         if not restart and self.runtime_dir is not None:
             self.runtime_dir.remove()
             self.runtime_dir = None
@@ -374,3 +445,5 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.runtime_dir = RuntimeDir(runtime_dir) if runtime_dir else None
         self.cwd = provisioner_info.get("cwd")
         self._launched = True
+        if self.runtime_dir is not None and self.runtime_dir.exists():
+            self._own_runtime_dir()  # this process is the owner now; the watchdog reconnects

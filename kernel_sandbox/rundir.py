@@ -1,9 +1,10 @@
 """The per-kernel runtime directory: the only host path a kernel container shares by default.
 
-It holds the kernel's ipc sockets and the container's own connection file, is private
-(mode 0700) and owned by the kernel's uid, and lives under a short root because unix
-socket paths are limited to 107 bytes. It survives restarts (clients keep their sockets)
-and is removed on the final cleanup.
+``<root>/<id>/`` is private to the host user (mode 0700) and holds host-only state (the
+owner record). Its subdirectory ``s/`` is the part the container sees (bind-mounted, owned by
+the kernel's uid, 0700): the ipc sockets, the container's connection file and the lifeline.
+The root is short because unix socket paths are limited to 107 bytes. The directory survives
+restarts (clients keep their sockets) and is removed on the final cleanup.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = ["CHANNELS", "MAX_SOCKET_PATH", "RuntimeDir", "default_root", "ipc_con
 CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 MAX_SOCKET_PATH = 107
 SOCKET_PREFIX = "k"
+SHARED = "s"
 CONTAINER_CONNECTION_FILE = "connection.json"
 
 
@@ -71,7 +73,7 @@ class RuntimeDir:
         root_path = Path(root)
         _make_private_dir(root_path)
         path = root_path / secrets.token_hex(4)
-        longest = len(str(path / f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
+        longest = len(str(path / SHARED / f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
         if longest > MAX_SOCKET_PATH:
             raise PolicyError(
                 f"runtime_root: socket paths under {root} would be {longest} bytes, over the "
@@ -79,13 +81,20 @@ class RuntimeDir:
                 "c.DockerSandboxProvisioner.runtime_root"
             )
         path.mkdir(mode=0o700)
+        shared = path / SHARED
+        shared.mkdir(mode=0o700)
         if owner is not None and os.getuid() == 0:
-            os.chown(path, *owner)
+            os.chown(shared, *owner)
         return cls(path)
 
     @property
+    def shared(self) -> Path:
+        """The part of the directory that is mounted into the container."""
+        return self.path / SHARED
+
+    @property
     def socket_prefix(self) -> str:
-        return str(self.path / SOCKET_PREFIX)
+        return str(self.shared / SOCKET_PREFIX)
 
     def socket_paths(self, info: dict[str, Any]) -> list[Path]:
         return [Path(f"{self.socket_prefix}-{info[name]}") for name in CHANNELS]
@@ -113,7 +122,7 @@ class RuntimeDir:
         inside["ip"] = f"{mount_point}/{SOCKET_PREFIX}"
         key = inside["key"]
         inside["key"] = key.decode() if isinstance(key, bytes) else key
-        target = self.path / CONTAINER_CONNECTION_FILE
+        target = self.shared / CONTAINER_CONNECTION_FILE
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(inside, handle, indent=1)

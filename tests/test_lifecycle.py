@@ -70,7 +70,7 @@ def test_shutdown_removes_container_and_runtime_dir(jupyter_path, docker_client,
         container_id = km.provisioner.container_id
         runtime_dir = km.provisioner.runtime_dir.path
         assert runtime_dir.is_dir() and oct(runtime_dir.stat().st_mode)[-3:] == "700"
-        assert len(str(runtime_dir / "k-5")) <= 107
+        assert len(km.provisioner.runtime_dir.socket_prefix + "-5") <= 107
         kc.stop_channels()
         km.shutdown_kernel()
         assert container_id not in {c.id for c in docker_client.containers.list(all=True)}

@@ -1,0 +1,112 @@
+"""Who owns a sandbox: the host process, recorded so orphans can be told from live kernels.
+
+A kernel's owner is the process running its KernelManager (a Jupyter Server, an nbclient
+run). It is recorded as host name, pid and the pid's start time (so a reused pid is not
+mistaken for the owner) in the runtime directory, and it serves the kernel's lifeline: a
+unix socket the in-sandbox watchdog stays connected to. When the owner dies the lifeline
+breaks and the watchdog ends the kernel after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["Lifeline", "Owner"]
+
+OWNER_FILE = "owner.json"
+LIFELINE = "lifeline"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The pid's start time in clock ticks since boot, or None when there is no such pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+@dataclass(frozen=True)
+class Owner:
+    host: str
+    pid: int
+    start: str | None
+
+    @classmethod
+    def current(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), process_start_time(os.getpid()))
+
+    def is_alive(self) -> bool | None:
+        """True or False for an owner on this host; None when it lives on another host."""
+        if self.host != socket.gethostname():
+            return None
+        return self.start is not None and process_start_time(self.pid) == self.start
+
+    def save(self, runtime_dir: Path) -> None:
+        (runtime_dir / OWNER_FILE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, runtime_dir: Path) -> Owner | None:
+        try:
+            return cls(**json.loads((runtime_dir / OWNER_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+class Lifeline:
+    """The owner's end of the lifeline: a listening unix socket in the runtime directory."""
+
+    def __init__(self, runtime_dir: Path):
+        self.path = runtime_dir / LIFELINE
+        self._listener: socket.socket | None = None
+        self._peers: list[socket.socket] = []
+
+    def listen(self) -> None:
+        """Serve the lifeline (again, after a restart of the owner); idempotent."""
+        if self._listener is not None:
+            return
+        self.path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        os.chmod(self.path, 0o666)  # the directory (0700, kernel's uid) is the real guard
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+
+    def accept_pending(self) -> None:
+        """Accept watchdogs that connected, so the backlog never fills over many restarts."""
+        while self._listener is not None:
+            try:
+                peer, _ = self._listener.accept()
+            except (BlockingIOError, OSError):
+                return
+            self._peers.append(peer)
+
+    def drop_peers(self) -> None:
+        """Close the connections of previous containers (they are gone after a restart)."""
+        for peer in self._peers:
+            peer.close()
+        self._peers.clear()
+
+    def close(self) -> None:
+        self.drop_peers()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def is_served(runtime_dir: Path) -> bool:
+        """Whether some live owner still listens on this runtime directory's lifeline."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(runtime_dir / LIFELINE))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True

@@ -1,0 +1,85 @@
+"""Reaping what a killed owner left behind: orphaned containers and stale runtime directories.
+
+Run by ``kernel-sandbox gc`` and, in the background, when a provisioner starts its first
+kernel in a process. A container is an orphan when its owner process (recorded in the runtime
+directory, or in the container's labels) is dead and nobody serves its lifeline; containers
+owned by live processes, or by another host, are never touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backend import LABEL_PREFIX, DockerBackend
+from .owner import Lifeline, Owner
+from .rundir import RuntimeDir
+
+__all__ = ["SweepReport", "sweep"]
+
+# A runtime directory younger than this may belong to a kernel that is being started.
+STALE_DIR_AGE = 120.0
+
+
+@dataclass
+class SweepReport:
+    containers: list[str] = field(default_factory=list)
+    runtime_dirs: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.containers or self.runtime_dirs)
+
+
+def _owner_of(labels: dict[str, str], runtime_dir: Path | None) -> Owner:
+    if runtime_dir is not None and (owner := Owner.load(runtime_dir)) is not None:
+        return owner
+    return Owner(
+        labels.get(LABEL_PREFIX + "owner-host", ""),
+        int(labels.get(LABEL_PREFIX + "owner-pid", "0") or 0),
+        labels.get(LABEL_PREFIX + "owner-start") or None,
+    )
+
+
+def is_orphan(labels: dict[str, str]) -> bool:
+    """Whether a managed container's owner is gone (and no new owner serves its lifeline)."""
+    dir_label = labels.get(LABEL_PREFIX + "runtime-dir")
+    runtime_dir = Path(dir_label) if dir_label else None
+    if _owner_of(labels, runtime_dir).is_alive() is not False:
+        return False
+    return not (runtime_dir is not None and Lifeline.is_served(RuntimeDir(runtime_dir).shared))
+
+
+async def sweep(backend: DockerBackend, runtime_root: str, dry_run: bool = False) -> SweepReport:
+    """Remove orphaned sandboxes and stale runtime directories; report what was (or would be)
+    removed."""
+    report = SweepReport()
+    referenced: set[str] = set()
+    for container in await backend.find():
+        labels = container.get("Labels") or {}
+        runtime_dir = labels.get(LABEL_PREFIX + "runtime-dir", "")
+        if not is_orphan(labels):
+            referenced.add(runtime_dir)
+            continue
+        report.containers.append(container["Id"])
+        if runtime_dir:
+            report.runtime_dirs.append(runtime_dir)
+        if not dry_run:
+            await backend.remove(container["Id"])
+    root = Path(runtime_root)
+    now = time.time()
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if str(path) in referenced or str(path) in report.runtime_dirs or not path.is_dir():
+            continue
+        owner = Owner.load(path)
+        if owner is not None and owner.is_alive() is not False:
+            continue  # a live owner's kernel (perhaps between restarts)
+        if now - path.lstat().st_mtime > STALE_DIR_AGE or owner is not None:
+            report.runtime_dirs.append(str(path))
+    if not dry_run:
+        for path_text in report.runtime_dirs:
+            path = Path(path_text)
+            if path.parent == root:  # only ever delete inside our own root
+                shutil.rmtree(path, ignore_errors=True)
+    return report

@@ -1,0 +1,83 @@
+"""Runs INSIDE the sandbox: start the kernel, and end it when its host side has vanished.
+
+``python -m kernel_sandbox.watchdog LIFELINE GRACE -- KERNEL ARGV...``
+
+The host process that owns the kernel listens on the unix socket LIFELINE (in the runtime
+directory). This watchdog stays connected to it; when the connection breaks (the owner was
+killed) it keeps trying to reconnect for GRACE seconds, so that a Jupyter Server that restarts
+and re-adopts its kernels keeps them, and otherwise terminates the kernel, so an orphaned
+container never runs on indefinitely. Standard library only: it runs in the kernel image.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+RECONNECT_EVERY = 1.0
+TERMINATE_WAIT = 3.0
+
+
+def _connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _wait_for_break(sock: socket.socket) -> None:
+    """Block until the owner's end of the lifeline closes."""
+    try:
+        while sock.recv(64):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def watch(lifeline: str, grace: float, kernel: subprocess.Popen) -> None:
+    """Keep the lifeline; terminate ``kernel`` once it has been broken for ``grace`` seconds."""
+    sock = _connect(lifeline)
+    while True:
+        if sock is not None:
+            _wait_for_break(sock)
+        deadline = time.monotonic() + grace
+        sock = None
+        while sock is None and time.monotonic() < deadline:
+            time.sleep(RECONNECT_EVERY)
+            sock = _connect(lifeline)
+        if sock is None:
+            print(f"kernel-sandbox: host side gone for {grace:.0f}s; ending the kernel",
+                  file=sys.stderr, flush=True)
+            kernel.terminate()
+            try:
+                kernel.wait(TERMINATE_WAIT)
+            except subprocess.TimeoutExpired:
+                kernel.kill()
+            return
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4 or argv[2] != "--":
+        print("usage: python -m kernel_sandbox.watchdog LIFELINE GRACE -- ARGV...", file=sys.stderr)
+        return 2
+    lifeline, grace, command = argv[0], float(argv[1]), argv[3:]
+    kernel = subprocess.Popen(command)
+    # Interrupts reach the whole process group (the kernel too); the watchdog ignores them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: kernel.terminate())
+    threading.Thread(target=watch, args=(lifeline, grace, kernel), daemon=True).start()
+    code = kernel.wait()
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
