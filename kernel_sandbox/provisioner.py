@@ -25,7 +25,7 @@ from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
 
 from .backend import LABEL_PREFIX, RUNTIME_MOUNT, SANDBOX_HOME, ContainerRequest, DockerBackend
 from .backend import start_error as container_start_error
-from .errors import KernelStartError, PolicyError
+from .errors import EngineUnavailable, KernelStartError, PolicyError
 from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from .owner import LIFELINE, Lifeline, Owner
 from .reap import sweep
@@ -35,6 +35,8 @@ __all__ = ["DockerSandboxProvisioner"]
 
 # Host variables a kernel gets without asking: none that could carry a secret.
 BASE_ENV_ALLOWLIST = ("JPY_SESSION_NAME",)
+# poll()'s exit code for a kernel whose engine cannot be reached.
+ENGINE_GONE = -1
 # Runtime roots already swept for orphans by this process.
 _SWEPT_ROOTS: set[str] = set()
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
@@ -375,7 +377,13 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """None while the container runs, else its exit code (137 for OOM-kill or SIGKILL)."""
         if self.container_id is None:
             return 0
-        state = await self.backend.state(self.container_id)
+        try:
+            state = await self.backend.state(self.container_id)
+        except EngineUnavailable as exc:
+            # Without the engine there is no container to talk to (an engine that stops
+            # takes its containers down): report the kernel dead rather than raise.
+            self.log.warning("kernel %s: %s", self.kernel_id, exc)
+            return ENGINE_GONE
         if state.running:
             return None
         if state.oom_killed:
@@ -395,10 +403,17 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self.backend.signal(self.container_id, signum)
 
     async def kill(self, restart: bool = False) -> None:
-        await self.send_signal(signal.SIGKILL)
+        await self._signal_tolerating_engine_loss(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
-        await self.send_signal(signal.SIGTERM)
+        await self._signal_tolerating_engine_loss(signal.SIGTERM)
+
+    async def _signal_tolerating_engine_loss(self, signum: int) -> None:
+        """Shutdown must go on (and clean up) even when the engine has gone away."""
+        try:
+            await self.send_signal(signum)
+        except EngineUnavailable as exc:
+            self.log.warning("kernel %s: cannot signal its container: %s", self.kernel_id, exc)
 
     async def cleanup(self, restart: bool = False) -> None:
         """Remove the container; on the final cleanup also the runtime directory.
@@ -406,7 +421,13 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         Idempotent: a container or directory that is already gone is fine.
         """
         if self.container_id is not None:
-            await self.backend.remove(self.container_id)
+            try:
+                await self.backend.remove(self.container_id)
+            except EngineUnavailable as exc:
+                # `kernel-sandbox gc` removes it once the engine is back: its runtime
+                # directory is gone, which marks it as dead weight.
+                self.log.warning("kernel %s: container %s left for gc: %s",
+                                 self.kernel_id, self.container_name, exc)
             self.container_id = None
         if not restart and self._lifeline is not None:
             self._lifeline.close()

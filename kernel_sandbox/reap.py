@@ -43,10 +43,14 @@ def _owner_of(labels: dict[str, str], runtime_dir: Path | None) -> Owner:
 
 
 def is_orphan(labels: dict[str, str]) -> bool:
-    """Whether a managed container's owner is gone (and no new owner serves its lifeline)."""
+    """Whether a managed container's owner is gone (and no new owner serves its lifeline), or
+    its runtime directory is: then no client can ever reach the kernel again."""
     dir_label = labels.get(LABEL_PREFIX + "runtime-dir")
     runtime_dir = Path(dir_label) if dir_label else None
-    if _owner_of(labels, runtime_dir).is_alive() is not False:
+    owner = _owner_of(labels, runtime_dir)
+    if runtime_dir is not None and not runtime_dir.exists() and owner.is_alive() is not None:
+        return True
+    if owner.is_alive() is not False:
         return False
     return not (runtime_dir is not None and Lifeline.is_served(RuntimeDir(runtime_dir).shared))
 

@@ -30,6 +30,11 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests that restart the Docker engine last: they kill every running container."""
+    items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Make the repo's kernelspecs visible to every Jupyter tool the tests start."""
