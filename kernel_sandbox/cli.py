@@ -22,6 +22,7 @@ from .errors import ImageBuildError, SandboxError
 from .image import DEFAULT_BASE, LOCAL_BASE, build_base_image, build_kernel_image
 from .kernelspec import install_kernelspec, shipped_kernelspecs
 from .policy import DEFAULT_IMAGE
+from .run_cli import add_run_command
 
 __all__ = ["main"]
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Debian mirror URL (default: the one in this machine's apt sources)")
     base.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     base.set_defaults(func=cmd_image_base)
+    add_run_command(commands)  # kernel-sandbox run (kernel_sandbox/run_cli.py)
     return parser
 
 
