@@ -1,0 +1,112 @@
+"""``kernel-sandbox tokens list|revoke`` and the ``install --dataset`` helper.
+
+Registered in :func:`kernel_sandbox.cli.build_parser` by :func:`add_tokens_command`; each
+command returns an exit code (0 done, 1 nothing matched) and raises SandboxError subclasses
+for the CLI to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .kernelspec import install_kernelspec, write_kernelspec
+from .policy import SandboxPolicy, parse_datasets
+from .tokens import TokenStore, default_state_dir
+
+__all__ = ["add_tokens_command", "install_with_datasets"]
+
+EXIT_OK, EXIT_NOTHING = 0, 1
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
+
+
+async def cmd_tokens_list(args: argparse.Namespace) -> int:
+    store = TokenStore(args.db)
+    now = time.time()
+    records = store.records(include_dead=args.all)
+    if args.json:
+        print(json.dumps([r.to_dict(now) for r in records], indent=1))
+        return EXIT_OK
+    if not records:
+        hint = "" if args.all else " (--all shows the others)"
+        Console(stderr=True).print(f"no live tokens{hint}")
+        return EXIT_OK
+    table = Table(box=None, header_style="bold")
+    for column in ("TOKEN", "KERNEL", "STATE", "DATASETS", "EXPIRES", "REVOKED"):
+        table.add_column(column)
+    for record in records:
+        datasets = ", ".join(f"{n}:{g.access}" for n, g in record.scope.items())
+        revoked = f"{_when(record.revoked)} ({record.reason})" if record.revoked else "-"
+        table.add_row(record.token_id, record.kernel_id, record.state(now), datasets,
+                      _when(record.expires), revoked)
+    Console(width=200).print(table)
+    return EXIT_OK
+
+
+async def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    store = TokenStore(args.db)
+    revoked = store.revoke(args.ident, reason=args.reason)  # TokenNotFound -> the CLI's error
+    err = Console(stderr=True, highlight=False)
+    if not revoked:
+        err.print(f"{args.ident}: its tokens were already revoked or expired")
+        return EXIT_OK
+    for record in revoked:
+        err.print(f"revoked token {record.token_id} of kernel {record.kernel_id}")
+    return EXIT_OK
+
+
+def add_tokens_command(commands: Any) -> None:
+    """Add ``tokens list`` and ``tokens revoke`` to the CLI's subparsers."""
+    tokens = commands.add_parser(
+        "tokens", help="list or revoke the data tokens of sandboxed kernels",
+        description="Each kernel whose policy grants datasets gets a scoped, expiring token for "
+        "the host's data broker. Revoking one stops it on its next request; the user's own "
+        "credentials are untouched.",
+    )
+    actions = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    default_db = default_state_dir() / "tokens.sqlite"
+
+    listing = actions.add_parser("list", help="show live tokens (--all: also expired, revoked)")
+    listing.add_argument("--all", action="store_true", help="include expired and revoked tokens")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument("--db", type=Path, default=default_db,
+                         help=f"token database (default {default_db})")
+    listing.set_defaults(func=cmd_tokens_list)
+
+    revoke = actions.add_parser("revoke", help="revoke a kernel's tokens, or one token")
+    revoke.add_argument("ident", metavar="KERNEL_ID|TOKEN_ID",
+                        help="a kernel id (all its tokens) or a token id from `tokens list`")
+    revoke.add_argument("--reason", default="revoked by user", help="recorded with the revocation")
+    revoke.add_argument("--db", type=Path, default=default_db,
+                        help=f"token database (default {default_db})")
+    revoke.set_defaults(func=cmd_tokens_revoke)
+
+
+def install_with_datasets(source: Path, datasets: list[str], user: bool = False,
+                          prefix: str | None = None) -> str:
+    """Install the kernelspec in ``source``, granting ``datasets`` (``NAME=SOURCE[:access]``).
+
+    Raises:
+        PolicyError: a dataset is malformed or its directory does not exist.
+        KernelspecError: the target is not writable.
+    """
+    if not datasets:
+        return install_kernelspec(source, user=user, prefix=prefix)
+    spec = json.loads((source / "kernel.json").read_text())
+    provisioner = spec.setdefault("metadata", {}).setdefault("kernel_provisioner", {})
+    config = provisioner.setdefault("config", {})
+    config["datasets"] = {d.name: f"{d.source}:{d.access}" for d in parse_datasets(datasets)}
+    SandboxPolicy.from_mapping({k: v for k, v in config.items() if k != "profile"})
+    return write_kernelspec(source.name, spec, user=user, prefix=prefix, resources=source)
