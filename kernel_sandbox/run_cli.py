@@ -105,9 +105,9 @@ class LiveDisplay:
 
     def __init__(self, console: Console, results: list[NotebookResult]):
         self.console, self.results = console, results
+        self._start = time.monotonic()
         self._live = Live(console=console, get_renderable=self._render, refresh_per_second=8,
                           transient=True)
-        self._start = time.monotonic()
 
     def __enter__(self) -> LiveDisplay:
         self._live.__enter__()
@@ -136,7 +136,7 @@ class LiveDisplay:
         table = Table.grid(padding=(0, 1))
         now = time.monotonic()
         for r in rows:
-            elapsed = (r.duration if r.status.done else now - r.started) if r.started else None
+            elapsed = (r.duration or now - r.started) if r.started else None
             line = Text(f"{MARKS[r.status]} ", style=STYLES[r.status])
             line.append(f"{_state(r):<24}", style=STYLES[r.status])
             table.add_row(line, Text(r.name), Text(f"{elapsed:5.1f}s" if elapsed else "",
@@ -183,7 +183,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     err, out = _console(stderr=True), _console(stderr=False)
 
     def fail(message: str) -> int:
-        err.print(f"[bold red]error:[/bold red] {escape(message)}")
+        err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
         return EXIT_USAGE
 
     if args.jobs < 1:
