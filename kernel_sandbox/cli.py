@@ -18,6 +18,12 @@ from rich.console import Console
 
 from . import __version__
 from .backend import DockerBackend
+from .egress_cli import (
+    add_egress_command,
+    add_egress_install_flags,
+    egress_install_policy,
+    with_egress_policy,
+)
 from .errors import ImageBuildError, SandboxError
 from .image import DEFAULT_BASE, LOCAL_BASE, build_base_image, build_kernel_image
 from .kernelspec import install_kernelspec, shipped_kernelspecs
@@ -59,8 +65,10 @@ async def cmd_image_build(args: argparse.Namespace) -> int:
 async def cmd_install(args: argparse.Namespace) -> int:
     user = args.user
     prefix = sys.prefix if args.sys_prefix else args.prefix
-    for source in shipped_kernelspecs():
-        where = install_kernelspec(source, user=user, prefix=prefix)
+    egress = egress_install_policy(args)
+    for shipped in shipped_kernelspecs():
+        with with_egress_policy(shipped, egress) as source:
+            where = install_kernelspec(source, user=user, prefix=prefix)
         err.print(f"installed kernelspec {source.name} in {where}")
     return EXIT_OK
 
@@ -90,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`jupyter kernelspec list` shows python3-sandbox.",
     )
     _add_install_location(install)
+    add_egress_install_flags(install)  # --network allowlist --egress ... (egress_cli.py)
     install.set_defaults(func=cmd_install)
 
     image = commands.add_parser("image", help="build the kernel image or a local base image")
@@ -120,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     base.set_defaults(func=cmd_image_base)
     add_run_command(commands)  # kernel-sandbox run (kernel_sandbox/run_cli.py)
+    add_egress_command(commands)  # kernel-sandbox egress (kernel_sandbox/egress_cli.py)
     return parser
 
 

@@ -29,7 +29,7 @@ __all__ = [
 
 DEFAULT_IMAGE = "kernel-sandbox/python:latest"
 WORKSPACE_MODES = ("none", "ro", "rw")
-NETWORK_MODES = ("none",)
+NETWORK_MODES = ("none", "allowlist")
 # Host paths that no mount may expose as a whole: they hand over the host.
 FORBIDDEN_MOUNTS = ("/", "/proc", "/sys", "/dev", "/etc", "/boot", "/root", "/home")
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
@@ -155,6 +155,50 @@ def _names(key: str, value: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+# -- egress (kernel_sandbox.egress): the host-side proxy decides; this only validates ---------
+
+EGRESS_MODES = ("deny", "ask")
+MAX_ASK_TIMEOUT = 3600.0
+
+
+def _egress_rules(value: Any) -> tuple[str, ...]:
+    """Host patterns (``api.corp.test``, ``*.corp.test``, ``data.corp.test:8443``), normalised."""
+    from .egress.rules import TargetError, parse_rule
+
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise PolicyError(
+            "egress: expected a list of host patterns such as ['api.corp.test', "
+            f"'*.corp.test', 'data.corp.test:8443'], got {value!r}"
+        )
+    try:
+        return tuple(dict.fromkeys(str(parse_rule(item)) for item in value))
+    except TargetError as exc:
+        raise PolicyError(f"egress: {exc}") from None
+
+
+def _egress_hosts(value: Any) -> dict[str, str]:
+    """Names the proxy resolves to fixed addresses: ``{NAME: ADDRESS}`` or ``["NAME=ADDRESS"]``."""
+    from .egress.rules import TargetError, parse_host_map
+
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(item, str) and "=" in item for item in value):
+            raise PolicyError(f"egress_hosts: expected 'NAME=ADDRESS' items, got {value!r}")
+        value = dict(item.split("=", 1) for item in value)
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"egress_hosts: expected a mapping of NAME to IP address, got {value!r}")
+    try:
+        return parse_host_map(dict(value))
+    except TargetError as exc:
+        raise PolicyError(f"egress_hosts: {exc}") from None
+
+
+def _ask_timeout(value: Any) -> float:
+    seconds = _positive("egress_ask_timeout", value, float)
+    if seconds > MAX_ASK_TIMEOUT:
+        raise PolicyError(f"egress_ask_timeout: at most {MAX_ASK_TIMEOUT:.0f} seconds, got {value!r}")
+    return float(seconds)
+
+
 @dataclass(frozen=True)
 class SandboxPolicy:
     """The whole perimeter of one sandboxed kernel. Defaults are the strict ones."""
@@ -170,6 +214,10 @@ class SandboxPolicy:
     env_passthrough: tuple[str, ...] = ()
     runtime: str = "runc"
     network: str = "none"
+    egress: tuple[str, ...] = ()
+    egress_mode: str = "deny"
+    egress_hosts: dict[str, str] = field(default_factory=dict)
+    egress_ask_timeout: float = 60.0
     idle_timeout: int = 0
     user: str | None = None
 
@@ -222,6 +270,14 @@ def validate(key: str, value: Any) -> Any:
         return _choice(key, value, WORKSPACE_MODES)
     if key == "network":
         return _choice(key, value, NETWORK_MODES)
+    if key == "egress":
+        return _egress_rules(value)
+    if key == "egress_mode":
+        return _choice(key, value, EGRESS_MODES)
+    if key == "egress_hosts":
+        return _egress_hosts(value)
+    if key == "egress_ask_timeout":
+        return _ask_timeout(value)
     if key == "runtime":
         if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", value):
             raise PolicyError(f"runtime: expected an OCI runtime name such as runc or runsc, got {value!r}")

@@ -21,10 +21,11 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
 
 from .backend import LABEL_PREFIX, RUNTIME_MOUNT, SANDBOX_HOME, ContainerRequest, DockerBackend
 from .backend import start_error as container_start_error
+from .egress.service import EgressEndpoint, default_log_path
 from .errors import EngineUnavailable, KernelStartError, PolicyError
 from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from .owner import LIFELINE, Lifeline, Owner
@@ -99,7 +100,32 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     env = _policy_trait("Environment variables to set inside the sandbox.")
     env_passthrough = _policy_trait("Names of host environment variables allowed in.")
     runtime = _policy_trait("OCI runtime: runc (default), runsc (gVisor), kata, ...")
-    network = _policy_trait("Network access: 'none' (no interface but loopback).")
+    network = _policy_trait(
+        "Network access: 'none' (no interface but loopback) or 'allowlist' (still only "
+        "loopback; a host-side proxy lets the egress patterns out)."
+    )
+    egress = _policy_trait(
+        "With network 'allowlist': host patterns the kernel may reach, e.g. 'api.corp.test', "
+        "'*.corp.test', 'data.corp.test:8443' (ports 80 and 443 unless given)."
+    )
+    egress_mode = _policy_trait(
+        "Unlisted egress targets: 'deny' (default) or 'ask' a person "
+        "(`kernel-sandbox egress pending|approve|deny`)."
+    )
+    egress_hosts = _policy_trait(
+        "Names the host-side proxy resolves to fixed addresses (NAME -> IP), like a hosts file."
+    )
+    egress_ask_timeout = _policy_trait(
+        "Seconds an 'ask' request waits for a person before it is denied (default 60)."
+    )
+    egress_log = Unicode(
+        config=True,
+        help="JSON-lines log of every egress decision (default "
+        "$XDG_STATE_HOME/kernel-sandbox/egress.jsonl, i.e. ~/.local/state/...).",
+    )
+    egress_port = Integer(
+        3128, config=True, help="Port of the egress bridge on the container's loopback."
+    )
     idle_timeout = _policy_trait("Seconds of idleness before an operator may cull (0: never).")
     user = _policy_trait("uid:gid inside the sandbox (default: yours, or 1000:1000 for root).")
 
@@ -112,6 +138,10 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     @default("runtime_root")
     def _default_runtime_root(self) -> str:
         return default_root()
+
+    @default("egress_log")
+    def _default_egress_log(self) -> str:
+        return default_log_path()
 
     container_id: str | None = None
     container_name: str | None = None
@@ -127,6 +157,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._launched = False  # True once a container has started (later starts are restarts)
         self._lifeline: Lifeline | None = None
         self._image_has_watchdog: bool | None = None
+        self._egress: EgressEndpoint | None = None
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -214,8 +245,11 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.connection_info, RUNTIME_MOUNT, owner
         )
         argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
-        kwargs["cmd"] = await self._with_watchdog(argv + list(extra_arguments))
+        kernel_args = self._egress_endpoint().kernel_arguments(argv) if self._egress_on else []
+        kwargs["cmd"] = await self._with_watchdog(argv + list(extra_arguments) + kernel_args)
         kwargs["env"] = self._container_env(host_env, policy)
+        if self._egress_on:
+            kwargs["cmd"], kwargs["env"] = await self._start_egress(kwargs["cmd"], kwargs["env"])
         kwargs["user"] = user
         return kwargs
 
@@ -228,6 +262,43 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._lifeline.listen()
         self._lifeline.drop_peers()  # a previous container's watchdog, if this is a restart
         self._lifeline.accept_pending()
+
+    # -- egress (kernel_sandbox.egress) ---------------------------------------------------------
+
+    @property
+    def _egress_on(self) -> bool:
+        return self.policy.network == "allowlist"
+
+    def _egress_endpoint(self) -> EgressEndpoint:
+        assert self.runtime_dir is not None
+        if self._egress is None:
+            self._egress = EgressEndpoint(
+                self.runtime_dir.path, self.runtime_dir.shared, self.kernel_id or "",
+                self.policy, self.egress_log, RUNTIME_MOUNT, self.egress_port,
+            )
+        return self._egress
+
+    async def _start_egress(self, cmd: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """Start the kernel's host-side proxy; the container runs the bridge before the kernel.
+
+        Raises:
+            PolicyError: the image lacks the in-sandbox bridge.
+        """
+        labels = await self.backend.image_labels(self.policy.image) or {}
+        if labels.get(LABEL_PREFIX + "image") != "kernel":
+            raise PolicyError(
+                f"kernelspec {self._spec_name}: network 'allowlist' needs an image built by "
+                f"`kernel-sandbox image build` (it carries the egress bridge); "
+                f"{self.policy.image} is not one"
+            )
+        endpoint = self._egress_endpoint()
+        endpoint.start()  # listening by the time the container is up (launch_kernel waits)
+        return endpoint.container_command(cmd), {**env, **endpoint.container_env()}
+
+    async def _stop_egress(self) -> None:
+        if self._egress is not None:
+            await self._egress.stop()
+            self._egress = None
 
     async def _with_watchdog(self, argv: list[str]) -> list[str]:
         """Run the kernel under the in-sandbox watchdog when the image has it (our images do)."""
@@ -310,6 +381,8 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         try:
             self.container_id = await self.backend.start(request)
             self.container_name = name
+            if self._egress is not None:
+                await self._egress.wait_ready()
             await self._wait_until_listening()
         except BaseException:
             await self._discard_failed_launch()
@@ -325,6 +398,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self.backend.remove(self.container_id)
             self.container_id = None
         if not self._launched and self.runtime_dir is not None:
+            await self._stop_egress()
             if self._lifeline is not None:
                 self._lifeline.close()
                 self._lifeline = None
@@ -432,6 +506,8 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not restart and self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
+        if not restart:
+            await self._stop_egress()
         if not restart and self.runtime_dir is not None:
             self.runtime_dir.remove()
             self.runtime_dir = None
@@ -468,3 +544,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._launched = True
         if self.runtime_dir is not None and self.runtime_dir.exists():
             self._own_runtime_dir()  # this process is the owner now; the watchdog reconnects
+            if self._egress_on:  # the old owner's proxy ended with it
+                endpoint = self._egress_endpoint()
+                endpoint.start()
+                await endpoint.wait_ready()

@@ -1,0 +1,33 @@
+"""Egress by allowlist, decided outside the sandbox.
+
+A kernel whose policy says ``network: allowlist`` still has no interface but loopback. Its
+only way out is a proxy on the host, one process per kernel, reached through a unix socket
+in the kernel's runtime directory and a bridge on the container's loopback:
+
+- :mod:`.rules`: the allowlist patterns and the decision (pure functions);
+- :mod:`.proxy`: the proxy process (HTTP forwarding and CONNECT tunnels, the decision log);
+- :mod:`.service`: how the provisioner starts it and wires the container to it;
+- :mod:`.control`: approve-once (pending, approve, deny) for the CLI and front ends.
+
+The in-sandbox half is :mod:`kernel_sandbox.egress_bridge` (standard library only).
+"""
+
+from __future__ import annotations
+
+from .control import EgressControl, EgressControlError, PendingRequest
+from .rules import Decision, Rule, Target, TargetError, decide, parse_rule
+from .service import EgressEndpoint, default_log_path
+
+__all__ = [
+    "Decision",
+    "EgressControl",
+    "EgressControlError",
+    "EgressEndpoint",
+    "PendingRequest",
+    "Rule",
+    "Target",
+    "TargetError",
+    "decide",
+    "default_log_path",
+    "parse_rule",
+]

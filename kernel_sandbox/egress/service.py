@@ -1,0 +1,162 @@
+"""The provisioner's side of egress: one proxy process per allowlist kernel, and what the
+container needs to reach it (the bridge command, the proxy variables, the notice extension).
+
+Paths, for a runtime directory ``<root>/<id>/``::
+
+    <id>/egress.json          the proxy's configuration (host only)
+    <id>/egress-control       control socket: pending / approve / deny (host only)
+    <id>/s/egress             the proxy socket the in-sandbox bridge connects to
+    <id>/s/egress-notices     denial notices, read by the kernel's extension
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .proxy import ProxyConfig
+
+from ..errors import KernelStartError
+
+__all__ = ["BRIDGE_MODULE", "EgressEndpoint", "default_log_path", "proxy_env"]
+
+BRIDGE_MODULE = "kernel_sandbox.egress_bridge"
+CONFIG_FILE = "egress.json"
+CONTROL_SOCKET = "egress-control"
+PROXY_SOCKET = "egress"
+NOTICE_SOCKET = "egress-notices"
+READY_TIMEOUT = 10.0
+
+
+def default_log_path() -> str:
+    """``$XDG_STATE_HOME/kernel-sandbox/egress.jsonl`` (``~/.local/state`` by default)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "kernel-sandbox", "egress.jsonl")
+
+
+def proxy_env(port: int) -> dict[str, str]:
+    """The variables that send urllib, requests, httpx, pip and curl through the bridge."""
+    proxy = f"http://127.0.0.1:{port}"
+    local = "localhost,127.0.0.1,::1"
+    return {
+        "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+        "NO_PROXY": local, "no_proxy": local,
+    }
+
+
+def is_ipython_kernel(argv: list[str]) -> bool:
+    return any(arg in ("ipykernel_launcher", "ipykernel") or arg.endswith("ipykernel_launcher.py")
+               for arg in argv)
+
+
+class EgressEndpoint:
+    """The proxy process of one kernel, started and stopped by the provisioner.
+
+    The process reads its stdin until the provisioner's process ends (the pipe closes), so a
+    killed Jupyter Server leaves no proxy behind; a server that re-adopts the kernel starts a
+    new one on the same sockets.
+    """
+
+    def __init__(self, runtime_dir: Path, shared_dir: Path, kernel_id: str, policy: Any,
+                 log_path: str, mount_point: str, port: int):
+        self.runtime_dir, self.shared_dir = Path(runtime_dir), Path(shared_dir)
+        self.kernel_id, self.policy = kernel_id, policy
+        self.log_path, self.mount_point, self.port = log_path, mount_point, port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.shared_dir / PROXY_SOCKET
+
+    @property
+    def control_path(self) -> Path:
+        return self.runtime_dir / CONTROL_SOCKET
+
+    def config(self) -> ProxyConfig:
+        from .proxy import ProxyConfig  # not at import: `-m ...egress.proxy` runs it as __main__
+
+        return ProxyConfig(
+            kernel_id=self.kernel_id,
+            listen=str(self.socket_path),
+            notices=str(self.shared_dir / NOTICE_SOCKET),
+            control=str(self.control_path),
+            log=self.log_path,
+            rules=tuple(self.policy.egress),
+            hosts=dict(self.policy.egress_hosts),
+            mode=self.policy.egress_mode,
+            ask_timeout=float(self.policy.egress_ask_timeout),
+        )
+
+    def start(self) -> None:
+        """Spawn the proxy (if it is not running); it listens a moment later."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config_file = self.runtime_dir / CONFIG_FILE
+        fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(dataclasses.asdict(self.config()), handle)
+        self.socket_path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kernel_sandbox.egress.proxy", str(config_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True,
+        )
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the proxy listens.
+
+        Raises:
+            KernelStartError: the proxy process ended or did not listen in time.
+        """
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while not (self.socket_path.exists() and self.control_path.exists()):
+            if self.process.poll() is not None:
+                raise KernelStartError(
+                    f"kernel {self.kernel_id}: the egress proxy exited with status "
+                    f"{self.process.returncode} (see the lines above in this log)"
+                )
+            if time.monotonic() > deadline:
+                raise KernelStartError(
+                    f"kernel {self.kernel_id}: the egress proxy did not listen within {timeout:.0f}s"
+                )
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """End the proxy; already ended is fine."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                await asyncio.to_thread(process.wait, 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    # -- what the container needs -----------------------------------------------------------
+
+    def container_command(self, cmd: list[str]) -> list[str]:
+        """Run ``cmd`` with the loopback bridge started first, inside the sandbox."""
+        return ["python", "-m", BRIDGE_MODULE, f"127.0.0.1:{self.port}",
+                f"{self.mount_point}/{PROXY_SOCKET}", "--", *cmd]
+
+    def kernel_arguments(self, argv: list[str]) -> list[str]:
+        """Load the notice extension into IPython kernels (a denial then shows in the cell)."""
+        return [f"--ext={BRIDGE_MODULE}"] if is_ipython_kernel(argv) else []
+
+    def container_env(self) -> dict[str, str]:
+        return {**proxy_env(self.port),
+                "KERNEL_SANDBOX_EGRESS_NOTICES": f"{self.mount_point}/{NOTICE_SOCKET}"}
