@@ -22,6 +22,13 @@ apt_install() {
 step "Python packages (kernel-sandbox and test tools)"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
 
+# --- browser for tests/test_browser.py (JupyterLab driven by Playwright) --------------------
+# Debian's chromium: Playwright cannot download its own browsers here and is pointed at
+# /usr/bin/chromium instead (never run `playwright install`).
+step "Chromium (headless browser for the JupyterLab test)"
+command -v chromium >/dev/null || apt_install chromium
+# --- end of browser block --------------------------------------------------------------------
+
 step "gVisor (runsc) registered as an OCI runtime"
 command -v runsc >/dev/null || apt_install runsc
 # --network=none: no network stack inside (required on these hosts);
