@@ -3,6 +3,9 @@
 A thin layer: each command parses its flags, calls the library once through
 ``asyncio.run`` and turns errors into a one-line message and an exit code
 (0 success, 1 failure, 2 usage or setup error).
+
+Commands live beside the part of the library they drive and register themselves with one
+call in :func:`build_parser` (``add_X_command(commands)``); this module only assembles them.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import asyncio
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from . import __version__
 from .backend import DockerBackend
+from .data_cli import add_tokens_command, install_with_datasets
+from .doctor import add_doctor_command
 from .egress_cli import (
     add_egress_command,
     add_egress_install_flags,
@@ -26,9 +31,19 @@ from .egress_cli import (
 )
 from .errors import ImageBuildError, SandboxError
 from .image import DEFAULT_BASE, LOCAL_BASE, build_base_image, build_kernel_image
-from .kernelspec import install_kernelspec, shipped_kernelspecs
+from .kernelspec import shipped_kernelspecs
 from .policy import DEFAULT_IMAGE
+from .policy_cli import (
+    add_install_location,
+    add_install_options,
+    add_policy_command,
+    add_policy_flags,
+    add_wrap_command,
+    install_custom,
+    wants_custom_install,
+)
 from .run_cli import add_run_command
+from .sandboxes import add_gc_command, add_ps_command, add_stop_command
 
 __all__ = ["main"]
 
@@ -66,9 +81,12 @@ async def cmd_install(args: argparse.Namespace) -> int:
     user = args.user
     prefix = sys.prefix if args.sys_prefix else args.prefix
     egress = egress_install_policy(args)
+    if wants_custom_install(args):
+        extra = {**egress, **({"datasets": list(args.dataset)} if args.dataset else {})}
+        return install_custom(args, extra)
     for shipped in shipped_kernelspecs():
         with with_egress_policy(shipped, egress) as source:
-            where = install_kernelspec(source, user=user, prefix=prefix)
+            where = install_with_datasets(source, args.dataset, user=user, prefix=prefix)
         err.print(f"installed kernelspec {source.name} in {where}")
     return EXIT_OK
 
@@ -76,16 +94,15 @@ async def cmd_install(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 
-def _add_install_location(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--user", action="store_true", help="install for the current user only")
-    where.add_argument("--sys-prefix", action="store_true",
-                       help="install into this Python environment (sys.prefix)")
-    where.add_argument("--prefix", metavar="P", help="install under prefix P")
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other error here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kernel-sandbox",
         description="Run Jupyter kernels in ephemeral, network-less containers.",
     )
@@ -93,12 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     install = commands.add_parser(
-        "install", help="install the sandboxed kernelspecs (python3-sandbox)",
-        description="Install the kernelspecs that come with kernel-sandbox, so that "
-        "`jupyter kernelspec list` shows python3-sandbox.",
+        "install", help="install python3-sandbox, or a sandboxed kernelspec with a policy",
+        description="Without --name, --profile or policy flags: install the kernelspecs that "
+        "come with kernel-sandbox, so that `jupyter kernelspec list` shows python3-sandbox. "
+        "With them: write one Python kernelspec with that policy, e.g. `kernel-sandbox install "
+        "--profile educator --name course-101 --display-name 'Course 101' --mount "
+        "/srv/course:ro`. The policy is checked first, with the Jupyter config, exactly as "
+        "the kernel's start will check it.",
     )
-    _add_install_location(install)
+    add_install_options(install, "default python3-sandbox-PROFILE")
+    add_install_location(install)
+    add_policy_flags(install)
     add_egress_install_flags(install)  # --network allowlist --egress ... (egress_cli.py)
+    install.add_argument("--dataset", action="append", default=[],
+                         metavar="NAME=SOURCE[:read|:read-write]",
+                         help="grant the kernels a dataset through the data broker (repeatable)")
     install.set_defaults(func=cmd_install)
 
     image = commands.add_parser("image", help="build the kernel image or a local base image")
@@ -114,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tag", default=DEFAULT_IMAGE, help="tag of the image to build")
     build.add_argument("--binder", type=Path, default=None,
                        help="environment folder (default: the binder/ shipped with kernel-sandbox)")
-    build.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
+    build.add_argument("--force", action="store_true",
+                       help="rebuild even if the image is up to date")
     build.set_defaults(func=cmd_image_build)
 
     base = image_commands.add_parser(
@@ -128,22 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Debian mirror URL (default: the one in this machine's apt sources)")
     base.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     base.set_defaults(func=cmd_image_base)
+    add_wrap_command(commands)  # kernel-sandbox wrap (kernel_sandbox/policy_cli.py)
+    add_policy_command(commands)  # kernel-sandbox policy show|profiles (policy_cli.py)
+    add_doctor_command(commands)  # kernel-sandbox doctor (kernel_sandbox/doctor.py)
+    add_ps_command(commands)  # kernel-sandbox ps (kernel_sandbox/sandboxes.py)
+    add_stop_command(commands)  # kernel-sandbox stop (kernel_sandbox/sandboxes.py)
+    add_gc_command(commands)  # kernel-sandbox gc (kernel_sandbox/sandboxes.py)
     add_run_command(commands)  # kernel-sandbox run (kernel_sandbox/run_cli.py)
+    add_tokens_command(commands)  # kernel-sandbox tokens (kernel_sandbox/data_cli.py)
     add_egress_command(commands)  # kernel-sandbox egress (kernel_sandbox/egress_cli.py)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.func
     try:
         return asyncio.run(command(args))
     except ImageBuildError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", markup=True)
+        err.print(f"[bold red]error:[/bold red] {exc}", markup=True, soft_wrap=True)
         return EXIT_FAILED
     except SandboxError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", markup=True)
+        err.print(f"[bold red]error:[/bold red] {exc}", markup=True, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -8,19 +8,45 @@ nothing else to pick it up.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from .errors import KernelspecError
+from .errors import KernelspecError, PolicyError
 from .policy import SandboxPolicy
 
-__all__ = ["PROVISIONER_NAME", "install_kernelspec", "shipped_kernelspecs", "write_kernelspec"]
+__all__ = [
+    "PROVISIONER_NAME",
+    "check_kernel_name",
+    "install_kernelspec",
+    "sandbox_spec",
+    "shipped_kernelspecs",
+    "wrapped_spec",
+    "write_kernelspec",
+]
 
 PROVISIONER_NAME = "docker-sandbox"
+# The argv the shipped python3-sandbox kernelspec runs inside the image.
+PYTHON_ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+_KERNEL_NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)  # what jupyter_client accepts
+
+
+def check_kernel_name(name: str) -> str:
+    """Refuse a kernelspec name Jupyter would not accept.
+
+    Raises:
+        KernelspecError: naming the allowed characters.
+    """
+    if not _KERNEL_NAME.match(name):
+        raise KernelspecError(
+            f"{name!r} is not a valid kernelspec name: use letters, digits, '.', '_' and '-'"
+        )
+    return name
 
 
 def shipped_kernelspecs_dir() -> Path:
@@ -88,13 +114,16 @@ def write_kernelspec(
     name: str, spec: dict[str, Any], user: bool = False, prefix: str | None = None,
     resources: Path | None = None,
 ) -> str:
-    """Install ``spec`` as kernelspec ``name`` (logos copied from ``resources``)."""
+    """Install ``spec`` as kernelspec ``name``; the other files of ``resources`` (logos,
+    kernel.js) are copied along."""
+    check_kernel_name(name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / name
         folder.mkdir()
         if resources is not None:
-            for logo in resources.glob("logo-*"):
-                shutil.copy(logo, folder / logo.name)
+            for item in resources.iterdir():
+                if item.is_file() and item.name != "kernel.json":
+                    shutil.copy(item, folder / item.name)
         (folder / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
         return install_kernelspec(folder, name, user=user, prefix=prefix)
 
@@ -113,3 +142,49 @@ def find_kernelspec(name: str) -> Any:
         raise KernelspecError(
             f"no kernelspec named {name!r} (installed: {known}); run `kernel-sandbox install`"
         ) from None
+
+
+def wrapped_spec(
+    spec: KernelSpec, name: str, image: str, display_name: str | None = None,
+    policy: dict[str, Any] | None = None, profile: str | None = None,
+) -> dict[str, Any]:
+    """A kernel.json dict that runs ``spec``'s argv inside ``image`` under the sandbox.
+
+    An absolute program path in argv (a host interpreter) becomes its bare name, looked up
+    on the image's PATH; the kernel's env and metadata are kept.
+
+    Raises:
+        KernelspecError: ``spec`` is already sandboxed, or its argv needs host files.
+        PolicyError: a policy value is invalid.
+    """
+    metadata = dict(spec.metadata or {})
+    if (metadata.get("kernel_provisioner") or {}).get("provisioner_name") == PROVISIONER_NAME:
+        raise KernelspecError(
+            f"kernelspec {name!r} is already sandboxed; install a variant with "
+            "`kernel-sandbox install --name NEW --profile P ...` instead"
+        )
+    argv = list(spec.argv)
+    if any("{resource_dir}" in arg for arg in argv):
+        raise KernelspecError(
+            f"kernelspec {name!r} runs files from its own folder ({{resource_dir}}), which "
+            "the sandbox cannot see; build an image that contains the kernel and wrap a "
+            "kernelspec whose argv names the program in that image"
+        )
+    if "{connection_file}" not in " ".join(argv):
+        raise KernelspecError(f"kernelspec {name!r} has no {{connection_file}} in its argv")
+    if argv and os.path.isabs(argv[0]):
+        argv[0] = os.path.basename(argv[0])
+    metadata.pop("kernel_provisioner", None)
+    metadata["debugger"] = False  # as python3-sandbox: no debugger across the sandbox boundary
+    out = sandbox_spec(
+        argv, display_name or f"{spec.display_name} (sandboxed)", spec.language or "",
+        policy={"image": image, **(policy or {})}, profile=profile, extra_metadata=metadata,
+    )
+    if spec.env:
+        out["env"] = dict(spec.env)
+    return out
+
+
+def policy_error_for(name: str, exc: PolicyError) -> PolicyError:
+    """The same error, saying which kernelspec it is about."""
+    return PolicyError(f"kernelspec {name}: {exc}")

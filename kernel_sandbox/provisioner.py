@@ -32,6 +32,7 @@ from .owner import LIFELINE, Lifeline, Owner
 from .reap import sweep
 from .rundir import RuntimeDir, default_root, ipc_connection_info
 
+from .tokens import default_state_dir
 __all__ = ["DockerSandboxProvisioner"]
 
 # Host variables a kernel gets without asking: none that could carry a secret.
@@ -132,12 +133,47 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     backend = Instance(DockerBackend)
 
     @default("backend")
+    datasets = _policy_trait(
+        "Datasets served by the data broker, NAME -> 'SOURCE[:read|:read-write]' (a host "
+        "directory or an fsspec URL; credentials stay on the host, see data_credentials)."
+    )
+    token_ttl = _policy_trait("Lifetime of a kernel's data token: seconds, or e.g. '15m', '8h'.")
+
+    token_db = Unicode(
+        config=True,
+        help="SQLite file of the data tokens (only their hashes, scope, expiry and revocation; "
+        "default ~/.local/share/kernel-sandbox/tokens.sqlite). Host-only: no policy may mount it.",
+    )
+    audit_log = Unicode(
+        config=True,
+        help="JSON-lines audit log of every data broker request (default "
+        "~/.local/share/kernel-sandbox/audit.jsonl). Host-only: no policy may mount it.",
+    )
+    data_credentials = Unicode(
+        "", config=True,
+        help="Host-only JSON file (mode 0600) mapping source URL prefixes to fsspec storage "
+        "options, i.e. the credentials of remote datasets; the keyring (service "
+        "'kernel-sandbox') is consulted too. Kernels only ever get a scoped token.",
+    )
+    data_broker = Instance(
+        "kernel_sandbox.broker.DataBroker", allow_none=True,
+        help="The data broker serving this kernel's datasets (default: the one this process "
+        "shares among all its kernels for the same token_db, audit_log and data_credentials).",
+    )
     def _default_backend(self) -> DockerBackend:
         return DockerBackend()
 
     @default("runtime_root")
     def _default_runtime_root(self) -> str:
         return default_root()
+
+    @default("token_db")
+    def _default_token_db(self) -> str:
+        return str(default_state_dir() / "tokens.sqlite")
+
+    @default("audit_log")
+    def _default_audit_log(self) -> str:
+        return str(default_state_dir() / "audit.jsonl")
 
     @default("egress_log")
     def _default_egress_log(self) -> str:
@@ -234,6 +270,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         host_env = kwargs.pop("env")
 
         self._sweep_orphans_once()
+        self._check_data_paths(policy)
         if self.runtime_dir is None or not self.runtime_dir.exists():
             self.runtime_dir = RuntimeDir.create(self.runtime_root, owner)
             key = uuid.uuid4().hex.encode()
@@ -246,6 +283,8 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
         argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
         kernel_args = self._egress_endpoint().kernel_arguments(argv) if self._egress_on else []
+        if policy.datasets:
+            await asyncio.to_thread(self._grant_data, owner)
         kwargs["cmd"] = await self._with_watchdog(argv + list(extra_arguments) + kernel_args)
         kwargs["env"] = self._container_env(host_env, policy)
         if self._egress_on:
@@ -268,6 +307,54 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     @property
     def _egress_on(self) -> bool:
         return self.policy.network == "allowlist"
+
+    # -- datasets (kernel_sandbox.broker) -----------------------------------------------------
+
+    def _broker(self) -> Any:
+        if self.data_broker is None:
+            from .broker import shared_broker
+
+            self.data_broker = shared_broker(self.token_db, self.audit_log, self.data_credentials)
+        return self.data_broker
+
+    def _check_data_paths(self, policy: SandboxPolicy) -> None:
+        """No mount or dataset may expose the broker's own state or the host's credentials."""
+        protected = [os.path.dirname(os.path.abspath(p)) for p in (self.token_db, self.audit_log)]
+        if self.data_credentials:
+            protected.append(os.path.abspath(self.data_credentials))
+        exposed = [m.source for m in policy.mounts]
+        exposed += [d.source for d in policy.datasets if "://" not in d.source]
+        for source in exposed:
+            real = os.path.realpath(source)
+            for path in protected:
+                if path == real or path.startswith(real.rstrip("/") + "/"):
+                    raise PolicyError(
+                        f"kernelspec {self._spec_name}: {source} would expose {path}, the data "
+                        "broker's tokens, audit log or credentials; mount or serve another directory"
+                    )
+
+    def _grant_data(self, owner: tuple[int, int]) -> None:
+        """Mint this start's token (revoking the last one) and serve the kernel's socket."""
+        from .tokens import Grant
+
+        assert self.runtime_dir is not None and self.kernel_id
+        scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
+        record = self._broker().grant(self.kernel_id, self.runtime_dir.shared, scope,
+                                      self.policy.token_ttl, owner)
+        self.log.debug("kernel %s: data token %s for %s", self.kernel_id, record.token_id,
+                       ", ".join(scope))
+
+    def _release_data(self, restart: bool) -> None:
+        """Revoke the kernel's token; on the final cleanup also close its broker socket."""
+        if self.data_broker is None or not self.kernel_id:
+            return
+        try:
+            if restart:
+                self.data_broker.revoke(self.kernel_id, "kernel restarted")
+            else:
+                self.data_broker.release(self.kernel_id, "kernel shut down")
+        except Exception as exc:  # cleanup must go on; an unrevoked token still expires
+            self.log.warning("kernel %s: could not revoke its data token: %s", self.kernel_id, exc)
 
     def _egress_endpoint(self) -> EgressEndpoint:
         assert self.runtime_dir is not None
@@ -406,6 +493,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.runtime_dir = None
 
     async def _wait_until_listening(self) -> None:
+            await asyncio.to_thread(self._release_data, False)
         assert self.runtime_dir is not None and self.container_id is not None
         deadline = time.monotonic() + self.launch_timeout
         next_state_check = time.monotonic() + 0.2
@@ -511,6 +599,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not restart and self.runtime_dir is not None:
             self.runtime_dir.remove()
             self.runtime_dir = None
+        await asyncio.to_thread(self._release_data, restart)
 
     # -- persistence across a Jupyter Server restart ----------------------------------------
 
@@ -548,3 +637,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 endpoint = self._egress_endpoint()
                 endpoint.start()
                 await endpoint.wait_ready()
+            if self.policy.datasets and self.kernel_id:  # the token lives on in the database
+                shared = self.runtime_dir.shared
+                await asyncio.to_thread(self._broker().serve, self.kernel_id, shared)

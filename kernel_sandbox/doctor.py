@@ -1,0 +1,290 @@
+"""``kernel-sandbox doctor``: is this machine ready to run sandboxed kernels, and if not, why.
+
+Each check is a line with a status and, when it is not ok, the fix: the command to run or the
+configuration to add. The checks are plain functions over what they inspect (engine facts,
+a directory, the installed kernelspecs), so each can be tested with the facts handed in.
+Status ``warn`` is advice: only ``fail`` makes ``doctor`` exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from rich.console import Console
+from rich.table import Table
+from traitlets.config import Config
+
+from .backend import LABEL_PREFIX, DockerBackend
+from .errors import PolicyError, SandboxError
+from .kernelspec import PROVISIONER_NAME
+from .policy import DEFAULT_IMAGE
+from .rundir import CHANNELS, MAX_SOCKET_PATH, SHARED, SOCKET_PREFIX, default_root
+from .settings import is_sandboxed, load_jupyter_config, resolve
+
+__all__ = ["Check", "add_doctor_command", "run_checks"]
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+# How runsc must be registered here (see ARCHITECTURE.md): no network of its own, and host
+# unix sockets for the kernel's ipc sockets and the lifeline/broker sockets it connects to.
+RUNSC_ARGS = ["--network=none", "--host-uds=all"]
+RELOAD = "then reload the engine: `kill -HUP $(pidof dockerd)` (or `systemctl reload docker`)"
+
+
+@dataclass(frozen=True)
+class Check:
+    area: str
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+# -- the checks -----------------------------------------------------------------------------
+
+
+def check_provisioner() -> Check:
+    found = [ep for ep in entry_points(group="jupyter_client.kernel_provisioners")
+             if ep.name == PROVISIONER_NAME]
+    if found:
+        return Check("jupyter", "provisioner", OK, f"{PROVISIONER_NAME} -> {found[0].value}")
+    return Check("jupyter", "provisioner", FAIL,
+                 f"no {PROVISIONER_NAME} kernel provisioner is registered with jupyter_client",
+                 "pip install kernel-sandbox (in the environment that runs Jupyter)")
+
+
+def check_engine(info: dict[str, Any] | None, error: str = "") -> Check:
+    if info is None:
+        return Check("engine", "docker", FAIL, error or "the Docker engine does not answer",
+                     "start it (`sudo systemctl start docker`, or `dockerd &`); "
+                     "check `docker info`")
+    cgroup = info.get("CgroupVersion") or "?"
+    return Check("engine", "docker", OK,
+                 f"engine {info.get('ServerVersion', '?')}, cgroup v{cgroup}, "
+                 f"storage {info.get('Driver', '?')}")
+
+
+def runsc_snippet(path: str) -> str:
+    return json.dumps({"runtimes": {"runsc": {"path": path, "runtimeArgs": RUNSC_ARGS}}})
+
+
+def check_runtimes(
+    info: dict[str, Any], needed: dict[str, list[str]], which: Callable[[str], str | None]
+) -> list[Check]:
+    """The engine's OCI runtimes against what the kernelspecs ask for.
+
+    ``needed`` maps each runtime to the kernelspecs using it; ``which`` finds programs.
+    """
+    runtimes: dict[str, Any] = info.get("Runtimes") or {}
+    checks = [Check("runtime", "registered", OK, ", ".join(sorted(runtimes)) or "(none)")]
+    runsc_path = which("runsc")
+    if "runsc" in runtimes:
+        args = (runtimes["runsc"] or {}).get("runtimeArgs") or []
+        missing = [a for a in RUNSC_ARGS if a.split("=")[0] not in " ".join(args)]
+        if missing:
+            checks.append(Check(
+                "runtime", "runsc", FAIL,
+                f"runsc is registered without {', '.join(missing)}: kernels under gVisor "
+                "cannot start or cannot be reached",
+                f"in /etc/docker/daemon.json set "
+                f"{runsc_snippet(runtimes['runsc'].get('path', 'runsc'))}; " + RELOAD))
+        else:
+            checks.append(Check("runtime", "runsc", OK, f"gVisor registered ({' '.join(args)})"))
+    elif runsc_path:
+        checks.append(Check(
+            "runtime", "runsc", FAIL if "runsc" in needed else WARN,
+            f"runsc is installed ({runsc_path}) but not registered with the engine",
+            f"add to /etc/docker/daemon.json (merge with what is there): "
+            f"{runsc_snippet(runsc_path)}; " + RELOAD))
+    elif "runsc" not in needed:
+        checks.append(Check("runtime", "runsc", WARN,
+                            "gVisor (runsc) is not installed; the untrusted profile needs it",
+                            "apt-get install runsc, then run `kernel-sandbox doctor` again"))
+    for runtime, specs in sorted(needed.items()):
+        if runtime in runtimes or (runtime == "runsc" and runsc_path):
+            continue  # runsc installed but unregistered is reported above
+        checks.append(Check(
+            "runtime", runtime, FAIL,
+            f"kernelspec {', '.join(specs)} asks for runtime {runtime!r}, which the engine lacks",
+            f"install {runtime} and register it under \"runtimes\" in /etc/docker/daemon.json; "
+            + RELOAD))
+    return checks
+
+
+def check_runtime_root(root: str, uid: int | None = None) -> list[Check]:
+    """Socket path length and the permissions of the runtime root (c...runtime_root)."""
+    uid = os.getuid() if uid is None else uid
+    longest = len(os.path.join(root, "x" * 8, SHARED, f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
+    checks = []
+    if longest > MAX_SOCKET_PATH:
+        checks.append(Check(
+            "runtime_root", "socket paths", FAIL,
+            f"sockets under {root} would be {longest} bytes, over the unix limit of "
+            f"{MAX_SOCKET_PATH}",
+            "set a shorter c.DockerSandboxProvisioner.runtime_root (e.g. /tmp/ks-$UID)"))
+    else:
+        checks.append(Check("runtime_root", "socket paths", OK,
+                            f"{longest} of {MAX_SOCKET_PATH} bytes under {root}"))
+    path = Path(root)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        parent = path.parent
+        if os.access(parent, os.W_OK | os.X_OK):
+            checks.append(Check("runtime_root", "permissions", OK,
+                                f"{root} will be created (mode 0700) on the first start"))
+        else:
+            checks.append(Check("runtime_root", "permissions", FAIL,
+                                f"{root} does not exist and {parent} is not writable",
+                                f"mkdir -m 700 {root}, or set "
+                                "c.DockerSandboxProvisioner.runtime_root"))
+        return checks
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        checks.append(Check("runtime_root", "permissions", FAIL,
+                            f"{root} is not a plain directory (a symlink or a file)",
+                            f"remove {root}; it is created again on the next start"))
+    elif info.st_uid != uid:
+        checks.append(Check("runtime_root", "permissions", FAIL,
+                            f"{root} belongs to uid {info.st_uid}, not to you (uid {uid}): "
+                            "someone else could reach your kernels' sockets",
+                            f"remove {root}, or set c.DockerSandboxProvisioner.runtime_root"))
+    elif stat.S_IMODE(info.st_mode) & 0o077:
+        checks.append(Check("runtime_root", "permissions", FAIL,
+                            f"{root} is mode {stat.S_IMODE(info.st_mode):04o}: others can "
+                            "reach your kernels' sockets", f"chmod 700 {root}"))
+    else:
+        checks.append(Check("runtime_root", "permissions", OK, f"{root}: yours, mode 0700"))
+    return checks
+
+
+def check_kernelspecs(
+    config: Config, specs: dict[str, Any] | None = None
+) -> tuple[list[Check], dict[str, list[str]], dict[str, list[str]]]:
+    """Every sandboxed kernelspec's policy, as its kernel's start would work it out.
+
+    Returns the checks, and the images and runtimes the kernelspecs need (name -> specs).
+    """
+    manager = KernelSpecManager()
+    specs = manager.get_all_specs() if specs is None else specs
+    checks: list[Check] = []
+    images: dict[str, list[str]] = {}
+    runtimes: dict[str, list[str]] = {}
+    for name, entry in sorted(specs.items()):
+        spec = manager.get_kernel_spec(name) if not hasattr(entry, "argv") else entry
+        if not is_sandboxed(spec):
+            continue
+        try:
+            effective = resolve(spec, name, config)
+        except (PolicyError, SandboxError) as exc:
+            checks.append(Check("kernelspec", name, FAIL, str(exc),
+                                f"edit {spec.resource_dir}/kernel.json, or write it again with "
+                                f"`kernel-sandbox install --name {name} ...`"))
+            continue
+        policy = effective.policy
+        images.setdefault(policy.image, []).append(name)
+        if policy.runtime != "runc":
+            runtimes.setdefault(policy.runtime, []).append(name)
+        checks.append(Check("kernelspec", name, OK,
+                            f"profile {effective.profile}, image {policy.image}, "
+                            f"runtime {policy.runtime}"))
+    if not checks:
+        checks.append(Check("kernelspec", "(none)", FAIL, "no sandboxed kernelspec is installed",
+                            "kernel-sandbox install"))
+    return checks, images, runtimes
+
+
+def check_image(image: str, labels: dict[str, str] | None, specs: list[str]) -> Check:
+    users = f" (used by {', '.join(specs)})" if specs else ""
+    if labels is None:
+        fix = ("kernel-sandbox image build (add --base kernel-sandbox/base:bookworm after "
+               "`kernel-sandbox image base` where no registry is reachable)"
+               if image == DEFAULT_IMAGE else f"docker pull {image}, or build it")
+        return Check("image", image, FAIL, f"not on the engine{users}", fix)
+    if labels.get(LABEL_PREFIX + "image") != "kernel":
+        return Check("image", image, WARN,
+                     f"present{users}, but not built by kernel-sandbox: no in-sandbox watchdog, "
+                     "so a kernel orphaned by a crashed server runs on until `kernel-sandbox gc`",
+                     "build kernel images with `kernel-sandbox image build --binder DIR`")
+    return Check("image", image, OK, f"present{users}")
+
+
+async def run_checks(
+    backend: DockerBackend, config: Config, runtime_root: str,
+    which: Callable[[str], str | None] = shutil.which,
+) -> list[Check]:
+    checks = [check_provisioner()]
+    spec_checks, images, runtimes = check_kernelspecs(config)
+    try:
+        info: dict[str, Any] | None = await backend.engine_info()
+        error = ""
+    except SandboxError as exc:
+        info, error = None, str(exc)
+    checks.append(check_engine(info, error))
+    if info is not None:
+        checks += check_runtimes(info, runtimes, which)
+        images.setdefault(DEFAULT_IMAGE, [])
+        for image, specs in sorted(images.items()):
+            checks.append(check_image(image, await backend.image_labels(image), specs))
+    checks += spec_checks
+    checks += check_runtime_root(runtime_root)
+    return checks
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+STYLE = {OK: "green", WARN: "yellow", FAIL: "bold red"}
+
+
+def render(checks: list[Check]) -> Table:
+    table = Table(header_style="bold", show_lines=False)
+    for column in ("check", "status", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        table.add_row(f"{check.area}: {check.name}", f"[{STYLE[check.status]}]{check.status}[/]",
+                      check.detail, check.fix or "")
+    return table
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    config, _files = load_jupyter_config(args.config)
+    section = config.get("DockerSandboxProvisioner", {})
+    root = str(section.get("runtime_root") or default_root())
+    backend = DockerBackend()
+    try:
+        checks = await run_checks(backend, config, root)
+    finally:
+        backend.close()
+    failed = [c for c in checks if c.status == FAIL]
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=1))
+    else:
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console = Console(highlight=False, width=max(console.width, 160))
+        console.print(render(checks))
+        console.print(f"{len(failed)} problem(s) found" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+def add_doctor_command(commands: Any) -> None:
+    doctor = commands.add_parser(
+        "doctor", help="check the engine, runtimes, images, kernelspecs and runtime directory",
+        description="Check that sandboxed kernels can run here: the Docker engine answers, the "
+        "OCI runtimes the kernelspecs ask for are registered (and how to register gVisor's "
+        "runsc), their images exist, every sandboxed kernelspec's policy is valid under the "
+        "Jupyter config, and the runtime directory keeps socket paths short and private. "
+        "Prints a fix for every failing line; exits 1 if anything failed, else 0.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    doctor.add_argument("--config", metavar="FILE", help="also read this Jupyter config file")
+    doctor.set_defaults(func=cmd_doctor)

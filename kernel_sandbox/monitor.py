@@ -1,0 +1,132 @@
+"""A host-side watch over one running sandbox: its idle time and operator stop requests.
+
+The provisioner starts one :class:`KernelMonitor` per running container. The monitor asks the
+provisioner to end the kernel when
+
+- the policy's ``idle_timeout`` has passed with the kernel idle: no message on its IOPub
+  channel (every execution, output and status change is one) and no cell running, whatever
+  clients are connected; or
+- an operator ran ``kernel-sandbox stop KERNEL_ID``, which leaves a request file in the
+  host-only part of the kernel's runtime directory (the kernel cannot see or write it).
+
+It only watches: how the kernel is ended (through its manager, so Jupyter Server forgets it
+instead of restarting it) is the provisioner's business. Everything here runs in one daemon
+thread; ``close`` stops it and releases its socket.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import zmq
+
+__all__ = ["STOP_REQUEST", "KernelMonitor", "request_stop"]
+
+STOP_REQUEST = "stop-request"
+_DELIMITER = b"<IDS|MSG>"
+# Longest a closing monitor with an IOPub socket takes to notice (and the longest close waits).
+POLL_SLICE = 0.1
+
+
+def request_stop(runtime_dir: Path, who: str) -> None:
+    """Ask the owner of the kernel in ``runtime_dir`` to end it (``kernel-sandbox stop``)."""
+    (runtime_dir / STOP_REQUEST).write_text(json.dumps({"by": who, "time": time.time()}))
+
+
+def execution_state(frames: list[bytes]) -> str | None:
+    """The ``execution_state`` of a status message (None for any other message)."""
+    try:
+        at = frames.index(_DELIMITER)
+        header = json.loads(frames[at + 2])
+        if header.get("msg_type") != "status":
+            return None
+        state = json.loads(frames[at + 5]).get("execution_state")
+    except (ValueError, IndexError, AttributeError):
+        return None
+    return state if isinstance(state, str) else None
+
+
+class KernelMonitor:
+    """Watch one kernel; call ``on_end(reason)`` once when it should end.
+
+    Args:
+        runtime_dir: the kernel's host-only runtime directory (where stop requests appear).
+        iopub_url: the kernel's IOPub address (``ipc://...``); None disables idle tracking.
+        idle_timeout: seconds of idleness before the kernel ends; 0 never.
+        on_end: called from the monitor's thread with a one-line reason.
+        interval: seconds between checks.
+        clock: monotonic clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        runtime_dir: Path,
+        iopub_url: str | None,
+        idle_timeout: float,
+        on_end: Callable[[str], None],
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stop_file = runtime_dir / STOP_REQUEST
+        self.iopub_url = iopub_url if idle_timeout > 0 else None
+        self.idle_timeout = idle_timeout
+        self.on_end = on_end
+        self.interval = min(interval, idle_timeout / 2) if idle_timeout > 0 else interval
+        self.clock = clock
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.stop_file.unlink(missing_ok=True)  # a request for an earlier container is spent
+        self._thread = threading.Thread(target=self._run, name="kernel-sandbox-monitor",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop watching (idempotent); the thread releases its socket within POLL_SLICE."""
+        self._closing.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * POLL_SLICE)
+
+    def _run(self) -> None:
+        socket = None
+        if self.iopub_url:
+            socket = zmq.Context.instance().socket(zmq.SUB)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SUBSCRIBE, b"")
+            socket.connect(self.iopub_url)
+        try:
+            reason = self._watch(socket)
+        finally:
+            if socket is not None:
+                socket.close()
+        if reason is not None and not self._closing.is_set():
+            self.on_end(reason)
+
+    def _watch(self, socket: zmq.Socket | None) -> str | None:
+        last_activity, busy = self.clock(), False
+        while not self._closing.is_set():
+            if socket is None:
+                self._closing.wait(self.interval)
+            elif socket.poll(int(POLL_SLICE * 1000)):
+                while True:
+                    try:
+                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    last_activity = self.clock()
+                    state = execution_state(frames)
+                    if state in ("busy", "idle"):
+                        busy = state == "busy"
+            if self.stop_file.exists():
+                return "stopped by an operator (kernel-sandbox stop)"
+            idle_for = self.clock() - last_activity
+            if socket is not None and not busy and idle_for >= self.idle_timeout:
+                return (f"idle for {idle_for:.0f}s (the policy's idle_timeout is "
+                        f"{self.idle_timeout:.0f}s)")
+        return None
