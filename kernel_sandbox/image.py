@@ -39,7 +39,7 @@ PLATFORM_TAGS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux201
 ALWAYS_REQUIRED = ("ipykernel",)
 SPEC_LABEL = "io.kernel-sandbox.spec-hash"
 # Modules of this package that run inside the sandbox (standard library only).
-INSIDE_MODULES = ("__init__.py", "watchdog.py", "egress_bridge.py")
+INSIDE_MODULES = ("__init__.py", "watchdog.py", "data.py", "egress_bridge.py")
 Progress = Callable[[str], None]
 
 DOCKERFILE = f"""\

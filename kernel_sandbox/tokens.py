@@ -134,9 +134,7 @@ class TokenStore:
         if db is None:
             with self._init_lock:
                 if not self._initialized:
-                    self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                    os.close(fd)
+                    self._create_private()
                 db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
                 db.row_factory = sqlite3.Row
                 db.execute("PRAGMA journal_mode=WAL")
@@ -145,6 +143,20 @@ class TokenStore:
                     self._initialized = True
             self._local.db = db
         return db
+
+    def _create_private(self) -> None:
+        """Create the database file 0600 (SQLite gives its -wal and -shm files the same mode).
+
+        Only a file that does not exist yet is opened here: closing any descriptor of a file
+        drops every POSIX lock this process holds on it, including SQLite's own.
+        """
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.path.exists():
+            return
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
 
     def mint(self, kernel_id: str, scope: Mapping[str, Grant],
              ttl: float) -> tuple[str, TokenRecord]:
