@@ -30,7 +30,6 @@ from .errors import PolicyError
 __all__ = [
     "DEFAULT_IMAGE",
     "Dataset",
-    "Dataset",
     "PROFILES",
     "Mount",
     "SandboxPolicy",
@@ -39,7 +38,6 @@ __all__ = [
     "display_value",
     "format_size",
     "layer_policy",
-    "parse_dataset",
     "parse_mount",
     "parse_size",
     "profile_values",
@@ -481,174 +479,6 @@ def _ask_timeout(value: Any) -> float:
     return float(seconds)
 
 
-# -- datasets served by the data broker (kernel_sandbox.broker), and their tokens' lifetime --
-
-DATASET_ACCESS = ("read", "read-write")
-DEFAULT_TOKEN_TTL = 8 * 3600
-MAX_TOKEN_TTL = 30 * 24 * 3600
-_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A dataset a kernel may use through the data broker: a local directory or an fsspec
-    URL, read-only or read-write. Credentials for a URL stay on the host (never here)."""
-
-    name: str
-    source: str
-    access: str = "read"
-
-    def __str__(self) -> str:
-        return f"{self.name}={self.source}:{self.access}"
-
-
-def _dataset_source(name: str, source: Any) -> str:
-    if not isinstance(source, str) or not source.strip():
-        raise PolicyError(
-            f"datasets: {name!r}: expected a directory or an fsspec URL, got {source!r}"
-        )
-    source = source.strip()
-    if source.startswith("file://"):
-        source = source[len("file://"):]
-    if _URL_SCHEME.match(source):
-        authority = source.split("://", 1)[1].split("/", 1)[0]
-        if "@" in authority or "?" in source:
-            raise PolicyError(
-                f"datasets: {name!r}: the URL carries credentials or a query; credentials "
-                "belong in the host's credentials file or keyring, never in a policy "
-                "(see docs/data.md)"
-            )
-        return source.rstrip("/")
-    if not os.path.isabs(source):
-        raise PolicyError(
-            f"datasets: {name!r}: a local source must be an absolute path, got {source!r}"
-        )
-    check_mount_source(f"datasets: {name!r}", source)
-    if not os.path.isdir(source):
-        raise PolicyError(f"datasets: {name!r}: {source} is not a directory on this host")
-    return os.path.realpath(source)
-
-
-def parse_dataset(name: str, value: Any) -> Dataset:
-    """One dataset: ``"SOURCE[:read|:read-write]"`` or ``{"source": ..., "access": ...}``."""
-    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
-        raise PolicyError(
-            f"datasets: {name!r} is not a valid dataset name (letters, digits, '_', '.', '-'; "
-            "at most 64, not starting with '.', '_' or '-')"
-        )
-    if isinstance(value, Dataset):
-        value = {"source": value.source, "access": value.access}
-    if isinstance(value, Mapping):
-        unknown = set(value) - {"source", "access"}
-        if unknown or "source" not in value:
-            raise PolicyError(
-                f"datasets: {name!r}: expected keys source and access, got {dict(value)!r}"
-            )
-        source, access = value["source"], value.get("access", "read")
-    elif isinstance(value, str):
-        source, access = value, "read"
-        head, sep, tail = value.rpartition(":")
-        if sep and tail in DATASET_ACCESS:
-            source, access = head, tail
-        elif sep and head and re.fullmatch(r"[A-Za-z-]+", tail):
-            access = tail  # "SOURCE:write": a wrong access, not a path with a colon
-    else:
-        raise PolicyError(
-            f"datasets: {name!r}: expected 'SOURCE[:read|:read-write]', got {value!r}"
-        )
-    if access not in DATASET_ACCESS:
-        raise PolicyError(
-            f"datasets: {name!r}: access must be 'read' or 'read-write', got {access!r}"
-        )
-    return Dataset(name, _dataset_source(name, source), access)
-
-
-def parse_datasets(value: Any) -> tuple[Dataset, ...]:
-    """``{NAME: SOURCE[:access]}``, or a list of ``"NAME=SOURCE[:access]"`` (the CLI's form)."""
-    if isinstance(value, (list, tuple)) and not isinstance(value, str):
-        items: list[tuple[Any, Any]] = []
-        for item in value:
-            if isinstance(item, Dataset):
-                items.append((item.name, item))
-            elif isinstance(item, str) and "=" in item:
-                items.append(tuple(item.split("=", 1)))  # type: ignore[arg-type]
-            else:
-                raise PolicyError(
-                    f"datasets: expected 'NAME=SOURCE[:read|:read-write]', got {item!r}"
-                )
-    elif isinstance(value, Mapping):
-        items = list(value.items())
-    else:
-        raise PolicyError(
-            f"datasets: expected a mapping of NAME to 'SOURCE[:access]', got {value!r}"
-        )
-    names = [name for name, _ in items]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise PolicyError(f"datasets: {', '.join(map(repr, duplicates))} given more than once")
-    return tuple(parse_dataset(name, spec) for name, spec in items)
-
-
-def parse_duration(key: str, value: Any) -> int:
-    """Seconds from 3600, "90s", "15m", "8h" or "1d"; positive and at most 30 days."""
-    wrong = PolicyError(f"{key}: expected a duration such as 3600, '15m', '8h' or '1d', "
-                        f"got {value!r}")
-    match = None if isinstance(value, bool) else _DURATION.match(str(value))
-    if match is None or not isinstance(value, (int, float, str)):
-        raise wrong
-    seconds = int(float(match.group(1)) * _SECONDS[match.group(2).lower()])
-    if not 0 < seconds <= MAX_TOKEN_TTL:
-        raise PolicyError(f"{key}: must be between 1 second and 30 days, got {value!r}")
-    return seconds
-
-
-# -- egress (kernel_sandbox.egress): the host-side proxy decides; this only validates ---------
-
-EGRESS_MODES = ("deny", "ask")
-MAX_ASK_TIMEOUT = 3600.0
-
-
-def _egress_rules(value: Any) -> tuple[str, ...]:
-    """Host patterns (``api.corp.test``, ``*.corp.test``, ``data.corp.test:8443``), normalised."""
-    from .egress.rules import TargetError, parse_rule
-
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise PolicyError(
-            "egress: expected a list of host patterns such as ['api.corp.test', "
-            f"'*.corp.test', 'data.corp.test:8443'], got {value!r}"
-        )
-    try:
-        return tuple(dict.fromkeys(str(parse_rule(item)) for item in value))
-    except TargetError as exc:
-        raise PolicyError(f"egress: {exc}") from None
-
-
-def _egress_hosts(value: Any) -> dict[str, str]:
-    """Names the proxy resolves to fixed addresses: ``{NAME: ADDRESS}`` or ``["NAME=ADDRESS"]``."""
-    from .egress.rules import TargetError, parse_host_map
-
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(item, str) and "=" in item for item in value):
-            raise PolicyError(f"egress_hosts: expected 'NAME=ADDRESS' items, got {value!r}")
-        value = dict(item.split("=", 1) for item in value)
-    if not isinstance(value, Mapping):
-        raise PolicyError(f"egress_hosts: expected a mapping of NAME to IP address, got {value!r}")
-    try:
-        return parse_host_map(dict(value))
-    except TargetError as exc:
-        raise PolicyError(f"egress_hosts: {exc}") from None
-
-
-def _ask_timeout(value: Any) -> float:
-    seconds = _positive("egress_ask_timeout", value, float)
-    if seconds > MAX_ASK_TIMEOUT:
-        raise PolicyError(f"egress_ask_timeout: at most {MAX_ASK_TIMEOUT:.0f} seconds, got {value!r}")
-    return float(seconds)
-
-
 @dataclass(frozen=True)
 class SandboxPolicy:
     """The whole perimeter of one sandboxed kernel. Defaults are the strict ones."""
@@ -670,8 +500,6 @@ class SandboxPolicy:
     egress_ask_timeout: float = 60.0
     idle_timeout: int = 0
     user: str | None = None
-    datasets: tuple[Dataset, ...] = ()
-    token_ttl: int = DEFAULT_TOKEN_TTL
     datasets: tuple[Dataset, ...] = ()
     token_ttl: int = DEFAULT_TOKEN_TTL
 
@@ -699,7 +527,6 @@ class SandboxPolicy:
         out["tmpfs_size"] = format_size(self.tmpfs_size)
         out["mounts"] = [str(m) for m in self.mounts]
         out["env_passthrough"] = list(self.env_passthrough)
-        out["datasets"] = {d.name: f"{d.source}:{d.access}" for d in self.datasets}
         out["datasets"] = {d.name: f"{d.source}:{d.access}" for d in self.datasets}
         return out
 
@@ -742,10 +569,6 @@ def validate(key: str, value: Any) -> Any:
         return _names(key, value)
     if key == "user":
         return _parse_user(value)
-    if key == "datasets":
-        return parse_datasets(value)
-    if key == "token_ttl":
-        return parse_duration(key, value)
     if key == "datasets":
         return parse_datasets(value)
     if key == "token_ttl":
