@@ -317,8 +317,8 @@ def add_policy_command(commands: Any) -> None:
     show.set_defaults(func=cmd_policy_show)
     profiles = actions.add_parser(
         "profiles", help="every profile's values side by side",
-        description="The built-in profiles and those defined in Jupyter config "
-        "(c.DockerSandboxProvisioner.profiles), key by key.",
+        description="Every profile's values side by side, key by key: the built-in ones and "
+        "those defined in Jupyter config (c.DockerSandboxProvisioner.profiles).",
     )
     profiles.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profiles.add_argument("--config", metavar="FILE", help="also read this Jupyter config file")
