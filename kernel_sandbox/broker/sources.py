@@ -28,7 +28,8 @@ from typing import Any, Protocol
 from ..errors import SandboxError
 from .protocol import Refusal
 
-__all__ = ["Credentials", "LocalSource", "RemoteSource", "Source", "open_source", "relative_parts"]
+__all__ = ["Credentials", "LocalReader", "LocalSource", "RemoteSource", "Source", "open_source",
+           "relative_parts"]
 
 log = logging.getLogger("kernel_sandbox.broker")
 
@@ -225,7 +226,7 @@ class LocalSource:
         except BaseException:
             os.close(fd)
             raise
-        return _LocalReader(fd, st.st_size, offset, length)
+        return LocalReader(fd, st.st_size, offset, length)
 
     def open_write(self, parts: list[str]) -> Writer:
         if not parts:
@@ -245,11 +246,12 @@ class LocalSource:
         return _LocalWriter(dir_fd, fd, temp, name)
 
 
-class _LocalReader:
+class LocalReader:
     def __init__(self, fd: int, size: int, offset: int, length: int | None):
         self.fd, self.size = fd, size
         self.pos = max(0, offset)
         self.end = size if length is None else min(size, self.pos + max(0, length))
+        self.file = open(fd, "rb", buffering=0, closefd=False)  # for zero-copy sendfile
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         want = min(len(buffer), self.end - self.pos)
@@ -260,6 +262,7 @@ class _LocalReader:
         return n
 
     def close(self) -> None:
+        self.file.close()
         os.close(self.fd)
 
 
