@@ -230,4 +230,7 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
             finally:
                 browser.close()
     assert not outside, f"the page tried to reach other hosts: {outside}"
+    # nothing left by this server (other sessions may share the engine: look by owner)
+    owner = [LABEL, f"io.kernel-sandbox.owner-pid={server.pid}"]
+    assert docker_client.containers.list(all=True, filters={"label": owner}) == []
     assert (ARTIFACTS / "jupyterlab.png").stat().st_size > 10_000

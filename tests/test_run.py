@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import pty
 import select
@@ -24,7 +25,7 @@ from pathlib import Path
 import docker
 import nbformat
 import pytest
-from conftest import LABEL
+from conftest import LABEL, runtime_dirs
 from kernels import make_kernelspec
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
@@ -71,10 +72,36 @@ def command() -> list[str]:
 
 def run(*args: str | Path, env: dict[str, str] | None = None,
         timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*command(), "run", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    """`kernel-sandbox run ARGS`; fails if that process left a container or runtime dir."""
+    argv = [*command(), "run", *map(str, args)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})}) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert_nothing_left(proc.pid)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+def assert_nothing_left(pid: int) -> None:
+    """No container or runtime dir owned by process ``pid`` (a check that other sessions
+    sharing the engine cannot disturb, unlike a before/after diff)."""
+    client = docker.from_env()
+    try:
+        assert containers_of(client, pid) == [], f"process {pid} left containers behind"
+    finally:
+        client.close()
+    owned = [d for d in runtime_dirs() if owner_pid(Path(d)) == pid]
+    assert owned == [], f"process {pid} left runtime dirs behind: {owned}"
+
+
+def owner_pid(runtime_dir: Path) -> int | None:
+    try:
+        return int(json.loads((runtime_dir / "owner.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def containers_of(client: docker.DockerClient, pid: int) -> list[str]:
@@ -227,6 +254,7 @@ def test_in_process_main_exit_codes(tmp_path, leak_check):
     bad = notebook(tmp_path / "bad.ipynb", "assert False, 'nope'")
     assert main(["run", str(good)]) == 0
     assert main(["run", str(good), str(bad), "--jobs", "1"]) == 1
+    assert_nothing_left(os.getpid())
 
 
 def test_profile_really_takes_effect(tmp_path, leak_check):
@@ -336,6 +364,8 @@ def test_live_progress_on_a_terminal(tmp_path, leak_check):
         os.close(master)
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+    assert_nothing_left(proc.pid)
     assert "starting kernel" in screen
     assert "running cell 2 of 3" in screen and "running cell 3 of 3" in screen
     assert "\x1b[" in screen  # drawn with terminal control sequences, not log lines
@@ -362,4 +392,4 @@ def test_interrupted_run_leaves_no_container(tmp_path, leak_check, docker_client
             proc.kill()
             proc.wait()
     assert proc.returncode == code, stderr
-    assert containers_of(docker_client, proc.pid) == []
+    assert_nothing_left(proc.pid)
