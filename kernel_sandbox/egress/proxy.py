@@ -25,6 +25,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -96,7 +97,8 @@ def _message(target: Target | None, reason: str) -> str:
 
 
 def _raw_response(status: int, body: str) -> bytes:
-    reasons = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway", 503: "Service Unavailable"}
+    reasons = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large",
+               502: "Bad Gateway", 503: "Service Unavailable"}
     data = (body + "\n").encode()
     head = (
         f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
@@ -154,7 +156,8 @@ class EgressProxy:
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            server = await asyncio.start_unix_server(handler, path, limit=MAX_HEAD)
+            server = await asyncio.start_unix_server(handler, path, limit=MAX_HEAD,
+                                                     backlog=2 * MAX_CONNECTIONS)
             # the kernel's uid reaches the first two; the directory (0700) is the real guard
             os.chmod(path, mode)
             self._servers.append(server)
@@ -526,10 +529,16 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, sniff:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        data = await reader.read(CHUNK)
+        data = await reader.read(MAX_HEAD if sniff else CHUNK)
         conn.receive_data(data)  # b"" marks the end
-        if sniff and not _REQUEST_START.match(conn.trailing_data[0][:20]):
+        if not sniff:
+            continue
+        buffered = conn.trailing_data[0]
+        if not _REQUEST_START.match(buffered[:20]):
             raise h11.RemoteProtocolError("not an HTTP request line", 400)
+        if len(buffered) >= MAX_HEAD:
+            raise Refused(431, "head-too-large", None, _message(
+                None, f"request head over {MAX_HEAD // 1024} KiB"))
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -560,11 +569,13 @@ async def serve(config: ProxyConfig, lifeline: bool = True) -> None:
     if lifeline:
         def watch_stdin() -> None:
             with contextlib.suppress(OSError):
-                while sys.stdin.buffer.read(1):
+                while os.read(0, 1024):  # unbuffered: no lock held at interpreter exit
                     pass
-            loop.call_soon_threadsafe(lambda: stop.done() or stop.set_result(None))
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                loop.call_soon_threadsafe(lambda: stop.done() or stop.set_result(None))
 
-        loop.run_in_executor(None, watch_stdin)
+        # a daemon thread: a blocked read must not hold up the exit after SIGTERM
+        threading.Thread(target=watch_stdin, name="lifeline", daemon=True).start()
     print("ready", flush=True)
     try:
         await stop

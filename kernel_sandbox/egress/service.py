@@ -135,16 +135,14 @@ class EgressEndpoint:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, 5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                pipe.close()
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.close()  # the proxy's lifeline: it ends and removes its sockets
+        try:
+            await asyncio.to_thread(process.wait, 5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+        process.stdout.close()
 
     # -- what the container needs -----------------------------------------------------------
 
