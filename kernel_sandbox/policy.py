@@ -134,7 +134,12 @@ def check_mount_source(key: str, source: str) -> None:
     Raises:
         PolicyError: naming ``key``, the path and what to do instead.
     """
-    resolved = os.path.realpath(source)
+    try:
+        resolved = os.path.realpath(source)
+    except OSError as exc:  # e.g. /proc/1/root without the right to follow it
+        resolved = os.path.normpath(os.path.abspath(source))
+        if not any(_within(resolved, tree) for tree in FORBIDDEN_TREES):
+            raise PolicyError(f"{key}: cannot resolve {source}: {exc.strerror}") from None
     for tree in FORBIDDEN_TREES:
         if _within(resolved, tree):
             raise PolicyError(

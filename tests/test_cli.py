@@ -12,17 +12,25 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from kernels import make_kernelspec, run_cell, sandbox_kernel
+from scoped_leaks import Scope, own_leaks
 
 from kernel_sandbox import doctor
 from kernel_sandbox.cli import main
 from kernel_sandbox.kernelspec import shipped_kernelspecs
 
 IMAGE = "kernel-sandbox/python:latest"
+
+
+@pytest.fixture
+def own_leak_check(docker_client, kernel_image) -> Iterator[Scope]:
+    """conftest's leak_check, limited to this test's own sandboxes (see scoped_leaks)."""
+    yield from own_leaks(docker_client)
 
 
 @pytest.fixture
@@ -398,7 +406,7 @@ def test_gc_dry_run(capsys):
 # -- ps and stop, with a real kernel of a wrapped kernelspec ----------------------------------
 
 
-def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, leak_check, capsys):
+def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, own_leak_check, capsys):
     # python3-local's argv names this interpreter's absolute path: it becomes "python".
     assert main(["wrap", "python3-local", "--image", IMAGE, "--prefix", str(prefix),
                  "--name", "local-wrapped"]) == 0
