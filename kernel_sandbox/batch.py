@@ -544,8 +544,15 @@ class BatchRunner:
             return
         import nbformat
 
-        result.output.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(nb, result.output)
+        try:
+            result.output.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, result.output)
+        except OSError as exc:
+            if result.ok:
+                self._fail(result, Status.FAILED, type(exc).__name__,
+                           f"cannot write the executed notebook: {exc}")
+            else:
+                result.summary += f" (and cannot write the executed notebook: {exc})"
 
 
 def _streams(nb: Any, limit: int = 64_000) -> str:
@@ -565,6 +572,14 @@ def exit_code(results: Sequence[NotebookResult], setup_error: BaseException | No
 
 
 # -- JUnit report ---------------------------------------------------------------------------
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when below it (as CI annotations expect)."""
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _xml_text(text: str) -> str:
@@ -602,7 +617,7 @@ def write_junit(results: Sequence[NotebookResult], path: Path,
         case = ET.SubElement(suite, "testcase", {
             "classname": "notebooks" if folder == "." else f"notebooks.{folder.replace('/', '.')}",
             "name": result.name,
-            "file": str(result.path),
+            "file": _shown_path(result.path),
             "time": f"{result.duration:.3f}",
         })
         if result.status in (Status.FAILED, Status.TIMED_OUT):
