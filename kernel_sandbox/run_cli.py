@@ -243,10 +243,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     results = runner.results
     _summary(out, err, results, time.monotonic() - started)
     if args.junit:
-        write_junit(results, args.junit, {
-            "kernel": options.kernel, "profile": options.profile or "(kernelspec's)",
-            "jobs": str(options.jobs),
-        })
+        try:
+            write_junit(results, args.junit, {
+                "kernel": options.kernel, "profile": options.profile or "(kernelspec's)",
+                "jobs": str(options.jobs),
+            })
+        except OSError as exc:
+            return fail(f"cannot write the JUnit report: {exc}")
         err.print(f"JUnit report: {args.junit}", markup=False)
     if options.output_dir is not None:
         err.print(f"executed notebooks: {options.output_dir}", markup=False)
