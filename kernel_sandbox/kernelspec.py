@@ -17,7 +17,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from .errors import KernelspecError, PolicyError
+from .errors import KernelspecError
 from .policy import SandboxPolicy
 
 __all__ = [
@@ -183,8 +183,3 @@ def wrapped_spec(
     if spec.env:
         out["env"] = dict(spec.env)
     return out
-
-
-def policy_error_for(name: str, exc: PolicyError) -> PolicyError:
-    """The same error, saying which kernelspec it is about."""
-    return PolicyError(f"kernelspec {name}: {exc}")

@@ -409,16 +409,16 @@ def test_gc_dry_run(capsys):
 def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, own_leak_check, capsys):
     # python3-local's argv names this interpreter's absolute path: it becomes "python".
     assert main(["wrap", "python3-local", "--image", IMAGE, "--prefix", str(prefix),
-                 "--name", "local-wrapped"]) == 0
+                 "--name", "local-wrapped", "--profile", "educator"]) == 0
     capsys.readouterr()
     with sandbox_kernel("local-wrapped") as (km, kc):
         assert run_cell(kc, "print(6 * 7)")["stdout"] == "42\n"
         assert main(["ps", "--json"]) == 0
         listed = {s["kernel_id"]: s for s in json.loads(capsys.readouterr().out)}
         mine = listed[km.kernel_id]
-        assert mine["kernelspec"] == "local-wrapped" and mine["profile"] == "strict"
+        assert mine["kernelspec"] == "local-wrapped" and mine["profile"] == "educator"
         assert mine["state"] == "running" and mine["owner_pid"] == os.getpid()
-        assert 0 < mine["memory"] < mine["memory_limit"] == 1024**3
+        assert 0 < mine["memory"] < mine["memory_limit"] == 512 * 1024**2  # educator's
         assert 0 <= mine["uptime"] < 600
         assert main(["ps"]) == 0
         assert km.kernel_id in capsys.readouterr().out
