@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from jupyter_client.manager import KernelManager
+from kernels import make_kernelspec, run_cell
 from traitlets.config import Config
 
-from kernels import make_kernelspec, run_cell
 from kernel_sandbox.broker import AuditLog
 from kernel_sandbox.tokens import TokenStore
 
@@ -88,7 +88,8 @@ def run_json(kc, code: str, timeout: float = 60) -> dict:
 
 
 def audit(env: dict[str, Path], kernel_id: str) -> list[dict]:
-    return [e for e in AuditLog(env["state"] / "audit.jsonl").entries() if e["kernel_id"] == kernel_id]
+    entries = AuditLog(env["state"] / "audit.jsonl").entries()
+    return [e for e in entries if e["kernel_id"] == kernel_id]
 
 
 TRY = r"""

@@ -447,7 +447,8 @@ def test_policy_datasets_forms(dataset: Path) -> None:
         "datasets": {"sales": f"{dataset}:read-write", "s3": {"source": "s3://b/p"}},
         "token_ttl": "15m",
     })
-    assert [(d.name, d.access) for d in policy.datasets] == [("sales", "read-write"), ("s3", "read")]
+    granted = [(d.name, d.access) for d in policy.datasets]
+    assert granted == [("sales", "read-write"), ("s3", "read")]
     assert policy.token_ttl == 900
     assert policy.to_dict()["datasets"]["s3"] == "s3://b/p:read"
     cli_form = SandboxPolicy.from_mapping({"datasets": [f"sales={dataset}"]})

@@ -7,9 +7,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
-
 from kernels import make_kernelspec
+from nbclient import NotebookClient
 from test_broker import broker_config
 
 pytestmark = pytest.mark.docker

@@ -16,7 +16,6 @@ import os
 import secrets
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -24,10 +23,9 @@ pytest.importorskip("s3fs", reason="the remote dataset test needs s3fs (pip inst
 boto3 = pytest.importorskip("boto3")
 werkzeug_app = pytest.importorskip("moto.moto_server.werkzeug_app")
 
-from werkzeug.serving import make_server  # noqa: E402
-
-from kernels import make_kernelspec, run_cell  # noqa: E402
+from kernels import make_kernelspec  # noqa: E402
 from test_broker import TRY, audit, data_kernel, run_json  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
 
 pytestmark = pytest.mark.docker
 
@@ -115,7 +113,8 @@ check("os.environ", json.dumps(dict(os.environ)))
 for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
     for name in ("environ", "cmdline"):
         try:
-            check(f"/proc/{pid}/{name}", open(f"/proc/{pid}/{name}", "rb").read().decode(errors="replace"))
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                check(f"/proc/{pid}/{name}", f.read().decode(errors="replace"))
         except OSError:
             pass
 scanned = 0
@@ -164,4 +163,5 @@ def test_remote_dataset_through_the_token_with_host_credentials(
     config = json.dumps({k: attrs[k] for k in ("Config", "HostConfig", "Mounts", "Args", "Path")})
     for needle in (KEY_ID, SECRET, str(remote_env["credentials"])):
         assert needle not in config
-    assert {e["decision"] for e in audit({"state": remote_env["state"]}, kernel_id)} >= {"allow", "deny"}
+    decisions = {e["decision"] for e in audit({"state": remote_env["state"]}, kernel_id)}
+    assert decisions >= {"allow", "deny"}

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kernels import make_kernelspec
 from test_broker import data_kernel, run_json
 
