@@ -217,7 +217,8 @@ def parse_mount(value: Any) -> Mount:
     check_mount_source("mounts", source)
     if not os.path.exists(source):
         raise PolicyError(f"mounts: host path {source} does not exist")
-    return Mount(source, check_mount_target("mounts", target), mode == "ro")
+    # The engine mounts what was checked: symbolic links resolved now, not at start.
+    return Mount(os.path.realpath(source), check_mount_target("mounts", target), mode == "ro")
 
 
 def parse_mounts(value: Any) -> tuple[Mount, ...]:

@@ -289,6 +289,14 @@ def test_symlinks_and_socket_names_do_not_get_around_the_rules(tmp_path):
             parse_mount(f"{source}:/data/x")
 
 
+def test_a_symlinked_source_is_mounted_as_checked(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    mount = parse_mount(f"{tmp_path}/link")
+    assert mount.source == str(real) and mount.target == f"{tmp_path}/link"
+
+
 def test_docker_host_socket_and_its_directory_are_refused(tmp_path, monkeypatch):
     (tmp_path / "engine.sock").touch()
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/engine.sock")
