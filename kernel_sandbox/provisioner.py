@@ -31,8 +31,8 @@ from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from .owner import LIFELINE, Lifeline, Owner
 from .reap import sweep
 from .rundir import RuntimeDir, default_root, ipc_connection_info
-
 from .tokens import default_state_dir
+
 __all__ = ["DockerSandboxProvisioner"]
 
 # Host variables a kernel gets without asking: none that could carry a secret.
@@ -129,10 +129,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )
     idle_timeout = _policy_trait("Seconds of idleness before an operator may cull (0: never).")
     user = _policy_trait("uid:gid inside the sandbox (default: yours, or 1000:1000 for root).")
-
-    backend = Instance(DockerBackend)
-
-    @default("backend")
     datasets = _policy_trait(
         "Datasets served by the data broker, NAME -> 'SOURCE[:read|:read-write]' (a host "
         "directory or an fsspec URL; credentials stay on the host, see data_credentials)."
@@ -160,6 +156,10 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         help="The data broker serving this kernel's datasets (default: the one this process "
         "shares among all its kernels for the same token_db, audit_log and data_credentials).",
     )
+
+    backend = Instance(DockerBackend)
+
+    @default("backend")
     def _default_backend(self) -> DockerBackend:
         return DockerBackend()
 
@@ -486,6 +486,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.container_id = None
         if not self._launched and self.runtime_dir is not None:
             await self._stop_egress()
+            await asyncio.to_thread(self._release_data, False)
             if self._lifeline is not None:
                 self._lifeline.close()
                 self._lifeline = None
@@ -493,7 +494,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.runtime_dir = None
 
     async def _wait_until_listening(self) -> None:
-            await asyncio.to_thread(self._release_data, False)
         assert self.runtime_dir is not None and self.container_id is not None
         deadline = time.monotonic() + self.launch_timeout
         next_state_check = time.monotonic() + 0.2
