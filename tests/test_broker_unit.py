@@ -453,3 +453,15 @@ def test_policy_datasets_forms(dataset: Path) -> None:
     assert policy.to_dict()["datasets"]["s3"] == "s3://b/p:read"
     cli_form = SandboxPolicy.from_mapping({"datasets": [f"sales={dataset}"]})
     assert cli_form.datasets[0].access == "read"
+
+
+def test_install_dataset_flag_writes_the_datasets_into_the_kernelspec(
+    tmp_path: Path, dataset: Path
+) -> None:
+    prefix = tmp_path / "prefix"
+    assert cli_main(["install", "--prefix", str(prefix), "--dataset", f"sales={dataset}",
+                     "--dataset", f"scratch={tmp_path}:read-write"]) == 0
+    spec = json.loads((prefix / "share/jupyter/kernels/python3-sandbox/kernel.json").read_text())
+    config = spec["metadata"]["kernel_provisioner"]["config"]
+    assert config["datasets"] == {"sales": f"{dataset}:read", "scratch": f"{tmp_path}:read-write"}
+    assert cli_main(["install", "--prefix", str(prefix), "--dataset", "x=relative:read"]) == 2
