@@ -465,3 +465,28 @@ def test_install_dataset_flag_writes_the_datasets_into_the_kernelspec(
     config = spec["metadata"]["kernel_provisioner"]["config"]
     assert config["datasets"] == {"sales": f"{dataset}:read", "scratch": f"{tmp_path}:read-write"}
     assert cli_main(["install", "--prefix", str(prefix), "--dataset", "x=relative:read"]) == 2
+
+
+def test_a_new_broker_honours_the_records_of_the_last_one(
+    tmp_path: Path, state: Path, dataset: Path
+) -> None:
+    k = Kernel(tmp_path / "rt", "kernel-r")
+    first = DataBroker(TokenStore(state / "tokens.sqlite"), AuditLog(state / "audit.jsonl"))
+    first.grant(k.id, k.shared, {"sales": Grant(str(dataset), "read")}, ttl=3600)
+    assert k.client().ls("sales")
+    first._run(first._unlisten(k.id))  # the broker goes away without revoking (a crash)
+    first.close()
+    second = DataBroker(TokenStore(state / "tokens.sqlite"), AuditLog(state / "audit.jsonl"))
+    try:
+        second.serve(k.id, k.shared)
+        assert k.client().ls("sales")  # the token minted by the first broker
+        second.revoke(k.id, "test")
+    finally:
+        second.close()
+    third = DataBroker(TokenStore(state / "tokens.sqlite"), AuditLog(state / "audit.jsonl"))
+    try:
+        third.serve(k.id, k.shared)
+        with pytest.raises(data.TokenRevoked):
+            k.client().ls("sales")
+    finally:
+        third.close()
