@@ -276,6 +276,27 @@ class DockerBackend:
     def _runtimes_sync(self) -> list[str]:
         return sorted(self.client.info().get("Runtimes", {}))
 
+    async def engine_info(self) -> dict[str, Any]:
+        """What ``docker info`` says: version, runtimes with their arguments, cgroup version."""
+        return await self._call(lambda: dict(self.client.info()))
+
+    async def memory_usage(self, container_id: str) -> tuple[int, int] | None:
+        """(bytes used, limit) of a running container as ``docker stats`` counts them
+        (page cache that can be dropped excluded); None when it is gone or not running."""
+        return await self._call(self._memory_usage_sync, container_id)
+
+    def _memory_usage_sync(self, container_id: str) -> tuple[int, int] | None:
+        try:
+            stats = self.client.api.stats(container_id, stream=False, one_shot=True)
+        except (docker.errors.NotFound, ValueError):  # gone, or going (an empty answer)
+            return None
+        memory = stats.get("memory_stats") or {}
+        if "usage" not in memory:
+            return None
+        detail = memory.get("stats") or {}
+        cache = detail.get("total_inactive_file", detail.get("inactive_file", 0))
+        return int(memory["usage"]) - int(cache), int(memory.get("limit", 0))
+
     async def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
         await self._call(self._ping_sync)

@@ -28,6 +28,7 @@ from .backend import start_error as container_start_error
 from .egress.service import EgressEndpoint, default_log_path
 from .errors import EngineUnavailable, KernelStartError, PolicyError
 from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
+from .monitor import KernelMonitor
 from .owner import LIFELINE, Lifeline, Owner
 from .reap import sweep
 from .rundir import RuntimeDir, default_root, ipc_connection_info
@@ -127,7 +128,10 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     egress_port = Integer(
         3128, config=True, help="Port of the egress bridge on the container's loopback."
     )
-    idle_timeout = _policy_trait("Seconds of idleness before an operator may cull (0: never).")
+    idle_timeout = _policy_trait(
+        "Seconds (or '30m', '2h') the kernel may sit idle, with no execution and no output, "
+        "before the sandbox shuts it down; 0 never."
+    )
     user = _policy_trait("uid:gid inside the sandbox (default: yours, or 1000:1000 for root).")
     datasets = _policy_trait(
         "Datasets served by the data broker, NAME -> 'SOURCE[:read|:read-write]' (a host "
@@ -163,10 +167,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _default_backend(self) -> DockerBackend:
         return DockerBackend()
 
-    @default("runtime_root")
-    def _default_runtime_root(self) -> str:
-        return default_root()
-
     @default("token_db")
     def _default_token_db(self) -> str:
         return str(default_state_dir() / "tokens.sqlite")
@@ -174,6 +174,10 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     @default("audit_log")
     def _default_audit_log(self) -> str:
         return str(default_state_dir() / "audit.jsonl")
+
+    @default("runtime_root")
+    def _default_runtime_root(self) -> str:
+        return default_root()
 
     @default("egress_log")
     def _default_egress_log(self) -> str:
@@ -194,6 +198,8 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._lifeline: Lifeline | None = None
         self._image_has_watchdog: bool | None = None
         self._egress: EgressEndpoint | None = None
+        self._monitor: KernelMonitor | None = None  # idle_timeout, `kernel-sandbox stop`
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -264,27 +270,27 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """
         policy = self.policy
         user, owner = self._kernel_user()
+        self._check_data_paths(policy)
         extra_arguments = kwargs.pop("extra_arguments", [])
         self.cwd = str(kwargs.pop("cwd", None) or os.getcwd())
         kwargs = await super().pre_launch(**kwargs)
         host_env = kwargs.pop("env")
 
         self._sweep_orphans_once()
-        self._check_data_paths(policy)
         if self.runtime_dir is None or not self.runtime_dir.exists():
             self.runtime_dir = RuntimeDir.create(self.runtime_root, owner)
             key = uuid.uuid4().hex.encode()
             name = self._spec_name
             self.connection_info = ipc_connection_info(self.runtime_dir.socket_prefix, key, name)
         self._own_runtime_dir()
+        if policy.datasets:
+            await asyncio.to_thread(self._grant_data, owner)
         self.runtime_dir.clear_sockets(self.connection_info)
         inside_file = self.runtime_dir.write_container_connection_file(
             self.connection_info, RUNTIME_MOUNT, owner
         )
         argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
         kernel_args = self._egress_endpoint().kernel_arguments(argv) if self._egress_on else []
-        if policy.datasets:
-            await asyncio.to_thread(self._grant_data, owner)
         kwargs["cmd"] = await self._with_watchdog(argv + list(extra_arguments) + kernel_args)
         kwargs["env"] = self._container_env(host_env, policy)
         if self._egress_on:
@@ -301,12 +307,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._lifeline.listen()
         self._lifeline.drop_peers()  # a previous container's watchdog, if this is a restart
         self._lifeline.accept_pending()
-
-    # -- egress (kernel_sandbox.egress) ---------------------------------------------------------
-
-    @property
-    def _egress_on(self) -> bool:
-        return self.policy.network == "allowlist"
 
     # -- datasets (kernel_sandbox.broker) -----------------------------------------------------
 
@@ -355,6 +355,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.data_broker.release(self.kernel_id, "kernel shut down")
         except Exception as exc:  # cleanup must go on; an unrevoked token still expires
             self.log.warning("kernel %s: could not revoke its data token: %s", self.kernel_id, exc)
+
+    # -- egress (kernel_sandbox.egress) ---------------------------------------------------------
+
+    @property
+    def _egress_on(self) -> bool:
+        return self.policy.network == "allowlist"
 
     def _egress_endpoint(self) -> EgressEndpoint:
         assert self.runtime_dir is not None
@@ -475,6 +481,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._discard_failed_launch()
             raise
         self._launched = True
+        self._watch()
         self.log.debug("kernel %s: container %s ready in %.2fs", self.kernel_id, name,
                        time.monotonic() - started)
         return self.connection_info
@@ -582,6 +589,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         Idempotent: a container or directory that is already gone is fine.
         """
+        self._unwatch()
         if self.container_id is not None:
             try:
                 await self.backend.remove(self.container_id)
@@ -591,6 +599,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.log.warning("kernel %s: container %s left for gc: %s",
                                  self.kernel_id, self.container_name, exc)
             self.container_id = None
+        await asyncio.to_thread(self._release_data, restart)
         if not restart and self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
@@ -599,7 +608,61 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not restart and self.runtime_dir is not None:
             self.runtime_dir.remove()
             self.runtime_dir = None
-        await asyncio.to_thread(self._release_data, restart)
+        if not restart:
+            self.backend.close()  # its connections to the engine; reopened if used again
+
+    # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.monitor) ---------------------
+
+    def _watch(self) -> None:
+        """Start the host-side monitor of the running container (once per container)."""
+        assert self.runtime_dir is not None
+        self._unwatch()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        iopub = f"ipc://{self.runtime_dir.socket_prefix}-{self.connection_info['iopub_port']}"
+        self._monitor = KernelMonitor(self.runtime_dir.path, iopub, self.policy.idle_timeout,
+                                      self._end_from_monitor)
+        self._monitor.start()
+
+    def _unwatch(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+
+    def _end_from_monitor(self, reason: str) -> None:
+        """End the kernel for the monitor (called from its thread).
+
+        Through the kernel's manager when an event loop runs it (Jupyter Server, nbclient):
+        Jupyter Server then forgets the kernel as its own culler would, instead of restarting
+        it. A blocking KernelManager has no loop running between calls: the container is
+        stopped and the manager sees the kernel dead.
+        """
+        from inspect import iscoroutinefunction
+
+        from jupyter_client.manager import KernelManager
+        from jupyter_client.multikernelmanager import MultiKernelManager
+
+        self.log.warning("kernel %s: %s; shutting it down", self.kernel_id, reason)
+        loop, manager = self._loop, self.parent
+        multi = getattr(manager, "parent", None)
+        if loop is not None and loop.is_running():
+            if (isinstance(multi, MultiKernelManager) and iscoroutinefunction(multi.shutdown_kernel)
+                    and self.kernel_id in multi and multi.get_kernel(self.kernel_id) is manager):
+                asyncio.run_coroutine_threadsafe(multi.shutdown_kernel(self.kernel_id), loop)
+                return
+            if isinstance(manager, KernelManager) and iscoroutinefunction(manager.shutdown_kernel):
+                asyncio.run_coroutine_threadsafe(manager.shutdown_kernel(), loop)
+                return
+        if self.container_id is not None:
+            backend = DockerBackend()
+            try:
+                asyncio.run(backend.signal(self.container_id, signal.SIGTERM))
+            except EngineUnavailable as exc:
+                self.log.warning("kernel %s: cannot stop its container: %s", self.kernel_id, exc)
+            finally:
+                backend.close()
 
     # -- persistence across a Jupyter Server restart ----------------------------------------
 
@@ -633,6 +696,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._launched = True
         if self.runtime_dir is not None and self.runtime_dir.exists():
             self._own_runtime_dir()  # this process is the owner now; the watchdog reconnects
+            self._watch()
             if self._egress_on:  # the old owner's proxy ended with it
                 endpoint = self._egress_endpoint()
                 endpoint.start()
