@@ -60,8 +60,9 @@ class Owner:
 class Lifeline:
     """The owner's end of the lifeline: a listening unix socket in the runtime directory."""
 
-    def __init__(self, runtime_dir: Path):
-        self.path = runtime_dir / LIFELINE
+    def __init__(self, shared_dir: Path):
+        """``shared_dir`` is the container-visible ``s/`` inside a host-only runtime dir."""
+        self.path = shared_dir / LIFELINE
         self._listener: socket.socket | None = None
         self._peers: list[socket.socket] = []
 
@@ -69,10 +70,14 @@ class Lifeline:
         """Serve the lifeline (again, after a restart of the owner); idempotent."""
         if self._listener is not None:
             return
-        self.path.unlink(missing_ok=True)
+        # Bound in the host-only directory, made connectable, then renamed into the shared
+        # one, so nothing the kernel plants in ``s/`` is ever followed by a chmod of ours.
+        staging = self.path.parent.parent / f".{LIFELINE}.tmp"
+        staging.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.path))
-        os.chmod(self.path, 0o666)  # the directory (0700, kernel's uid) is the real guard
+        listener.bind(str(staging))
+        os.chmod(staging, 0o666)  # the directory (0700, kernel's uid) is the real guard
+        os.rename(staging, self.path)
         listener.listen(64)
         listener.setblocking(False)
         self._listener = listener

@@ -599,7 +599,9 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.log.warning("kernel %s: container %s left for gc: %s",
                                  self.kernel_id, self.container_name, exc)
             self.container_id = None
-        await asyncio.to_thread(self._release_data, restart)
+        # synchronous (a revocation in SQLite and a socket close): cleanup also runs at
+        # interpreter exit, when no new thread may be started
+        self._release_data(restart)
         if not restart and self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None

@@ -122,12 +122,16 @@ class RuntimeDir:
         inside["ip"] = f"{mount_point}/{SOCKET_PREFIX}"
         key = inside["key"]
         inside["key"] = key.decode() if isinstance(key, bytes) else key
-        target = self.shared / CONTAINER_CONNECTION_FILE
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Prepared in the host-only directory, then renamed into the shared one: the kernel
+        # can write in ``s/``, and a symlink it planted there must never be followed by us.
+        staging = self.path / f".{CONTAINER_CONNECTION_FILE}.tmp"
+        staging.unlink(missing_ok=True)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(inside, handle, indent=1)
-        if owner is not None and os.getuid() == 0:
-            os.chown(target, *owner)
+            if owner is not None and os.getuid() == 0:
+                os.fchown(handle.fileno(), *owner)
+        os.rename(staging, self.shared / CONTAINER_CONNECTION_FILE)
         return f"{mount_point}/{CONTAINER_CONNECTION_FILE}"
 
     def exists(self) -> bool:

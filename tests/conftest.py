@@ -99,7 +99,10 @@ def leak_check(docker_client: docker.DockerClient, kernel_image: str) -> Iterato
             break
         time.sleep(0.2)
     for cid in leaked:  # remove them so one failure does not cascade
-        docker_client.api.remove_container(cid, force=True)
+        try:
+            docker_client.api.remove_container(cid, force=True)
+        except docker.errors.NotFound:
+            pass
     assert not leaked, f"test left {len(leaked)} sandbox container(s) behind"
     assert not leaked_dirs, f"test left runtime directories behind: {sorted(leaked_dirs)}"
 
