@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
-    rows = [summary("direct on loopback (host)", direct(f"http://127.0.0.1:{port}", size, args.requests))]
+    base = f"http://127.0.0.1:{port}"
+    rows = [summary("direct on loopback (host)", direct(base, size, args.requests))]
     for runtime in args.runtime or ["runc", "runsc"]:
         result = sandboxed(runtime, args.image, port, size, args.requests)
         rows.append(summary(f"sandbox via proxy ({runtime})", result))

@@ -49,7 +49,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _relay(proxy_path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _relay(
+    proxy_path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         up_reader, up_writer = await asyncio.open_unix_connection(proxy_path)
     except OSError:

@@ -38,7 +38,8 @@ err = Console(stderr=True, highlight=False)
 async def cmd_pending(args: argparse.Namespace) -> int:
     requests = EgressControl(args.runtime_root).pending(args.kernel)
     if args.json:
-        print(json.dumps([{**r.__dict__, "seconds_left": round(r.seconds_left, 1)} for r in requests]))
+        rows = [{**r.__dict__, "seconds_left": round(r.seconds_left, 1)} for r in requests]
+        print(json.dumps(rows))
         return EXIT_OK
     if not requests:
         err.print("no egress request is waiting for approval")
@@ -59,7 +60,8 @@ async def cmd_decide(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     verb = "approved" if args.egress_command == "approve" else "denied"
     scope = " (and from now on, for this kernel)" if args.always else ""
-    err.print(f"{verb} {count} waiting request(s) to {args.target} in kernel {args.kernel_id}{scope}")
+    err.print(f"{verb} {count} waiting request(s) to {args.target} "
+              f"in kernel {args.kernel_id}{scope}")
     return EXIT_OK
 
 
@@ -80,7 +82,8 @@ def add_egress_command(commands: Any) -> None:
     for name, verb in (("approve", "let through"), ("deny", "refuse")):
         action = actions.add_parser(name, help=f"{verb} the waiting requests to TARGET")
         action.add_argument("kernel_id", metavar="KERNEL_ID", help="kernel id (or a unique prefix)")
-        action.add_argument("target", metavar="TARGET", help="HOST:PORT as `egress pending` shows it")
+        action.add_argument("target", metavar="TARGET",
+                            help="HOST:PORT as `egress pending` shows it")
         action.add_argument("--always", action="store_true",
                             help=f"also {verb} later requests to TARGET, for this kernel's life")
         action.set_defaults(func=cmd_decide)

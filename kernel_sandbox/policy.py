@@ -481,7 +481,9 @@ def _egress_hosts(value: Any) -> dict[str, str]:
 def _ask_timeout(value: Any) -> float:
     seconds = _positive("egress_ask_timeout", value, float)
     if seconds > MAX_ASK_TIMEOUT:
-        raise PolicyError(f"egress_ask_timeout: at most {MAX_ASK_TIMEOUT:.0f} seconds, got {value!r}")
+        raise PolicyError(
+            f"egress_ask_timeout: at most {MAX_ASK_TIMEOUT:.0f} seconds, got {value!r}"
+        )
     return float(seconds)
 
 

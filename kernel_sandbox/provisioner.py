@@ -371,7 +371,9 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
         return self._egress
 
-    async def _start_egress(self, cmd: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    async def _start_egress(
+        self, cmd: list[str], env: dict[str, str]
+    ) -> tuple[list[str], dict[str, str]]:
         """Start the kernel's host-side proxy; the container runs the bridge before the kernel.
 
         Raises:

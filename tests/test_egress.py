@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from egress_servers import PROBE_VALUE, LocalTargets, tool_bundle
 from kernels import make_kernelspec, run_cell, sandbox_kernel
+from scoped_leaks import own_leaks
 
 from kernel_sandbox.cli import main as cli_main
 from kernel_sandbox.egress import EgressControl
@@ -92,6 +93,12 @@ def allowlist_config(targets: LocalTargets, runtime: str, image: str, **extra) -
 
 def setup_code(targets: LocalTargets) -> str:
     return f"CA = {targets.ca_pem!r}\nBRIDGE = {BRIDGE}\n" + SETUP
+
+
+@pytest.fixture
+def own_leak_check(docker_client, kernel_image):
+    """conftest's leak_check, limited to this test's own sandboxes (the engine is shared)."""
+    yield from own_leaks(docker_client)
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +355,7 @@ def wait_for_pending(control: EgressControl, kernel_id: str, target: str, timeou
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_approve_once_deny_and_time_out(
-    runtime, jupyter_path, kernel_image, targets, egress_log, leak_check, capsys
+    runtime, jupyter_path, kernel_image, targets, egress_log, own_leak_check, capsys
 ):
     config = allowlist_config(targets, runtime, kernel_image, egress_mode="ask",
                               egress_ask_timeout=4)
@@ -416,7 +423,7 @@ def test_approve_once_deny_and_time_out(
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_one_kernel_cannot_use_another_kernels_proxy(
-    runtime, jupyter_path, kernel_image, targets, egress_log, leak_check
+    runtime, jupyter_path, kernel_image, targets, egress_log, own_leak_check
 ):
     t = targets
     wide = allowlist_config(t, runtime, kernel_image)
@@ -448,7 +455,7 @@ def test_one_kernel_cannot_use_another_kernels_proxy(
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_without_the_proxy_nothing_goes_out(
-    runtime, jupyter_path, kernel_image, targets, egress_log, leak_check
+    runtime, jupyter_path, kernel_image, targets, egress_log, own_leak_check
 ):
     t = targets
     name = make_kernelspec(f"egress-gone-{runtime}", allowlist_config(t, runtime, kernel_image))
@@ -472,10 +479,17 @@ def test_without_the_proxy_nothing_goes_out(
     assert proxy.poll() is not None
 
 
-def test_proxy_ends_with_the_kernel(jupyter_path, kernel_image, targets, egress_log, leak_check):
+def test_proxy_outlives_restarts_and_ends_with_the_kernel(
+    jupyter_path, kernel_image, targets, egress_log, own_leak_check
+):
     name = make_kernelspec("egress-end", allowlist_config(targets, "runc", kernel_image))
-    with sandbox_kernel(name) as (km, _kc):
+    fetch = f"print(fetch('http://api.test:{targets.http_port}/hello')[0])"
+    with sandbox_kernel(name) as (km, kc):
         proxy = km.provisioner._egress.process
         control = km.provisioner._egress.control_path
         assert proxy.poll() is None and km.kernel_id in EgressControl().kernels()
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=60)
+        assert run_cell(kc, setup_code(targets) + fetch)["stdout"].strip() == "200"
+        assert km.provisioner._egress.process is proxy and proxy.poll() is None
     assert proxy.poll() is not None and not control.exists()

@@ -138,7 +138,9 @@ class EgressControl:
         try:
             reply = _ask(path, {"op": op, "target": target, "always": always})
         except (OSError, ValueError) as exc:
-            raise EgressControlError(f"the egress proxy of kernel {kernel_id} did not answer: {exc}") from exc
+            raise EgressControlError(
+                f"the egress proxy of kernel {kernel_id} did not answer: {exc}"
+            ) from exc
         if not reply.get("ok"):
             raise EgressControlError(str(reply.get("error")))
         return int(reply.get("decided", 0))

@@ -48,6 +48,8 @@ from .rules import (
 
 __all__ = ["EgressProxy", "ProxyConfig", "main"]
 
+Reader, Writer = asyncio.StreamReader, asyncio.StreamWriter
+
 CHUNK = 256 * 1024
 MAX_HEAD = 64 * 1024
 HEAD_TIMEOUT = 60.0
@@ -196,7 +198,7 @@ class EgressProxy:
                 continue
             writer.write(line)
 
-    async def _serve_notices(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_notices(self, reader: Reader, writer: Writer) -> None:
         self._notice_writers.append(writer)
         while len(self._notice_writers) > MAX_NOTICE_READERS:
             self._notice_writers.pop(0).close()
@@ -226,7 +228,8 @@ class EgressProxy:
             try:
                 target = parse_authority(raw)
             except TargetError as exc:
-                raise Refused(400, BAD_TARGET, None, _message(None, f"bad CONNECT target: {exc}")) from None
+                reason = f"bad CONNECT target: {exc}"
+                raise Refused(400, BAD_TARGET, None, _message(None, reason)) from None
             path = b""
             default_port = target.port
         else:
@@ -242,7 +245,8 @@ class EgressProxy:
             try:
                 target = parse_authority(rest[:end], default_port=80)
             except TargetError as exc:
-                raise Refused(400, BAD_TARGET, None, _message(None, f"bad URL host: {exc}")) from None
+                reason = f"bad URL host: {exc}"
+                raise Refused(400, BAD_TARGET, None, _message(None, reason)) from None
             tail = rest[end:].partition("#")[0]
             path = (tail if tail.startswith("/") else "/" + tail).encode()
             default_port = 80
@@ -309,8 +313,8 @@ class EgressProxy:
         try:
             infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise Refused(502, "unresolvable", target,
-                          f"egress to {target} failed: cannot resolve {target.host} ({exc.strerror})") from None
+            reason = f"egress to {target} failed: cannot resolve {target.host} ({exc.strerror})"
+            raise Refused(502, "unresolvable", target, reason) from None
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         private = [a for a in addresses if not address_is_public(a)]
         if private:
@@ -319,7 +323,7 @@ class EgressProxy:
                 "map it in egress_hosts if that is intended"))
         return addresses
 
-    async def _connect(self, target: Target, addresses: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self, target: Target, addresses: list[str]) -> tuple[Reader, Writer]:
         error: Exception | None = None
         for address in addresses:
             try:
@@ -333,7 +337,7 @@ class EgressProxy:
 
     # -- one client connection --------------------------------------------------------------
 
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_client(self, reader: Reader, writer: Writer) -> None:
         if self._connections >= MAX_CONNECTIONS:
             writer.write(_raw_response(503, "egress: too many connections from this kernel"))
             await _close(writer)
@@ -345,7 +349,8 @@ class EgressProxy:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(_next_event(conn, reader, sniff=True), HEAD_TIMEOUT)
+                    head = _next_event(conn, reader, sniff=True)
+                    event = await asyncio.wait_for(head, HEAD_TIMEOUT)
                 except h11.RemoteProtocolError:
                     raise Refused(400, "not-http", None, _message(
                         None, "not an HTTP proxy request (only HTTP, and HTTPS through CONNECT, "
@@ -391,7 +396,7 @@ class EgressProxy:
 
     async def _forward(
         self, request: h11.Request, path: bytes, conn: h11.Connection,
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: _Upstream,
+        reader: Reader, writer: Writer, upstream: _Upstream,
     ) -> bool:
         """Carry one request and its response; True when the upstream connection can be reused."""
         headers = _forwarded_headers(list(request.headers))
@@ -440,8 +445,7 @@ class EgressProxy:
         return False
 
     async def _tunnel(
-        self, conn: h11.Connection, reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter, upstream: _Upstream,
+        self, conn: h11.Connection, reader: Reader, writer: Writer, upstream: _Upstream,
     ) -> None:
         """Answer 200 and relay bytes both ways until both sides are done (no interception)."""
         early, _ = conn.trailing_data
@@ -455,7 +459,7 @@ class EgressProxy:
 
     # -- the control socket (host only) -----------------------------------------------------
 
-    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_control(self, reader: Reader, writer: Writer) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
             request = json.loads(line)
@@ -485,7 +489,8 @@ class EgressProxy:
             try:
                 target = parse_authority(str(request.get("target", "")))
             except TargetError as exc:
-                return {"ok": False, "error": f"TARGET must be host:port as listed by `egress pending` ({exc})"}
+                return {"ok": False, "error": "TARGET must be host:port as listed by "
+                        f"`egress pending` ({exc})"}
             always = bool(request.get("always"))
             if always:
                 (self.always_allow if op == "approve" else self.always_deny).add(target)
@@ -504,7 +509,7 @@ class EgressProxy:
 
 
 class _Upstream:
-    def __init__(self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, target: Target, reader: Reader, writer: Writer):
         self.target, self.reader, self.writer = target, reader, writer
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
@@ -522,7 +527,7 @@ def _host_header(target: Target) -> bytes:
     return (host if target.port == 80 else f"{host}:{target.port}").encode()
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, sniff: bool = False) -> Any:
+async def _next_event(conn: h11.Connection, reader: Reader, sniff: bool = False) -> Any:
     """The next h11 event; with ``sniff``, refuse early what cannot be an HTTP request head
     (a TLS hello or an SSH banner would otherwise wait for a blank line that never comes)."""
     while True:
@@ -541,7 +546,7 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, sniff:
                 None, f"request head over {MAX_HEAD // 1024} KiB"))
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(reader: Reader, writer: Writer) -> None:
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
@@ -552,7 +557,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
+async def _close(writer: Writer) -> None:
     writer.close()
     with contextlib.suppress(OSError, asyncio.TimeoutError):
         await asyncio.wait_for(writer.wait_closed(), 5)

@@ -243,5 +243,6 @@ def decide(target: Target, rules: tuple[Rule, ...]) -> Decision:
         if rule.matches(target):
             return Decision(True, f"allow {rule}")
     if target.is_ip:
-        return Decision(False, IP_LITERAL, "IP addresses are refused unless the allowlist names them")
+        reason = "IP addresses are refused unless the allowlist names them"
+        return Decision(False, IP_LITERAL, reason)
     return Decision(False, NOT_LISTED, "not in this kernel's allowlist")

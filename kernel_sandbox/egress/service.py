@@ -126,7 +126,8 @@ class EgressEndpoint:
                 )
             if time.monotonic() > deadline:
                 raise KernelStartError(
-                    f"kernel {self.kernel_id}: the egress proxy did not listen within {timeout:.0f}s"
+                    f"kernel {self.kernel_id}: the egress proxy did not listen within "
+                    f"{timeout:.0f}s"
                 )
             await asyncio.sleep(0.01)
 
