@@ -393,7 +393,16 @@ class BatchRunner:
     async def _run_one(self, result: NotebookResult, gate: asyncio.Semaphore) -> None:
         import nbformat
 
-        async with gate:
+        await gate.acquire()
+        held = True
+
+        def free_slot() -> None:  # the next notebook may start while this kernel shuts down
+            nonlocal held
+            if held:
+                held = False
+                gate.release()
+
+        try:
             if self.setup_error is not None:
                 result.status, result.summary = Status.SKIPPED, "not run: setup error"
                 self._changed(result)
@@ -407,12 +416,16 @@ class BatchRunner:
                 self._changed(result)
                 return
             try:
-                await self._execute(result, nb)
+                await self._execute(result, nb, free_slot)
             finally:
                 self._write(result, nb)
                 self._changed(result)
+        finally:
+            free_slot()
 
-    async def _execute(self, result: NotebookResult, nb: Any) -> None:
+    async def _execute(
+        self, result: NotebookResult, nb: Any, free_slot: Callable[[], None]
+    ) -> None:
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -489,6 +502,7 @@ class BatchRunner:
         except Exception as exc:  # a kernel that died while starting, and anything unforeseen
             self._fail(result, Status.FAILED, type(exc).__name__, str(exc) or repr(exc))
         finally:
+            free_slot()
             await self._shutdown(client, km, graceful)
             result.stdout = _streams(nb)
 
