@@ -165,9 +165,11 @@ def targets(tmp_path_factory) -> LocalTargets:
 class Proxy:
     """A proxy process as the provisioner starts it, under a private runtime root."""
 
-    def __init__(self, root: Path, targets: LocalTargets, **policy):
+    def __init__(self, root: Path, targets: LocalTargets, plant=None, **policy):
         self.root = root
         (root / "k1" / "s").mkdir(parents=True)
+        if plant:
+            plant(root / "k1" / "s")
         values = {
             "network": "allowlist",
             "egress": [f"api.test:{targets.http_port}", f"echo.test:{targets.echo.port}",
@@ -337,6 +339,27 @@ def test_connections_are_bounded(proxy):
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_planted_symlinks_are_replaced_not_followed(tmp_path, targets):
+    """The shared directory belongs to the kernel: what it leaves at the socket paths is
+    replaced, and the host never changes the mode of what a link points to."""
+    victim = tmp_path / "victim"
+    victim.write_text("host file")
+    victim.chmod(0o600)
+
+    def plant(shared: Path) -> None:
+        for name in ("egress", "egress-notices"):
+            (shared / name).symlink_to(victim)
+
+    running = Proxy(tmp_path / "root", targets, plant=plant)
+    try:
+        assert victim.stat().st_mode & 0o777 == 0o600 and victim.read_text() == "host file"
+        assert not running.endpoint.socket_path.is_symlink()
+        out = running.exchange(get(f"http://api.test:{targets.http_port}/hello"))
+        assert b"hello from api.test" in out
+    finally:
+        running.close()
 
 
 def test_proxy_ends_when_its_owner_does(tmp_path, targets):

@@ -151,17 +151,26 @@ class EgressProxy:
     # -- serving ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen on the three sockets.
+
+        Each is bound and chmod-ed in the host-only directory (next to the control socket)
+        and then renamed into place: the shared directory belongs to the kernel's uid, and a
+        path there may be a symbolic link planted by the kernel, which chmod would follow.
+        """
+        private = os.path.dirname(self.config.control)
         for path, handler, mode in (
             (self.config.listen, self._serve_client, 0o666),
             (self.config.notices, self._serve_notices, 0o666),
             (self.config.control, self._serve_control, 0o600),
         ):
+            staging = os.path.join(private, f".{os.path.basename(path)}.{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            server = await asyncio.start_unix_server(handler, path, limit=MAX_HEAD,
+                os.unlink(staging)
+            server = await asyncio.start_unix_server(handler, staging, limit=MAX_HEAD,
                                                      backlog=2 * MAX_CONNECTIONS)
-            # the kernel's uid reaches the first two; the directory (0700) is the real guard
-            os.chmod(path, mode)
+            # the kernel's uid reaches the first two; the directories are the real guard
+            os.chmod(staging, mode)
+            os.rename(staging, path)  # replaces a stale socket (or anything planted there)
             self._servers.append(server)
 
     async def close(self) -> None:

@@ -104,7 +104,7 @@ class EgressEndpoint:
         fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(dataclasses.asdict(self.config()), handle)
-        self.socket_path.unlink(missing_ok=True)
+        self.control_path.unlink(missing_ok=True)  # a previous owner's; it marks readiness
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kernel_sandbox.egress.proxy", str(config_file)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True,
@@ -118,7 +118,8 @@ class EgressEndpoint:
         """
         assert self.process is not None
         deadline = time.monotonic() + timeout
-        while not (self.socket_path.exists() and self.control_path.exists()):
+        # the control socket (host-only directory) is put in place last, once all listen
+        while not self.control_path.exists():
             if self.process.poll() is not None:
                 raise KernelStartError(
                     f"kernel {self.kernel_id}: the egress proxy exited with status "
