@@ -1,0 +1,178 @@
+"""File system probes: the root file system, host paths, the workspace, /proc, /sys, devices,
+mounts and the /tmp cap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MIB = 1024**2
+
+
+def test_root_filesystem_is_read_only(sandbox, observe):
+    got = sandbox.probe("""
+report(usr=attempt(lambda: open('/usr/ks-probe', 'w').close()),
+       passwd=attempt(lambda: open('/etc/passwd', 'a').close()),
+       var_tmp=attempt(lambda: open('/var/tmp/ks-probe', 'w').close()),
+       run_lock=attempt(_os.mkdir, '/run/lock/ks-probe'),
+       var_tmp_mode=oct(_os.stat('/var/tmp').st_mode & 0o7777))
+""")
+    observe("fs-rootfs-write", f"/usr: {got['usr']}; /etc/passwd: {got['passwd']}; /var/tmp "
+            f"({got['var_tmp_mode']}): {got['var_tmp']}; /run/lock: {got['run_lock']}")
+    # /var/tmp and /run/lock are world-writable in the image: only a read-only mount stops them
+    assert got["var_tmp_mode"] == "0o1777"
+    assert got["var_tmp"] == "EROFS" and got["run_lock"] == "EROFS"
+    assert got["usr"] in ("EROFS", "EACCES") and got["passwd"] in ("EROFS", "EACCES")
+
+
+def test_host_paths_that_are_not_mounted_do_not_exist(sandbox, bait, observe):
+    got = sandbox.probe(f"""
+paths = {[str(bait.outside), str(bait.in_root_home), str(bait.root)]!r}
+report(**{{p: attempt(lambda p=p: open(p).read()) for p in paths[:2]}},
+       root_listing=sorted(_os.listdir(paths[2])) if _os.path.isdir(paths[2]) else 'ENOENT')
+""")
+    outside, home = got[str(bait.outside)], got[str(bait.in_root_home)]
+    observe("fs-host-paths", f"{bait.outside}: {outside}; {bait.in_root_home}: {home}; "
+            f"listing {bait.root}: {got['root_listing']}")
+    assert outside == "ENOENT"
+    assert home in ("ENOENT", "EACCES")  # the image's own /root is 0700 root
+    # the workspace's parent is at most the bare mount point Docker made for the workspace
+    assert got["root_listing"] in ("ENOENT", [bait.workspace.name])
+
+
+def test_workspace_cannot_be_left_through_links_or_dotdot(sandbox, bait, observe):
+    ws = str(bait.workspace)
+    got = sandbox.probe(f"""
+ws = {ws!r}
+def read(path):
+    return attempt(lambda: open(path).read())
+parent = _os.path.join(ws, '..')
+report(cwd=_os.getcwd(), inside=read('inside.txt'),
+       abs_link=read('abs-link'), rel_link=read('rel-link'), home_link=read('home-link'),
+       dir_link=read('dir-link/secret.txt'), dotdot=read('../secret.txt'),
+       dotdot_listing=sorted(_os.listdir(parent)),
+       openat=attempt(lambda: _os.open('secret.txt', _os.O_RDONLY,
+                                      dir_fd=_os.open(parent, _os.O_RDONLY))))
+""")
+    names = ("abs_link", "rel_link", "home_link", "dir_link", "dotdot", "openat")
+    links = {k: got[k] for k in names}
+    observe("fs-workspace-escape", "; ".join(f"{k}: {v}" for k, v in links.items())
+            + f"; ws/.. lists {got['dotdot_listing']}")
+    assert got["cwd"] == ws  # the kernel started in the workspace, mounted at its host path
+    assert got["inside"] == "ok"  # control: the workspace itself is readable
+    # the image's own /root is 0700 root, so the link into /root stops even before the lookup
+    assert links.pop("home_link") in ("ENOENT", "EACCES")
+    assert all(v == "ENOENT" for v in links.values()), links
+    assert "secret.txt" not in got["dotdot_listing"]
+
+
+def test_workspace_is_read_only(sandbox, observe):
+    got = sandbox.probe("""
+report(create=attempt(lambda: open('ks-new.txt', 'w').close()),
+       append=attempt(lambda: open('inside.txt', 'a').close()),
+       unlink=attempt(_os.unlink, 'inside.txt'))
+""")
+    observe("fs-workspace-write", f"create: {got['create']}; append: {got['append']}; "
+            f"unlink: {got['unlink']}")
+    assert got == {"create": "EROFS", "append": "EROFS", "unlink": "EROFS"}
+
+
+def test_proc_sys_cannot_be_written(sandbox, observe):
+    got = sandbox.probe("""
+paths = ['/proc/sys/kernel/hostname', '/proc/sys/kernel/core_pattern', '/proc/sys/vm/drop_caches',
+         '/proc/sysrq-trigger']
+report(**{p: attempt(lambda p=p: open(p, 'w').write('1')) for p in paths})
+""")
+    observe("fs-proc-sys", "; ".join(f"{k.split('/')[-1]}: {v}" for k, v in got.items()))
+    assert all(v in ("EROFS", "EACCES", "ENOENT", "EPERM") for v in got.values()), got
+    assert got["/proc/sys/kernel/core_pattern"] != "ENOENT"  # a real attempt, not a missing file
+
+
+def test_sys_cannot_be_written(sandbox, observe):
+    got = sandbox.probe("""
+paths = ['/sys/kernel/uevent_helper', '/sys/class/net/lo/mtu', '/sys/devices/system/cpu/online',
+         '/sys/fs/cgroup/pids/pids.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes',
+         '/sys/fs/cgroup/pids.max']
+out = {p: attempt(lambda p=p: open(p, 'w').write('1')) for p in paths if _os.path.exists(p)}
+# a new cgroup (gVisor's /sys/fs/cgroup is empty: try its root)
+group = '/sys/fs/cgroup/pids' if _os.path.isdir('/sys/fs/cgroup/pids') else '/sys/fs/cgroup'
+out['mkdir ' + group + '/ks-probe'] = attempt(_os.mkdir, group + '/ks-probe')
+report(**out)
+""")
+    observe("fs-sys", "; ".join(f"{k.replace('/sys/', '')}: {v}" for k, v in got.items()))
+    assert len(got) >= 2, "no /sys file to try"
+    assert all(v in ("EROFS", "EACCES", "EPERM") for v in got.values()), got
+
+
+def test_mknod_reaches_no_device(sandbox, observe):
+    host_root = os.stat("/").st_dev
+    got = sandbox.probe(f"""
+import stat
+nodes = {{'mem': (stat.S_IFCHR, 1, 1), 'kmsg': (stat.S_IFCHR, 1, 11),
+         'host-root-disk': (stat.S_IFBLK, {os.major(host_root)}, {os.minor(host_root)})}}
+out = {{}}
+for name, (kind, major, minor) in nodes.items():
+    path = '/tmp/ks-node-' + name
+    made = sys_call('mknod', path.encode(), kind | 0o600, _os.makedev(major, minor))
+    if made == 'ok':
+        out[name] = 'created, open ' + attempt(lambda: _os.close(_os.open(path, _os.O_RDONLY)))
+        _os.unlink(path)
+    else:
+        out[name] = made
+report(**out)
+""")
+    observe("fs-mknod", "; ".join(f"{k}: {v}" for k, v in got.items()))
+    for name, result in got.items():
+        assert result == "EPERM" or (
+            sandbox.runtime == "runsc" and result.startswith("created, open ")
+            and not result.endswith(" ok")
+        ), (name, result)
+    if sandbox.runtime == "runc":
+        assert set(got.values()) == {"EPERM"}
+
+
+def test_mount_is_refused(sandbox, observe):
+    got = sandbox.probe("""
+target = '/tmp/ks-mnt'
+_os.makedirs(target, exist_ok=True)
+MS_REMOUNT, MS_BIND = 32, 4096
+report(tmpfs=sys_call('mount', b'none', target.encode(), b'tmpfs', 0, None),
+       proc=sys_call('mount', b'proc', target.encode(), b'proc', 0, None),
+       bind=sys_call('mount', b'/run/kernel-sandbox', target.encode(), None, MS_BIND, None),
+       remount_root_rw=sys_call('mount', None, b'/', None, MS_REMOUNT, None),
+       umount_runtime_dir=sys_call('umount2', b'/run/kernel-sandbox', 0))
+""")
+    observe("fs-mount", "; ".join(f"{k}: {v}" for k, v in got.items()))
+    assert set(got.values()) == {"EPERM"}, got
+
+
+def test_filling_tmp_stops_at_its_cap(sandbox, docker_client, observe):
+    def free() -> int:
+        st = os.statvfs("/var/lib/docker" if os.path.isdir("/var/lib/docker") else "/")
+        return st.f_bavail * st.f_frsize
+
+    upper = docker_client.api.inspect_container(sandbox.container_id)["GraphDriver"]["Data"]
+    before = free()
+    got = sandbox.probe("""
+chunk = b'\\xa5' * (1 << 20)
+written, error = 0, None
+with open('/tmp/ks-fill', 'wb', buffering=0) as f:
+    while written < 512 << 20:
+        try:
+            written += f.write(chunk)
+        except OSError as exc:
+            error = errname(exc.errno)
+            break
+st = _os.statvfs('/tmp')
+report(written=written, error=error, cap=st.f_blocks * st.f_frsize)
+""", timeout=120)
+    used = before - free()
+    on_disk = upper.get("UpperDir") and Path(upper["UpperDir"], "tmp", "ks-fill").exists()
+    sandbox.probe("_os.unlink('/tmp/ks-fill'); report(ok=1)")
+    observe("fs-tmp-fill", f"{got['error']} after {got['written'] / MIB:.0f} MiB (cap "
+            f"{got['cap'] / MIB:.0f} MiB); host disk use meanwhile {used / MIB:+.0f} MiB")
+    assert got["error"] == "ENOSPC"
+    assert got["cap"] == 256 * MIB
+    assert 200 * MIB <= got["written"] <= 256 * MIB
+    assert not on_disk
+    assert used < 128 * MIB  # the 256 MiB went to memory (tmpfs), not to the host's disk
