@@ -569,22 +569,23 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return code
 
     async def send_signal(self, signum: int) -> None:
-        """Signal the kernel's process group inside the container (SIGINT interrupts a cell)."""
-        if self.container_id is not None:
-            await self.backend.signal(self.container_id, signum)
+        """Signal the kernel's process group inside the container (SIGINT interrupts a cell).
 
-    async def kill(self, restart: bool = False) -> None:
-        await self._signal_tolerating_engine_loss(signal.SIGKILL)
-
-    async def terminate(self, restart: bool = False) -> None:
-        await self._signal_tolerating_engine_loss(signal.SIGTERM)
-
-    async def _signal_tolerating_engine_loss(self, signum: int) -> None:
-        """Shutdown must go on (and clean up) even when the engine has gone away."""
+        Without the engine there is nothing to signal: the loss is logged (poll() reports the
+        kernel dead) instead of raised, so that shutdown and its cleanup still run.
+        """
+        if self.container_id is None:
+            return
         try:
-            await self.send_signal(signum)
+            await self.backend.signal(self.container_id, signum)
         except EngineUnavailable as exc:
             self.log.warning("kernel %s: cannot signal its container: %s", self.kernel_id, exc)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
         """Remove the container; on the final cleanup also the runtime directory.

@@ -106,6 +106,9 @@ def restart_dockerd() -> None:
     while True:
         try:
             client.ping()
+            client.containers.list()
+            time.sleep(2)  # the engine may still re-create its socket while initialising
+            client.ping()
             return
         except (docker.errors.DockerException, requests.RequestException):
             assert time.monotonic() < deadline, "dockerd did not come back"
