@@ -32,8 +32,10 @@ report(**{{p: attempt(lambda p=p: open(p).read()) for p in paths[:2]}},
        root_listing=sorted(_os.listdir(paths[2])) if _os.path.isdir(paths[2]) else 'ENOENT')
 """)
     outside, home = got[str(bait.outside)], got[str(bait.in_root_home)]
-    observe("fs-host-paths", f"{bait.outside}: {outside}; {bait.in_root_home}: {home}; "
-            f"listing {bait.root}: {got['root_listing']}")
+    where = bait.root.parent  # names without the random part keep the table stable
+    observe("fs-host-paths", f"{where}/ks-sec-*/secret.txt: {outside}; "
+            f"{bait.in_root_home.parent}/ks-sec-*.txt: {home}; listing {where}/ks-sec-*: "
+            f"{got['root_listing']}")
     assert outside == "ENOENT"
     assert home in ("ENOENT", "EACCES")  # the image's own /root is 0700 root
     # the workspace's parent is at most the bare mount point Docker made for the workspace

@@ -23,9 +23,9 @@ for pid in sorted(p for p in _os.listdir('/proc') if p.isdigit()):
 report(names=sorted(_os.environ), in_environ=name in _os.environ,
        value_seen=any(value in v for v in _os.environ.values()), hits=hits)
 """)
-    observe("info-env", f"secret not in os.environ ({not got['in_environ']}) nor in any "
-            f"/proc/*/environ ({len(got['hits'])} hits); the kernel's variables: "
-            f"{', '.join(got['names'])}")
+    found = "in os.environ" if got["in_environ"] or got["value_seen"] else "not in os.environ"
+    observe("info-env", f"secret {found}, in {len(got['hits'])} /proc/*/environ; the "
+            f"kernel's variables: {', '.join(got['names'])}")
     assert not got["in_environ"] and not got["value_seen"] and got["hits"] == []
     assert not {"USER", "PWD", "JUPYTER_PATH", "DOCKER_HOST", "SSH_AUTH_SOCK"} & set(got["names"])
 

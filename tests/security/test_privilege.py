@@ -126,7 +126,7 @@ report(own_child=own_child, procs=procs, host_visible={host_pid} in procs,
 """)
     procs = {int(pid): proc for pid, proc in got["procs"].items()}  # JSON keys are text
     uids = {u for p in procs.values() for u in p["uid"]}
-    observe("priv-ptrace", f"own child: {got['own_child']}; host pid {host_pid}: ptrace "
+    observe("priv-ptrace", f"own child: {got['own_child']}; a host pid (the test's own): ptrace "
             f"{got['host_ptrace']}, kill {got['host_kill']}; {len(procs)} visible processes, "
             f"all uid {sorted(uids)}, CapEff 0")
     assert not got["host_visible"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import subprocess
@@ -152,7 +153,10 @@ for _ in range(64):  # up to 4 GiB of touched memory, far past the 1 GiB limit
 """
 
 
-def test_memory_bomb_kills_only_its_kernel(dedicated_kernel, sandbox, docker_client, observe):
+def test_memory_bomb_kills_only_its_kernel(
+    dedicated_kernel, sandbox, docker_client, observe, caplog
+):
+    caplog.set_level(logging.WARNING)
     with dedicated_kernel() as bombed:
         first = bombed.container_id
         started = time.monotonic()
@@ -160,6 +164,7 @@ def test_memory_bomb_kills_only_its_kernel(dedicated_kernel, sandbox, docker_cli
         reply = wait_for_reply_or_death(bombed, msg_id, timeout=90)
         died_after = time.monotonic() - started
         state = docker_client.api.inspect_container(first)["State"]
+        reported = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
         neighbour = sandbox.probe("report(answer=6 * 7)")
         bombed.km.restart_kernel(now=True)
         bombed.kc.wait_for_ready(timeout=60)
@@ -172,12 +177,14 @@ def test_memory_bomb_kills_only_its_kernel(dedicated_kernel, sandbox, docker_cli
         except docker.errors.NotFound:
             gone.append(container)
     observe("res-memory-bomb", f"kernel dead after {died_after:.1f} s (exit {state['ExitCode']}, "
-            f"OOMKilled={state['OOMKilled']}); other kernel answered; restart answered "
+            f"OOMKilled={state['OOMKilled']}, provisioner logged \"killed: out of memory\": "
+            f"{bool(reported)}); other kernel answered; restart answered "
             f"{restarted['stdout'].strip()}; {len(gone)}/2 containers gone after shutdown")
     assert reply is None, "the memory bomb finished: the limit did not hold"
     assert state["OOMKilled"] is True and state["ExitCode"] != 0
     if bombed.runtime == "runc":  # SIGKILLed by the host's OOM killer (under runsc the whole
         assert state["ExitCode"] == 137  # gVisor sandbox goes, and runsc reports its own code)
+    assert reported, "the provisioner did not report the OOM kill"
     assert neighbour == {"answer": 42}
     assert second != first and restarted["stdout"] == "42\n"
     assert gone == [first, second]
