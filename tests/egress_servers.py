@@ -132,6 +132,10 @@ class EchoServer:
                 conn.sendall(data)
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self.sock.close()
 
 

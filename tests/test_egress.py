@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -343,6 +343,32 @@ def test_dns_from_inside_goes_nowhere(sandbox):
 # -- approve-once ---------------------------------------------------------------------------
 
 
+def finish_cell(kc, msg_id: str, timeout: float = 60) -> dict:
+    """Collect the output of a cell sent with ``kc.execute`` (as run_cell returns it): the
+    test waits for approvals between sending and collecting, without a second thread."""
+    out: dict = {"stdout": "", "stderr": "", "status": None, "ename": None, "evalue": None}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"cell {msg_id} did not finish within {timeout}s") from None
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out[content["name"]] += content["text"]
+        elif kind == "error":
+            out["ename"], out["evalue"] = content["ename"], content["evalue"]
+        elif kind == "status" and content["execution_state"] == "idle":
+            break
+    while True:
+        reply = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            out["status"] = reply["content"]["status"]
+            return out
+
+
 def wait_for_pending(control: EgressControl, kernel_id: str, target: str, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -363,29 +389,28 @@ def test_approve_once_deny_and_time_out(
     target = f"ask.test:{targets.http_port}"
     fetch = f"print(fetch('http://{target}/hello'))"
     control = EgressControl()
-    with sandbox_kernel(name) as (km, kc), sandbox_kernel(name) as (km2, kc2), \
-            ThreadPoolExecutor(2) as pool:
+    with sandbox_kernel(name) as (km, kc), sandbox_kernel(name) as (km2, kc2):
         for client in (kc, kc2):
             assert run_cell(client, setup_code(targets))["status"] == "ok"
         kid = km.kernel_id
 
         # a person approves once: this request goes through
-        cell = pool.submit(run_cell, kc, fetch, 60)
+        cell = kc.execute(fetch)
         pending = wait_for_pending(control, kid, target)
         assert pending.kernel_id == kid and pending.waiting == 1 and 0 < pending.seconds_left <= 4
         assert cli_main(["egress", "pending"]) == 0
         assert target in capsys.readouterr().out
         assert control.approve(kid, target) == 1
-        out = cell.result()
+        out = finish_cell(kc, cell)
         assert out["stdout"].startswith("(200, 'hello from ask.test"), out
         assert f"egress to {target} is waiting for approval" in out["stderr"]
         assert f"kernel-sandbox egress approve {kid} {target}" in out["stderr"]
 
         # once means once: the next request waits again, and a person denies it
-        cell = pool.submit(run_cell, kc, fetch, 60)
+        cell = kc.execute(fetch)
         wait_for_pending(control, kid, target)
         assert cli_main(["egress", "deny", kid[:8], target]) == 0
-        out = cell.result()
+        out = finish_cell(kc, cell)
         assert out["stdout"].startswith("(403,"), out
         assert f"egress to {target} denied: denied by a person" in out["stderr"]
 
@@ -400,10 +425,10 @@ def test_approve_once_deny_and_time_out(
         # --always holds for this kernel's life, and for this kernel only
         assert cli_main(["egress", "approve", kid, target, "--always"]) == 0
         assert run_cell(kc, fetch)["stdout"].startswith("(200,")
-        other = pool.submit(run_cell, kc2, fetch, 60)
+        other = kc2.execute(fetch)
         assert wait_for_pending(control, km2.kernel_id, target).kernel_id == km2.kernel_id
         assert control.deny(km2.kernel_id, target) == 1
-        assert other.result()["stdout"].startswith("(403,")
+        assert finish_cell(kc2, other)["stdout"].startswith("(403,")
 
         # code in the sandbox cannot reach the control socket (host-only part of the dir)
         out = run_cell(kc, "print(sorted(os.listdir('/run/kernel-sandbox')))")
