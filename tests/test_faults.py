@@ -101,10 +101,10 @@ def restart_dockerd() -> None:
     with open("/tmp/dockerd.log", "ab") as log:
         subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
-    client = docker.from_env()
     deadline = time.monotonic() + 60
     while True:
         try:
+            client = docker.from_env()  # negotiates the API version: needs the engine up
             client.ping()
             client.containers.list()
             time.sleep(2)  # the engine may still re-create its socket while initialising
