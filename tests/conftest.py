@@ -18,6 +18,8 @@ import docker
 import docker.errors
 import pytest
 
+from kernel_sandbox.owner import Owner
+
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "kernel-sandbox/python:latest"
 LABEL = "io.kernel-sandbox.managed=true"
@@ -77,13 +79,37 @@ def kernel_image(docker_client: docker.DockerClient) -> str:
     return IMAGE
 
 
+def _foreign(pid: int) -> bool:
+    """True for a live process that is neither this test process nor one of its descendants
+    (another session sharing the engine: its kernels are not this test's leaks)."""
+    while pid > 1:
+        if pid == os.getpid():
+            return False
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False  # dead: whatever it left could be ours
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return True
+
+
 def sandbox_containers(client: docker.DockerClient) -> set[str]:
-    return {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
+    found = set()
+    for container in client.containers.list(all=True, filters={"label": LABEL}):
+        owner = container.labels.get("io.kernel-sandbox.owner-pid", "0") or "0"
+        if not _foreign(int(owner)):
+            found.add(container.id)
+    return found
 
 
 def runtime_dirs() -> set[str]:
     root = Path(f"/tmp/kernel-sandbox-{os.getuid()}")
-    return {str(p) for p in root.iterdir()} if root.is_dir() else set()
+    found = set()
+    for path in root.iterdir() if root.is_dir() else []:
+        owner = Owner.load(path)
+        if owner is None or not _foreign(owner.pid):
+            found.add(str(path))
+    return found
 
 
 @pytest.fixture

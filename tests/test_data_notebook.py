@@ -31,7 +31,11 @@ def test_demo_notebook_reads_the_dataset_through_its_token(tmp_path: Path, leak_
     })
     nb = nbformat.read(NOTEBOOK, as_version=4)
     km = KernelManager(kernel_name=name, config=broker_config(tmp_path / "state"))
-    NotebookClient(nb, km=km, timeout=120, kernel_name=name).execute()
+    try:
+        NotebookClient(nb, km=km, timeout=120, kernel_name=name).execute()
+    finally:
+        if km.has_kernel:  # nbclient shuts down only the managers it created itself
+            km.shutdown_kernel(now=True)
     text = outputs(nb)
     assert "{'sales': 'read'}" in text
     assert "sales/2024.csv" in text
