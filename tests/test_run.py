@@ -252,9 +252,12 @@ def test_parameters_allow_errors_and_inplace(tmp_path, leak_check):
 def test_in_process_main_exit_codes(tmp_path, leak_check):
     good = notebook(tmp_path / "good.ipynb", CONTAINED)
     bad = notebook(tmp_path / "bad.ipynb", "assert False, 'nope'")
+    client = docker.from_env()
+    before = set(containers_of(client, os.getpid()))  # earlier tests in this process
     assert main(["run", str(good)]) == 0
     assert main(["run", str(good), str(bad), "--jobs", "1"]) == 1
-    assert_nothing_left(os.getpid())
+    assert set(containers_of(client, os.getpid())) <= before, "run left containers behind"
+    client.close()
 
 
 def test_profile_really_takes_effect(tmp_path, leak_check):
