@@ -2,7 +2,8 @@
 
     python bench/startup.py [--runs 10] [--executions 100] [--json FILE]
 
-In one process it starts, alternately, a local ipykernel (this interpreter's, over TCP) and
+In one process it starts, alternately, a local ipykernel (this interpreter's, over TCP, or
+another one's with ``--local-python``, e.g. a venv with the kernel image's versions) and
 the sandboxed kernel (the checkout's ``kernelspecs/python3-sandbox``, so the ``docker-sandbox``
 provisioner of this checkout), ``--runs`` times each, so that drift on a shared machine hits
 both sides alike. For each start it measures:
@@ -15,13 +16,18 @@ both sides alike. For each start it measures:
   few untimed warm-up executions;
 - **shutdown**: ``shutdown_kernel()`` (graceful, as Jupyter does it).
 
-With ``--phases`` (on by default) the sandboxed starts are also broken down into the
+Unless ``--no-phases`` is given, the sandboxed starts are also broken down into the
 provisioner's phases and every Docker engine request (see ``phases.py``).
 
 More sandbox variants can be measured beside the default one (e.g. gVisor):
 ``--variant runsc:runtime=runsc`` adds a kernelspec whose provisioner config sets
-``runtime: runsc``. Every kernel is shut down, also on Ctrl-C (a first Ctrl-C finishes the
-current start and cleans up; a second one aborts at once and still removes the containers).
+``runtime: runsc``; in ``LABEL:KEY=VALUE,...`` a policy key goes into the kernelspec's
+provisioner config, a dotted ``Class.trait`` into Jupyter config (e.g.
+``DockerSandboxProvisioner.orphan_timeout=0``) and ``provisioner=NAME`` picks another
+registered provisioner (a scratch copy under test).
+
+Every kernel is shut down, also on Ctrl-C (a first Ctrl-C finishes the current start and
+cleans up; a second one aborts at once and still removes the containers).
 """
 
 from __future__ import annotations
