@@ -45,6 +45,9 @@ if config.get("runtimes", {}).get("runsc") != wanted:
     print(f"registered runsc in {path}")
 PY
 
+# curl: the egress tests lend the host's curl to a kernel to show it obeys the proxy
+command -v curl >/dev/null || apt_install curl
+
 step "Docker engine"
 if docker info >/dev/null 2>&1; then
   echo "a Docker engine answers"

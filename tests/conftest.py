@@ -26,7 +26,8 @@ LABEL = "io.kernel-sandbox.managed=true"
 IN_CI = bool(os.environ.get("CI"))
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
+    """Fail in CI (everything the tests need is installed there), skip elsewhere."""
     if IN_CI:
         pytest.fail(f"{reason} (required in CI)")
     pytest.skip(reason)
@@ -65,7 +66,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
-        _unavailable(f"Docker engine not reachable: {exc}")
+        unavailable(f"Docker engine not reachable: {exc}")
     yield client
     client.close()
 
@@ -75,7 +76,7 @@ def kernel_image(docker_client: docker.DockerClient) -> str:
     try:
         docker_client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
-        _unavailable(f"{IMAGE} is missing: run `kernel-sandbox image build`")
+        unavailable(f"{IMAGE} is missing: run `kernel-sandbox image build`")
     return IMAGE
 
 

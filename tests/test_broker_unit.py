@@ -401,7 +401,7 @@ def test_credentials_come_from_a_private_file_longest_prefix_last(tmp_path: Path
 
 
 def test_credentials_from_the_keyring(tmp_path: Path) -> None:
-    keyring = pytest.importorskip("keyring")
+    import keyring
     from keyring.backend import KeyringBackend
 
     class Memory(KeyringBackend):

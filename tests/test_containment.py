@@ -154,7 +154,9 @@ def test_resource_limits_enforced_by_host(facts):
 
 def test_resource_limits_seen_inside(facts):
     if facts["runtime"] != "runc":
-        pytest.skip("gVisor does not expose the host cgroup files inside; checked from the host")
+        # gVisor shows no host cgroup files inside; the limits are checked from the host above
+        assert facts["pids_max"] is None
+        return
     assert facts["pids_max"] == "256"
     assert int(facts["memory_max"]) == 1024**3
     quota, period = facts["cpu_max"].split()

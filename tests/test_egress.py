@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
 from egress_servers import PROBE_VALUE, LocalTargets, tool_bundle
 from kernels import make_kernelspec, run_cell, sandbox_kernel
 from scoped_leaks import own_leaks
@@ -193,7 +194,7 @@ def test_connect_tunnel_carries_any_bytes(sandbox):
 
 def test_requests(sandbox, tools):
     if not tools[1]["requests"]:
-        pytest.skip("requests is not installed on the host to lend to the kernel")
+        unavailable("requests is not installed on the host to lend to the kernel")
     t = sandbox.targets
     out = sandbox.run(
         f"sys.path.insert(0, '{TOOLS}/site')\n"
@@ -215,7 +216,7 @@ def test_requests(sandbox, tools):
 
 def test_curl(sandbox, tools):
     if not tools[1]["curl"]:
-        pytest.skip("curl is not installed on the host to lend to the kernel")
+        unavailable("curl is not installed on the host to lend to the kernel")
     t = sandbox.targets
     out = sandbox.run(
         f"env = {{**os.environ, 'LD_LIBRARY_PATH': '{TOOLS}/lib'}}\n"

@@ -94,6 +94,7 @@ def test_patterns_that_open_too_much_or_are_malformed(pattern):
         parse_rule(pattern)
 
 
+# Inputs to a pure classifier: nothing connects to any of these addresses.
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1",
                                      "169.254.169.254", "0.0.0.0", "::1", "fd00::1",
                                      "::ffff:127.0.0.1", "224.0.0.1", "100.64.0.1", "nonsense"])

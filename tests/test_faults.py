@@ -16,7 +16,7 @@ import pytest
 import requests
 from jupyter_client.manager import KernelManager
 
-from conftest import runtime_dirs, sandbox_containers
+from conftest import runtime_dirs, sandbox_containers, unavailable
 from kernel_sandbox.backend import DockerBackend
 from kernel_sandbox.reap import sweep
 from kernel_sandbox.rundir import default_root
@@ -116,9 +116,9 @@ def restart_dockerd() -> None:
 
 
 @pytest.mark.engine_restart
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("dockerd") is None,
-                    reason="restarting the engine needs root and a dockerd this test can start")
 def test_engine_restart_kills_kernels_cleanly_and_new_ones_start(jupyter_path, kernel_image):
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        unavailable("restarting the engine needs root and a dockerd this test can start")
     client = docker.from_env()
     before_containers, before_dirs = sandbox_containers(client), runtime_dirs()
     km = KernelManager(kernel_name=SANDBOX)
