@@ -38,9 +38,11 @@ def make_kernelspec(
 
 
 @contextmanager
-def sandbox_kernel(kernel_name: str = SANDBOX, **start_kwargs: Any) -> Iterator[tuple]:
+def sandbox_kernel(
+    kernel_name: str = SANDBOX, config: Any = None, **start_kwargs: Any
+) -> Iterator[tuple]:
     """Start a kernel with a blocking client; shut both down whatever happens."""
-    km = KernelManager(kernel_name=kernel_name)
+    km = KernelManager(kernel_name=kernel_name, **({"config": config} if config else {}))
     km.start_kernel(**start_kwargs)
     kc = km.client()
     kc.start_channels()

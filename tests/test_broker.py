@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from jupyter_client.manager import KernelManager
-from kernels import make_kernelspec, run_cell
+from kernels import make_kernelspec, run_cell, sandbox_kernel
 from traitlets.config import Config
 
 from kernel_sandbox.broker import AuditLog
@@ -69,16 +69,8 @@ def broker_config(state: Path, credentials: Path | None = None) -> Config:
 def data_kernel(kernel_name: str, state: Path,
                 credentials: Path | None = None) -> Iterator[tuple[KernelManager, object]]:
     """A sandboxed kernel whose broker keeps its tokens and audit log under ``state``."""
-    km = KernelManager(kernel_name=kernel_name, config=broker_config(state, credentials))
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
-        yield km, kc
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+    with sandbox_kernel(kernel_name, config=broker_config(state, credentials)) as pair:
+        yield pair
 
 
 def run_json(kc, code: str, timeout: float = 60) -> dict:

@@ -33,6 +33,7 @@ from typing import Any
 
 import h11
 
+from ..egress_bridge import _pump  # the same byte pump as the in-sandbox bridge
 from .rules import (
     BAD_TARGET,
     NOT_LISTED,
@@ -553,17 +554,6 @@ async def _next_event(conn: h11.Connection, reader: Reader, sniff: bool = False)
         if len(buffered) >= MAX_HEAD:
             raise Refused(431, "head-too-large", None, _message(
                 None, f"request head over {MAX_HEAD // 1024} KiB"))
-
-
-async def _pump(reader: Reader, writer: Writer) -> None:
-    try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except OSError:
-        writer.close()
 
 
 async def _close(writer: Writer) -> None:
