@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .backend import DockerBackend
@@ -53,7 +54,7 @@ err = Console(stderr=True, highlight=False)
 
 def _progress(prefix: str) -> Callable[[str], None]:
     def show(line: str) -> None:
-        err.print(f"[dim]{prefix}[/dim] {line}", markup=True, soft_wrap=True)
+        err.print(f"[dim]{prefix}[/dim] {escape(line)}", markup=True, soft_wrap=True)
 
     return show
 
@@ -72,7 +73,7 @@ async def cmd_image_base(args: argparse.Namespace) -> int:
 async def cmd_image_build(args: argparse.Namespace) -> int:
     await build_kernel_image(
         DockerBackend(), base=args.base, tag=args.tag, binder=args.binder, force=args.force,
-        progress=_progress("build"),
+        progress=_progress("build"), mirror=args.mirror,
     )
     return EXIT_OK
 
@@ -131,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
         "build", help=f"build the kernel image ({DEFAULT_IMAGE})",
-        description="Build the kernel image from an environment spec in repo2docker's formats. "
-        "Wheels are downloaded on the host; the build itself has no network.",
+        description="Build the kernel image from an environment spec in repo2docker's formats "
+        "(requirements.txt, apt.txt). Wheels and Debian packages are downloaded on the host; "
+        "the build itself has no network.",
     )
     build.add_argument("--base", default=DEFAULT_BASE,
                        help=f"base image with Python (default {DEFAULT_BASE}; without a "
@@ -140,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tag", default=DEFAULT_IMAGE, help="tag of the image to build")
     build.add_argument("--binder", type=Path, default=None,
                        help="environment folder (default: the binder/ shipped with kernel-sandbox)")
+    build.add_argument("--mirror", default=None,
+                       help="Debian mirror URL for apt.txt packages (default: the one in this "
+                       "machine's apt sources)")
     build.add_argument("--force", action="store_true",
                        help="rebuild even if the image is up to date")
     build.set_defaults(func=cmd_image_build)
@@ -177,10 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(command(args))
     except ImageBuildError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True, soft_wrap=True)
         return EXIT_FAILED
     except SandboxError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from .egress.control import EgressControl, EgressControlError
 from .errors import PolicyError
@@ -56,7 +57,7 @@ async def cmd_decide(args: argparse.Namespace) -> int:
     try:
         count = decide(args.kernel_id, args.target, always=args.always)
     except EgressControlError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", markup=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True)
         return EXIT_FAILED
     verb = "approved" if args.egress_command == "approve" else "denied"
     scope = " (and from now on, for this kernel)" if args.always else ""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .backend import DockerBackend
+from .debs import BaseRelease, fetch_debs, read_apt_packages, release_probe
 from .errors import ImageBuildError
 from .policy import DEFAULT_IMAGE
 
@@ -37,20 +38,26 @@ LOCAL_BASE = "kernel-sandbox/base:bookworm"
 KERNEL_UID = 1000
 PLATFORM_TAGS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}")
 ALWAYS_REQUIRED = ("ipykernel",)
+# Installed as dependencies but removed unless requirements.txt names them: ipykernel imports
+# debugpy at every start (120-160 ms here, docs/benchmarks.md) for a debugger that the sandboxed
+# kernelspecs switch off ("debugger": false) because it cannot reach across the sandbox.
+DROPPED_UNLESS_REQUESTED = ("debugpy",)
 SPEC_LABEL = "io.kernel-sandbox.spec-hash"
 # Modules of this package that run inside the sandbox (standard library only).
 INSIDE_MODULES = ("__init__.py", "watchdog.py", "data.py", "egress_bridge.py")
+APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")
 Progress = Callable[[str], None]
 
 DOCKERFILE = f"""\
 ARG BASE
 FROM ${{BASE}} AS build
+ARG DROP=""
 COPY wheels /wheels
 COPY requirements.txt /requirements.txt
 RUN python3 -m venv /opt/kernel \\
  && /opt/kernel/bin/python -m pip install --no-index --no-cache-dir --disable-pip-version-check \\
       --find-links /wheels -r /requirements.txt \\
- && /opt/kernel/bin/python -m pip uninstall -y --disable-pip-version-check pip
+ && /opt/kernel/bin/python -m pip uninstall -y --disable-pip-version-check $DROP pip
 # the in-sandbox part of kernel-sandbox (watchdog, data client): standard library only
 COPY inside /inside
 RUN cp -r /inside/kernel_sandbox \\
@@ -58,6 +65,10 @@ RUN cp -r /inside/kernel_sandbox \\
  && /opt/kernel/bin/python -m compileall -q /opt/kernel/lib
 
 FROM ${{BASE}}
+USER root
+# apt.txt: .deb files fetched on the host (kernel_sandbox.debs), installed with no network
+COPY debs /tmp/debs
+RUN if ls /tmp/debs/*.deb >/dev/null 2>&1; then dpkg -i /tmp/debs/*.deb; fi && rm -rf /tmp/debs
 COPY --from=build /opt/kernel /opt/kernel
 RUN (getent group {KERNEL_UID} || groupadd -g {KERNEL_UID} sandbox) \\
  && (getent passwd {KERNEL_UID} || useradd -u {KERNEL_UID} -g {KERNEL_UID} -d /home/sandbox -M sandbox) \\
@@ -77,28 +88,40 @@ def default_binder_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "binder"
 
 
-def debian_mirror(sources: tuple[str, ...] = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")) -> str:
-    """The Debian mirror this machine's apt uses, so air-gapped sites follow their own mirror.
-
-    Raises:
-        ImageBuildError: no Debian mirror is configured.
-    """
+def _debian_uris(sources: tuple[str, ...]) -> list[str]:
+    """The Debian repository URIs of this machine's apt sources, in the order apt reads them."""
     files: list[Path] = []
     for source in map(Path, sources):
         if source.is_dir():
             files += sorted(p for p in source.iterdir() if p.suffix in (".list", ".sources"))
         elif source.is_file():
             files.append(source)
+    uris: list[str] = []
     for path in files:
         text = path.read_text(errors="replace")
-        for uri in re.findall(r"^\s*URIs:\s*(\S+)", text, re.MULTILINE) + re.findall(
+        uris += re.findall(r"^\s*URIs:\s*(\S+)", text, re.MULTILINE) + re.findall(
             r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", text, re.MULTILINE
-        ):
-            if "security" not in uri and "debian" in uri:
-                return uri
+        )
+    return [uri for uri in uris if "debian" in uri]
+
+
+def debian_mirror(sources: tuple[str, ...] = APT_SOURCES) -> str:
+    """The Debian mirror this machine's apt uses, so air-gapped sites follow their own mirror.
+
+    Raises:
+        ImageBuildError: no Debian mirror is configured.
+    """
+    for uri in _debian_uris(sources):
+        if "security" not in uri:
+            return uri
     raise ImageBuildError(
         "no Debian mirror found in /etc/apt/sources.list(.d); pass --mirror URL"
     )
+
+
+def debian_security_mirror(sources: tuple[str, ...] = APT_SOURCES) -> str | None:
+    """The Debian security mirror of this machine's apt sources, if it has one."""
+    return next((uri for uri in _debian_uris(sources) if "security" in uri), None)
 
 
 def _stream(cmd: list[str], progress: Progress, what: str) -> None:
@@ -160,18 +183,10 @@ def read_requirements(binder: Path) -> list[str]:
     """The requirement lines of ``binder/requirements.txt`` plus what every kernel needs.
 
     Raises:
-        ImageBuildError: the folder is missing, or it asks for what a hermetic build can't do.
+        ImageBuildError: the folder is missing.
     """
     if not binder.is_dir():
         raise ImageBuildError(f"environment folder {binder} does not exist (--binder DIR)")
-    apt = binder / "apt.txt"
-    if apt.exists() and any(
-        line.strip() and not line.lstrip().startswith("#") for line in apt.read_text().splitlines()
-    ):
-        raise ImageBuildError(
-            f"{apt}: apt packages cannot be installed in a hermetic build yet; use a base image "
-            "(--base) that has them, or remove apt.txt"
-        )
     lines: list[str] = []
     req = binder / "requirements.txt"
     if req.exists():
@@ -185,15 +200,24 @@ def read_requirements(binder: Path) -> list[str]:
     return lines
 
 
+def dropped_packages(requirements: list[str]) -> list[str]:
+    """The packages the build removes again: those of DROPPED_UNLESS_REQUESTED not asked for."""
+    return [
+        name for name in DROPPED_UNLESS_REQUESTED
+        if not any(re.match(rf"{name}\b", line, re.IGNORECASE) for line in requirements)
+    ]
+
+
 def inside_files() -> list[Path]:
     """The package modules that are installed in the kernel image."""
     package = Path(__file__).parent
     return [package / name for name in INSIDE_MODULES]
 
 
-def spec_hash(base: str, requirements: list[str]) -> str:
+def spec_hash(base: str, requirements: list[str], apt_packages: list[str]) -> str:
     """Identifies what an image was built from, so an unchanged spec is not rebuilt."""
-    digest = hashlib.sha256("\n".join([DOCKERFILE, base, *requirements]).encode())
+    parts = [DOCKERFILE, base, *requirements, "apt:", *apt_packages]
+    digest = hashlib.sha256("\n".join(parts).encode())
     for path in inside_files():
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -206,8 +230,13 @@ async def build_kernel_image(
     binder: Path | None = None,
     force: bool = False,
     progress: Progress = print,
+    mirror: str | None = None,
 ) -> bool:
     """Build the kernel image from ``binder`` on top of ``base``, with no network in the build.
+
+    ``binder/requirements.txt`` is installed from wheels and ``binder/apt.txt`` from ``.deb``
+    files, both downloaded on the host first (the latter from ``mirror``, by default this
+    machine's Debian mirror).
 
     Returns False when ``tag`` was already built from the same spec (and not ``force``).
 
@@ -217,7 +246,8 @@ async def build_kernel_image(
     """
     binder = binder or default_binder_dir()
     requirements = read_requirements(binder)
-    digest = spec_hash(base, requirements)
+    apt_packages = read_apt_packages(binder)
+    digest = spec_hash(base, requirements, apt_packages)
     labels = await backend.image_labels(tag)
     if not force and labels and labels.get(SPEC_LABEL) == digest:
         progress(f"{tag} is up to date (spec {digest}; use --force to rebuild)")
@@ -247,7 +277,16 @@ async def build_kernel_image(
             *platform_args, "-d", str(wheels), "-r", str(context / "requirements.txt"),
         ]
         await asyncio.to_thread(_stream, pip, progress, "downloading wheels (pip download)")
+        debs = context / "debs"  # the Dockerfile installs whatever .deb files are here
+        debs.mkdir()
+        if apt_packages:
+            release = BaseRelease(base, await backend.run_once(base, release_probe),
+                                  await backend.run_once(base, ["cat", "/var/lib/dpkg/status"]))
+            security = debian_security_mirror() if mirror is None else None
+            await asyncio.to_thread(fetch_debs, release, apt_packages, debs,
+                                    mirror or debian_mirror(), security, _stream, progress)
         progress(f"building {tag} from {base} with no network")
-        await backend.build(str(context), tag, {"BASE": base}, {SPEC_LABEL: digest}, progress)
+        buildargs = {"BASE": base, "DROP": " ".join(dropped_packages(requirements))}
+        await backend.build(str(context), tag, buildargs, {SPEC_LABEL: digest}, progress)
     progress(f"built {tag}")
     return True

@@ -23,13 +23,20 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
 
-from .backend import LABEL_PREFIX, RUNTIME_MOUNT, SANDBOX_HOME, ContainerRequest, DockerBackend
+from .backend import (
+    LABEL_PREFIX,
+    RUNTIME_MOUNT,
+    SANDBOX_HOME,
+    ContainerRequest,
+    DockerBackend,
+    shared_backend,
+)
 from .backend import start_error as container_start_error
 from .egress.service import EgressEndpoint, default_log_path
 from .errors import EngineUnavailable, KernelStartError, PolicyError
-from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from .monitor import KernelMonitor
 from .owner import LIFELINE, Lifeline, Owner
+from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from .reap import sweep
 from .rundir import RuntimeDir, default_root, ipc_connection_info
 from .tokens import default_state_dir
@@ -165,7 +172,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @default("backend")
     def _default_backend(self) -> DockerBackend:
-        return DockerBackend()
+        return shared_backend()
 
     @default("token_db")
     def _default_token_db(self) -> str:
@@ -416,14 +423,11 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         root, log = self.runtime_root, self.log
 
         def run() -> None:
-            backend = DockerBackend()
             try:
-                report = asyncio.run(sweep(backend, root))
+                report = asyncio.run(sweep(shared_backend(), root))
             except Exception as exc:  # a failed sweep must never break a kernel start
                 log.warning("kernel-sandbox: orphan sweep failed: %s", exc)
                 return
-            finally:
-                backend.close()
             if report:
                 log.info("kernel-sandbox: reaped %d orphaned container(s), %d runtime dir(s)",
                          len(report.containers), len(report.runtime_dirs))
@@ -613,7 +617,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not restart and self.runtime_dir is not None:
             self.runtime_dir.remove()
             self.runtime_dir = None
-        if not restart:
+        if not restart and self.backend is not shared_backend():
             self.backend.close()  # its connections to the engine; reopened if used again
 
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.monitor) ---------------------
@@ -661,13 +665,10 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 asyncio.run_coroutine_threadsafe(manager.shutdown_kernel(), loop)
                 return
         if self.container_id is not None:
-            backend = DockerBackend()
             try:
-                asyncio.run(backend.signal(self.container_id, signal.SIGTERM))
+                asyncio.run(self.backend.signal(self.container_id, signal.SIGTERM))
             except EngineUnavailable as exc:
                 self.log.warning("kernel %s: cannot stop its container: %s", self.kernel_id, exc)
-            finally:
-                backend.close()
 
     # -- persistence across a Jupyter Server restart ----------------------------------------
 

@@ -1,0 +1,119 @@
+"""``kernel-sandbox image build`` for real: apt.txt, the packages it drops, reuse, errors.
+
+One test image, ``kernel-sandbox/python-apt:test``, is built through the CLI from a binder
+with an ``apt.txt`` (jq, which pulls two libraries the base lacks) and a requirements.txt
+that asks for debugpy; the build itself has no network, so the .deb files and wheels must
+have been fetched on the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import docker.errors
+import pytest
+from kernels import make_kernelspec, run_cell, sandbox_kernel
+
+from kernel_sandbox.cli import main
+from kernel_sandbox.debs import BaseRelease, read_apt_packages
+from kernel_sandbox.errors import ImageBuildError
+from kernel_sandbox.image import DEFAULT_BASE, LOCAL_BASE, dropped_packages
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = "kernel-sandbox/python-apt:test"
+
+
+def test_apt_txt_is_read_as_repo2docker_does(tmp_path: Path) -> None:
+    (tmp_path / "apt.txt").write_text(
+        "# tools\njq\n\n  curl=7.88.1-10+deb12u5  # pinned\nlibgomp1\n")
+    assert read_apt_packages(tmp_path) == ["jq", "curl=7.88.1-10+deb12u5", "libgomp1"]
+    assert read_apt_packages(tmp_path / "nowhere") == []
+
+
+@pytest.mark.parametrize("line", ["jq; rm -rf /", "-o APT::x=1", "Jq", "jq bash"])
+def test_apt_txt_refuses_what_is_not_a_package_name(tmp_path: Path, line: str) -> None:
+    (tmp_path / "apt.txt").write_text(f"less\n{line}\n")
+    with pytest.raises(ImageBuildError, match=r"apt.txt:2: .* is not a Debian package name"):
+        read_apt_packages(tmp_path)
+
+
+def test_apt_txt_needs_a_debian_base() -> None:
+    with pytest.raises(ImageBuildError, match="needs a Debian base image; alpine:3 reports"):
+        BaseRelease("alpine:3", "alpine ? x86_64", "")
+    release = BaseRelease("b", "debian bookworm\namd64", "Package: base-files\n")
+    assert (release.codename, release.arch) == ("bookworm", "amd64")
+
+
+def test_debugpy_is_dropped_unless_asked_for() -> None:
+    assert dropped_packages(["ipykernel>=6.29", "fsspec"]) == ["debugpy"]
+    assert dropped_packages(["ipykernel", "debugpy==1.8.*"]) == []
+    assert dropped_packages(["ipykernel", "DebugPy"]) == []
+
+
+@pytest.fixture(scope="module")
+def base_image(docker_client) -> str:
+    try:
+        docker_client.images.get(LOCAL_BASE)
+        return LOCAL_BASE
+    except docker.errors.ImageNotFound:
+        return DEFAULT_BASE
+
+
+@pytest.fixture(scope="module")
+def apt_binder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    binder = tmp_path_factory.mktemp("binder-apt")
+    requirements = (REPO / "binder" / "requirements.txt").read_text()
+    (binder / "requirements.txt").write_text(requirements + "debugpy\n")
+    (binder / "apt.txt").write_text("# a command-line tool with two libraries of its own\njq\n")
+    return binder
+
+
+@pytest.fixture(scope="module")
+def apt_image(kernel_image: str, base_image: str, apt_binder: Path) -> str:
+    argv = ["image", "build", "--base", base_image, "--tag", IMAGE, "--binder", str(apt_binder)]
+    assert main(argv) == 0
+    return IMAGE
+
+
+@pytest.mark.docker
+def test_apt_txt_packages_and_requested_debugpy_are_in_the_image(apt_image, leak_check) -> None:
+    name = make_kernelspec("apt-image", {"image": apt_image})
+    with sandbox_kernel(name) as (_, kc):
+        got = run_cell(kc, "import subprocess, debugpy\n"
+                           "print(subprocess.run(['jq', '--version'], capture_output=True,"
+                           " text=True, check=True).stdout)")
+    assert got["status"] == "ok", got
+    assert got["stdout"].startswith("jq-1.")
+
+
+@pytest.mark.docker
+def test_an_unchanged_spec_is_not_rebuilt(apt_image, base_image, apt_binder, capsys) -> None:
+    capsys.readouterr()
+    argv = ["image", "build", "--base", base_image, "--tag", apt_image, "--binder", str(apt_binder)]
+    assert main(argv) == 0
+    assert "is up to date" in capsys.readouterr().err
+
+
+@pytest.mark.docker
+def test_the_default_image_leaves_debugpy_out(kernel_image: str, leak_check) -> None:
+    """ipykernel would import it at every start for a debugger the kernelspec switches off."""
+    with sandbox_kernel() as (_, kc):
+        got = run_cell(kc, "import importlib.util, ipykernel\n"
+                           "print(importlib.util.find_spec('debugpy'), ipykernel.__version__)")
+    assert got["status"] == "ok", got
+    assert got["stdout"].startswith("None ")
+
+
+@pytest.mark.docker
+def test_an_unknown_apt_package_fails_before_building(
+    kernel_image: str, base_image: str, tmp_path: Path, docker_client, capsys
+) -> None:
+    (tmp_path / "apt.txt").write_text("no-such-package-kernel-sandbox\n")
+    tag = "kernel-sandbox/never-built:test"
+    argv = ["image", "build", "--base", base_image, "--tag", tag, "--binder", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "apt-get install --download-only (for apt.txt) failed" in err
+    assert "Unable to locate package no-such-package-kernel-sandbox" in err
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get(tag)
