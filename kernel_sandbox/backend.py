@@ -109,6 +109,9 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
         "working_dir": request.workdir,
         "hostname": "sandbox",
         "network_mode": "none",
+        # Docker would copy in the host's nameservers: their addresses are nobody's business
+        # inside, and nothing inside could reach them anyway. Names resolve only on the host.
+        "dns": ["127.0.0.1"],
         "read_only": True,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],

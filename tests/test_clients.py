@@ -140,17 +140,38 @@ def server(jupyter_path, kernel_image, tmp_path_factory):
         yield srv
 
 
-def send_execute(ws: websocket.WebSocket, code: str) -> str:
-    """Send an execute_request on the shell channel; return its msg_id."""
+def send_request(ws: websocket.WebSocket, msg_type: str, content: dict) -> str:
+    """Send a request on the shell channel; return its msg_id."""
     msg_id = uuid.uuid4().hex
     ws.send(json.dumps({
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
+        "header": {"msg_id": msg_id, "msg_type": msg_type, "username": "test",
                    "session": uuid.uuid4().hex, "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell",
-        "content": {"code": code, "silent": False, "store_history": True,
-                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "content": content,
     }))
     return msg_id
+
+
+def send_execute(ws: websocket.WebSocket, code: str) -> str:
+    """Send an execute_request on the shell channel; return its msg_id."""
+    return send_request(ws, "execute_request", {
+        "code": code, "silent": False, "store_history": True, "user_expressions": {},
+        "allow_stdin": False, "stop_on_error": True})
+
+
+def wait_for_iopub(ws: websocket.WebSocket, timeout: float = 60) -> None:
+    """After a restart, ask for kernel_info until its idle status arrives, as frontends do.
+
+    The server's iopub subscription reconnects to the new kernel on ZeroMQ's own schedule
+    (every 100 ms); what the kernel publishes before that is lost, for local kernels too.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            collect(ws, send_request(ws, "kernel_info_request", {}), timeout=1)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def collect(ws: websocket.WebSocket, msg_id: str, until: str = "done", timeout: float = 60) -> dict:
@@ -164,8 +185,12 @@ def collect(ws: websocket.WebSocket, msg_id: str, until: str = "done", timeout: 
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"no {until} for request {msg_id} within {timeout}s: {out}")
-        ws.settimeout(remaining)
-        msg = json.loads(ws.recv())
+        # short waits: the server's websocket pings (every 30 s) would restart a long one
+        ws.settimeout(min(remaining, 5))
+        try:
+            msg = json.loads(ws.recv())
+        except websocket.WebSocketTimeoutException:
+            continue
         if msg.get("parent_header", {}).get("msg_id") != msg_id:
             continue
         kind, content = msg["msg_type"], msg["content"]
@@ -175,7 +200,7 @@ def collect(ws: websocket.WebSocket, msg_id: str, until: str = "done", timeout: 
                 return out
         elif kind == "error":
             out["error"] = content
-        elif kind == "execute_reply":
+        elif kind.endswith("_reply"):
             out["reply"] = content
         elif kind == "status" and content["execution_state"] == "idle":
             out["idle"] = True
@@ -233,6 +258,7 @@ def test_jupyter_server_rest_and_websocket(server: Server, docker_client, leak_c
         assert restarted.status_code == 200, restarted.text
         (fresh,) = kernel_containers(docker_client, kernel_id)
         assert fresh.id != container.id
+        wait_for_iopub(ws)
         again = run(ws, "print('marker' in dir())\n" + FACTS_CODE)
         assert again["reply"]["status"] == "ok", again
         first_line, facts_line = again["stdout"].splitlines()

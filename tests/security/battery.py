@@ -51,7 +51,8 @@ PROBES: tuple[Probe, ...] = (
           "EPERM (no CAP_NET_RAW)"),
     Probe("net-dns", "Network",
           "/etc/resolv.conf and getaddrinfo of a .test name",
-          "resolv.conf read-only; resolution fails: only `lo`, no route anywhere"),
+          "resolv.conf read-only, naming only 127.0.0.1 (not the host's resolver); resolution "
+          "fails: only `lo`, no route anywhere"),
     # -- file system ---------------------------------------------------------------------------
     Probe("fs-rootfs-write", "File system",
           "write the root file system (/usr, /etc/passwd, world-writable /var/tmp)",

@@ -126,13 +126,14 @@ except socket.gaierror as exc:
     resolved = f'gaierror {exc.errno}: {exc.strerror}'
 routes = [line.split() for line in open('/proc/net/route').read().splitlines()[1:] if line.strip()]
 report(write=attempt(lambda: open('/etc/resolv.conf', 'a').close()),
-       nameservers=len([l for l in conf.splitlines() if l.startswith('nameserver')]),
+       nameservers=[l.split()[1] for l in conf.splitlines() if l.startswith('nameserver')],
        resolved=resolved, seconds=round(time.monotonic() - started, 2),
        interfaces=sorted(_os.listdir('/sys/class/net')), routes=len(routes))
 """)
-    observe("net-dns", f"resolv.conf write: {got['write']} ({got['nameservers']} host "
-            f"nameserver line(s), unreachable); getaddrinfo: {got['resolved']} in "
+    observe("net-dns", f"resolv.conf write: {got['write']}, nameservers "
+            f"{', '.join(got['nameservers'])}; getaddrinfo: {got['resolved']} in "
             f"{got['seconds']} s; interfaces {got['interfaces']}, {got['routes']} routes")
     assert got["write"] in ("EROFS", "EACCES")
+    assert got["nameservers"] == ["127.0.0.1"]  # not the host's resolver
     assert got["resolved"].startswith("gaierror")
     assert got["interfaces"] == ["lo"] and got["routes"] == 0
