@@ -243,6 +243,10 @@ class DockerBackend:
         """Force-remove the container; "already gone" is fine (cleanup is idempotent)."""
         await self._call(self._remove_sync, container_id)
 
+    def remove_blocking(self, container_id: str) -> None:
+        """:meth:`remove` without a worker thread, for interpreter exit."""
+        self._guarded(self._remove_sync, container_id)
+
     def _remove_sync(self, container_id: str) -> None:
         try:
             self.client.api.remove_container(container_id, force=True)

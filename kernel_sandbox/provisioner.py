@@ -8,6 +8,7 @@ directory bind-mounted into a container that has no network interface but loopba
 from __future__ import annotations
 
 import asyncio
+import atexit
 import getpass
 import os
 import signal
@@ -51,6 +52,21 @@ ENGINE_GONE = -1
 _SWEPT_ROOTS: set[str] = set()
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
+# Provisioners with a container not yet cleaned up, and the pid of the process that owns them
+# (a forked child that exits must not end its parent's kernels).
+_LIVE: dict[DockerSandboxProvisioner, int] = {}
+
+
+@atexit.register
+def _end_live_kernels_at_exit() -> None:
+    for provisioner, owner_pid in list(_LIVE.items()):
+        if owner_pid != os.getpid():
+            continue
+        try:
+            provisioner._end_at_exit()
+        except Exception as exc:  # one failure must not keep the others running
+            provisioner.log.warning("kernel %s: not cleaned up at exit: %s",
+                                    provisioner.kernel_id, exc)
 
 
 def _policy_trait(help: str) -> AnyTrait:
@@ -487,6 +503,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._discard_failed_launch()
             raise
         self._launched = True
+        _LIVE[self] = os.getpid()
         self._watch()
         self.log.debug("kernel %s: container %s ready in %.2fs", self.kernel_id, name,
                        time.monotonic() - started)
@@ -609,16 +626,40 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         # synchronous (a revocation in SQLite and a socket close): cleanup also runs at
         # interpreter exit, when no new thread may be started
         self._release_data(restart)
-        if not restart and self._lifeline is not None:
-            self._lifeline.close()
-            self._lifeline = None
         if not restart:
             await self._stop_egress()
-        if not restart and self.runtime_dir is not None:
+            self._release_host_side()
+
+    def _release_host_side(self) -> None:
+        """The final, synchronous part of a cleanup: lifeline, runtime directory, client."""
+        _LIVE.pop(self, None)
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+        if self.runtime_dir is not None:
             self.runtime_dir.remove()
             self.runtime_dir = None
-        if not restart and self.backend is not shared_backend():
+        if self.backend is not shared_backend():
             self.backend.close()  # its connections to the engine; reopened if used again
+
+    def _end_at_exit(self) -> None:
+        """This process exits without having shut the kernel down: end it, leave nothing.
+
+        ``jupyter console`` only sends the kernel a shutdown request, and a script may forget
+        its kernels; a local kernel ends with its parent, and so does a sandbox. (A killed
+        owner cannot run this: its kernels wait for re-adoption, then the watchdog ends them.)
+        Blocking calls only: no worker thread may start at interpreter exit.
+        """
+        self._unwatch()
+        if self.container_id is not None:
+            try:
+                self.backend.remove_blocking(self.container_id)
+            except Exception as exc:  # the engine is gone: `kernel-sandbox gc` removes it later
+                self.log.warning("kernel %s: container %s left for gc: %s",
+                                 self.kernel_id, self.container_name, exc)
+            self.container_id = None
+        self._release_data(restart=False)
+        self._release_host_side()  # the egress proxy ends by itself when this process does
 
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.monitor) ---------------------
 
@@ -700,6 +741,8 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.runtime_dir = RuntimeDir(runtime_dir) if runtime_dir else None
         self.cwd = provisioner_info.get("cwd")
         self._launched = True
+        if self.container_id is not None:
+            _LIVE[self] = os.getpid()
         if self.runtime_dir is not None and self.runtime_dir.exists():
             self._own_runtime_dir()  # this process is the owner now; the watchdog reconnects
             self._watch()

@@ -279,6 +279,39 @@ def test_jupyter_server_rest_and_websocket(server: Server, docker_client, leak_c
             server.api("DELETE", f"/api/kernels/{kernel_id}")
 
 
+# -- jupyter console (a terminal frontend) -------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_jupyter_console_runs_and_interrupts(tmp_path, docker_client, leak_check):
+    """In a real terminal: a cell runs in the sandbox, Ctrl-C interrupts a long one, and
+    leaving the console removes the container."""
+    pexpect = pytest.importorskip("pexpect")
+    console = pexpect.spawn(
+        sys.executable, ["-m", "jupyter", "console", "--simple-prompt", "--kernel", SANDBOX],
+        cwd=str(tmp_path), env=os.environ.copy(), encoding="utf-8", timeout=60,
+        dimensions=(40, 200),
+    )
+    try:
+        console.expect(r"In \[1\]: ")
+        console.sendline("import os, time; print('facts', os.getuid(), os.listdir('/sys/class/net'))")
+        console.expect(r"facts (\d+) \['lo'\]")
+        assert int(console.match.group(1)) == SANDBOX_UID
+        console.expect(r"In \[2\]: ")
+        console.sendline("print('sleeping'); time.sleep(600)")
+        console.expect("sleeping")
+        console.sendintr()  # Ctrl-C: the console interrupts the kernel through the provisioner
+        console.expect("KeyboardInterrupt")
+        console.expect(r"In \[\d+\]: ")
+        console.sendline("print('still', 6 * 7)")  # the same kernel, not a restart
+        console.expect("still 42")
+        console.sendline("exit")
+        console.expect(pexpect.EOF)
+    finally:
+        console.close(force=True)
+    assert_nothing_left(docker_client, console.pid, "jupyter console exited but")
+
+
 # -- nbclient's CLI, papermill, nbclient as a library, nbmake ---------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Kernels cannot be left behind: real owner processes killed with SIGKILL."""
+"""Kernels cannot be left behind: real owner processes killed with SIGKILL, or exiting
+without shutting their kernels down."""
 
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ OWNER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def start_owner(orphan_timeout: float) -> tuple[subprocess.Popen, dict]:
+def start_owner(orphan_timeout: float, script: str = OWNER_SCRIPT) -> tuple[subprocess.Popen, dict]:
     """A separate process that owns one sandboxed kernel and then just waits."""
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER_SCRIPT, str(orphan_timeout)],
-        stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
+        [sys.executable, "-c", script, str(orphan_timeout)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
     )
     line = owner.stdout.readline()
     if not line:
@@ -51,6 +52,7 @@ def start_owner(orphan_timeout: float) -> tuple[subprocess.Popen, dict]:
 def kill(owner: subprocess.Popen) -> None:
     owner.send_signal(signal.SIGKILL)
     owner.wait()
+    owner.stdin.close()
     owner.stdout.close()
 
 
@@ -91,6 +93,26 @@ def test_orphaned_container_ends_itself_within_the_default_30s(
     finally:
         remove(docker_client, cid)
         asyncio.run(sweep(DockerBackend(), default_root()))
+
+
+def test_an_owner_that_exits_without_shutting_down_leaves_nothing(
+    jupyter_path, docker_client, kernel_image
+):
+    """As `jupyter console` does (it only sends a shutdown request), or a script that forgets:
+    the sandbox ends with its owner's normal exit, as a local kernel ends with its parent. The
+    watchdog's grace is an hour here, so only the exit can have removed it."""
+    script = OWNER_SCRIPT.replace("time.sleep(3600)", "sys.stdin.readline()")
+    owner, info = start_owner(orphan_timeout=3600, script=script)
+    cid, runtime_dir = info["container_id"], Path(info["runtime_dir"])
+    try:
+        assert container_state(docker_client, cid) == "running"
+        owner.communicate("exit\n", timeout=60)
+        assert owner.returncode == 0
+        wait_for(lambda: container_state(docker_client, cid) == "gone", timeout=20)
+        assert not runtime_dir.exists()
+    finally:
+        owner.kill()
+        remove(docker_client, cid)
 
 
 def test_gc_reaps_a_killed_owners_running_kernel_at_once(jupyter_path, docker_client, kernel_image):
