@@ -24,8 +24,9 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 # Run in the base image: distribution, release codename, dpkg architecture.
 release_probe = [
-    "sh", "-c", '. /etc/os-release && echo "$ID ${VERSION_CODENAME:-?}" '
-    "&& dpkg --print-architecture",
+    "sh", "-c", "[ -r /etc/os-release ] && . /etc/os-release; "
+    'echo "${ID:-unknown} ${VERSION_CODENAME:-?} '
+    '$(dpkg --print-architecture 2>/dev/null || echo none)"',
 ]
 Progress = Callable[[str], None]
 Runner = Callable[[list[str], Progress, str], None]

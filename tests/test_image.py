@@ -117,3 +117,26 @@ def test_an_unknown_apt_package_fails_before_building(
     assert "Unable to locate package no-such-package-kernel-sandbox" in err
     with pytest.raises(docker.errors.ImageNotFound):
         docker_client.images.get(tag)
+
+
+@pytest.fixture(scope="module")
+def not_debian_base(base_image: str, docker_client, tmp_path_factory) -> str:
+    """The base with another distribution's /etc/os-release and no dpkg."""
+    context = tmp_path_factory.mktemp("not-debian")
+    (context / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "RUN rm -f /etc/os-release /usr/bin/dpkg && printf 'ID=alpine\\nVERSION_ID=3.20\\n' "
+        "> /etc/os-release\n")
+    tag = "kernel-sandbox/not-debian:test"
+    docker_client.images.build(path=str(context), tag=tag, network_mode="none", rm=True)
+    return tag
+
+
+@pytest.mark.docker
+def test_apt_txt_on_a_base_that_is_not_debian(not_debian_base, tmp_path, capsys) -> None:
+    (tmp_path / "apt.txt").write_text("jq\n")
+    argv = ["image", "build", "--base", not_debian_base, "--tag", "kernel-sandbox/never:test",
+            "--binder", str(tmp_path)]
+    assert main(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert f"apt.txt needs a Debian base image; {not_debian_base} reports 'alpine ? none'" in err
