@@ -22,6 +22,7 @@ from pathlib import Path
 
 import docker
 import nbformat
+import pexpect
 import pytest
 import websocket
 from conftest import REPO, runtime_dirs
@@ -286,7 +287,6 @@ def test_jupyter_server_rest_and_websocket(server: Server, docker_client, leak_c
 def test_jupyter_console_runs_and_interrupts(tmp_path, docker_client, leak_check):
     """In a real terminal: a cell runs in the sandbox, Ctrl-C interrupts a long one, and
     leaving the console removes the container."""
-    pexpect = pytest.importorskip("pexpect")
     console = pexpect.spawn(
         sys.executable, ["-m", "jupyter", "console", "--simple-prompt", "--kernel", SANDBOX],
         cwd=str(tmp_path), env=os.environ.copy(), encoding="utf-8", timeout=60,
