@@ -4,7 +4,7 @@
                           [--json FILE]
 
 One process runs the same batch through the engine of ``kernel-sandbox run``
-(:class:`kernel_sandbox.batch.BatchRunner`: nbclient, one fresh kernel per notebook, the
+(:class:`kernel_sandbox.batch.runner.BatchRunner`: nbclient, one fresh kernel per notebook, the
 kernel shut down after each) with two kernelspecs in a temporary ``JUPYTER_PATH``:
 
 - **sandboxed**: the checkout's ``kernelspecs/python3-sandbox`` (a new container per notebook);
@@ -68,7 +68,7 @@ def kernelspecs(data: Path, local_python: str) -> None:
 
 
 async def batch(notebooks: list[tuple[Path, str]], kernel: str, jobs: int) -> float:
-    from kernel_sandbox.batch import BatchRunner, RunOptions, kernel_config
+    from kernel_sandbox.batch.runner import BatchRunner, RunOptions, kernel_config
 
     options = RunOptions(kernel=kernel, jobs=jobs, timeout=120,
                          config=kernel_config(None, 60))

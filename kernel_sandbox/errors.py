@@ -15,7 +15,7 @@
 
 Each message says what happened and what to do about it, in one or two lines, so that
 Jupyter Server, nbclient and the CLI can show it as it is. Engine errors
-(``docker.errors``) are translated into these in :mod:`kernel_sandbox.backend` only.
+(``docker.errors``) are translated into these in :mod:`kernel_sandbox.engine.backend` only.
 """
 
 from __future__ import annotations

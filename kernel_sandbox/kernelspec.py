@@ -17,8 +17,8 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from .errors import KernelspecError
-from .policy import SandboxPolicy
+from kernel_sandbox.errors import KernelspecError
+from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = [
     "PROVISIONER_NAME",

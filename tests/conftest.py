@@ -18,7 +18,7 @@ import docker
 import docker.errors
 import pytest
 
-from kernel_sandbox.owner import Owner
+from kernel_sandbox.host.owner import Owner
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "kernel-sandbox/python:latest"

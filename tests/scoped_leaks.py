@@ -17,7 +17,7 @@ from pathlib import Path
 
 import docker
 
-from kernel_sandbox.owner import Owner
+from kernel_sandbox.host.owner import Owner
 
 LABEL = "io.kernel-sandbox."
 

@@ -22,7 +22,7 @@ from kernels import make_kernelspec, run_cell, sandbox_kernel
 from traitlets.config import Config
 
 from kernel_sandbox.broker import AuditLog
-from kernel_sandbox.tokens import TokenStore
+from kernel_sandbox.broker.tokens import TokenStore
 
 pytestmark = pytest.mark.docker
 
@@ -191,7 +191,7 @@ def test_revoke_while_running_then_restart_mints_a_new_token(env, leak_check) ->
     with data_kernel(name, env["state"]) as (km, kc):
         assert run_json(kc, ls)[0] == "ok"
         cli = subprocess.run(
-            [sys.executable, "-m", "kernel_sandbox.cli", "tokens", "revoke", km.kernel_id,
+            [sys.executable, "-m", "kernel_sandbox.cli.app", "tokens", "revoke", km.kernel_id,
              "--db", db], capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0, cli.stderr
         assert run_json(kc, ls) == ["TokenRevoked", "token revoked"]

@@ -24,7 +24,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from kernels import make_kernelspec, run_cell
 from test_broker import TRY, broker_config
 
-from kernel_sandbox.tokens import TokenStore
+from kernel_sandbox.broker.tokens import TokenStore
 
 pytestmark = pytest.mark.docker
 
@@ -81,7 +81,7 @@ def test_an_adopted_kernel_keeps_its_token_across_a_broker_restart(
         kc.wait_for_ready(timeout=30)
         first = run_cell(kc, LS)
         assert json.loads(first["stdout"]) == ["ok", ["sales/q1.csv"]], first
-        cli = subprocess.run([sys.executable, "-m", "kernel_sandbox.cli", "tokens", "revoke",
+        cli = subprocess.run([sys.executable, "-m", "kernel_sandbox.cli.app", "tokens", "revoke",
                               info["kernel_id"], "--db", db], capture_output=True, text=True)
         assert cli.returncode == 0, cli.stderr
         assert json.loads(run_cell(kc, LS)["stdout"]) == ["TokenRevoked", "token revoked"]

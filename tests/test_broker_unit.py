@@ -20,10 +20,10 @@ from kernel_sandbox import data
 from kernel_sandbox.broker import AuditLog, Credentials, DataBroker
 from kernel_sandbox.broker.protocol import Refusal
 from kernel_sandbox.broker.sources import LocalSource, relative_parts
-from kernel_sandbox.cli import main as cli_main
+from kernel_sandbox.cli.app import main as cli_main
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.policy import SandboxPolicy
-from kernel_sandbox.tokens import Grant, TokenNotFound, TokenRefused, TokenStore
+from kernel_sandbox.policy.model import SandboxPolicy
+from kernel_sandbox.broker.tokens import Grant, TokenNotFound, TokenRefused, TokenStore
 
 
 class Clock:

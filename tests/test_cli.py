@@ -1,4 +1,4 @@
-"""The operator's commands, through ``kernel_sandbox.cli.main`` and the console script.
+"""The operator's commands, through ``kernel_sandbox.cli.app.main`` and the console script.
 
 Kernelspecs are installed under a temporary prefix put on JUPYTER_PATH; only the ps/stop test
 starts a (real) kernel.
@@ -20,8 +20,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from kernels import make_kernelspec, run_cell, sandbox_kernel
 from scoped_leaks import Scope, own_leaks
 
-from kernel_sandbox import doctor
-from kernel_sandbox.cli import main
+from kernel_sandbox.cli import doctor
+from kernel_sandbox.cli.app import main
 from kernel_sandbox.kernelspec import shipped_kernelspecs
 
 IMAGE = "kernel-sandbox/python:latest"
@@ -393,7 +393,7 @@ def test_console_script():
                           capture_output=True, text=True, timeout=60)
     assert stop.returncode == 2 and len(stop.stderr.strip().splitlines()) == 1
     assert "no sandboxed kernel" in stop.stderr
-    usage = subprocess.run([sys.executable, "-m", "kernel_sandbox.cli", "install", "--nope"],
+    usage = subprocess.run([sys.executable, "-m", "kernel_sandbox.cli.app", "install", "--nope"],
                            capture_output=True, text=True)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 

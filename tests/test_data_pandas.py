@@ -17,8 +17,8 @@ import pytest
 from kernels import make_kernelspec
 from test_broker import data_kernel, run_json
 
-from kernel_sandbox.backend import DockerBackend
-from kernel_sandbox.image import DEFAULT_BASE, LOCAL_BASE, build_kernel_image
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.image.build import DEFAULT_BASE, LOCAL_BASE, build_kernel_image
 
 pytestmark = pytest.mark.docker
 

@@ -20,7 +20,7 @@ from egress_servers import PROBE_VALUE, LocalTargets, tool_bundle
 from kernels import make_kernelspec, run_cell, sandbox_kernel
 from scoped_leaks import own_leaks
 
-from kernel_sandbox.cli import main as cli_main
+from kernel_sandbox.cli.app import main as cli_main
 from kernel_sandbox.egress import EgressControl
 
 RUNTIMES = ["runc", "runsc"]

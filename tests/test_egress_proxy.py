@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from egress_servers import LocalTargets
 
-from kernel_sandbox.cli import build_parser
-from kernel_sandbox.cli import main as cli_main
+from kernel_sandbox.cli.app import build_parser
+from kernel_sandbox.cli.app import main as cli_main
 from kernel_sandbox.egress import EgressControl, EgressControlError, EgressEndpoint
 from kernel_sandbox.egress.rules import (
     Target,
@@ -28,9 +28,9 @@ from kernel_sandbox.egress.rules import (
     parse_authority,
     parse_rule,
 )
-from kernel_sandbox.egress_cli import egress_install_policy
+from kernel_sandbox.cli.egress import egress_install_policy
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.policy import SandboxPolicy
+from kernel_sandbox.policy.model import SandboxPolicy
 
 # -- the rules ------------------------------------------------------------------------------
 

@@ -17,9 +17,9 @@ import requests
 from jupyter_client.manager import KernelManager
 
 from conftest import runtime_dirs, sandbox_containers, unavailable
-from kernel_sandbox.backend import DockerBackend
-from kernel_sandbox.reap import sweep
-from kernel_sandbox.rundir import default_root
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.host.reap import sweep
+from kernel_sandbox.host.rundir import default_root
 from kernels import SANDBOX, run_cell, sandbox_kernel
 from servers import execute, jupyter_server
 

@@ -14,10 +14,10 @@ import docker.errors
 import pytest
 from kernels import make_kernelspec, run_cell, sandbox_kernel
 
-from kernel_sandbox.cli import main
-from kernel_sandbox.debs import BaseRelease, read_apt_packages
+from kernel_sandbox.cli.app import main
+from kernel_sandbox.image.debs import BaseRelease, read_apt_packages
 from kernel_sandbox.errors import ImageBuildError
-from kernel_sandbox.image import DEFAULT_BASE, LOCAL_BASE, dropped_packages
+from kernel_sandbox.image.build import DEFAULT_BASE, LOCAL_BASE, dropped_packages
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "kernel-sandbox/python-apt:test"

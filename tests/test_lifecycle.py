@@ -14,7 +14,7 @@ from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.multikernelmanager import MultiKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from kernel_sandbox.provisioner import DockerSandboxProvisioner
+from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 from kernels import SANDBOX, make_kernelspec, run_cell, sandbox_kernel
 
 

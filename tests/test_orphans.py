@@ -17,9 +17,9 @@ import pytest
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from kernel_sandbox.backend import DockerBackend
-from kernel_sandbox.reap import sweep
-from kernel_sandbox.rundir import default_root
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.host.reap import sweep
+from kernel_sandbox.host.rundir import default_root
 from kernels import SANDBOX, run_cell
 
 OWNER_SCRIPT = textwrap.dedent("""

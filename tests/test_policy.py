@@ -21,9 +21,9 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from kernels import make_kernelspec
 from traitlets.config import Config
 
-from kernel_sandbox import backend
+from kernel_sandbox.engine import backend
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.policy import (
+from kernel_sandbox.policy.model import (
     CEILING_KEYS,
     PROFILES,
     RESERVED_TARGETS,
@@ -37,7 +37,7 @@ from kernel_sandbox.policy import (
     resolve_workspace,
     validate,
 )
-from kernel_sandbox.provisioner import DockerSandboxProvisioner
+from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
 REPO = Path(__file__).resolve().parent.parent
 G, M = 1024**3, 1024**2
@@ -550,7 +550,7 @@ def test_real_config_files_via_jupyter_config_dir(jupyter_path, tmp_path):
         json.dumps({"DockerSandboxProvisioner": {"tmpfs_size": "48m"}}))
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "kernel_sandbox.cli", "policy", "show", name, "--json"],
+        [sys.executable, "-m", "kernel_sandbox.cli.app", "policy", "show", name, "--json"],
         capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)

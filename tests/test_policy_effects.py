@@ -25,9 +25,9 @@ from scoped_leaks import Scope, own_leaks
 from servers import execute, jupyter_server
 from traitlets.config import Config
 
-from kernel_sandbox.backend import DockerBackend, workspace_target
+from kernel_sandbox.engine.backend import DockerBackend, workspace_target
 from kernel_sandbox.errors import PolicyError, RuntimeUnavailable
-from kernel_sandbox.rundir import RuntimeDir
+from kernel_sandbox.host.rundir import RuntimeDir
 
 M = 1024**2
 

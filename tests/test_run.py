@@ -29,7 +29,7 @@ from conftest import LABEL, runtime_dirs
 from kernels import make_kernelspec
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from kernel_sandbox.batch import (
+from kernel_sandbox.batch.runner import (
     BatchRunner,
     RunOptions,
     Status,
@@ -40,7 +40,7 @@ from kernel_sandbox.batch import (
     parse_value,
     write_junit,
 )
-from kernel_sandbox.cli import main
+from kernel_sandbox.cli.app import main
 
 CONTAINED = (
     "import os\n"
@@ -67,7 +67,7 @@ def notebook(path: Path, *cells: str, tags: dict[int, list[str]] | None = None) 
 
 def command() -> list[str]:
     script = shutil.which("kernel-sandbox")
-    return [script] if script else [sys.executable, "-m", "kernel_sandbox.cli"]
+    return [script] if script else [sys.executable, "-m", "kernel_sandbox.cli.app"]
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None,

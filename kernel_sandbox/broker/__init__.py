@@ -13,8 +13,8 @@ Modules: :mod:`.server` (the broker), :mod:`.protocol` (framing, refusals), :mod
 (path checks, local and remote sources, credentials), :mod:`.audit` (JSON lines).
 """
 
-from .audit import AuditLog
-from .server import DataBroker, shared_broker
-from .sources import Credentials
+from kernel_sandbox.broker.audit import AuditLog
+from kernel_sandbox.broker.server import DataBroker, shared_broker
+from kernel_sandbox.broker.sources import Credentials
 
 __all__ = ["AuditLog", "Credentials", "DataBroker", "shared_broker"]

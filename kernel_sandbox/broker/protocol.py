@@ -1,4 +1,4 @@
-"""The broker's end of the wire protocol drawn in :mod:`kernel_sandbox.data` (one definition,
+"""The broker's end of the wire protocol drawn in :mod:`kernel_sandbox.inside.data` (one definition,
 shared with the in-kernel client), and the one exception a request handler raises to refuse."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 import json
 from typing import Any
 
-from ..data import DATA, END, FRAME, JSON, MAX_CHUNK, MAX_MESSAGE, encode_frame, encode_json
+from kernel_sandbox.inside.data import DATA, END, FRAME, JSON, MAX_CHUNK, MAX_MESSAGE, encode_frame, encode_json
 
 __all__ = ["Refusal", "read_frame", "read_request", "send_error", "send_json"]
 

@@ -29,10 +29,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..data import DATA, END, MAX_CHUNK, MAX_MESSAGE, OPS, SOCKET_NAME, TOKEN_NAME
-from ..tokens import Grant, TokenRecord, TokenRefused, TokenStore
-from .audit import AuditLog
-from .protocol import (
+from kernel_sandbox.inside.data import DATA, END, MAX_CHUNK, MAX_MESSAGE, OPS, SOCKET_NAME, TOKEN_NAME
+from kernel_sandbox.broker.tokens import Grant, TokenRecord, TokenRefused, TokenStore
+from kernel_sandbox.broker.audit import AuditLog
+from kernel_sandbox.broker.protocol import (
     END_FRAME,
     Refusal,
     data_frame_header,
@@ -41,7 +41,7 @@ from .protocol import (
     send_error,
     send_json,
 )
-from .sources import Credentials, LocalReader, Source, open_source, relative_parts
+from kernel_sandbox.broker.sources import Credentials, LocalReader, Source, open_source, relative_parts
 
 __all__ = ["DataBroker", "shared_broker"]
 

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import SandboxError
-from .protocol import Refusal
+from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.broker.protocol import Refusal
 
 __all__ = ["Credentials", "LocalReader", "LocalSource", "RemoteSource", "Source", "open_source",
            "relative_parts"]

@@ -9,14 +9,14 @@ in the kernel's runtime directory and a bridge on the container's loopback:
 - :mod:`.service`: how the provisioner starts it and wires the container to it;
 - :mod:`.control`: approve-once (pending, approve, deny) for the CLI and front ends.
 
-The in-sandbox half is :mod:`kernel_sandbox.egress_bridge` (standard library only).
+The in-sandbox half is :mod:`kernel_sandbox.inside.egress_bridge` (standard library only).
 """
 
 from __future__ import annotations
 
-from .control import EgressControl, EgressControlError, PendingRequest
-from .rules import Decision, Rule, Target, TargetError, decide, parse_rule
-from .service import EgressEndpoint, default_log_path
+from kernel_sandbox.egress.control import EgressControl, EgressControlError, PendingRequest
+from kernel_sandbox.egress.rules import Decision, Rule, Target, TargetError, decide, parse_rule
+from kernel_sandbox.egress.service import EgressEndpoint, default_log_path
 
 __all__ = [
     "Decision",

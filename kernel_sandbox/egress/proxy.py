@@ -33,8 +33,8 @@ from typing import Any
 
 import h11
 
-from ..egress_bridge import _pump  # the same byte pump as the in-sandbox bridge
-from .rules import (
+from kernel_sandbox.inside.egress_bridge import _pump  # the same byte pump as the in-sandbox bridge
+from kernel_sandbox.egress.rules import (
     BAD_TARGET,
     NOT_LISTED,
     Decision,

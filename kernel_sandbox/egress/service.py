@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .proxy import ProxyConfig
+    from kernel_sandbox.egress.proxy import ProxyConfig
 
-from ..errors import KernelStartError
+from kernel_sandbox.errors import KernelStartError
 
 __all__ = ["BRIDGE_MODULE", "EgressEndpoint", "default_log_path", "proxy_env"]
 
-BRIDGE_MODULE = "kernel_sandbox.egress_bridge"
+BRIDGE_MODULE = "kernel_sandbox.inside.egress_bridge"
 CONFIG_FILE = "egress.json"
 CONTROL_SOCKET = "egress-control"
 PROXY_SOCKET = "egress"
@@ -81,7 +81,7 @@ class EgressEndpoint:
         return self.runtime_dir / CONTROL_SOCKET
 
     def config(self) -> ProxyConfig:
-        from .proxy import ProxyConfig  # not at import: `-m ...egress.proxy` runs it as __main__
+        from kernel_sandbox.egress.proxy import ProxyConfig  # not at import: `-m ...egress.proxy` runs it as __main__
 
         return ProxyConfig(
             kernel_id=self.kernel_id,

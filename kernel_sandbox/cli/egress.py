@@ -22,9 +22,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from .egress.control import EgressControl, EgressControlError
-from .errors import PolicyError
-from .policy import SandboxPolicy
+from kernel_sandbox.egress.control import EgressControl, EgressControlError
+from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = ["add_egress_command", "add_egress_install_flags", "egress_install_policy",
            "with_egress_policy"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SandboxError
+from kernel_sandbox.errors import SandboxError
 
 __all__ = [
     "Grant",

@@ -24,12 +24,12 @@ from rich.console import Console
 from rich.table import Table
 from traitlets.config import Config
 
-from .backend import LABEL_PREFIX, DockerBackend
-from .errors import PolicyError, SandboxError
-from .kernelspec import PROVISIONER_NAME
-from .policy import DEFAULT_IMAGE
-from .rundir import CHANNELS, MAX_SOCKET_PATH, SHARED, SOCKET_PREFIX, default_root
-from .settings import is_sandboxed, load_jupyter_config, resolve
+from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
+from kernel_sandbox.errors import PolicyError, SandboxError
+from kernel_sandbox.kernelspec import PROVISIONER_NAME
+from kernel_sandbox.policy.model import DEFAULT_IMAGE
+from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, SHARED, SOCKET_PREFIX, default_root
+from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config, resolve
 
 __all__ = ["Check", "add_doctor_command", "run_checks"]
 

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import PolicyError
+from kernel_sandbox.errors import PolicyError
 
 __all__ = ["CHANNELS", "MAX_SOCKET_PATH", "RuntimeDir", "default_root", "ipc_connection_info"]
 

@@ -19,10 +19,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .backend import DockerBackend
-from .debs import BaseRelease, fetch_debs, read_apt_packages, release_probe
-from .errors import ImageBuildError
-from .policy import DEFAULT_IMAGE
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.image.debs import BaseRelease, fetch_debs, read_apt_packages, release_probe
+from kernel_sandbox.errors import ImageBuildError
+from kernel_sandbox.policy.model import DEFAULT_IMAGE
 
 __all__ = [
     "DEFAULT_BASE",
@@ -43,8 +43,6 @@ ALWAYS_REQUIRED = ("ipykernel",)
 # kernelspecs switch off ("debugger": false) because it cannot reach across the sandbox.
 DROPPED_UNLESS_REQUESTED = ("debugpy",)
 SPEC_LABEL = "io.kernel-sandbox.spec-hash"
-# Modules of this package that run inside the sandbox (standard library only).
-INSIDE_MODULES = ("__init__.py", "watchdog.py", "data.py", "egress_bridge.py")
 APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")
 Progress = Callable[[str], None]
 
@@ -66,7 +64,7 @@ RUN cp -r /inside/kernel_sandbox \\
 
 FROM ${{BASE}}
 USER root
-# apt.txt: .deb files fetched on the host (kernel_sandbox.debs), installed with no network
+# apt.txt: .deb files fetched on the host (kernel_sandbox.image.debs), installed with no network
 COPY debs /tmp/debs
 RUN if ls /tmp/debs/*.deb >/dev/null 2>&1; then dpkg -i /tmp/debs/*.deb; fi && rm -rf /tmp/debs
 COPY --from=build /opt/kernel /opt/kernel
@@ -82,10 +80,11 @@ CMD ["python", "-m", "ipykernel_launcher"]
 
 def default_binder_dir() -> Path:
     """The environment spec shipped with the package (or the checkout's ``binder/``)."""
-    packaged = Path(__file__).parent / "_shared" / "binder"
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "_shared" / "binder"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "binder"
+    return package.parent / "binder"
 
 
 def _debian_uris(sources: tuple[str, ...]) -> list[str]:
@@ -209,9 +208,10 @@ def dropped_packages(requirements: list[str]) -> list[str]:
 
 
 def inside_files() -> list[Path]:
-    """The package modules that are installed in the kernel image."""
-    package = Path(__file__).parent
-    return [package / name for name in INSIDE_MODULES]
+    """What of this package the kernel image gets: its ``__init__`` and ``inside/``, whole."""
+    package = Path(__file__).resolve().parent.parent
+    inside = sorted(p for p in (package / "inside").rglob("*.py") if "__pycache__" not in p.parts)
+    return [package / "__init__.py", *inside]
 
 
 def spec_hash(base: str, requirements: list[str], apt_packages: list[str]) -> str:
@@ -265,8 +265,11 @@ async def build_kernel_image(
         (context / "Dockerfile").write_text(DOCKERFILE)
         inside = context / "inside" / "kernel_sandbox"
         inside.mkdir(parents=True)
+        package = Path(__file__).resolve().parent.parent
         for path in inside_files():
-            shutil.copy(path, inside / path.name)
+            target = inside / path.relative_to(package)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
         wheels = context / "wheels"
         progress(f"downloading wheels for Python {version}: {', '.join(requirements)}")
         arch = platform.machine()

@@ -1,6 +1,6 @@
 """``kernel-sandbox tokens list|revoke`` and the ``install --dataset`` helper.
 
-Registered in :func:`kernel_sandbox.cli.build_parser` by :func:`add_tokens_command`; each
+Registered in :func:`kernel_sandbox.cli.app.build_parser` by :func:`add_tokens_command`; each
 command returns an exit code (0 done, 1 nothing matched) and raises SandboxError subclasses
 for the CLI to report.
 """
@@ -17,9 +17,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .kernelspec import install_kernelspec, write_kernelspec
-from .policy import SandboxPolicy, parse_datasets
-from .tokens import TokenStore, default_state_dir
+from kernel_sandbox.kernelspec import install_kernelspec, write_kernelspec
+from kernel_sandbox.policy.model import SandboxPolicy, parse_datasets
+from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
 
 __all__ = ["add_tokens_command", "install_with_datasets"]
 

@@ -20,21 +20,21 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
-from .backend import DockerBackend
-from .data_cli import add_tokens_command, install_with_datasets
-from .doctor import add_doctor_command
-from .egress_cli import (
+from kernel_sandbox import __version__
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.cli.tokens import add_tokens_command, install_with_datasets
+from kernel_sandbox.cli.doctor import add_doctor_command
+from kernel_sandbox.cli.egress import (
     add_egress_command,
     add_egress_install_flags,
     egress_install_policy,
     with_egress_policy,
 )
-from .errors import ImageBuildError, SandboxError
-from .image import DEFAULT_BASE, LOCAL_BASE, build_base_image, build_kernel_image
-from .kernelspec import shipped_kernelspecs
-from .policy import DEFAULT_IMAGE
-from .policy_cli import (
+from kernel_sandbox.errors import ImageBuildError, SandboxError
+from kernel_sandbox.image.build import DEFAULT_BASE, LOCAL_BASE, build_base_image, build_kernel_image
+from kernel_sandbox.kernelspec import shipped_kernelspecs
+from kernel_sandbox.policy.model import DEFAULT_IMAGE
+from kernel_sandbox.cli.policy import (
     add_install_location,
     add_install_options,
     add_policy_command,
@@ -43,8 +43,8 @@ from .policy_cli import (
     install_custom,
     wants_custom_install,
 )
-from .run_cli import add_run_command
-from .sandboxes import add_gc_command, add_ps_command, add_stop_command
+from kernel_sandbox.cli.run import add_run_command
+from kernel_sandbox.cli.sandboxes import add_gc_command, add_ps_command, add_stop_command
 
 __all__ = ["main"]
 

@@ -1,7 +1,7 @@
 """``kernel-sandbox run``: execute notebooks for CI, each in its own fresh sandboxed kernel.
 
 The command line, the progress display (live on a terminal, plain lines otherwise), the
-summary and the exit code; the work is done by :mod:`kernel_sandbox.batch`.
+summary and the exit code; the work is done by :mod:`kernel_sandbox.batch.runner`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .batch import (
+from kernel_sandbox.batch.runner import (
     BatchRunner,
     NotebookResult,
     RunOptions,
@@ -33,7 +33,7 @@ from .batch import (
     preflight,
     write_junit,
 )
-from .errors import SandboxError
+from kernel_sandbox.errors import SandboxError
 
 __all__ = ["add_run_command", "cmd_run"]
 

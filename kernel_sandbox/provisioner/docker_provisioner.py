@@ -24,7 +24,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
 
-from .backend import (
+from kernel_sandbox.engine.backend import (
     LABEL_PREFIX,
     RUNTIME_MOUNT,
     SANDBOX_HOME,
@@ -32,15 +32,15 @@ from .backend import (
     DockerBackend,
     shared_backend,
 )
-from .backend import start_error as container_start_error
-from .egress.service import EgressEndpoint, default_log_path
-from .errors import EngineUnavailable, KernelStartError, PolicyError
-from .monitor import KernelMonitor
-from .owner import LIFELINE, Lifeline, Owner
-from .policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
-from .reap import sweep
-from .rundir import RuntimeDir, default_root, ipc_connection_info
-from .tokens import default_state_dir
+from kernel_sandbox.engine.backend import start_error as container_start_error
+from kernel_sandbox.egress.service import EgressEndpoint, default_log_path
+from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
+from kernel_sandbox.host.monitor import KernelMonitor
+from kernel_sandbox.host.owner import LIFELINE, Lifeline, Owner
+from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
+from kernel_sandbox.host.reap import sweep
+from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
+from kernel_sandbox.broker.tokens import default_state_dir
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -335,7 +335,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     def _broker(self) -> Any:
         if self.data_broker is None:
-            from .broker import shared_broker
+            from kernel_sandbox.broker import shared_broker
 
             self.data_broker = shared_broker(self.token_db, self.audit_log, self.data_credentials)
         return self.data_broker
@@ -358,7 +358,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     def _grant_data(self, owner: tuple[int, int]) -> None:
         """Mint this start's token (revoking the last one) and serve the kernel's socket."""
-        from .tokens import Grant
+        from kernel_sandbox.broker.tokens import Grant
 
         assert self.runtime_dir is not None and self.kernel_id
         scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
@@ -428,7 +428,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not self._image_has_watchdog:
             return argv
         lifeline = f"{RUNTIME_MOUNT}/{LIFELINE}"
-        return ["python", "-m", "kernel_sandbox.watchdog", lifeline, str(self.orphan_timeout),
+        return ["python", "-m", "kernel_sandbox.inside.watchdog", lifeline, str(self.orphan_timeout),
                 "--", *argv]
 
     def _sweep_orphans_once(self) -> None:
@@ -661,7 +661,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._release_data(restart=False)
         self._release_host_side()  # the egress proxy ends by itself when this process does
 
-    # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.monitor) ---------------------
+    # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) ---------------------
 
     def _watch(self) -> None:
         """Start the host-side monitor of the running container (once per container)."""

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ImageBuildError
+from kernel_sandbox.errors import ImageBuildError
 
 __all__ = ["BaseRelease", "fetch_debs", "read_apt_packages", "release_probe"]
 

@@ -25,13 +25,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .backend import LABEL_PREFIX, DockerBackend
-from .errors import SandboxError
-from .monitor import request_stop
-from .owner import Owner
-from .policy import format_size
-from .reap import sweep
-from .rundir import default_root
+from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
+from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.host.monitor import request_stop
+from kernel_sandbox.host.owner import Owner
+from kernel_sandbox.policy.model import format_size
+from kernel_sandbox.host.reap import sweep
+from kernel_sandbox.host.rundir import default_root
 
 __all__ = ["Sandbox", "add_gc_command", "add_ps_command", "add_stop_command", "list_sandboxes"]
 

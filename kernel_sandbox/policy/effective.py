@@ -16,9 +16,9 @@ from jupyter_core.application import JupyterApp
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
-from .errors import KernelspecError, PolicyError
-from .kernelspec import PROVISIONER_NAME, find_kernelspec
-from .policy import SandboxPolicy
+from kernel_sandbox.errors import KernelspecError, PolicyError
+from kernel_sandbox.kernelspec import PROVISIONER_NAME, find_kernelspec
+from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = ["EffectivePolicy", "effective_policy", "load_jupyter_config", "provisioner_for"]
 
@@ -74,7 +74,7 @@ def provisioner_for(spec: KernelSpec, config: Config, spec_config: dict[str, Any
     ``spec_config`` overrides the kernelspec's own provisioner config (to check a kernelspec
     before writing it).
     """
-    from .provisioner import DockerSandboxProvisioner
+    from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
     if spec_config is None:
         spec_config = spec_provisioner_config(spec)

@@ -32,7 +32,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import ensure_async
 from traitlets.config import Config
 
-from .errors import (
+from kernel_sandbox.errors import (
     EngineUnavailable,
     ImageMissing,
     KernelspecError,
@@ -248,9 +248,9 @@ async def preflight(options: RunOptions) -> None:
             not sandboxed or pins another profile.
         EngineUnavailable, ImageMissing: the engine or the kernel image is not there.
     """
-    from .backend import DockerBackend
-    from .kernelspec import find_kernelspec
-    from .provisioner import DockerSandboxProvisioner
+    from kernel_sandbox.engine.backend import DockerBackend
+    from kernel_sandbox.kernelspec import find_kernelspec
+    from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
     spec = find_kernelspec(options.kernel)
     provisioner_info = (spec.metadata or {}).get("kernel_provisioner") or {}

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backend import LABEL_PREFIX, DockerBackend
-from .owner import Lifeline, Owner
-from .rundir import RuntimeDir
+from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
+from kernel_sandbox.host.owner import Lifeline, Owner
+from kernel_sandbox.host.rundir import RuntimeDir
 
 __all__ = ["SweepReport", "sweep"]
 

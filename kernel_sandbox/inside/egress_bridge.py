@@ -1,14 +1,14 @@
 """Runs INSIDE the sandbox: the loopback bridge to the host-side egress proxy, and the kernel
 extension that shows egress denials in the cell that caused them.
 
-``python -m kernel_sandbox.egress_bridge 127.0.0.1:PORT SOCKET -- ARGV...``
+``python -m kernel_sandbox.inside.egress_bridge 127.0.0.1:PORT SOCKET -- ARGV...``
 
 binds ``127.0.0.1:PORT`` on the container's loopback (its only interface), forks a child that
 forwards every connection to the unix socket SOCKET (the kernel's proxy, on the host), and
 execs ARGV. The bridge decides nothing: it only carries bytes; the proxy on the host decides.
 If the proxy is gone, a client gets a 502 answer, never another way out.
 
-As an IPython extension (``--ext=kernel_sandbox.egress_bridge``) it reads the proxy's notices
+As an IPython extension (``--ext=kernel_sandbox.inside.egress_bridge``) it reads the proxy's notices
 from ``$KERNEL_SANDBOX_EGRESS_NOTICES`` and prints each on stderr of the running cell.
 Standard library only: it runs in the kernel image.
 """
@@ -84,7 +84,7 @@ def bridge(listener: socket.socket, proxy_path: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "--":
-        print("usage: python -m kernel_sandbox.egress_bridge HOST:PORT SOCKET -- ARGV...",
+        print("usage: python -m kernel_sandbox.inside.egress_bridge HOST:PORT SOCKET -- ARGV...",
               file=sys.stderr)
         return 2
     host, _, port = argv[0].rpartition(":")

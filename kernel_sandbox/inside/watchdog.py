@@ -1,6 +1,6 @@
 """Runs INSIDE the sandbox: start the kernel, and end it when its host side has vanished.
 
-``python -m kernel_sandbox.watchdog LIFELINE GRACE -- KERNEL ARGV...``
+``python -m kernel_sandbox.inside.watchdog LIFELINE GRACE -- KERNEL ARGV...``
 
 The host process that owns the kernel listens on the unix socket LIFELINE (in the runtime
 directory). This watchdog stays connected to it; when the connection breaks (the owner was
@@ -79,7 +79,7 @@ def watch(lifeline: str, grace: float, kernel: int, ended) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "--":
-        print("usage: python -m kernel_sandbox.watchdog LIFELINE GRACE -- ARGV...", file=sys.stderr)
+        print("usage: python -m kernel_sandbox.inside.watchdog LIFELINE GRACE -- ARGV...", file=sys.stderr)
         return 2
     lifeline, grace, command = argv[0], float(argv[1]), argv[3:]
     kernel = os.posix_spawnp(command[0], command, os.environ, setsigdef=RESTORED_SIGNALS)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PolicyError
+from kernel_sandbox.errors import PolicyError
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -449,7 +449,7 @@ MAX_ASK_TIMEOUT = 3600.0
 
 def _egress_rules(value: Any) -> tuple[str, ...]:
     """Host patterns (``api.corp.test``, ``*.corp.test``, ``data.corp.test:8443``), normalised."""
-    from .egress.rules import TargetError, parse_rule
+    from kernel_sandbox.egress.rules import TargetError, parse_rule
 
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise PolicyError(
@@ -464,7 +464,7 @@ def _egress_rules(value: Any) -> tuple[str, ...]:
 
 def _egress_hosts(value: Any) -> dict[str, str]:
     """Names the proxy resolves to fixed addresses: ``{NAME: ADDRESS}`` or ``["NAME=ADDRESS"]``."""
-    from .egress.rules import TargetError, parse_host_map
+    from kernel_sandbox.egress.rules import TargetError, parse_host_map
 
     if isinstance(value, (list, tuple)):
         if not all(isinstance(item, str) and "=" in item for item in value):

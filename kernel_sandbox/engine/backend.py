@@ -21,14 +21,14 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from .errors import (
+from kernel_sandbox.errors import (
     EngineUnavailable,
     ImageBuildError,
     ImageMissing,
     KernelStartError,
     RuntimeUnavailable,
 )
-from .policy import SandboxPolicy
+from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = ["LABEL_PREFIX", "ContainerRequest", "ContainerState", "DockerBackend", "shared_backend"]
 

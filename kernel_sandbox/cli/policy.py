@@ -1,6 +1,6 @@
 """The policy commands: ``install`` with a policy, ``wrap``, ``policy show|profiles``.
 
-Registered in :func:`kernel_sandbox.cli.build_parser`. Every policy a command writes is first
+Registered in :func:`kernel_sandbox.cli.app.build_parser`. Every policy a command writes is first
 worked out exactly as the kernel's start will (profile, Jupyter config, ceilings), so a bad
 value is refused here, with the same message, before any kernelspec is written.
 """
@@ -19,8 +19,8 @@ from jupyter_client.kernelspec import KernelSpec
 from rich.console import Console
 from rich.table import Table
 
-from .errors import KernelspecError, PolicyError
-from .kernelspec import (
+from kernel_sandbox.errors import KernelspecError, PolicyError
+from kernel_sandbox.kernelspec import (
     PYTHON_ARGV,
     check_kernel_name,
     find_kernelspec,
@@ -29,8 +29,8 @@ from .kernelspec import (
     wrapped_spec,
     write_kernelspec,
 )
-from .policy import PROFILES, SandboxPolicy, display_value, profile_values
-from .settings import EffectivePolicy, effective_policy, load_jupyter_config, resolve
+from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, display_value, profile_values
+from kernel_sandbox.policy.effective import EffectivePolicy, effective_policy, load_jupyter_config, resolve
 
 __all__ = [
     "POLICY_FLAGS",
@@ -190,7 +190,7 @@ def install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 
 
 async def cmd_wrap(args: argparse.Namespace) -> int:
-    from .egress_cli import egress_install_policy
+    from kernel_sandbox.cli.egress import egress_install_policy
 
     original = find_kernelspec(args.kernel_name)
     name = check_kernel_name(args.name or f"{args.kernel_name}-sandboxed")
@@ -227,7 +227,7 @@ def add_install_location(parser: argparse.ArgumentParser) -> None:
 
 
 def add_wrap_command(commands: Any) -> None:
-    from .egress_cli import add_egress_install_flags
+    from kernel_sandbox.cli.egress import add_egress_install_flags
 
     wrap = commands.add_parser(
         "wrap", help="make a sandboxed variant of an existing kernelspec (R, Julia, ...)",

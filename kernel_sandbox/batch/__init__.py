@@ -1,0 +1,1 @@
+"""Batch execution of notebooks (``kernel-sandbox run``), each in its own fresh kernel."""

@@ -1,0 +1,1 @@
+"""The container engine: the only code that talks to Docker (the docker SDK)."""

@@ -1,0 +1,1 @@
+"""A kernel's host-side resources: runtime directory, owner and lifeline, monitor, reaper."""

@@ -1,0 +1,1 @@
+"""Building images: a registry-free Debian base and the kernel image, hermetically."""
