@@ -61,17 +61,21 @@ def kernelspecs(data: Path, local_python: str) -> None:
     kernels = data / "kernels"
     shutil.copytree(REPO / "kernelspecs" / SANDBOX, kernels / SANDBOX)
     (kernels / LOCAL).mkdir(parents=True)
-    (kernels / LOCAL / "kernel.json").write_text(json.dumps({
-        "argv": [local_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (local, bench)", "language": "python",
-    }))
+    (kernels / LOCAL / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [local_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (local, bench)",
+                "language": "python",
+            }
+        )
+    )
 
 
 async def batch(notebooks: list[tuple[Path, str]], kernel: str, jobs: int) -> float:
     from kernel_sandbox.batch.runner import BatchRunner, RunOptions, kernel_config
 
-    options = RunOptions(kernel=kernel, jobs=jobs, timeout=120,
-                         config=kernel_config(None, 60))
+    options = RunOptions(kernel=kernel, jobs=jobs, timeout=120, config=kernel_config(None, 60))
     started = time.perf_counter()
     results = await BatchRunner(notebooks, options).run()
     elapsed = time.perf_counter() - started
@@ -85,8 +89,9 @@ class RoundFailed(RuntimeError):
     """A batch had a failing notebook, so its time means nothing."""
 
 
-async def timed_batch(notebooks: list[tuple[Path, str]], kernel: str, jobs: int,
-                      attempts: int = 3) -> float:
+async def timed_batch(
+    notebooks: list[tuple[Path, str]], kernel: str, jobs: int, attempts: int = 3
+) -> float:
     """A batch's time; a batch disturbed from outside (on a shared engine, another session
     removing containers) is run again, and said so."""
     for attempt in range(1, attempts + 1):
@@ -119,16 +124,25 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict:
         order = (SANDBOX, LOCAL) if round_ % 2 == 0 else (LOCAL, SANDBOX)
         for kernel in order:
             times[kernel].append(await timed_batch(notebooks, kernel, args.jobs))
-        print(f"round {round_ + 1}: sandboxed {times[SANDBOX][-1]:.2f}s, "
-              f"local {times[LOCAL][-1]:.2f}s", flush=True)
+        print(
+            f"round {round_ + 1}: sandboxed {times[SANDBOX][-1]:.2f}s, "
+            f"local {times[LOCAL][-1]:.2f}s",
+            flush=True,
+        )
     sandboxed, local = statistics.median(times[SANDBOX]), statistics.median(times[LOCAL])
     return {
-        "notebooks": args.notebooks, "jobs": args.jobs, "rounds": args.rounds,
-        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "notebooks": args.notebooks,
+        "jobs": args.jobs,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
         "local_python": args.local_python,
-        "sandboxed_s": times[SANDBOX], "local_s": times[LOCAL],
-        "sandboxed_median_s": round(sandboxed, 3), "local_median_s": round(local, 3),
-        "ratio": round(sandboxed / local, 3), "target": TARGET,
+        "sandboxed_s": times[SANDBOX],
+        "local_s": times[LOCAL],
+        "sandboxed_median_s": round(sandboxed, 3),
+        "local_median_s": round(local, 3),
+        "ratio": round(sandboxed / local, 3),
+        "target": TARGET,
         "leftover_containers": leftover_containers(),
     }
 
@@ -138,8 +152,11 @@ def main() -> int:
     parser.add_argument("--notebooks", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-python", default=sys.executable,
-                        help="interpreter of the local kernel (default: this one)")
+    parser.add_argument(
+        "--local-python",
+        default=sys.executable,
+        help="interpreter of the local kernel (default: this one)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ks-bench-batch-") as tmp:
@@ -147,10 +164,13 @@ def main() -> int:
         folder.mkdir()
         kernelspecs(data, args.local_python)
         os.environ["JUPYTER_PATH"] = os.pathsep.join(
-            filter(None, [str(data), os.environ.get("JUPYTER_PATH")]))
+            filter(None, [str(data), os.environ.get("JUPYTER_PATH")])
+        )
         report = asyncio.run(measure(args, folder))
-    print(f"\n{args.notebooks} notebooks, --jobs {args.jobs}, median of {args.rounds} rounds "
-          f"({report['cpus']} CPUs):")
+    print(
+        f"\n{args.notebooks} notebooks, --jobs {args.jobs}, median of {args.rounds} rounds "
+        f"({report['cpus']} CPUs):"
+    )
     print(f"  sandboxed kernels  {report['sandboxed_median_s']:7.2f} s")
     print(f"  local kernels      {report['local_median_s']:7.2f} s  ({args.local_python})")
     verdict = "within" if report["ratio"] <= TARGET else "over"

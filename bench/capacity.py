@@ -39,9 +39,15 @@ def setup_kernelspecs() -> None:
     os.symlink(REPO / "kernelspecs" / "python3-sandbox", kernels / "python3-sandbox")
     local = kernels / "python3-local"
     local.mkdir()
-    (local / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "local", "language": "python"}))
+    (local / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "local",
+                "language": "python",
+            }
+        )
+    )
     os.environ["JUPYTER_PATH"] = str(data)
 
 
@@ -63,19 +69,25 @@ async def hold(kernel_name: str, count: int, wave: int) -> dict:
     try:
         while len(running) < count:
             batch = min(wave, count - len(running))
-            results = await asyncio.gather(*(start(kernel_name) for _ in range(batch)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(start(kernel_name) for _ in range(batch)), return_exceptions=True
+            )
             ok = [r for r in results if not isinstance(r, BaseException)]
             running += ok
             if len(ok) < batch:
-                print(f"  {kernel_name}: {batch - len(ok)} failed at {len(running)} running: "
-                      f"{next(r for r in results if isinstance(r, BaseException))!r}")
+                print(
+                    f"  {kernel_name}: {batch - len(ok)} failed at {len(running)} running: "
+                    f"{next(r for r in results if isinstance(r, BaseException))!r}"
+                )
                 break
             print(f"  {kernel_name}: {len(running)} running", flush=True)
         await asyncio.sleep(3)  # let memory settle
         used = baseline - mem_available_mb()
-        return {"kernels": len(running), "seconds": time.monotonic() - started,
-                "mb_per_kernel": used / max(1, len(running))}
+        return {
+            "kernels": len(running),
+            "seconds": time.monotonic() - started,
+            "mb_per_kernel": used / max(1, len(running)),
+        }
     finally:
         for km, kc in running:
             kc.stop_channels()
@@ -92,8 +104,11 @@ async def main() -> None:
     local = await hold("python3-local", args.kernels, args.wave)
     await asyncio.sleep(3)
     sandbox = await hold("python3-sandbox", args.kernels, args.wave)
-    result = {"local": local, "sandbox": sandbox,
-              "extra_mb_per_sandboxed_kernel": sandbox["mb_per_kernel"] - local["mb_per_kernel"]}
+    result = {
+        "local": local,
+        "sandbox": sandbox,
+        "extra_mb_per_sandboxed_kernel": sandbox["mb_per_kernel"] - local["mb_per_kernel"],
+    }
     print(f"{'':10} {'held':>6} {'MB/kernel':>10} {'start-all s':>12}")
     for name in ("local", "sandbox"):
         r = result[name]

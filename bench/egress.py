@@ -111,14 +111,23 @@ def sandboxed(runtime: str, image: str | None, port: int, size: int, count: int)
     with tempfile.TemporaryDirectory(prefix="ks-bench-") as tmp:
         folder = Path(tmp) / "kernels" / f"egress-bench-{runtime}"
         folder.mkdir(parents=True)
-        config = {"runtime": runtime, "network": "allowlist", "egress": [f"bench.test:{port}"],
-                  "egress_hosts": {"bench.test": "127.0.0.1"}, "memory_limit": "1g"}
+        config = {
+            "runtime": runtime,
+            "network": "allowlist",
+            "egress": [f"bench.test:{port}"],
+            "egress_hosts": {"bench.test": "127.0.0.1"},
+            "memory_limit": "1g",
+        }
         if image:
             config["image"] = image
-        spec = {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "egress bench", "language": "python",
-                "metadata": {"kernel_provisioner": {"provisioner_name": "docker-sandbox",
-                                                    "config": config}}}
+        spec = {
+            "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "egress bench",
+            "language": "python",
+            "metadata": {
+                "kernel_provisioner": {"provisioner_name": "docker-sandbox", "config": config}
+            },
+        }
         (folder / "kernel.json").write_text(json.dumps(spec))
         old_path, old_state = os.environ.get("JUPYTER_PATH"), os.environ.get("XDG_STATE_HOME")
         os.environ["JUPYTER_PATH"] = tmp
@@ -129,14 +138,19 @@ def sandboxed(runtime: str, image: str | None, port: int, size: int, count: int)
             kc = km.client()
             kc.start_channels()
             kc.wait_for_ready(timeout=120)
-            code = (f"BASE = 'http://bench.test:{port}'; SIZE = {size}; COUNT = {count}\n"
-                    f"HOST, PORT, BRIDGE = 'bench.test', {port}, {km.provisioner.egress_port}\n"
-                    + KERNEL_CODE)
+            code = (
+                f"BASE = 'http://bench.test:{port}'; SIZE = {size}; COUNT = {count}\n"
+                f"HOST, PORT, BRIDGE = 'bench.test', {port}, {km.provisioner.egress_port}\n"
+                + KERNEL_CODE
+            )
             out: list[str] = []
             reply = kc.execute_interactive(
-                code, timeout=900,
-                output_hook=lambda m: out.append(m["content"].get("text", ""))
-                if m["msg_type"] == "stream" else None)
+                code,
+                timeout=900,
+                output_hook=lambda m: (
+                    out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None
+                ),
+            )
             if reply["content"]["status"] != "ok":
                 raise RuntimeError(f"the benchmark cell failed: {reply['content']}")
             kc.stop_channels()
@@ -169,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=100)
     parser.add_argument("--requests", type=int, default=100)
-    parser.add_argument("--runtime", action="append", default=None,
-                        help="runtime(s) to measure (default: runc and runsc)")
+    parser.add_argument(
+        "--runtime",
+        action="append",
+        default=None,
+        help="runtime(s) to measure (default: runc and runsc)",
+    )
     parser.add_argument("--image", default=None, help="kernel image (default: the policy's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -185,15 +203,21 @@ def main(argv: list[str] | None = None) -> int:
         result = sandboxed(runtime, args.image, port, size, args.requests)
         rows.append(summary(f"sandbox via proxy ({runtime})", result))
     server.shutdown()
-    print(f"{args.size_mb} MB download, {args.requests} small requests (new connection each); "
-          f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"{'path':<30} {'MB/s':>8} {'100MB s':>8} {'tunnel MB/s':>12} {'small total s':>14} "
-          f"{'median ms':>10} {'p95 ms':>8}")
+    print(
+        f"{args.size_mb} MB download, {args.requests} small requests (new connection each); "
+        f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    print(
+        f"{'path':<30} {'MB/s':>8} {'100MB s':>8} {'tunnel MB/s':>12} {'small total s':>14} "
+        f"{'median ms':>10} {'p95 ms':>8}"
+    )
     for row in rows:
         tunnel = f"{row['tunnel_mb_s']:.0f}" if "tunnel_mb_s" in row else "-"
-        print(f"{row['path']:<30} {row['download_mb_s']:>8.0f} {row['download_s']:>8.2f} "
-              f"{tunnel:>12} {row['small_total_s']:>14.2f} {row['small_median_ms']:>10.2f} "
-              f"{row['small_p95_ms']:>8.2f}")
+        print(
+            f"{row['path']:<30} {row['download_mb_s']:>8.0f} {row['download_s']:>8.2f} "
+            f"{tunnel:>12} {row['small_total_s']:>14.2f} {row['small_median_ms']:>10.2f} "
+            f"{row['small_p95_ms']:>8.2f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -25,8 +25,9 @@ import time
 from datetime import datetime
 from typing import Any
 
-_current: contextvars.ContextVar[Record | None] = contextvars.ContextVar("ks_bench_record",
-                                                                          default=None)
+_current: contextvars.ContextVar[Record | None] = contextvars.ContextVar(
+    "ks_bench_record", default=None
+)
 _ID = re.compile(r"/(?:[0-9a-f]{64}|ks-[0-9a-f]{8}-[0-9a-f]{6})(?=/|$)")
 _VERSION = re.compile(r"^/v\d+\.\d+")
 _IMAGE = re.compile(r"^/images/(.+)/json$")
@@ -34,7 +35,7 @@ _IMAGE = re.compile(r"^/images/(.+)/json$")
 
 def _engine_path(method: str, url: str) -> str:
     path = url.split("://", 1)[-1]
-    path = path[path.find("/"):] if "/" in path else path
+    path = path[path.find("/") :] if "/" in path else path
     path = _VERSION.sub("", path.split("?", 1)[0])
     path = _ID.sub("/{id}", path)
     path = _IMAGE.sub("/images/{image}/json", path)
@@ -105,8 +106,9 @@ class Probe:
         if wall is not None:
             # map wall-clock to perf_counter through the record's wall reference
             wall_ref, perf_ref = record.wall_ref
-            record.mark("container process started (engine StartedAt)",
-                        at=wall - wall_ref + perf_ref)
+            record.mark(
+                "container process started (engine StartedAt)", at=wall - wall_ref + perf_ref
+            )
 
     # -- patching ---------------------------------------------------------------------------
 
@@ -216,9 +218,14 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if name not in names:
                 names.append(name)
             depth.setdefault(name, rec["depth"].get(name, 0))
-            per_name.setdefault(name, []).append((
-                min(b for b, _ in begin_end), max(e for _, e in begin_end),
-                sum(e - b for b, e in begin_end), len(begin_end)))
+            per_name.setdefault(name, []).append(
+                (
+                    min(b for b, _ in begin_end),
+                    max(e for _, e in begin_end),
+                    sum(e - b for b, e in begin_end),
+                    len(begin_end),
+                )
+            )
         for name, at in rec["marks"].items():
             if name not in names:
                 names.append(name)
@@ -227,15 +234,17 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         values = per_name[name]
-        rows.append({
-            "name": name,
-            "depth": depth[name],
-            "begin_ms": statistics.median(v[0] for v in values) * 1e3,
-            "end_ms": statistics.median(v[1] for v in values) * 1e3,
-            "duration_ms": statistics.median(v[2] for v in values) * 1e3,
-            "count": statistics.median(v[3] for v in values),
-            "runs": len(values),
-        })
+        rows.append(
+            {
+                "name": name,
+                "depth": depth[name],
+                "begin_ms": statistics.median(v[0] for v in values) * 1e3,
+                "end_ms": statistics.median(v[1] for v in values) * 1e3,
+                "duration_ms": statistics.median(v[2] for v in values) * 1e3,
+                "count": statistics.median(v[3] for v in values),
+                "runs": len(values),
+            }
+        )
     rows.sort(key=lambda r: (r["begin_ms"], -r["end_ms"]))
     return rows
 
@@ -275,15 +284,24 @@ def stages(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if begin is not None and end is not None:
                 values.append((end - begin) * 1e3)
         if values:
-            out.append({"stage": title, "median_ms": statistics.median(values),
-                        "min_ms": min(values), "max_ms": max(values), "runs": len(values)})
+            out.append(
+                {
+                    "stage": title,
+                    "median_ms": statistics.median(values),
+                    "min_ms": min(values),
+                    "max_ms": max(values),
+                    "runs": len(values),
+                }
+            )
     return out
 
 
 def print_stages(rows: list[dict[str, Any]]) -> None:
     for row in rows:
-        print(f"    {row['stage']:<56} {row['median_ms']:7.1f}  "
-              f"({row['min_ms']:.0f}-{row['max_ms']:.0f})")
+        print(
+            f"    {row['stage']:<56} {row['median_ms']:7.1f}  "
+            f"({row['min_ms']:.0f}-{row['max_ms']:.0f})"
+        )
 
 
 def print_phases(rows: list[dict[str, Any]]) -> None:
@@ -293,7 +311,9 @@ def print_phases(rows: list[dict[str, Any]]) -> None:
         if row["count"] > 1:
             label += f" (x{row['count']:g})"
         if row["duration_ms"] > 0:
-            print(f"{label:<62} {row['begin_ms']:7.1f} -> {row['end_ms']:7.1f}  "
-                  f"({row['duration_ms']:.1f})")
+            print(
+                f"{label:<62} {row['begin_ms']:7.1f} -> {row['end_ms']:7.1f}  "
+                f"({row['duration_ms']:.1f})"
+            )
         else:
             print(f"{label:<62} {row['begin_ms']:7.1f}")

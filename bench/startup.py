@@ -84,8 +84,9 @@ class Target:
             cls, _, trait = dotted.rpartition(".")
             config[cls][trait] = value
         extra = {} if self.sandboxed else {"transport": self.transport}
-        return AsyncKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=ksm,
-                                  config=config, **extra)
+        return AsyncKernelManager(
+            kernel_name=self.kernel_name, kernel_spec_manager=ksm, config=config, **extra
+        )
 
 
 @dataclass
@@ -122,14 +123,21 @@ class Results:
 # -- kernelspecs ----------------------------------------------------------------------------
 
 
-def write_kernelspecs(root: Path, variants: list[Variant], local_python: str,
-                      local_transport: str) -> list[Target]:
+def write_kernelspecs(
+    root: Path, variants: list[Variant], local_python: str, local_transport: str
+) -> list[Target]:
     """A local ipykernel spec for ``local_python`` and one sandbox spec per variant."""
     targets = [Target(LOCAL, "bench-local", sandboxed=False, transport=local_transport)]
     local = {
         # log level ERROR only hides ipykernel's "running over TCP without encryption" warning
-        "argv": [local_python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                 "--IPKernelApp.log_level=ERROR"],
+        "argv": [
+            local_python,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+            "--IPKernelApp.log_level=ERROR",
+        ],
         "display_name": "Python 3 (local, benchmark)",
         "language": "python",
         "metadata": {"debugger": False},
@@ -145,8 +153,15 @@ def write_kernelspecs(root: Path, variants: list[Variant], local_python: str,
         spec["display_name"] = f"{spec['display_name']} [{variant.label}]"
         name = f"bench-{variant.label}"
         _write_spec(root / name, spec)
-        targets.append(Target(variant.label, name, sandboxed=True, config=variant.spec_config,
-                              jupyter_config=variant.jupyter_config))
+        targets.append(
+            Target(
+                variant.label,
+                name,
+                sandboxed=True,
+                config=variant.spec_config,
+                jupyter_config=variant.jupyter_config,
+            )
+        )
     return targets
 
 
@@ -213,8 +228,9 @@ class KernelLost(RuntimeError):
     """The kernel died or stopped answering while being measured."""
 
 
-async def _wait_for(kc: Any, channel: str, match: Callable[[dict[str, Any]], bool]
-                    ) -> dict[str, Any]:
+async def _wait_for(
+    kc: Any, channel: str, match: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
     """The first message on ``channel`` that ``match``es; checks every second that the kernel
     is still alive, so a kernel killed by someone else does not stall the run."""
     get = kc.get_shell_msg if channel == "shell" else kc.get_iopub_msg
@@ -237,9 +253,15 @@ async def _reply(kc: Any, msg_id: str) -> dict[str, Any]:
 
 
 async def _idle(kc: Any, msg_id: str) -> None:
-    await _wait_for(kc, "iopub", lambda m: (
-        m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status"
-        and m["content"]["execution_state"] == "idle"))
+    await _wait_for(
+        kc,
+        "iopub",
+        lambda m: (
+            m["parent_header"].get("msg_id") == msg_id
+            and m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+        ),
+    )
 
 
 async def _iopub_connected(kc: Any) -> None:
@@ -267,8 +289,13 @@ async def execute_round_trip(kc: Any, code: str = "1") -> float:
     return elapsed
 
 
-async def measure(target: Target, ksm: KernelSpecManager, registry: KernelRegistry,
-                  executions: int, probe: phase_probe.Probe | None) -> Sample:
+async def measure(
+    target: Target,
+    ksm: KernelSpecManager,
+    registry: KernelRegistry,
+    executions: int,
+    probe: phase_probe.Probe | None,
+) -> Sample:
     """Start one kernel, time kernel_info, the executions and the shutdown."""
     km = target.manager(ksm)
     registry.managers.append(km)
@@ -300,13 +327,17 @@ async def measure(target: Target, ksm: KernelSpecManager, registry: KernelRegist
         if km.has_kernel:
             await km.shutdown_kernel(now=True)
         registry.managers.remove(km)
-    return Sample(start, round_trips, shutdown, record.as_dict(started) if record else None,
-                  load)
+    return Sample(start, round_trips, shutdown, record.as_dict(started) if record else None, load)
 
 
-async def attempt(target: Target, ksm: KernelSpecManager, registry: KernelRegistry,
-                  executions: int, probe: phase_probe.Probe | None, results: Results
-                  ) -> Sample | None:
+async def attempt(
+    target: Target,
+    ksm: KernelSpecManager,
+    registry: KernelRegistry,
+    executions: int,
+    probe: phase_probe.Probe | None,
+    results: Results,
+) -> Sample | None:
     """One measurement; a failed start is reported and counted, and the run goes on (on a
     shared machine another job may remove a container or starve a kernel)."""
     try:
@@ -350,8 +381,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_facts()
     try:
         variants = [] if args.no_default_sandbox else [Variant("sandbox")]
-        targets = write_kernelspecs(tmp, [*variants, *args.variant], args.local_python,
-                                    args.local_transport)
+        targets = write_kernelspecs(
+            tmp, [*variants, *args.variant], args.local_python, args.local_transport
+        )
         ksm = KernelSpecManager(kernel_dirs=[str(tmp)])
         results = {t.label: Results(t) for t in targets}
         if probe:
@@ -372,9 +404,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 results[t.label].samples.append(sample)
                 if not args.quiet:
-                    print(f"run {i + 1:>2}/{args.runs} {t.label:<8} start {sample.start:.3f} s  "
-                          f"execute {statistics.median(sample.executions) * 1e3:.2f} ms  "
-                          f"shutdown {sample.shutdown:.2f} s", flush=True)
+                    print(
+                        f"run {i + 1:>2}/{args.runs} {t.label:<8} start {sample.start:.3f} s  "
+                        f"execute {statistics.median(sample.executions) * 1e3:.2f} ms  "
+                        f"shutdown {sample.shutdown:.2f} s",
+                        flush=True,
+                    )
             if stop.requested:
                 break
     finally:
@@ -432,7 +467,9 @@ def machine_facts() -> dict[str, Any]:
     try:
         facts["docker"] = subprocess.run(
             ["docker", "version", "--format", "{{.Server.Version}}"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         facts["docker"] = None
@@ -443,19 +480,36 @@ def summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "q1": q[0], "q3": q[2], "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": q[0],
+        "q3": q[2],
+        "n": len(values),
+    }
 
 
-def report(results: dict[str, Results], machine: dict[str, Any], args: argparse.Namespace
-           ) -> dict[str, Any]:
-    out: dict[str, Any] = {"machine": machine, "config": {
-        "runs": args.runs, "executions": args.executions, "warmup": args.warmup,
-        "local_python": args.local_python, "local_transport": args.local_transport,
-        "variants": {r.target.label: {"kernelspec": r.target.config,
-                                      "jupyter": r.target.jupyter_config}
-                     for r in results.values() if r.target.sandboxed},
-    }, "kernels": {}, "ratios": {}}
+def report(
+    results: dict[str, Results], machine: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "machine": machine,
+        "config": {
+            "runs": args.runs,
+            "executions": args.executions,
+            "warmup": args.warmup,
+            "local_python": args.local_python,
+            "local_transport": args.local_transport,
+            "variants": {
+                r.target.label: {"kernelspec": r.target.config, "jupyter": r.target.jupyter_config}
+                for r in results.values()
+                if r.target.sandboxed
+            },
+        },
+        "kernels": {},
+        "ratios": {},
+    }
     for label, r in results.items():
         out["kernels"][label] = {
             "start_s": summary(r.starts),
@@ -465,8 +519,9 @@ def report(results: dict[str, Results], machine: dict[str, Any], args: argparse.
             "failures": r.failures,
             "loadavg_1min": summary([s.load for s in r.samples]),
             "starts": r.starts,
-            "execute_medians_per_run": [statistics.median(s.executions) for s in r.samples
-                                        if s.executions],
+            "execute_medians_per_run": [
+                statistics.median(s.executions) for s in r.samples if s.executions
+            ],
         }
         phases = [s.phases for s in r.samples if s.phases]
         if phases:
@@ -490,14 +545,24 @@ def print_table(out: dict[str, Any]) -> None:
     cfg = out["config"]
     print()
     loads = [d["loadavg_1min"] for d in kernels.values() if d["loadavg_1min"]]
-    load_text = (f"{min(x['min'] for x in loads):.1f}-{max(x['max'] for x in loads):.1f} "
-                 f"(median {statistics.median(x['median'] for x in loads):.1f})" if loads else "-")
-    print(f"{cfg['runs']} starts per kernel (alternating), {cfg['executions']} executions each; "
-          f"{m['cpus']} CPUs; 1-minute load average during the starts: {load_text}")
-    print(f"{'kernel':<12}{'start -> kernel_info':>26}{'execute round trip':>28}"
-          f"{'shutdown':>10}{'start':>8}{'execute':>9}")
-    print(f"{'':<12}{'median (min-max) s':>26}{'median (q1-q3) ms':>28}{'median s':>10}"
-          f"{'ratio':>8}{'ratio':>9}")
+    load_text = (
+        f"{min(x['min'] for x in loads):.1f}-{max(x['max'] for x in loads):.1f} "
+        f"(median {statistics.median(x['median'] for x in loads):.1f})"
+        if loads
+        else "-"
+    )
+    print(
+        f"{cfg['runs']} starts per kernel (alternating), {cfg['executions']} executions each; "
+        f"{m['cpus']} CPUs; 1-minute load average during the starts: {load_text}"
+    )
+    print(
+        f"{'kernel':<12}{'start -> kernel_info':>26}{'execute round trip':>28}"
+        f"{'shutdown':>10}{'start':>8}{'execute':>9}"
+    )
+    print(
+        f"{'':<12}{'median (min-max) s':>26}{'median (q1-q3) ms':>28}{'median s':>10}"
+        f"{'ratio':>8}{'ratio':>9}"
+    )
     for label, data in kernels.items():
         start, ex, down = data["start_s"], data["execute_s"], data["shutdown_s"]
         if not start:
@@ -506,20 +571,26 @@ def print_table(out: dict[str, Any]) -> None:
         start_text = f"{start['median']:.3f} ({start['min']:.3f}-{start['max']:.3f})"
         ex_text = f"{ex['median'] * 1e3:.2f} ({ex['q1'] * 1e3:.2f}-{ex['q3'] * 1e3:.2f})"
         ratios = (f"{ratio['start']:.2f}x", f"{ratio['execute']:.2f}x") if ratio else ("-", "-")
-        print(f"{label:<12}{start_text:>26}{ex_text:>28}{down['median']:>10.2f}"
-              f"{ratios[0]:>8}{ratios[1]:>9}")
+        print(
+            f"{label:<12}{start_text:>26}{ex_text:>28}{down['median']:>10.2f}"
+            f"{ratios[0]:>8}{ratios[1]:>9}"
+        )
     for label, data in kernels.items():
         if data["failures"]:
             print(f"{label}: {len(data['failures'])} failed start(s): {data['failures'][0]}")
     for label, ratio in out["ratios"].items():
-        verdicts = [f"{what} {ratio[what]:.2f}x "
-                    f"({'meets' if ratio[what] <= target else 'misses'} <= {target}x)"
-                    for what, target in TARGETS.items()]
+        verdicts = [
+            f"{what} {ratio[what]:.2f}x "
+            f"({'meets' if ratio[what] <= target else 'misses'} <= {target}x)"
+            for what, target in TARGETS.items()
+        ]
         print(f"{label}/local: " + ", ".join(verdicts))
     for label, data in kernels.items():
         if "phases" in data:
-            print(f"\n{label}: phases of a start, median ms from start_kernel() "
-                  "[begin -> end] (duration)")
+            print(
+                f"\n{label}: phases of a start, median ms from start_kernel() "
+                "[begin -> end] (duration)"
+            )
             phase_probe.print_phases(data["phases"])
             print("  the same start as consecutive stages, median ms (min-max):")
             phase_probe.print_stages(data["stages"])
@@ -528,23 +599,51 @@ def print_table(out: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="starts per kernel (default 10)")
-    parser.add_argument("--executions", type=int, default=100,
-                        help="timed execute('1') round trips per start (default 100)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed starts per kernel before measuring (default 1)")
-    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
-                        metavar="LABEL:KEY=VALUE,...",
-                        help="another sandbox kernel with this provisioner config, e.g. "
-                        "runsc:runtime=runsc (repeatable)")
-    parser.add_argument("--no-default-sandbox", action="store_true",
-                        help="measure only the --variant sandboxes, not the plain python3-sandbox")
-    parser.add_argument("--local-python", default=sys.executable, metavar="PYTHON",
-                        help="interpreter of the local kernel (default: this one); e.g. a venv "
-                        "with the kernel image's package versions, for a like-for-like baseline")
-    parser.add_argument("--local-transport", choices=("tcp", "ipc"), default="tcp",
-                        help="ZeroMQ transport of the local kernel (default tcp, as Jupyter's)")
-    parser.add_argument("--no-phases", dest="phases", action="store_false",
-                        help="do not time the provisioner's phases and engine requests")
+    parser.add_argument(
+        "--executions",
+        type=int,
+        default=100,
+        help="timed execute('1') round trips per start (default 100)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed starts per kernel before measuring (default 1)",
+    )
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="another sandbox kernel with this provisioner config, e.g. "
+        "runsc:runtime=runsc (repeatable)",
+    )
+    parser.add_argument(
+        "--no-default-sandbox",
+        action="store_true",
+        help="measure only the --variant sandboxes, not the plain python3-sandbox",
+    )
+    parser.add_argument(
+        "--local-python",
+        default=sys.executable,
+        metavar="PYTHON",
+        help="interpreter of the local kernel (default: this one); e.g. a venv "
+        "with the kernel image's package versions, for a like-for-like baseline",
+    )
+    parser.add_argument(
+        "--local-transport",
+        choices=("tcp", "ipc"),
+        default="tcp",
+        help="ZeroMQ transport of the local kernel (default tcp, as Jupyter's)",
+    )
+    parser.add_argument(
+        "--no-phases",
+        dest="phases",
+        action="store_false",
+        help="do not time the provisioner's phases and engine requests",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines")
     args = parser.parse_args(argv)

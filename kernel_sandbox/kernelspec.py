@@ -111,7 +111,10 @@ def install_kernelspec(
 
 
 def write_kernelspec(
-    name: str, spec: dict[str, Any], user: bool = False, prefix: str | None = None,
+    name: str,
+    spec: dict[str, Any],
+    user: bool = False,
+    prefix: str | None = None,
     resources: Path | None = None,
 ) -> str:
     """Install ``spec`` as kernelspec ``name``; the other files of ``resources`` (logos,
@@ -145,8 +148,12 @@ def find_kernelspec(name: str) -> Any:
 
 
 def wrapped_spec(
-    spec: KernelSpec, name: str, image: str, display_name: str | None = None,
-    policy: dict[str, Any] | None = None, profile: str | None = None,
+    spec: KernelSpec,
+    name: str,
+    image: str,
+    display_name: str | None = None,
+    policy: dict[str, Any] | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """A kernel.json dict that runs ``spec``'s argv inside ``image`` under the sandbox.
 
@@ -177,8 +184,12 @@ def wrapped_spec(
     metadata.pop("kernel_provisioner", None)
     metadata["debugger"] = False  # as python3-sandbox: no debugger across the sandbox boundary
     out = sandbox_spec(
-        argv, display_name or f"{spec.display_name} (sandboxed)", spec.language or "",
-        policy={"image": image, **(policy or {})}, profile=profile, extra_metadata=metadata,
+        argv,
+        display_name or f"{spec.display_name} (sandboxed)",
+        spec.language or "",
+        policy={"image": image, **(policy or {})},
+        profile=profile,
+        extra_metadata=metadata,
     )
     if spec.env:
         out["env"] = dict(spec.env)

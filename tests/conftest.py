@@ -132,4 +132,3 @@ def leak_check(docker_client: docker.DockerClient, kernel_image: str) -> Iterato
             pass
     assert not leaked, f"test left {len(leaked)} sandbox container(s) behind"
     assert not leaked_dirs, f"test left runtime directories behind: {sorted(leaked_dirs)}"
-

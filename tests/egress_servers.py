@@ -29,11 +29,9 @@ def build_wheel(folder: Path) -> Path:
     """A tiny pure-Python wheel (module ksegress_probe), built by hand: no build tools."""
     files = {
         "ksegress_probe.py": f"VALUE = {PROBE_VALUE!r}\n".encode(),
-        "ksegress_probe-1.0.dist-info/METADATA":
-            b"Metadata-Version: 2.1\nName: ksegress-probe\nVersion: 1.0\n",
-        "ksegress_probe-1.0.dist-info/WHEEL":
-            b"Wheel-Version: 1.0\nGenerator: kernel-sandbox-tests\nRoot-Is-Purelib: true\n"
-            b"Tag: py3-none-any\n",
+        "ksegress_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: ksegress-probe\nVersion: 1.0\n",
+        "ksegress_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: kernel-sandbox-tests\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
     }
     record = []
     for name, data in files.items():
@@ -53,10 +51,26 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
     cert, key = folder / "cert.pem", folder / "key.pem"
     names = ",".join(f"DNS:{n}" for n in NAMES)
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=api.test",
-         "-addext", f"subjectAltName={names}"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=api.test",
+            "-addext",
+            f"subjectAltName={names}",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -92,8 +106,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(block[: min(size, len(block))])
                 size -= len(block)
         elif path.rstrip("/") == "/simple":
-            self._send(b'<html><body><a href="/simple/ksegress-probe/">ksegress-probe</a></body></html>',
-                       kind="text/html")
+            self._send(
+                b'<html><body><a href="/simple/ksegress-probe/">ksegress-probe</a></body></html>',
+                kind="text/html",
+            )
         elif path.rstrip("/") == "/simple/ksegress-probe":
             digest = hashlib.sha256(self.wheel).hexdigest()
             link = f'<a href="/files/{WHEEL_NAME}#sha256={digest}">{WHEEL_NAME}</a>'

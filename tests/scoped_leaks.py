@@ -36,8 +36,10 @@ def _containers(client: docker.DockerClient, scope: Scope) -> list[str]:
     found = []
     for container in client.containers.list(all=True, filters={"label": f"{LABEL}managed=true"}):
         labels = container.labels
-        if (labels.get(f"{LABEL}owner-pid", "") in {str(p) for p in scope.pids}
-                or labels.get(f"{LABEL}kernelspec") in scope.kernelspecs):
+        if (
+            labels.get(f"{LABEL}owner-pid", "") in {str(p) for p in scope.pids}
+            or labels.get(f"{LABEL}kernelspec") in scope.kernelspecs
+        ):
             found.append(container.id)
     return found
 

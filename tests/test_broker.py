@@ -66,8 +66,9 @@ def broker_config(state: Path, credentials: Path | None = None) -> Config:
 
 
 @contextmanager
-def data_kernel(kernel_name: str, state: Path,
-                credentials: Path | None = None) -> Iterator[tuple[KernelManager, object]]:
+def data_kernel(
+    kernel_name: str, state: Path, credentials: Path | None = None
+) -> Iterator[tuple[KernelManager, object]]:
     """A sandboxed kernel whose broker keeps its tokens and audit log under ``state``."""
     with sandbox_kernel(kernel_name, config=broker_config(state, credentials)) as pair:
         yield pair
@@ -94,7 +95,9 @@ def attempt(fn):
         return [type(exc).__name__, str(exc)]
 """
 
-READS = TRY + r"""
+READS = (
+    TRY
+    + r"""
 import fsspec
 def wr():
     with data.open("out/from-kernel.txt", "w") as f:
@@ -111,6 +114,7 @@ print(json.dumps({
     "token_mode": oct(__import__("os").stat("/run/kernel-sandbox/data-token").st_mode & 0o777),
 }))
 """
+)
 
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
@@ -128,15 +132,24 @@ def test_reads_in_scope(env, leak_check, runtime: str) -> None:
     assert facts["token_mode"] == "0o400"
     entries = audit(env, kernel_id)
     assert {(e["op"], e["decision"]) for e in entries} >= {
-        ("scope", "allow"), ("list", "allow"), ("read", "allow"), ("write", "allow")}
+        ("scope", "allow"),
+        ("list", "allow"),
+        ("read", "allow"),
+        ("write", "allow"),
+    }
     assert all(e["token_id"] for e in entries)
     # shut down: its token is revoked, not merely forgotten
-    records = [r for r in TokenStore(env["state"] / "tokens.sqlite").records(include_dead=True)
-               if r.kernel_id == kernel_id]
+    records = [
+        r
+        for r in TokenStore(env["state"] / "tokens.sqlite").records(include_dead=True)
+        if r.kernel_id == kernel_id
+    ]
     assert records and all(r.revoked for r in records)
 
 
-REFUSALS = TRY + r"""
+REFUSALS = (
+    TRY
+    + r"""
 def write_sales():
     with data.open("sales/new.csv", "w") as f:
         f.write("x")
@@ -151,6 +164,7 @@ print(json.dumps({
     "direct": attempt(lambda: open("%(hr)s/salaries.csv").read()),
 }))
 """
+)
 
 
 def test_refusals_from_inside_are_clear_and_audited(env, leak_check) -> None:
@@ -168,15 +182,19 @@ def test_refusals_from_inside_are_clear_and_audited(env, leak_check) -> None:
     assert still[0] == "ok"
     reasons = [e["reason"] for e in audit(env, kernel_id) if e["decision"] == "deny"]
     assert sorted(reasons) == sorted(
-        ["scope", "escape", "escape", "escape", "escape", "read-only", "not-found"])
+        ["scope", "escape", "escape", "escape", "escape", "read-only", "not-found"]
+    )
 
 
 def test_expired_token(env, leak_check) -> None:
     name = spec("data-expiry", env, token_ttl=6)
     with data_kernel(name, env["state"]) as (km, kc):
         assert run_json(kc, TRY + 'print(json.dumps(attempt(lambda: data.ls("sales"))))')[0] == "ok"
-        record = next(r for r in TokenStore(env["state"] / "tokens.sqlite").records()
-                      if r.kernel_id == km.kernel_id)
+        record = next(
+            r
+            for r in TokenStore(env["state"] / "tokens.sqlite").records()
+            if r.kernel_id == km.kernel_id
+        )
         time.sleep(max(0.0, record.expires - time.time()) + 0.5)
         got = run_json(kc, TRY + 'print(json.dumps(attempt(lambda: data.ls("sales"))))')
         kernel_id = km.kernel_id
@@ -191,8 +209,20 @@ def test_revoke_while_running_then_restart_mints_a_new_token(env, leak_check) ->
     with data_kernel(name, env["state"]) as (km, kc):
         assert run_json(kc, ls)[0] == "ok"
         cli = subprocess.run(
-            [sys.executable, "-m", "kernel_sandbox.cli.app", "tokens", "revoke", km.kernel_id,
-             "--db", db], capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "kernel_sandbox.cli.app",
+                "tokens",
+                "revoke",
+                km.kernel_id,
+                "--db",
+                db,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert cli.returncode == 0, cli.stderr
         assert run_json(kc, ls) == ["TokenRevoked", "token revoked"]
         assert audit(env, km.kernel_id)[-1]["reason"] == "revoked"
@@ -200,21 +230,26 @@ def test_revoke_while_running_then_restart_mints_a_new_token(env, leak_check) ->
         km.restart_kernel(now=True)
         kc.wait_for_ready(timeout=60)
         assert run_json(kc, ls)[0] == "ok"  # a restart mints a new token
-        records = [r for r in TokenStore(db).records(include_dead=True)
-                   if r.kernel_id == km.kernel_id]
+        records = [
+            r for r in TokenStore(db).records(include_dead=True) if r.kernel_id == km.kernel_id
+        ]
         assert [r.state(time.time()) for r in records] == ["live", "revoked"]
         kernel_id, shared = km.kernel_id, Path(km.provisioner.runtime_dir.shared)
     assert not TokenStore(db).records() or all(
-        r.kernel_id != kernel_id for r in TokenStore(db).records())
+        r.kernel_id != kernel_id for r in TokenStore(db).records()
+    )
     assert not shared.exists()
 
 
-STEAL = TRY + r"""
+STEAL = (
+    TRY
+    + r"""
 print(json.dumps({
     "stolen": attempt(lambda: data.Client(token=%(token)r).ls("sales")),
     "own": attempt(lambda: data.ls("sales")),
 }))
 """
+)
 
 RAW = r"""
 import json, socket, struct
@@ -249,8 +284,10 @@ def test_a_copied_token_and_malformed_requests_are_refused_and_others_served(
     env, leak_check
 ) -> None:
     ls = TRY + 'print(json.dumps(attempt(lambda: data.ls("sales"))))'
-    with data_kernel(spec("data-a", env), env["state"]) as (km_a, kc_a), \
-            data_kernel(spec("data-b", env), env["state"]) as (km_b, kc_b):
+    with (
+        data_kernel(spec("data-a", env), env["state"]) as (km_a, kc_a),
+        data_kernel(spec("data-b", env), env["state"]) as (km_b, kc_b),
+    ):
         token_a = run_cell(kc_a, "print(open('/run/kernel-sandbox/data-token').read().strip())")
         token_a = token_a["stdout"].strip()
         got = run_json(kc_b, STEAL % {"token": token_a})
@@ -269,11 +306,14 @@ def test_a_copied_token_and_malformed_requests_are_refused_and_others_served(
 
 def test_a_kernel_without_datasets_has_no_token_and_no_broker(env, leak_check) -> None:
     name = make_kernelspec("data-none", {})
-    code = TRY + r"""
+    code = (
+        TRY
+        + r"""
 import os
 print(json.dumps({"files": sorted(os.listdir("/run/kernel-sandbox")),
                   "ls": attempt(lambda: data.ls("sales"))}))
 """
+    )
     with data_kernel(name, env["state"]) as (_, kc):
         got = run_json(kc, code)
     assert "data-token" not in got["files"] and "data.sock" not in got["files"]

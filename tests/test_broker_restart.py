@@ -54,9 +54,18 @@ def test_an_adopted_kernel_keeps_its_token_across_a_broker_restart(
     state = tmp_path / "state"
     name = make_kernelspec("data-adopt", {"datasets": {"sales": f"{sales}:read"}})
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, name, str(state / "tokens.sqlite"),
-         str(state / "audit.jsonl")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-c",
+            OWNER,
+            name,
+            str(state / "tokens.sqlite"),
+            str(state / "audit.jsonl"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
     )
     try:
         line = owner.stdout.readline()
@@ -70,7 +79,8 @@ def test_an_adopted_kernel_keeps_its_token_across_a_broker_restart(
 
     km = KernelManager(kernel_name=name, kernel_id=info["kernel_id"], config=broker_config(state))
     provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
-        info["kernel_id"], km.kernel_spec, parent=km)
+        info["kernel_id"], km.kernel_spec, parent=km
+    )
     asyncio.run(provisioner.load_provisioner_info(info))
     km.provisioner = provisioner
     km.load_connection_info(provisioner.connection_info)
@@ -81,13 +91,26 @@ def test_an_adopted_kernel_keeps_its_token_across_a_broker_restart(
         kc.wait_for_ready(timeout=30)
         first = run_cell(kc, LS)
         assert json.loads(first["stdout"]) == ["ok", ["sales/q1.csv"]], first
-        cli = subprocess.run([sys.executable, "-m", "kernel_sandbox.cli.app", "tokens", "revoke",
-                              info["kernel_id"], "--db", db], capture_output=True, text=True)
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kernel_sandbox.cli.app",
+                "tokens",
+                "revoke",
+                info["kernel_id"],
+                "--db",
+                db,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert cli.returncode == 0, cli.stderr
         assert json.loads(run_cell(kc, LS)["stdout"]) == ["TokenRevoked", "token revoked"]
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-    records = [r for r in TokenStore(db).records(include_dead=True)
-               if r.kernel_id == info["kernel_id"]]
+    records = [
+        r for r in TokenStore(db).records(include_dead=True) if r.kernel_id == info["kernel_id"]
+    ]
     assert len(records) == 1 and records[0].reason == "revoked by user"

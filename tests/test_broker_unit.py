@@ -20,10 +20,10 @@ from kernel_sandbox import data
 from kernel_sandbox.broker import AuditLog, Credentials, DataBroker
 from kernel_sandbox.broker.protocol import Refusal
 from kernel_sandbox.broker.sources import LocalSource, relative_parts
+from kernel_sandbox.broker.tokens import Grant, TokenNotFound, TokenRefused, TokenStore
 from kernel_sandbox.cli.app import main as cli_main
 from kernel_sandbox.errors import PolicyError
 from kernel_sandbox.policy.model import SandboxPolicy
-from kernel_sandbox.broker.tokens import Grant, TokenNotFound, TokenRefused, TokenStore
 
 
 class Clock:
@@ -59,8 +59,12 @@ class Kernel:
         os.chmod(self.dir, 0o700)
 
     def client(self, token: str | None = None) -> data.Client:
-        return data.Client(str(self.shared / data.SOCKET_NAME), token=token,
-                           token_file=str(self.shared / data.TOKEN_NAME), timeout=10)
+        return data.Client(
+            str(self.shared / data.SOCKET_NAME),
+            token=token,
+            token_file=str(self.shared / data.TOKEN_NAME),
+            timeout=10,
+        )
 
     def token(self) -> str:
         return (self.shared / data.TOKEN_NAME).read_text().strip()
@@ -95,8 +99,11 @@ def clock() -> Clock:
 
 @pytest.fixture
 def broker(state: Path, clock: Clock):
-    broker = DataBroker(TokenStore(state / "tokens.sqlite", clock=clock),
-                        AuditLog(state / "audit.jsonl"), recheck_every=0.0)
+    broker = DataBroker(
+        TokenStore(state / "tokens.sqlite", clock=clock),
+        AuditLog(state / "audit.jsonl"),
+        recheck_every=0.0,
+    )
     yield broker
     broker.close()
 
@@ -225,8 +232,12 @@ def test_reads_lists_and_writes_in_scope(kernels, dataset: Path, state: Path) ->
     a, _ = kernels
     client = a.client()
     assert client.datasets() == {"sales": "read", "out": "read-write"}
-    assert client.ls("sales") == ["sales/2024", "sales/2024.csv", "sales/alias-dir",
-                                  "sales/alias.csv"]
+    assert client.ls("sales") == [
+        "sales/2024",
+        "sales/2024.csv",
+        "sales/alias-dir",
+        "sales/alias.csv",
+    ]
     assert client.ls("") == ["out", "sales"]
     assert client.info("sales/2024.csv")["size"] == len((dataset / "2024.csv").read_bytes())
     with client.open("sales/2024.csv") as f:
@@ -390,8 +401,9 @@ def test_concurrent_kernels_are_served_in_parallel(kernels) -> None:
 
 def test_credentials_come_from_a_private_file_longest_prefix_last(tmp_path: Path) -> None:
     path = tmp_path / "credentials.json"
-    path.write_text(json.dumps({"s3://bucket": {"key": "A", "secret": "S"},
-                                "s3://bucket/team": {"key": "B"}}))
+    path.write_text(
+        json.dumps({"s3://bucket": {"key": "A", "secret": "S"}, "s3://bucket/team": {"key": "B"}})
+    )
     os.chmod(path, 0o600)
     options = Credentials(path).storage_options("s3://bucket/team/sales")
     assert options == {"key": "B", "secret": "S"}
@@ -443,10 +455,12 @@ def test_policy_rejects_bad_datasets_and_ttls(value, message) -> None:
 
 
 def test_policy_datasets_forms(dataset: Path) -> None:
-    policy = SandboxPolicy.from_mapping({
-        "datasets": {"sales": f"{dataset}:read-write", "s3": {"source": "s3://b/p"}},
-        "token_ttl": "15m",
-    })
+    policy = SandboxPolicy.from_mapping(
+        {
+            "datasets": {"sales": f"{dataset}:read-write", "s3": {"source": "s3://b/p"}},
+            "token_ttl": "15m",
+        }
+    )
     granted = [(d.name, d.access) for d in policy.datasets]
     assert granted == [("sales", "read-write"), ("s3", "read")]
     assert policy.token_ttl == 900
@@ -459,8 +473,20 @@ def test_install_dataset_flag_writes_the_datasets_into_the_kernelspec(
     tmp_path: Path, dataset: Path
 ) -> None:
     prefix = tmp_path / "prefix"
-    assert cli_main(["install", "--prefix", str(prefix), "--dataset", f"sales={dataset}",
-                     "--dataset", f"scratch={tmp_path}:read-write"]) == 0
+    assert (
+        cli_main(
+            [
+                "install",
+                "--prefix",
+                str(prefix),
+                "--dataset",
+                f"sales={dataset}",
+                "--dataset",
+                f"scratch={tmp_path}:read-write",
+            ]
+        )
+        == 0
+    )
     spec = json.loads((prefix / "share/jupyter/kernels/python3-sandbox/kernel.json").read_text())
     config = spec["metadata"]["kernel_provisioner"]["config"]
     assert config["datasets"] == {"sales": f"{dataset}:read", "scratch": f"{tmp_path}:read-write"}

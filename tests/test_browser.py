@@ -36,9 +36,15 @@ from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox (we run as root), and none of Chromium's own traffic to outside hosts.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--disable-default-apps", "--disable-extensions",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-default-apps",
+    "--disable-extensions",
 ]
 ARTIFACTS = REPO / "artifacts"
 WAIT = 90_000  # ms: kernel starts and page loads on a busy two-core machine
@@ -64,17 +70,27 @@ def jupyterlab(root: Path, state: Path, log_path: Path) -> Iterator[tuple[str, s
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     log = open(log_path, "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser",
-         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         # no news, update checks or extension listings from the internet
-         "--LabApp.news_url=None",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         "--LabApp.extension_manager=readonly",
-         # a clean workspace and settings, untouched by whoever ran JupyterLab here before
-         f"--LabApp.workspaces_dir={state / 'workspaces'}",
-         f"--LabApp.user_settings_dir={state / 'settings'}"],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--allow-root",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            # no news, update checks or extension listings from the internet
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly",
+            # a clean workspace and settings, untouched by whoever ran JupyterLab here before
+            f"--LabApp.workspaces_dir={state / 'workspaces'}",
+            f"--LabApp.user_settings_dir={state / 'settings'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -101,8 +117,11 @@ def jupyterlab(root: Path, state: Path, log_path: Path) -> Iterator[tuple[str, s
 
 def kernel_containers(client: docker.DockerClient, server_pid: int) -> list[str]:
     """The running sandbox containers whose owner is this test's Jupyter server."""
-    labels = [LABEL, f"io.kernel-sandbox.owner-pid={server_pid}",
-              "io.kernel-sandbox.kernelspec=python3-sandbox"]
+    labels = [
+        LABEL,
+        f"io.kernel-sandbox.owner-pid={server_pid}",
+        "io.kernel-sandbox.kernelspec=python3-sandbox",
+    ]
     return [c.id for c in client.containers.list(filters={"label": labels})]
 
 
@@ -146,12 +165,14 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
         pytest.fail(message) if IN_CI else pytest.skip(message)
     root = tmp_path / "root"
     root.mkdir()
-    nb = new_notebook(cells=[
-        new_markdown_cell("# Sandboxed, from a browser"),
-        new_code_cell(FACTS),
-        new_code_cell("import time\ntime.sleep(600)"),
-        new_code_cell(""),
-    ])  # no kernelspec metadata: JupyterLab asks which kernel to start
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell("# Sandboxed, from a browser"),
+            new_code_cell(FACTS),
+            new_code_cell("import time\ntime.sleep(600)"),
+            new_code_cell(""),
+        ]
+    )  # no kernelspec metadata: JupyterLab asks which kernel to start
     nbformat.write(nb, root / "sandbox.ipynb")
     ARTIFACTS.mkdir(exist_ok=True)
     outside: list[str] = []
@@ -159,8 +180,9 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
     with jupyterlab(root, tmp_path / "lab-state", tmp_path / "jupyterlab.log") as (url, server):
         base, token = url.split("?")
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                         headless=True)
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 900})
 
             def only_loopback(route) -> None:  # type: ignore[no-untyped-def]
@@ -180,26 +202,31 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
                 expect(dialog).to_contain_text("Select Kernel", timeout=WAIT)
                 dialog.locator("select").select_option(label="Python 3 (sandboxed)")
                 dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
-                expect(page.locator(".jp-NotebookPanel-toolbar .jp-Toolbar-kernelName")
-                       ).to_have_text("Python 3 (sandboxed)", timeout=WAIT)
+                expect(
+                    page.locator(".jp-NotebookPanel-toolbar .jp-Toolbar-kernelName")
+                ).to_have_text("Python 3 (sandboxed)", timeout=WAIT)
                 expect(status(page)).to_have_attribute("data-status", "idle", timeout=WAIT)
-                first = wait_for(lambda: kernel_containers(docker_client, server.pid),
-                                 "the kernel's container")
+                first = wait_for(
+                    lambda: kernel_containers(docker_client, server.pid), "the kernel's container"
+                )
                 assert len(first) == 1
 
                 # 2. a cell only a contained kernel answers this way
                 run_cell(page, 1)
                 expect(output(page, 1)).to_contain_text(
-                    "NET ['lo'] UID 1000 SANDBOX 1", timeout=WAIT)
+                    "NET ['lo'] UID 1000 SANDBOX 1", timeout=WAIT
+                )
 
                 # 3. a long cell, interrupted from the toolbar
                 run_cell(page, 2)
-                expect(page.locator(".jp-Notebook .jp-Cell").nth(2).locator(".jp-InputPrompt")
-                       ).to_contain_text("[*]", timeout=WAIT)
+                expect(
+                    page.locator(".jp-Notebook .jp-Cell").nth(2).locator(".jp-InputPrompt")
+                ).to_contain_text("[*]", timeout=WAIT)
                 expect(status(page)).to_have_attribute("data-status", "busy", timeout=WAIT)
                 time.sleep(1)  # the kernel is inside time.sleep now
-                page.locator(".jp-NotebookPanel-toolbar "
-                             "jp-button[data-command='notebook:interrupt-kernel']").click()
+                page.locator(
+                    ".jp-NotebookPanel-toolbar jp-button[data-command='notebook:interrupt-kernel']"
+                ).click()
                 expect(output(page, 2)).to_contain_text("KeyboardInterrupt", timeout=WAIT)
                 expect(status(page)).to_have_attribute("data-status", "idle", timeout=WAIT)
                 assert kernel_containers(docker_client, server.pid) == first  # not restarted
@@ -210,20 +237,26 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
                 expect(confirm).to_contain_text("Restart Kernel?", timeout=WAIT)
                 confirm.locator(".jp-Dialog-button.jp-mod-accept").click()
                 second = wait_for(
-                    lambda: [c for c in kernel_containers(docker_client, server.pid)
-                             if c not in first],
-                    "a new container after the restart")
+                    lambda: [
+                        c for c in kernel_containers(docker_client, server.pid) if c not in first
+                    ],
+                    "a new container after the restart",
+                )
                 expect(status(page)).to_have_attribute("data-status", "idle", timeout=WAIT)
                 run_cell(page, 3, AFTER_RESTART)
-                expect(output(page, 3)).to_contain_text("fresh kernel: True ['lo'] 1000",
-                                                        timeout=WAIT)
+                expect(output(page, 3)).to_contain_text(
+                    "fresh kernel: True ['lo'] 1000", timeout=WAIT
+                )
                 assert kernel_containers(docker_client, server.pid) == second
                 page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)
 
                 # 5. shut the kernel down from the menu: its container goes
                 menu(page, "Kernel", "Shut Down Kernel")
-                wait_for(lambda: not kernel_containers(docker_client, server.pid),
-                         "the container to go after shutdown", timeout=60)
+                wait_for(
+                    lambda: not kernel_containers(docker_client, server.pid),
+                    "the container to go after shutdown",
+                    timeout=60,
+                )
             except BaseException:
                 page.screenshot(path=str(ARTIFACTS / "jupyterlab-failure.png"), full_page=True)
                 raise

@@ -78,8 +78,14 @@ def test_every_command_explains_itself(command, says, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["install", "--bogus"], ["stop"], ["wrap", "python3"], ["install", "--workspace", "x"],
-     ["policy"], ["nonsense"]],
+    [
+        ["install", "--bogus"],
+        ["stop"],
+        ["wrap", "python3"],
+        ["install", "--workspace", "x"],
+        ["policy"],
+        ["nonsense"],
+    ],
 )
 def test_usage_errors_are_one_line_and_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -95,7 +101,8 @@ def test_plain_install_keeps_installing_the_shipped_kernelspec(prefix):
     shipped = shipped_kernelspecs()[0]
     installed = prefix / "share" / "jupyter" / "kernels" / shipped.name
     assert json.loads((installed / "kernel.json").read_text()) == json.loads(
-        (shipped / "kernel.json").read_text())
+        (shipped / "kernel.json").read_text()
+    )
     assert "python3-sandbox" in KernelSpecManager().find_kernel_specs()
 
 
@@ -103,13 +110,45 @@ def test_install_with_a_policy_writes_it_in_the_kernelspec(prefix, tmp_path, cap
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
     out.mkdir()
-    argv = ["install", "--prefix", str(prefix), "--profile", "analyst", "--name", "analyst-box",
-            "--display-name", "Analyst (sandboxed)", "--image", IMAGE,
-            "--memory-limit", "3G", "--cpu-limit", "1.5", "--pids-limit", "300",
-            "--tmpfs-size", "512m", "--workspace", "ro", "--mount", str(data),
-            "--mount", f"{out}:/data/out:rw", "--env", "A=1", "--env", "B=x=y",
-            "--env-passthrough", "MY_TOKEN", "--runtime", "runsc", "--idle-timeout", "1h",
-            "--run-as", "1000:1000"]
+    argv = [
+        "install",
+        "--prefix",
+        str(prefix),
+        "--profile",
+        "analyst",
+        "--name",
+        "analyst-box",
+        "--display-name",
+        "Analyst (sandboxed)",
+        "--image",
+        IMAGE,
+        "--memory-limit",
+        "3G",
+        "--cpu-limit",
+        "1.5",
+        "--pids-limit",
+        "300",
+        "--tmpfs-size",
+        "512m",
+        "--workspace",
+        "ro",
+        "--mount",
+        str(data),
+        "--mount",
+        f"{out}:/data/out:rw",
+        "--env",
+        "A=1",
+        "--env",
+        "B=x=y",
+        "--env-passthrough",
+        "MY_TOKEN",
+        "--runtime",
+        "runsc",
+        "--idle-timeout",
+        "1h",
+        "--run-as",
+        "1000:1000",
+    ]
     assert main(argv) == 0
     assert "installed kernelspec analyst-box" in capsys.readouterr().err
     spec = kernel_json(prefix, "analyst-box")
@@ -117,10 +156,18 @@ def test_install_with_a_policy_writes_it_in_the_kernelspec(prefix, tmp_path, cap
     provisioner = spec["metadata"]["kernel_provisioner"]
     assert provisioner["provisioner_name"] == "docker-sandbox"
     assert provisioner["config"] == {
-        "profile": "analyst", "image": IMAGE, "memory_limit": "3g", "cpu_limit": 1.5,
-        "pids_limit": 300, "tmpfs_size": "512m", "workspace": "ro",
-        "mounts": [f"{data}:ro", f"{out}:/data/out:rw"], "env": {"A": "1", "B": "x=y"},
-        "env_passthrough": ["MY_TOKEN"], "runtime": "runsc", "idle_timeout": 3600,
+        "profile": "analyst",
+        "image": IMAGE,
+        "memory_limit": "3g",
+        "cpu_limit": 1.5,
+        "pids_limit": 300,
+        "tmpfs_size": "512m",
+        "workspace": "ro",
+        "mounts": [f"{data}:ro", f"{out}:/data/out:rw"],
+        "env": {"A": "1", "B": "x=y"},
+        "env_passthrough": ["MY_TOKEN"],
+        "runtime": "runsc",
+        "idle_timeout": 3600,
         "user": "1000:1000",
     }
     folder = prefix / "share" / "jupyter" / "kernels" / "analyst-box"
@@ -132,12 +179,26 @@ def test_install_defaults_the_name_from_the_profile_and_makes_mounts_absolute(
 ):
     (tmp_path / "course").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert main(["install", "--prefix", str(prefix), "--profile", "educator",
-                 "--mount", "course:/course"]) == 0
+    assert (
+        main(
+            [
+                "install",
+                "--prefix",
+                str(prefix),
+                "--profile",
+                "educator",
+                "--mount",
+                "course:/course",
+            ]
+        )
+        == 0
+    )
     spec = kernel_json(prefix, "python3-sandbox-educator")
     assert spec["display_name"] == "Python 3 (sandboxed, educator)"
     assert spec["metadata"]["kernel_provisioner"]["config"] == {
-        "profile": "educator", "mounts": [f"{tmp_path}/course:/course:ro"]}
+        "profile": "educator",
+        "mounts": [f"{tmp_path}/course:/course:ro"],
+    }
 
 
 @pytest.mark.parametrize(
@@ -167,14 +228,44 @@ def test_install_checks_against_the_operators_config(prefix, tmp_path, capsys):
     config.write_text(
         "c.DockerSandboxProvisioner.ceilings = {'memory_limit': '2g'}\n"
         "c.DockerSandboxProvisioner.profiles = {'course': {'extends': 'educator', "
-        "'memory_limit': '768m'}}\n")
-    assert main(["install", "--prefix", str(prefix), "--config", str(config), "--name", "big",
-                 "--memory-limit", "4g"]) == 2
+        "'memory_limit': '768m'}}\n"
+    )
+    assert (
+        main(
+            [
+                "install",
+                "--prefix",
+                str(prefix),
+                "--config",
+                str(config),
+                "--name",
+                "big",
+                "--memory-limit",
+                "4g",
+            ]
+        )
+        == 2
+    )
     assert "exceeds the operator's ceiling of 2g" in one_error_line(capsys)
-    assert main(["install", "--prefix", str(prefix), "--config", str(config),
-                 "--profile", "course", "--name", "c101"]) == 0
+    assert (
+        main(
+            [
+                "install",
+                "--prefix",
+                str(prefix),
+                "--config",
+                str(config),
+                "--profile",
+                "course",
+                "--name",
+                "c101",
+            ]
+        )
+        == 0
+    )
     assert kernel_json(prefix, "c101")["metadata"]["kernel_provisioner"]["config"] == {
-        "profile": "course"}
+        "profile": "course"
+    }
     assert main(["policy", "show", "c101", "--json", "--config", str(config)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["policy"]["memory_limit"] == "768m"
@@ -192,26 +283,54 @@ def write_spec(prefix: Path, name: str, spec: dict) -> Path:
 
 
 def test_wrap_makes_a_sandboxed_variant_of_any_kernel(prefix, capsys):
-    folder = write_spec(prefix, "fake-r", {
-        "argv": ["/usr/lib/R/bin/R", "--slave", "-e", "IRkernel::main()", "--args",
-                 "{connection_file}"],
-        "display_name": "R", "language": "R", "env": {"R_LIBS_USER": "/opt/r"},
-        "metadata": {"debugger": True}})
+    folder = write_spec(
+        prefix,
+        "fake-r",
+        {
+            "argv": [
+                "/usr/lib/R/bin/R",
+                "--slave",
+                "-e",
+                "IRkernel::main()",
+                "--args",
+                "{connection_file}",
+            ],
+            "display_name": "R",
+            "language": "R",
+            "env": {"R_LIBS_USER": "/opt/r"},
+            "metadata": {"debugger": True},
+        },
+    )
     (folder / "logo-64x64.png").write_bytes(b"png")
     (folder / "kernel.js").write_text("// js")
-    assert main(["wrap", "fake-r", "--image", "my/r-kernel:4.3", "--prefix", str(prefix),
-                 "--profile", "analyst", "--memory-limit", "3g"]) == 0
+    assert (
+        main(
+            [
+                "wrap",
+                "fake-r",
+                "--image",
+                "my/r-kernel:4.3",
+                "--prefix",
+                str(prefix),
+                "--profile",
+                "analyst",
+                "--memory-limit",
+                "3g",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "installed kernelspec fake-r-sandboxed" in err and "'R'" in err
     spec = kernel_json(prefix, "fake-r-sandboxed")
-    assert spec["argv"] == ["R", "--slave", "-e", "IRkernel::main()", "--args",
-                            "{connection_file}"]
+    assert spec["argv"] == ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
     assert spec["language"] == "R" and spec["display_name"] == "R (sandboxed)"
     assert spec["env"] == {"R_LIBS_USER": "/opt/r"} and spec["interrupt_mode"] == "signal"
     assert spec["metadata"]["debugger"] is False
     assert spec["metadata"]["kernel_provisioner"] == {
         "provisioner_name": "docker-sandbox",
-        "config": {"profile": "analyst", "image": "my/r-kernel:4.3", "memory_limit": "3g"}}
+        "config": {"profile": "analyst", "image": "my/r-kernel:4.3", "memory_limit": "3g"},
+    }
     wrapped = prefix / "share" / "jupyter" / "kernels" / "fake-r-sandboxed"
     assert (wrapped / "logo-64x64.png").exists() and (wrapped / "kernel.js").exists()
 
@@ -219,11 +338,18 @@ def test_wrap_makes_a_sandboxed_variant_of_any_kernel(prefix, capsys):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"argv": ["python", "-f", "{connection_file}"], "display_name": "x",
-          "metadata": {"kernel_provisioner": {"provisioner_name": "docker-sandbox"}}},
-         "already sandboxed"),
-        ({"argv": ["python", "{resource_dir}/k.py", "{connection_file}"], "display_name": "x"},
-         "runs files from its own folder"),
+        (
+            {
+                "argv": ["python", "-f", "{connection_file}"],
+                "display_name": "x",
+                "metadata": {"kernel_provisioner": {"provisioner_name": "docker-sandbox"}},
+            },
+            "already sandboxed",
+        ),
+        (
+            {"argv": ["python", "{resource_dir}/k.py", "{connection_file}"], "display_name": "x"},
+            "runs files from its own folder",
+        ),
         ({"argv": ["python", "-m", "x"], "display_name": "x"}, "no {connection_file}"),
     ],
 )
@@ -243,13 +369,17 @@ def test_wrap_of_a_missing_kernelspec(prefix, capsys):
 
 
 def test_policy_show_table_says_where_each_value_came_from(jupyter_path, capsys):
-    name = make_kernelspec(f"show-{uuid.uuid4().hex[:6]}",
-                           {"profile": "educator", "memory_limit": "768m"})
+    name = make_kernelspec(
+        f"show-{uuid.uuid4().hex[:6]}", {"profile": "educator", "memory_limit": "768m"}
+    )
     assert main(["policy", "show", name]) == 0
     out = capsys.readouterr().out
     assert f"kernelspec {name}" in out and "profile educator (from kernelspec)" in out
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
-            for line in out.splitlines() if line.count("│") >= 4}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+        for line in out.splitlines()
+        if line.count("│") >= 4
+    }
     assert rows["memory_limit"] == ["768m", "kernelspec"]
     assert rows["cpu_limit"] == ["0.5", "profile educator"]
     assert rows["image"] == [IMAGE, "default"]
@@ -269,8 +399,9 @@ def test_policy_show_errors(jupyter_path, capsys):
 
 def test_policy_profiles(tmp_path, capsys):
     config = tmp_path / "c.py"
-    config.write_text("c.DockerSandboxProvisioner.profiles = {'mine': {'extends': 'ci', "
-                      "'cpu_limit': 2}}\n")
+    config.write_text(
+        "c.DockerSandboxProvisioner.profiles = {'mine': {'extends': 'ci', 'cpu_limit': 2}}\n"
+    )
     assert main(["policy", "profiles", "--json", "--config", str(config)]) == 0
     profiles = json.loads(capsys.readouterr().out)
     assert list(profiles) == ["strict", "analyst", "educator", "ci", "untrusted", "mine"]
@@ -295,10 +426,12 @@ def test_doctor_says_how_to_register_an_installed_runsc():
     assert "installed (/usr/bin/runsc) but not registered" in runsc.detail
     assert "/etc/docker/daemon.json" in runsc.fix and "kill -HUP" in runsc.fix
     snippet = json.loads(runsc.fix.split(": ", 1)[1].split("; ")[0])
-    assert snippet == {"runtimes": {"runsc": {"path": "/usr/bin/runsc",
-                                              "runtimeArgs": ["--network=none", "--host-uds=all"]}}}
-    needed = statuses(doctor.check_runtimes(info, {"runsc": ["agent"]},
-                                            lambda _: "/usr/bin/runsc"))
+    assert snippet == {
+        "runtimes": {
+            "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=all"]}
+        }
+    }
+    needed = statuses(doctor.check_runtimes(info, {"runsc": ["agent"]}, lambda _: "/usr/bin/runsc"))
     assert needed["runtime: runsc"].status == "fail"
 
 
@@ -307,8 +440,15 @@ def test_doctor_runtime_problems():
     checks = statuses(doctor.check_runtimes(bare, {}, lambda _: None))
     assert checks["runtime: runsc"].status == "fail"
     assert "--host-uds" in checks["runtime: runsc"].detail
-    good = {"Runtimes": {"runc": {}, "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": [
-        "--network=none", "--host-uds=all"]}}}
+    good = {
+        "Runtimes": {
+            "runc": {},
+            "runsc": {
+                "path": "/usr/bin/runsc",
+                "runtimeArgs": ["--network=none", "--host-uds=all"],
+            },
+        }
+    }
     checks = statuses(doctor.check_runtimes(good, {"kata": ["vm-kernel"]}, lambda _: None))
     assert checks["runtime: runsc"].status == "ok"
     kata = checks["runtime: kata"]
@@ -350,14 +490,25 @@ def run_doctor(tmp_path: Path, *specs: tuple[str, dict]) -> subprocess.Completed
     for name, config in specs:
         folder = data / "kernels" / name
         folder.mkdir(parents=True)
-        (folder / "kernel.json").write_text(json.dumps({
-            "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": name, "language": "python",
-            "metadata": {"kernel_provisioner": {"provisioner_name": "docker-sandbox",
-                                                "config": config}}}))
+        (folder / "kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": name,
+                    "language": "python",
+                    "metadata": {
+                        "kernel_provisioner": {
+                            "provisioner_name": "docker-sandbox",
+                            "config": config,
+                        }
+                    },
+                }
+            )
+        )
     env = {**os.environ, "JUPYTER_PATH": str(data)}
-    return subprocess.run(["kernel-sandbox", "doctor", "--json"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        ["kernel-sandbox", "doctor", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_doctor_against_this_machine(tmp_path, docker_client, kernel_image):
@@ -372,8 +523,12 @@ def test_doctor_against_this_machine(tmp_path, docker_client, kernel_image):
     failing = [c for c in checks.values() if c["status"] == "fail"]
     assert good.returncode == (1 if failing else 0), failing
 
-    bad = run_doctor(tmp_path, ("doc-good", {}), ("doc-bad", {"memory_limit": "lots"}),
-                     ("doc-noimage", {"image": "kernel-sandbox/none:missing"}))
+    bad = run_doctor(
+        tmp_path,
+        ("doc-good", {}),
+        ("doc-bad", {"memory_limit": "lots"}),
+        ("doc-noimage", {"image": "kernel-sandbox/none:missing"}),
+    )
     assert bad.returncode == 1
     checks = {f"{c['area']}: {c['name']}": c for c in json.loads(bad.stdout)}
     assert checks["kernelspec: doc-bad"]["status"] == "fail"
@@ -389,12 +544,19 @@ def test_doctor_against_this_machine(tmp_path, docker_client, kernel_image):
 def test_console_script():
     version = subprocess.run(["kernel-sandbox", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("kernel-sandbox ")
-    stop = subprocess.run(["kernel-sandbox", "stop", f"nokernel{uuid.uuid4().hex[:6]}"],
-                          capture_output=True, text=True, timeout=60)
+    stop = subprocess.run(
+        ["kernel-sandbox", "stop", f"nokernel{uuid.uuid4().hex[:6]}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert stop.returncode == 2 and len(stop.stderr.strip().splitlines()) == 1
     assert "no sandboxed kernel" in stop.stderr
-    usage = subprocess.run([sys.executable, "-m", "kernel_sandbox.cli.app", "install", "--nope"],
-                           capture_output=True, text=True)
+    usage = subprocess.run(
+        [sys.executable, "-m", "kernel_sandbox.cli.app", "install", "--nope"],
+        capture_output=True,
+        text=True,
+    )
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 
 
@@ -408,8 +570,23 @@ def test_gc_dry_run(capsys):
 
 def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, own_leak_check, capsys):
     # python3-local's argv names this interpreter's absolute path: it becomes "python".
-    assert main(["wrap", "python3-local", "--image", IMAGE, "--prefix", str(prefix),
-                 "--name", "local-wrapped", "--profile", "educator"]) == 0
+    assert (
+        main(
+            [
+                "wrap",
+                "python3-local",
+                "--image",
+                IMAGE,
+                "--prefix",
+                str(prefix),
+                "--name",
+                "local-wrapped",
+                "--profile",
+                "educator",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     with sandbox_kernel("local-wrapped") as (km, kc):
         assert run_cell(kc, "print(6 * 7)")["stdout"] == "42\n"

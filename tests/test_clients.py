@@ -61,7 +61,11 @@ def run_tool(
     """
     tool = " ".join(map(str, args[1:3]))
     with subprocess.Popen(
-        args, cwd=cwd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        args,
+        cwd=cwd,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     ) as process:
         try:
@@ -69,8 +73,9 @@ def run_tool(
         except subprocess.TimeoutExpired:
             process.kill()
             stdout, stderr = process.communicate()
-            pytest.fail(f"{tool} did not finish within {timeout}s\n{stdout[-2000:]}\n"
-                        f"{stderr[-2000:]}")
+            pytest.fail(
+                f"{tool} did not finish within {timeout}s\n{stdout[-2000:]}\n{stderr[-2000:]}"
+            )
     done = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
     assert done.returncode == 0, (
         f"{' '.join(map(str, args))} exited with {done.returncode}\n"
@@ -124,8 +129,9 @@ def assert_demo_outputs(nb) -> None:
     last = nb.cells[-1].outputs
     results = [o for o in last if o.output_type == "execute_result"]
     assert results and results[0].data["text/plain"] == "[0, 1, 4, 9, 16]"
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
     assert not errors, errors
 
 
@@ -144,19 +150,41 @@ def server(jupyter_path, kernel_image, tmp_path_factory):
 def send_request(ws: websocket.WebSocket, msg_type: str, content: dict) -> str:
     """Send a request on the shell channel; return its msg_id."""
     msg_id = uuid.uuid4().hex
-    ws.send(json.dumps({
-        "header": {"msg_id": msg_id, "msg_type": msg_type, "username": "test",
-                   "session": uuid.uuid4().hex, "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "content": content,
-    }))
+    ws.send(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "msg_type": msg_type,
+                    "username": "test",
+                    "session": uuid.uuid4().hex,
+                    "version": "5.3",
+                    "date": "",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "channel": "shell",
+                "content": content,
+            }
+        )
+    )
     return msg_id
 
 
 def send_execute(ws: websocket.WebSocket, code: str) -> str:
     """Send an execute_request on the shell channel; return its msg_id."""
-    return send_request(ws, "execute_request", {
-        "code": code, "silent": False, "store_history": True, "user_expressions": {},
-        "allow_stdin": False, "stop_on_error": True})
+    return send_request(
+        ws,
+        "execute_request",
+        {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+    )
 
 
 def wait_for_iopub(ws: websocket.WebSocket, timeout: float = 60) -> None:
@@ -288,13 +316,19 @@ def test_jupyter_console_runs_and_interrupts(tmp_path, docker_client, leak_check
     """In a real terminal: a cell runs in the sandbox, Ctrl-C interrupts a long one, and
     leaving the console removes the container."""
     console = pexpect.spawn(
-        sys.executable, ["-m", "jupyter", "console", "--simple-prompt", "--kernel", SANDBOX],
-        cwd=str(tmp_path), env=os.environ.copy(), encoding="utf-8", timeout=60,
+        sys.executable,
+        ["-m", "jupyter", "console", "--simple-prompt", "--kernel", SANDBOX],
+        cwd=str(tmp_path),
+        env=os.environ.copy(),
+        encoding="utf-8",
+        timeout=60,
         dimensions=(40, 200),
     )
     try:
         console.expect(r"In \[1\]: ")
-        console.sendline("import os, time; print('facts', os.getuid(), os.listdir('/sys/class/net'))")
+        console.sendline(
+            "import os, time; print('facts', os.getuid(), os.listdir('/sys/class/net'))"
+        )
         console.expect(r"facts (\d+) \['lo'\]")
         assert int(console.match.group(1)) == SANDBOX_UID
         console.expect(r"In \[2\]: ")
@@ -319,9 +353,19 @@ def test_jupyter_console_runs_and_interrupts(tmp_path, docker_client, leak_check
 def test_jupyter_execute_cli(tmp_path, docker_client, leak_check):
     shutil.copy(NOTEBOOKS / "demo.ipynb", tmp_path / "demo.ipynb")
     run_tool(
-        [sys.executable, "-m", "jupyter", "execute", "--kernel_name", SANDBOX,
-         "--output", "demo-executed", "demo.ipynb"],
-        cwd=tmp_path, client=docker_client,
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "execute",
+            "--kernel_name",
+            SANDBOX,
+            "--output",
+            "demo-executed",
+            "demo.ipynb",
+        ],
+        cwd=tmp_path,
+        client=docker_client,
     )
     executed = nbformat.read(tmp_path / "demo-executed.ipynb", as_version=4)
     assert_demo_outputs(executed)
@@ -333,9 +377,24 @@ def test_jupyter_execute_cli(tmp_path, docker_client, leak_check):
 def test_papermill_injects_parameters(tmp_path, docker_client, leak_check):
     shutil.copy(NOTEBOOKS / "parameters.ipynb", tmp_path / "in.ipynb")
     run_tool(
-        [sys.executable, "-m", "papermill", "--no-progress-bar", "-k", SANDBOX,
-         "in.ipynb", "out.ipynb", "-p", "name", "CI", "-p", "n", "7"],
-        cwd=tmp_path, client=docker_client,
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            "--no-progress-bar",
+            "-k",
+            SANDBOX,
+            "in.ipynb",
+            "out.ipynb",
+            "-p",
+            "name",
+            "CI",
+            "-p",
+            "n",
+            "7",
+        ],
+        cwd=tmp_path,
+        client=docker_client,
     )
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     injected = [c for c in out.cells if "injected-parameters" in c.metadata.get("tags", [])]
@@ -355,7 +414,10 @@ def test_nbclient_library(tmp_path, docker_client, leak_check):
     mine = {"label": f"{OWNER_PID_LABEL}={os.getpid()}"}
     before = {c.id for c in docker_client.containers.list(all=True, filters=mine)}
     client = NotebookClient(
-        nb, kernel_name=SANDBOX, timeout=60, startup_timeout=60,
+        nb,
+        kernel_name=SANDBOX,
+        timeout=60,
+        startup_timeout=60,
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
@@ -375,10 +437,22 @@ def test_nbmake_plugin(tmp_path, docker_client, leak_check):
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     report = tmp_path / "report.xml"
     done = run_tool(
-        [sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-kernel={SANDBOX}",
-         "--nbmake-timeout=120", "-p", "no:cacheprovider", "-q",
-         f"--junitxml={report}", *notebooks],
-        cwd=tmp_path, client=docker_client, timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--nbmake",
+            f"--nbmake-kernel={SANDBOX}",
+            "--nbmake-timeout=120",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            f"--junitxml={report}",
+            *notebooks,
+        ],
+        cwd=tmp_path,
+        client=docker_client,
+        timeout=170,
     )
     suite = ET.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")

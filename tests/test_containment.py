@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from kernels import bridge_gateway, make_kernelspec, run_cell, sandbox_kernel
 
 FACTS = r"""
@@ -90,7 +89,9 @@ def host_process_status(docker_client, container_id: str) -> dict:
     """Seccomp and no_new_privs of the container's first process as the host kernel sees it
     (for runsc that is gVisor's sandbox process, which filters its own host syscalls)."""
     pid = docker_client.api.inspect_container(container_id)["State"]["Pid"]
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
     return {"seccomp": fields["Seccomp"].strip(), "no_new_privs": fields["NoNewPrivs"].strip()}
 
 
@@ -101,15 +102,20 @@ def host_cgroup_limits(container_id: str) -> dict:
     for group in v2:
         if (group / "memory.max").exists():
             quota, period = (group / "cpu.max").read_text().split()
-            return {"memory": int((group / "memory.max").read_text()),
-                    "pids": int((group / "pids.max").read_text()),
-                    "cpus": int(quota) / int(period)}
+            return {
+                "memory": int((group / "memory.max").read_text()),
+                "pids": int((group / "pids.max").read_text()),
+                "cpus": int(quota) / int(period),
+            }
 
     def v1(controller: str, name: str) -> int:
         return int((base / controller / "docker" / container_id / name).read_text())
 
-    return {"memory": v1("memory", "memory.limit_in_bytes"), "pids": v1("pids", "pids.max"),
-            "cpus": v1("cpu", "cpu.cfs_quota_us") / v1("cpu", "cpu.cfs_period_us")}
+    return {
+        "memory": v1("memory", "memory.limit_in_bytes"),
+        "pids": v1("pids", "pids.max"),
+        "cpus": v1("cpu", "cpu.cfs_quota_us") / v1("cpu", "cpu.cfs_period_us"),
+    }
 
 
 def test_only_loopback_interface(facts):
@@ -209,12 +215,15 @@ def test_outbound_connection_to_host_listener_fails(
     port = server.getsockname()[1]
     try:
         with sandbox_kernel(runtime_kernel(runtime)) as (_km, kc):
-            out = run_cell(kc, (
-                "import socket\n"
-                "s = socket.socket(); s.settimeout(3)\n"
-                f"try:\n    s.connect(('{gateway}', {port})); print('CONNECTED')\n"
-                "except OSError as e:\n    print('refused', e.errno)\n"
-            ))
+            out = run_cell(
+                kc,
+                (
+                    "import socket\n"
+                    "s = socket.socket(); s.settimeout(3)\n"
+                    f"try:\n    s.connect(('{gateway}', {port})); print('CONNECTED')\n"
+                    "except OSError as e:\n    print('refused', e.errno)\n"
+                ),
+            )
     finally:
         server.close()
     assert "CONNECTED" not in out["stdout"]
@@ -225,7 +234,9 @@ def test_runsc_kernel_runs_on_gvisor_kernel(jupyter_path, kernel_image, leak_che
     """Under runsc the kernel sees gVisor's application kernel, not the host's Linux."""
     host_version = open("/proc/version").read()
     with sandbox_kernel(runtime_kernel("runsc")) as (km, kc):
-        out = run_cell(kc, "print(open('/proc/version').read()); import os; print(os.uname().release)")
+        out = run_cell(
+            kc, "print(open('/proc/version').read()); import os; print(os.uname().release)"
+        )
         assert km.provisioner.policy.runtime == "runsc"
     assert out["stdout"].split("\n")[0] != host_version.strip()
     assert "4.4.0" in out["stdout"]  # the version gVisor reports

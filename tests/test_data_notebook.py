@@ -26,9 +26,12 @@ def outputs(nb) -> str:
 
 
 def test_demo_notebook_reads_the_dataset_through_its_token(tmp_path: Path, leak_check) -> None:
-    name = make_kernelspec("data-demo", {
-        "datasets": {"sales": f"{REPO / 'notebooks' / 'data' / 'sales'}:read"},
-    })
+    name = make_kernelspec(
+        "data-demo",
+        {
+            "datasets": {"sales": f"{REPO / 'notebooks' / 'data' / 'sales'}:read"},
+        },
+    )
     nb = nbformat.read(NOTEBOOK, as_version=4)
     km = KernelManager(kernel_name=name, config=broker_config(tmp_path / "state"))
     try:

@@ -38,8 +38,11 @@ def pandas_image(kernel_image: str, docker_client, tmp_path_factory) -> str:
         base = DEFAULT_BASE
     backend = DockerBackend()
     try:
-        asyncio.run(build_kernel_image(backend, base=base, tag=IMAGE, binder=binder,
-                                       progress=lambda line: None))
+        asyncio.run(
+            build_kernel_image(
+                backend, base=base, tag=IMAGE, binder=binder, progress=lambda line: None
+            )
+        )
     finally:
         backend.close()
     return IMAGE
@@ -69,11 +72,16 @@ def test_pandas_reads_and_writes_datasets_through_the_token(
     out = tmp_path / "out"
     out.mkdir()
     os.chmod(tmp_path, 0o755)
-    name = make_kernelspec("data-pandas", {
-        "image": pandas_image,
-        "datasets": {"sales": f"{REPO / 'notebooks' / 'data' / 'sales'}:read",
-                     "out": f"{out}:read-write"},
-    })
+    name = make_kernelspec(
+        "data-pandas",
+        {
+            "image": pandas_image,
+            "datasets": {
+                "sales": f"{REPO / 'notebooks' / 'data' / 'sales'}:read",
+                "out": f"{out}:read-write",
+            },
+        },
+    )
     with data_kernel(name, tmp_path / "state") as (_, kc):
         got = run_json(kc, CODE, timeout=120)
     assert got["rows"] == 9

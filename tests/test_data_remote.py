@@ -23,9 +23,8 @@ from conftest import IN_CI
 if not IN_CI:  # in CI the test extra is installed: a missing module is an error
     pytest.importorskip("s3fs", reason="the remote dataset test needs s3fs (pip install '.[test]')")
 import boto3  # noqa: E402
-from moto.moto_server import werkzeug_app  # noqa: E402
-
 from kernels import make_kernelspec  # noqa: E402
+from moto.moto_server import werkzeug_app  # noqa: E402
 from test_broker import TRY, audit, data_kernel, run_json  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
@@ -54,8 +53,13 @@ def s3() -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     endpoint = f"http://127.0.0.1:{server.server_port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+    )
     client.create_bucket(Bucket="lake")
     client.put_object(Bucket="lake", Key="sales/2024.csv", Body=CSV.encode())
     client.put_object(Bucket="lake", Key="sales/2025/q1.csv", Body=b"region,amount\n")
@@ -69,22 +73,36 @@ def s3() -> Iterator[str]:
 def remote_env(s3: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("remote")
     credentials = base / f"host-creds-{secrets.token_hex(4)}.json"
-    credentials.write_text(json.dumps({"s3://lake": {
-        "key": KEY_ID, "secret": SECRET,
-        "client_kwargs": {"endpoint_url": s3, "region_name": "us-east-1"},
-    }}))
+    credentials.write_text(
+        json.dumps(
+            {
+                "s3://lake": {
+                    "key": KEY_ID,
+                    "secret": SECRET,
+                    "client_kwargs": {"endpoint_url": s3, "region_name": "us-east-1"},
+                }
+            }
+        )
+    )
     os.chmod(credentials, 0o600)
     return {"state": base / "state", "credentials": credentials, "endpoint": s3}
 
 
 def test_the_s3_guard_refuses_other_credentials(s3: str) -> None:
-    wrong = boto3.client("s3", endpoint_url=s3, region_name="us-east-1",
-                         aws_access_key_id="AKIAWRONG", aws_secret_access_key="x")
+    wrong = boto3.client(
+        "s3",
+        endpoint_url=s3,
+        region_name="us-east-1",
+        aws_access_key_id="AKIAWRONG",
+        aws_secret_access_key="x",
+    )
     with pytest.raises(Exception, match="403|Forbidden"):
         wrong.get_object(Bucket="lake", Key="sales/2024.csv")
 
 
-REMOTE = TRY + r"""
+REMOTE = (
+    TRY
+    + r"""
 import fsspec
 def write():
     with data.open("results/summary.csv", "w") as f:
@@ -101,6 +119,7 @@ print(json.dumps({
     "read_only": attempt(lambda: data.open("lake/x.csv", "w").write("x")),
 }))
 """
+)
 
 HUNT = r"""
 import base64, json, os
@@ -139,13 +158,18 @@ print(json.dumps({"hits": hits, "scanned": scanned}))
 def test_remote_dataset_through_the_token_with_host_credentials(
     remote_env: dict, docker_client, leak_check
 ) -> None:
-    name = make_kernelspec("data-remote", {
-        "datasets": {"lake": "s3://lake/sales:read", "results": "s3://lake/results:read-write"},
-    })
+    name = make_kernelspec(
+        "data-remote",
+        {
+            "datasets": {"lake": "s3://lake/sales:read", "results": "s3://lake/results:read-write"},
+        },
+    )
     with data_kernel(name, remote_env["state"], credentials=remote_env["credentials"]) as (km, kc):
         got = run_json(kc, REMOTE, timeout=120)
-        needles = [base64.b64encode(n[::-1].encode()).decode()
-                   for n in (KEY_ID, SECRET, remote_env["credentials"].name)]
+        needles = [
+            base64.b64encode(n[::-1].encode()).decode()
+            for n in (KEY_ID, SECRET, remote_env["credentials"].name)
+        ]
         hunt = run_json(kc, HUNT % {"needles": needles}, timeout=120)
         attrs = docker_client.api.inspect_container(km.provisioner.container_id)
         kernel_id = km.kernel_id
@@ -156,8 +180,13 @@ def test_remote_dataset_through_the_token_with_host_credentials(
     assert got["write"] == ["ok", "total,42\n"]
     assert got["hr"][0] == "PathEscape"
     assert got["read_only"][0] == "ReadOnly"
-    s3 = boto3.client("s3", endpoint_url=remote_env["endpoint"], region_name="us-east-1",
-                      aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=remote_env["endpoint"],
+        region_name="us-east-1",
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+    )
     body = s3.get_object(Bucket="lake", Key="results/summary.csv")["Body"].read()
     assert body == b"total,42\n"
     # the credentials are nowhere in the sandbox, nor in what the engine was told about it

@@ -65,12 +65,15 @@ def test_stream_200mb_through_the_broker(runtime: str, tmp_path: Path, leak_chec
     size = big.stat().st_size
     tail = __import__("hashlib").sha256(big.read_bytes()[-4096:]).hexdigest()
     host_read(big)  # warm the page cache, as every read below then finds it
-    name = make_kernelspec(f"data-bench-{runtime}", {
-        "runtime": runtime,
-        "datasets": {"bench": f"{bench}:read"},
-        "mounts": [f"{bench}:/mnt/bench:ro"],
-        "memory_limit": "1g",
-    })
+    name = make_kernelspec(
+        f"data-bench-{runtime}",
+        {
+            "runtime": runtime,
+            "datasets": {"bench": f"{bench}:read"},
+            "mounts": [f"{bench}:/mnt/bench:ro"],
+            "memory_limit": "1g",
+        },
+    )
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with data_kernel(name, tmp_path / "state") as (_, kc):
         host_s = host_read(big)

@@ -85,8 +85,12 @@ def allowlist_config(targets: LocalTargets, runtime: str, image: str, **extra) -
         "image": image,
         "runtime": runtime,
         "network": "allowlist",
-        "egress": [f"api.test:{targets.http_port}", f"pypi.test:{targets.https_port}",
-                   f"echo.test:{targets.echo.port}", f"*.corp.test:{targets.http_port}"],
+        "egress": [
+            f"api.test:{targets.http_port}",
+            f"pypi.test:{targets.https_port}",
+            f"echo.test:{targets.echo.port}",
+            f"*.corp.test:{targets.http_port}",
+        ],
         "egress_hosts": targets.hosts(),
         **extra,
     }
@@ -189,7 +193,9 @@ def test_connect_tunnel_carries_any_bytes(sandbox):
         "s.sendall(b'\\x00\\x01 not http at all')\n"
         "print(head.split(b'\\r\\n')[0].decode(), s.recv(100))\n"
     )
-    assert out["stdout"].strip() == "HTTP/1.1 200 Connection established b'\\x00\\x01 not http at all'"
+    assert (
+        out["stdout"].strip() == "HTTP/1.1 200 Connection established b'\\x00\\x01 not http at all'"
+    )
 
 
 def test_requests(sandbox, tools):
@@ -209,9 +215,14 @@ def test_requests(sandbox, tools):
     )
     assert out["status"] == "ok", out
     lines = out["stdout"].splitlines()
-    assert lines[0].startswith("hello from api.test") and lines[1].startswith("hello from pypi.test")
+    assert lines[0].startswith("hello from api.test") and lines[1].startswith(
+        "hello from pypi.test"
+    )
     assert lines[2] == "refused ProxyError"
-    assert f"egress to evil.test:{t.https_port} denied: not in this kernel's allowlist" in out["stderr"]
+    assert (
+        f"egress to evil.test:{t.https_port} denied: not in this kernel's allowlist"
+        in out["stderr"]
+    )
 
 
 def test_curl(sandbox, tools):
@@ -221,9 +232,13 @@ def test_curl(sandbox, tools):
     out = sandbox.run(
         f"env = {{**os.environ, 'LD_LIBRARY_PATH': '{TOOLS}/lib'}}\n"
         f"curl = ['{TOOLS}/bin/curl', '-sS', '--max-time', '20', '--cacert', '/tmp/ca.pem']\n"
-        "for url in (" + repr(f"http://api.test:{t.http_port}/hello") + ", "
-        + repr(f"https://pypi.test:{t.https_port}/hello") + ", "
-        + repr(f"https://evil.test:{t.https_port}/hello") + "):\n"
+        "for url in ("
+        + repr(f"http://api.test:{t.http_port}/hello")
+        + ", "
+        + repr(f"https://pypi.test:{t.https_port}/hello")
+        + ", "
+        + repr(f"https://evil.test:{t.https_port}/hello")
+        + "):\n"
         "    p = subprocess.run(curl + [url], env=env, capture_output=True, text=True)\n"
         "    print(p.returncode, p.stdout.strip() or p.stderr.strip())\n"
     )
@@ -262,9 +277,11 @@ def test_pip_install_from_a_local_index(sandbox):
 
 def test_unlisted_target_refused(sandbox):
     t = sandbox.targets
-    out = sandbox.run(f"print(fetch('http://evil.test:{t.http_port}/hello'))\n"
-                      f"print(fetch('https://evil.test:{t.https_port}/hello'))\n"
-                      f"print(fetch('http://api.test:{t.https_port}/hello'))\n")  # listed name, other port
+    out = sandbox.run(
+        f"print(fetch('http://evil.test:{t.http_port}/hello'))\n"
+        f"print(fetch('https://evil.test:{t.https_port}/hello'))\n"
+        f"print(fetch('http://api.test:{t.https_port}/hello'))\n"
+    )  # listed name, other port
     lines = out["stdout"].splitlines()
     assert lines[0].startswith("(403,") and f"egress to evil.test:{t.http_port} denied" in lines[0]
     assert lines[1] == "('URLError', 'Tunnel connection failed: 403 Forbidden')"
@@ -288,8 +305,10 @@ def test_ip_literal_refused(sandbox):
         f"print(raw(b'GET http://127.0.0.1:{t.http_port}/hello HTTP/1.1\\r\\nHost: 127.0.0.1:{t.http_port}\\r\\n\\r\\n').splitlines()[0])\n"
     )
     assert out["stdout"].splitlines() == ["403", "URLError", "400", "HTTP/1.1 403 Forbidden"]
-    assert (f"egress to 127.0.0.2:{t.http_port} denied: IP addresses are refused unless the "
-            "allowlist names them") in out["stderr"]
+    assert (
+        f"egress to 127.0.0.2:{t.http_port} denied: IP addresses are refused unless the "
+        "allowlist names them"
+    ) in out["stderr"]
     assert f"egress to 127.0.0.1:{t.http_port} denied" in out["stderr"]
     assert last(sandbox.decisions(), host="127.0.0.2", port=t.https_port)["rule"] == "ip-literal"
     assert last(sandbox.decisions(), host="127.0.0.1", port=t.http_port)["rule"] == "ip-literal"
@@ -315,8 +334,10 @@ def test_mismatched_connect_and_host_refused(sandbox):
 
 
 def test_non_http_on_the_bridge_refused(sandbox):
-    out = sandbox.run("print(raw(b'SSH-2.0-OpenSSH_9.2\\r\\n').splitlines()[0])\n"
-                      "print(raw(bytes.fromhex('16030100a5010000a10303')).splitlines()[0])\n")
+    out = sandbox.run(
+        "print(raw(b'SSH-2.0-OpenSSH_9.2\\r\\n').splitlines()[0])\n"
+        "print(raw(bytes.fromhex('16030100a5010000a10303')).splitlines()[0])\n"
+    )
     assert out["stdout"].splitlines() == ["HTTP/1.1 400 Bad Request"] * 2
     assert "egress denied: not an HTTP proxy request" in out["stderr"]
     assert last(sandbox.decisions(), rule="not-http")["decision"] == "deny"
@@ -336,7 +357,11 @@ def test_dns_from_inside_goes_nowhere(sandbox):
         f"try:\n    s.connect(('127.0.0.1', {sandbox.targets.http_port})); print('CONNECTED')\n"
         "except OSError as e:\n    print('not reachable', e.errno)\n"
     )
-    assert out["stdout"].splitlines()[:3] == ["no name api.test", "no name pypi.test", "no name evil.test"]
+    assert out["stdout"].splitlines()[:3] == [
+        "no name api.test",
+        "no name pypi.test",
+        "no name evil.test",
+    ]
     assert "CONNECTED" not in out["stdout"]
     assert len(sandbox.decisions()) == before  # nothing reached the proxy, nothing left
 
@@ -384,8 +409,9 @@ def wait_for_pending(control: EgressControl, kernel_id: str, target: str, timeou
 def test_approve_once_deny_and_time_out(
     runtime, jupyter_path, kernel_image, targets, egress_log, own_leak_check, capsys
 ):
-    config = allowlist_config(targets, runtime, kernel_image, egress_mode="ask",
-                              egress_ask_timeout=4)
+    config = allowlist_config(
+        targets, runtime, kernel_image, egress_mode="ask", egress_ask_timeout=4
+    )
     name = make_kernelspec(f"egress-ask-{runtime}", config)
     target = f"ask.test:{targets.http_port}"
     fetch = f"print(fetch('http://{target}/hello'))"
@@ -437,11 +463,19 @@ def test_approve_once_deny_and_time_out(
 
     log = read_log(egress_log, kid)
     rules = [(e["decision"], e["rule"]) for e in log if e["host"] == "ask.test"]
-    for expected in [("ask", "ask"), ("approve", "approve by a person"),
-                     ("allow", "approved once"), ("deny", "ask-denied"), ("deny", "ask-timeout"),
-                     ("approve", "approve by a person (always)"), ("allow", "approved always")]:
+    for expected in [
+        ("ask", "ask"),
+        ("approve", "approve by a person"),
+        ("allow", "approved once"),
+        ("deny", "ask-denied"),
+        ("deny", "ask-timeout"),
+        ("approve", "approve by a person (always)"),
+        ("allow", "approved always"),
+    ]:
         assert expected in rules, (expected, rules)
-    assert ("deny", "ask-denied") in [(e["decision"], e["rule"]) for e in read_log(egress_log, km2.kernel_id)]
+    assert ("deny", "ask-denied") in [
+        (e["decision"], e["rule"]) for e in read_log(egress_log, km2.kernel_id)
+    ]
 
 
 # -- isolation between kernels, and failure without the proxy -------------------------------
@@ -454,29 +488,36 @@ def test_one_kernel_cannot_use_another_kernels_proxy(
     t = targets
     wide = allowlist_config(t, runtime, kernel_image)
     narrow = {**wide, "egress": []}
-    with sandbox_kernel(make_kernelspec(f"egress-wide-{runtime}", wide)) as (wide_km, _), \
-            sandbox_kernel(make_kernelspec(f"egress-narrow-{runtime}", narrow)) as (km, kc):
+    with (
+        sandbox_kernel(make_kernelspec(f"egress-wide-{runtime}", wide)) as (wide_km, _),
+        sandbox_kernel(make_kernelspec(f"egress-narrow-{runtime}", narrow)) as (km, kc),
+    ):
         assert run_cell(kc, setup_code(t))["status"] == "ok"
         other = wide_km.provisioner.runtime_dir.shared / "egress"
         assert other.exists()
-        out = run_cell(kc, (
-            "print(sorted(os.listdir('/run/kernel-sandbox')))\n"
-            f"for path in ({str(other)!r}, '/run/kernel-sandbox/../{other.parent.parent.name}/s/egress'):\n"
-            "    s = socket.socket(socket.AF_UNIX)\n"
-            "    try:\n"
-            "        s.connect(path); print('CONNECTED', path)\n"
-            "    except OSError as e:\n"
-            "        print('unreachable', e.__class__.__name__)\n"
-            f"print(fetch('http://api.test:{t.http_port}/hello')[0])\n"
-        ))
+        out = run_cell(
+            kc,
+            (
+                "print(sorted(os.listdir('/run/kernel-sandbox')))\n"
+                f"for path in ({str(other)!r}, '/run/kernel-sandbox/../{other.parent.parent.name}/s/egress'):\n"
+                "    s = socket.socket(socket.AF_UNIX)\n"
+                "    try:\n"
+                "        s.connect(path); print('CONNECTED', path)\n"
+                "    except OSError as e:\n"
+                "        print('unreachable', e.__class__.__name__)\n"
+                f"print(fetch('http://api.test:{t.http_port}/hello')[0])\n"
+            ),
+        )
         lines = out["stdout"].splitlines()
         assert "CONNECTED" not in out["stdout"]
         assert lines[1:3] == ["unreachable FileNotFoundError"] * 2
         assert lines[3] == "403"  # its own proxy, with its own (empty) list, decides
         assert f"egress to api.test:{t.http_port} denied" in out["stderr"]
         assert last(read_log(egress_log, km.kernel_id), host="api.test")["decision"] == "deny"
-        assert not any(e["host"] == "api.test" and e["decision"] == "deny"
-                       for e in read_log(egress_log, wide_km.kernel_id))
+        assert not any(
+            e["host"] == "api.test" and e["decision"] == "deny"
+            for e in read_log(egress_log, wide_km.kernel_id)
+        )
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -487,17 +528,23 @@ def test_without_the_proxy_nothing_goes_out(
     name = make_kernelspec(f"egress-gone-{runtime}", allowlist_config(t, runtime, kernel_image))
     with sandbox_kernel(name) as (km, kc):
         assert run_cell(kc, setup_code(t))["status"] == "ok"
-        assert "(200," in run_cell(kc, f"print(fetch('http://api.test:{t.http_port}/hello'))")["stdout"]
+        assert (
+            "(200,"
+            in run_cell(kc, f"print(fetch('http://api.test:{t.http_port}/hello'))")["stdout"]
+        )
         proxy = km.provisioner._egress.process
         os.kill(proxy.pid, signal.SIGKILL)
         proxy.wait(10)
-        out = run_cell(kc, (
-            f"print(fetch('http://api.test:{t.http_port}/hello', timeout=10))\n"
-            f"print(fetch('https://pypi.test:{t.https_port}/hello', timeout=10))\n"
-            f"s = socket.socket(); s.settimeout(3)\n"
-            f"try:\n    s.connect(('127.0.0.1', {t.http_port})); print('CONNECTED')\n"
-            "except OSError as e:\n    print('not reachable', e.errno)\n"
-        ))
+        out = run_cell(
+            kc,
+            (
+                f"print(fetch('http://api.test:{t.http_port}/hello', timeout=10))\n"
+                f"print(fetch('https://pypi.test:{t.https_port}/hello', timeout=10))\n"
+                f"s = socket.socket(); s.settimeout(3)\n"
+                f"try:\n    s.connect(('127.0.0.1', {t.http_port})); print('CONNECTED')\n"
+                "except OSError as e:\n    print('not reachable', e.errno)\n"
+            ),
+        )
         lines = out["stdout"].splitlines()
         assert lines[0].startswith("(502,") and "egress proxy unavailable" in lines[0], lines
         assert lines[1] == "('URLError', 'Tunnel connection failed: 502 Bad Gateway')"

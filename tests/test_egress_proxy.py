@@ -19,6 +19,7 @@ from egress_servers import LocalTargets
 
 from kernel_sandbox.cli.app import build_parser
 from kernel_sandbox.cli.app import main as cli_main
+from kernel_sandbox.cli.egress import egress_install_policy
 from kernel_sandbox.egress import EgressControl, EgressControlError, EgressEndpoint
 from kernel_sandbox.egress.rules import (
     Target,
@@ -28,7 +29,6 @@ from kernel_sandbox.egress.rules import (
     parse_authority,
     parse_rule,
 )
-from kernel_sandbox.cli.egress import egress_install_policy
 from kernel_sandbox.errors import PolicyError
 from kernel_sandbox.policy.model import SandboxPolicy
 
@@ -39,25 +39,28 @@ def rules(*patterns: str):
     return tuple(parse_rule(p) for p in patterns)
 
 
-@pytest.mark.parametrize("pattern, target, allowed", [
-    ("api.corp.test", "api.corp.test:443", True),
-    ("api.corp.test", "API.Corp.Test.:80", True),
-    ("api.corp.test", "api.corp.test:22", False),        # no port given: 80 and 443 only
-    ("api.corp.test", "api.corp.test.evil.test:443", False),
-    ("api.corp.test", "xapi.corp.test:443", False),
-    ("*.corp.test", "a.corp.test:443", True),
-    ("*.corp.test", "a.b.corp.test:80", True),
-    ("*.corp.test", "corp.test:443", False),             # the wildcard is below the domain
-    ("*.corp.test", "evilcorp.test:443", False),
-    ("*.corp.test", "corp.test.evil.test:443", False),
-    ("data.corp.test:8443", "data.corp.test:8443", True),
-    ("data.corp.test:8443", "data.corp.test:443", False),
-    ("mirror.corp.test:*", "mirror.corp.test:2222", True),
-    ("127.0.0.1:8080", "127.0.0.1:8080", True),
-    ("127.0.0.1:8080", "127.0.0.1:8081", False),
-    ("*.corp.test", "127.0.0.1:443", False),             # wildcards never match addresses
-    ("[::1]:8080", "[::1]:8080", True),
-])
+@pytest.mark.parametrize(
+    "pattern, target, allowed",
+    [
+        ("api.corp.test", "api.corp.test:443", True),
+        ("api.corp.test", "API.Corp.Test.:80", True),
+        ("api.corp.test", "api.corp.test:22", False),  # no port given: 80 and 443 only
+        ("api.corp.test", "api.corp.test.evil.test:443", False),
+        ("api.corp.test", "xapi.corp.test:443", False),
+        ("*.corp.test", "a.corp.test:443", True),
+        ("*.corp.test", "a.b.corp.test:80", True),
+        ("*.corp.test", "corp.test:443", False),  # the wildcard is below the domain
+        ("*.corp.test", "evilcorp.test:443", False),
+        ("*.corp.test", "corp.test.evil.test:443", False),
+        ("data.corp.test:8443", "data.corp.test:8443", True),
+        ("data.corp.test:8443", "data.corp.test:443", False),
+        ("mirror.corp.test:*", "mirror.corp.test:2222", True),
+        ("127.0.0.1:8080", "127.0.0.1:8080", True),
+        ("127.0.0.1:8080", "127.0.0.1:8081", False),
+        ("*.corp.test", "127.0.0.1:443", False),  # wildcards never match addresses
+        ("[::1]:8080", "[::1]:8080", True),
+    ],
+)
 def test_rule_matching(pattern, target, allowed):
     assert decide(parse_authority(target), rules(pattern)).allowed is allowed
 
@@ -68,13 +71,35 @@ def test_unlisted_names_and_addresses_are_told_apart():
     assert decide(Target("::1", 443), rules("*.corp.test")).rule == "ip-literal"
 
 
-@pytest.mark.parametrize("authority", [
-    "api.test@evil.test:443", "evil.test%2f:443", "api.test/evil:443", "api.test:443/x",
-    "2130706433:80", "0x7f000001:80", "0x7f.1:80", "127.1:80", "017.0.0.1:80", "127.0.0.01:80",
-    "аpi.test:443", "a..test:443", "-a.test:443", "a_b.test:443", "api.test:0", "api.test:65536",
-    "api.test:+80", "api.test: 80", "::1:80", "[::1%eth0]:80", "[127.0.0.1]:80", "", ":443",
-    "api.test:443:1",
-])
+@pytest.mark.parametrize(
+    "authority",
+    [
+        "api.test@evil.test:443",
+        "evil.test%2f:443",
+        "api.test/evil:443",
+        "api.test:443/x",
+        "2130706433:80",
+        "0x7f000001:80",
+        "0x7f.1:80",
+        "127.1:80",
+        "017.0.0.1:80",
+        "127.0.0.01:80",
+        "аpi.test:443",
+        "a..test:443",
+        "-a.test:443",
+        "a_b.test:443",
+        "api.test:0",
+        "api.test:65536",
+        "api.test:+80",
+        "api.test: 80",
+        "::1:80",
+        "[::1%eth0]:80",
+        "[127.0.0.1]:80",
+        "",
+        ":443",
+        "api.test:443:1",
+    ],
+)
 def test_ambiguous_authorities_are_refused(authority):
     """Whatever another parser might read differently is refused before any rule is seen."""
     with pytest.raises(TargetError):
@@ -88,42 +113,65 @@ def test_authorities_are_normalised():
     assert str(Target("::1", 443)) == "[::1]:443"
 
 
-@pytest.mark.parametrize("pattern", ["*", "*.test", "*:443", "a.*.test", "*.127.0.0.1", "x.test:99999", ""])
+@pytest.mark.parametrize(
+    "pattern", ["*", "*.test", "*:443", "a.*.test", "*.127.0.0.1", "x.test:99999", ""]
+)
 def test_patterns_that_open_too_much_or_are_malformed(pattern):
     with pytest.raises(TargetError):
         parse_rule(pattern)
 
 
 # Inputs to a pure classifier: nothing connects to any of these addresses.
-@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1",
-                                     "169.254.169.254", "0.0.0.0", "::1", "fd00::1",
-                                     "::ffff:127.0.0.1", "224.0.0.1", "100.64.0.1", "nonsense"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "::1",
+        "fd00::1",
+        "::ffff:127.0.0.1",
+        "224.0.0.1",
+        "100.64.0.1",
+        "nonsense",
+    ],
+)
 def test_addresses_from_dns_must_be_public(address):
     assert not address_is_public(address)
 
 
 def test_policy_keys():
-    policy = SandboxPolicy.from_mapping({
-        "network": "allowlist", "egress": ["API.corp.test.", "*.corp.test", "data.corp.test:8443"],
-        "egress_hosts": ["api.corp.test=127.0.0.1"], "egress_mode": "ask",
-        "egress_ask_timeout": "5",
-    })
+    policy = SandboxPolicy.from_mapping(
+        {
+            "network": "allowlist",
+            "egress": ["API.corp.test.", "*.corp.test", "data.corp.test:8443"],
+            "egress_hosts": ["api.corp.test=127.0.0.1"],
+            "egress_mode": "ask",
+            "egress_ask_timeout": "5",
+        }
+    )
     assert policy.egress == ("api.corp.test", "*.corp.test", "data.corp.test:8443")
     assert policy.egress_hosts == {"api.corp.test": "127.0.0.1"}
     assert (policy.egress_mode, policy.egress_ask_timeout) == ("ask", 5.0)
     assert SandboxPolicy().network == "none" and SandboxPolicy().egress == ()
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"network": "open"}, "network: expected one of none, allowlist"),
-    ({"egress": "api.test"}, "egress: expected a list"),
-    ({"egress": ["*"]}, "would allow every host"),
-    ({"egress_hosts": {"api.test": "somewhere"}}, "not an IP address"),
-    ({"egress_hosts": {"127.0.0.1": "127.0.0.1"}}, "maps names, not addresses"),
-    ({"egress_mode": "maybe"}, "egress_mode: expected one of deny, ask"),
-    ({"egress_ask_timeout": 0}, "egress_ask_timeout"),
-    ({"egress_ask_timeout": 7200}, "at most 3600"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"network": "open"}, "network: expected one of none, allowlist"),
+        ({"egress": "api.test"}, "egress: expected a list"),
+        ({"egress": ["*"]}, "would allow every host"),
+        ({"egress_hosts": {"api.test": "somewhere"}}, "not an IP address"),
+        ({"egress_hosts": {"127.0.0.1": "127.0.0.1"}}, "maps names, not addresses"),
+        ({"egress_mode": "maybe"}, "egress_mode: expected one of deny, ask"),
+        ({"egress_ask_timeout": 0}, "egress_ask_timeout"),
+        ({"egress_ask_timeout": 7200}, "at most 3600"),
+    ],
+)
 def test_policy_errors_name_the_key(values, message):
     with pytest.raises(PolicyError, match=message):
         SandboxPolicy.from_mapping(values)
@@ -131,12 +179,26 @@ def test_policy_errors_name_the_key(values, message):
 
 def test_install_flags():
     parser = build_parser()
-    args = parser.parse_args(["install", "--network", "allowlist", "--egress", "*.corp.test",
-                              "--egress", "API.test:8443", "--egress-host", "a.corp.test=127.0.0.1",
-                              "--egress-mode", "ask"])
+    args = parser.parse_args(
+        [
+            "install",
+            "--network",
+            "allowlist",
+            "--egress",
+            "*.corp.test",
+            "--egress",
+            "API.test:8443",
+            "--egress-host",
+            "a.corp.test=127.0.0.1",
+            "--egress-mode",
+            "ask",
+        ]
+    )
     assert egress_install_policy(args) == {
-        "network": "allowlist", "egress": ("*.corp.test", "api.test:8443"),
-        "egress_hosts": {"a.corp.test": "127.0.0.1"}, "egress_mode": "ask",
+        "network": "allowlist",
+        "egress": ("*.corp.test", "api.test:8443"),
+        "egress_hosts": {"a.corp.test": "127.0.0.1"},
+        "egress_mode": "ask",
     }
     assert egress_install_policy(parser.parse_args(["install"])) == {}
     with pytest.raises(PolicyError, match="need --network allowlist"):
@@ -144,8 +206,22 @@ def test_install_flags():
 
 
 def test_install_writes_the_policy_into_the_kernelspec(tmp_path):
-    assert cli_main(["install", "--prefix", str(tmp_path), "--network", "allowlist",
-                     "--egress", "api.test", "--egress-mode", "ask"]) == 0
+    assert (
+        cli_main(
+            [
+                "install",
+                "--prefix",
+                str(tmp_path),
+                "--network",
+                "allowlist",
+                "--egress",
+                "api.test",
+                "--egress-mode",
+                "ask",
+            ]
+        )
+        == 0
+    )
     spec = json.loads(next(tmp_path.rglob("python3-sandbox/kernel.json")).read_text())
     config = spec["metadata"]["kernel_provisioner"]["config"]
     assert config["network"] == "allowlist" and config["egress"] == ["api.test"]
@@ -173,15 +249,24 @@ class Proxy:
             plant(root / "k1" / "s")
         values = {
             "network": "allowlist",
-            "egress": [f"api.test:{targets.http_port}", f"echo.test:{targets.echo.port}",
-                       f"localhost:{targets.http_port}"],
+            "egress": [
+                f"api.test:{targets.http_port}",
+                f"echo.test:{targets.echo.port}",
+                f"localhost:{targets.http_port}",
+            ],
             "egress_hosts": {n: a for n, a in targets.hosts().items()},
             **policy,
         }
         self.log = root / "egress.jsonl"
-        self.endpoint = EgressEndpoint(root / "k1", root / "k1" / "s", "kernel-one",
-                                       SandboxPolicy.from_mapping(values), str(self.log),
-                                       "/run/kernel-sandbox", 3128)
+        self.endpoint = EgressEndpoint(
+            root / "k1",
+            root / "k1" / "s",
+            "kernel-one",
+            SandboxPolicy.from_mapping(values),
+            str(self.log),
+            "/run/kernel-sandbox",
+            3128,
+        )
         self.endpoint.start()
         asyncio.run(self.endpoint.wait_ready())
 
@@ -225,47 +310,74 @@ def get(target: str, host: str | None = None, extra: str = "", close: bool = Tru
 def test_forwards_and_logs(proxy, targets):
     port = targets.http_port
     out = proxy.exchange(get(f"http://api.test:{port}/hello"))
-    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(f"hello from api.test:{port} at /hello\n".encode())
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(
+        f"hello from api.test:{port} at /hello\n".encode()
+    )
     entry = proxy.decisions()[-1]
     assert set(entry) >= {"time", "kernel_id", "host", "port", "decision", "rule"}
     assert (entry["kernel_id"], entry["host"], entry["port"], entry["decision"], entry["rule"]) == (
-        "kernel-one", "api.test", port, "allow", f"allow api.test:{port}")
+        "kernel-one",
+        "api.test",
+        port,
+        "allow",
+        f"allow api.test:{port}",
+    )
 
 
 def test_every_request_on_a_connection_is_decided(proxy, targets):
     """Keep-alive and pipelining: an allowed request does not open the way for the next."""
     port = targets.http_port
-    out = proxy.exchange(b"".join(get(f"http://{name}:{port}/hello{n}", close=False) for n, name in
-                                  enumerate(("api.test", "api.test", "evil.test", "api.test"))))
+    out = proxy.exchange(
+        b"".join(
+            get(f"http://{name}:{port}/hello{n}", close=False)
+            for n, name in enumerate(("api.test", "api.test", "evil.test", "api.test"))
+        )
+    )
     assert out.count(b"hello from api.test") == 2 and b"hello4" not in out
-    assert out.endswith(f"egress to evil.test:{port} denied: not in this kernel's allowlist\n".encode())
+    assert out.endswith(
+        f"egress to evil.test:{port} denied: not in this kernel's allowlist\n".encode()
+    )
 
 
 def test_host_header_must_name_the_target(proxy, targets):
     port = targets.http_port
-    for request in (get(f"http://api.test:{port}/hello", host="evil.test"),
-                    get(f"http://api.test:{port}/hello", host=f"evil.test:{port}"),
-                    get(f"http://api.test:{port}/hello", host="api.test"),  # port 80 != port
-                    f"CONNECT api.test:{port} HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n".encode(),
-                    f"GET http://api.test:{port}/ HTTP/1.1\r\nHost: api.test:{port}\r\n"
-                    f"Host: evil.test\r\n\r\n".encode()):
+    for request in (
+        get(f"http://api.test:{port}/hello", host="evil.test"),
+        get(f"http://api.test:{port}/hello", host=f"evil.test:{port}"),
+        get(f"http://api.test:{port}/hello", host="api.test"),  # port 80 != port
+        f"CONNECT api.test:{port} HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n".encode(),
+        f"GET http://api.test:{port}/ HTTP/1.1\r\nHost: api.test:{port}\r\n"
+        f"Host: evil.test\r\n\r\n".encode(),
+    ):
         out = proxy.exchange(request)
         assert out.startswith((b"HTTP/1.1 403 ", b"HTTP/1.1 400 ")), out
         assert b"hello" not in out
     assert [e["rule"] for e in proxy.decisions()].count("host-mismatch") == 4
 
 
-@pytest.mark.parametrize("request_bytes, rule", [
-    (b"GET https://api.test/ HTTP/1.1\r\nHost: api.test\r\n\r\n", "scheme"),
-    (b"GET ftp://api.test/ HTTP/1.1\r\nHost: api.test\r\n\r\n", "scheme"),
-    (b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n", "not-proxy-form"),
-    (b"GET http://api.test@evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", "bad-target"),
-    (b"GET http://evil.test%2eapi.test/ HTTP/1.1\r\nHost: x\r\n\r\n", "bad-target"),
-    (b"CONNECT api.test HTTP/1.1\r\nHost: api.test\r\n\r\n", "bad-target"),
-    (b"SSH-2.0-OpenSSH_9.2\r\n", "not-http"),
-    (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "not-http"),
-], ids=["https-url", "ftp-url", "origin-form", "userinfo", "escape", "connect-no-port", "ssh",
-        "tls-hello"])
+@pytest.mark.parametrize(
+    "request_bytes, rule",
+    [
+        (b"GET https://api.test/ HTTP/1.1\r\nHost: api.test\r\n\r\n", "scheme"),
+        (b"GET ftp://api.test/ HTTP/1.1\r\nHost: api.test\r\n\r\n", "scheme"),
+        (b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n", "not-proxy-form"),
+        (b"GET http://api.test@evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", "bad-target"),
+        (b"GET http://evil.test%2eapi.test/ HTTP/1.1\r\nHost: x\r\n\r\n", "bad-target"),
+        (b"CONNECT api.test HTTP/1.1\r\nHost: api.test\r\n\r\n", "bad-target"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not-http"),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "not-http"),
+    ],
+    ids=[
+        "https-url",
+        "ftp-url",
+        "origin-form",
+        "userinfo",
+        "escape",
+        "connect-no-port",
+        "ssh",
+        "tls-hello",
+    ],
+)
 def test_malformed_and_non_http_requests(proxy, request_bytes, rule):
     out = proxy.exchange(request_bytes)
     assert out.startswith(b"HTTP/1.1 400 ") and b"egress" in out
@@ -284,16 +396,21 @@ def test_ambiguous_framing_never_reaches_upstream(proxy, targets):
     out = proxy.exchange(
         f"POST http://api.test:{port}/hello HTTP/1.1\r\nHost: api.test:{port}\r\n"
         "Content-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-        f"GET http://evil.test:{port}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n".encode())
+        f"GET http://evil.test:{port}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n".encode()
+    )
     assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1") == 1
     assert proxy.decisions()[-1]["rule"] == "bad-framing"
 
 
 def test_hop_by_hop_and_proxy_headers_are_not_forwarded(proxy, targets):
     port = targets.http_port
-    out = proxy.exchange(get(f"http://api.test:{port}/headers",
-                             extra="Proxy-Authorization: Basic c2VjcmV0\r\nProxy-Connection: keep-alive\r\n"
-                                   "Connection: close, X-Secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n"))
+    out = proxy.exchange(
+        get(
+            f"http://api.test:{port}/headers",
+            extra="Proxy-Authorization: Basic c2VjcmV0\r\nProxy-Connection: keep-alive\r\n"
+            "Connection: close, X-Secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n",
+        )
+    )
     headers = {k.lower() for k in json.loads(out.split(b"\r\n\r\n", 1)[1])}
     assert "x-kept" in headers
     assert not headers & {"proxy-authorization", "proxy-connection", "x-secret"}
@@ -328,7 +445,10 @@ def test_denials_reach_the_notice_socket(proxy, targets):
         time.sleep(0.2)
         proxy.exchange(get(f"http://evil.test:{targets.http_port}/"))
         notice = json.loads(notices.recv(65536).decode().splitlines()[0])
-    assert notice["message"] == f"egress to evil.test:{targets.http_port} denied: not in this kernel's allowlist"
+    assert (
+        notice["message"]
+        == f"egress to evil.test:{targets.http_port} denied: not in this kernel's allowlist"
+    )
     assert notice["rule"] == "not-listed"
 
 
@@ -387,7 +507,10 @@ def test_ask_mode(tmp_path, targets):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             assert control.approve("kernel", target) == 2  # a unique prefix of the id will do
-            assert b"hello from ask.test" in first.result() and b"hello from ask.test" in second.result()
+            assert (
+                b"hello from ask.test" in first.result()
+                and b"hello from ask.test" in second.result()
+            )
         started = time.monotonic()
         out = running.exchange(get(f"http://{target}/hello"))  # silence denies
         assert 1.5 < time.monotonic() - started < 10 and b"no approval within 2s" in out

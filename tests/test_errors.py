@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import runtime_dirs, sandbox_containers
 from jupyter_client.manager import KernelManager
+from kernels import make_kernelspec
 
 from kernel_sandbox.errors import (
     EngineUnavailable,
@@ -13,8 +15,6 @@ from kernel_sandbox.errors import (
     RuntimeUnavailable,
     SandboxError,
 )
-from kernels import make_kernelspec
-from conftest import sandbox_containers, runtime_dirs
 
 
 def start(name: str) -> KernelManager:

@@ -14,14 +14,14 @@ import time
 import docker
 import pytest
 import requests
-from jupyter_client.manager import KernelManager
-
 from conftest import runtime_dirs, sandbox_containers, unavailable
+from jupyter_client.manager import KernelManager
+from kernels import SANDBOX, run_cell, sandbox_kernel
+from servers import execute, jupyter_server
+
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import default_root
-from kernels import SANDBOX, run_cell, sandbox_kernel
-from servers import execute, jupyter_server
 
 MB = 1024 * 1024
 
@@ -51,11 +51,15 @@ def status_latencies(server, stop: threading.Event, out: list[float]) -> None:
 @pytest.mark.parametrize(
     "code",
     [
-        pytest.param(f"import sys\nfor _ in range(100):\n    sys.stdout.write('x' * {MB} + '\\n')",
-                     id="100MB-of-stdout"),
-        pytest.param(f"from IPython.display import display\n"
-                     f"display({{'text/plain': 'y' * {100 * MB}}}, raw=True)",
-                     id="one-100MB-message"),
+        pytest.param(
+            f"import sys\nfor _ in range(100):\n    sys.stdout.write('x' * {MB} + '\\n')",
+            id="100MB-of-stdout",
+        ),
+        pytest.param(
+            f"from IPython.display import display\n"
+            f"display({{'text/plain': 'y' * {100 * MB}}}, raw=True)",
+            id="one-100MB-message",
+        ),
     ],
 )
 def test_server_stays_responsive_under_a_flooding_kernel(server, leak_check, code):
@@ -72,9 +76,11 @@ def test_server_stays_responsive_under_a_flooding_kernel(server, leak_check, cod
         assert max(latencies) < 5, f"the server stalled: {max(latencies):.1f}s"
         after = execute(ws, "print('still fine')")
         assert after["stdout"] == "still fine\n"
-        print(f"status latency max {max(latencies) * 1000:.0f} ms over {len(latencies)} probes; "
-              f"stdout received {flood['stdout_bytes'] / MB:.1f} MB, "
-              f"data received {flood['data_bytes'] / MB:.1f} MB")
+        print(
+            f"status latency max {max(latencies) * 1000:.0f} ms over {len(latencies)} probes; "
+            f"stdout received {flood['stdout_bytes'] / MB:.1f} MB, "
+            f"data received {flood['data_bytes'] / MB:.1f} MB"
+        )
     finally:
         stop.set()
         ws.close()
@@ -99,8 +105,7 @@ def restart_dockerd() -> None:
         assert time.monotonic() < deadline, "dockerd did not stop"
         time.sleep(0.2)
     with open("/tmp/dockerd.log", "ab") as log:
-        subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+        subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while True:
         try:

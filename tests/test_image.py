@@ -15,9 +15,9 @@ import pytest
 from kernels import make_kernelspec, run_cell, sandbox_kernel
 
 from kernel_sandbox.cli.app import main
-from kernel_sandbox.image.debs import BaseRelease, read_apt_packages
 from kernel_sandbox.errors import ImageBuildError
 from kernel_sandbox.image.build import DEFAULT_BASE, LOCAL_BASE, dropped_packages
+from kernel_sandbox.image.debs import BaseRelease, read_apt_packages
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "kernel-sandbox/python-apt:test"
@@ -25,7 +25,8 @@ IMAGE = "kernel-sandbox/python-apt:test"
 
 def test_apt_txt_is_read_as_repo2docker_does(tmp_path: Path) -> None:
     (tmp_path / "apt.txt").write_text(
-        "# tools\njq\n\n  curl=7.88.1-10+deb12u5  # pinned\nlibgomp1\n")
+        "# tools\njq\n\n  curl=7.88.1-10+deb12u5  # pinned\nlibgomp1\n"
+    )
     assert read_apt_packages(tmp_path) == ["jq", "curl=7.88.1-10+deb12u5", "libgomp1"]
     assert read_apt_packages(tmp_path / "nowhere") == []
 
@@ -79,9 +80,12 @@ def apt_image(kernel_image: str, base_image: str, apt_binder: Path) -> str:
 def test_apt_txt_packages_and_requested_debugpy_are_in_the_image(apt_image, leak_check) -> None:
     name = make_kernelspec("apt-image", {"image": apt_image})
     with sandbox_kernel(name) as (_, kc):
-        got = run_cell(kc, "import subprocess, debugpy\n"
-                           "print(subprocess.run(['jq', '--version'], capture_output=True,"
-                           " text=True, check=True).stdout)")
+        got = run_cell(
+            kc,
+            "import subprocess, debugpy\n"
+            "print(subprocess.run(['jq', '--version'], capture_output=True,"
+            " text=True, check=True).stdout)",
+        )
     assert got["status"] == "ok", got
     assert got["stdout"].startswith("jq-1.")
 
@@ -98,8 +102,11 @@ def test_an_unchanged_spec_is_not_rebuilt(apt_image, base_image, apt_binder, cap
 def test_the_default_image_leaves_debugpy_out(kernel_image: str, leak_check) -> None:
     """ipykernel would import it at every start for a debugger the kernelspec switches off."""
     with sandbox_kernel() as (_, kc):
-        got = run_cell(kc, "import importlib.util, ipykernel\n"
-                           "print(importlib.util.find_spec('debugpy'), ipykernel.__version__)")
+        got = run_cell(
+            kc,
+            "import importlib.util, ipykernel\n"
+            "print(importlib.util.find_spec('debugpy'), ipykernel.__version__)",
+        )
     assert got["status"] == "ok", got
     assert got["stdout"].startswith("None ")
 
@@ -126,7 +133,8 @@ def not_debian_base(base_image: str, docker_client, tmp_path_factory) -> str:
     (context / "Dockerfile").write_text(
         f"FROM {base_image}\n"
         "RUN rm -f /etc/os-release /usr/bin/dpkg && printf 'ID=alpine\\nVERSION_ID=3.20\\n' "
-        "> /etc/os-release\n")
+        "> /etc/os-release\n"
+    )
     tag = "kernel-sandbox/not-debian:test"
     docker_client.images.build(path=str(context), tag=tag, network_mode="none", rm=True)
     return tag
@@ -135,8 +143,16 @@ def not_debian_base(base_image: str, docker_client, tmp_path_factory) -> str:
 @pytest.mark.docker
 def test_apt_txt_on_a_base_that_is_not_debian(not_debian_base, tmp_path, capsys) -> None:
     (tmp_path / "apt.txt").write_text("jq\n")
-    argv = ["image", "build", "--base", not_debian_base, "--tag", "kernel-sandbox/never:test",
-            "--binder", str(tmp_path)]
+    argv = [
+        "image",
+        "build",
+        "--base",
+        not_debian_base,
+        "--tag",
+        "kernel-sandbox/never:test",
+        "--binder",
+        str(tmp_path),
+    ]
     assert main(argv) == 1
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert f"apt.txt needs a Debian base image; {not_debian_base} reports 'alpine ? none'" in err

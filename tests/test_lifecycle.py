@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
-import pytest
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.multikernelmanager import MultiKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
+from kernels import SANDBOX, make_kernelspec, run_cell, sandbox_kernel
 
 from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
-from kernels import SANDBOX, make_kernelspec, run_cell, sandbox_kernel
 
 
 def test_provisioner_entry_point_is_registered():
-    (entry,) = [e for e in entry_points(group="jupyter_client.kernel_provisioners")
-                if e.name == "docker-sandbox"]
+    (entry,) = [
+        e
+        for e in entry_points(group="jupyter_client.kernel_provisioners")
+        if e.name == "docker-sandbox"
+    ]
     assert entry.load() is DockerSandboxProvisioner
 
 
@@ -112,8 +113,9 @@ def test_async_kernel_manager(jupyter_path, leak_check):
         kc.start_channels()
         try:
             await kc.wait_for_ready(timeout=60)
-            reply = await kc.execute_interactive("import os; print(os.getuid())", timeout=30,
-                                                 output_hook=outputs.append)
+            reply = await kc.execute_interactive(
+                "import os; print(os.getuid())", timeout=30, output_hook=outputs.append
+            )
             assert reply["content"]["status"] == "ok"
         finally:
             kc.stop_channels()

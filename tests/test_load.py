@@ -8,7 +8,6 @@ import resource
 import time
 
 from jupyter_client.manager import AsyncKernelManager
-
 from kernels import SANDBOX
 
 CONCURRENT = 30
@@ -45,14 +44,17 @@ async def stop(km: AsyncKernelManager, kc) -> None:
 def test_thirty_kernels_started_at_once_all_work(jupyter_path, leak_check):
     async def main() -> float:
         started = time.monotonic()
-        results = await asyncio.gather(*(start_ready(i) for i in range(CONCURRENT)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(start_ready(i) for i in range(CONCURRENT)), return_exceptions=True
+        )
         ready = [r for r in results if not isinstance(r, BaseException)]
         try:
             errors = [r for r in results if isinstance(r, BaseException)]
             assert not errors, f"{len(errors)} of {CONCURRENT} kernels failed: {errors[0]!r}"
             elapsed = time.monotonic() - started
-            outputs = await asyncio.gather(*(execute_print(kc, i) for i, (_, kc) in enumerate(ready)))
+            outputs = await asyncio.gather(
+                *(execute_print(kc, i) for i, (_, kc) in enumerate(ready))
+            )
             assert outputs == [f"{i * 2}\n" for i in range(CONCURRENT)]
             return elapsed
         finally:
@@ -93,7 +95,9 @@ def test_many_cycles_leave_nothing_behind(jupyter_path, leak_check):
     asyncio.run(run(CYCLES))
     elapsed = time.monotonic() - started
     fds_after, rss_after = open_fds(), rss_mb()
-    print(f"{CYCLES} start/execute/stop cycles in {elapsed:.0f}s; fds {fds_before}->{fds_after}; "
-          f"rss {rss_before:.0f}->{rss_after:.0f} MB")
+    print(
+        f"{CYCLES} start/execute/stop cycles in {elapsed:.0f}s; fds {fds_before}->{fds_after}; "
+        f"rss {rss_before:.0f}->{rss_after:.0f} MB"
+    )
     assert fds_after <= fds_before + 5
     assert rss_after - rss_before < 40

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
+from kernels import SANDBOX, run_cell
 
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import default_root
-from kernels import SANDBOX, run_cell
 
 OWNER_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys, time
@@ -40,7 +40,10 @@ def start_owner(orphan_timeout: float, script: str = OWNER_SCRIPT) -> tuple[subp
     """A separate process that owns one sandboxed kernel and then just waits."""
     owner = subprocess.Popen(
         [sys.executable, "-c", script, str(orphan_timeout)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
     )
     line = owner.stdout.readline()
     if not line:
@@ -151,13 +154,19 @@ def test_next_provisioner_start_reaps_orphans(jupyter_path, docker_client, kerne
         kill(owner)
         # a fresh process starting any sandboxed kernel sweeps in the background
         subprocess.run(
-            [sys.executable, "-c", textwrap.dedent("""
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent("""
                 from jupyter_client.manager import start_new_kernel
                 km, kc = start_new_kernel(kernel_name="python3-sandbox")
                 import time; time.sleep(2)
                 kc.stop_channels(); km.shutdown_kernel(now=True)
-            """)],
-            check=True, timeout=120, env=os.environ.copy(),
+            """),
+            ],
+            check=True,
+            timeout=120,
+            env=os.environ.copy(),
         )
         wait_for(lambda: container_state(docker_client, cid) == "gone", timeout=15)
     finally:

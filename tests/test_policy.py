@@ -50,8 +50,11 @@ G, M = 1024**3, 1024**2
     ("key", "value", "typed"),
     [
         ("image", "kernel-sandbox/python:latest", "kernel-sandbox/python:latest"),
-        ("image", " registry.corp.test:5000/team/r-kernel@sha256:abc ",
-         "registry.corp.test:5000/team/r-kernel@sha256:abc"),
+        (
+            "image",
+            " registry.corp.test:5000/team/r-kernel@sha256:abc ",
+            "registry.corp.test:5000/team/r-kernel@sha256:abc",
+        ),
         ("memory_limit", "2g", 2 * G),
         ("memory_limit", "512m", 512 * M),
         ("memory_limit", "64MiB", 64 * M),
@@ -163,9 +166,16 @@ def test_defaults_are_the_strict_ones():
 
 
 def test_to_dict_is_user_input_that_round_trips(tmp_path):
-    policy = SandboxPolicy.from_mapping({
-        "memory_limit": "300m", "mounts": [f"{tmp_path}:/data/x:rw"], "env": {"A": "1"},
-        "env_passthrough": ["LANG"], "idle_timeout": "1h", "user": "1234"})
+    policy = SandboxPolicy.from_mapping(
+        {
+            "memory_limit": "300m",
+            "mounts": [f"{tmp_path}:/data/x:rw"],
+            "env": {"A": "1"},
+            "env_passthrough": ["LANG"],
+            "idle_timeout": "1h",
+            "user": "1234",
+        }
+    )
     as_dict = policy.to_dict()
     assert as_dict["memory_limit"] == "300m" and as_dict["tmpfs_size"] == "256m"
     assert as_dict["mounts"] == [f"{tmp_path}:/data/x:rw"]
@@ -200,7 +210,8 @@ def test_mount_forms(data_dir):
     assert parse_mount(f"{data_dir}:/data/x") == Mount(str(data_dir), "/data/x", True)
     assert parse_mount(f"{data_dir}:/data/x:rw") == Mount(str(data_dir), "/data/x", False)
     assert parse_mount({"source": str(data_dir), "target": "/d", "mode": "rw"}) == Mount(
-        str(data_dir), "/d", False)
+        str(data_dir), "/d", False
+    )
     assert parse_mount(f"{data_dir}/../data:/data/./y/") == Mount(str(data_dir), "/data/y", True)
     assert str(Mount(str(data_dir), "/d", False)) == f"{data_dir}:/d:rw"
 
@@ -269,8 +280,9 @@ def test_the_home_directory_as_a_whole_and_its_parents_are_refused(data_dir, mon
         with pytest.raises(PolicyError) as info:
             parse_mount(f"{source}:/data/x")
         assert "refusing to mount" in str(info.value)
-    assert "your home directory as a whole" in str(pytest.raises(
-        PolicyError, parse_mount, f"{home}:/data/x").value)
+    assert "your home directory as a whole" in str(
+        pytest.raises(PolicyError, parse_mount, f"{home}:/data/x").value
+    )
     assert parse_mount(f"{home}/project:/data/p").source == str(home / "project")
 
 
@@ -281,10 +293,12 @@ def test_symlinks_and_socket_names_do_not_get_around_the_rules(tmp_path):
     engine.mkdir()
     (engine / "docker.sock").touch()  # a rootless engine's socket, wherever it lives
     (tmp_path / "sock-link").symlink_to(engine / "docker.sock")
-    for source, message in ((tmp_path / "root-link", "exposes / as a whole"),
-                            (tmp_path / "proc-link", "nothing under /proc"),
-                            (engine / "docker.sock", "Docker socket"),
-                            (tmp_path / "sock-link", "Docker socket")):
+    for source, message in (
+        (tmp_path / "root-link", "exposes / as a whole"),
+        (tmp_path / "proc-link", "nothing under /proc"),
+        (engine / "docker.sock", "Docker socket"),
+        (tmp_path / "sock-link", "Docker socket"),
+    ):
         with pytest.raises(PolicyError, match=re.escape(message)):
             parse_mount(f"{source}:/data/x")
 
@@ -350,8 +364,10 @@ def test_builtin_profiles_are_valid_policies():
 
 
 def test_user_profiles_extend_others(tmp_path):
-    mine = {"course": {"extends": "educator", "memory_limit": "768m", "env": {"COURSE": "101"}},
-            "course-ci": {"extends": "course", "env": {"CI": "1"}}}
+    mine = {
+        "course": {"extends": "educator", "memory_limit": "768m", "env": {"COURSE": "101"}},
+        "course-ci": {"extends": "course", "env": {"CI": "1"}},
+    }
     values = profile_values("course-ci", mine)
     assert values["memory_limit"] == "768m" and values["idle_timeout"] == 3600
     assert values["env"] == {"COURSE": "101", "CI": "1"} and "extends" not in values
@@ -383,7 +399,8 @@ def test_a_bad_value_in_a_user_profile_names_the_key():
 
 def test_precedence_defaults_profile_config_kernelspec():
     policy, sources = layer_policy(
-        "analyst", PROFILES,
+        "analyst",
+        PROFILES,
         config_values={"memory_limit": "3g", "pids_limit": 300},
         spec_values={"pids_limit": 64},
     )
@@ -394,16 +411,18 @@ def test_precedence_defaults_profile_config_kernelspec():
 
 
 def test_env_is_merged_name_by_name_across_layers():
-    policy, sources = layer_policy("ci", PROFILES, {"env": {"A": "config", "TZ": "Europe/Oslo"}},
-                                   {"env": {"A": "spec"}})
+    policy, sources = layer_policy(
+        "ci", PROFILES, {"env": {"A": "config", "TZ": "Europe/Oslo"}}, {"env": {"A": "spec"}}
+    )
     assert policy.env["PYTHONHASHSEED"] == "0"  # from the profile
     assert policy.env["TZ"] == "Europe/Oslo" and policy.env["A"] == "spec"
     assert sources["env"] == "profile ci + jupyter config + kernelspec"
 
 
 def test_lists_are_replaced_not_merged(tmp_path):
-    policy, sources = layer_policy("strict", PROFILES, {"env_passthrough": ["A"]},
-                                   {"env_passthrough": ["B"]})
+    policy, sources = layer_policy(
+        "strict", PROFILES, {"env_passthrough": ["A"]}, {"env_passthrough": ["B"]}
+    )
     assert policy.env_passthrough == ("B",) and sources["env_passthrough"] == "kernelspec"
 
 
@@ -413,17 +432,33 @@ def test_lists_are_replaced_not_merged(tmp_path):
 @pytest.mark.parametrize(
     ("config", "spec", "ceilings", "message"),
     [
-        ({}, {"memory_limit": "8g"}, {"memory_limit": "4g"},
-         "memory_limit: 8g (from kernelspec) exceeds the operator's ceiling of 4g"),
-        ({"cpu_limit": 3}, {}, {"cpu_limit": 2},
-         "cpu_limit: 3.0 (from jupyter config) exceeds the operator's ceiling of 2.0"),
+        (
+            {},
+            {"memory_limit": "8g"},
+            {"memory_limit": "4g"},
+            "memory_limit: 8g (from kernelspec) exceeds the operator's ceiling of 4g",
+        ),
+        (
+            {"cpu_limit": 3},
+            {},
+            {"cpu_limit": 2},
+            "cpu_limit: 3.0 (from jupyter config) exceeds the operator's ceiling of 2.0",
+        ),
         ({}, {"pids_limit": 1000}, {"pids_limit": 512}, "pids_limit: 1000 (from kernelspec)"),
         ({}, {"tmpfs_size": "2g"}, {"tmpfs_size": "1g"}, "tmpfs_size: 2g (from kernelspec)"),
         ({}, {"workspace": "rw"}, {"workspace": "ro"}, "workspace: rw (from kernelspec) exceeds"),
-        ({}, {"idle_timeout": 0}, {"idle_timeout": 3600},
-         "idle_timeout: 0 (never) (from kernelspec) exceeds the operator's ceiling of 3600s"),
-        ({}, {"runtime": "runc"}, {"runtime": "runsc"},
-         "runtime: runc (from kernelspec) differs from the operator's required runsc"),
+        (
+            {},
+            {"idle_timeout": 0},
+            {"idle_timeout": 3600},
+            "idle_timeout: 0 (never) (from kernelspec) exceeds the operator's ceiling of 3600s",
+        ),
+        (
+            {},
+            {"runtime": "runc"},
+            {"runtime": "runsc"},
+            "runtime: runc (from kernelspec) differs from the operator's required runsc",
+        ),
         ({}, {}, {"image": "x"}, "ceilings: 'image' cannot be capped"),
         ({}, {}, {"memory_limit": "lots"}, "memory_limit: expected a size"),
     ],
@@ -436,7 +471,10 @@ def test_explicit_values_over_a_ceiling_are_errors(config, spec, ceilings, messa
 
 def test_profile_values_over_a_ceiling_are_lowered_to_it():
     policy, sources = layer_policy(
-        "analyst", PROFILES, {}, {},
+        "analyst",
+        PROFILES,
+        {},
+        {},
         {"memory_limit": "2g", "cpu_limit": 1.5, "workspace": "ro", "runtime": "runsc"},
     )
     assert policy.memory_limit == 2 * G and policy.cpu_limit == 1.5
@@ -447,8 +485,13 @@ def test_profile_values_over_a_ceiling_are_lowered_to_it():
 
 
 def test_values_under_a_ceiling_pass():
-    policy, _ = layer_policy("educator", PROFILES, {}, {"memory_limit": "1g"},
-                             {"memory_limit": "1g", "idle_timeout": "2h"})
+    policy, _ = layer_policy(
+        "educator",
+        PROFILES,
+        {},
+        {"memory_limit": "1g"},
+        {"memory_limit": "1g", "idle_timeout": "2h"},
+    )
     assert policy.memory_limit == G and policy.idle_timeout == 3600
     assert set(CEILING_KEYS) >= {"memory_limit", "cpu_limit", "pids_limit", "tmpfs_size"}
 
@@ -460,14 +503,17 @@ def provisioner_of(kernel_name: str, config: Config | None = None) -> DockerSand
     """The provisioner jupyter_client itself would create for ``kernel_name`` (not started)."""
     km = KernelManager(kernel_name=kernel_name, config=config or Config())
     provisioner = KernelProvisionerFactory.instance(parent=km).create_provisioner_instance(
-        str(uuid.uuid4()), km.kernel_spec, parent=km)
+        str(uuid.uuid4()), km.kernel_spec, parent=km
+    )
     assert isinstance(provisioner, DockerSandboxProvisioner)
     return provisioner
 
 
 def test_traitlets_config_on_the_kernel_manager_sits_between_profile_and_kernelspec(jupyter_path):
-    name = make_kernelspec(f"prec-{uuid.uuid4().hex[:6]}",
-                           {"profile": "analyst", "pids_limit": 64, "env": {"B": "spec"}})
+    name = make_kernelspec(
+        f"prec-{uuid.uuid4().hex[:6]}",
+        {"profile": "analyst", "pids_limit": 64, "env": {"B": "spec"}},
+    )
     config = Config()
     config.DockerSandboxProvisioner.memory_limit = "3g"
     config.DockerSandboxProvisioner.pids_limit = 300
@@ -486,8 +532,9 @@ def test_profile_and_user_profiles_from_config(jupyter_path):
     name = make_kernelspec(f"prec-{uuid.uuid4().hex[:6]}", {})
     config = Config()
     config.DockerSandboxProvisioner.profile = "course"
-    config.DockerSandboxProvisioner.profiles = {"course": {"extends": "educator",
-                                                           "memory_limit": "768m"}}
+    config.DockerSandboxProvisioner.profiles = {
+        "course": {"extends": "educator", "memory_limit": "768m"}
+    }
     policy = provisioner_of(name, config).policy
     assert policy.memory_limit == 768 * M and policy.idle_timeout == 3600
 
@@ -527,8 +574,17 @@ def test_docs_profile_table_matches_the_code():
         if len(cells) == len(names) + 1 and cells[0].startswith("`"):
             rows[cells[0].strip("`")] = cells[1:]
     policies = [SandboxPolicy.from_mapping(profile_values(n)) for n in names]
-    for key in ("image", "memory_limit", "cpu_limit", "pids_limit", "tmpfs_size", "workspace",
-                "runtime", "network", "idle_timeout"):
+    for key in (
+        "image",
+        "memory_limit",
+        "cpu_limit",
+        "pids_limit",
+        "tmpfs_size",
+        "workspace",
+        "runtime",
+        "network",
+        "idle_timeout",
+    ):
         expected = [display_value(key, getattr(p, key)) for p in policies]
         assert [cell.strip("`") for cell in rows[key]] == expected, key
 
@@ -547,11 +603,16 @@ def test_real_config_files_via_jupyter_config_dir(jupyter_path, tmp_path):
         "c.DockerSandboxProvisioner.ceilings = {'cpu_limit': 1.5}\n"
     )
     (config_dir / "jupyter_config.json").write_text(
-        json.dumps({"DockerSandboxProvisioner": {"tmpfs_size": "48m"}}))
+        json.dumps({"DockerSandboxProvisioner": {"tmpfs_size": "48m"}})
+    )
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)}
     result = subprocess.run(
         [sys.executable, "-m", "kernel_sandbox.cli.app", "policy", "show", name, "--json"],
-        capture_output=True, text=True, env=env, timeout=120)
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["profile"] == "analyst" and shown["profile_source"] == "jupyter config"
@@ -563,5 +624,7 @@ def test_real_config_files_via_jupyter_config_dir(jupyter_path, tmp_path):
     assert shown["sources"]["cpu_limit"].startswith("ceiling")
     assert shown["policy"]["workspace"] == "rw"
     assert shown["sources"]["workspace"] == "profile analyst"
-    assert {Path(f).name for f in shown["config_files"]} >= {"jupyter_server_config.py",
-                                                            "jupyter_config.json"}
+    assert {Path(f).name for f in shown["config_files"]} >= {
+        "jupyter_server_config.py",
+        "jupyter_config.json",
+    }

@@ -37,6 +37,7 @@ def own_leak_check(docker_client, kernel_image) -> Iterator[Scope]:
     """conftest's leak_check, limited to this test's own sandboxes (see scoped_leaks)."""
     yield from own_leaks(docker_client)
 
+
 FACTS = r"""
 import errno, json, os
 def read(path):
@@ -114,12 +115,21 @@ def test_every_key_takes_effect_inside(
     rw = world_writable(tmp_path / "rw")
     monkeypatch.setenv("KS_PASS", "passed-through")
     monkeypatch.setenv("KS_NOT_LISTED", "host-secret")
-    name = make_kernelspec(f"effects-{uuid.uuid4().hex[:6]}", {
-        "profile": "analyst", "memory_limit": "300m", "cpu_limit": 0.5, "pids_limit": 64,
-        "tmpfs_size": "32m", "workspace": "rw",
-        "mounts": [f"{ro}:/data/ro", f"{rw}:/data/rw:rw"],
-        "env": {"KS_SET": "from-policy"}, "env_passthrough": ["KS_PASS"], "user": "1234:1234",
-    })
+    name = make_kernelspec(
+        f"effects-{uuid.uuid4().hex[:6]}",
+        {
+            "profile": "analyst",
+            "memory_limit": "300m",
+            "cpu_limit": 0.5,
+            "pids_limit": 64,
+            "tmpfs_size": "32m",
+            "workspace": "rw",
+            "mounts": [f"{ro}:/data/ro", f"{rw}:/data/rw:rw"],
+            "env": {"KS_SET": "from-policy"},
+            "env_passthrough": ["KS_PASS"],
+            "user": "1234:1234",
+        },
+    )
     with sandbox_kernel(name, cwd=str(home_dir)) as (km, kc):
         inside = facts(kc)
         attrs = docker_client.api.inspect_container(km.provisioner.container_id)
@@ -150,8 +160,9 @@ def test_every_key_takes_effect_inside(
 def test_read_only_workspace_and_profile_env(jupyter_path, own_leak_check, tmp_path):
     notebooks = world_writable(tmp_path / "notebooks")
     (notebooks / "notes.txt").write_text("course notes")
-    name = make_kernelspec(f"effects-{uuid.uuid4().hex[:6]}",
-                           {"profile": "ci", "env": {"KS_EXTRA": "1"}})
+    name = make_kernelspec(
+        f"effects-{uuid.uuid4().hex[:6]}", {"profile": "ci", "env": {"KS_EXTRA": "1"}}
+    )
     with sandbox_kernel(name, cwd=str(notebooks)) as (_km, kc):
         inside = facts(kc)
     # a notebook folder under /tmp (a path the image needs) appears at /workspace
@@ -162,8 +173,9 @@ def test_read_only_workspace_and_profile_env(jupyter_path, own_leak_check, tmp_p
     assert int(inside["memory"]) == 2 * 1024**3  # the ci profile's limit
     assert inside["env"]["PYTHONHASHSEED"] == "0" and inside["env"]["TZ"] == "UTC"
     assert inside["env"]["KS_EXTRA"] == "1"  # env merged over the profile's
-    assert (inside["uid"], inside["gid"]) == ((1000, 1000) if os.getuid() == 0 else
-                                              (os.getuid(), os.getgid()))
+    assert (inside["uid"], inside["gid"]) == (
+        (1000, 1000) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    )
 
 
 def test_no_workspace_under_gvisor(jupyter_path, own_leak_check, docker_client, tmp_path):
@@ -208,10 +220,20 @@ BAD = [
 
 def create_events(docker_client, since: float, spec_prefix: str) -> list:
     """Containers the engine created since ``since`` for kernelspecs named ``spec_prefix*``."""
-    events = docker_client.events(since=int(since) - 1, until=int(time.time()) + 1, decode=True,
-                                  filters={"type": "container", "event": "create"})
-    return [e for e in events if e.get("Actor", {}).get("Attributes", {}).get(
-        "io.kernel-sandbox.kernelspec", "").startswith(spec_prefix)]
+    events = docker_client.events(
+        since=int(since) - 1,
+        until=int(time.time()) + 1,
+        decode=True,
+        filters={"type": "container", "event": "create"},
+    )
+    return [
+        e
+        for e in events
+        if e.get("Actor", {})
+        .get("Attributes", {})
+        .get("io.kernel-sandbox.kernelspec", "")
+        .startswith(spec_prefix)
+    ]
 
 
 def test_bad_values_start_nothing(
@@ -225,8 +247,9 @@ def test_bad_values_start_nothing(
     prefix = f"bad-{uuid.uuid4().hex[:6]}"
     since = time.time()
     for number, (config, message) in enumerate(BAD):
-        config = json.loads(json.dumps(config).replace("{home}", str(Path.home()))
-                            .replace("{tmp}", str(tmp_path)))
+        config = json.loads(
+            json.dumps(config).replace("{home}", str(Path.home())).replace("{tmp}", str(tmp_path))
+        )
         name = make_kernelspec(f"{prefix}-{number}", config)
         km = KernelManager(kernel_name=name)
         with pytest.raises(PolicyError) as info:
@@ -239,8 +262,11 @@ def test_bad_values_start_nothing(
     big = make_kernelspec(f"{prefix}-big", {"memory_limit": "4g"})
     for name, settings, message in (
         (plain, {"memory_limit": "lots"}, "memory_limit: expected a size"),
-        (big, {"ceilings": {"memory_limit": "2g"}},
-         "4g (from kernelspec) exceeds the operator's ceiling of 2g"),
+        (
+            big,
+            {"ceilings": {"memory_limit": "2g"}},
+            "4g (from kernelspec) exceeds the operator's ceiling of 2g",
+        ),
     ):
         config = Config({"DockerSandboxProvisioner": settings})
         with pytest.raises(PolicyError, match=re.escape(message)):
@@ -273,7 +299,8 @@ def wait_until_gone(server, docker_client, kernel_id: str, timeout: float) -> fl
     label = f"io.kernel-sandbox.kernel-id={kernel_id}"
     while time.monotonic() < deadline:
         if kernel_id not in server_kernels(server) and not docker_client.containers.list(
-                all=True, filters={"label": label}):
+            all=True, filters={"label": label}
+        ):
             return time.monotonic() - started
         time.sleep(0.25)
     raise AssertionError(f"kernel {kernel_id} still there after {timeout}s")
@@ -288,9 +315,11 @@ def test_jupyter_server_config_files_idle_timeout_and_stop(
         "c.DockerSandboxProvisioner.profile = 'analyst'\n"
         "c.DockerSandboxProvisioner.memory_limit = '300m'\n"
         "c.DockerSandboxProvisioner.pids_limit = 100\n"
-        "c.DockerSandboxProvisioner.ceilings = {'cpu_limit': 1.5}\n")
+        "c.DockerSandboxProvisioner.ceilings = {'cpu_limit': 1.5}\n"
+    )
     (config_dir / "jupyter_config.json").write_text(
-        json.dumps({"DockerSandboxProvisioner": {"tmpfs_size": "48m"}}))
+        json.dumps({"DockerSandboxProvisioner": {"tmpfs_size": "48m"}})
+    )
     monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(config_dir))
     idle = make_kernelspec(f"server-{uuid.uuid4().hex[:6]}", {"pids_limit": 64, "idle_timeout": 5})
     plain = make_kernelspec(f"server-{uuid.uuid4().hex[:6]}", {"pids_limit": 64})
@@ -308,16 +337,17 @@ def test_jupyter_server_config_files_idle_timeout_and_stop(
             ws.close()
         assert result["reply"]["status"] == "ok", result
         inside = json.loads(result["stdout"])
-        assert int(inside["memory"]) == 300 * M          # jupyter_server_config.py
-        assert inside["tmp_size"] == 48 * M               # jupyter_config.json
-        assert inside["pids"] == "64"                     # the kernelspec beats both
-        assert inside["cpus"] == pytest.approx(1.5)       # the analyst profile's 2, capped
-        assert inside["write_here"] == "ok"               # analyst: the workspace is rw
+        assert int(inside["memory"]) == 300 * M  # jupyter_server_config.py
+        assert inside["tmp_size"] == 48 * M  # jupyter_config.json
+        assert inside["pids"] == "64"  # the kernelspec beats both
+        assert inside["cpus"] == pytest.approx(1.5)  # the analyst profile's 2, capped
+        assert inside["write_here"] == "ok"  # analyst: the workspace is rw
         assert (root / "from-kernel.txt").exists()
 
         other = server.api("POST", "/api/kernels", json={"name": plain, "path": ""}).json()["id"]
-        stop = subprocess.run(["kernel-sandbox", "stop", other], capture_output=True, text=True,
-                              timeout=60)
+        stop = subprocess.run(
+            ["kernel-sandbox", "stop", other], capture_output=True, text=True, timeout=60
+        )
         assert stop.returncode == 0, stop.stderr
         assert "shut down by its owner" in stop.stderr
         wait_until_gone(server, docker_client, other, 15)  # forgotten, not restarted

@@ -58,8 +58,11 @@ def notebook(path: Path, *cells: str, tags: dict[int, list[str]] | None = None) 
         if tags and index in tags:
             cell.metadata["tags"] = tags[index]
         nb.cells.append(cell)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
     return path
@@ -70,12 +73,18 @@ def command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "kernel_sandbox.cli.app"]
 
 
-def run(*args: str | Path, env: dict[str, str] | None = None,
-        timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     """`kernel-sandbox run ARGS`; fails if that process left a container or runtime dir."""
     argv = [*command(), "run", *map(str, args)]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, **(env or {})}) as proc:
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -122,7 +131,9 @@ def outputs(path: Path) -> str:
     nb = nbformat.read(path, as_version=4)
     return "".join(
         out.get("text", "") + "".join(out.get("traceback", []))
-        for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
     )
 
 
@@ -137,8 +148,9 @@ def test_parse_value_reads_values_as_papermill_does():
 
 
 def test_inject_parameters_after_the_tagged_cell_and_replaces_an_old_injection(tmp_path):
-    path = notebook(tmp_path / "p.ipynb", "import os", "limit = 1", "print(limit)",
-                    tags={1: ["parameters"]})
+    path = notebook(
+        tmp_path / "p.ipynb", "import os", "limit = 1", "print(limit)", tags={1: ["parameters"]}
+    )
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, {"limit": 5, "name": "x y"})
     sources = [c.source for c in nb.cells]
@@ -199,8 +211,13 @@ def test_a_bad_notebook_does_not_stop_the_others(tmp_path, leak_check, docker_cl
 
     # the JUnit report: one case per notebook, failing cell and traceback in the failure
     cases = junit_cases(report)
-    assert sorted(cases) == ["a_fails.ipynb", "b_hangs.ipynb", "c_kills_kernel.ipynb",
-                             "d_passes.ipynb", "sub/e_passes.ipynb"]
+    assert sorted(cases) == [
+        "a_fails.ipynb",
+        "b_hangs.ipynb",
+        "c_kills_kernel.ipynb",
+        "d_passes.ipynb",
+        "sub/e_passes.ipynb",
+    ]
     suite = ET.parse(report).getroot().find("testsuite")
     assert suite is not None
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("5", "3", "0")
@@ -224,8 +241,9 @@ def test_a_bad_notebook_does_not_stop_the_others(tmp_path, leak_check, docker_cl
     assert "answer 42" in outputs(out / "d_passes.ipynb")
     assert "facts (['lo'], 1000)" in outputs(out / "sub" / "e_passes.ipynb")
     assert "ZeroDivisionError" in outputs(out / "a_fails.ipynb")
-    assert not any(c.outputs for c in nbformat.read(src / "d_passes.ipynb", 4).cells
-                   if c.cell_type == "code")  # sources untouched without --inplace
+    assert not any(
+        c.outputs for c in nbformat.read(src / "d_passes.ipynb", 4).cells if c.cell_type == "code"
+    )  # sources untouched without --inplace
 
 
 def test_parameters_allow_errors_and_inplace(tmp_path, leak_check):
@@ -237,8 +255,20 @@ def test_parameters_allow_errors_and_inplace(tmp_path, leak_check):
         "print('went on')",
         tags={0: ["parameters"]},
     )
-    proc = run(path, "-p", "limit", "5", "-p", "name", "hello world", "-p", "flag", "True",
-               "--allow-errors", "--inplace")
+    proc = run(
+        path,
+        "-p",
+        "limit",
+        "5",
+        "-p",
+        "name",
+        "hello world",
+        "-p",
+        "flag",
+        "True",
+        "--allow-errors",
+        "--inplace",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     nb = nbformat.read(path, as_version=4)
     injected = nb.cells[2]
@@ -262,14 +292,17 @@ def test_in_process_main_exit_codes(tmp_path, leak_check):
 
 def test_profile_really_takes_effect(tmp_path, leak_check):
     """--profile ci sets its environment; --profile analyst makes the workspace writable."""
-    ci = notebook(tmp_path / "ci" / "env.ipynb",
-                  "import os\nassert os.environ.get('TZ') == 'UTC', os.environ.get('TZ')\n"
-                  "assert os.environ.get('PYTHONHASHSEED') == '0'")
+    ci = notebook(
+        tmp_path / "ci" / "env.ipynb",
+        "import os\nassert os.environ.get('TZ') == 'UTC', os.environ.get('TZ')\n"
+        "assert os.environ.get('PYTHONHASHSEED') == '0'",
+    )
     assert run(ci, "--profile", "ci").returncode == 0
     assert run(ci).returncode == 1  # the default (strict) profile sets neither
 
-    write = notebook(tmp_path / "rw" / "write.ipynb",
-                     "open('written-by-kernel.txt', 'w').write('hi')")
+    write = notebook(
+        tmp_path / "rw" / "write.ipynb", "open('written-by-kernel.txt', 'w').write('hi')"
+    )
     if os.getuid() == 0:  # as root the kernel runs as 1000:1000; let it own the folder
         os.chown(tmp_path / "rw", 1000, 1000)
     strict = run(write)
@@ -357,8 +390,9 @@ def test_live_progress_on_a_terminal(tmp_path, leak_check):
     env = {**os.environ, "TERM": "xterm-256color"}
     env.pop("CI", None)
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([*command(), "run", str(path)], stdin=slave, stdout=slave,
-                            stderr=slave, env=env)
+    proc = subprocess.Popen(
+        [*command(), "run", str(path)], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
     os.close(slave)
     try:
         screen = _read_pty(master, proc, 120).decode(errors="replace")
@@ -379,8 +413,9 @@ def test_live_progress_on_a_terminal(tmp_path, leak_check):
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_leaves_no_container(tmp_path, leak_check, docker_client, signum, code):
     path = notebook(tmp_path / "hang.ipynb", "import time\ntime.sleep(600)")
-    proc = subprocess.Popen([*command(), "run", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*command(), "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not containers_of(docker_client, proc.pid):

@@ -69,7 +69,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROVISIONER_NAME = "docker-sandbox"
 # Errors that do not depend on the notebook: the first one stops the batch (exit 2).
 SETUP_ERRORS: tuple[type[BaseException], ...] = (
-    EngineUnavailable, ImageMissing, RuntimeUnavailable, PolicyError, KernelspecError,
+    EngineUnavailable,
+    ImageMissing,
+    RuntimeUnavailable,
+    PolicyError,
+    KernelspecError,
 )
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -411,8 +415,9 @@ class BatchRunner:
             try:
                 nb = nbformat.read(result.path, as_version=4)
             except Exception as exc:  # any unreadable file is this notebook's failure only
-                self._fail(result, Status.FAILED, type(exc).__name__,
-                           f"cannot read the notebook: {exc}")
+                self._fail(
+                    result, Status.FAILED, type(exc).__name__, f"cannot read the notebook: {exc}"
+                )
                 self._changed(result)
                 return
             try:
@@ -484,21 +489,33 @@ class BatchRunner:
                 self.setup_error = exc
             self._fail(result, Status.ERROR, type(exc).__name__, str(exc))
         except CellTimeoutError:
-            self._fail_in_cell(result, nb, index, Status.TIMED_OUT, "CellTimeoutError",
-                               f"no reply within {options.timeout}s (--timeout)")
+            self._fail_in_cell(
+                result,
+                nb,
+                index,
+                Status.TIMED_OUT,
+                "CellTimeoutError",
+                f"no reply within {options.timeout}s (--timeout)",
+            )
         except CellExecutionError as exc:
-            self._fail_in_cell(result, nb, index, Status.FAILED, exc.ename,
-                               f"{exc.ename}: {exc.evalue}")
+            self._fail_in_cell(
+                result, nb, index, Status.FAILED, exc.ename, f"{exc.ename}: {exc.evalue}"
+            )
         except DeadKernelError:
             status = await self._exit_status(km)
-            self._fail_in_cell(result, nb, index, Status.FAILED, "DeadKernelError",
-                               f"the kernel died{status}")
+            self._fail_in_cell(
+                result, nb, index, Status.FAILED, "DeadKernelError", f"the kernel died{status}"
+            )
         except KernelStartError as exc:
             self._fail(result, Status.FAILED, "KernelStartError", str(exc))
         except TimeoutError as exc:  # wait_for_ready
-            self._fail(result, Status.TIMED_OUT, "StartupTimeout",
-                       f"the kernel was not ready within {options.startup_timeout}s "
-                       f"(--startup-timeout): {exc}")
+            self._fail(
+                result,
+                Status.TIMED_OUT,
+                "StartupTimeout",
+                f"the kernel was not ready within {options.startup_timeout}s "
+                f"(--startup-timeout): {exc}",
+            )
         except Exception as exc:  # a kernel that died while starting, and anything unforeseen
             self._fail(result, Status.FAILED, type(exc).__name__, str(exc) or repr(exc))
         finally:
@@ -533,13 +550,26 @@ class BatchRunner:
             except Exception:
                 pass
 
-    def _fail(self, result: NotebookResult, status: Status, error_type: str, summary: str,
-              details: str = "") -> None:
+    def _fail(
+        self,
+        result: NotebookResult,
+        status: Status,
+        error_type: str,
+        summary: str,
+        details: str = "",
+    ) -> None:
         result.status, result.error_type, result.summary = status, error_type, summary
         result.details = _plain(details or summary)
 
-    def _fail_in_cell(self, result: NotebookResult, nb: Any, index: int | None, status: Status,
-                      error_type: str, what: str) -> None:
+    def _fail_in_cell(
+        self,
+        result: NotebookResult,
+        nb: Any,
+        index: int | None,
+        status: Status,
+        error_type: str,
+        what: str,
+    ) -> None:
         if index is None:
             self._fail(result, status, error_type, what)
             return
@@ -547,7 +577,8 @@ class BatchRunner:
         result.failed_cell = index
         where = f"cell {index + 1} (code cell {result.cell} of {result.cells})"
         traceback = "\n".join(
-            "\n".join(out.get("traceback", [])) for out in cell.get("outputs", [])
+            "\n".join(out.get("traceback", []))
+            for out in cell.get("outputs", [])
             if out.get("output_type") == "error"
         )
         details = f"{where}:\n{cell.source}\n{'-' * 40}\n{traceback or what}"
@@ -563,8 +594,12 @@ class BatchRunner:
             nbformat.write(nb, result.output)
         except OSError as exc:
             if result.ok:
-                self._fail(result, Status.FAILED, type(exc).__name__,
-                           f"cannot write the executed notebook: {exc}")
+                self._fail(
+                    result,
+                    Status.FAILED,
+                    type(exc).__name__,
+                    f"cannot write the executed notebook: {exc}",
+                )
             else:
                 result.summary += f" (and cannot write the executed notebook: {exc})"
 
@@ -572,8 +607,10 @@ class BatchRunner:
 def _streams(nb: Any, limit: int = 64_000) -> str:
     text = "".join(
         out.get("text", "")
-        for cell in nb.cells if cell.cell_type == "code"
-        for out in cell.get("outputs", []) if out.get("output_type") == "stream"
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
     )
     return text if len(text) <= limit else text[:limit] + "\n[... truncated]"
 
@@ -600,8 +637,9 @@ def _xml_text(text: str) -> str:
     return _XML_INVALID.sub("", _plain(text))
 
 
-def write_junit(results: Sequence[NotebookResult], path: Path,
-                properties: Mapping[str, str] | None = None) -> None:
+def write_junit(
+    results: Sequence[NotebookResult], path: Path, properties: Mapping[str, str] | None = None
+) -> None:
     """One ``testcase`` per notebook in the JUnit XML that CI systems display.
 
     A failed or timed-out notebook has a ``failure`` (message: the failing cell and the
@@ -617,33 +655,53 @@ def write_junit(results: Sequence[NotebookResult], path: Path,
     total = sum(r.duration for r in results)
     attrs = {k: str(v) for k, v in counts.items()} | {"time": f"{total:.3f}"}
     root = ET.Element("testsuites", {"name": "kernel-sandbox run", **attrs})
-    suite = ET.SubElement(root, "testsuite", {
-        "name": "kernel-sandbox run", **attrs,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-    })
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        {
+            "name": "kernel-sandbox run",
+            **attrs,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "hostname": socket.gethostname(),
+        },
+    )
     if properties:
         props = ET.SubElement(suite, "properties")
         for key, value in properties.items():
             ET.SubElement(props, "property", {"name": key, "value": _xml_text(str(value))})
     for result in results:
         folder = Path(result.name).parent.as_posix()
-        case = ET.SubElement(suite, "testcase", {
-            "classname": "notebooks" if folder == "." else f"notebooks.{folder.replace('/', '.')}",
-            "name": result.name,
-            "file": _shown_path(result.path),
-            "time": f"{result.duration:.3f}",
-        })
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            {
+                "classname": "notebooks"
+                if folder == "."
+                else f"notebooks.{folder.replace('/', '.')}",
+                "name": result.name,
+                "file": _shown_path(result.path),
+                "time": f"{result.duration:.3f}",
+            },
+        )
         if result.status in (Status.FAILED, Status.TIMED_OUT):
-            element = ET.SubElement(case, "failure", {
-                "type": result.error_type or result.status.value,
-                "message": _xml_text(f"{result.status.value}: {result.summary}"),
-            })
+            element = ET.SubElement(
+                case,
+                "failure",
+                {
+                    "type": result.error_type or result.status.value,
+                    "message": _xml_text(f"{result.status.value}: {result.summary}"),
+                },
+            )
             element.text = _xml_text(result.details)
         elif result.status is Status.ERROR:
-            element = ET.SubElement(case, "error", {
-                "type": result.error_type, "message": _xml_text(result.summary),
-            })
+            element = ET.SubElement(
+                case,
+                "error",
+                {
+                    "type": result.error_type,
+                    "message": _xml_text(result.summary),
+                },
+            )
             element.text = _xml_text(result.details)
         elif result.status is Status.SKIPPED:
             ET.SubElement(case, "skipped", {"message": _xml_text(result.summary)})

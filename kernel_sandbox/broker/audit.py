@@ -33,9 +33,18 @@ class AuditLog:
         self.path = Path(path)
         self._lock = threading.Lock()
 
-    def record(self, *, kernel_id: str, op: str | None, decision: str, dataset: str | None = None,
-               path: str | None = None, token_id: str | None = None, reason: str | None = None,
-               **extra: Any) -> dict[str, Any]:
+    def record(
+        self,
+        *,
+        kernel_id: str,
+        op: str | None,
+        decision: str,
+        dataset: str | None = None,
+        path: str | None = None,
+        token_id: str | None = None,
+        reason: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         entry = {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "kernel_id": kernel_id,

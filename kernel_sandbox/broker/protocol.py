@@ -7,7 +7,16 @@ import asyncio
 import json
 from typing import Any
 
-from kernel_sandbox.inside.data import DATA, END, FRAME, JSON, MAX_CHUNK, MAX_MESSAGE, encode_frame, encode_json
+from kernel_sandbox.inside.data import (
+    DATA,
+    END,
+    FRAME,
+    JSON,
+    MAX_CHUNK,
+    MAX_MESSAGE,
+    encode_frame,
+    encode_json,
+)
 
 __all__ = ["Refusal", "read_frame", "read_request", "send_error", "send_json"]
 
@@ -25,8 +34,9 @@ class Refusal(Exception):
         self.message = message
 
 
-async def read_frame(reader: asyncio.StreamReader, max_json: int = MAX_MESSAGE,
-                     max_data: int = MAX_CHUNK) -> tuple[bytes, bytes]:
+async def read_frame(
+    reader: asyncio.StreamReader, max_json: int = MAX_MESSAGE, max_data: int = MAX_CHUNK
+) -> tuple[bytes, bytes]:
     """One frame; its declared length is checked against the cap before anything is read.
 
     Raises:
@@ -38,8 +48,11 @@ async def read_frame(reader: asyncio.StreamReader, max_json: int = MAX_MESSAGE,
         raise Refusal("bad-request", f"malformed request: unknown frame kind {kind!r}")
     cap = max_json if kind == JSON else max_data if kind == DATA else 0
     if length > cap:
-        raise Refusal("too-large", f"request refused: a {kind.decode()} frame of {length} bytes "
-                      f"is over the limit of {cap}")
+        raise Refusal(
+            "too-large",
+            f"request refused: a {kind.decode()} frame of {length} bytes "
+            f"is over the limit of {cap}",
+        )
     return kind, await reader.readexactly(length) if length else b""
 
 

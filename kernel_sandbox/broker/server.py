@@ -29,8 +29,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kernel_sandbox.inside.data import DATA, END, MAX_CHUNK, MAX_MESSAGE, OPS, SOCKET_NAME, TOKEN_NAME
-from kernel_sandbox.broker.tokens import Grant, TokenRecord, TokenRefused, TokenStore
 from kernel_sandbox.broker.audit import AuditLog
 from kernel_sandbox.broker.protocol import (
     END_FRAME,
@@ -41,7 +39,23 @@ from kernel_sandbox.broker.protocol import (
     send_error,
     send_json,
 )
-from kernel_sandbox.broker.sources import Credentials, LocalReader, Source, open_source, relative_parts
+from kernel_sandbox.broker.sources import (
+    Credentials,
+    LocalReader,
+    Source,
+    open_source,
+    relative_parts,
+)
+from kernel_sandbox.broker.tokens import Grant, TokenRecord, TokenRefused, TokenStore
+from kernel_sandbox.inside.data import (
+    DATA,
+    END,
+    MAX_CHUNK,
+    MAX_MESSAGE,
+    OPS,
+    SOCKET_NAME,
+    TOKEN_NAME,
+)
 
 __all__ = ["DataBroker", "shared_broker"]
 
@@ -79,10 +93,19 @@ class DataBroker:
             Python buffers.
     """
 
-    def __init__(self, tokens: TokenStore, audit: AuditLog, credentials: Credentials | None = None,
-                 *, max_message: int = MAX_MESSAGE, chunk_size: int = CHUNK_SIZE,
-                 max_connections: int = 16, request_timeout: float = 30.0,
-                 recheck_every: float = 1.0, sendfile: bool = True):
+    def __init__(
+        self,
+        tokens: TokenStore,
+        audit: AuditLog,
+        credentials: Credentials | None = None,
+        *,
+        max_message: int = MAX_MESSAGE,
+        chunk_size: int = CHUNK_SIZE,
+        max_connections: int = 16,
+        request_timeout: float = 30.0,
+        recheck_every: float = 1.0,
+        sendfile: bool = True,
+    ):
         self.tokens, self.audit = tokens, audit
         self.credentials = credentials or Credentials()
         self.max_message, self.chunk_size = max_message, chunk_size
@@ -122,8 +145,14 @@ class DataBroker:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
 
-    def grant(self, kernel_id: str, shared_dir: Path, scope: Mapping[str, Grant], ttl: float,
-              owner: tuple[int, int] | None = None) -> TokenRecord:
+    def grant(
+        self,
+        kernel_id: str,
+        shared_dir: Path,
+        scope: Mapping[str, Grant],
+        ttl: float,
+        owner: tuple[int, int] | None = None,
+    ) -> TokenRecord:
         """Give ``kernel_id`` a fresh token for ``scope`` and serve it on its socket.
 
         Revokes the kernel's earlier tokens (a restart), writes the new one to
@@ -192,8 +221,9 @@ class DataBroker:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def _serve(self, kernel_id: str, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, kernel_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         endpoint = self._endpoints.get(kernel_id)
         if endpoint is None:
             writer.close()
@@ -214,17 +244,23 @@ class DataBroker:
             endpoint.writers.discard(writer)
             writer.close()
 
-    async def _handle(self, kernel_id: str, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self, kernel_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         entry: dict[str, Any] = {}
         try:
-            request = await asyncio.wait_for(read_request(reader, self.max_message),
-                                             self.request_timeout)
-            entry = {"op": request["op"], "dataset": request.get("dataset"),
-                     "path": request.get("path")}
+            request = await asyncio.wait_for(
+                read_request(reader, self.max_message), self.request_timeout
+            )
+            entry = {
+                "op": request["op"],
+                "dataset": request.get("dataset"),
+                "path": request.get("path"),
+            }
             if request["op"] not in OPS:
-                raise Refusal("bad-request",
-                              f"malformed request: unknown operation {request['op']!r}")
+                raise Refusal(
+                    "bad-request", f"malformed request: unknown operation {request['op']!r}"
+                )
             record = await self._check_token(request["token"], kernel_id)
             entry["token_id"] = record.token_id
             handler: Callable[..., Awaitable[dict[str, Any]]]
@@ -246,14 +282,28 @@ class DataBroker:
             failure = Refusal("internal", "the data broker failed; see its log on the host")
             await send_error(writer, failure)
 
-    def _audit(self, kernel_id: str, entry: Mapping[str, Any], decision: str,
-               reason: str | None = None, **extra: Any) -> None:
+    def _audit(
+        self,
+        kernel_id: str,
+        entry: Mapping[str, Any],
+        decision: str,
+        reason: str | None = None,
+        **extra: Any,
+    ) -> None:
         try:
-            self.audit.record(kernel_id=kernel_id, op=entry.get("op"), decision=decision,
-                              dataset=entry.get("dataset"), path=entry.get("path"),
-                              token_id=entry.get("token_id"), reason=reason,
-                              **{k: v for k, v in entry.items()
-                                 if k not in ("op", "dataset", "path", "token_id")}, **extra)
+            self.audit.record(
+                kernel_id=kernel_id,
+                op=entry.get("op"),
+                decision=decision,
+                dataset=entry.get("dataset"),
+                path=entry.get("path"),
+                token_id=entry.get("token_id"),
+                reason=reason,
+                **{
+                    k: v for k, v in entry.items() if k not in ("op", "dataset", "path", "token_id")
+                },
+                **extra,
+            )
         except OSError as exc:
             log.error("data broker: cannot write the audit log %s: %s", self.audit.path, exc)
 
@@ -293,8 +343,9 @@ class DataBroker:
             self._sources[source] = (time.monotonic() + ttl, opened)
         return opened
 
-    async def _target(self, record: TokenRecord, request: Mapping[str, Any],
-                      write: bool = False) -> tuple[Source, list[str]]:
+    async def _target(
+        self, record: TokenRecord, request: Mapping[str, Any], write: bool = False
+    ) -> tuple[Source, list[str]]:
         """The checked dataset source and path parts of a request."""
         name = request.get("dataset")
         if not name:
@@ -309,27 +360,51 @@ class DataBroker:
 
     # -- operations ---------------------------------------------------------------------------
 
-    async def _op_scope(self, kernel_id: str, record: TokenRecord, request: Mapping[str, Any],
-                        reader: StreamReader, writer: StreamWriter) -> dict[str, Any]:
+    async def _op_scope(
+        self,
+        kernel_id: str,
+        record: TokenRecord,
+        request: Mapping[str, Any],
+        reader: StreamReader,
+        writer: StreamWriter,
+    ) -> dict[str, Any]:
         datasets = {name: grant.access for name, grant in record.scope.items()}
         await send_json(writer, {"ok": True, "datasets": datasets, "expires": record.expires})
         return {}
 
-    async def _op_list(self, kernel_id: str, record: TokenRecord, request: Mapping[str, Any],
-                       reader: StreamReader, writer: StreamWriter) -> dict[str, Any]:
+    async def _op_list(
+        self,
+        kernel_id: str,
+        record: TokenRecord,
+        request: Mapping[str, Any],
+        reader: StreamReader,
+        writer: StreamWriter,
+    ) -> dict[str, Any]:
         source, parts = await self._target(record, request)
         entries = await self._blocking(source.list, parts)
         await send_json(writer, {"ok": True, "entries": entries})
         return {"entries": len(entries)}
 
-    async def _op_stat(self, kernel_id: str, record: TokenRecord, request: Mapping[str, Any],
-                       reader: StreamReader, writer: StreamWriter) -> dict[str, Any]:
+    async def _op_stat(
+        self,
+        kernel_id: str,
+        record: TokenRecord,
+        request: Mapping[str, Any],
+        reader: StreamReader,
+        writer: StreamWriter,
+    ) -> dict[str, Any]:
         source, parts = await self._target(record, request)
         await send_json(writer, {"ok": True, "entry": await self._blocking(source.stat, parts)})
         return {}
 
-    async def _op_read(self, kernel_id: str, record: TokenRecord, request: Mapping[str, Any],
-                       reader: StreamReader, writer: StreamWriter) -> dict[str, Any]:
+    async def _op_read(
+        self,
+        kernel_id: str,
+        record: TokenRecord,
+        request: Mapping[str, Any],
+        reader: StreamReader,
+        writer: StreamWriter,
+    ) -> dict[str, Any]:
         offset, length = request.get("offset", 0), request.get("length")
         if not _count(offset) or not (length is None or _count(length)):
             raise Refusal("bad-request", "malformed request: offset and length must be counts")
@@ -379,8 +454,14 @@ class DataBroker:
         handle.pos += n
         return n
 
-    async def _op_write(self, kernel_id: str, record: TokenRecord, request: Mapping[str, Any],
-                        reader: StreamReader, writer: StreamWriter) -> dict[str, Any]:
+    async def _op_write(
+        self,
+        kernel_id: str,
+        record: TokenRecord,
+        request: Mapping[str, Any],
+        reader: StreamReader,
+        writer: StreamWriter,
+    ) -> dict[str, Any]:
         source, parts = await self._target(record, request, write=True)
         handle = await self._blocking(source.open_write, parts)
         committed = False
@@ -470,7 +551,8 @@ def shared_broker(token_db: str, audit_log: str, credentials_file: str = "") -> 
     with _SHARED_LOCK:
         broker = _SHARED.get(key)
         if broker is None:
-            broker = DataBroker(TokenStore(key[0]), AuditLog(key[1]),
-                                Credentials(credentials_file or None))
+            broker = DataBroker(
+                TokenStore(key[0]), AuditLog(key[1]), Credentials(credentials_file or None)
+            )
             _SHARED[key] = broker
         return broker

@@ -25,11 +25,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.broker.protocol import Refusal
+from kernel_sandbox.errors import SandboxError
 
-__all__ = ["Credentials", "LocalReader", "LocalSource", "RemoteSource", "Source", "open_source",
-           "relative_parts"]
+__all__ = [
+    "Credentials",
+    "LocalReader",
+    "LocalSource",
+    "RemoteSource",
+    "Source",
+    "open_source",
+    "relative_parts",
+]
 
 log = logging.getLogger("kernel_sandbox.broker")
 
@@ -91,10 +98,15 @@ def _not_found(parts: list[str]) -> Refusal:
 
 
 def _entry(name: str, st: os.stat_result) -> dict[str, Any]:
-    kind = ("directory" if stat.S_ISDIR(st.st_mode)
-            else "file" if stat.S_ISREG(st.st_mode) else "other")
-    return {"name": name, "type": kind, "size": st.st_size if kind == "file" else 0,
-            "mtime": st.st_mtime}
+    kind = (
+        "directory" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+    )
+    return {
+        "name": name,
+        "type": kind,
+        "size": st.st_size if kind == "file" else 0,
+        "mtime": st.st_mtime,
+    }
 
 
 class _SymlinkMet(Exception):
@@ -163,8 +175,9 @@ class LocalSource:
             raise escape("a symlink points outside")
         return [p for p in os.path.relpath(real, self.root).split(os.sep) if p not in ("", ".")]
 
-    def _open(self, parts: list[str], final_flags: int | None = None,
-              create_dirs: bool = False) -> int:
+    def _open(
+        self, parts: list[str], final_flags: int | None = None, create_dirs: bool = False
+    ) -> int:
         """A descriptor for ``parts`` beneath the root (its parent's, when ``final_flags`` is
         None and the caller wants a directory: then all of ``parts`` are directories)."""
         for _ in range(MAX_SYMLINK_HOPS):
@@ -328,8 +341,9 @@ class Credentials:
     With neither, fsspec's own host-side defaults apply (e.g. ``~/.aws/credentials``).
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None,
-                 keyring_service: str = "kernel-sandbox"):
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, keyring_service: str = "kernel-sandbox"
+    ):
         self.path = Path(path) if path else None
         self.keyring_service = keyring_service
 
@@ -409,8 +423,12 @@ class RemoteSource:
         mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()
-        return {"name": name, "type": kind, "size": int(info.get("size") or 0),
-                "mtime": mtime if isinstance(mtime, (int, float)) else None}
+        return {
+            "name": name,
+            "type": kind,
+            "size": int(info.get("size") or 0),
+            "mtime": mtime if isinstance(mtime, (int, float)) else None,
+        }
 
     def list(self, parts: list[str]) -> list[dict[str, Any]]:
         base = self._path(parts)

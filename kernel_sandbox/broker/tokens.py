@@ -158,18 +158,25 @@ class TokenStore:
         except FileExistsError:
             pass
 
-    def mint(self, kernel_id: str, scope: Mapping[str, Grant],
-             ttl: float) -> tuple[str, TokenRecord]:
+    def mint(
+        self, kernel_id: str, scope: Mapping[str, Grant], ttl: float
+    ) -> tuple[str, TokenRecord]:
         """A new token for ``kernel_id``; returns the secret (shown once, never stored) and
         its record."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = self.clock()
         record = TokenRecord(
-            token_id=secrets.token_hex(6), kernel_id=kernel_id, scope=dict(scope),
-            created=now, expires=now + ttl, revoked=None, reason=None,
+            token_id=secrets.token_hex(6),
+            kernel_id=kernel_id,
+            scope=dict(scope),
+            created=now,
+            expires=now + ttl,
+            revoked=None,
+            reason=None,
         )
-        scope_json = json.dumps({n: {"source": g.source, "access": g.access}
-                                 for n, g in record.scope.items()})
+        scope_json = json.dumps(
+            {n: {"source": g.source, "access": g.access} for n, g in record.scope.items()}
+        )
         self._db().execute(
             "INSERT INTO tokens (token_id, token_hash, kernel_id, scope, created, expires)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -184,9 +191,11 @@ class TokenStore:
             TokenRefused: unknown (bad-token), minted for another kernel (wrong-kernel),
                 revoked, or expired.
         """
-        row = self._db().execute(
-            "SELECT * FROM tokens WHERE token_hash = ?", (hash_token(token),)
-        ).fetchone()
+        row = (
+            self._db()
+            .execute("SELECT * FROM tokens WHERE token_hash = ?", (hash_token(token),))
+            .fetchone()
+        )
         if row is None:
             raise TokenRefused("bad-token", "token not recognised by the data broker")
         record = _record(row)
@@ -257,5 +266,12 @@ def _record(row: Any) -> TokenRecord:
     if not isinstance(row, sqlite3.Row):
         raise TypeError("expected an sqlite3.Row")
     scope = {n: Grant(g["source"], g["access"]) for n, g in json.loads(row["scope"]).items()}
-    return TokenRecord(row["token_id"], row["kernel_id"], scope, row["created"], row["expires"],
-                       row["revoked"], row["reason"])
+    return TokenRecord(
+        row["token_id"],
+        row["kernel_id"],
+        scope,
+        row["created"],
+        row["expires"],
+        row["revoked"],
+        row["reason"],
+    )

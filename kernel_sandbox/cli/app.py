@@ -21,8 +21,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from kernel_sandbox import __version__
-from kernel_sandbox.engine.backend import DockerBackend
-from kernel_sandbox.cli.tokens import add_tokens_command, install_with_datasets
 from kernel_sandbox.cli.doctor import add_doctor_command
 from kernel_sandbox.cli.egress import (
     add_egress_command,
@@ -30,10 +28,6 @@ from kernel_sandbox.cli.egress import (
     egress_install_policy,
     with_egress_policy,
 )
-from kernel_sandbox.errors import ImageBuildError, SandboxError
-from kernel_sandbox.image.build import DEFAULT_BASE, LOCAL_BASE, build_base_image, build_kernel_image
-from kernel_sandbox.kernelspec import shipped_kernelspecs
-from kernel_sandbox.policy.model import DEFAULT_IMAGE
 from kernel_sandbox.cli.policy import (
     add_install_location,
     add_install_options,
@@ -45,6 +39,17 @@ from kernel_sandbox.cli.policy import (
 )
 from kernel_sandbox.cli.run import add_run_command
 from kernel_sandbox.cli.sandboxes import add_gc_command, add_ps_command, add_stop_command
+from kernel_sandbox.cli.tokens import add_tokens_command, install_with_datasets
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.errors import ImageBuildError, SandboxError
+from kernel_sandbox.image.build import (
+    DEFAULT_BASE,
+    LOCAL_BASE,
+    build_base_image,
+    build_kernel_image,
+)
+from kernel_sandbox.kernelspec import shipped_kernelspecs
+from kernel_sandbox.policy.model import DEFAULT_IMAGE
 
 __all__ = ["main"]
 
@@ -64,7 +69,11 @@ def _progress(prefix: str) -> Callable[[str], None]:
 
 async def cmd_image_base(args: argparse.Namespace) -> int:
     await build_base_image(
-        DockerBackend(), tag=args.tag, suite=args.suite, mirror=args.mirror, force=args.force,
+        DockerBackend(),
+        tag=args.tag,
+        suite=args.suite,
+        mirror=args.mirror,
+        force=args.force,
         progress=_progress("base"),
     )
     return EXIT_OK
@@ -72,8 +81,13 @@ async def cmd_image_base(args: argparse.Namespace) -> int:
 
 async def cmd_image_build(args: argparse.Namespace) -> int:
     await build_kernel_image(
-        DockerBackend(), base=args.base, tag=args.tag, binder=args.binder, force=args.force,
-        progress=_progress("build"), mirror=args.mirror,
+        DockerBackend(),
+        base=args.base,
+        tag=args.tag,
+        binder=args.binder,
+        force=args.force,
+        progress=_progress("build"),
+        mirror=args.mirror,
     )
     return EXIT_OK
 
@@ -111,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     install = commands.add_parser(
-        "install", help="install python3-sandbox, or a sandboxed kernelspec with a policy",
+        "install",
+        help="install python3-sandbox, or a sandboxed kernelspec with a policy",
         description="Without --name, --profile or policy flags: install the kernelspecs that "
         "come with kernel-sandbox, so that `jupyter kernelspec list` shows python3-sandbox. "
         "With them: write one Python kernelspec with that policy, e.g. `kernel-sandbox install "
@@ -123,41 +138,61 @@ def build_parser() -> argparse.ArgumentParser:
     add_install_location(install)
     add_policy_flags(install)
     add_egress_install_flags(install)  # --network allowlist --egress ... (egress_cli.py)
-    install.add_argument("--dataset", action="append", default=[],
-                         metavar="NAME=SOURCE[:read|:read-write]",
-                         help="grant the kernels a dataset through the data broker (repeatable)")
+    install.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE[:read|:read-write]",
+        help="grant the kernels a dataset through the data broker (repeatable)",
+    )
     install.set_defaults(func=cmd_install)
 
     image = commands.add_parser("image", help="build the kernel image or a local base image")
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
-        "build", help=f"build the kernel image ({DEFAULT_IMAGE})",
+        "build",
+        help=f"build the kernel image ({DEFAULT_IMAGE})",
         description="Build the kernel image from an environment spec in repo2docker's formats "
         "(requirements.txt, apt.txt). Wheels and Debian packages are downloaded on the host; "
         "the build itself has no network.",
     )
-    build.add_argument("--base", default=DEFAULT_BASE,
-                       help=f"base image with Python (default {DEFAULT_BASE}; without a "
-                       f"registry use {LOCAL_BASE} from `kernel-sandbox image base`)")
+    build.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        help=f"base image with Python (default {DEFAULT_BASE}; without a "
+        f"registry use {LOCAL_BASE} from `kernel-sandbox image base`)",
+    )
     build.add_argument("--tag", default=DEFAULT_IMAGE, help="tag of the image to build")
-    build.add_argument("--binder", type=Path, default=None,
-                       help="environment folder (default: the binder/ shipped with kernel-sandbox)")
-    build.add_argument("--mirror", default=None,
-                       help="Debian mirror URL for apt.txt packages (default: the one in this "
-                       "machine's apt sources)")
-    build.add_argument("--force", action="store_true",
-                       help="rebuild even if the image is up to date")
+    build.add_argument(
+        "--binder",
+        type=Path,
+        default=None,
+        help="environment folder (default: the binder/ shipped with kernel-sandbox)",
+    )
+    build.add_argument(
+        "--mirror",
+        default=None,
+        help="Debian mirror URL for apt.txt packages (default: the one in this "
+        "machine's apt sources)",
+    )
+    build.add_argument(
+        "--force", action="store_true", help="rebuild even if the image is up to date"
+    )
     build.set_defaults(func=cmd_image_build)
 
     base = image_commands.add_parser(
-        "base", help=f"create {LOCAL_BASE} with debootstrap (no registry needed)",
+        "base",
+        help=f"create {LOCAL_BASE} with debootstrap (no registry needed)",
         description="Create a minimal Debian base image with Python from this machine's apt "
         "mirror, for air-gapped sites. Needs root and debootstrap.",
     )
     base.add_argument("--tag", default=LOCAL_BASE, help="tag of the base image")
     base.add_argument("--suite", default="bookworm", help="Debian release (default bookworm)")
-    base.add_argument("--mirror", default=None,
-                      help="Debian mirror URL (default: the one in this machine's apt sources)")
+    base.add_argument(
+        "--mirror",
+        default=None,
+        help="Debian mirror URL (default: the one in this machine's apt sources)",
+    )
     base.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     base.set_defaults(func=cmd_image_base)
     add_wrap_command(commands)  # kernel-sandbox wrap (kernel_sandbox/policy_cli.py)

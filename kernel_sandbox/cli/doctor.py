@@ -26,10 +26,16 @@ from traitlets.config import Config
 
 from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
 from kernel_sandbox.errors import PolicyError, SandboxError
+from kernel_sandbox.host.rundir import (
+    CHANNELS,
+    MAX_SOCKET_PATH,
+    SHARED,
+    SOCKET_PREFIX,
+    default_root,
+)
 from kernel_sandbox.kernelspec import PROVISIONER_NAME
-from kernel_sandbox.policy.model import DEFAULT_IMAGE
-from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, SHARED, SOCKET_PREFIX, default_root
 from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config, resolve
+from kernel_sandbox.policy.model import DEFAULT_IMAGE
 
 __all__ = ["Check", "add_doctor_command", "run_checks"]
 
@@ -53,24 +59,39 @@ class Check:
 
 
 def check_provisioner() -> Check:
-    found = [ep for ep in entry_points(group="jupyter_client.kernel_provisioners")
-             if ep.name == PROVISIONER_NAME]
+    found = [
+        ep
+        for ep in entry_points(group="jupyter_client.kernel_provisioners")
+        if ep.name == PROVISIONER_NAME
+    ]
     if found:
         return Check("jupyter", "provisioner", OK, f"{PROVISIONER_NAME} -> {found[0].value}")
-    return Check("jupyter", "provisioner", FAIL,
-                 f"no {PROVISIONER_NAME} kernel provisioner is registered with jupyter_client",
-                 "pip install kernel-sandbox (in the environment that runs Jupyter)")
+    return Check(
+        "jupyter",
+        "provisioner",
+        FAIL,
+        f"no {PROVISIONER_NAME} kernel provisioner is registered with jupyter_client",
+        "pip install kernel-sandbox (in the environment that runs Jupyter)",
+    )
 
 
 def check_engine(info: dict[str, Any] | None, error: str = "") -> Check:
     if info is None:
-        return Check("engine", "docker", FAIL, error or "the Docker engine does not answer",
-                     "start it (`sudo systemctl start docker`, or `dockerd &`); "
-                     "check `docker info`")
+        return Check(
+            "engine",
+            "docker",
+            FAIL,
+            error or "the Docker engine does not answer",
+            "start it (`sudo systemctl start docker`, or `dockerd &`); check `docker info`",
+        )
     cgroup = info.get("CgroupVersion") or "?"
-    return Check("engine", "docker", OK,
-                 f"engine {info.get('ServerVersion', '?')}, cgroup v{cgroup}, "
-                 f"storage {info.get('Driver', '?')}")
+    return Check(
+        "engine",
+        "docker",
+        OK,
+        f"engine {info.get('ServerVersion', '?')}, cgroup v{cgroup}, "
+        f"storage {info.get('Driver', '?')}",
+    )
 
 
 def runsc_snippet(path: str) -> str:
@@ -91,32 +112,53 @@ def check_runtimes(
         args = (runtimes["runsc"] or {}).get("runtimeArgs") or []
         missing = [a for a in RUNSC_ARGS if a.split("=")[0] not in " ".join(args)]
         if missing:
-            checks.append(Check(
-                "runtime", "runsc", FAIL,
-                f"runsc is registered without {', '.join(missing)}: kernels under gVisor "
-                "cannot start or cannot be reached",
-                f"in /etc/docker/daemon.json set "
-                f"{runsc_snippet(runtimes['runsc'].get('path', 'runsc'))}; " + RELOAD))
+            checks.append(
+                Check(
+                    "runtime",
+                    "runsc",
+                    FAIL,
+                    f"runsc is registered without {', '.join(missing)}: kernels under gVisor "
+                    "cannot start or cannot be reached",
+                    f"in /etc/docker/daemon.json set "
+                    f"{runsc_snippet(runtimes['runsc'].get('path', 'runsc'))}; " + RELOAD,
+                )
+            )
         else:
             checks.append(Check("runtime", "runsc", OK, f"gVisor registered ({' '.join(args)})"))
     elif runsc_path:
-        checks.append(Check(
-            "runtime", "runsc", FAIL if "runsc" in needed else WARN,
-            f"runsc is installed ({runsc_path}) but not registered with the engine",
-            f"add to /etc/docker/daemon.json (merge with what is there): "
-            f"{runsc_snippet(runsc_path)}; " + RELOAD))
+        checks.append(
+            Check(
+                "runtime",
+                "runsc",
+                FAIL if "runsc" in needed else WARN,
+                f"runsc is installed ({runsc_path}) but not registered with the engine",
+                f"add to /etc/docker/daemon.json (merge with what is there): "
+                f"{runsc_snippet(runsc_path)}; " + RELOAD,
+            )
+        )
     elif "runsc" not in needed:
-        checks.append(Check("runtime", "runsc", WARN,
-                            "gVisor (runsc) is not installed; the untrusted profile needs it",
-                            "apt-get install runsc, then run `kernel-sandbox doctor` again"))
+        checks.append(
+            Check(
+                "runtime",
+                "runsc",
+                WARN,
+                "gVisor (runsc) is not installed; the untrusted profile needs it",
+                "apt-get install runsc, then run `kernel-sandbox doctor` again",
+            )
+        )
     for runtime, specs in sorted(needed.items()):
         if runtime in runtimes or (runtime == "runsc" and runsc_path):
             continue  # runsc installed but unregistered is reported above
-        checks.append(Check(
-            "runtime", runtime, FAIL,
-            f"kernelspec {', '.join(specs)} asks for runtime {runtime!r}, which the engine lacks",
-            f"install {runtime} and register it under \"runtimes\" in /etc/docker/daemon.json; "
-            + RELOAD))
+        checks.append(
+            Check(
+                "runtime",
+                runtime,
+                FAIL,
+                f"kernelspec {', '.join(specs)} asks for runtime {runtime!r}, which the engine lacks",
+                f'install {runtime} and register it under "runtimes" in /etc/docker/daemon.json; '
+                + RELOAD,
+            )
+        )
     return checks
 
 
@@ -126,41 +168,82 @@ def check_runtime_root(root: str, uid: int | None = None) -> list[Check]:
     longest = len(os.path.join(root, "x" * 8, SHARED, f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
     checks = []
     if longest > MAX_SOCKET_PATH:
-        checks.append(Check(
-            "runtime_root", "socket paths", FAIL,
-            f"sockets under {root} would be {longest} bytes, over the unix limit of "
-            f"{MAX_SOCKET_PATH}",
-            "set a shorter c.DockerSandboxProvisioner.runtime_root (e.g. /tmp/ks-$UID)"))
+        checks.append(
+            Check(
+                "runtime_root",
+                "socket paths",
+                FAIL,
+                f"sockets under {root} would be {longest} bytes, over the unix limit of "
+                f"{MAX_SOCKET_PATH}",
+                "set a shorter c.DockerSandboxProvisioner.runtime_root (e.g. /tmp/ks-$UID)",
+            )
+        )
     else:
-        checks.append(Check("runtime_root", "socket paths", OK,
-                            f"{longest} of {MAX_SOCKET_PATH} bytes under {root}"))
+        checks.append(
+            Check(
+                "runtime_root",
+                "socket paths",
+                OK,
+                f"{longest} of {MAX_SOCKET_PATH} bytes under {root}",
+            )
+        )
     path = Path(root)
     try:
         info = path.lstat()
     except FileNotFoundError:
         parent = path.parent
         if os.access(parent, os.W_OK | os.X_OK):
-            checks.append(Check("runtime_root", "permissions", OK,
-                                f"{root} will be created (mode 0700) on the first start"))
+            checks.append(
+                Check(
+                    "runtime_root",
+                    "permissions",
+                    OK,
+                    f"{root} will be created (mode 0700) on the first start",
+                )
+            )
         else:
-            checks.append(Check("runtime_root", "permissions", FAIL,
-                                f"{root} does not exist and {parent} is not writable",
-                                f"mkdir -m 700 {root}, or set "
-                                "c.DockerSandboxProvisioner.runtime_root"))
+            checks.append(
+                Check(
+                    "runtime_root",
+                    "permissions",
+                    FAIL,
+                    f"{root} does not exist and {parent} is not writable",
+                    f"mkdir -m 700 {root}, or set c.DockerSandboxProvisioner.runtime_root",
+                )
+            )
         return checks
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        checks.append(Check("runtime_root", "permissions", FAIL,
-                            f"{root} is not a plain directory (a symlink or a file)",
-                            f"remove {root}; it is created again on the next start"))
+        checks.append(
+            Check(
+                "runtime_root",
+                "permissions",
+                FAIL,
+                f"{root} is not a plain directory (a symlink or a file)",
+                f"remove {root}; it is created again on the next start",
+            )
+        )
     elif info.st_uid != uid:
-        checks.append(Check("runtime_root", "permissions", FAIL,
-                            f"{root} belongs to uid {info.st_uid}, not to you (uid {uid}): "
-                            "someone else could reach your kernels' sockets",
-                            f"remove {root}, or set c.DockerSandboxProvisioner.runtime_root"))
+        checks.append(
+            Check(
+                "runtime_root",
+                "permissions",
+                FAIL,
+                f"{root} belongs to uid {info.st_uid}, not to you (uid {uid}): "
+                "someone else could reach your kernels' sockets",
+                f"remove {root}, or set c.DockerSandboxProvisioner.runtime_root",
+            )
+        )
     elif stat.S_IMODE(info.st_mode) & 0o077:
-        checks.append(Check("runtime_root", "permissions", FAIL,
-                            f"{root} is mode {stat.S_IMODE(info.st_mode):04o}: others can "
-                            "reach your kernels' sockets", f"chmod 700 {root}"))
+        checks.append(
+            Check(
+                "runtime_root",
+                "permissions",
+                FAIL,
+                f"{root} is mode {stat.S_IMODE(info.st_mode):04o}: others can "
+                "reach your kernels' sockets",
+                f"chmod 700 {root}",
+            )
+        )
     else:
         checks.append(Check("runtime_root", "permissions", OK, f"{root}: yours, mode 0700"))
     return checks
@@ -185,40 +268,68 @@ def check_kernelspecs(
         try:
             effective = resolve(spec, name, config)
         except (PolicyError, SandboxError) as exc:
-            checks.append(Check("kernelspec", name, FAIL, str(exc),
-                                f"edit {spec.resource_dir}/kernel.json, or write it again with "
-                                f"`kernel-sandbox install --name {name} ...`"))
+            checks.append(
+                Check(
+                    "kernelspec",
+                    name,
+                    FAIL,
+                    str(exc),
+                    f"edit {spec.resource_dir}/kernel.json, or write it again with "
+                    f"`kernel-sandbox install --name {name} ...`",
+                )
+            )
             continue
         policy = effective.policy
         images.setdefault(policy.image, []).append(name)
         if policy.runtime != "runc":
             runtimes.setdefault(policy.runtime, []).append(name)
-        checks.append(Check("kernelspec", name, OK,
-                            f"profile {effective.profile}, image {policy.image}, "
-                            f"runtime {policy.runtime}"))
+        checks.append(
+            Check(
+                "kernelspec",
+                name,
+                OK,
+                f"profile {effective.profile}, image {policy.image}, runtime {policy.runtime}",
+            )
+        )
     if not checks:
-        checks.append(Check("kernelspec", "(none)", FAIL, "no sandboxed kernelspec is installed",
-                            "kernel-sandbox install"))
+        checks.append(
+            Check(
+                "kernelspec",
+                "(none)",
+                FAIL,
+                "no sandboxed kernelspec is installed",
+                "kernel-sandbox install",
+            )
+        )
     return checks, images, runtimes
 
 
 def check_image(image: str, labels: dict[str, str] | None, specs: list[str]) -> Check:
     users = f" (used by {', '.join(specs)})" if specs else ""
     if labels is None:
-        fix = ("kernel-sandbox image build (add --base kernel-sandbox/base:bookworm after "
-               "`kernel-sandbox image base` where no registry is reachable)"
-               if image == DEFAULT_IMAGE else f"docker pull {image}, or build it")
+        fix = (
+            "kernel-sandbox image build (add --base kernel-sandbox/base:bookworm after "
+            "`kernel-sandbox image base` where no registry is reachable)"
+            if image == DEFAULT_IMAGE
+            else f"docker pull {image}, or build it"
+        )
         return Check("image", image, FAIL, f"not on the engine{users}", fix)
     if labels.get(LABEL_PREFIX + "image") != "kernel":
-        return Check("image", image, WARN,
-                     f"present{users}, but not built by kernel-sandbox: no in-sandbox watchdog, "
-                     "so a kernel orphaned by a crashed server runs on until `kernel-sandbox gc`",
-                     "build kernel images with `kernel-sandbox image build --binder DIR`")
+        return Check(
+            "image",
+            image,
+            WARN,
+            f"present{users}, but not built by kernel-sandbox: no in-sandbox watchdog, "
+            "so a kernel orphaned by a crashed server runs on until `kernel-sandbox gc`",
+            "build kernel images with `kernel-sandbox image build --binder DIR`",
+        )
     return Check("image", image, OK, f"present{users}")
 
 
 async def run_checks(
-    backend: DockerBackend, config: Config, runtime_root: str,
+    backend: DockerBackend,
+    config: Config,
+    runtime_root: str,
     which: Callable[[str], str | None] = shutil.which,
 ) -> list[Check]:
     checks = [check_provisioner()]
@@ -250,8 +361,12 @@ def render(checks: list[Check]) -> Table:
     for column in ("check", "status", "detail", "fix"):
         table.add_column(column, overflow="fold")
     for check in checks:
-        table.add_row(f"{check.area}: {check.name}", f"[{STYLE[check.status]}]{check.status}[/]",
-                      check.detail, check.fix or "")
+        table.add_row(
+            f"{check.area}: {check.name}",
+            f"[{STYLE[check.status]}]{check.status}[/]",
+            check.detail,
+            check.fix or "",
+        )
     return table
 
 
@@ -278,7 +393,8 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
 def add_doctor_command(commands: Any) -> None:
     doctor = commands.add_parser(
-        "doctor", help="check the engine, runtimes, images, kernelspecs and runtime directory",
+        "doctor",
+        help="check the engine, runtimes, images, kernelspecs and runtime directory",
         description="Check that sandboxed kernels can run here: the Docker engine answers, the "
         "OCI runtimes the kernelspecs ask for are registered (and how to register gVisor's "
         "runsc), their images exist, every sandboxed kernelspec's policy is valid under the "

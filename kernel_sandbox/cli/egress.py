@@ -26,8 +26,12 @@ from kernel_sandbox.egress.control import EgressControl, EgressControlError
 from kernel_sandbox.errors import PolicyError
 from kernel_sandbox.policy.model import SandboxPolicy
 
-__all__ = ["add_egress_command", "add_egress_install_flags", "egress_install_policy",
-           "with_egress_policy"]
+__all__ = [
+    "add_egress_command",
+    "add_egress_install_flags",
+    "egress_install_policy",
+    "with_egress_policy",
+]
 
 EXIT_OK, EXIT_FAILED = 0, 1
 err = Console(stderr=True, highlight=False)
@@ -61,15 +65,17 @@ async def cmd_decide(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     verb = "approved" if args.egress_command == "approve" else "denied"
     scope = " (and from now on, for this kernel)" if args.always else ""
-    err.print(f"{verb} {count} waiting request(s) to {args.target} "
-              f"in kernel {args.kernel_id}{scope}")
+    err.print(
+        f"{verb} {count} waiting request(s) to {args.target} in kernel {args.kernel_id}{scope}"
+    )
     return EXIT_OK
 
 
 def add_egress_command(commands: Any) -> None:
     """Register ``kernel-sandbox egress`` on the CLI's subparsers."""
     egress = commands.add_parser(
-        "egress", help="approve or deny waiting egress requests (egress_mode: ask)",
+        "egress",
+        help="approve or deny waiting egress requests (egress_mode: ask)",
         description="Kernels whose policy has egress_mode 'ask' hold a request to an unlisted "
         "target until a person decides here, or until its time is up (silence denies). An "
         "approval holds for that one kernel only.",
@@ -83,15 +89,23 @@ def add_egress_command(commands: Any) -> None:
     for name, verb in (("approve", "let through"), ("deny", "refuse")):
         action = actions.add_parser(name, help=f"{verb} the waiting requests to TARGET")
         action.add_argument("kernel_id", metavar="KERNEL_ID", help="kernel id (or a unique prefix)")
-        action.add_argument("target", metavar="TARGET",
-                            help="HOST:PORT as `egress pending` shows it")
-        action.add_argument("--always", action="store_true",
-                            help=f"also {verb} later requests to TARGET, for this kernel's life")
+        action.add_argument(
+            "target", metavar="TARGET", help="HOST:PORT as `egress pending` shows it"
+        )
+        action.add_argument(
+            "--always",
+            action="store_true",
+            help=f"also {verb} later requests to TARGET, for this kernel's life",
+        )
         action.set_defaults(func=cmd_decide)
         parsers.append(action)
     for parser in parsers:
-        parser.add_argument("--runtime-root", default=None, metavar="DIR",
-                            help="runtime root of the kernels (default /tmp/kernel-sandbox-UID)")
+        parser.add_argument(
+            "--runtime-root",
+            default=None,
+            metavar="DIR",
+            help="runtime root of the kernels (default /tmp/kernel-sandbox-UID)",
+        )
 
 
 # -- kernel-sandbox install --network allowlist ... -----------------------------------------
@@ -99,19 +113,41 @@ def add_egress_command(commands: Any) -> None:
 
 def add_egress_install_flags(install: argparse.ArgumentParser) -> None:
     group = install.add_argument_group("egress (network allowlist)")
-    group.add_argument("--network", choices=("none", "allowlist"), default=None,
-                       help="'allowlist': still no interface but loopback; a host-side proxy "
-                       "lets the --egress patterns out (default none)")
-    group.add_argument("--egress", action="append", default=[], metavar="PATTERN",
-                       help="host pattern the kernels may reach: api.corp.test, *.corp.test, "
-                       "data.corp.test:8443 (ports 80 and 443 unless given; repeatable)")
-    group.add_argument("--egress-host", action="append", default=[], metavar="NAME=ADDRESS",
-                       help="resolve NAME to ADDRESS on the host, like a hosts file (repeatable)")
-    group.add_argument("--egress-mode", choices=("deny", "ask"), default=None,
-                       help="unlisted targets: deny (default) or ask a person "
-                       "(kernel-sandbox egress approve)")
-    group.add_argument("--egress-ask-timeout", type=float, default=None, metavar="SECONDS",
-                       help="how long an 'ask' request waits for a person (default 60)")
+    group.add_argument(
+        "--network",
+        choices=("none", "allowlist"),
+        default=None,
+        help="'allowlist': still no interface but loopback; a host-side proxy "
+        "lets the --egress patterns out (default none)",
+    )
+    group.add_argument(
+        "--egress",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="host pattern the kernels may reach: api.corp.test, *.corp.test, "
+        "data.corp.test:8443 (ports 80 and 443 unless given; repeatable)",
+    )
+    group.add_argument(
+        "--egress-host",
+        action="append",
+        default=[],
+        metavar="NAME=ADDRESS",
+        help="resolve NAME to ADDRESS on the host, like a hosts file (repeatable)",
+    )
+    group.add_argument(
+        "--egress-mode",
+        choices=("deny", "ask"),
+        default=None,
+        help="unlisted targets: deny (default) or ask a person (kernel-sandbox egress approve)",
+    )
+    group.add_argument(
+        "--egress-ask-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long an 'ask' request waits for a person (default 60)",
+    )
 
 
 def egress_install_policy(args: argparse.Namespace) -> dict[str, Any]:

@@ -29,8 +29,13 @@ from kernel_sandbox.kernelspec import (
     wrapped_spec,
     write_kernelspec,
 )
+from kernel_sandbox.policy.effective import (
+    EffectivePolicy,
+    effective_policy,
+    load_jupyter_config,
+    resolve,
+)
 from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, display_value, profile_values
-from kernel_sandbox.policy.effective import EffectivePolicy, effective_policy, load_jupyter_config, resolve
 
 __all__ = [
     "POLICY_FLAGS",
@@ -68,22 +73,43 @@ POLICY_FLAGS = (
     PolicyFlag("memory_limit", "--memory-limit", "SIZE", "memory limit, e.g. 512m or 4g"),
     PolicyFlag("cpu_limit", "--cpu-limit", "CPUS", "CPUs the kernel may use, e.g. 1.5"),
     PolicyFlag("pids_limit", "--pids-limit", "N", "most processes and threads in the sandbox"),
-    PolicyFlag("tmpfs_size", "--tmpfs-size", "SIZE",
-               "size of the writable /tmp and home, e.g. 256m"),
-    PolicyFlag("workspace", "--workspace", "MODE",
-               "how the notebook's directory is mounted: none, ro or rw",
-               choices=("none", "ro", "rw")),
-    PolicyFlag("mounts", "--mount", "HOST[:TARGET][:ro|rw]",
-               "extra host directory, read-only unless :rw (repeatable)", repeat=True),
+    PolicyFlag(
+        "tmpfs_size", "--tmpfs-size", "SIZE", "size of the writable /tmp and home, e.g. 256m"
+    ),
+    PolicyFlag(
+        "workspace",
+        "--workspace",
+        "MODE",
+        "how the notebook's directory is mounted: none, ro or rw",
+        choices=("none", "ro", "rw"),
+    ),
+    PolicyFlag(
+        "mounts",
+        "--mount",
+        "HOST[:TARGET][:ro|rw]",
+        "extra host directory, read-only unless :rw (repeatable)",
+        repeat=True,
+    ),
     PolicyFlag("env", "--env", "NAME=VALUE", "variable set inside (repeatable)", repeat=True),
-    PolicyFlag("env_passthrough", "--env-passthrough", "NAME",
-               "host variable allowed in, if set where Jupyter runs (repeatable)", repeat=True),
-    PolicyFlag("runtime", "--runtime", "RUNTIME",
-               "OCI runtime: runc (default), runsc (gVisor), ..."),
-    PolicyFlag("idle_timeout", "--idle-timeout", "SECONDS",
-               "shut an idle kernel down after this long, e.g. 3600 or 1h (0 never)"),
-    PolicyFlag("user", "--run-as", "UID:GID",
-               "uid:gid inside (default: yours; 1000:1000 for root)"),
+    PolicyFlag(
+        "env_passthrough",
+        "--env-passthrough",
+        "NAME",
+        "host variable allowed in, if set where Jupyter runs (repeatable)",
+        repeat=True,
+    ),
+    PolicyFlag(
+        "runtime", "--runtime", "RUNTIME", "OCI runtime: runc (default), runsc (gVisor), ..."
+    ),
+    PolicyFlag(
+        "idle_timeout",
+        "--idle-timeout",
+        "SECONDS",
+        "shut an idle kernel down after this long, e.g. 3600 or 1h (0 never)",
+    ),
+    PolicyFlag(
+        "user", "--run-as", "UID:GID", "uid:gid inside (default: yours; 1000:1000 for root)"
+    ),
 )
 
 
@@ -93,11 +119,22 @@ def add_policy_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if flag.key in skip:
             continue
         if flag.repeat:
-            group.add_argument(flag.flag, dest=f"policy_{flag.key}", action="append",
-                               default=None, metavar=flag.metavar, help=flag.help)
+            group.add_argument(
+                flag.flag,
+                dest=f"policy_{flag.key}",
+                action="append",
+                default=None,
+                metavar=flag.metavar,
+                help=flag.help,
+            )
         else:
-            group.add_argument(flag.flag, dest=f"policy_{flag.key}", metavar=flag.metavar,
-                               choices=flag.choices, help=flag.help)
+            group.add_argument(
+                flag.flag,
+                dest=f"policy_{flag.key}",
+                metavar=flag.metavar,
+                choices=flag.choices,
+                help=flag.help,
+            )
 
 
 def policy_flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,9 +186,13 @@ def _check_and_show(spec: dict[str, Any], name: str, config_file: str | None) ->
     """Work the policy out as the kernel's start will; refuse now what it would refuse."""
     config, _files = load_jupyter_config(config_file)
     provisioner_config = spec["metadata"]["kernel_provisioner"]["config"]
-    kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k in ("argv", "display_name",
-                                                                        "language", "metadata",
-                                                                        "env")})
+    kernel_spec = KernelSpec(
+        **{
+            k: v
+            for k, v in spec.items()
+            if k in ("argv", "display_name", "language", "metadata", "env")
+        }
+    )
     kernel_spec.name = name
     try:
         return resolve(kernel_spec, name, config, dict(provisioner_config))
@@ -170,18 +211,28 @@ def install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     """
     profile = args.profile
     if args.name is None and profile is None:
-        raise KernelspecError("--name is required (or give --profile, and the name "
-                              "defaults to python3-sandbox-PROFILE)")
+        raise KernelspecError(
+            "--name is required (or give --profile, and the name "
+            "defaults to python3-sandbox-PROFILE)"
+        )
     name = check_kernel_name(args.name or f"python3-sandbox-{profile}")
-    display = args.display_name or (f"Python 3 (sandboxed, {profile})" if profile
-                                    else f"Python 3 (sandboxed, {name})")
+    display = args.display_name or (
+        f"Python 3 (sandboxed, {profile})" if profile else f"Python 3 (sandboxed, {name})"
+    )
     values = _spec_values({**policy_flag_values(args), **extra})
-    spec = sandbox_spec(list(PYTHON_ARGV), display, "python", policy=values, profile=profile,
-                        extra_metadata={"debugger": False})
+    spec = sandbox_spec(
+        list(PYTHON_ARGV),
+        display,
+        "python",
+        policy=values,
+        profile=profile,
+        extra_metadata={"debugger": False},
+    )
     effective = _check_and_show(spec, name, args.config)
     user, prefix = _location(args)
-    where = write_kernelspec(name, spec, user=user, prefix=prefix,
-                             resources=shipped_kernelspecs()[0])
+    where = write_kernelspec(
+        name, spec, user=user, prefix=prefix, resources=shipped_kernelspecs()[0]
+    )
     err.print(f"installed kernelspec {name} ({display!r}, profile {effective.profile}) in {where}")
     return EXIT_OK
 
@@ -199,30 +250,41 @@ async def cmd_wrap(args: argparse.Namespace) -> int:
     spec = wrapped_spec(original, args.kernel_name, image, args.display_name, values, args.profile)
     effective = _check_and_show(spec, name, args.config)
     user, prefix = _location(args)
-    where = write_kernelspec(name, spec, user=user, prefix=prefix,
-                             resources=Path(original.resource_dir))
-    err.print(f"installed kernelspec {name} ({spec['display_name']!r}): {args.kernel_name}'s "
-              f"kernel in image {image}, profile {effective.profile}, in {where}")
+    where = write_kernelspec(
+        name, spec, user=user, prefix=prefix, resources=Path(original.resource_dir)
+    )
+    err.print(
+        f"installed kernelspec {name} ({spec['display_name']!r}): {args.kernel_name}'s "
+        f"kernel in image {image}, profile {effective.profile}, in {where}"
+    )
     if spec["argv"] != original.argv:
-        err.print(f"note: argv[0] {original.argv[0]!r} runs as {spec['argv'][0]!r} on the "
-                  "image's PATH")
+        err.print(
+            f"note: argv[0] {original.argv[0]!r} runs as {spec['argv'][0]!r} on the image's PATH"
+        )
     return EXIT_OK
 
 
 def add_install_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--name", help=f"name of the kernelspec to write ({what})")
     parser.add_argument("--display-name", metavar="TEXT", help="name shown in Jupyter's launcher")
-    parser.add_argument("--profile", help="policy profile to start from: "
-                        f"{', '.join(PROFILES)} or one defined in Jupyter config")
-    parser.add_argument("--config", metavar="FILE",
-                        help="also read this Jupyter config file (after the usual ones)")
+    parser.add_argument(
+        "--profile",
+        help="policy profile to start from: "
+        f"{', '.join(PROFILES)} or one defined in Jupyter config",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="also read this Jupyter config file (after the usual ones)"
+    )
 
 
 def add_install_location(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for the current user only")
-    where.add_argument("--sys-prefix", action="store_true",
-                       help="install into this Python environment (sys.prefix)")
+    where.add_argument(
+        "--sys-prefix",
+        action="store_true",
+        help="install into this Python environment (sys.prefix)",
+    )
     where.add_argument("--prefix", metavar="P", help="install under prefix P")
 
 
@@ -230,14 +292,18 @@ def add_wrap_command(commands: Any) -> None:
     from kernel_sandbox.cli.egress import add_egress_install_flags
 
     wrap = commands.add_parser(
-        "wrap", help="make a sandboxed variant of an existing kernelspec (R, Julia, ...)",
+        "wrap",
+        help="make a sandboxed variant of an existing kernelspec (R, Julia, ...)",
         description="Write a new kernelspec that runs KERNEL_NAME's command inside IMAGE, in "
         "the sandbox, under a policy. The image must contain that kernel; an absolute program "
         "path in its argv (a host interpreter) is replaced by the bare name, found on the "
         "image's PATH. Example: kernel-sandbox wrap ir --image my/r-kernel:4.3 --profile analyst",
     )
-    wrap.add_argument("kernel_name", metavar="KERNEL_NAME",
-                      help="installed kernelspec to wrap (see `jupyter kernelspec list`)")
+    wrap.add_argument(
+        "kernel_name",
+        metavar="KERNEL_NAME",
+        help="installed kernelspec to wrap (see `jupyter kernelspec list`)",
+    )
     wrap.add_argument("--image", required=True, help="image that contains the kernel")
     add_install_options(wrap, "default KERNEL_NAME-sandboxed")
     add_install_location(wrap)
@@ -250,17 +316,19 @@ def add_wrap_command(commands: Any) -> None:
 
 
 def _sources_table(effective: EffectivePolicy) -> Table:
-    table = Table(title=f"kernelspec {effective.kernelspec} — profile {effective.profile} "
-                  f"(from {effective.profile_source})", title_justify="left",
-                  header_style="bold")
+    table = Table(
+        title=f"kernelspec {effective.kernelspec} — profile {effective.profile} "
+        f"(from {effective.profile_source})",
+        title_justify="left",
+        header_style="bold",
+    )
     table.add_column("key")
     table.add_column("value", overflow="fold")
     table.add_column("from")
     for key in SandboxPolicy.keys():
         source = effective.sources[key]
         style = "dim" if source == "default" else ""
-        table.add_row(key, display_value(key, getattr(effective.policy, key)), source,
-                      style=style)
+        table.add_row(key, display_value(key, getattr(effective.policy, key)), source, style=style)
     return table
 
 
@@ -272,8 +340,10 @@ async def cmd_policy_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     out.print(_sources_table(effective))
     if effective.ceilings:
-        caps = ", ".join(f"{k} ≤ {v}" if k != "runtime" else f"runtime = {v}"
-                         for k, v in effective.ceilings.items())
+        caps = ", ".join(
+            f"{k} ≤ {v}" if k != "runtime" else f"runtime = {v}"
+            for k, v in effective.ceilings.items()
+        )
         out.print(f"operator ceilings: {caps}")
     out.print(f"kernelspec: {effective.resource_dir}/kernel.json")
     out.print("Jupyter config read: " + (", ".join(files) or "none"))
@@ -300,14 +370,16 @@ async def cmd_policy_profiles(args: argparse.Namespace) -> int:
 
 def add_policy_command(commands: Any) -> None:
     policy = commands.add_parser(
-        "policy", help="show the effective policy of a kernelspec, or the profiles",
+        "policy",
+        help="show the effective policy of a kernelspec, or the profiles",
         description="Policies decide what a sandboxed kernel may do. A value comes from, "
         "lowest first: the built-in defaults, the profile, Jupyter config "
         "(c.DockerSandboxProvisioner.KEY), the kernelspec; operator ceilings cap it.",
     )
     actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     show = actions.add_parser(
-        "show", help="the effective policy of KERNEL_NAME and where each value came from",
+        "show",
+        help="the effective policy of KERNEL_NAME and where each value came from",
         description="Work out the policy of KERNEL_NAME as its kernel's start will (reading "
         "the Jupyter Server config files) and print each value with its source.",
     )
@@ -316,7 +388,8 @@ def add_policy_command(commands: Any) -> None:
     show.add_argument("--config", metavar="FILE", help="also read this Jupyter config file")
     show.set_defaults(func=cmd_policy_show)
     profiles = actions.add_parser(
-        "profiles", help="every profile's values side by side",
+        "profiles",
+        help="every profile's values side by side",
         description="Every profile's values side by side, key by key: the built-in ones and "
         "those defined in Jupyter config (c.DockerSandboxProvisioner.profiles).",
     )

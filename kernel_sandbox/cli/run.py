@@ -39,13 +39,24 @@ __all__ = ["add_run_command", "cmd_run"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TERMINATED = 0, 1, 2, 143
 STYLES = {
-    Status.QUEUED: "dim", Status.STARTING: "cyan", Status.RUNNING: "yellow",
-    Status.PASSED: "green", Status.FAILED: "bold red", Status.TIMED_OUT: "bold red",
-    Status.ERROR: "bold magenta", Status.SKIPPED: "dim",
+    Status.QUEUED: "dim",
+    Status.STARTING: "cyan",
+    Status.RUNNING: "yellow",
+    Status.PASSED: "green",
+    Status.FAILED: "bold red",
+    Status.TIMED_OUT: "bold red",
+    Status.ERROR: "bold magenta",
+    Status.SKIPPED: "dim",
 }
 MARKS = {
-    Status.QUEUED: "·", Status.STARTING: "…", Status.RUNNING: "▶", Status.PASSED: "✓",
-    Status.FAILED: "✗", Status.TIMED_OUT: "✗", Status.ERROR: "!", Status.SKIPPED: "-",
+    Status.QUEUED: "·",
+    Status.STARTING: "…",
+    Status.RUNNING: "▶",
+    Status.PASSED: "✓",
+    Status.FAILED: "✗",
+    Status.TIMED_OUT: "✗",
+    Status.ERROR: "!",
+    Status.SKIPPED: "-",
 }
 
 
@@ -106,8 +117,9 @@ class LiveDisplay:
     def __init__(self, console: Console, results: list[NotebookResult]):
         self.console, self.results = console, results
         self._start = time.monotonic()
-        self._live = Live(console=console, get_renderable=self._render, refresh_per_second=8,
-                          transient=True)
+        self._live = Live(
+            console=console, get_renderable=self._render, refresh_per_second=8, transient=True
+        )
 
     def __enter__(self) -> LiveDisplay:
         self._live.__enter__()
@@ -125,11 +137,12 @@ class LiveDisplay:
         hidden = 0
         if len(rows) > room:  # keep what moves: running first, then the latest finished
             keep = [r for r in rows if r.status in (Status.STARTING, Status.RUNNING)][:room]
-            done = sorted((r for r in rows if r.status.done),
-                          key=lambda r: (r.started or 0) + r.duration)
+            done = sorted(
+                (r for r in rows if r.status.done), key=lambda r: (r.started or 0) + r.duration
+            )
             queued = [r for r in rows if r.status is Status.QUEUED]
             for more in (done[::-1], queued):
-                keep += more[:max(0, room - len(keep))]
+                keep += more[: max(0, room - len(keep))]
             shown = set(map(id, keep))
             hidden = len(rows) - len(shown)
             rows = [r for r in rows if id(r) in shown]
@@ -139,8 +152,9 @@ class LiveDisplay:
             elapsed = (r.duration or now - r.started) if r.started else None
             line = Text(f"{MARKS[r.status]} ", style=STYLES[r.status])
             line.append(f"{_state(r):<24}", style=STYLES[r.status])
-            table.add_row(line, Text(r.name), Text(f"{elapsed:5.1f}s" if elapsed else "",
-                                                   style="dim"))
+            table.add_row(
+                line, Text(r.name), Text(f"{elapsed:5.1f}s" if elapsed else "", style="dim")
+            )
         counts = _counts(self.results)
         footer = Text(f"{counts}  {now - self._start:.0f}s", style="dim")
         if hidden:
@@ -162,8 +176,9 @@ def _summary(out: Console, err: Console, results: list[NotebookResult], elapsed:
     for r in failures:
         err.rule(f"{r.status.value.upper()}: {escape(r.name)}", style="red")
         err.print(r.details, markup=False, highlight=False, soft_wrap=True)
-    table = Table(title=f"kernel-sandbox run: {_counts(results)} in {elapsed:.1f}s",
-                  title_justify="left")
+    table = Table(
+        title=f"kernel-sandbox run: {_counts(results)} in {elapsed:.1f}s", title_justify="left"
+    )
     table.add_column("notebook", overflow="fold")
     table.add_column("result")
     table.add_column("cells", justify="right")
@@ -171,8 +186,13 @@ def _summary(out: Console, err: Console, results: list[NotebookResult], elapsed:
     table.add_column("detail", overflow="fold")
     for r in results:
         cells = f"{r.cell}/{r.cells}" if r.cells else ""
-        table.add_row(escape(r.name), f"[{STYLES[r.status]}]{r.status.value}[/]", cells,
-                      f"{r.duration:.1f}s" if r.started else "", escape(r.summary.split("\n")[0]))
+        table.add_row(
+            escape(r.name),
+            f"[{STYLES[r.status]}]{r.status.value}[/]",
+            cells,
+            f"{r.duration:.1f}s" if r.started else "",
+            escape(r.summary.split("\n")[0]),
+        )
     out.print(table)
 
 
@@ -201,10 +221,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # a broken config file is the user's to fix, not a traceback
         return fail(f"cannot load Jupyter config: {exc}")
     options = RunOptions(
-        kernel=args.kernel, profile=args.profile, jobs=args.jobs,
+        kernel=args.kernel,
+        profile=args.profile,
+        jobs=args.jobs,
         timeout=args.timeout if args.timeout > 0 else None,
-        startup_timeout=args.startup_timeout, allow_errors=args.allow_errors,
-        parameters=parameters, output_dir=args.output_dir, inplace=args.inplace,
+        startup_timeout=args.startup_timeout,
+        allow_errors=args.allow_errors,
+        parameters=parameters,
+        output_dir=args.output_dir,
+        inplace=args.inplace,
         config=kernel_config(args.profile, args.startup_timeout, base_config),
     )
     try:
@@ -215,8 +240,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
     runner = BatchRunner(notebooks, options)
     display_class = LiveDisplay if err.is_terminal else PlainDisplay
     profile = f", profile {options.profile}" if options.profile else ""
-    err.print(f"kernel-sandbox run: {len(notebooks)} notebook(s), kernel {options.kernel}"
-              f"{profile}, {options.jobs} at a time", markup=False)
+    err.print(
+        f"kernel-sandbox run: {len(notebooks)} notebook(s), kernel {options.kernel}"
+        f"{profile}, {options.jobs} at a time",
+        markup=False,
+    )
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     terminated = False
@@ -244,10 +272,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
     _summary(out, err, results, time.monotonic() - started)
     if args.junit:
         try:
-            write_junit(results, args.junit, {
-                "kernel": options.kernel, "profile": options.profile or "(kernelspec's)",
-                "jobs": str(options.jobs),
-            })
+            write_junit(
+                results,
+                args.junit,
+                {
+                    "kernel": options.kernel,
+                    "profile": options.profile or "(kernelspec's)",
+                    "jobs": str(options.jobs),
+                },
+            )
         except OSError as exc:
             return fail(f"cannot write the JUnit report: {exc}")
         err.print(f"JUnit report: {args.junit}", markup=False)
@@ -273,36 +306,76 @@ def _positive_or_zero(text: str) -> int:
 def add_run_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``run`` on the ``kernel-sandbox`` command's subparsers."""
     run = subparsers.add_parser(
-        "run", help="execute notebooks, each in a fresh sandboxed kernel (for CI)",
+        "run",
+        help="execute notebooks, each in a fresh sandboxed kernel (for CI)",
         description="Execute notebooks (files, or folders searched recursively), each in its "
         "own fresh kernel, several at once. Exit status: 0 all passed, 1 a notebook failed or "
         "timed out, 2 usage or setup error.",
     )
     run.add_argument("paths", nargs="+", type=Path, metavar="NOTEBOOK_OR_DIR")
-    run.add_argument("--kernel", default="python3-sandbox",
-                     help="kernelspec to run every notebook with (default python3-sandbox; "
-                     "the notebooks' own kernelspec metadata is ignored)")
-    run.add_argument("--profile", default=None,
-                     help="policy profile for the sandbox (strict, analyst, educator, ci, "
-                     "untrusted or one from Jupyter config; default: the kernelspec's)")
-    run.add_argument("-j", "--jobs", type=int, default=default_jobs(),
-                     help=f"notebooks at once (default {default_jobs()} on this machine)")
-    run.add_argument("--timeout", type=_positive_or_zero, default=600, metavar="SECONDS",
-                     help="limit per cell (default 600; 0: none)")
-    run.add_argument("--startup-timeout", type=_positive_or_zero, default=60, metavar="SECONDS",
-                     help="limit for a kernel to start (default 60)")
-    run.add_argument("--allow-errors", action="store_true",
-                     help="go on after a cell raises, and count the notebook as passed")
-    run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append",
-                     metavar=("NAME", "VALUE"),
-                     help="papermill-style parameter injected after the cell tagged "
-                     "'parameters' (repeatable; True, False, None and numbers are typed)")
+    run.add_argument(
+        "--kernel",
+        default="python3-sandbox",
+        help="kernelspec to run every notebook with (default python3-sandbox; "
+        "the notebooks' own kernelspec metadata is ignored)",
+    )
+    run.add_argument(
+        "--profile",
+        default=None,
+        help="policy profile for the sandbox (strict, analyst, educator, ci, "
+        "untrusted or one from Jupyter config; default: the kernelspec's)",
+    )
+    run.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help=f"notebooks at once (default {default_jobs()} on this machine)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=_positive_or_zero,
+        default=600,
+        metavar="SECONDS",
+        help="limit per cell (default 600; 0: none)",
+    )
+    run.add_argument(
+        "--startup-timeout",
+        type=_positive_or_zero,
+        default=60,
+        metavar="SECONDS",
+        help="limit for a kernel to start (default 60)",
+    )
+    run.add_argument(
+        "--allow-errors",
+        action="store_true",
+        help="go on after a cell raises, and count the notebook as passed",
+    )
+    run.add_argument(
+        "-p",
+        "--parameter",
+        dest="parameters",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "VALUE"),
+        help="papermill-style parameter injected after the cell tagged "
+        "'parameters' (repeatable; True, False, None and numbers are typed)",
+    )
     where = run.add_mutually_exclusive_group()
-    where.add_argument("--output-dir", type=Path, metavar="DIR",
-                       help="write the executed notebooks (with outputs) under DIR")
-    where.add_argument("--inplace", action="store_true",
-                       help="write the executed notebooks over the originals")
-    run.add_argument("--junit", type=Path, metavar="FILE",
-                     help="write a JUnit XML report (one test case per notebook)")
+    where.add_argument(
+        "--output-dir",
+        type=Path,
+        metavar="DIR",
+        help="write the executed notebooks (with outputs) under DIR",
+    )
+    where.add_argument(
+        "--inplace", action="store_true", help="write the executed notebooks over the originals"
+    )
+    run.add_argument(
+        "--junit",
+        type=Path,
+        metavar="FILE",
+        help="write a JUnit XML report (one test case per notebook)",
+    )
     run.set_defaults(func=cmd_run)
     return run

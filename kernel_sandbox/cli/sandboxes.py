@@ -29,9 +29,9 @@ from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.monitor import request_stop
 from kernel_sandbox.host.owner import Owner
-from kernel_sandbox.policy.model import format_size
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import default_root
+from kernel_sandbox.policy.model import format_size
 
 __all__ = ["Sandbox", "add_gc_command", "add_ps_command", "add_stop_command", "list_sandboxes"]
 
@@ -69,10 +69,15 @@ class Sandbox:
 
         names = summary.get("Names") or ["?"]
         return cls(
-            kernel_id=label("kernel-id"), kernelspec=label("kernelspec"), profile=label("profile"),
-            container_id=summary["Id"], container=names[0].lstrip("/"),
-            state=summary.get("State", "?"), created=float(summary.get("Created", 0)),
-            owner=label("owner"), owner_pid=int(label("owner-pid") or 0),
+            kernel_id=label("kernel-id"),
+            kernelspec=label("kernelspec"),
+            profile=label("profile"),
+            container_id=summary["Id"],
+            container=names[0].lstrip("/"),
+            state=summary.get("State", "?"),
+            created=float(summary.get("Created", 0)),
+            owner=label("owner"),
+            owner_pid=int(label("owner-pid") or 0),
             runtime_dir=label("runtime-dir"),
         )
 
@@ -115,12 +120,14 @@ async def cmd_ps(args: argparse.Namespace) -> int:
     finally:
         backend.close()
     if args.json:
-        print(json.dumps([{**asdict(s), "uptime": round(s.uptime, 1)} for s in sandboxes],
-                         indent=1))
+        print(
+            json.dumps([{**asdict(s), "uptime": round(s.uptime, 1)} for s in sandboxes], indent=1)
+        )
         return EXIT_OK
     if not sandboxes:
-        err.print("no sandboxed kernel is running"
-                  + ("" if args.all else " (--all: ended ones too)"))
+        err.print(
+            "no sandboxed kernel is running" + ("" if args.all else " (--all: ended ones too)")
+        )
         return EXIT_OK
     table = Table(box=None, header_style="bold")
     columns = ["KERNEL ID", "KERNELSPEC", "PROFILE", "UPTIME", "MEMORY", "OWNER", "CONTAINER"]
@@ -129,8 +136,15 @@ async def cmd_ps(args: argparse.Namespace) -> int:
     for column in columns:
         table.add_column(column, no_wrap=True)
     for s in sandboxes:
-        row = [s.kernel_id or "?", s.kernelspec, s.profile, _duration(s.uptime), _memory(s),
-               f"{s.owner} (pid {s.owner_pid})", s.container]
+        row = [
+            s.kernel_id or "?",
+            s.kernelspec,
+            s.profile,
+            _duration(s.uptime),
+            _memory(s),
+            f"{s.owner} (pid {s.owner_pid})",
+            s.container,
+        ]
         table.add_row(*row, *([s.state] if args.all else []))
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -146,8 +160,9 @@ def _matching(sandboxes: list[Sandbox], ident: str) -> list[Sandbox]:
     exact = [s for s in sandboxes if ident in (s.kernel_id, s.container, s.container_id)]
     if exact:
         return exact
-    return [s for s in sandboxes if s.kernel_id.startswith(ident)
-            or s.container_id.startswith(ident)]
+    return [
+        s for s in sandboxes if s.kernel_id.startswith(ident) or s.container_id.startswith(ident)
+    ]
 
 
 async def _gone(backend: DockerBackend, container_id: str) -> bool:
@@ -155,8 +170,9 @@ async def _gone(backend: DockerBackend, container_id: str) -> bool:
     return not state.running
 
 
-async def stop_sandbox(backend: DockerBackend, sandbox: Sandbox, timeout: float,
-                       force: bool) -> str:
+async def stop_sandbox(
+    backend: DockerBackend, sandbox: Sandbox, timeout: float, force: bool
+) -> str:
     """End one sandbox; return how it ended."""
     runtime_dir = Path(sandbox.runtime_dir) if sandbox.runtime_dir else None
     owner = Owner.load(runtime_dir) if runtime_dir is not None else None
@@ -177,8 +193,10 @@ async def stop_sandbox(backend: DockerBackend, sandbox: Sandbox, timeout: float,
                 return f"shut down by its owner (pid {owner.pid})"
             await asyncio.sleep(0.2)
         await backend.remove(sandbox.container_id)
-        return (f"its owner (pid {owner.pid}) did not end it within {timeout:.0f}s; "
-                "container removed (the owner will see the kernel die)")
+        return (
+            f"its owner (pid {owner.pid}) did not end it within {timeout:.0f}s; "
+            "container removed (the owner will see the kernel die)"
+        )
     await backend.remove(sandbox.container_id)
     if runtime_dir is not None and (owner is None or owner.is_alive() is False):
         if runtime_dir.parent == Path(default_root()):  # only ever inside our own root
@@ -192,19 +210,28 @@ async def cmd_stop(args: argparse.Namespace) -> int:
         sandboxes = [s for s in await list_sandboxes(backend, all_states=True)]
         matches = _matching(sandboxes, args.kernel_id)
         if not matches:
-            err.print(f"[bold red]error:[/bold red] no sandboxed kernel {args.kernel_id!r} "
-                      "(see `kernel-sandbox ps`)", markup=True, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/bold red] no sandboxed kernel {args.kernel_id!r} "
+                "(see `kernel-sandbox ps`)",
+                markup=True,
+                soft_wrap=True,
+            )
             return EXIT_USAGE
         kernels = {s.kernel_id for s in matches}
         if len(kernels) > 1:
-            err.print(f"[bold red]error:[/bold red] {args.kernel_id!r} matches kernels "
-                      f"{', '.join(sorted(kernels))}; give more of the id", markup=True,
-                      soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/bold red] {args.kernel_id!r} matches kernels "
+                f"{', '.join(sorted(kernels))}; give more of the id",
+                markup=True,
+                soft_wrap=True,
+            )
             return EXIT_USAGE
         for sandbox in matches:
             how = await stop_sandbox(backend, sandbox, args.timeout, args.force)
-            err.print(f"stopped kernel {sandbox.kernel_id} ({sandbox.kernelspec}, container "
-                      f"{sandbox.container}): {how}")
+            err.print(
+                f"stopped kernel {sandbox.kernel_id} ({sandbox.kernelspec}, container "
+                f"{sandbox.container}): {how}"
+            )
     finally:
         backend.close()
     return EXIT_OK
@@ -220,8 +247,10 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     finally:
         backend.close()
     verb = "would remove" if args.dry_run else "removed"
-    err.print(f"{verb} {len(report.containers)} orphaned container(s) and "
-              f"{len(report.runtime_dirs)} runtime director(ies)")
+    err.print(
+        f"{verb} {len(report.containers)} orphaned container(s) and "
+        f"{len(report.runtime_dirs)} runtime director(ies)"
+    )
     for item in [*report.containers, *report.runtime_dirs]:
         err.print(f"  {item}")
     return EXIT_OK
@@ -232,7 +261,8 @@ async def cmd_gc(args: argparse.Namespace) -> int:
 
 def add_ps_command(commands: Any) -> None:
     ps = commands.add_parser(
-        "ps", help="list live sandboxed kernels",
+        "ps",
+        help="list live sandboxed kernels",
         description="List the running sandboxed kernels on this engine, found by their "
         "container labels: kernel id, kernelspec, profile, uptime, memory in use (of the "
         "limit), owning process and container.",
@@ -244,27 +274,40 @@ def add_ps_command(commands: Any) -> None:
 
 def add_stop_command(commands: Any) -> None:
     stop = commands.add_parser(
-        "stop", help="end a sandboxed kernel",
+        "stop",
+        help="end a sandboxed kernel",
         description="End the kernel KERNEL_ID (or a unique prefix of it, or its container "
         "name). A live owner (Jupyter Server, nbclient) is asked to shut it down, so the "
         "server forgets it rather than restarting it; otherwise, or after --timeout, the "
         "container is removed.",
     )
     stop.add_argument("kernel_id", metavar="KERNEL_ID", help="kernel id from `kernel-sandbox ps`")
-    stop.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                      help="how long the owner has to shut it down (default 10)")
-    stop.add_argument("--force", action="store_true",
-                      help="remove the container at once, without asking its owner")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long the owner has to shut it down (default 10)",
+    )
+    stop.add_argument(
+        "--force",
+        action="store_true",
+        help="remove the container at once, without asking its owner",
+    )
     stop.set_defaults(func=cmd_stop)
 
 
 def add_gc_command(commands: Any) -> None:
     gc = commands.add_parser(
-        "gc", help="remove sandboxes whose owner is gone",
+        "gc",
+        help="remove sandboxes whose owner is gone",
         description="Remove containers and runtime directories left behind by owners that "
         "died (a killed Jupyter Server); containers of live owners are never touched.",
     )
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    gc.add_argument("--runtime-root", default=None,
-                    help="runtime directory root (default /tmp/kernel-sandbox-UID)")
+    gc.add_argument(
+        "--runtime-root",
+        default=None,
+        help="runtime directory root (default /tmp/kernel-sandbox-UID)",
+    )
     gc.set_defaults(func=cmd_gc)

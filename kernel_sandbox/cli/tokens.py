@@ -17,9 +17,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
 from kernel_sandbox.kernelspec import install_kernelspec, write_kernelspec
 from kernel_sandbox.policy.model import SandboxPolicy, parse_datasets
-from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
 
 __all__ = ["add_tokens_command", "install_with_datasets"]
 
@@ -49,8 +49,14 @@ async def cmd_tokens_list(args: argparse.Namespace) -> int:
     for record in records:
         datasets = ", ".join(f"{n}:{g.access}" for n, g in record.scope.items())
         revoked = f"{_when(record.revoked)} ({record.reason})" if record.revoked else "-"
-        table.add_row(record.token_id, record.kernel_id, record.state(now), datasets,
-                      _when(record.expires), revoked)
+        table.add_row(
+            record.token_id,
+            record.kernel_id,
+            record.state(now),
+            datasets,
+            _when(record.expires),
+            revoked,
+        )
     Console(width=200).print(table)
     return EXIT_OK
 
@@ -70,7 +76,8 @@ async def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 def add_tokens_command(commands: Any) -> None:
     """Add ``tokens list`` and ``tokens revoke`` to the CLI's subparsers."""
     tokens = commands.add_parser(
-        "tokens", help="list or revoke the data tokens of sandboxed kernels",
+        "tokens",
+        help="list or revoke the data tokens of sandboxed kernels",
         description="Each kernel whose policy grants datasets gets a scoped, expiring token for "
         "the host's data broker. Revoking one stops it on its next request; the user's own "
         "credentials are untouched.",
@@ -81,21 +88,27 @@ def add_tokens_command(commands: Any) -> None:
     listing = actions.add_parser("list", help="show live tokens (--all: also expired, revoked)")
     listing.add_argument("--all", action="store_true", help="include expired and revoked tokens")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.add_argument("--db", type=Path, default=default_db,
-                         help=f"token database (default {default_db})")
+    listing.add_argument(
+        "--db", type=Path, default=default_db, help=f"token database (default {default_db})"
+    )
     listing.set_defaults(func=cmd_tokens_list)
 
     revoke = actions.add_parser("revoke", help="revoke a kernel's tokens, or one token")
-    revoke.add_argument("ident", metavar="KERNEL_ID|TOKEN_ID",
-                        help="a kernel id (all its tokens) or a token id from `tokens list`")
+    revoke.add_argument(
+        "ident",
+        metavar="KERNEL_ID|TOKEN_ID",
+        help="a kernel id (all its tokens) or a token id from `tokens list`",
+    )
     revoke.add_argument("--reason", default="revoked by user", help="recorded with the revocation")
-    revoke.add_argument("--db", type=Path, default=default_db,
-                        help=f"token database (default {default_db})")
+    revoke.add_argument(
+        "--db", type=Path, default=default_db, help=f"token database (default {default_db})"
+    )
     revoke.set_defaults(func=cmd_tokens_revoke)
 
 
-def install_with_datasets(source: Path, datasets: list[str], user: bool = False,
-                          prefix: str | None = None) -> str:
+def install_with_datasets(
+    source: Path, datasets: list[str], user: bool = False, prefix: str | None = None
+) -> str:
     """Install the kernelspec in ``source``, granting ``datasets`` (``NAME=SOURCE[:access]``).
 
     Raises:

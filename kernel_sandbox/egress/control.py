@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kernel_sandbox.egress.service import CONTROL_SOCKET
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.rundir import default_root
-from kernel_sandbox.egress.service import CONTROL_SOCKET
 
 __all__ = ["EgressControl", "EgressControlError", "PendingRequest"]
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import h11
 
-from kernel_sandbox.inside.egress_bridge import _pump  # the same byte pump as the in-sandbox bridge
 from kernel_sandbox.egress.rules import (
     BAD_TARGET,
     NOT_LISTED,
@@ -46,6 +45,7 @@ from kernel_sandbox.egress.rules import (
     parse_authority,
     parse_rule,
 )
+from kernel_sandbox.inside.egress_bridge import _pump  # the same byte pump as the in-sandbox bridge
 
 __all__ = ["EgressProxy", "ProxyConfig", "main"]
 
@@ -59,8 +59,16 @@ MAX_CONNECTIONS = 128
 MAX_NOTICE_READERS = 4
 _REQUEST_START = re.compile(rb"(?:\r?\n)*[A-Z]{0,16}(?: |\Z)")
 HOP_BY_HOP = {
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-    b"proxy-authenticate", b"te", b"trailer", b"upgrade", b"transfer-encoding", b"expect",
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authorization",
+    b"proxy-authenticate",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"transfer-encoding",
+    b"expect",
 }
 
 
@@ -100,8 +108,13 @@ def _message(target: Target | None, reason: str) -> str:
 
 
 def _raw_response(status: int, body: str) -> bytes:
-    reasons = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large",
-               502: "Bad Gateway", 503: "Service Unavailable"}
+    reasons = {
+        400: "Bad Request",
+        403: "Forbidden",
+        431: "Request Header Fields Too Large",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+    }
     data = (body + "\n").encode()
     head = (
         f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
@@ -116,7 +129,8 @@ def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, 
     """Drop hop-by-hop headers (and those the Connection header names); h11 re-frames bodies."""
     named = {
         token.strip().lower()
-        for name, value in headers if name == b"connection"
+        for name, value in headers
+        if name == b"connection"
         for token in value.split(b",")
     }
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
@@ -167,8 +181,9 @@ class EgressProxy:
             staging = os.path.join(private, f".{os.path.basename(path)}.{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staging)
-            server = await asyncio.start_unix_server(handler, staging, limit=MAX_HEAD,
-                                                     backlog=2 * MAX_CONNECTIONS)
+            server = await asyncio.start_unix_server(
+                handler, staging, limit=MAX_HEAD, backlog=2 * MAX_CONNECTIONS
+            )
             # the kernel's uid reaches the first two; the directories are the real guard
             os.chmod(staging, mode)
             os.rename(staging, path)  # replaces a stale socket (or anything planted there)
@@ -222,8 +237,12 @@ class EgressProxy:
     def refuse(self, refusal: Refused, method: str | None) -> bytes:
         outcome = "error" if refusal.status == 502 else "deny"
         self.record(refusal.target, outcome, refusal.rule, method=method)
-        self.notify(refusal.message, decision="deny", rule=refusal.rule,
-                    target=str(refusal.target) if refusal.target else None)
+        self.notify(
+            refusal.message,
+            decision="deny",
+            rule=refusal.rule,
+            target=str(refusal.target) if refusal.target else None,
+        )
         return _raw_response(refusal.status, refusal.message)
 
     # -- deciding ---------------------------------------------------------------------------
@@ -245,12 +264,23 @@ class EgressProxy:
         else:
             scheme, sep, rest = raw.partition("://")
             if not sep or raw.startswith("/"):
-                raise Refused(400, "not-proxy-form", None, _message(
-                    None, "this port is the kernel's HTTP proxy; send absolute http:// URLs "
-                    "or CONNECT (HTTP_PROXY and HTTPS_PROXY are set for that)"))
+                raise Refused(
+                    400,
+                    "not-proxy-form",
+                    None,
+                    _message(
+                        None,
+                        "this port is the kernel's HTTP proxy; send absolute http:// URLs "
+                        "or CONNECT (HTTP_PROXY and HTTPS_PROXY are set for that)",
+                    ),
+                )
             if scheme.lower() != "http":
-                raise Refused(400, "scheme", None, _message(
-                    None, f"{scheme}:// cannot be forwarded; https goes through CONNECT"))
+                raise Refused(
+                    400,
+                    "scheme",
+                    None,
+                    _message(None, f"{scheme}:// cannot be forwarded; https goes through CONNECT"),
+                )
             end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
             try:
                 target = parse_authority(rest[:end], default_port=80)
@@ -266,8 +296,12 @@ class EgressProxy:
             except TargetError:
                 claimed = None
             if claimed != target:
-                raise Refused(403, "host-mismatch", target, _message(
-                    target, f"the Host header ({hosts[0]}) names another target"))
+                raise Refused(
+                    403,
+                    "host-mismatch",
+                    target,
+                    _message(target, f"the Host header ({hosts[0]}) names another target"),
+                )
         return target, path
 
     async def decide(self, target: Target, method: str) -> tuple[str, list[str]]:
@@ -293,7 +327,8 @@ class EgressProxy:
                 f"egress to {target} is waiting for approval (up to "
                 f"{self.config.ask_timeout:.0f}s): kernel-sandbox egress approve "
                 f"{self.config.kernel_id} {target}   (or: ... egress deny ...)",
-                decision="ask", target=str(target),
+                decision="ask",
+                target=str(target),
             )
         pending.waiting += 1
         try:
@@ -303,8 +338,9 @@ class EgressProxy:
         except asyncio.TimeoutError:
             if self.pending.get(target) is pending:
                 del self.pending[target]
-            return Decision(False, "ask-timeout",
-                            f"no approval within {self.config.ask_timeout:.0f}s")
+            return Decision(
+                False, "ask-timeout", f"no approval within {self.config.ask_timeout:.0f}s"
+            )
         finally:
             pending.waiting -= 1
         if verdict == "approve":
@@ -328,9 +364,16 @@ class EgressProxy:
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         private = [a for a in addresses if not address_is_public(a)]
         if private:
-            raise Refused(403, "non-public-address", target, _message(
-                target, f"{target.host} resolves to a non-public address ({private[0]}); "
-                "map it in egress_hosts if that is intended"))
+            raise Refused(
+                403,
+                "non-public-address",
+                target,
+                _message(
+                    target,
+                    f"{target.host} resolves to a non-public address ({private[0]}); "
+                    "map it in egress_hosts if that is intended",
+                ),
+            )
         return addresses
 
     async def _connect(self, target: Target, addresses: list[str]) -> tuple[Reader, Writer]:
@@ -342,8 +385,12 @@ class EgressProxy:
                 )
             except (OSError, asyncio.TimeoutError) as exc:
                 error = exc
-        raise Refused(502, "upstream-error", target,
-                      f"egress to {target} failed: cannot connect ({error or 'no address'})")
+        raise Refused(
+            502,
+            "upstream-error",
+            target,
+            f"egress to {target} failed: cannot connect ({error or 'no address'})",
+        )
 
     # -- one client connection --------------------------------------------------------------
 
@@ -362,17 +409,30 @@ class EgressProxy:
                     head = _next_event(conn, reader, sniff=True)
                     event = await asyncio.wait_for(head, HEAD_TIMEOUT)
                 except h11.RemoteProtocolError:
-                    raise Refused(400, "not-http", None, _message(
-                        None, "not an HTTP proxy request (only HTTP, and HTTPS through CONNECT, "
-                        "can go out)")) from None
+                    raise Refused(
+                        400,
+                        "not-http",
+                        None,
+                        _message(
+                            None,
+                            "not an HTTP proxy request (only HTTP, and HTTPS through CONNECT, "
+                            "can go out)",
+                        ),
+                    ) from None
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed, or nothing more
                 method = event.method.decode("ascii", "replace")
                 if any(n == b"content-length" for n, _ in event.headers) and any(
                     n == b"transfer-encoding" for n, _ in event.headers
                 ):
-                    raise Refused(400, "bad-framing", None, _message(
-                        None, "both Content-Length and Transfer-Encoding (ambiguous framing)"))
+                    raise Refused(
+                        400,
+                        "bad-framing",
+                        None,
+                        _message(
+                            None, "both Content-Length and Transfer-Encoding (ambiguous framing)"
+                        ),
+                    )
                 target, path = self._target_of(event)
                 rule, addresses = await self.decide(target, method)
                 if upstream is None or upstream.target != target:
@@ -381,8 +441,13 @@ class EgressProxy:
                         upstream = None
                     up_reader, up_writer = await self._connect(target, addresses)
                     upstream = _Upstream(target, up_reader, up_writer)
-                self.record(target, "allow", rule, method=method,
-                            address=upstream.writer.get_extra_info("peername")[0])
+                self.record(
+                    target,
+                    "allow",
+                    rule,
+                    method=method,
+                    address=upstream.writer.get_extra_info("peername")[0],
+                )
                 if event.method == b"CONNECT":
                     await self._tunnel(conn, reader, writer, upstream)
                     upstream = None
@@ -405,8 +470,13 @@ class EgressProxy:
             await _close(writer)
 
     async def _forward(
-        self, request: h11.Request, path: bytes, conn: h11.Connection,
-        reader: Reader, writer: Writer, upstream: _Upstream,
+        self,
+        request: h11.Request,
+        path: bytes,
+        conn: h11.Connection,
+        reader: Reader,
+        writer: Writer,
+        upstream: _Upstream,
     ) -> bool:
         """Carry one request and its response; True when the upstream connection can be reused."""
         headers = _forwarded_headers(list(request.headers))
@@ -415,8 +485,11 @@ class EgressProxy:
         if any(n == b"transfer-encoding" for n, _ in request.headers):
             headers.append((b"transfer-encoding", b"chunked"))
         up = upstream.conn
-        await upstream.send(up.send(h11.Request(
-            method=request.method, target=path, headers=headers, http_version="1.1")))
+        await upstream.send(
+            up.send(
+                h11.Request(method=request.method, target=path, headers=headers, http_version="1.1")
+            )
+        )
         if conn.they_are_waiting_for_100_continue:
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         while True:  # the request body
@@ -438,8 +511,13 @@ class EgressProxy:
                 headers = _forwarded_headers(list(event.headers))
                 if any(n == b"transfer-encoding" for n, _ in event.headers):
                     headers.append((b"transfer-encoding", b"chunked"))
-                writer.write(conn.send(h11.Response(
-                    status_code=event.status_code, headers=headers, reason=event.reason)))
+                writer.write(
+                    conn.send(
+                        h11.Response(
+                            status_code=event.status_code, headers=headers, reason=event.reason
+                        )
+                    )
+                )
             elif isinstance(event, h11.Data):
                 writer.write(conn.send(event))
                 await writer.drain()
@@ -455,7 +533,11 @@ class EgressProxy:
         return False
 
     async def _tunnel(
-        self, conn: h11.Connection, reader: Reader, writer: Writer, upstream: _Upstream,
+        self,
+        conn: h11.Connection,
+        reader: Reader,
+        writer: Writer,
+        upstream: _Upstream,
     ) -> None:
         """Answer 200 and relay bytes both ways until both sides are done (no interception)."""
         early, _ = conn.trailing_data
@@ -486,21 +568,34 @@ class EgressProxy:
         op = request.get("op")
         status = {"ok": True, "kernel_id": self.config.kernel_id, "mode": self.config.mode}
         if op == "status":
-            return {**status, "rules": [str(r) for r in self.rules],
-                    "always_allow": sorted(map(str, self.always_allow)),
-                    "always_deny": sorted(map(str, self.always_deny))}
+            return {
+                **status,
+                "rules": [str(r) for r in self.rules],
+                "always_allow": sorted(map(str, self.always_allow)),
+                "always_deny": sorted(map(str, self.always_deny)),
+            }
         if op == "pending":
-            return {**status, "pending": [
-                {"target": str(p.target), "since": p.since, "expires": p.expires,
-                 "waiting": p.waiting}
-                for p in self.pending.values() if not p.future.done()
-            ]}
+            return {
+                **status,
+                "pending": [
+                    {
+                        "target": str(p.target),
+                        "since": p.since,
+                        "expires": p.expires,
+                        "waiting": p.waiting,
+                    }
+                    for p in self.pending.values()
+                    if not p.future.done()
+                ],
+            }
         if op in ("approve", "deny"):
             try:
                 target = parse_authority(str(request.get("target", "")))
             except TargetError as exc:
-                return {"ok": False, "error": "TARGET must be host:port as listed by "
-                        f"`egress pending` ({exc})"}
+                return {
+                    "ok": False,
+                    "error": f"TARGET must be host:port as listed by `egress pending` ({exc})",
+                }
             always = bool(request.get("always"))
             if always:
                 (self.always_allow if op == "approve" else self.always_deny).add(target)
@@ -511,8 +606,10 @@ class EgressProxy:
                 pending.future.set_result((op, always))
                 decided = pending.waiting
             if not always and pending is None:
-                return {"ok": False, "error": f"no request to {target} is waiting in kernel "
-                        f"{self.config.kernel_id}"}
+                return {
+                    "ok": False,
+                    "error": f"no request to {target} is waiting in kernel {self.config.kernel_id}",
+                }
             self.record(target, op, f"{op} by a person" + (" (always)" if always else ""))
             return {**status, "target": str(target), "decided": decided, "always": always}
         return {"ok": False, "error": f"unknown control operation {op!r}"}
@@ -552,8 +649,12 @@ async def _next_event(conn: h11.Connection, reader: Reader, sniff: bool = False)
         if not _REQUEST_START.match(buffered[:20]):
             raise h11.RemoteProtocolError("not an HTTP request line", 400)
         if len(buffered) >= MAX_HEAD:
-            raise Refused(431, "head-too-large", None, _message(
-                None, f"request head over {MAX_HEAD // 1024} KiB"))
+            raise Refused(
+                431,
+                "head-too-large",
+                None,
+                _message(None, f"request head over {MAX_HEAD // 1024} KiB"),
+            )
 
 
 async def _close(writer: Writer) -> None:
@@ -571,6 +672,7 @@ async def serve(config: ProxyConfig, lifeline: bool = True) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     if lifeline:
+
         def watch_stdin() -> None:
             with contextlib.suppress(OSError):
                 while os.read(0, 1024):  # unbuffered: no lock held at interpreter exit

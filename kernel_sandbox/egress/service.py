@@ -47,14 +47,20 @@ def proxy_env(port: int) -> dict[str, str]:
     proxy = f"http://127.0.0.1:{port}"
     local = "localhost,127.0.0.1,::1"
     return {
-        "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
-        "NO_PROXY": local, "no_proxy": local,
+        "HTTP_PROXY": proxy,
+        "HTTPS_PROXY": proxy,
+        "http_proxy": proxy,
+        "https_proxy": proxy,
+        "NO_PROXY": local,
+        "no_proxy": local,
     }
 
 
 def is_ipython_kernel(argv: list[str]) -> bool:
-    return any(arg in ("ipykernel_launcher", "ipykernel") or arg.endswith("ipykernel_launcher.py")
-               for arg in argv)
+    return any(
+        arg in ("ipykernel_launcher", "ipykernel") or arg.endswith("ipykernel_launcher.py")
+        for arg in argv
+    )
 
 
 class EgressEndpoint:
@@ -65,8 +71,16 @@ class EgressEndpoint:
     new one on the same sockets.
     """
 
-    def __init__(self, runtime_dir: Path, shared_dir: Path, kernel_id: str, policy: Any,
-                 log_path: str, mount_point: str, port: int):
+    def __init__(
+        self,
+        runtime_dir: Path,
+        shared_dir: Path,
+        kernel_id: str,
+        policy: Any,
+        log_path: str,
+        mount_point: str,
+        port: int,
+    ):
         self.runtime_dir, self.shared_dir = Path(runtime_dir), Path(shared_dir)
         self.kernel_id, self.policy = kernel_id, policy
         self.log_path, self.mount_point, self.port = log_path, mount_point, port
@@ -81,7 +95,9 @@ class EgressEndpoint:
         return self.runtime_dir / CONTROL_SOCKET
 
     def config(self) -> ProxyConfig:
-        from kernel_sandbox.egress.proxy import ProxyConfig  # not at import: `-m ...egress.proxy` runs it as __main__
+        from kernel_sandbox.egress.proxy import (
+            ProxyConfig,
+        )  # not at import: `-m ...egress.proxy` runs it as __main__
 
         return ProxyConfig(
             kernel_id=self.kernel_id,
@@ -107,7 +123,10 @@ class EgressEndpoint:
         self.control_path.unlink(missing_ok=True)  # a previous owner's; it marks readiness
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kernel_sandbox.egress.proxy", str(config_file)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            close_fds=True,
         )
 
     async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
@@ -150,13 +169,22 @@ class EgressEndpoint:
 
     def container_command(self, cmd: list[str]) -> list[str]:
         """Run ``cmd`` with the loopback bridge started first, inside the sandbox."""
-        return ["python", "-m", BRIDGE_MODULE, f"127.0.0.1:{self.port}",
-                f"{self.mount_point}/{PROXY_SOCKET}", "--", *cmd]
+        return [
+            "python",
+            "-m",
+            BRIDGE_MODULE,
+            f"127.0.0.1:{self.port}",
+            f"{self.mount_point}/{PROXY_SOCKET}",
+            "--",
+            *cmd,
+        ]
 
     def kernel_arguments(self, argv: list[str]) -> list[str]:
         """Load the notice extension into IPython kernels (a denial then shows in the cell)."""
         return [f"--ext={BRIDGE_MODULE}"] if is_ipython_kernel(argv) else []
 
     def container_env(self) -> dict[str, str]:
-        return {**proxy_env(self.port),
-                "KERNEL_SANDBOX_EGRESS_NOTICES": f"{self.mount_point}/{NOTICE_SOCKET}"}
+        return {
+            **proxy_env(self.port),
+            "KERNEL_SANDBOX_EGRESS_NOTICES": f"{self.mount_point}/{NOTICE_SOCKET}",
+        }

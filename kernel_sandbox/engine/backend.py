@@ -37,8 +37,22 @@ SANDBOX_HOME = "/home/sandbox"
 RUNTIME_MOUNT = "/run/kernel-sandbox"
 WORKSPACE_FALLBACK = "/workspace"
 # Paths inside the image a workspace must not be mounted over.
-RESERVED_PATHS = ("/tmp", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/opt", "/etc", "/run",
-                  "/var", "/proc", "/sys", "/dev", SANDBOX_HOME)
+RESERVED_PATHS = (
+    "/tmp",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/opt",
+    "/etc",
+    "/run",
+    "/var",
+    "/proc",
+    "/sys",
+    "/dev",
+    SANDBOX_HOME,
+)
 
 
 def workspace_target(host_path: str) -> str:
@@ -47,6 +61,8 @@ def workspace_target(host_path: str) -> str:
         if host_path == reserved or host_path.startswith(reserved + "/"):
             return WORKSPACE_FALLBACK
     return host_path
+
+
 T = TypeVar("T")
 
 
@@ -360,30 +376,48 @@ class DockerBackend:
         except docker.errors.ImageNotFound as exc:
             raise ImageMissing(f"image {image} is not on the Docker engine") from exc
         except docker.errors.ContainerError as exc:
-            raise ImageBuildError(f"`{' '.join(command)}` failed in {image}: {exc.stderr!r}") from exc
+            raise ImageBuildError(
+                f"`{' '.join(command)}` failed in {image}: {exc.stderr!r}"
+            ) from exc
         return bytes(out).decode().strip()
 
     async def build(
-        self, context: str, tag: str, buildargs: dict[str, str], labels: dict[str, str],
+        self,
+        context: str,
+        tag: str,
+        buildargs: dict[str, str],
+        labels: dict[str, str],
         progress: Callable[[str], None],
     ) -> None:
         """Build ``context`` with no network at all; stream each build line to ``progress``."""
         await self._call(self._build_sync, context, tag, buildargs, labels, progress)
 
     def _build_sync(
-        self, context: str, tag: str, buildargs: dict[str, str], labels: dict[str, str],
+        self,
+        context: str,
+        tag: str,
+        buildargs: dict[str, str],
+        labels: dict[str, str],
         progress: Callable[[str], None],
     ) -> None:
         recent: list[str] = []
         try:
             stream = self.client.api.build(
-                path=context, tag=tag, buildargs=buildargs, network_mode="none",
-                rm=True, forcerm=True, decode=True, labels={f"{LABEL_PREFIX}image": "kernel", **labels},
+                path=context,
+                tag=tag,
+                buildargs=buildargs,
+                network_mode="none",
+                rm=True,
+                forcerm=True,
+                decode=True,
+                labels={f"{LABEL_PREFIX}image": "kernel", **labels},
             )
             for chunk in stream:
                 if "error" in chunk:
                     tail = "\n".join(recent[-10:])
-                    raise ImageBuildError(f"building {tag} failed: {chunk['error'].strip()}\n{tail}")
+                    raise ImageBuildError(
+                        f"building {tag} failed: {chunk['error'].strip()}\n{tail}"
+                    )
                 line = str(chunk.get("stream", "")).rstrip()
                 if line:
                     recent.append(line)
@@ -394,7 +428,9 @@ class DockerBackend:
     async def import_rootfs(self, tarball: str, image: str) -> None:
         """Import a root file system tarball as ``image`` (REPOSITORY:TAG)."""
         repository, _, tag = image.partition(":")
-        await self._call(self.client.api.import_image_from_file, tarball, repository, tag or "latest")
+        await self._call(
+            self.client.api.import_image_from_file, tarball, repository, tag or "latest"
+        )
 
     def close(self) -> None:
         if self._client is not None:
@@ -425,7 +461,9 @@ def shared_backend() -> DockerBackend:
 
 def start_error(name: str, image: str, state: ContainerState, logs: str) -> KernelStartError:
     """Build the message for a kernel container that ended while starting."""
-    how = "was killed: out of memory" if state.oom_killed else f"exited with status {state.exit_code}"
+    how = (
+        "was killed: out of memory" if state.oom_killed else f"exited with status {state.exit_code}"
+    )
     tail = "\n".join(logs.splitlines()[-10:]) or "(it printed nothing)"
     return KernelStartError(
         f"kernel container {name} (image {image}) {how} during start. Last log lines:\n{tail}"

@@ -82,8 +82,9 @@ class KernelMonitor:
 
     def start(self) -> None:
         self.stop_file.unlink(missing_ok=True)  # a request for an earlier container is spent
-        self._thread = threading.Thread(target=self._run, name="kernel-sandbox-monitor",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="kernel-sandbox-monitor", daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -127,6 +128,8 @@ class KernelMonitor:
                 return "stopped by an operator (kernel-sandbox stop)"
             idle_for = self.clock() - last_activity
             if socket is not None and not busy and idle_for >= self.idle_timeout:
-                return (f"idle for {idle_for:.0f}s (the policy's idle_timeout is "
-                        f"{self.idle_timeout:.0f}s)")
+                return (
+                    f"idle for {idle_for:.0f}s (the policy's idle_timeout is "
+                    f"{self.idle_timeout:.0f}s)"
+                )
         return None

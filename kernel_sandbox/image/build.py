@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kernel_sandbox.engine.backend import DockerBackend
-from kernel_sandbox.image.debs import BaseRelease, fetch_debs, read_apt_packages, release_probe
 from kernel_sandbox.errors import ImageBuildError
+from kernel_sandbox.image.debs import BaseRelease, fetch_debs, read_apt_packages, release_probe
 from kernel_sandbox.policy.model import DEFAULT_IMAGE
 
 __all__ = [
@@ -113,9 +113,7 @@ def debian_mirror(sources: tuple[str, ...] = APT_SOURCES) -> str:
     for uri in _debian_uris(sources):
         if "security" not in uri:
             return uri
-    raise ImageBuildError(
-        "no Debian mirror found in /etc/apt/sources.list(.d); pass --mirror URL"
-    )
+    raise ImageBuildError("no Debian mirror found in /etc/apt/sources.list(.d); pass --mirror URL")
 
 
 def debian_security_mirror(sources: tuple[str, ...] = APT_SOURCES) -> str | None:
@@ -163,12 +161,24 @@ async def build_base_image(
         rootfs = Path(tmp) / "rootfs"
         progress(f"debootstrap {suite} from {mirror} (about a minute)")
         _stream(
-            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv",
-             suite, str(rootfs), mirror],
-            progress, "debootstrap",
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv",
+                suite,
+                str(rootfs),
+                mirror,
+            ],
+            progress,
+            "debootstrap",
         )
-        for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "var/cache/apt",
-                     "var/lib/apt/lists"):
+        for junk in (
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/info",
+            "var/cache/apt",
+            "var/lib/apt/lists",
+        ):
             shutil.rmtree(rootfs / junk, ignore_errors=True)
         tarball = Path(tmp) / "rootfs.tar"
         progress(f"importing the root file system as {tag}")
@@ -190,7 +200,8 @@ def read_requirements(binder: Path) -> list[str]:
     req = binder / "requirements.txt"
     if req.exists():
         lines = [
-            line.strip() for line in req.read_text().splitlines()
+            line.strip()
+            for line in req.read_text().splitlines()
             if line.strip() and not line.lstrip().startswith("#")
         ]
     for name in ALWAYS_REQUIRED:
@@ -202,7 +213,8 @@ def read_requirements(binder: Path) -> list[str]:
 def dropped_packages(requirements: list[str]) -> list[str]:
     """The packages the build removes again: those of DROPPED_UNLESS_REQUESTED not asked for."""
     return [
-        name for name in DROPPED_UNLESS_REQUESTED
+        name
+        for name in DROPPED_UNLESS_REQUESTED
         if not any(re.match(rf"{name}\b", line, re.IGNORECASE) for line in requirements)
     ]
 
@@ -275,19 +287,42 @@ async def build_kernel_image(
         arch = platform.machine()
         platform_args = [arg for p in PLATFORM_TAGS for arg in ("--platform", p.format(arch=arch))]
         pip = [
-            sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-            "--only-binary=:all:", "--python-version", version, "--implementation", "cp",
-            *platform_args, "-d", str(wheels), "-r", str(context / "requirements.txt"),
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--python-version",
+            version,
+            "--implementation",
+            "cp",
+            *platform_args,
+            "-d",
+            str(wheels),
+            "-r",
+            str(context / "requirements.txt"),
         ]
         await asyncio.to_thread(_stream, pip, progress, "downloading wheels (pip download)")
         debs = context / "debs"  # the Dockerfile installs whatever .deb files are here
         debs.mkdir()
         if apt_packages:
-            release = BaseRelease(base, await backend.run_once(base, release_probe),
-                                  await backend.run_once(base, ["cat", "/var/lib/dpkg/status"]))
+            release = BaseRelease(
+                base,
+                await backend.run_once(base, release_probe),
+                await backend.run_once(base, ["cat", "/var/lib/dpkg/status"]),
+            )
             security = debian_security_mirror() if mirror is None else None
-            await asyncio.to_thread(fetch_debs, release, apt_packages, debs,
-                                    mirror or debian_mirror(), security, _stream, progress)
+            await asyncio.to_thread(
+                fetch_debs,
+                release,
+                apt_packages,
+                debs,
+                mirror or debian_mirror(),
+                security,
+                _stream,
+                progress,
+            )
         progress(f"building {tag} from {base} with no network")
         buildargs = {"BASE": base, "DROP": " ".join(dropped_packages(requirements))}
         await backend.build(str(context), tag, buildargs, {SPEC_LABEL: digest}, progress)

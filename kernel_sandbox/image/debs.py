@@ -24,7 +24,9 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 # Run in the base image: distribution, release codename, dpkg architecture.
 release_probe = [
-    "sh", "-c", "[ -r /etc/os-release ] && . /etc/os-release; "
+    "sh",
+    "-c",
+    "[ -r /etc/os-release ] && . /etc/os-release; "
     'echo "${ID:-unknown} ${VERSION_CODENAME:-?} '
     '$(dpkg --print-architecture 2>/dev/null || echo none)"',
 ]
@@ -114,24 +116,38 @@ def fetch_debs(
     if shutil.which("apt-get") is None:
         raise ImageBuildError("apt.txt needs apt-get on the host (a Debian or Ubuntu machine)")
     if not KEYRING.is_file():
-        raise ImageBuildError(f"apt.txt needs Debian's archive keyring ({KEYRING}); run "
-                              "`apt-get install -y debian-archive-keyring`")
+        raise ImageBuildError(
+            f"apt.txt needs Debian's archive keyring ({KEYRING}); run "
+            "`apt-get install -y debian-archive-keyring`"
+        )
     with tempfile.TemporaryDirectory(prefix="ks-apt-") as tmp:  # outside the build context
-        return _download(release, packages, dest, mirror, security_mirror, run, progress,
-                         Path(tmp))
+        return _download(release, packages, dest, mirror, security_mirror, run, progress, Path(tmp))
 
 
 def _download(
-    release: BaseRelease, packages: list[str], dest: Path, mirror: str,
-    security_mirror: str | None, run: Runner, progress: Progress, root: Path,
+    release: BaseRelease,
+    packages: list[str],
+    dest: Path,
+    mirror: str,
+    security_mirror: str | None,
+    run: Runner,
+    progress: Progress,
+    root: Path,
 ) -> list[Path]:
-    for sub in ("sources.list.d", "preferences.d", "state/lists/partial", "archives/partial",
-                "cache"):
+    for sub in (
+        "sources.list.d",
+        "preferences.d",
+        "state/lists/partial",
+        "archives/partial",
+        "cache",
+    ):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "status").write_text(release.dpkg_status + "\n")
     signed = f"[signed-by={KEYRING}]"
-    sources = [f"deb {signed} {mirror} {suite} main"  # one-line format: one suite per line
-               for suite in (release.codename, f"{release.codename}-updates")]
+    sources = [
+        f"deb {signed} {mirror} {suite} main"  # one-line format: one suite per line
+        for suite in (release.codename, f"{release.codename}-updates")
+    ]
     if security_mirror:
         sources.append(f"deb {signed} {security_mirror} {release.codename}-security main")
     (root / "sources.list").write_text("\n".join(sources) + "\n")
@@ -139,8 +155,11 @@ def _download(
     progress(f"fetching package lists for Debian {release.codename} ({release.arch}) from {mirror}")
     run([*apt, "update"], progress, "apt-get update (for apt.txt)")
     progress(f"downloading apt.txt packages: {', '.join(packages)}")
-    run([*apt, "install", "--download-only", "-y", *packages], progress,
-        "apt-get install --download-only (for apt.txt)")
+    run(
+        [*apt, "install", "--download-only", "-y", *packages],
+        progress,
+        "apt-get install --download-only (for apt.txt)",
+    )
     debs = sorted((root / "archives").glob("*.deb"))
     for deb in debs:
         shutil.move(str(deb), dest / deb.name)

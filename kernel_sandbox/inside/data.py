@@ -153,8 +153,19 @@ class ProtocolError(DataError, RuntimeError):
 
 _ERRORS: dict[str, type[DataError]] = {
     cls.code: cls
-    for cls in (AccessDenied, TokenRevoked, TokenExpired, TokenInvalid, NotInScope, PathEscape,
-                ReadOnly, DataNotFound, DataIsADirectory, DataNotADirectory, ProtocolError)
+    for cls in (
+        AccessDenied,
+        TokenRevoked,
+        TokenExpired,
+        TokenInvalid,
+        NotInScope,
+        PathEscape,
+        ReadOnly,
+        DataNotFound,
+        DataIsADirectory,
+        DataNotADirectory,
+        ProtocolError,
+    )
 }
 _ERRORS["wrong-kernel"] = TokenInvalid
 _ERRORS["too-large"] = ProtocolError
@@ -222,11 +233,12 @@ def split_path(path: str) -> tuple[str, str]:
     if not isinstance(path, str):
         path = os.fspath(path)
     if path.startswith("sandbox://"):
-        path = path[len("sandbox://"):]
+        path = path[len("sandbox://") :]
     dataset, _, rest = path.partition("/")
     if not dataset:
-        raise PathEscape(f"{path!r}: path leaves the dataset (name a dataset first, e.g. "
-                         "'sales/2024.csv')")
+        raise PathEscape(
+            f"{path!r}: path leaves the dataset (name a dataset first, e.g. 'sales/2024.csv')"
+        )
     return dataset, rest
 
 
@@ -237,8 +249,13 @@ class Client:
     ``token`` given here is used instead of the file's.
     """
 
-    def __init__(self, socket_path: str | None = None, token: str | None = None,
-                 token_file: str | None = None, timeout: float = 120.0):
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
+        timeout: float = 120.0,
+    ):
         self.socket_path = socket_path or f"{RUNTIME_MOUNT}/{SOCKET_NAME}"
         self.token_file = token_file or f"{RUNTIME_MOUNT}/{TOKEN_NAME}"
         self._token = token
@@ -271,8 +288,9 @@ class Client:
             ) from None
         return sock
 
-    def start(self, op: str, dataset: str | None = None, path: str = "",
-              **fields: Any) -> tuple[socket.socket, dict[str, Any]]:
+    def start(
+        self, op: str, dataset: str | None = None, path: str = "", **fields: Any
+    ) -> tuple[socket.socket, dict[str, Any]]:
         """Send a request; return the open connection and the broker's first (ok) reply."""
         message = {"v": PROTOCOL_VERSION, "op": op, "token": self.token(), **fields}
         if dataset is not None:
@@ -286,8 +304,9 @@ class Client:
             raise
         return sock, reply
 
-    def request(self, op: str, dataset: str | None = None, path: str = "",
-                **fields: Any) -> dict[str, Any]:
+    def request(
+        self, op: str, dataset: str | None = None, path: str = "", **fields: Any
+    ) -> dict[str, Any]:
         sock, reply = self.start(op, dataset, path, **fields)
         sock.close()
         return reply
@@ -330,8 +349,15 @@ class Client:
                 parts.append(chunk)
         return b"".join(parts)
 
-    def open(self, path: str, mode: str = "r", buffering: int = -1, encoding: str | None = None,
-             errors: str | None = None, newline: str | None = None) -> Any:
+    def open(
+        self,
+        path: str,
+        mode: str = "r",
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
         """A file object, as the built-in ``open`` gives: modes r, rb, w, wb (rt, wt)."""
         kind = mode.replace("t", "")
         if kind not in ("r", "rb", "w", "wb"):
@@ -353,8 +379,9 @@ class Client:
             buffered = io.BufferedWriter(raw, buffer_size=max(size, WRITE_CHUNK))
         if binary:
             return buffered
-        return io.TextIOWrapper(buffered, encoding=encoding or "utf-8", errors=errors,
-                                newline=newline)
+        return io.TextIOWrapper(
+            buffered, encoding=encoding or "utf-8", errors=errors, newline=newline
+        )
 
 
 def _next_chunk(sock: socket.socket) -> bytes | None:
@@ -456,7 +483,7 @@ class _Writer(io.RawIOBase):
             raise ValueError("write to a closed file")
         view = memoryview(data).cast("B")
         for start in range(0, len(view), MAX_CHUNK):
-            chunk = view[start:start + MAX_CHUNK]
+            chunk = view[start : start + MAX_CHUNK]
             self._sock.sendall(FRAME.pack(DATA, len(chunk)))
             self._sock.sendall(chunk)
         return len(view)
@@ -505,8 +532,14 @@ def read_bytes(path: str, start: int = 0, end: int | None = None) -> bytes:
     return client().read_bytes(path, start, end)
 
 
-def open(path: str, mode: str = "r", buffering: int = -1, encoding: str | None = None,  # noqa: A001
-         errors: str | None = None, newline: str | None = None) -> Any:
+def open(
+    path: str,
+    mode: str = "r",
+    buffering: int = -1,
+    encoding: str | None = None,  # noqa: A001
+    errors: str | None = None,
+    newline: str | None = None,
+) -> Any:
     return client().open(path, mode, buffering, encoding, errors, newline)
 
 
@@ -541,7 +574,7 @@ def _register_fsspec() -> None:
                 return [cls._strip_protocol(p) for p in path]
             path = str(path)
             if path.startswith("sandbox://"):
-                path = path[len("sandbox://"):]
+                path = path[len("sandbox://") :]
             return path.lstrip("/").rstrip("/")
 
         def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
@@ -557,8 +590,9 @@ def _register_fsspec() -> None:
                 return {"name": "", "type": "directory", "size": 0}
             return self.client.info(path)
 
-        def cat_file(self, path: str, start: int | None = None, end: int | None = None,
-                     **kwargs: Any) -> bytes:
+        def cat_file(
+            self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+        ) -> bytes:
             path = self._strip_protocol(path)
             size = None
             if (start is not None and start < 0) or (end is not None and end < 0):
@@ -568,8 +602,15 @@ def _register_fsspec() -> None:
                 end = max(0, size + end)
             return self.client.read_bytes(path, start, end)
 
-        def _open(self, path: str, mode: str = "rb", block_size: Any = None,
-                  autocommit: bool = True, cache_options: Any = None, **kwargs: Any) -> Any:
+        def _open(
+            self,
+            path: str,
+            mode: str = "rb",
+            block_size: Any = None,
+            autocommit: bool = True,
+            cache_options: Any = None,
+            **kwargs: Any,
+        ) -> Any:
             return self.client.open(self._strip_protocol(path), mode)
 
         def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:

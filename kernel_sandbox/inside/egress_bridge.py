@@ -84,8 +84,10 @@ def bridge(listener: socket.socket, proxy_path: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "--":
-        print("usage: python -m kernel_sandbox.inside.egress_bridge HOST:PORT SOCKET -- ARGV...",
-              file=sys.stderr)
+        print(
+            "usage: python -m kernel_sandbox.inside.egress_bridge HOST:PORT SOCKET -- ARGV...",
+            file=sys.stderr,
+        )
         return 2
     host, _, port = argv[0].rpartition(":")
     proxy_path, command = argv[1], argv[3:]

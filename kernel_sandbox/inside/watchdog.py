@@ -69,8 +69,11 @@ def watch(lifeline: str, grace: float, kernel: int, ended) -> None:
             time.sleep(RECONNECT_EVERY)
             sock = _connect(lifeline)
         if sock is None:
-            print(f"kernel-sandbox: host side gone for {grace:.0f}s; ending the kernel",
-                  file=sys.stderr, flush=True)
+            print(
+                f"kernel-sandbox: host side gone for {grace:.0f}s; ending the kernel",
+                file=sys.stderr,
+                flush=True,
+            )
             _signal(kernel, signal.SIGTERM)
             if not ended.wait(TERMINATE_WAIT):
                 _signal(kernel, signal.SIGKILL)
@@ -79,7 +82,10 @@ def watch(lifeline: str, grace: float, kernel: int, ended) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "--":
-        print("usage: python -m kernel_sandbox.inside.watchdog LIFELINE GRACE -- ARGV...", file=sys.stderr)
+        print(
+            "usage: python -m kernel_sandbox.inside.watchdog LIFELINE GRACE -- ARGV...",
+            file=sys.stderr,
+        )
         return 2
     lifeline, grace, command = argv[0], float(argv[1]), argv[3:]
     kernel = os.posix_spawnp(command[0], command, os.environ, setsigdef=RESTORED_SIGNALS)

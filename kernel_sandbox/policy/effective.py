@@ -113,8 +113,9 @@ def profile_source(spec_config: dict[str, Any], config: Config) -> str:
     return "default"
 
 
-def resolve(spec: KernelSpec, name: str, config: Config,
-            spec_config: dict[str, Any] | None = None) -> EffectivePolicy:
+def resolve(
+    spec: KernelSpec, name: str, config: Config, spec_config: dict[str, Any] | None = None
+) -> EffectivePolicy:
     """The effective policy of ``spec`` (or of ``spec_config`` in its place).
 
     Raises:

@@ -61,8 +61,12 @@ ENGINE_SOCKET_NAMES = ("docker.sock", "containerd.sock", "podman.sock", "dockers
 RESERVED_TARGETS = ("/run/kernel-sandbox", "/tmp", "/home/sandbox")
 RESERVED_TARGET_TREES = ("/proc", "/sys", "/dev", "/run/kernel-sandbox")
 # Below these a Python kernel cannot start; the engine would fail with a less clear message.
-MINIMUMS = {"memory_limit": 32 * 1024**2, "tmpfs_size": 1024**2, "pids_limit": 16,
-            "cpu_limit": 0.01}
+MINIMUMS = {
+    "memory_limit": 32 * 1024**2,
+    "tmpfs_size": 1024**2,
+    "pids_limit": 16,
+    "cpu_limit": 0.01,
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -119,7 +123,7 @@ def _engine_sockets() -> list[str]:
     sockets = [os.path.realpath(path) for path in DOCKER_SOCKETS]
     docker_host = os.environ.get("DOCKER_HOST", "")
     if docker_host.startswith("unix://"):
-        sockets.append(os.path.realpath(docker_host[len("unix://"):]))
+        sockets.append(os.path.realpath(docker_host[len("unix://") :]))
     return sockets
 
 
@@ -348,7 +352,7 @@ def _dataset_source(name: str, source: Any) -> str:
         )
     source = source.strip()
     if source.startswith("file://"):
-        source = source[len("file://"):]
+        source = source[len("file://") :]
     if _URL_SCHEME.match(source):
         authority = source.split("://", 1)[1].split("/", 1)[0]
         if "@" in authority or "?" in source:
@@ -430,8 +434,9 @@ def parse_datasets(value: Any) -> tuple[Dataset, ...]:
 
 def parse_duration(key: str, value: Any) -> int:
     """Seconds from 3600, "90s", "15m", "8h" or "1d"; positive and at most 30 days."""
-    wrong = PolicyError(f"{key}: expected a duration such as 3600, '15m', '8h' or '1d', "
-                        f"got {value!r}")
+    wrong = PolicyError(
+        f"{key}: expected a duration such as 3600, '15m', '8h' or '1d', got {value!r}"
+    )
     match = None if isinstance(value, bool) else _DURATION.match(str(value))
     if match is None or not isinstance(value, (int, float, str)):
         raise wrong
@@ -683,8 +688,15 @@ def resolve_workspace(cwd: str | os.PathLike[str] | None) -> str | None:
 
 # Keys an operator may cap, and how their values are ordered (a larger rank is looser).
 # ``runtime`` is pinned rather than capped: the policy must use exactly that runtime.
-CEILING_KEYS = ("memory_limit", "cpu_limit", "pids_limit", "tmpfs_size", "idle_timeout",
-                "workspace", "runtime")
+CEILING_KEYS = (
+    "memory_limit",
+    "cpu_limit",
+    "pids_limit",
+    "tmpfs_size",
+    "idle_timeout",
+    "workspace",
+    "runtime",
+)
 
 
 def _rank(key: str, value: Any) -> Any:
@@ -772,8 +784,11 @@ def apply_ceilings(
             policy = dataclasses.replace(policy, **{key: cap})
             sources[key] = f"ceiling (the {origin} value was {display_value(key, value)})"
             continue
-        verb = ("differs from the operator's required" if key == "runtime"
-                else "exceeds the operator's ceiling of")
+        verb = (
+            "differs from the operator's required"
+            if key == "runtime"
+            else "exceeds the operator's ceiling of"
+        )
         raise PolicyError(
             f"{key}: {display_value(key, value)} (from {origin}) {verb} "
             f"{display_value(key, cap)}; lower it or ask the operator to change "

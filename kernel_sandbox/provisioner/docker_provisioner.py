@@ -24,6 +24,8 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
 
+from kernel_sandbox.broker.tokens import default_state_dir
+from kernel_sandbox.egress.service import EgressEndpoint, default_log_path
 from kernel_sandbox.engine.backend import (
     LABEL_PREFIX,
     RUNTIME_MOUNT,
@@ -33,14 +35,12 @@ from kernel_sandbox.engine.backend import (
     shared_backend,
 )
 from kernel_sandbox.engine.backend import start_error as container_start_error
-from kernel_sandbox.egress.service import EgressEndpoint, default_log_path
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import LIFELINE, Lifeline, Owner
-from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
-from kernel_sandbox.broker.tokens import default_state_dir
+from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -65,8 +65,9 @@ def _end_live_kernels_at_exit() -> None:
         try:
             provisioner._end_at_exit()
         except Exception as exc:  # one failure must not keep the others running
-            provisioner.log.warning("kernel %s: not cleaned up at exit: %s",
-                                    provisioner.kernel_id, exc)
+            provisioner.log.warning(
+                "kernel %s: not cleaned up at exit: %s", provisioner.kernel_id, exc
+            )
 
 
 def _policy_trait(help: str) -> AnyTrait:
@@ -99,12 +100,14 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         60.0, config=True, help="Seconds to wait for the kernel to bind its sockets."
     )
     orphan_timeout = Float(
-        30.0, config=True,
+        30.0,
+        config=True,
         help="Seconds a kernel keeps running after its owner process vanished (so a restarted "
         "server can re-adopt it) before it ends itself; 0 disables the in-sandbox watchdog.",
     )
     reap_orphans = Bool(
-        True, config=True,
+        True,
+        config=True,
         help="Remove sandboxes whose owner process is dead when the first kernel of a process "
         "starts (in the background).",
     )
@@ -173,13 +176,15 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "~/.local/share/kernel-sandbox/audit.jsonl). Host-only: no policy may mount it.",
     )
     data_credentials = Unicode(
-        "", config=True,
+        "",
+        config=True,
         help="Host-only JSON file (mode 0600) mapping source URL prefixes to fsspec storage "
         "options, i.e. the credentials of remote datasets; the keyring (service "
         "'kernel-sandbox') is consulted too. Kernels only ever get a scoped token.",
     )
     data_broker = Instance(
-        "kernel_sandbox.broker.DataBroker", allow_none=True,
+        "kernel_sandbox.broker.DataBroker",
+        allow_none=True,
         help="The data broker serving this kernel's datasets (default: the one this process "
         "shares among all its kernels for the same token_db, audit_log and data_credentials).",
     )
@@ -250,7 +255,9 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"{', '.join(map(repr, unknown))}; known keys: profile, {', '.join(sorted(allowed))}"
             )
         config_values = {
-            key: getattr(self, key) for key in SandboxPolicy.keys() if getattr(self, key) is not None
+            key: getattr(self, key)
+            for key in SandboxPolicy.keys()
+            if getattr(self, key) is not None
         }
         profiles = {**PROFILES, **self.profiles}
         try:
@@ -362,10 +369,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         assert self.runtime_dir is not None and self.kernel_id
         scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
-        record = self._broker().grant(self.kernel_id, self.runtime_dir.shared, scope,
-                                      self.policy.token_ttl, owner)
-        self.log.debug("kernel %s: data token %s for %s", self.kernel_id, record.token_id,
-                       ", ".join(scope))
+        record = self._broker().grant(
+            self.kernel_id, self.runtime_dir.shared, scope, self.policy.token_ttl, owner
+        )
+        self.log.debug(
+            "kernel %s: data token %s for %s", self.kernel_id, record.token_id, ", ".join(scope)
+        )
 
     def _release_data(self, restart: bool) -> None:
         """Revoke the kernel's token; on the final cleanup also close its broker socket."""
@@ -389,8 +398,13 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         assert self.runtime_dir is not None
         if self._egress is None:
             self._egress = EgressEndpoint(
-                self.runtime_dir.path, self.runtime_dir.shared, self.kernel_id or "",
-                self.policy, self.egress_log, RUNTIME_MOUNT, self.egress_port,
+                self.runtime_dir.path,
+                self.runtime_dir.shared,
+                self.kernel_id or "",
+                self.policy,
+                self.egress_log,
+                RUNTIME_MOUNT,
+                self.egress_port,
             )
         return self._egress
 
@@ -428,8 +442,15 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not self._image_has_watchdog:
             return argv
         lifeline = f"{RUNTIME_MOUNT}/{LIFELINE}"
-        return ["python", "-m", "kernel_sandbox.inside.watchdog", lifeline, str(self.orphan_timeout),
-                "--", *argv]
+        return [
+            "python",
+            "-m",
+            "kernel_sandbox.inside.watchdog",
+            lifeline,
+            str(self.orphan_timeout),
+            "--",
+            *argv,
+        ]
 
     def _sweep_orphans_once(self) -> None:
         """Reap what killed owners left behind, once per process, without delaying the start."""
@@ -445,14 +466,19 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 log.warning("kernel-sandbox: orphan sweep failed: %s", exc)
                 return
             if report:
-                log.info("kernel-sandbox: reaped %d orphaned container(s), %d runtime dir(s)",
-                         len(report.containers), len(report.runtime_dirs))
+                log.info(
+                    "kernel-sandbox: reaped %d orphaned container(s), %d runtime dir(s)",
+                    len(report.containers),
+                    len(report.runtime_dirs),
+                )
 
         threading.Thread(target=run, name="kernel-sandbox-sweep", daemon=True).start()
 
     def _container_env(self, host_env: dict[str, str], policy: SandboxPolicy) -> dict[str, str]:
         """Deny by default: only the kernelspec's env, the policy's env and allowlisted names."""
-        env = {k: host_env[k] for k in (*self.env_allowlist, *policy.env_passthrough) if k in host_env}
+        env = {
+            k: host_env[k] for k in (*self.env_allowlist, *policy.env_passthrough) if k in host_env
+        }
         env.update({k: host_env.get(k, v) for k, v in (self.kernel_spec.env or {}).items()})
         env.update(policy.env)
         env.update(
@@ -479,7 +505,10 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if policy.workspace != "none" and workspace is None:
             self.log.warning(
                 "kernel %s: not mounting %s as the workspace (a host path no sandbox may see); "
-                "the kernel starts in %s", self.kernel_id, self.cwd, SANDBOX_HOME,
+                "the kernel starts in %s",
+                self.kernel_id,
+                self.cwd,
+                SANDBOX_HOME,
             )
         name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
         request = ContainerRequest(
@@ -505,8 +534,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._launched = True
         _LIVE[self] = os.getpid()
         self._watch()
-        self.log.debug("kernel %s: container %s ready in %.2fs", self.kernel_id, name,
-                       time.monotonic() - started)
+        self.log.debug(
+            "kernel %s: container %s ready in %.2fs",
+            self.kernel_id,
+            name,
+            time.monotonic() - started,
+        )
         return self.connection_info
 
     async def _discard_failed_launch(self) -> None:
@@ -533,8 +566,9 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 state = await self.backend.state(self.container_id)
                 if not state.running:
                     logs = await self.backend.logs_tail(self.container_id)
-                    raise container_start_error(self.container_name or "", self.policy.image,
-                                                state, logs)
+                    raise container_start_error(
+                        self.container_name or "", self.policy.image, state, logs
+                    )
                 next_state_check = now + 0.25
             if now >= deadline:
                 logs = await self.backend.logs_tail(self.container_id)
@@ -579,8 +613,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if state.running:
             return None
         if state.oom_killed:
-            self.log.warning("kernel %s: container %s was killed: out of memory (limit %d bytes)",
-                             self.kernel_id, self.container_name, self.policy.memory_limit)
+            self.log.warning(
+                "kernel %s: container %s was killed: out of memory (limit %d bytes)",
+                self.kernel_id,
+                self.container_name,
+                self.policy.memory_limit,
+            )
         return state.exit_code
 
     async def wait(self) -> int | None:
@@ -620,8 +658,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             except EngineUnavailable as exc:
                 # `kernel-sandbox gc` removes it once the engine is back: its runtime
                 # directory is gone, which marks it as dead weight.
-                self.log.warning("kernel %s: container %s left for gc: %s",
-                                 self.kernel_id, self.container_name, exc)
+                self.log.warning(
+                    "kernel %s: container %s left for gc: %s",
+                    self.kernel_id,
+                    self.container_name,
+                    exc,
+                )
             self.container_id = None
         # synchronous (a revocation in SQLite and a socket close): cleanup also runs at
         # interpreter exit, when no new thread may be started
@@ -655,8 +697,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             try:
                 self.backend.remove_blocking(self.container_id)
             except Exception as exc:  # the engine is gone: `kernel-sandbox gc` removes it later
-                self.log.warning("kernel %s: container %s left for gc: %s",
-                                 self.kernel_id, self.container_name, exc)
+                self.log.warning(
+                    "kernel %s: container %s left for gc: %s",
+                    self.kernel_id,
+                    self.container_name,
+                    exc,
+                )
             self.container_id = None
         self._release_data(restart=False)
         self._release_host_side()  # the egress proxy ends by itself when this process does
@@ -672,8 +718,9 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except RuntimeError:
             self._loop = None
         iopub = f"ipc://{self.runtime_dir.socket_prefix}-{self.connection_info['iopub_port']}"
-        self._monitor = KernelMonitor(self.runtime_dir.path, iopub, self.policy.idle_timeout,
-                                      self._end_from_monitor)
+        self._monitor = KernelMonitor(
+            self.runtime_dir.path, iopub, self.policy.idle_timeout, self._end_from_monitor
+        )
         self._monitor.start()
 
     def _unwatch(self) -> None:
@@ -698,8 +745,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         loop, manager = self._loop, self.parent
         multi = getattr(manager, "parent", None)
         if loop is not None and loop.is_running():
-            if (isinstance(multi, MultiKernelManager) and iscoroutinefunction(multi.shutdown_kernel)
-                    and self.kernel_id in multi and multi.get_kernel(self.kernel_id) is manager):
+            if (
+                isinstance(multi, MultiKernelManager)
+                and iscoroutinefunction(multi.shutdown_kernel)
+                and self.kernel_id in multi
+                and multi.get_kernel(self.kernel_id) is manager
+            ):
                 asyncio.run_coroutine_threadsafe(multi.shutdown_kernel(self.kernel_id), loop)
                 return
             if isinstance(manager, KernelManager) and iscoroutinefunction(manager.shutdown_kernel):

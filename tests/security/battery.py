@@ -31,115 +31,199 @@ AREAS = ("Network", "File system", "Privilege", "Resources", "Information")
 
 PROBES: tuple[Probe, ...] = (
     # -- network -------------------------------------------------------------------------------
-    Probe("net-tcp-gateway", "Network",
-          "TCP connect to a host listener on the Docker bridge gateway",
-          "fails (no route); the host listener sees no connection"),
-    Probe("net-tcp-loopback", "Network",
-          "TCP connect to a host listener on 127.0.0.1",
-          "the container's own loopback refuses; the host listener sees no connection"),
-    Probe("net-udp-gateway", "Network",
-          "UDP datagram to a host listener on the bridge gateway",
-          "send fails (no route); the host listener receives nothing"),
-    Probe("net-udp-loopback", "Network",
-          "UDP datagram to a host listener on 127.0.0.1",
-          "stays on the container's own loopback; the host listener receives nothing"),
-    Probe("net-raw", "Network",
-          "raw IP socket (AF_INET, SOCK_RAW)",
-          "EPERM (no CAP_NET_RAW)"),
-    Probe("net-packet", "Network",
-          "packet socket (AF_PACKET, SOCK_RAW)",
-          "EPERM (no CAP_NET_RAW)"),
-    Probe("net-dns", "Network",
-          "/etc/resolv.conf and getaddrinfo of a .test name",
-          "resolv.conf read-only, naming only 127.0.0.1 (not the host's resolver); resolution "
-          "fails: only `lo`, no route anywhere"),
+    Probe(
+        "net-tcp-gateway",
+        "Network",
+        "TCP connect to a host listener on the Docker bridge gateway",
+        "fails (no route); the host listener sees no connection",
+    ),
+    Probe(
+        "net-tcp-loopback",
+        "Network",
+        "TCP connect to a host listener on 127.0.0.1",
+        "the container's own loopback refuses; the host listener sees no connection",
+    ),
+    Probe(
+        "net-udp-gateway",
+        "Network",
+        "UDP datagram to a host listener on the bridge gateway",
+        "send fails (no route); the host listener receives nothing",
+    ),
+    Probe(
+        "net-udp-loopback",
+        "Network",
+        "UDP datagram to a host listener on 127.0.0.1",
+        "stays on the container's own loopback; the host listener receives nothing",
+    ),
+    Probe("net-raw", "Network", "raw IP socket (AF_INET, SOCK_RAW)", "EPERM (no CAP_NET_RAW)"),
+    Probe("net-packet", "Network", "packet socket (AF_PACKET, SOCK_RAW)", "EPERM (no CAP_NET_RAW)"),
+    Probe(
+        "net-dns",
+        "Network",
+        "/etc/resolv.conf and getaddrinfo of a .test name",
+        "resolv.conf read-only, naming only 127.0.0.1 (not the host's resolver); resolution "
+        "fails: only `lo`, no route anywhere",
+    ),
     # -- file system ---------------------------------------------------------------------------
-    Probe("fs-rootfs-write", "File system",
-          "write the root file system (/usr, /etc/passwd, world-writable /var/tmp)",
-          "EROFS: the root file system is read-only"),
-    Probe("fs-host-paths", "File system",
-          "read host files that are not mounted (/root/..., /srv/...)",
-          "they do not exist inside"),
-    Probe("fs-workspace-escape", "File system",
-          "leave the mounted workspace through `..` and symlinks to host files",
-          "ENOENT: links resolve inside the container, where the targets do not exist"),
-    Probe("fs-workspace-write", "File system",
-          "write into the workspace (strict mounts it read-only)",
-          "EROFS"),
-    Probe("fs-proc-sys", "File system",
-          "write /proc/sys (hostname, core_pattern, drop_caches)",
-          "refused (read-only /proc/sys, or gVisor's own /proc)"),
-    Probe("fs-sys", "File system",
-          "write /sys (uevent_helper, a device attribute, the cgroup limits)",
-          "refused (read-only sysfs)"),
-    Probe("fs-mknod", "File system",
-          "mknod /dev/mem, /dev/kmsg and the host's root disk in /tmp",
-          "EPERM, or (gVisor) a node that opens no host device"),
-    Probe("fs-mount", "File system",
-          "mount tmpfs and proc, remount / read-write, unmount the runtime dir",
-          "EPERM"),
-    Probe("fs-tmp-fill", "File system",
-          "fill /tmp beyond its cap",
-          "ENOSPC at the 256 MiB cap; the host's disk is not used"),
+    Probe(
+        "fs-rootfs-write",
+        "File system",
+        "write the root file system (/usr, /etc/passwd, world-writable /var/tmp)",
+        "EROFS: the root file system is read-only",
+    ),
+    Probe(
+        "fs-host-paths",
+        "File system",
+        "read host files that are not mounted (/root/..., /srv/...)",
+        "they do not exist inside",
+    ),
+    Probe(
+        "fs-workspace-escape",
+        "File system",
+        "leave the mounted workspace through `..` and symlinks to host files",
+        "ENOENT: links resolve inside the container, where the targets do not exist",
+    ),
+    Probe(
+        "fs-workspace-write",
+        "File system",
+        "write into the workspace (strict mounts it read-only)",
+        "EROFS",
+    ),
+    Probe(
+        "fs-proc-sys",
+        "File system",
+        "write /proc/sys (hostname, core_pattern, drop_caches)",
+        "refused (read-only /proc/sys, or gVisor's own /proc)",
+    ),
+    Probe(
+        "fs-sys",
+        "File system",
+        "write /sys (uevent_helper, a device attribute, the cgroup limits)",
+        "refused (read-only sysfs)",
+    ),
+    Probe(
+        "fs-mknod",
+        "File system",
+        "mknod /dev/mem, /dev/kmsg and the host's root disk in /tmp",
+        "EPERM, or (gVisor) a node that opens no host device",
+    ),
+    Probe(
+        "fs-mount",
+        "File system",
+        "mount tmpfs and proc, remount / read-write, unmount the runtime dir",
+        "EPERM",
+    ),
+    Probe(
+        "fs-tmp-fill",
+        "File system",
+        "fill /tmp beyond its cap",
+        "ENOSPC at the 256 MiB cap; the host's disk is not used",
+    ),
     # -- privilege -----------------------------------------------------------------------------
-    Probe("priv-setuid", "Privilege",
-          "run setuid-root binaries (su, mount); setuid(0)",
-          "no-new-privileges: the setuid bit is ignored, euid stays the sandbox user"),
-    Probe("priv-cap-net-raw", "Privilege",
-          "use CAP_NET_RAW",
-          "no capability in any set; SOCK_RAW is EPERM"),
-    Probe("priv-cap-sys-admin", "Privilege",
-          "use CAP_SYS_ADMIN: sethostname, setdomainname",
-          "EPERM"),
-    Probe("priv-chown", "Privilege",
-          "chown others' files (/tmp, the host-owned lifeline socket) and give one's own away",
-          "EPERM (no CAP_CHOWN)"),
-    Probe("priv-ptrace", "Privilege",
-          "ptrace: the kernel's own child; processes of the host",
-          "own child may be traced (same sandbox, harmless); host processes are invisible "
-          "(ESRCH); every visible process is the sandbox user with no capabilities"),
-    Probe("priv-ptrace-pid1", "Privilege",
-          "ptrace PID 1 (the container's init)",
-          "refused"),
-    Probe("priv-unshare", "Privilege",
-          "unshare user, mount, UTS, IPC, net, PID and cgroup namespaces",
-          "EPERM; under gVisor a namespace stays inside the sandbox (mount still refused, "
-          "hostname and root file system unchanged)"),
+    Probe(
+        "priv-setuid",
+        "Privilege",
+        "run setuid-root binaries (su, mount); setuid(0)",
+        "no-new-privileges: the setuid bit is ignored, euid stays the sandbox user",
+    ),
+    Probe(
+        "priv-cap-net-raw",
+        "Privilege",
+        "use CAP_NET_RAW",
+        "no capability in any set; SOCK_RAW is EPERM",
+    ),
+    Probe(
+        "priv-cap-sys-admin", "Privilege", "use CAP_SYS_ADMIN: sethostname, setdomainname", "EPERM"
+    ),
+    Probe(
+        "priv-chown",
+        "Privilege",
+        "chown others' files (/tmp, the host-owned lifeline socket) and give one's own away",
+        "EPERM (no CAP_CHOWN)",
+    ),
+    Probe(
+        "priv-ptrace",
+        "Privilege",
+        "ptrace: the kernel's own child; processes of the host",
+        "own child may be traced (same sandbox, harmless); host processes are invisible "
+        "(ESRCH); every visible process is the sandbox user with no capabilities",
+    ),
+    Probe("priv-ptrace-pid1", "Privilege", "ptrace PID 1 (the container's init)", "refused"),
+    Probe(
+        "priv-unshare",
+        "Privilege",
+        "unshare user, mount, UTS, IPC, net, PID and cgroup namespaces",
+        "EPERM; under gVisor a namespace stays inside the sandbox (mount still refused, "
+        "hostname and root file system unchanged)",
+    ),
     Probe("priv-bpf", "Privilege", "bpf(BPF_MAP_CREATE)", "refused"),
     Probe("priv-perf", "Privilege", "perf_event_open on itself", "refused"),
     Probe("priv-keyctl", "Privilege", "keyctl and add_key", "refused"),
     Probe("priv-modules", "Privilege", "init_module, finit_module, delete_module", "EPERM"),
     # -- resources -----------------------------------------------------------------------------
-    Probe("res-fork-bomb", "Resources",
-          "fork bomb",
-          "stopped at the pids limit (256); host responsive, other kernels unaffected"),
-    Probe("res-memory-bomb", "Resources",
-          "allocate past the memory limit (1 GiB)",
-          "only that kernel is OOM-killed; the client sees it dead; restart works; containers "
-          "gone after shutdown"),
-    Probe("res-cpu-hog", "Resources",
-          "3 busy processes for 3 s (cpu_limit 1.0), measured from the host's cgroup",
-          "held to about 1.0 CPU"),
+    Probe(
+        "res-fork-bomb",
+        "Resources",
+        "fork bomb",
+        "stopped at the pids limit (256); host responsive, other kernels unaffected",
+    ),
+    Probe(
+        "res-memory-bomb",
+        "Resources",
+        "allocate past the memory limit (1 GiB)",
+        "only that kernel is OOM-killed; the client sees it dead; restart works; containers "
+        "gone after shutdown",
+    ),
+    Probe(
+        "res-cpu-hog",
+        "Resources",
+        "3 busy processes for 3 s (cpu_limit 1.0), measured from the host's cgroup",
+        "held to about 1.0 CPU",
+    ),
     # -- information ---------------------------------------------------------------------------
-    Probe("info-env", "Information",
-          "look for a secret exported in the host process that started the kernel",
-          "absent from every visible process's environment"),
-    Probe("info-docker-socket", "Information",
-          "find and connect to a Docker socket",
-          "none; the only sockets are the kernel's own in /run/kernel-sandbox"),
-    Probe("info-hostname", "Information",
-          "learn the host's name",
-          "the hostname is `sandbox`, not the host's"),
-    Probe("info-other-kernel", "Information",
-          "from kernel B, find kernel A's files, key, token or sockets",
-          "nothing of A is visible; /run/kernel-sandbox holds only B's own"),
+    Probe(
+        "info-env",
+        "Information",
+        "look for a secret exported in the host process that started the kernel",
+        "absent from every visible process's environment",
+    ),
+    Probe(
+        "info-docker-socket",
+        "Information",
+        "find and connect to a Docker socket",
+        "none; the only sockets are the kernel's own in /run/kernel-sandbox",
+    ),
+    Probe(
+        "info-hostname",
+        "Information",
+        "learn the host's name",
+        "the hostname is `sandbox`, not the host's",
+    ),
+    Probe(
+        "info-other-kernel",
+        "Information",
+        "from kernel B, find kernel A's files, key, token or sockets",
+        "nothing of A is visible; /run/kernel-sandbox holds only B's own",
+    ),
 )
 
 # x86_64 system call numbers (Python has no wrapper for these).
 SYSCALLS = {
-    "ptrace": 101, "chown": 92, "mknod": 133, "sethostname": 170, "setdomainname": 171,
-    "mount": 165, "umount2": 166, "init_module": 175, "delete_module": 176, "add_key": 248,
-    "keyctl": 250, "unshare": 272, "perf_event_open": 298, "finit_module": 313, "bpf": 321,
+    "ptrace": 101,
+    "chown": 92,
+    "mknod": 133,
+    "sethostname": 170,
+    "setdomainname": 171,
+    "mount": 165,
+    "umount2": 166,
+    "init_module": 175,
+    "delete_module": 176,
+    "add_key": 248,
+    "keyctl": 250,
+    "unshare": 272,
+    "perf_event_open": 298,
+    "finit_module": 313,
+    "bpf": 321,
 }
 
 # Runs first in every probe kernel (and in child processes that probes start).
@@ -212,7 +296,8 @@ class Battery:
         """Every probe observed under every runtime, each by a test that ran to its end."""
         return all(
             (p.id, rt) in self.cells and self.cells[(p.id, rt)].nodeid in self.outcomes
-            for p in PROBES for rt in self.runtimes
+            for p in PROBES
+            for rt in self.runtimes
         )
 
     def verdict(self, probe_id: str, runtime: str) -> str:
@@ -257,16 +342,20 @@ class Battery:
         ]
         for area in AREAS:
             observed = " | ".join(f"Observed: {rt}" for rt in self.runtimes)
-            lines += [f"## {area}", "",
-                      f"| Probe | Expected | {observed} |",
-                      "|---|---|" + "---|" * len(self.runtimes)]
+            lines += [
+                f"## {area}",
+                "",
+                f"| Probe | Expected | {observed} |",
+                "|---|---|" + "---|" * len(self.runtimes),
+            ]
             for p in (p for p in PROBES if p.area == area):
                 cells = []
                 for rt in self.runtimes:
                     mark = {"held": "✓", "known gap": "✗ known gap:", "failed": "✗ FAILED:"}
                     cells.append(f"{mark[self.verdict(p.id, rt)]} {self.cells[(p.id, rt)].text}")
-                lines.append("| " + " | ".join(_cell(x) for x in (p.title, p.expected, *cells))
-                             + " |")
+                lines.append(
+                    "| " + " | ".join(_cell(x) for x in (p.title, p.expected, *cells)) + " |"
+                )
             lines.append("")
         return "\n".join(lines)
 

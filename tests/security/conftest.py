@@ -35,6 +35,7 @@ _BATTERY = pytest.StashKey[Battery]()
 
 # -- the record ---------------------------------------------------------------------------------
 
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_BATTERY] = Battery(runtimes=tuple(RUNTIMES))
 
@@ -79,6 +80,7 @@ def observe(battery: Battery, runtime: str, request: pytest.FixtureRequest):
 
 # -- kernels ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Sandbox:
     """A running probe kernel and its manager and client."""
@@ -106,7 +108,6 @@ class Sandbox:
         )
         return parse_report(out["stdout"])
 
-
     def describe(self) -> str:
         """The container's state and last log lines, for failure messages."""
         try:
@@ -123,8 +124,10 @@ class Sandbox:
         finally:
             client.close()
         state = attrs["State"]
-        return (f"{self.container_id[:12]} {state['Status']} exit={state['ExitCode']} "
-                f"oom={state['OOMKilled']} finished={state['FinishedAt']}; logs: {logs!r}")
+        return (
+            f"{self.container_id[:12]} {state['Status']} exit={state['ExitCode']} "
+            f"oom={state['OOMKilled']} finished={state['FinishedAt']}; logs: {logs!r}"
+        )
 
 
 @dataclass

@@ -17,8 +17,11 @@ report(usr=attempt(lambda: open('/usr/ks-probe', 'w').close()),
        run_lock=attempt(_os.mkdir, '/run/lock/ks-probe'),
        var_tmp_mode=oct(_os.stat('/var/tmp').st_mode & 0o7777))
 """)
-    observe("fs-rootfs-write", f"/usr: {got['usr']}; /etc/passwd: {got['passwd']}; /var/tmp "
-            f"({got['var_tmp_mode']}): {got['var_tmp']}; /run/lock: {got['run_lock']}")
+    observe(
+        "fs-rootfs-write",
+        f"/usr: {got['usr']}; /etc/passwd: {got['passwd']}; /var/tmp "
+        f"({got['var_tmp_mode']}): {got['var_tmp']}; /run/lock: {got['run_lock']}",
+    )
     # /var/tmp and /run/lock are world-writable in the image: only a read-only mount stops them
     assert got["var_tmp_mode"] == "0o1777"
     assert got["var_tmp"] == "EROFS" and got["run_lock"] == "EROFS"
@@ -33,9 +36,12 @@ report(**{{p: attempt(lambda p=p: open(p).read()) for p in paths[:2]}},
 """)
     outside, home = got[str(bait.outside)], got[str(bait.in_root_home)]
     where = bait.root.parent  # names without the random part keep the table stable
-    observe("fs-host-paths", f"{where}/ks-sec-*/secret.txt: {outside}; "
-            f"{bait.in_root_home.parent}/ks-sec-*.txt: {home}; listing {where}/ks-sec-*: "
-            f"{got['root_listing']}")
+    observe(
+        "fs-host-paths",
+        f"{where}/ks-sec-*/secret.txt: {outside}; "
+        f"{bait.in_root_home.parent}/ks-sec-*.txt: {home}; listing {where}/ks-sec-*: "
+        f"{got['root_listing']}",
+    )
     assert outside == "ENOENT"
     assert home in ("ENOENT", "EACCES")  # the image's own /root is 0700 root
     # the workspace's parent is at most the bare mount point Docker made for the workspace
@@ -58,8 +64,10 @@ report(cwd=_os.getcwd(), inside=read('inside.txt'),
 """)
     names = ("abs_link", "rel_link", "home_link", "dir_link", "dotdot", "openat")
     links = {k: got[k] for k in names}
-    observe("fs-workspace-escape", "; ".join(f"{k}: {v}" for k, v in links.items())
-            + f"; ws/.. lists {got['dotdot_listing']}")
+    observe(
+        "fs-workspace-escape",
+        "; ".join(f"{k}: {v}" for k, v in links.items()) + f"; ws/.. lists {got['dotdot_listing']}",
+    )
     assert got["cwd"] == ws  # the kernel started in the workspace, mounted at its host path
     assert got["inside"] == "ok"  # control: the workspace itself is readable
     # the image's own /root is 0700 root, so the link into /root stops even before the lookup
@@ -74,8 +82,10 @@ report(create=attempt(lambda: open('ks-new.txt', 'w').close()),
        append=attempt(lambda: open('inside.txt', 'a').close()),
        unlink=attempt(_os.unlink, 'inside.txt'))
 """)
-    observe("fs-workspace-write", f"create: {got['create']}; append: {got['append']}; "
-            f"unlink: {got['unlink']}")
+    observe(
+        "fs-workspace-write",
+        f"create: {got['create']}; append: {got['append']}; unlink: {got['unlink']}",
+    )
     assert got == {"create": "EROFS", "append": "EROFS", "unlink": "EROFS"}
 
 
@@ -126,7 +136,8 @@ report(**out)
     observe("fs-mknod", "; ".join(f"{k}: {v}" for k, v in got.items()))
     for name, result in got.items():
         assert result == "EPERM" or (
-            sandbox.runtime == "runsc" and result.startswith("created, open ")
+            sandbox.runtime == "runsc"
+            and result.startswith("created, open ")
             and not result.endswith(" ok")
         ), (name, result)
     if sandbox.runtime == "runc":
@@ -155,7 +166,8 @@ def test_filling_tmp_stops_at_its_cap(sandbox, docker_client, observe):
 
     upper = docker_client.api.inspect_container(sandbox.container_id)["GraphDriver"]["Data"]
     before = free()
-    got = sandbox.probe("""
+    got = sandbox.probe(
+        """
 chunk = b'\\xa5' * (1 << 20)
 written, error = 0, None
 with open('/tmp/ks-fill', 'wb', buffering=0) as f:
@@ -167,12 +179,17 @@ with open('/tmp/ks-fill', 'wb', buffering=0) as f:
             break
 st = _os.statvfs('/tmp')
 report(written=written, error=error, cap=st.f_blocks * st.f_frsize)
-""", timeout=120)
+""",
+        timeout=120,
+    )
     used = before - free()
     on_disk = upper.get("UpperDir") and Path(upper["UpperDir"], "tmp", "ks-fill").exists()
     sandbox.probe("_os.unlink('/tmp/ks-fill'); report(ok=1)")
-    observe("fs-tmp-fill", f"{got['error']} after {got['written'] / MIB:.0f} MiB (cap "
-            f"{got['cap'] / MIB:.0f} MiB); host disk use meanwhile {used / MIB:+.0f} MiB")
+    observe(
+        "fs-tmp-fill",
+        f"{got['error']} after {got['written'] / MIB:.0f} MiB (cap "
+        f"{got['cap'] / MIB:.0f} MiB); host disk use meanwhile {used / MIB:+.0f} MiB",
+    )
     assert got["error"] == "ENOSPC"
     assert got["cap"] == 256 * MIB
     assert 200 * MIB <= got["written"] <= 256 * MIB

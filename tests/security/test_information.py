@@ -24,14 +24,18 @@ report(names=sorted(_os.environ), in_environ=name in _os.environ,
        value_seen=any(value in v for v in _os.environ.values()), hits=hits)
 """)
     found = "in os.environ" if got["in_environ"] or got["value_seen"] else "not in os.environ"
-    observe("info-env", f"secret {found}, in {len(got['hits'])} /proc/*/environ; the "
-            f"kernel's variables: {', '.join(got['names'])}")
+    observe(
+        "info-env",
+        f"secret {found}, in {len(got['hits'])} /proc/*/environ; the "
+        f"kernel's variables: {', '.join(got['names'])}",
+    )
     assert not got["in_environ"] and not got["value_seen"] and got["hits"] == []
     assert not {"USER", "PWD", "JUPYTER_PATH", "DOCKER_HOST", "SSH_AUTH_SOCK"} & set(got["names"])
 
 
 def test_no_docker_socket(sandbox, observe):
-    got = sandbox.probe("""
+    got = sandbox.probe(
+        """
 import socket, stat
 tops = {'/run', '/var', '/tmp', '/home', '/dev', '/etc', '/srv', '/mnt', '/media', '/root',
         _os.getcwd()}
@@ -54,10 +58,15 @@ def connect(path):
         s.close()
 report(sockets=sorted(sockets), docker_host=_os.environ.get('DOCKER_HOST'),
        var_run=attempt(connect, '/var/run/docker.sock'), run=attempt(connect, '/run/docker.sock'))
-""", timeout=120)
-    observe("info-docker-socket", f"connect /var/run/docker.sock: {got['var_run']}, "
-            f"/run/docker.sock: {got['run']}; sockets found: "
-            f"{', '.join(got['sockets']) or 'none'}")
+""",
+        timeout=120,
+    )
+    observe(
+        "info-docker-socket",
+        f"connect /var/run/docker.sock: {got['var_run']}, "
+        f"/run/docker.sock: {got['run']}; sockets found: "
+        f"{', '.join(got['sockets']) or 'none'}",
+    )
     assert got["var_run"] == "ENOENT" and got["run"] == "ENOENT"
     assert got["docker_host"] is None
     assert not [s for s in got["sockets"] if "docker" in s]
@@ -72,8 +81,11 @@ report(gethostname=socket.gethostname(), nodename=_os.uname().nodename,
        proc=open('/proc/sys/kernel/hostname').read().strip())
 """)
     host = socket.gethostname()
-    observe("info-hostname", ", ".join(f"{k}: {v}" for k, v in got.items())
-            + f" (host: {'differs' if host not in got.values() else 'SAME'})")
+    observe(
+        "info-hostname",
+        ", ".join(f"{k}: {v}" for k, v in got.items())
+        + f" (host: {'differs' if host not in got.values() else 'SAME'})",
+    )
     assert set(got.values()) == {"sandbox"}
     assert host != "sandbox"
 
@@ -135,10 +147,13 @@ report(a_tmp=attempt(lambda: open('/tmp/' + needles[0]).read()),
 """)
     finally:
         kernel_a.probe(f"_os.unlink('/tmp/{marker}'); report(ok=1)")
-    observe("info-other-kernel", f"A's /tmp file: {got['a_tmp']}; A's socket (host path): "
-            f"{got['a_socket']}; A's runtime dir: {got['a_dir']}; A's key/marker found in "
-            f"{len(got['found'])} files; B's /run/kernel-sandbox = {got['listing']} (B's own, "
-            f"same key as B's); B sees {got['processes']} processes")
+    observe(
+        "info-other-kernel",
+        f"A's /tmp file: {got['a_tmp']}; A's socket (host path): "
+        f"{got['a_socket']}; A's runtime dir: {got['a_dir']}; A's key/marker found in "
+        f"{len(got['found'])} files; B's /run/kernel-sandbox = {got['listing']} (B's own, "
+        f"same key as B's); B sees {got['processes']} processes",
+    )
     assert a_side["sockets"], "kernel A has no sockets to find"
     assert got["a_tmp"] == "ENOENT" and got["a_socket"] == "ENOENT" and got["a_dir"] == "ENOENT"
     assert got["found"] == []

@@ -67,8 +67,10 @@ report(connect=attempt(s.connect, ({listener.host!r}, {listener.port})))
 s.close()
 """)
     heard = listener.heard()
-    observe(f"net-tcp-{kind(listener)}", f"connect: {got['connect']}; host listener: "
-            + (", ".join(heard) or "nothing"))
+    observe(
+        f"net-tcp-{kind(listener)}",
+        f"connect: {got['connect']}; host listener: " + (", ".join(heard) or "nothing"),
+    )
     assert got["connect"] != "ok"
     assert heard == []
     # the gateway is unroutable; 127.0.0.1 is the container's own, empty loopback
@@ -87,8 +89,10 @@ s.close()
 report(send=sent[0], sends=sent)
 """)
     heard = listener.heard()
-    observe(f"net-udp-{kind(listener)}", f"sendto: {got['send']}; host listener: "
-            + (", ".join(heard) or "nothing"))
+    observe(
+        f"net-udp-{kind(listener)}",
+        f"sendto: {got['send']}; host listener: " + (", ".join(heard) or "nothing"),
+    )
     assert heard == []
     if kind(listener) == "gateway":
         assert got["send"] in ("ENETUNREACH", "EHOSTUNREACH")
@@ -130,9 +134,12 @@ report(write=attempt(lambda: open('/etc/resolv.conf', 'a').close()),
        resolved=resolved, seconds=round(time.monotonic() - started, 2),
        interfaces=sorted(_os.listdir('/sys/class/net')), routes=len(routes))
 """)
-    observe("net-dns", f"resolv.conf write: {got['write']}, nameservers "
-            f"{', '.join(got['nameservers'])}; getaddrinfo: {got['resolved']} in "
-            f"{got['seconds']} s; interfaces {got['interfaces']}, {got['routes']} routes")
+    observe(
+        "net-dns",
+        f"resolv.conf write: {got['write']}, nameservers "
+        f"{', '.join(got['nameservers'])}; getaddrinfo: {got['resolved']} in "
+        f"{got['seconds']} s; interfaces {got['interfaces']}, {got['routes']} routes",
+    )
     assert got["write"] in ("EROFS", "EACCES")
     assert got["nameservers"] == ["127.0.0.1"]  # not the host's resolver
     assert got["resolved"].startswith("gaierror")

@@ -36,9 +36,12 @@ report(found=found, su_uid=uid_line.split(), su_code=su.returncode, su_out=out.d
     names = ", ".join(os.path.basename(p) for p in got["found"])
     su_said = got["su_err"][0] if got["su_err"] else f"exit {got['su_code']}"
     mount_said = got["mount"][0] if got["mount"] else "?"
-    observe("priv-setuid", f"{len(got['found'])} setuid-root files ({names}); su ran with Uid "
-            f"{' '.join(got['su_uid'])} and failed ({su_said}); mount: {mount_said}; "
-            f"setuid(0): {got['setuid0']}; no_new_privs={got['no_new_privs']}")
+    observe(
+        "priv-setuid",
+        f"{len(got['found'])} setuid-root files ({names}); su ran with Uid "
+        f"{' '.join(got['su_uid'])} and failed ({su_said}); mount: {mount_said}; "
+        f"setuid(0): {got['setuid0']}; no_new_privs={got['no_new_privs']}",
+    )
     assert "/usr/bin/su" in got["found"]  # the bait is really there
     assert "0" not in got["su_uid"]  # real, effective, saved and fs uid all the sandbox user
     assert got["su_code"] != 0 and got["su_out"] != "0"
@@ -53,8 +56,10 @@ report(**{{name: status(name) for name in {CAP_SETS!r}}},
        raw=attempt(socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
 """)
     sets = {name: got[name] for name in CAP_SETS if got.get(name) is not None}
-    observe("priv-cap-net-raw", f"{', '.join(f'{k} {v}' for k, v in sets.items())}; "
-            f"SOCK_RAW: {got['raw']}")
+    observe(
+        "priv-cap-net-raw",
+        f"{', '.join(f'{k} {v}' for k, v in sets.items())}; SOCK_RAW: {got['raw']}",
+    )
     assert sets and all(int(v, 16) == 0 for v in sets.values())
     assert got["raw"] == "EPERM"
 
@@ -66,8 +71,11 @@ report(sethostname=sys_call('sethostname', b'ks-pwned', 8),
        setdomainname=sys_call('setdomainname', b'ks-pwned', 8),
        hostname=socket.gethostname())
 """)
-    observe("priv-cap-sys-admin", f"sethostname: {got['sethostname']}; setdomainname: "
-            f"{got['setdomainname']}; hostname still {got['hostname']}")
+    observe(
+        "priv-cap-sys-admin",
+        f"sethostname: {got['sethostname']}; setdomainname: "
+        f"{got['setdomainname']}; hostname still {got['hostname']}",
+    )
     assert got["sethostname"] == "EPERM" and got["setdomainname"] == "EPERM"
     assert got["hostname"] == "sandbox"
 
@@ -110,7 +118,9 @@ def attach(pid):
 
 def test_ptrace_reaches_nothing_beyond_the_sandbox(sandbox, observe):
     host_pid = os.getpid()  # this test's own process: a host process the kernel must not find
-    got = sandbox.probe(PTRACE + f"""
+    got = sandbox.probe(
+        PTRACE
+        + f"""
 child = subprocess.Popen(['sleep', '30'])
 own_child = attach(child.pid)
 child.kill(); child.wait()
@@ -123,12 +133,16 @@ for pid in sorted(int(p) for p in _os.listdir('/proc') if p.isdigit()):
         pass
 report(own_child=own_child, procs=procs, host_visible={host_pid} in procs,
        host_ptrace=attach({host_pid}), host_kill=attempt(_os.kill, {host_pid}, 0))
-""")
+"""
+    )
     procs = {int(pid): proc for pid, proc in got["procs"].items()}  # JSON keys are text
     uids = {u for p in procs.values() for u in p["uid"]}
-    observe("priv-ptrace", f"own child: {got['own_child']}; a host pid (the test's own): ptrace "
-            f"{got['host_ptrace']}, kill {got['host_kill']}; {len(procs)} visible processes, "
-            f"all uid {sorted(uids)}, CapEff 0")
+    observe(
+        "priv-ptrace",
+        f"own child: {got['own_child']}; a host pid (the test's own): ptrace "
+        f"{got['host_ptrace']}, kill {got['host_kill']}; {len(procs)} visible processes, "
+        f"all uid {sorted(uids)}, CapEff 0",
+    )
     assert not got["host_visible"]
     assert got["host_ptrace"] == "ESRCH" and got["host_kill"] == "ESRCH"
     # Nothing visible is worth tracing: the sandbox's own few processes, one uid, no capabilities
@@ -143,14 +157,23 @@ def test_ptrace_of_pid1(sandbox, observe, request):
         # PID 1 is Docker's init (tini) running as the sandbox's own uid, with no capabilities;
         # Docker's default seccomp profile allows ptrace, and the host has no Yama LSM. Tracing
         # it gains nothing beyond the sandbox (see docs/threat-model.md), but it is not refused.
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="runc: PID 1 runs as the sandbox uid and can be traced"))
-    got = sandbox.probe(PTRACE + """
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True, reason="runc: PID 1 runs as the sandbox uid and can be traced"
+            )
+        )
+    got = sandbox.probe(
+        PTRACE
+        + """
 report(pid1=attach(1), uid=status('Uid', 1).split(),
        cmd=open('/proc/1/cmdline').read().split('\\0')[0])
-""")
-    observe("priv-ptrace-pid1", f"PTRACE_ATTACH 1 ({got['cmd']}, uid {got['uid'][0]}): "
-            + ("attached (then detached)" if got["pid1"] == "ok" else got["pid1"]))
+"""
+    )
+    observe(
+        "priv-ptrace-pid1",
+        f"PTRACE_ATTACH 1 ({got['cmd']}, uid {got['uid'][0]}): "
+        + ("attached (then detached)" if got["pid1"] == "ok" else got["pid1"]),
+    )
     assert got["pid1"] != "ok"
 
 
@@ -183,11 +206,17 @@ report(**result)
     names = ("user", "mnt", "uts", "ipc", "net", "pid", "cgroup")
     assert "error" not in got, got
     granted = [n for n in names if got[n] == "ok"]
-    observe("priv-unshare", "; ".join(f"{n}: {got[n]}" for n in names)
-            + (f"; inside the new namespaces: mount {got['mount_tmpfs']}, remount / rw "
-               f"{got['remount_root_rw']}, write / {got['write_root']}, sethostname "
-               f"{got['sethostname']} (container hostname still {got['hostname_after']})"
-               if granted else ""))
+    observe(
+        "priv-unshare",
+        "; ".join(f"{n}: {got[n]}" for n in names)
+        + (
+            f"; inside the new namespaces: mount {got['mount_tmpfs']}, remount / rw "
+            f"{got['remount_root_rw']}, write / {got['write_root']}, sethostname "
+            f"{got['sethostname']} (container hostname still {got['hostname_after']})"
+            if granted
+            else ""
+        ),
+    )
     if sandbox.runtime == "runc":
         assert not granted, got
     # Whatever gVisor grants stays inside its own kernel: no mount, / stays read-only, the

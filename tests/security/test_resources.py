@@ -18,9 +18,11 @@ PIDS_LIMIT = 256  # the strict profile's
 
 def cgroup_dir(container_id: str, controller: str) -> Path | None:
     """The container's cgroup directory for ``controller`` (cgroup v1 or v2 layout)."""
-    for path in (CGROUP / controller / "docker" / container_id,
-                 CGROUP / "system.slice" / f"docker-{container_id}.scope",
-                 CGROUP / "docker" / container_id):
+    for path in (
+        CGROUP / controller / "docker" / container_id,
+        CGROUP / "system.slice" / f"docker-{container_id}.scope",
+        CGROUP / "docker" / container_id,
+    ):
         if path.is_dir():
             return path
     return None
@@ -120,20 +122,27 @@ def test_fork_bomb_is_stopped_by_the_pids_limit(dedicated_kernel, sandbox, docke
             assert reply["content"]["status"] == "ok", reply["content"]
             inside = bombed.probe("report(**_bomb)")
             after = bombed.probe("report(answer=6 * 7)")  # the kernel itself survived
-            outcome = (f"fork failed with {inside['first_error']} at {inside['peak']} "
-                       f"processes; bomb killed, kernel answered again")
+            outcome = (
+                f"fork failed with {inside['first_error']} at {inside['peak']} "
+                f"processes; bomb killed, kernel answered again"
+            )
         else:
             state = docker_client.api.inspect_container(container)["State"]
             inside, after = None, None
-            outcome = (f"the whole sandbox ended (exit {state['ExitCode']}): gVisor's kernel "
-                       "ran out of host threads at the pids limit")
+            outcome = (
+                f"the whole sandbox ended (exit {state['ExitCode']}): gVisor's kernel "
+                "ran out of host threads at the pids limit"
+            )
         neighbour = sandbox.probe("report(answer=6 * 7)")
     cgroup_peak = max((s[0] for s in samples if s[0] is not None), default=None)
     host_growth = max(s[1] for s in samples) - host_before
     slowest = max(s[2] for s in samples)
-    observe("res-fork-bomb", f"{outcome}; host: cgroup pids peak {cgroup_peak}/{PIDS_LIMIT}, "
-            f"host processes +{host_growth}, fork+exec of /bin/true <= {slowest * 1000:.0f} ms; "
-            "other kernel answered")
+    observe(
+        "res-fork-bomb",
+        f"{outcome}; host: cgroup pids peak {cgroup_peak}/{PIDS_LIMIT}, "
+        f"host processes +{host_growth}, fork+exec of /bin/true <= {slowest * 1000:.0f} ms; "
+        "other kernel answered",
+    )
     assert cgroup_peak is not None and cgroup_peak <= PIDS_LIMIT
     assert slowest < 2.0
     assert host_growth <= 2 * PIDS_LIMIT  # loose: other work shares this host
@@ -176,10 +185,13 @@ def test_memory_bomb_kills_only_its_kernel(
             docker_client.api.inspect_container(container)
         except docker.errors.NotFound:
             gone.append(container)
-    observe("res-memory-bomb", f"kernel dead after {died_after:.1f} s (exit {state['ExitCode']}, "
-            f"OOMKilled={state['OOMKilled']}, provisioner logged \"killed: out of memory\": "
-            f"{bool(reported)}); other kernel answered; restart answered "
-            f"{restarted['stdout'].strip()}; {len(gone)}/2 containers gone after shutdown")
+    observe(
+        "res-memory-bomb",
+        f"kernel dead after {died_after:.1f} s (exit {state['ExitCode']}, "
+        f'OOMKilled={state["OOMKilled"]}, provisioner logged "killed: out of memory": '
+        f"{bool(reported)}); other kernel answered; restart answered "
+        f"{restarted['stdout'].strip()}; {len(gone)}/2 containers gone after shutdown",
+    )
     assert reply is None, "the memory bomb finished: the limit did not hold"
     assert state["OOMKilled"] is True and state["ExitCode"] != 0
     if bombed.runtime == "runc":  # SIGKILLed by the host's OOM killer (under runsc the whole
@@ -204,7 +216,10 @@ report(hogs=len(_hogs))
         cpus = (cpu_seconds(sandbox.container_id) - used) / (time.monotonic() - started)
     finally:
         sandbox.probe("for hog in _hogs: hog.kill(); hog.wait()\nreport(stopped=len(_hogs))")
-    observe("res-cpu-hog", f"{cpus:.2f} CPUs used over 3 s by 3 busy processes "
-            f"(limit 1.0, host has {os.cpu_count()} cores)")
+    observe(
+        "res-cpu-hog",
+        f"{cpus:.2f} CPUs used over 3 s by 3 busy processes "
+        f"(limit 1.0, host has {os.cpu_count()} cores)",
+    )
     assert cpus <= 1.15
     assert cpus >= 0.25, "the hogs barely ran: the measurement shows nothing"
