@@ -212,7 +212,7 @@ def test_revoke_while_running_then_restart_mints_a_new_token(env, leak_check) ->
             [
                 sys.executable,
                 "-m",
-                "kernel_sandbox.cli.app",
+                "kernel_sandbox.cli",
                 "tokens",
                 "revoke",
                 km.kernel_id,

@@ -23,6 +23,7 @@ from kernel_sandbox.broker.sources import LocalSource, relative_parts
 from kernel_sandbox.broker.tokens import Grant, TokenNotFound, TokenRefused, TokenStore
 from kernel_sandbox.cli.app import main as cli_main
 from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.inside import contract, wire
 from kernel_sandbox.policy.model import SandboxPolicy
 
 
@@ -60,20 +61,20 @@ class Kernel:
 
     def client(self, token: str | None = None) -> data.Client:
         return data.Client(
-            str(self.shared / data.SOCKET_NAME),
+            str(self.shared / contract.DATA_SOCKET),
             token=token,
-            token_file=str(self.shared / data.TOKEN_NAME),
+            token_file=str(self.shared / contract.DATA_TOKEN),
             timeout=10,
         )
 
     def token(self) -> str:
-        return (self.shared / data.TOKEN_NAME).read_text().strip()
+        return (self.shared / contract.DATA_TOKEN).read_text().strip()
 
     def raw(self, payload: bytes) -> bytes:
         """Send raw bytes on the kernel's socket; return what the broker answers."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(self.shared / data.SOCKET_NAME))
+            sock.connect(str(self.shared / contract.DATA_SOCKET))
             try:
                 sock.sendall(payload)
             except BrokenPipeError:
@@ -317,9 +318,9 @@ def test_revocation_cuts_a_read_in_progress(kernels, broker, dataset: Path) -> N
     [
         (b"garbage that is not a frame at all", "bad-request"),
         (b"J" + (10).to_bytes(4, "big") + b"not json!!", "bad-request"),
-        (data.encode_frame(b"J", b"[1, 2, 3]"), "bad-request"),
-        (data.encode_json({"op": "read", "token": 7}), "bad-request"),
-        (data.encode_json({"op": "delete", "token": "x"}), "bad-request"),
+        (wire.encode_frame(b"J", b"[1, 2, 3]"), "bad-request"),
+        (wire.encode_json({"op": "read", "token": 7}), "bad-request"),
+        (wire.encode_json({"op": "delete", "token": "x"}), "bad-request"),
         (b"J" + (200 * 1024 * 1024).to_bytes(4, "big") + b"{" * 1000, "too-large"),
     ],
 )
@@ -338,7 +339,7 @@ def test_malformed_and_oversized_requests_are_refused_logged_and_survived(
 def test_a_silent_connection_does_not_block_other_kernels(kernels) -> None:
     a, b = kernels
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
-        idle.connect(str(a.shared / data.SOCKET_NAME))
+        idle.connect(str(a.shared / contract.DATA_SOCKET))
         idle.sendall(b"J\x00")  # half a frame header, then nothing
         started = time.monotonic()
         assert b.client().ls("sales")
@@ -352,12 +353,12 @@ def test_token_file_and_socket_are_put_in_place_without_following_planted_links(
     victim.write_text("host file")
     os.chmod(victim, 0o600)
     k = Kernel(tmp_path / "rt", "kernel-p")
-    os.symlink(victim, k.shared / data.TOKEN_NAME)
-    os.symlink(victim, k.shared / data.SOCKET_NAME)
+    os.symlink(victim, k.shared / contract.DATA_TOKEN)
+    os.symlink(victim, k.shared / contract.DATA_SOCKET)
     broker.grant(k.id, k.shared, {"sales": Grant(str(dataset), "read")}, ttl=60)
     assert victim.read_text() == "host file" and stat.S_IMODE(victim.stat().st_mode) == 0o600
-    assert stat.S_IMODE((k.shared / data.TOKEN_NAME).lstat().st_mode) == 0o400
-    assert stat.S_ISSOCK((k.shared / data.SOCKET_NAME).lstat().st_mode)
+    assert stat.S_IMODE((k.shared / contract.DATA_TOKEN).lstat().st_mode) == 0o400
+    assert stat.S_ISSOCK((k.shared / contract.DATA_SOCKET).lstat().st_mode)
     assert k.client().ls("sales")
     assert not list(k.dir.glob(".data*"))  # no staging leftovers
 
@@ -372,7 +373,7 @@ def test_release_closes_the_socket_and_restart_mints_a_new_token(kernels, broker
         a.client(token=old).ls("sales")
     assert a.client().ls("sales")
     broker.release(a.id)
-    assert not (a.shared / data.SOCKET_NAME).exists()
+    assert not (a.shared / contract.DATA_SOCKET).exists()
     with pytest.raises(data.BrokerUnavailable):
         a.client().ls("sales")
 

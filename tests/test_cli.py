@@ -553,7 +553,7 @@ def test_console_script():
     assert stop.returncode == 2 and len(stop.stderr.strip().splitlines()) == 1
     assert "no sandboxed kernel" in stop.stderr
     usage = subprocess.run(
-        [sys.executable, "-m", "kernel_sandbox.cli.app", "install", "--nope"],
+        [sys.executable, "-m", "kernel_sandbox.cli", "install", "--nope"],
         capture_output=True,
         text=True,
     )

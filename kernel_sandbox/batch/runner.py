@@ -41,6 +41,7 @@ from kernel_sandbox.errors import (
     RuntimeUnavailable,
     SandboxError,
 )
+from kernel_sandbox.inside.contract import EXIT_KILLED
 
 if TYPE_CHECKING:
     from nbclient import NotebookClient
@@ -530,7 +531,7 @@ class BatchRunner:
             return ""
         if code is None:
             return ""
-        hint = " (killed: out of memory or SIGKILL)" if code == 137 else ""
+        hint = " (killed: out of memory or SIGKILL)" if code == EXIT_KILLED else ""
         return f" with exit status {code}{hint}"
 
     async def _shutdown(

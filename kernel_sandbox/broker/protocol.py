@@ -1,4 +1,4 @@
-"""The broker's end of the wire protocol drawn in :mod:`kernel_sandbox.inside.data` (one definition,
+"""The broker's end of the wire protocol of :mod:`kernel_sandbox.inside.wire` (one definition,
 shared with the in-kernel client), and the one exception a request handler raises to refuse."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 import json
 from typing import Any
 
-from kernel_sandbox.inside.data import (
+from kernel_sandbox.inside.wire import (
     DATA,
     END,
     FRAME,

@@ -47,15 +47,8 @@ from kernel_sandbox.broker.sources import (
     relative_parts,
 )
 from kernel_sandbox.broker.tokens import Grant, TokenRecord, TokenRefused, TokenStore
-from kernel_sandbox.inside.data import (
-    DATA,
-    END,
-    MAX_CHUNK,
-    MAX_MESSAGE,
-    OPS,
-    SOCKET_NAME,
-    TOKEN_NAME,
-)
+from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN
+from kernel_sandbox.inside.wire import DATA, END, MAX_CHUNK, MAX_MESSAGE, OPS
 
 __all__ = ["DataBroker", "shared_broker"]
 
@@ -161,13 +154,13 @@ class DataBroker:
         """
         self.tokens.revoke_kernel(kernel_id, "replaced by a new token")
         token, record = self.tokens.mint(kernel_id, scope, ttl)
-        _write_token_file(shared_dir / TOKEN_NAME, token, owner)
+        _write_token_file(shared_dir / DATA_TOKEN, token, owner)
         self.serve(kernel_id, shared_dir)
         return record
 
     def serve(self, kernel_id: str, shared_dir: Path) -> None:
         """Listen on ``shared_dir/data.sock`` for ``kernel_id`` (again after an adoption)."""
-        self._run(self._listen(kernel_id, shared_dir / SOCKET_NAME))
+        self._run(self._listen(kernel_id, shared_dir / DATA_SOCKET))
 
     def revoke(self, kernel_id: str, reason: str) -> int:
         """Revoke the kernel's live tokens; its socket stays (for the restarted container)."""

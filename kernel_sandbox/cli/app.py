@@ -225,7 +225,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

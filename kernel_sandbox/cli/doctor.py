@@ -24,15 +24,10 @@ from rich.console import Console
 from rich.table import Table
 from traitlets.config import Config
 
-from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
+from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import PolicyError, SandboxError
-from kernel_sandbox.host.rundir import (
-    CHANNELS,
-    MAX_SOCKET_PATH,
-    SHARED,
-    SOCKET_PREFIX,
-    default_root,
-)
+from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, default_root
+from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, SHARED_SUBDIR, SOCKET_PREFIX, label
 from kernel_sandbox.kernelspec import PROVISIONER_NAME
 from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config, resolve
 from kernel_sandbox.policy.model import DEFAULT_IMAGE
@@ -165,7 +160,7 @@ def check_runtimes(
 def check_runtime_root(root: str, uid: int | None = None) -> list[Check]:
     """Socket path length and the permissions of the runtime root (c...runtime_root)."""
     uid = os.getuid() if uid is None else uid
-    longest = len(os.path.join(root, "x" * 8, SHARED, f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
+    longest = len(os.path.join(root, "x" * 8, SHARED_SUBDIR, f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
     checks = []
     if longest > MAX_SOCKET_PATH:
         checks.append(
@@ -314,7 +309,7 @@ def check_image(image: str, labels: dict[str, str] | None, specs: list[str]) -> 
             else f"docker pull {image}, or build it"
         )
         return Check("image", image, FAIL, f"not on the engine{users}", fix)
-    if labels.get(LABEL_PREFIX + "image") != "kernel":
+    if labels.get(label("image")) != IMAGE_KIND_KERNEL:
         return Check(
             "image",
             image,

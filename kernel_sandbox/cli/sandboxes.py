@@ -25,12 +25,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
+from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.monitor import request_stop
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import default_root
+from kernel_sandbox.inside.contract import LABEL_PREFIX
 from kernel_sandbox.policy.model import format_size
 
 __all__ = ["Sandbox", "add_gc_command", "add_ps_command", "add_stop_command", "list_sandboxes"]

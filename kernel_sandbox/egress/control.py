@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.egress.service import CONTROL_SOCKET
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.rundir import default_root
+from kernel_sandbox.inside.contract import EGRESS_CONTROL_SOCKET
 
 __all__ = ["EgressControl", "EgressControlError", "PendingRequest"]
 
@@ -79,7 +79,7 @@ class EgressControl:
         """(kernel id, control socket) of every kernel whose proxy answers."""
         if not self.runtime_root.is_dir():
             return
-        for path in sorted(self.runtime_root.glob(f"*/{CONTROL_SOCKET}")):
+        for path in sorted(self.runtime_root.glob(f"*/{EGRESS_CONTROL_SOCKET}")):
             try:
                 status = _ask(path, {"op": "status"})
             except (OSError, ValueError):

@@ -45,7 +45,7 @@ from kernel_sandbox.egress.rules import (
     parse_authority,
     parse_rule,
 )
-from kernel_sandbox.inside.egress_bridge import _pump  # the same byte pump as the in-sandbox bridge
+from kernel_sandbox.inside.egress_bridge import pump  # the byte pump the in-sandbox bridge uses
 
 __all__ = ["EgressProxy", "ProxyConfig", "main"]
 
@@ -545,7 +545,7 @@ class EgressProxy:
         if early:
             upstream.writer.write(early)
         try:
-            await asyncio.gather(_pump(reader, upstream.writer), _pump(upstream.reader, writer))
+            await asyncio.gather(pump(reader, upstream.writer), pump(upstream.reader, writer))
         finally:
             await upstream.close()
 

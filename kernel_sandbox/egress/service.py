@@ -25,14 +25,16 @@ if TYPE_CHECKING:
     from kernel_sandbox.egress.proxy import ProxyConfig
 
 from kernel_sandbox.errors import KernelStartError
+from kernel_sandbox.inside.contract import (
+    EGRESS_BRIDGE_MODULE,
+    EGRESS_CONTROL_SOCKET,
+    EGRESS_NOTICE_SOCKET,
+    EGRESS_SOCKET,
+)
 
-__all__ = ["BRIDGE_MODULE", "EgressEndpoint", "default_log_path", "proxy_env"]
+__all__ = ["EgressEndpoint", "default_log_path", "proxy_env"]
 
-BRIDGE_MODULE = "kernel_sandbox.inside.egress_bridge"
 CONFIG_FILE = "egress.json"
-CONTROL_SOCKET = "egress-control"
-PROXY_SOCKET = "egress"
-NOTICE_SOCKET = "egress-notices"
 READY_TIMEOUT = 10.0
 
 
@@ -88,11 +90,11 @@ class EgressEndpoint:
 
     @property
     def socket_path(self) -> Path:
-        return self.shared_dir / PROXY_SOCKET
+        return self.shared_dir / EGRESS_SOCKET
 
     @property
     def control_path(self) -> Path:
-        return self.runtime_dir / CONTROL_SOCKET
+        return self.runtime_dir / EGRESS_CONTROL_SOCKET
 
     def config(self) -> ProxyConfig:
         from kernel_sandbox.egress.proxy import (
@@ -102,7 +104,7 @@ class EgressEndpoint:
         return ProxyConfig(
             kernel_id=self.kernel_id,
             listen=str(self.socket_path),
-            notices=str(self.shared_dir / NOTICE_SOCKET),
+            notices=str(self.shared_dir / EGRESS_NOTICE_SOCKET),
             control=str(self.control_path),
             log=self.log_path,
             rules=tuple(self.policy.egress),
@@ -172,19 +174,19 @@ class EgressEndpoint:
         return [
             "python",
             "-m",
-            BRIDGE_MODULE,
+            EGRESS_BRIDGE_MODULE,
             f"127.0.0.1:{self.port}",
-            f"{self.mount_point}/{PROXY_SOCKET}",
+            f"{self.mount_point}/{EGRESS_SOCKET}",
             "--",
             *cmd,
         ]
 
     def kernel_arguments(self, argv: list[str]) -> list[str]:
         """Load the notice extension into IPython kernels (a denial then shows in the cell)."""
-        return [f"--ext={BRIDGE_MODULE}"] if is_ipython_kernel(argv) else []
+        return [f"--ext={EGRESS_BRIDGE_MODULE}"] if is_ipython_kernel(argv) else []
 
     def container_env(self) -> dict[str, str]:
         return {
             **proxy_env(self.port),
-            "KERNEL_SANDBOX_EGRESS_NOTICES": f"{self.mount_point}/{NOTICE_SOCKET}",
+            "KERNEL_SANDBOX_EGRESS_NOTICES": f"{self.mount_point}/{EGRESS_NOTICE_SOCKET}",
         }

@@ -28,14 +28,18 @@ from kernel_sandbox.errors import (
     KernelStartError,
     RuntimeUnavailable,
 )
+from kernel_sandbox.inside.contract import (
+    IMAGE_KIND_KERNEL,
+    LABEL_PREFIX,
+    RUNTIME_MOUNT,
+    SANDBOX_HOME,
+    WORKSPACE_FALLBACK,
+    label,
+)
 from kernel_sandbox.policy.model import SandboxPolicy
 
-__all__ = ["LABEL_PREFIX", "ContainerRequest", "ContainerState", "DockerBackend", "shared_backend"]
+__all__ = ["ContainerRequest", "ContainerState", "DockerBackend", "shared_backend"]
 
-LABEL_PREFIX = "io.kernel-sandbox."
-SANDBOX_HOME = "/home/sandbox"
-RUNTIME_MOUNT = "/run/kernel-sandbox"
-WORKSPACE_FALLBACK = "/workspace"
 # Paths inside the image a workspace must not be mounted over.
 RESERVED_PATHS = (
     "/tmp",
@@ -410,7 +414,7 @@ class DockerBackend:
                 rm=True,
                 forcerm=True,
                 decode=True,
-                labels={f"{LABEL_PREFIX}image": "kernel", **labels},
+                labels={label("image"): IMAGE_KIND_KERNEL, **labels},
             )
             for chunk in stream:
                 if "error" in chunk:

@@ -15,10 +15,11 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kernel_sandbox.inside.contract import LIFELINE
+
 __all__ = ["Lifeline", "Owner"]
 
 OWNER_FILE = "owner.json"
-LIFELINE = "lifeline"
 
 
 def process_start_time(pid: int) -> str | None:

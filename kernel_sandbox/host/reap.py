@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernel_sandbox.engine.backend import LABEL_PREFIX, DockerBackend
+from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.rundir import RuntimeDir
+from kernel_sandbox.inside.contract import LABEL_PREFIX
 
 __all__ = ["SweepReport", "sweep"]
 

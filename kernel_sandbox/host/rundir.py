@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.inside.contract import CONNECTION_FILE, SHARED_SUBDIR, SOCKET_PREFIX
 
 __all__ = ["CHANNELS", "MAX_SOCKET_PATH", "RuntimeDir", "default_root", "ipc_connection_info"]
 
 CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 MAX_SOCKET_PATH = 107
-SOCKET_PREFIX = "k"
-SHARED = "s"
-CONTAINER_CONNECTION_FILE = "connection.json"
 
 
 def default_root() -> str:
@@ -73,7 +71,7 @@ class RuntimeDir:
         root_path = Path(root)
         _make_private_dir(root_path)
         path = root_path / secrets.token_hex(4)
-        longest = len(str(path / SHARED / f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
+        longest = len(str(path / SHARED_SUBDIR / f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
         if longest > MAX_SOCKET_PATH:
             raise PolicyError(
                 f"runtime_root: socket paths under {root} would be {longest} bytes, over the "
@@ -81,7 +79,7 @@ class RuntimeDir:
                 "c.DockerSandboxProvisioner.runtime_root"
             )
         path.mkdir(mode=0o700)
-        shared = path / SHARED
+        shared = path / SHARED_SUBDIR
         shared.mkdir(mode=0o700)
         if owner is not None and os.getuid() == 0:
             os.chown(shared, *owner)
@@ -90,7 +88,7 @@ class RuntimeDir:
     @property
     def shared(self) -> Path:
         """The part of the directory that is mounted into the container."""
-        return self.path / SHARED
+        return self.path / SHARED_SUBDIR
 
     @property
     def socket_prefix(self) -> str:
@@ -124,15 +122,15 @@ class RuntimeDir:
         inside["key"] = key.decode() if isinstance(key, bytes) else key
         # Prepared in the host-only directory, then renamed into the shared one: the kernel
         # can write in ``s/``, and a symlink it planted there must never be followed by us.
-        staging = self.path / f".{CONTAINER_CONNECTION_FILE}.tmp"
+        staging = self.path / f".{CONNECTION_FILE}.tmp"
         staging.unlink(missing_ok=True)
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(inside, handle, indent=1)
             if owner is not None and os.getuid() == 0:
                 os.fchown(handle.fileno(), *owner)
-        os.rename(staging, self.shared / CONTAINER_CONNECTION_FILE)
-        return f"{mount_point}/{CONTAINER_CONNECTION_FILE}"
+        os.rename(staging, self.shared / CONNECTION_FILE)
+        return f"{mount_point}/{CONNECTION_FILE}"
 
     def exists(self) -> bool:
         return self.path.is_dir()

@@ -22,6 +22,7 @@ from pathlib import Path
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import ImageBuildError
 from kernel_sandbox.image.debs import BaseRelease, fetch_debs, read_apt_packages, release_probe
+from kernel_sandbox.inside.contract import KERNEL_UID, SANDBOX_HOME, label
 from kernel_sandbox.policy.model import DEFAULT_IMAGE
 
 __all__ = [
@@ -35,14 +36,13 @@ __all__ = [
 
 DEFAULT_BASE = "python:3.11-slim"
 LOCAL_BASE = "kernel-sandbox/base:bookworm"
-KERNEL_UID = 1000
 PLATFORM_TAGS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}")
 ALWAYS_REQUIRED = ("ipykernel",)
 # Installed as dependencies but removed unless requirements.txt names them: ipykernel imports
 # debugpy at every start (120-160 ms here, docs/benchmarks.md) for a debugger that the sandboxed
 # kernelspecs switch off ("debugger": false) because it cannot reach across the sandbox.
 DROPPED_UNLESS_REQUESTED = ("debugpy",)
-SPEC_LABEL = "io.kernel-sandbox.spec-hash"
+SPEC_LABEL = label("spec-hash")
 APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")
 Progress = Callable[[str], None]
 
@@ -69,11 +69,11 @@ COPY debs /tmp/debs
 RUN if ls /tmp/debs/*.deb >/dev/null 2>&1; then dpkg -i /tmp/debs/*.deb; fi && rm -rf /tmp/debs
 COPY --from=build /opt/kernel /opt/kernel
 RUN (getent group {KERNEL_UID} || groupadd -g {KERNEL_UID} sandbox) \\
- && (getent passwd {KERNEL_UID} || useradd -u {KERNEL_UID} -g {KERNEL_UID} -d /home/sandbox -M sandbox) \\
- && mkdir -p /home/sandbox && chown {KERNEL_UID}:{KERNEL_UID} /home/sandbox
+ && (getent passwd {KERNEL_UID} || useradd -u {KERNEL_UID} -g {KERNEL_UID} -d {SANDBOX_HOME} -M sandbox) \\
+ && mkdir -p {SANDBOX_HOME} && chown {KERNEL_UID}:{KERNEL_UID} {SANDBOX_HOME}
 ENV PATH=/opt/kernel/bin:/usr/local/bin:/usr/bin:/bin PYTHONDONTWRITEBYTECODE=1
 USER {KERNEL_UID}:{KERNEL_UID}
-WORKDIR /home/sandbox
+WORKDIR {SANDBOX_HOME}
 CMD ["python", "-m", "ipykernel_launcher"]
 """
 

@@ -2,8 +2,8 @@
 
 Runs INSIDE the sandbox (it is copied into the kernel image): standard library only; the
 ``sandbox://`` fsspec filesystem is registered only when fsspec happens to be installed.
-The host side (:mod:`kernel_sandbox.broker`) imports the protocol from here, so both ends
-share one definition. ::
+The wire format both ends speak is :mod:`kernel_sandbox.inside.wire`; the host side
+(:mod:`kernel_sandbox.broker`) imports it from there. ::
 
     from kernel_sandbox import data
     data.datasets()                          # {'sales': 'read'}: what this kernel may see
@@ -49,11 +49,39 @@ Errors, each a builtin too, so ``except FileNotFoundError`` works as usual::
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
-import struct
 from typing import Any
+
+from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, RUNTIME_MOUNT
+from kernel_sandbox.inside.wire import (
+    DATA,
+    END,
+    FRAME,
+    MAX_CHUNK,
+    PROTOCOL_VERSION,
+    WRITE_CHUNK,
+    AccessDenied,
+    BrokerUnavailable,
+    DataError,
+    DataIsADirectory,
+    DataNotADirectory,
+    DataNotFound,
+    NotInScope,
+    PathEscape,
+    ProtocolError,
+    ReadOnly,
+    TokenExpired,
+    TokenInvalid,
+    TokenRevoked,
+    encode_frame,
+    encode_json,
+    error_from_reply,
+    expect_ok,
+    recv_exactly,
+    recv_header,
+    recv_json,
+)
 
 __all__ = [
     "AccessDenied",
@@ -77,148 +105,7 @@ __all__ = [
     "read_bytes",
 ]
 
-PROTOCOL_VERSION = 1
-RUNTIME_MOUNT = "/run/kernel-sandbox"
-SOCKET_NAME = "data.sock"
-TOKEN_NAME = "data-token"
-FRAME = struct.Struct(">cI")
-JSON, DATA, END = b"J", b"D", b"E"
-MAX_MESSAGE = 64 * 1024
-MAX_CHUNK = 4 * 1024 * 1024
-WRITE_CHUNK = 1024 * 1024
-OPS = ("scope", "list", "stat", "read", "write")
 _builtin_open = open
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-
-class DataError(Exception):
-    """Base class of every error raised by the data client."""
-
-    code = "error"
-
-
-class BrokerUnavailable(DataError, ConnectionError):
-    """This kernel has no data broker (its policy grants no datasets), or it went away."""
-
-    code = "unavailable"
-
-
-class AccessDenied(DataError, PermissionError):
-    """The broker refused the request."""
-
-    code = "denied"
-
-
-class TokenRevoked(AccessDenied):
-    code = "revoked"
-
-
-class TokenExpired(AccessDenied):
-    code = "expired"
-
-
-class TokenInvalid(AccessDenied):
-    code = "bad-token"
-
-
-class NotInScope(AccessDenied):
-    code = "scope"
-
-
-class PathEscape(AccessDenied):
-    code = "escape"
-
-
-class ReadOnly(AccessDenied):
-    code = "read-only"
-
-
-class DataNotFound(DataError, FileNotFoundError):
-    code = "not-found"
-
-
-class DataIsADirectory(DataError, IsADirectoryError):
-    code = "is-a-directory"
-
-
-class DataNotADirectory(DataError, NotADirectoryError):
-    code = "not-a-directory"
-
-
-class ProtocolError(DataError, RuntimeError):
-    code = "bad-request"
-
-
-_ERRORS: dict[str, type[DataError]] = {
-    cls.code: cls
-    for cls in (
-        AccessDenied,
-        TokenRevoked,
-        TokenExpired,
-        TokenInvalid,
-        NotInScope,
-        PathEscape,
-        ReadOnly,
-        DataNotFound,
-        DataIsADirectory,
-        DataNotADirectory,
-        ProtocolError,
-    )
-}
-_ERRORS["wrong-kernel"] = TokenInvalid
-_ERRORS["too-large"] = ProtocolError
-
-
-def error_from_reply(reply: dict[str, Any]) -> DataError:
-    """The exception for a broker's ``{"ok": false, "error": CODE, "message": ...}``."""
-    code = str(reply.get("error", "error"))
-    cls = _ERRORS.get(code, DataError)
-    return cls(str(reply.get("message") or code))
-
-
-# -- framing (shared with the broker) -------------------------------------------------------
-
-
-def encode_frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return FRAME.pack(kind, len(payload)) + payload
-
-
-def encode_json(message: dict[str, Any]) -> bytes:
-    return encode_frame(JSON, json.dumps(message, separators=(",", ":")).encode())
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise BrokerUnavailable("the data broker closed the connection")
-        got += n
-    return bytes(buf)
-
-
-def _recv_header(sock: socket.socket) -> tuple[bytes, int]:
-    kind, length = FRAME.unpack(_recv_exactly(sock, FRAME.size))
-    return kind, length
-
-
-def _recv_json(sock: socket.socket, kind: bytes, length: int) -> dict[str, Any]:
-    if kind != JSON or length > MAX_MESSAGE:
-        raise ProtocolError(f"unexpected frame {kind!r} ({length} bytes) from the data broker")
-    reply = json.loads(_recv_exactly(sock, length))
-    if not isinstance(reply, dict):
-        raise ProtocolError("the data broker sent a reply that is not a JSON object")
-    return reply
-
-
-def _expect_ok(reply: dict[str, Any]) -> dict[str, Any]:
-    if not reply.get("ok"):
-        raise error_from_reply(reply)
-    return reply
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -256,8 +143,8 @@ class Client:
         token_file: str | None = None,
         timeout: float = 120.0,
     ):
-        self.socket_path = socket_path or f"{RUNTIME_MOUNT}/{SOCKET_NAME}"
-        self.token_file = token_file or f"{RUNTIME_MOUNT}/{TOKEN_NAME}"
+        self.socket_path = socket_path or f"{RUNTIME_MOUNT}/{DATA_SOCKET}"
+        self.token_file = token_file or f"{RUNTIME_MOUNT}/{DATA_TOKEN}"
         self._token = token
         self.timeout = timeout
 
@@ -298,7 +185,7 @@ class Client:
         sock = self.connect()
         try:
             sock.sendall(encode_json(message))
-            reply = _expect_ok(_recv_json(sock, *_recv_header(sock)))
+            reply = expect_ok(recv_json(sock, *recv_header(sock)))
         except BaseException:
             sock.close()
             raise
@@ -385,12 +272,12 @@ class Client:
 
 
 def _next_chunk(sock: socket.socket) -> bytes | None:
-    kind, length = _recv_header(sock)
+    kind, length = recv_header(sock)
     if kind == DATA and length <= MAX_CHUNK:
-        return _recv_exactly(sock, length)
+        return recv_exactly(sock, length)
     if kind == END:
         return None
-    raise error_from_reply(_recv_json(sock, kind, length))
+    raise error_from_reply(recv_json(sock, kind, length))
 
 
 class _Reader(io.RawIOBase):
@@ -439,12 +326,12 @@ class _Reader(io.RawIOBase):
         while self._left_in_frame == 0:
             if self._eof:
                 return 0
-            kind, length = _recv_header(self._sock)
+            kind, length = recv_header(self._sock)
             if kind == END:
                 self._eof = True
                 return 0
             if kind != DATA or length > MAX_CHUNK:
-                raise error_from_reply(_recv_json(self._sock, kind, length))
+                raise error_from_reply(recv_json(self._sock, kind, length))
             self._left_in_frame = length
         n = self._sock.recv_into(view[: min(len(view), self._left_in_frame)])
         if n == 0:
@@ -496,7 +383,7 @@ class _Writer(io.RawIOBase):
             super().close()  # flushes nothing (raw), marks closed
             if sock is not None:
                 sock.sendall(encode_frame(END))
-                reply = _expect_ok(_recv_json(sock, *_recv_header(sock)))
+                reply = expect_ok(recv_json(sock, *recv_header(sock)))
                 self.size = int(reply.get("size", 0))
         finally:
             if sock is not None:

@@ -38,7 +38,7 @@ UNAVAILABLE = (
 # -- the bridge -----------------------------------------------------------------------------
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
@@ -61,7 +61,7 @@ async def _relay(
         writer.close()
         return
     try:
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
     finally:
         up_writer.close()
         writer.close()

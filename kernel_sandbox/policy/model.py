@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.inside.contract import RUNTIME_MOUNT, SANDBOX_HOME
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -58,8 +59,8 @@ ENGINE_SOCKET_NAMES = ("docker.sock", "containerd.sock", "podman.sock", "dockers
 # Paths inside the sandbox a mount may not cover, or sit inside: the runtime directory
 # (the backend's RUNTIME_MOUNT), the writable tmpfs (/tmp, the backend's SANDBOX_HOME) and
 # the kernel's interfaces.
-RESERVED_TARGETS = ("/run/kernel-sandbox", "/tmp", "/home/sandbox")
-RESERVED_TARGET_TREES = ("/proc", "/sys", "/dev", "/run/kernel-sandbox")
+RESERVED_TARGETS = (RUNTIME_MOUNT, "/tmp", SANDBOX_HOME)
+RESERVED_TARGET_TREES = ("/proc", "/sys", "/dev", RUNTIME_MOUNT)
 # Below these a Python kernel cannot start; the engine would fail with a less clear message.
 MINIMUMS = {
     "memory_limit": 32 * 1024**2,

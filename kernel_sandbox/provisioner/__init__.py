@@ -1,4 +1,4 @@
-"""The ``docker-sandbox`` kernel provisioner (entry point ``jupyter_client.kernel_provisioners``)."""
+"""The ``docker-sandbox`` kernel provisioner (a ``jupyter_client.kernel_provisioners`` entry)."""
 
 from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 

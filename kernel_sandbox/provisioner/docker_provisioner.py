@@ -26,20 +26,21 @@ from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, defau
 
 from kernel_sandbox.broker.tokens import default_state_dir
 from kernel_sandbox.egress.service import EgressEndpoint, default_log_path
-from kernel_sandbox.engine.backend import (
-    LABEL_PREFIX,
-    RUNTIME_MOUNT,
-    SANDBOX_HOME,
-    ContainerRequest,
-    DockerBackend,
-    shared_backend,
-)
+from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
 from kernel_sandbox.engine.backend import start_error as container_start_error
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.monitor import KernelMonitor
-from kernel_sandbox.host.owner import LIFELINE, Lifeline, Owner
+from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
+from kernel_sandbox.inside.contract import (
+    IMAGE_KIND_KERNEL,
+    LIFELINE,
+    RUNTIME_MOUNT,
+    SANDBOX_HOME,
+    WATCHDOG_MODULE,
+    label,
+)
 from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 
 __all__ = ["DockerSandboxProvisioner"]
@@ -417,7 +418,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             PolicyError: the image lacks the in-sandbox bridge.
         """
         labels = await self.backend.image_labels(self.policy.image) or {}
-        if labels.get(LABEL_PREFIX + "image") != "kernel":
+        if labels.get(label("image")) != IMAGE_KIND_KERNEL:
             raise PolicyError(
                 f"kernelspec {self._spec_name}: network 'allowlist' needs an image built by "
                 f"`kernel-sandbox image build` (it carries the egress bridge); "
@@ -438,14 +439,14 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return argv
         if self._image_has_watchdog is None:
             labels = await self.backend.image_labels(self.policy.image) or {}
-            self._image_has_watchdog = labels.get(LABEL_PREFIX + "image") == "kernel"
+            self._image_has_watchdog = labels.get(label("image")) == IMAGE_KIND_KERNEL
         if not self._image_has_watchdog:
             return argv
         lifeline = f"{RUNTIME_MOUNT}/{LIFELINE}"
         return [
             "python",
             "-m",
-            "kernel_sandbox.inside.watchdog",
+            WATCHDOG_MODULE,
             lifeline,
             str(self.orphan_timeout),
             "--",
@@ -595,7 +596,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runtime-dir": str(self.runtime_dir.path),
         }
-        return {LABEL_PREFIX + k: v for k, v in values.items()}
+        return {label(k): v for k, v in values.items()}
 
     # -- life of a running kernel -----------------------------------------------------------
 

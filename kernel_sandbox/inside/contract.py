@@ -1,0 +1,64 @@
+"""The host/container boundary, defined once: both sides import these names from here.
+
+Standard library only (it is copied into the kernel image with the rest of ``inside/``).
+Changing a value here changes the contract between the host and every kernel image built
+before: rebuild the image (``kernel-sandbox image build``) after changing one.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONNECTION_FILE",
+    "DATA_SOCKET",
+    "DATA_TOKEN",
+    "EGRESS_BRIDGE_MODULE",
+    "EGRESS_CONTROL_SOCKET",
+    "EGRESS_NOTICE_SOCKET",
+    "EGRESS_SOCKET",
+    "EXIT_KILLED",
+    "IMAGE_KIND_KERNEL",
+    "KERNEL_UID",
+    "LABEL_PREFIX",
+    "LIFELINE",
+    "RUNTIME_MOUNT",
+    "SANDBOX_HOME",
+    "SHARED_SUBDIR",
+    "SOCKET_PREFIX",
+    "WATCHDOG_MODULE",
+    "WORKSPACE_FALLBACK",
+    "label",
+]
+
+# -- paths inside the container -------------------------------------------------------------
+RUNTIME_MOUNT = "/run/kernel-sandbox"  # where the runtime dir's shared part is mounted
+SANDBOX_HOME = "/home/sandbox"  # HOME (a size-capped tmpfs)
+WORKSPACE_FALLBACK = "/workspace"  # where a workspace goes when its host path cannot be kept
+KERNEL_UID = 1000  # the image's default user (uid and gid)
+
+# -- names in the shared part of a kernel's runtime directory (host <id>/s/ = RUNTIME_MOUNT) --
+SHARED_SUBDIR = "s"  # the subdirectory of <root>/<id>/ that the container sees
+SOCKET_PREFIX = "k"  # ipc sockets are <SOCKET_PREFIX>-<port>
+CONNECTION_FILE = "connection.json"  # the container's connection file (container paths)
+LIFELINE = "lifeline"  # unix socket the owner serves; the watchdog holds it
+DATA_SOCKET = "data.sock"  # the data broker, for this kernel
+DATA_TOKEN = "data-token"  # the kernel's data token (a file)
+EGRESS_SOCKET = "egress"  # the kernel's egress proxy
+EGRESS_NOTICE_SOCKET = "egress-notices"  # denial notices, read by the kernel's extension
+EGRESS_CONTROL_SOCKET = "egress-control"  # approvals (host side only, never mounted)
+
+# -- in-container entry points the host starts (python -m MODULE ...) ---------------------------
+WATCHDOG_MODULE = "kernel_sandbox.inside.watchdog"
+EGRESS_BRIDGE_MODULE = "kernel_sandbox.inside.egress_bridge"  # also an IPython extension
+
+# -- labels on containers and images ----------------------------------------------------------
+LABEL_PREFIX = "io.kernel-sandbox."
+IMAGE_KIND_KERNEL = "kernel"  # value of label("image") on images built by `image build`
+
+
+def label(name: str) -> str:
+    """The full label name: ``label("kernel-id") == "io.kernel-sandbox.kernel-id"``."""
+    return LABEL_PREFIX + name
+
+
+# -- exit codes ---------------------------------------------------------------------------------
+EXIT_KILLED = 137  # a container killed by SIGKILL, the OOM killer among them (128 + 9)
