@@ -23,7 +23,7 @@ from traitlets.config import Config
 
 from kernel_sandbox.engine import backend
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.policy.model import (
+from kernel_sandbox.policy import (
     CEILING_KEYS,
     PROFILES,
     RESERVED_TARGETS,
@@ -607,7 +607,7 @@ def test_real_config_files_via_jupyter_config_dir(jupyter_path, tmp_path):
     )
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "kernel_sandbox.cli.app", "policy", "show", name, "--json"],
+        [sys.executable, "-m", "kernel_sandbox.cli", "policy", "show", name, "--json"],
         capture_output=True,
         text=True,
         env=env,

@@ -72,22 +72,18 @@ async def preflight(options: RunOptions) -> None:
 
 
 def load_jupyter_config() -> Config:
-    """The ``jupyter_config.{json,py}`` files every Jupyter application reads, merged."""
-    from jupyter_core.paths import jupyter_config_path
-    from traitlets.config.loader import (
-        ConfigFileNotFound,
-        JSONFileConfigLoader,
-        PyFileConfigLoader,
-    )
+    """The Jupyter config the batch's kernel managers get: the files a Jupyter Server reads.
 
-    config = Config()
-    for directory in reversed(jupyter_config_path()):  # lowest priority first
-        for loader in (JSONFileConfigLoader, PyFileConfigLoader):
-            suffix = "json" if loader is JSONFileConfigLoader else "py"
-            try:
-                config.merge(loader(f"jupyter_config.{suffix}", path=directory).load_config())
-            except ConfigFileNotFound:
-                pass
+    The same loader as ``kernel-sandbox policy show``
+    (:func:`kernel_sandbox.policy.jupyter_config.read_jupyter_config`), so both work out the
+    same policy for the same kernelspec.
+
+    Raises:
+        Exception: whatever a broken config file raises.
+    """
+    from kernel_sandbox.policy.jupyter_config import read_jupyter_config
+
+    config, _files = read_jupyter_config()
     return config
 
 
