@@ -44,7 +44,8 @@ def read_jupyter_config() -> tuple[Config, list[str]]:
     Raises:
         Exception: whatever a broken config file raises (a ``.py`` file can raise anything).
     """
-    reader = _ServerConfigReader()
+    # A broken file is an error, not a log line: skipping it could drop the operator's ceilings.
+    reader = _ServerConfigReader(raise_config_file_errors=True)
     reader.load_config_file(suppress_errors=False)
     return Config(reader.config), list(reader.loaded_config_files)
 
