@@ -727,3 +727,14 @@ def test_a_broken_config_file_is_a_policy_error_naming_it(tmp_path, monkeypatch)
         load_jupyter_config()
     with pytest.raises(SyntaxError):  # run reports it itself ("cannot load Jupyter config")
         batch_config.load_jupyter_config()
+
+
+def test_the_public_names_of_the_old_policy_module_are_still_there():
+    """``kernel_sandbox.policy`` was one module; its public names live on in the package."""
+    import kernel_sandbox.policy as policy
+
+    old = ["DEFAULT_IMAGE", "Dataset", "PROFILES", "Mount", "SandboxPolicy", "parse_dataset"]
+    old += ["apply_ceilings", "display_value", "format_size", "layer_policy", "parse_mount"]
+    old += ["parse_size", "profile_values", "validate"]
+    assert set(old) <= set(policy.__all__)
+    assert all(hasattr(policy, name) for name in policy.__all__)

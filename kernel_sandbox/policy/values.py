@@ -60,6 +60,7 @@ def format_size(size: int) -> str:
 
 
 def parse_user(value: Any) -> str | None:
+    """``UID[:GID]`` (never 0) as ``"UID:GID"``; None or "" leave it unset."""
     if value in (None, ""):
         return None
     match = re.fullmatch(r"(\d+)(?::(\d+))?", str(value))
@@ -76,12 +77,14 @@ def parse_user(value: Any) -> str | None:
 
 
 def parse_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, exactly."""
     if value not in choices:
         raise PolicyError(f"{key}: expected one of {', '.join(choices)}; got {value!r}")
     return str(value)
 
 
 def parse_positive(key: str, value: Any, kind: type) -> Any:
+    """A finite number above zero (and above the key's minimum), as ``kind`` (int or float)."""
     what = "a positive whole number" if kind is int else "a positive number"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise PolicyError(f"{key}: expected {what}, got {value!r}")
@@ -101,6 +104,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def parse_env(value: Any) -> dict[str, str]:
+    """A mapping of valid variable names to text (numbers are turned into text)."""
     if not isinstance(value, Mapping):
         raise PolicyError(f"env: expected a mapping of NAME to value, got {value!r}")
     for name, text in value.items():
@@ -112,6 +116,7 @@ def parse_env(value: Any) -> dict[str, str]:
 
 
 def parse_names(key: str, value: Any) -> tuple[str, ...]:
+    """A list of valid variable names, without repeats, in order."""
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise PolicyError(f"{key}: expected a list of variable names, got {value!r}")
     for name in value:
@@ -121,6 +126,7 @@ def parse_names(key: str, value: Any) -> tuple[str, ...]:
 
 
 def parse_image(value: Any) -> str:
+    """An image reference (``name[:tag][@digest]``), stripped."""
     if not isinstance(value, str) or not re.fullmatch(r"[\w][\w.:/@+-]*", value.strip()):
         raise PolicyError(f"image: expected an image name such as {DEFAULT_IMAGE!r}, got {value!r}")
     return value.strip()
@@ -305,6 +311,7 @@ def parse_egress_hosts(value: Any) -> dict[str, str]:
 
 
 def parse_ask_timeout(value: Any) -> float:
+    """Seconds above zero, at most MAX_ASK_TIMEOUT."""
     seconds = parse_positive("egress_ask_timeout", value, float)
     if seconds > MAX_ASK_TIMEOUT:
         raise PolicyError(
