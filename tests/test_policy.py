@@ -7,11 +7,13 @@ Jupyter config files read by a separate process (``JUPYTER_CONFIG_DIR``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
+import typing
 import uuid
 from pathlib import Path
 
@@ -21,10 +23,16 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from kernels import make_kernelspec
 from traitlets.config import Config
 
+from kernel_sandbox.batch import config as batch_config
+from kernel_sandbox.cli.app import build_parser
+from kernel_sandbox.cli.policy import POLICY_FLAGS
 from kernel_sandbox.engine import backend
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.policy.model import (
+from kernel_sandbox.policy import (
     CEILING_KEYS,
+    KEYS,
+    MERGED_KEYS,
+    POLICY_KEYS,
     PROFILES,
     RESERVED_TARGETS,
     Mount,
@@ -37,6 +45,7 @@ from kernel_sandbox.policy.model import (
     resolve_workspace,
     validate,
 )
+from kernel_sandbox.policy.effective import effective_policy, load_jupyter_config
 from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -552,14 +561,62 @@ def test_ceilings_from_config_bind_the_kernelspec_which_cannot_set_its_own(jupyt
         provisioner_of(sneaky, config).policy  # noqa: B018
 
 
-def test_every_policy_key_is_a_config_trait_and_documented():
-    """The extension contract in policy.py's docstring: each key needs all of these."""
-    traits = DockerSandboxProvisioner.class_trait_names(config=True)
+# -- the policy table: everything else is derived from it, or tied to it here ----------------
+
+
+def test_sandbox_policy_fields_are_the_table_one_to_one():
+    """SandboxPolicy spells its fields out for typing; they must be the table's keys exactly."""
+    fields = dataclasses.fields(SandboxPolicy)
+    assert [f.name for f in fields] == [key.name for key in POLICY_KEYS]
+    hints = typing.get_type_hints(SandboxPolicy)
+    strict = SandboxPolicy()
+    for key in POLICY_KEYS:
+        assert hints[key.name] == key.type, key.name
+        assert getattr(strict, key.name) == key.default, key.name
+        assert validate(key.name, strict.to_dict()[key.name]) == key.default, key.name
+    assert SandboxPolicy().env is not SandboxPolicy().env  # mutable defaults are not shared
+
+
+def test_every_policy_key_is_a_config_trait_with_the_tables_help():
+    traits = DockerSandboxProvisioner.class_traits(config=True)
+    for key in POLICY_KEYS:
+        trait = traits.get(key.name)
+        assert trait is not None, f"policy key {key.name} has no DockerSandboxProvisioner trait"
+        assert trait.help == key.help and trait.allow_none
+        assert trait.default_value is None
+    config = Config()
+    config.DockerSandboxProvisioner.memory_limit = "4g"
+    assert DockerSandboxProvisioner(kernel_id="t", config=config).memory_limit == "4g"
+
+
+def test_every_policy_key_is_documented_and_every_documented_key_exists():
     docs = (REPO / "docs" / "configuration.md").read_text()
-    for key in SandboxPolicy.keys():
-        assert key in traits, f"policy key {key} has no DockerSandboxProvisioner trait"
-        assert f"| `{key}` |" in docs, f"policy key {key} is not in docs/configuration.md"
-        validate(key, SandboxPolicy().to_dict()[key])  # validate() knows it
+    section = docs[docs.index("## The keys") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE)
+    assert rows == [key.name for key in POLICY_KEYS]
+
+
+def test_install_flags_come_from_the_table():
+    assert [(f.key, f.flag, f.metavar) for f in POLICY_FLAGS] == [
+        (key.name, key.flag.spelling, key.flag.metavar) for key in POLICY_KEYS if key.flag
+    ]
+    install = next(
+        action
+        for action in build_parser()._subparsers._group_actions[0].choices.values()
+        if action.prog.endswith(" install")
+    )
+    options = {option for action in install._actions for option in action.option_strings}
+    for key in POLICY_KEYS:
+        spelling = key.flag.spelling if key.flag else key.other_flag
+        if spelling is not None:
+            assert spelling in options, f"{key.name}: install has no {spelling}"
+
+
+def test_ceilings_and_merging_come_from_the_table():
+    assert CEILING_KEYS == tuple(key.name for key in POLICY_KEYS if key.ceiling)
+    assert MERGED_KEYS == ("env",)
+    assert KEYS["runtime"].ceiling.pinned and not KEYS["memory_limit"].ceiling.pinned
 
 
 def test_docs_profile_table_matches_the_code():
@@ -607,7 +664,7 @@ def test_real_config_files_via_jupyter_config_dir(jupyter_path, tmp_path):
     )
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "kernel_sandbox.cli.app", "policy", "show", name, "--json"],
+        [sys.executable, "-m", "kernel_sandbox.cli", "policy", "show", name, "--json"],
         capture_output=True,
         text=True,
         env=env,
@@ -628,3 +685,56 @@ def test_real_config_files_via_jupyter_config_dir(jupyter_path, tmp_path):
         "jupyter_server_config.py",
         "jupyter_config.json",
     }
+
+
+def test_run_and_policy_show_read_the_same_config_and_resolve_the_same_policy(
+    jupyter_path, tmp_path, monkeypatch
+):
+    """`kernel-sandbox run` and `kernel-sandbox policy show` share one Jupyter-config loader."""
+    name = make_kernelspec(f"prec-{uuid.uuid4().hex[:6]}", {"pids_limit": 64})
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "jupyter_config.json").write_text(
+        json.dumps({"DockerSandboxProvisioner": {"tmpfs_size": "48m", "memory_limit": "2g"}})
+    )
+    (config_dir / "jupyter_server_config.py").write_text(
+        "c.DockerSandboxProvisioner.profile = 'analyst'\n"
+        "c.DockerSandboxProvisioner.memory_limit = '3g'\n"  # wins over jupyter_config's
+        "c.DockerSandboxProvisioner.ceilings = {'cpu_limit': 1.5}\n"
+    )
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(config_dir))
+
+    # run's path: its config for the kernel managers, and the provisioner they create
+    run_config = batch_config.kernel_config(None, 30, batch_config.load_jupyter_config())
+    run_side = provisioner_of(name, run_config)
+    # policy show's path
+    show_config, files = load_jupyter_config()
+    shown = effective_policy(name, show_config)
+
+    assert run_side.policy == shown.policy
+    assert run_side.policy_sources == shown.sources
+    assert {Path(f).name for f in files} >= {"jupyter_config.json", "jupyter_server_config.py"}
+    policy = shown.policy
+    assert (policy.memory_limit, policy.tmpfs_size, policy.pids_limit) == (3 * G, 48 * M, 64)
+    assert policy.workspace == "rw" and shown.sources["workspace"] == "profile analyst"
+    assert policy.cpu_limit == 1.5 and shown.sources["cpu_limit"].startswith("ceiling")
+
+
+def test_a_broken_config_file_is_a_policy_error_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "jupyter_server_config.py").write_text("c.DockerSandboxProvisioner.x = (\n")
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(PolicyError, match="cannot read the Jupyter config"):
+        load_jupyter_config()
+    with pytest.raises(SyntaxError):  # run reports it itself ("cannot load Jupyter config")
+        batch_config.load_jupyter_config()
+
+
+def test_the_public_names_of_the_old_policy_module_are_still_there():
+    """``kernel_sandbox.policy`` was one module; its public names live on in the package."""
+    import kernel_sandbox.policy as policy
+
+    old = ["DEFAULT_IMAGE", "Dataset", "PROFILES", "Mount", "SandboxPolicy", "parse_dataset"]
+    old += ["apply_ceilings", "display_value", "format_size", "layer_policy", "parse_mount"]
+    old += ["parse_size", "profile_values", "validate"]
+    assert set(old) <= set(policy.__all__)
+    assert all(hasattr(policy, name) for name in policy.__all__)

@@ -32,6 +32,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import ensure_async
 from traitlets.config import Config
 
+from kernel_sandbox.batch.config import kernel_config, load_jupyter_config, preflight
 from kernel_sandbox.errors import (
     EngineUnavailable,
     ImageMissing,
@@ -239,97 +240,6 @@ def inject_parameters(nb: Any, parameters: Mapping[str, Any], language: str = "p
         return
     anchor = tagged("parameters")
     nb.cells.insert(anchor[0] + 1 if anchor else 0, cell)
-
-
-# -- before anything starts -----------------------------------------------------------------
-
-
-async def preflight(options: RunOptions) -> None:
-    """Check what every notebook needs before starting any: kernelspec, policy, engine, image.
-
-    Raises:
-        KernelspecError: no such kernelspec.
-        PolicyError: unknown profile or bad policy, or ``profile`` with a kernelspec that is
-            not sandboxed or pins another profile.
-        EngineUnavailable, ImageMissing: the engine or the kernel image is not there.
-    """
-    from kernel_sandbox.engine.backend import DockerBackend
-    from kernel_sandbox.kernelspec import find_kernelspec
-    from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
-
-    spec = find_kernelspec(options.kernel)
-    provisioner_info = (spec.metadata or {}).get("kernel_provisioner") or {}
-    if provisioner_info.get("provisioner_name") != PROVISIONER_NAME:
-        if options.profile:
-            raise PolicyError(
-                f"--profile needs a sandboxed kernelspec; {options.kernel} does not use the "
-                f"{PROVISIONER_NAME} provisioner"
-            )
-        return
-    spec_config = dict(provisioner_info.get("config") or {})
-    pinned = spec_config.get("profile")
-    if options.profile and pinned and pinned != options.profile:
-        raise PolicyError(
-            f"kernelspec {options.kernel} pins profile {pinned!r}, which --profile "
-            f"{options.profile} cannot override; drop --profile or use a kernelspec without a "
-            "pinned profile (python3-sandbox)"
-        )
-    provisioner = DockerSandboxProvisioner(
-        kernel_id="preflight", kernel_spec=spec, config=options.config, **spec_config
-    )
-    policy = provisioner.policy  # PolicyError for an unknown profile or a bad value
-    backend = DockerBackend()
-    try:
-        await backend.ping()
-        if await backend.image_labels(policy.image) is None:
-            raise ImageMissing(
-                f"image {policy.image} is not on the Docker engine; build it with "
-                "`kernel-sandbox image build` (or set the policy's image to one that exists)"
-            )
-        if policy.runtime != "runc" and policy.runtime not in await backend.runtimes():
-            raise RuntimeUnavailable(
-                f"the Docker engine has no OCI runtime {policy.runtime!r}, which the policy "
-                f"of {options.kernel} asks for; register it in /etc/docker/daemon.json "
-                "(setup.sh does) or pick another profile"
-            )
-    finally:
-        backend.close()
-
-
-def load_jupyter_config() -> Config:
-    """The ``jupyter_config.{json,py}`` files every Jupyter application reads, merged."""
-    from jupyter_core.paths import jupyter_config_path
-    from traitlets.config.loader import (
-        ConfigFileNotFound,
-        JSONFileConfigLoader,
-        PyFileConfigLoader,
-    )
-
-    config = Config()
-    for directory in reversed(jupyter_config_path()):  # lowest priority first
-        for loader in (JSONFileConfigLoader, PyFileConfigLoader):
-            suffix = "json" if loader is JSONFileConfigLoader else "py"
-            try:
-                config.merge(loader(f"jupyter_config.{suffix}", path=directory).load_config())
-            except ConfigFileNotFound:
-                pass
-    return config
-
-
-def kernel_config(
-    profile: str | None, startup_timeout: float, base: Config | None = None
-) -> Config:
-    """Jupyter config for the kernel managers: ``base`` plus the profile and start timeout.
-
-    The provisioner reads ``DockerSandboxProvisioner.profile`` unless the kernelspec pins a
-    profile itself (:func:`preflight` refuses that combination).
-    """
-    config = Config()
-    config.merge(base or Config())
-    if profile:
-        config.DockerSandboxProvisioner.profile = profile
-    config.DockerSandboxProvisioner.launch_timeout = float(startup_timeout)
-    return config
 
 
 # -- running --------------------------------------------------------------------------------

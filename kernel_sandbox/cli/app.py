@@ -49,7 +49,7 @@ from kernel_sandbox.image.build import (
     build_kernel_image,
 )
 from kernel_sandbox.kernelspec import shipped_kernelspecs
-from kernel_sandbox.policy.model import DEFAULT_IMAGE
+from kernel_sandbox.policy import DEFAULT_IMAGE
 
 __all__ = ["main"]
 

@@ -29,8 +29,8 @@ from kernel_sandbox.errors import PolicyError, SandboxError
 from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, default_root
 from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, SHARED_SUBDIR, SOCKET_PREFIX, label
 from kernel_sandbox.kernelspec import PROVISIONER_NAME
+from kernel_sandbox.policy import DEFAULT_IMAGE
 from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config, resolve
-from kernel_sandbox.policy.model import DEFAULT_IMAGE
 
 __all__ = ["Check", "add_doctor_command", "run_checks"]
 

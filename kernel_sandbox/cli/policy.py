@@ -29,13 +29,19 @@ from kernel_sandbox.kernelspec import (
     wrapped_spec,
     write_kernelspec,
 )
+from kernel_sandbox.policy import (
+    POLICY_KEYS,
+    PROFILES,
+    SandboxPolicy,
+    display_value,
+    profile_values,
+)
 from kernel_sandbox.policy.effective import (
     EffectivePolicy,
     effective_policy,
     load_jupyter_config,
     resolve,
 )
-from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, display_value, profile_values
 
 __all__ = [
     "POLICY_FLAGS",
@@ -56,7 +62,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 @dataclass(frozen=True)
 class PolicyFlag:
-    """A command-line flag that sets one policy key."""
+    """A command-line flag that sets one policy key (from the policy table's ``flag``)."""
 
     key: str
     flag: str
@@ -66,50 +72,13 @@ class PolicyFlag:
     choices: tuple[str, ...] | None = None
 
 
-# The policy keys `install` and `wrap` take as flags. --network, --egress* (egress_cli) and
-# --dataset (data_cli) are added by their own modules.
-POLICY_FLAGS = (
-    PolicyFlag("image", "--image", "IMAGE", "kernel image (default kernel-sandbox/python:latest)"),
-    PolicyFlag("memory_limit", "--memory-limit", "SIZE", "memory limit, e.g. 512m or 4g"),
-    PolicyFlag("cpu_limit", "--cpu-limit", "CPUS", "CPUs the kernel may use, e.g. 1.5"),
-    PolicyFlag("pids_limit", "--pids-limit", "N", "most processes and threads in the sandbox"),
-    PolicyFlag(
-        "tmpfs_size", "--tmpfs-size", "SIZE", "size of the writable /tmp and home, e.g. 256m"
-    ),
-    PolicyFlag(
-        "workspace",
-        "--workspace",
-        "MODE",
-        "how the notebook's directory is mounted: none, ro or rw",
-        choices=("none", "ro", "rw"),
-    ),
-    PolicyFlag(
-        "mounts",
-        "--mount",
-        "HOST[:TARGET][:ro|rw]",
-        "extra host directory, read-only unless :rw (repeatable)",
-        repeat=True,
-    ),
-    PolicyFlag("env", "--env", "NAME=VALUE", "variable set inside (repeatable)", repeat=True),
-    PolicyFlag(
-        "env_passthrough",
-        "--env-passthrough",
-        "NAME",
-        "host variable allowed in, if set where Jupyter runs (repeatable)",
-        repeat=True,
-    ),
-    PolicyFlag(
-        "runtime", "--runtime", "RUNTIME", "OCI runtime: runc (default), runsc (gVisor), ..."
-    ),
-    PolicyFlag(
-        "idle_timeout",
-        "--idle-timeout",
-        "SECONDS",
-        "shut an idle kernel down after this long, e.g. 3600 or 1h (0 never)",
-    ),
-    PolicyFlag(
-        "user", "--run-as", "UID:GID", "uid:gid inside (default: yours; 1000:1000 for root)"
-    ),
+# The policy keys `install` and `wrap` take as flags, in the policy table's order, derived from
+# it (kernel_sandbox/policy/keys.py). --network, --egress* (cli/egress.py) and --dataset
+# (cli/app.py) are added by their own modules (the table's ``other_flag``).
+POLICY_FLAGS = tuple(
+    PolicyFlag(key.name, f.spelling, f.metavar, f.help, f.repeat, f.choices)
+    for key in POLICY_KEYS
+    if (f := key.flag) is not None
 )
 
 

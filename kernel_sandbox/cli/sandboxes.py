@@ -32,7 +32,7 @@ from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import default_root
 from kernel_sandbox.inside.contract import LABEL_PREFIX
-from kernel_sandbox.policy.model import format_size
+from kernel_sandbox.policy import format_size
 
 __all__ = ["Sandbox", "add_gc_command", "add_ps_command", "add_stop_command", "list_sandboxes"]
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
 from kernel_sandbox.kernelspec import install_kernelspec, write_kernelspec
-from kernel_sandbox.policy.model import SandboxPolicy, parse_datasets
+from kernel_sandbox.policy import SandboxPolicy, parse_datasets
 
 __all__ = ["add_tokens_command", "install_with_datasets"]
 

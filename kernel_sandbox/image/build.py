@@ -23,7 +23,7 @@ from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import ImageBuildError
 from kernel_sandbox.image.debs import BaseRelease, fetch_debs, read_apt_packages, release_probe
 from kernel_sandbox.inside.contract import KERNEL_UID, SANDBOX_HOME, label
-from kernel_sandbox.policy.model import DEFAULT_IMAGE
+from kernel_sandbox.policy import DEFAULT_IMAGE
 
 __all__ = [
     "DEFAULT_BASE",

@@ -1,9 +1,9 @@
 """The policy a kernelspec gets, worked out exactly as Jupyter will, for the operator's commands.
 
-``kernel-sandbox policy show``, ``doctor`` and ``install`` read the same Jupyter config files a
-Jupyter Server reads (``jupyter_config`` and ``jupyter_server_config``, ``.py`` and ``.json``,
-in every directory of ``jupyter --paths``, the first directory winning) and build the real
-provisioner from them, so what they report is what a kernel will get.
+``kernel-sandbox policy show``, ``doctor`` and ``install`` read the Jupyter config with the
+one loader every command uses (:mod:`kernel_sandbox.policy.jupyter_config`: the files a
+Jupyter Server reads) and build the real provisioner from it, so what they report is what a
+kernel will get, under Jupyter Server and under ``kernel-sandbox run`` alike.
 """
 
 from __future__ import annotations
@@ -12,50 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec
-from jupyter_core.application import JupyterApp
 from traitlets.config import Config
-from traitlets.config.loader import PyFileConfigLoader
 
-from kernel_sandbox.errors import KernelspecError, PolicyError
+from kernel_sandbox.errors import KernelspecError
 from kernel_sandbox.kernelspec import PROVISIONER_NAME, find_kernelspec
+from kernel_sandbox.policy.jupyter_config import load_jupyter_config
 from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = ["EffectivePolicy", "effective_policy", "load_jupyter_config", "provisioner_for"]
 
 SECTION = "DockerSandboxProvisioner"
-
-
-class _ServerConfigReader(JupyterApp):  # type: ignore[misc]
-    """Reads config files the way Jupyter Server does, without starting anything."""
-
-    name = "kernel-sandbox"
-    description = "reads Jupyter config for kernel-sandbox"
-
-    @property
-    def config_file_name(self) -> str:  # type: ignore[override]
-        return "jupyter_server_config"
-
-
-def load_jupyter_config(extra_file: str | None = None) -> tuple[Config, list[str]]:
-    """The Jupyter Server config (plus ``extra_file``, which wins) and the files read.
-
-    Raises:
-        PolicyError: a config file cannot be read (its path and the error in the message).
-    """
-    reader = _ServerConfigReader()
-    try:
-        reader.load_config_file(suppress_errors=False)
-    except Exception as exc:  # a config file is Python: any error can come out of it
-        raise PolicyError(f"cannot read the Jupyter config: {exc}") from exc
-    config = Config(reader.config)
-    files = list(reader.loaded_config_files)
-    if extra_file:
-        try:
-            config.merge(PyFileConfigLoader(extra_file).load_config())
-        except Exception as exc:
-            raise PolicyError(f"cannot read config file {extra_file}: {exc}") from exc
-        files.append(extra_file)
-    return config, files
 
 
 def is_sandboxed(spec: KernelSpec) -> bool:

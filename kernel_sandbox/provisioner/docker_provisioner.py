@@ -21,7 +21,6 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
 
 from kernel_sandbox.broker.tokens import default_state_dir
@@ -41,7 +40,8 @@ from kernel_sandbox.inside.contract import (
     WATCHDOG_MODULE,
     label,
 )
-from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
+from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
+from kernel_sandbox.policy.traits import PolicyTraits
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -71,11 +71,7 @@ def _end_live_kernels_at_exit() -> None:
             )
 
 
-def _policy_trait(help: str) -> AnyTrait:
-    return AnyTrait(None, allow_none=True, config=True, help=help)
-
-
-class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ignore[misc]
     """Launch the kernelspec's argv inside an ephemeral, network-less Docker container.
 
     Every policy key is a trait here, so it can be set in Jupyter config
@@ -119,34 +115,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         help="Host variables always passed in (the policy's env_passthrough adds more).",
     )
 
-    image = _policy_trait("Kernel image (default kernel-sandbox/python:latest).")
-    memory_limit = _policy_trait("Memory limit, e.g. '2g'; swap is not allowed beyond it.")
-    cpu_limit = _policy_trait("CPUs the kernel may use, e.g. 1.5.")
-    pids_limit = _policy_trait("Maximum number of processes and threads in the sandbox.")
-    tmpfs_size = _policy_trait("Size cap of each writable tmpfs (/tmp and the home directory).")
-    workspace = _policy_trait("How the notebook's directory is mounted: none, ro or rw.")
-    mounts = _policy_trait("Extra host paths, 'HOST[:TARGET][:ro|rw]' (read-only by default).")
-    env = _policy_trait("Environment variables to set inside the sandbox.")
-    env_passthrough = _policy_trait("Names of host environment variables allowed in.")
-    runtime = _policy_trait("OCI runtime: runc (default), runsc (gVisor), kata, ...")
-    network = _policy_trait(
-        "Network access: 'none' (no interface but loopback) or 'allowlist' (still only "
-        "loopback; a host-side proxy lets the egress patterns out)."
-    )
-    egress = _policy_trait(
-        "With network 'allowlist': host patterns the kernel may reach, e.g. 'api.corp.test', "
-        "'*.corp.test', 'data.corp.test:8443' (ports 80 and 443 unless given)."
-    )
-    egress_mode = _policy_trait(
-        "Unlisted egress targets: 'deny' (default) or 'ask' a person "
-        "(`kernel-sandbox egress pending|approve|deny`)."
-    )
-    egress_hosts = _policy_trait(
-        "Names the host-side proxy resolves to fixed addresses (NAME -> IP), like a hosts file."
-    )
-    egress_ask_timeout = _policy_trait(
-        "Seconds an 'ask' request waits for a person before it is denied (default 60)."
-    )
     egress_log = Unicode(
         config=True,
         help="JSON-lines log of every egress decision (default "
@@ -155,17 +123,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     egress_port = Integer(
         3128, config=True, help="Port of the egress bridge on the container's loopback."
     )
-    idle_timeout = _policy_trait(
-        "Seconds (or '30m', '2h') the kernel may sit idle, with no execution and no output, "
-        "before the sandbox shuts it down; 0 never."
-    )
-    user = _policy_trait("uid:gid inside the sandbox (default: yours, or 1000:1000 for root).")
-    datasets = _policy_trait(
-        "Datasets served by the data broker, NAME -> 'SOURCE[:read|:read-write]' (a host "
-        "directory or an fsspec URL; credentials stay on the host, see data_credentials)."
-    )
-    token_ttl = _policy_trait("Lifetime of a kernel's data token: seconds, or e.g. '15m', '8h'.")
-
     token_db = Unicode(
         config=True,
         help="SQLite file of the data tokens (only their hashes, scope, expiry and revocation; "
