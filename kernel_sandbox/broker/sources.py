@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kernel_sandbox.broker.protocol import Refusal
-from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.errors import CredentialsError
 
 __all__ = [
     "Credentials",
@@ -42,13 +42,13 @@ log = logging.getLogger("kernel_sandbox.broker")
 
 MAX_SYMLINK_HOPS = 8
 TEMP_PREFIX = ".ks-write-"
-UNAVAILABLE = Refusal("source-error", "the dataset's source is not available on the host")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
-class CredentialsError(SandboxError, PermissionError):
-    """The host's credentials file is unsafe or unreadable."""
+def source_unavailable() -> Refusal:
+    """A new refusal each time (a shared instance would pile up tracebacks across threads)."""
+    return Refusal("source-error", "the dataset's source is not available on the host")
 
 
 def escape(why: str) -> Refusal:
@@ -409,7 +409,7 @@ class RemoteSource:
             from fsspec.core import url_to_fs
         except ImportError:
             log.error("dataset %s needs fsspec on the host: pip install 'kernel-sandbox[s3]'", url)
-            raise UNAVAILABLE from None
+            raise source_unavailable() from None
         self.url = url
         self.fs, root = url_to_fs(url, **storage_options)
         self.root = str(root).rstrip("/")
@@ -512,4 +512,4 @@ def open_source(source: str, credentials: Credentials) -> Source:
         return RemoteSource(source, credentials.storage_options(source))
     except CredentialsError as exc:
         log.error("dataset source %s: %s", source, exc)
-        raise UNAVAILABLE from None
+        raise source_unavailable() from None

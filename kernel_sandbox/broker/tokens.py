@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.errors import TokenNotFound, TokenRefused  # defined there, kept here
 
 __all__ = [
     "Grant",
@@ -54,21 +54,6 @@ def default_state_dir() -> Path:
     home = os.path.expanduser("~")
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
     return Path(base) / "kernel-sandbox"
-
-
-class TokenRefused(SandboxError, PermissionError):
-    """A presented token is unknown, another kernel's, expired or revoked.
-
-    ``code`` is the broker's protocol error code: bad-token, wrong-kernel, expired, revoked.
-    """
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class TokenNotFound(SandboxError, LookupError):
-    """No token or kernel matches what was asked for (``kernel-sandbox tokens revoke``)."""
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.errors import EgressControlError  # defined there, kept here
 from kernel_sandbox.host.rundir import default_root
 from kernel_sandbox.inside.contract import EGRESS_CONTROL_SOCKET
 
 __all__ = ["EgressControl", "EgressControlError", "PendingRequest"]
-
-
-class EgressControlError(SandboxError, LookupError):
-    """No such kernel, nothing waiting for that target, or the kernel's proxy did not answer."""
 
 
 @dataclass(frozen=True)
