@@ -1,8 +1,10 @@
 """The container backend: a policy in, a hardened Docker container out.
 
 This is the only module that talks to the Docker SDK and the only place where
-``docker.errors`` become :mod:`kernel_sandbox.errors`. Blocking SDK calls run in
-``asyncio.to_thread`` so a Jupyter Server's event loop never waits on the engine.
+``docker.errors`` (and the ``requests`` errors beneath them) become
+:mod:`kernel_sandbox.errors`: every SDK call goes through one choke point,
+:meth:`DockerBackend._guarded`. Blocking SDK calls run in ``asyncio.to_thread`` so a Jupyter
+Server's event loop never waits on the engine.
 Another backend (Podman, Kubernetes) would take the same :class:`ContainerRequest`.
 """
 
@@ -17,16 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import docker
-import docker.errors
+import docker  # type: ignore[import-untyped]
+import docker.errors  # type: ignore[import-untyped]
 import requests.exceptions
 
 from kernel_sandbox.errors import (
+    EngineError,
     EngineUnavailable,
     ImageBuildError,
     ImageMissing,
     KernelStartError,
     RuntimeUnavailable,
+    SandboxError,
 )
 from kernel_sandbox.inside.contract import (
     IMAGE_KIND_KERNEL,
@@ -107,6 +111,10 @@ def _engine_unavailable(exc: BaseException) -> EngineUnavailable:
     )
 
 
+def _short(container_id: str) -> str:
+    return container_id[:12]
+
+
 def container_options(request: ContainerRequest) -> dict[str, Any]:
     """Map a request to ``docker.containers.create`` keyword arguments (the hardened defaults)."""
     policy = request.policy
@@ -158,6 +166,11 @@ class DockerBackend:
 
     ``client_factory`` is injectable so tests (and other engines speaking the Docker API,
     such as Podman's socket) can hand in their own client.
+
+    Besides the errors each method names, every method raises
+    :class:`~kernel_sandbox.errors.EngineUnavailable` when the engine does not answer and
+    :class:`~kernel_sandbox.errors.EngineError` when it refuses or fails a request; no
+    ``docker`` or ``requests`` exception leaves this class.
     """
 
     def __init__(self, client_factory: Callable[[], docker.DockerClient] = docker.from_env):
@@ -173,14 +186,33 @@ class DockerBackend:
                 raise _engine_unavailable(exc) from exc
         return self._client
 
-    async def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(self._guarded, func, *args, **kwargs)
+    async def _call(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """:meth:`_guarded` in a worker thread."""
+        return await asyncio.to_thread(self._guarded, what, func, *args)
 
-    def _guarded(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _guarded(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """Run one blocking engine call; the one place where engine errors are translated.
+
+        ``what`` completes "the Docker engine refused to ..." (e.g. "remove container 0a1b").
+        """
         try:
-            return func(*args, **kwargs)
+            return func(*args)
+        except SandboxError:
+            raise  # translated already, with a more precise message
+        except docker.errors.APIError as exc:  # the engine answered with an error status
+            raise EngineError(
+                f"the Docker engine refused to {what}: {exc.explanation or exc}",
+                exc.status_code,
+            ) from exc
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
             raise _engine_unavailable(exc) from exc
+        except requests.exceptions.Timeout as exc:
+            raise EngineError(
+                f"the Docker engine did not answer in time to {what} "
+                f"({exc.__class__.__name__}); check that `docker info` answers promptly"
+            ) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineError(f"cannot {what} on the Docker engine: {exc}") from exc
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -193,7 +225,7 @@ class DockerBackend:
             EngineUnavailable: the engine does not answer.
             KernelStartError: the engine refused to create or start the container.
         """
-        return await self._call(self._start_sync, request)
+        return await self._call(f"start kernel container {request.name}", self._start_sync, request)
 
     def _start_sync(self, request: ContainerRequest) -> str:
         options = container_options(request)
@@ -228,7 +260,9 @@ class DockerBackend:
 
     async def state(self, container_id: str) -> ContainerState:
         """The container's real state; a container that is gone counts as ended (code -1)."""
-        return await self._call(self._state_sync, container_id)
+        return await self._call(
+            f"inspect container {_short(container_id)}", self._state_sync, container_id
+        )
 
     def _state_sync(self, container_id: str) -> ContainerState:
         try:
@@ -247,7 +281,9 @@ class DockerBackend:
 
     async def signal(self, container_id: str, signum: int) -> None:
         """Send ``signum`` to the container's init, which passes it to the kernel's group."""
-        await self._call(self._signal_sync, container_id, signum)
+        await self._call(
+            f"signal container {_short(container_id)}", self._signal_sync, container_id, signum
+        )
 
     def _signal_sync(self, container_id: str, signum: int) -> None:
         try:
@@ -261,11 +297,13 @@ class DockerBackend:
 
     async def remove(self, container_id: str) -> None:
         """Force-remove the container; "already gone" is fine (cleanup is idempotent)."""
-        await self._call(self._remove_sync, container_id)
+        await self._call(
+            f"remove container {_short(container_id)}", self._remove_sync, container_id
+        )
 
     def remove_blocking(self, container_id: str) -> None:
         """:meth:`remove` without a worker thread, for interpreter exit."""
-        self._guarded(self._remove_sync, container_id)
+        self._guarded(f"remove container {_short(container_id)}", self._remove_sync, container_id)
 
     def _remove_sync(self, container_id: str) -> None:
         try:
@@ -279,7 +317,12 @@ class DockerBackend:
 
     async def logs_tail(self, container_id: str, lines: int = 15) -> str:
         """The last lines the container printed (stdout and stderr), for error messages."""
-        return await self._call(self._logs_sync, container_id, lines)
+        return await self._call(
+            f"show the log of container {_short(container_id)}",
+            self._logs_sync,
+            container_id,
+            lines,
+        )
 
     def _logs_sync(self, container_id: str, lines: int) -> str:
         try:
@@ -292,7 +335,7 @@ class DockerBackend:
 
     async def find(self, **labels: str) -> list[dict[str, Any]]:
         """Containers (running or not) carrying all of ``labels`` (names without the prefix)."""
-        return await self._call(self._find_sync, labels)
+        return await self._call("list kernel containers", self._find_sync, labels)
 
     def _find_sync(self, labels: dict[str, str]) -> list[dict[str, Any]]:
         filters = [f"{LABEL_PREFIX}managed=true"]
@@ -301,19 +344,26 @@ class DockerBackend:
 
     async def runtimes(self) -> list[str]:
         """The OCI runtimes the engine has registered."""
-        return await self._call(self._runtimes_sync)
+        return await self._call("list its OCI runtimes", self._runtimes_sync)
 
     def _runtimes_sync(self) -> list[str]:
         return sorted(self.client.info().get("Runtimes", {}))
 
     async def engine_info(self) -> dict[str, Any]:
         """What ``docker info`` says: version, runtimes with their arguments, cgroup version."""
-        return await self._call(lambda: dict(self.client.info()))
+        return await self._call("describe itself (docker info)", self._info_sync)
+
+    def _info_sync(self) -> dict[str, Any]:
+        return dict(self.client.info())
 
     async def memory_usage(self, container_id: str) -> tuple[int, int] | None:
         """(bytes used, limit) of a running container as ``docker stats`` counts them
         (page cache that can be dropped excluded); None when it is gone or not running."""
-        return await self._call(self._memory_usage_sync, container_id)
+        return await self._call(
+            f"report the memory use of container {_short(container_id)}",
+            self._memory_usage_sync,
+            container_id,
+        )
 
     def _memory_usage_sync(self, container_id: str) -> tuple[int, int] | None:
         try:
@@ -329,7 +379,7 @@ class DockerBackend:
 
     async def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
-        await self._call(self._ping_sync)
+        await self._call("answer a ping", self._ping_sync)
 
     def _ping_sync(self) -> None:
         try:
@@ -344,7 +394,7 @@ class DockerBackend:
 
     async def image_labels(self, tag: str) -> dict[str, str] | None:
         """The image's labels, or None when the engine does not have it."""
-        return await self._call(self._image_labels_sync, tag)
+        return await self._call(f"inspect image {tag}", self._image_labels_sync, tag)
 
     def _image_labels_sync(self, tag: str) -> dict[str, str] | None:
         try:
@@ -355,7 +405,7 @@ class DockerBackend:
 
     async def pull(self, image: str) -> None:
         """Pull ``image`` from its registry (only for bases; kernel images are built here)."""
-        await self._call(self._pull_sync, image)
+        await self._call(f"pull {image}", self._pull_sync, image)
 
     def _pull_sync(self, image: str) -> None:
         repository, _, tag = image.partition(":")
@@ -370,7 +420,9 @@ class DockerBackend:
 
     async def run_once(self, image: str, command: list[str]) -> str:
         """Run ``command`` in a throwaway, network-less container and return its output."""
-        return await self._call(self._run_once_sync, image, command)
+        return await self._call(
+            f"run `{' '.join(command)}` in {image}", self._run_once_sync, image, command
+        )
 
     def _run_once_sync(self, image: str, command: list[str]) -> str:
         try:
@@ -394,7 +446,9 @@ class DockerBackend:
         progress: Callable[[str], None],
     ) -> None:
         """Build ``context`` with no network at all; stream each build line to ``progress``."""
-        await self._call(self._build_sync, context, tag, buildargs, labels, progress)
+        await self._call(
+            f"build {tag}", self._build_sync, context, tag, buildargs, labels, progress
+        )
 
     def _build_sync(
         self,
@@ -431,10 +485,11 @@ class DockerBackend:
 
     async def import_rootfs(self, tarball: str, image: str) -> None:
         """Import a root file system tarball as ``image`` (REPOSITORY:TAG)."""
+        await self._call(f"import {tarball} as {image}", self._import_rootfs_sync, tarball, image)
+
+    def _import_rootfs_sync(self, tarball: str, image: str) -> None:
         repository, _, tag = image.partition(":")
-        await self._call(
-            self.client.api.import_image_from_file, tarball, repository, tag or "latest"
-        )
+        self.client.api.import_image_from_file(tarball, repository, tag or "latest")
 
     def close(self) -> None:
         if self._client is not None:
