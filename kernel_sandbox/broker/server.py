@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -46,7 +47,13 @@ from kernel_sandbox.broker.sources import (
     open_source,
     relative_parts,
 )
-from kernel_sandbox.broker.tokens import Grant, TokenRecord, TokenRefused, TokenStore
+from kernel_sandbox.broker.tokens import (
+    PRUNE_AFTER,
+    Grant,
+    TokenRecord,
+    TokenRefused,
+    TokenStore,
+)
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN
 from kernel_sandbox.inside.wire import DATA, END, MAX_CHUNK, MAX_MESSAGE, OPS
 
@@ -84,6 +91,8 @@ class DataBroker:
             revocation also cuts a transfer in progress.
         sendfile: stream local files with ``sendfile(2)`` (zero-copy) rather than through
             Python buffers.
+        prune_after: when the broker starts, delete the records of tokens that expired or
+            were revoked more than this many seconds ago (None keeps them all).
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class DataBroker:
         request_timeout: float = 30.0,
         recheck_every: float = 1.0,
         sendfile: bool = True,
+        prune_after: float | None = PRUNE_AFTER,
     ):
         self.tokens, self.audit = tokens, audit
         self.credentials = credentials or Credentials()
@@ -105,6 +115,7 @@ class DataBroker:
         self.max_connections, self.request_timeout = max_connections, request_timeout
         self.recheck_every = recheck_every
         self.sendfile = sendfile
+        self.prune_after = prune_after
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -115,10 +126,11 @@ class DataBroker:
     # -- lifecycle (called from any thread but the broker's) ---------------------------------
 
     def start(self) -> None:
-        """Start the broker's thread and loop (idempotent)."""
+        """Start the broker's thread and loop (idempotent); first prune long-dead tokens."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
+            self._prune()
             loop = asyncio.new_event_loop()
             loop.set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="ks-broker-io"))
             ready = threading.Event()
@@ -132,6 +144,17 @@ class DataBroker:
             self._thread = threading.Thread(target=run, name="kernel-sandbox-broker", daemon=True)
             self._thread.start()
             ready.wait()
+
+    def _prune(self) -> None:
+        if self.prune_after is None:
+            return
+        try:
+            pruned = self.tokens.purge(self.prune_after)
+        except sqlite3.Error as exc:  # housekeeping: never a reason to refuse a kernel
+            log.warning("data broker: cannot prune old tokens in %s: %s", self.tokens.path, exc)
+            return
+        if pruned:
+            log.info("data broker: pruned %d expired or revoked token records", pruned)
 
     def _run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
         self.start()
@@ -171,9 +194,6 @@ class DataBroker:
         self.tokens.revoke_kernel(kernel_id, reason)
         if self._loop is not None:
             self._run(self._unlisten(kernel_id))
-
-    def kernels(self) -> list[str]:
-        return sorted(self._endpoints)
 
     def close(self) -> None:
         """Stop serving every kernel and end the broker's thread."""

@@ -24,6 +24,7 @@ from typing import Any
 from kernel_sandbox.errors import TokenNotFound, TokenRefused  # defined there, kept here
 
 __all__ = [
+    "PRUNE_AFTER",
     "Grant",
     "TokenNotFound",
     "TokenRecord",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 TOKEN_PREFIX = "kst1_"
+# How long records of expired or revoked tokens are kept (for `tokens list --all`) before the
+# broker prunes them when it opens the store; the audit log keeps every request regardless.
+PRUNE_AFTER = 7 * 24 * 3600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     token_id   TEXT PRIMARY KEY,
@@ -232,7 +236,8 @@ class TokenStore:
         return [r for r in records if r.state(now) == "live"]
 
     def purge(self, older_than: float) -> int:
-        """Delete records that expired or were revoked more than ``older_than`` seconds ago."""
+        """Delete records that expired or were revoked more than ``older_than`` seconds ago;
+        return how many. The broker calls it when it starts (:class:`DataBroker`)."""
         limit = self.clock() - older_than
         cur = self._db().execute(
             "DELETE FROM tokens WHERE expires < ? OR (revoked IS NOT NULL AND revoked < ?)",

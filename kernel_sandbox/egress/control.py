@@ -112,10 +112,6 @@ class EgressControl:
             found += [PendingRequest(reply["kernel_id"], **p) for p in reply.get("pending", [])]
         return sorted(found, key=lambda p: p.since)
 
-    def status(self, kernel_id: str) -> dict[str, Any]:
-        """The kernel's rules, mode and standing approvals or denials."""
-        return _ask(self._endpoint(kernel_id), {"op": "status"})
-
     def approve(self, kernel_id: str, target: str, always: bool = False) -> int:
         """Let the waiting requests to ``target`` (host:port) through; with ``always``, also
         later ones of this kernel. Returns how many waiting requests were let through.
