@@ -228,3 +228,40 @@ def test_an_engine_that_does_not_answer_is_an_engine_error(tmp_path):
             assert info.value.status_code is None
         finally:
             backend.close()
+
+
+# -- one tree ---------------------------------------------------------------------------------
+
+
+def test_every_sandbox_error_is_defined_in_errors_py():
+    """No SandboxError subclass lives outside kernel_sandbox.errors (the old homes re-export)."""
+    import importlib
+    import pkgutil
+
+    import kernel_sandbox
+    from kernel_sandbox import errors
+
+    for module in pkgutil.walk_packages(kernel_sandbox.__path__, "kernel_sandbox."):
+        if not module.name.endswith(".__main__"):  # entry points run when imported
+            importlib.import_module(module.name)
+    found, todo = set(), [SandboxError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo += cls.__subclasses__()
+    outside = sorted(f"{c.__module__}.{c.__qualname__}" for c in found)
+    assert all(name.startswith("kernel_sandbox.errors.") for name in outside), outside
+    assert {c.__name__ for c in found} == set(errors.__all__)
+
+
+def test_moved_errors_keep_their_old_import_paths():
+    from kernel_sandbox import errors
+    from kernel_sandbox.broker.sources import CredentialsError
+    from kernel_sandbox.broker.tokens import TokenNotFound, TokenRefused
+    from kernel_sandbox.egress.control import EgressControlError
+    from kernel_sandbox.egress.rules import TargetError
+
+    assert TokenRefused is errors.TokenRefused and TokenNotFound is errors.TokenNotFound
+    assert CredentialsError is errors.CredentialsError and TargetError is errors.TargetError
+    assert EgressControlError is errors.EgressControlError
+    assert issubclass(TargetError, ValueError) and issubclass(TokenRefused, PermissionError)
