@@ -4,23 +4,44 @@
 
     SandboxError                        base of everything below
     ├── PolicyError (ValueError)        a policy key or value is wrong; nothing was started
+    ├── TargetError (ValueError)        an egress host, port, pattern or address is malformed
     ├── EngineUnavailable (ConnectionError)
     │                                   the container engine does not answer
+    ├── EngineError (RuntimeError)      the engine refused or failed a request (.status_code)
     ├── ImageMissing (LookupError)      the kernel image is not on the engine
     ├── RuntimeUnavailable (LookupError)
     │                                   the policy names an OCI runtime the engine lacks
     ├── KernelStartError (RuntimeError) the container ended or hung while the kernel started
     ├── ImageBuildError (RuntimeError)  building the base or kernel image failed
-    └── KernelspecError (LookupError)   a kernelspec is missing or cannot be installed
+    ├── KernelspecError (LookupError)   a kernelspec is missing or cannot be installed
+    ├── TokenRefused (PermissionError)  a data token is unknown, another kernel's, expired or
+    │                                   revoked (.code is the broker's protocol code)
+    ├── TokenNotFound (LookupError)     no data token or kernel matches what was asked for
+    ├── CredentialsError (PermissionError)
+    │                                   the host's dataset credentials are unsafe or unreadable
+    └── EgressControlError (LookupError)
+                                        no such kernel, nothing waiting for that target, or
+                                        the kernel's egress proxy did not answer
 
 Each message says what happened and what to do about it, in one or two lines, so that
 Jupyter Server, nbclient and the CLI can show it as it is. Engine errors
-(``docker.errors``) are translated into these in :mod:`kernel_sandbox.engine.backend` only.
+(``docker.errors``, ``requests.exceptions``) are translated into these in
+:mod:`kernel_sandbox.engine.backend` only, with ``raise ... from``. The modules that raised
+these before keep re-exporting them (``kernel_sandbox.broker.tokens.TokenRefused``, ...).
+
+Not in this tree, on purpose: two protocol signals that never leave their module,
+:class:`kernel_sandbox.broker.protocol.Refusal` (becomes an error reply to the kernel) and
+:class:`kernel_sandbox.egress.http.Refused` (becomes an HTTP error response); and the data
+client's own small tree for kernel users, :mod:`kernel_sandbox.inside.wire` (``DataError``),
+which runs inside the container on the standard library only.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CredentialsError",
+    "EgressControlError",
+    "EngineError",
     "EngineUnavailable",
     "ImageBuildError",
     "ImageMissing",
@@ -29,6 +50,9 @@ __all__ = [
     "PolicyError",
     "RuntimeUnavailable",
     "SandboxError",
+    "TargetError",
+    "TokenNotFound",
+    "TokenRefused",
 ]
 
 
@@ -40,8 +64,24 @@ class PolicyError(SandboxError, ValueError):
     """A policy key or value is invalid; raised before any container is created."""
 
 
+class TargetError(SandboxError, ValueError):
+    """A host, port, pattern or address that is not acceptable; the message says why."""
+
+
 class EngineUnavailable(SandboxError, ConnectionError):
     """The Docker engine cannot be reached."""
+
+
+class EngineError(SandboxError, RuntimeError):
+    """The Docker engine refused or failed a request.
+
+    ``status_code`` is the engine's HTTP status (404, 409, 500, ...), or None when the
+    request failed before the engine answered (a malformed argument, a broken stream).
+    """
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class ImageMissing(SandboxError, LookupError):
@@ -62,3 +102,26 @@ class ImageBuildError(SandboxError, RuntimeError):
 
 class KernelspecError(SandboxError, LookupError):
     """A kernelspec cannot be found or installed."""
+
+
+class TokenRefused(SandboxError, PermissionError):
+    """A presented data token is unknown, another kernel's, expired or revoked.
+
+    ``code`` is the broker's protocol error code: bad-token, wrong-kernel, expired, revoked.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class TokenNotFound(SandboxError, LookupError):
+    """No token or kernel matches what was asked for (``kernel-sandbox tokens revoke``)."""
+
+
+class CredentialsError(SandboxError, PermissionError):
+    """The host's credentials file (or keyring entry) is unsafe or unreadable."""
+
+
+class EgressControlError(SandboxError, LookupError):
+    """No such kernel, nothing waiting for that target, or the kernel's proxy did not answer."""

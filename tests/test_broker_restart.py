@@ -95,7 +95,7 @@ def test_an_adopted_kernel_keeps_its_token_across_a_broker_restart(
             [
                 sys.executable,
                 "-m",
-                "kernel_sandbox.cli.app",
+                "kernel_sandbox.cli",
                 "tokens",
                 "revoke",
                 info["kernel_id"],

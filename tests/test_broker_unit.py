@@ -213,6 +213,34 @@ def test_revoke_by_token_id_or_kernel_id(state: Path, clock: Clock) -> None:
     assert len(store.records(include_dead=True)) == 2
 
 
+def test_the_broker_prunes_long_dead_tokens_when_it_starts(state: Path, clock: Clock) -> None:
+    store = TokenStore(state / "t.sqlite", clock=clock)
+    day = 24 * 3600.0
+    _, old_expired = store.mint("k-old-expired", {}, ttl=60)
+    _, old_revoked = store.mint("k-old-revoked", {}, ttl=30 * day)
+    store.revoke(old_revoked.token_id)
+    clock.now += 6 * day
+    _, recent_revoked = store.mint("k-recent-revoked", {}, ttl=30 * day)
+    store.revoke(recent_revoked.token_id)
+    _, recent_expired = store.mint("k-recent-expired", {}, ttl=60)
+    _, live = store.mint("k-live", {}, ttl=30 * day)
+    clock.now += 2 * day  # the first two died 8 days ago, the others a moment or 2 days ago
+    assert len(store.records(include_dead=True)) == 5
+    keeping = DataBroker(store, AuditLog(state / "audit.jsonl"), prune_after=None)
+    try:
+        keeping.start()
+        assert len(store.records(include_dead=True)) == 5  # None keeps every record
+    finally:
+        keeping.close()
+    broker = DataBroker(store, AuditLog(state / "audit.jsonl"))  # the default: 7 days
+    try:
+        broker.start()
+        kept = {r.token_id for r in store.records(include_dead=True)}
+        assert kept == {recent_revoked.token_id, recent_expired.token_id, live.token_id}
+    finally:
+        broker.close()
+
+
 def test_cli_tokens_list_and_revoke(state: Path, capsys) -> None:
     store = TokenStore(state / "t.sqlite")
     store.mint("kernel-1", {"sales": Grant("/srv/sales", "read")}, ttl=60)

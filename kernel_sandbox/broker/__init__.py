@@ -9,8 +9,12 @@
                                                   ├── Credentials  host file / keyring
                                                   └── sources      local dir | fsspec URL
 
-Modules: :mod:`.server` (the broker), :mod:`.protocol` (framing, refusals), :mod:`.sources`
-(path checks, local and remote sources, credentials), :mod:`.audit` (JSON lines).
+Modules: :mod:`.server` (the broker: its thread, a socket per kernel), :mod:`.operations`
+(one request checked, served and audited), :mod:`.protocol` (framing, refusals),
+:mod:`.tokens` (SQLite records), :mod:`.staging` (token file and socket put in place),
+:mod:`.sources` (what a source is, which one a dataset names) with :mod:`.paths` (path
+checks), :mod:`.local`, :mod:`.remote` and :mod:`.credentials`, and :mod:`.audit` (JSON
+lines).
 """
 
 from kernel_sandbox.broker.audit import AuditLog

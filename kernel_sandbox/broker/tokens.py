@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.errors import TokenNotFound, TokenRefused  # defined there, kept here
 
 __all__ = [
+    "PRUNE_AFTER",
     "Grant",
     "TokenNotFound",
     "TokenRecord",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 TOKEN_PREFIX = "kst1_"
+# How long records of expired or revoked tokens are kept (for `tokens list --all`) before the
+# broker prunes them when it opens the store; the audit log keeps every request regardless.
+PRUNE_AFTER = 7 * 24 * 3600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     token_id   TEXT PRIMARY KEY,
@@ -54,21 +58,6 @@ def default_state_dir() -> Path:
     home = os.path.expanduser("~")
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
     return Path(base) / "kernel-sandbox"
-
-
-class TokenRefused(SandboxError, PermissionError):
-    """A presented token is unknown, another kernel's, expired or revoked.
-
-    ``code`` is the broker's protocol error code: bad-token, wrong-kernel, expired, revoked.
-    """
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class TokenNotFound(SandboxError, LookupError):
-    """No token or kernel matches what was asked for (``kernel-sandbox tokens revoke``)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +236,8 @@ class TokenStore:
         return [r for r in records if r.state(now) == "live"]
 
     def purge(self, older_than: float) -> int:
-        """Delete records that expired or were revoked more than ``older_than`` seconds ago."""
+        """Delete records that expired or were revoked more than ``older_than`` seconds ago;
+        return how many. The broker calls it when it starts (:class:`DataBroker`)."""
         limit = self.clock() - older_than
         cur = self._db().execute(
             "DELETE FROM tokens WHERE expires < ? OR (revoked IS NOT NULL AND revoked < ?)",

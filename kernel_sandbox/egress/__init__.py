@@ -5,7 +5,9 @@ only way out is a proxy on the host, one process per kernel, reached through a u
 in the kernel's runtime directory and a bridge on the container's loopback:
 
 - :mod:`.rules`: the allowlist patterns and the decision (pure functions);
-- :mod:`.proxy`: the proxy process (HTTP forwarding and CONNECT tunnels, the decision log);
+- :mod:`.proxy`: the proxy process (decisions, its sockets, the decision log), with
+  :mod:`.http` (forwarding and CONNECT tunnels, h11), :mod:`.approvals` (ask mode) and
+  :mod:`.config` (what the provisioner hands it);
 - :mod:`.service`: how the provisioner starts it and wires the container to it;
 - :mod:`.control`: approve-once (pending, approve, deny) for the CLI and front ends.
 

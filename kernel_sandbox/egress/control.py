@@ -26,15 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.errors import EgressControlError  # defined there, kept here
 from kernel_sandbox.host.rundir import default_root
 from kernel_sandbox.inside.contract import EGRESS_CONTROL_SOCKET
 
 __all__ = ["EgressControl", "EgressControlError", "PendingRequest"]
-
-
-class EgressControlError(SandboxError, LookupError):
-    """No such kernel, nothing waiting for that target, or the kernel's proxy did not answer."""
 
 
 @dataclass(frozen=True)
@@ -115,10 +111,6 @@ class EgressControl:
                 continue
             found += [PendingRequest(reply["kernel_id"], **p) for p in reply.get("pending", [])]
         return sorted(found, key=lambda p: p.since)
-
-    def status(self, kernel_id: str) -> dict[str, Any]:
-        """The kernel's rules, mode and standing approvals or denials."""
-        return _ask(self._endpoint(kernel_id), {"op": "status"})
 
     def approve(self, kernel_id: str, target: str, always: bool = False) -> int:
         """Let the waiting requests to ``target`` (host:port) through; with ``always``, also

@@ -12,7 +12,9 @@ by the provisioner, and ends when the provisioner's process does (its stdin clos
 - ``control``: a unix socket in the host-only part of the runtime directory, for
   ``kernel-sandbox egress pending|approve|deny`` (see :mod:`kernel_sandbox.egress.control`).
 
-Every decision is appended to ``log`` as one JSON line.
+Every decision is appended to ``log`` as one JSON line. The HTTP mechanics (forwarding,
+tunnels, refusals as responses) are :mod:`.http`; ask mode's waiting requests are
+:mod:`.approvals`; the configuration is :class:`~kernel_sandbox.egress.config.ProxyConfig`.
 """
 
 from __future__ import annotations
@@ -21,130 +23,46 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from asyncio import StreamReader, StreamWriter
 from datetime import datetime, timezone
 from typing import Any
 
 import h11
 
+from kernel_sandbox.egress.approvals import Approvals
+from kernel_sandbox.egress.config import ProxyConfig
+from kernel_sandbox.egress.http import (
+    CHUNK,
+    MAX_HEAD,
+    Refused,
+    Upstream,
+    close_writer,
+    forward,
+    next_event,
+    proxy_target,
+    raw_response,
+    refusal_message,
+    tunnel,
+)
 from kernel_sandbox.egress.rules import (
-    BAD_TARGET,
     NOT_LISTED,
-    Decision,
     Rule,
     Target,
-    TargetError,
     address_is_public,
     decide,
-    parse_authority,
     parse_rule,
 )
-from kernel_sandbox.inside.egress_bridge import pump  # the byte pump the in-sandbox bridge uses
 
-__all__ = ["EgressProxy", "ProxyConfig", "main"]
+__all__ = ["EgressProxy", "ProxyConfig", "Refused", "main"]
 
-Reader, Writer = asyncio.StreamReader, asyncio.StreamWriter
-
-CHUNK = 256 * 1024
-MAX_HEAD = 64 * 1024
 HEAD_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 128
 MAX_NOTICE_READERS = 4
-_REQUEST_START = re.compile(rb"(?:\r?\n)*[A-Z]{0,16}(?: |\Z)")
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authorization",
-    b"proxy-authenticate",
-    b"te",
-    b"trailer",
-    b"upgrade",
-    b"transfer-encoding",
-    b"expect",
-}
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """What one kernel's proxy enforces and where it listens (written by the provisioner)."""
-
-    kernel_id: str
-    listen: str
-    notices: str
-    control: str
-    log: str
-    rules: tuple[str, ...] = ()
-    hosts: dict[str, str] = field(default_factory=dict)
-    mode: str = "deny"
-    ask_timeout: float = 60.0
-
-    @classmethod
-    def load(cls, path: str) -> ProxyConfig:
-        with open(path) as handle:
-            values = json.load(handle)
-        values["rules"] = tuple(values.get("rules", ()))
-        return cls(**values)
-
-
-class Refused(Exception):
-    """A request the proxy will not carry: HTTP status, log rule, target and message."""
-
-    def __init__(self, status: int, rule: str, target: Target | None, message: str):
-        super().__init__(message)
-        self.status, self.rule, self.target, self.message = status, rule, target, message
-
-
-def _message(target: Target | None, reason: str) -> str:
-    where = f"egress to {target}" if target is not None else "egress"
-    return f"{where} denied: {reason}"
-
-
-def _raw_response(status: int, body: str) -> bytes:
-    reasons = {
-        400: "Bad Request",
-        403: "Forbidden",
-        431: "Request Header Fields Too Large",
-        502: "Bad Gateway",
-        503: "Service Unavailable",
-    }
-    data = (body + "\n").encode()
-    head = (
-        f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        "X-Kernel-Sandbox-Egress: denied\r\n"
-        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + data
-
-
-def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers (and those the Connection header names); h11 re-frames bodies."""
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    }
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
-
-
-class Pending:
-    """Requests to one unlisted target waiting for a person (ask mode)."""
-
-    def __init__(self, target: Target, timeout: float):
-        self.target = target
-        self.since = time.time()
-        self.expires = self.since + timeout
-        self.waiting = 0
-        self.future: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
 
 
 class EgressProxy:
@@ -154,9 +72,7 @@ class EgressProxy:
         self.config = config
         self.rules: tuple[Rule, ...] = tuple(parse_rule(r) for r in config.rules)
         self.hosts = dict(config.hosts)
-        self.always_allow: set[Target] = set()
-        self.always_deny: set[Target] = set()
-        self.pending: dict[Target, Pending] = {}
+        self.approvals = Approvals(config.kernel_id, config.ask_timeout, self.record, self.notify)
         self._notice_writers: list[asyncio.StreamWriter] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._connections = 0
@@ -195,9 +111,7 @@ class EgressProxy:
         for path in (self.config.listen, self.config.notices, self.config.control):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        for pending in self.pending.values():
-            if not pending.future.done():
-                pending.future.set_result(("proxy shutting down", False))
+        self.approvals.close()
         self._log.close()
 
     # -- the log and the notices ------------------------------------------------------------
@@ -223,7 +137,7 @@ class EgressProxy:
                 continue
             writer.write(line)
 
-    async def _serve_notices(self, reader: Reader, writer: Writer) -> None:
+    async def _serve_notices(self, reader: StreamReader, writer: StreamWriter) -> None:
         self._notice_writers.append(writer)
         while len(self._notice_writers) > MAX_NOTICE_READERS:
             self._notice_writers.pop(0).close()
@@ -243,111 +157,18 @@ class EgressProxy:
             rule=refusal.rule,
             target=str(refusal.target) if refusal.target else None,
         )
-        return _raw_response(refusal.status, refusal.message)
+        return raw_response(refusal.status, refusal.message)
 
     # -- deciding ---------------------------------------------------------------------------
 
-    def _target_of(self, request: h11.Request) -> tuple[Target, bytes]:
-        """The target of a proxy request and the request-target to send upstream."""
-        raw = request.target.decode("ascii", "replace")
-        hosts = [v.decode("ascii", "replace") for n, v in request.headers if n == b"host"]
-        if len(hosts) > 1:
-            raise Refused(400, BAD_TARGET, None, _message(None, "more than one Host header"))
-        if request.method == b"CONNECT":
-            try:
-                target = parse_authority(raw)
-            except TargetError as exc:
-                reason = f"bad CONNECT target: {exc}"
-                raise Refused(400, BAD_TARGET, None, _message(None, reason)) from None
-            path = b""
-            default_port = target.port
-        else:
-            scheme, sep, rest = raw.partition("://")
-            if not sep or raw.startswith("/"):
-                raise Refused(
-                    400,
-                    "not-proxy-form",
-                    None,
-                    _message(
-                        None,
-                        "this port is the kernel's HTTP proxy; send absolute http:// URLs "
-                        "or CONNECT (HTTP_PROXY and HTTPS_PROXY are set for that)",
-                    ),
-                )
-            if scheme.lower() != "http":
-                raise Refused(
-                    400,
-                    "scheme",
-                    None,
-                    _message(None, f"{scheme}:// cannot be forwarded; https goes through CONNECT"),
-                )
-            end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-            try:
-                target = parse_authority(rest[:end], default_port=80)
-            except TargetError as exc:
-                reason = f"bad URL host: {exc}"
-                raise Refused(400, BAD_TARGET, None, _message(None, reason)) from None
-            tail = rest[end:].partition("#")[0]
-            path = (tail if tail.startswith("/") else "/" + tail).encode()
-            default_port = 80
-        if hosts:
-            try:
-                claimed = parse_authority(hosts[0], default_port=default_port)
-            except TargetError:
-                claimed = None
-            if claimed != target:
-                raise Refused(
-                    403,
-                    "host-mismatch",
-                    target,
-                    _message(target, f"the Host header ({hosts[0]}) names another target"),
-                )
-        return target, path
-
     async def decide(self, target: Target, method: str) -> tuple[str, list[str]]:
         """The allowing rule and the addresses to connect to; Refused when not allowed."""
-        if target in self.always_allow:
-            decision = Decision(True, "approved always")
-        elif target in self.always_deny:
-            decision = Decision(False, "denied always", "denied for this kernel")
-        else:
-            decision = decide(target, self.rules)
+        decision = self.approvals.standing(target) or decide(target, self.rules)
         if not decision.allowed and decision.rule == NOT_LISTED and self.config.mode == "ask":
-            decision = await self._ask(target, method)
+            decision = await self.approvals.ask(target, method)
         if not decision.allowed:
-            raise Refused(403, decision.rule, target, _message(target, decision.reason))
+            raise Refused(403, decision.rule, target, refusal_message(target, decision.reason))
         return decision.rule, await self._resolve(target)
-
-    async def _ask(self, target: Target, method: str) -> Decision:
-        pending = self.pending.get(target)
-        if pending is None:
-            pending = self.pending[target] = Pending(target, self.config.ask_timeout)
-            self.record(target, "ask", "ask", method=method)
-            self.notify(
-                f"egress to {target} is waiting for approval (up to "
-                f"{self.config.ask_timeout:.0f}s): kernel-sandbox egress approve "
-                f"{self.config.kernel_id} {target}   (or: ... egress deny ...)",
-                decision="ask",
-                target=str(target),
-            )
-        pending.waiting += 1
-        try:
-            verdict, always = await asyncio.wait_for(
-                asyncio.shield(pending.future), timeout=max(0.0, pending.expires - time.time())
-            )
-        except asyncio.TimeoutError:
-            if self.pending.get(target) is pending:
-                del self.pending[target]
-            return Decision(
-                False, "ask-timeout", f"no approval within {self.config.ask_timeout:.0f}s"
-            )
-        finally:
-            pending.waiting -= 1
-        if verdict == "approve":
-            return Decision(True, "approved always" if always else "approved once")
-        if verdict == "deny":
-            return Decision(False, "ask-denied", "denied by a person")
-        return Decision(False, "ask-denied", verdict)
 
     async def _resolve(self, target: Target) -> list[str]:
         """Resolve on the host: egress_hosts first; names from DNS must be public addresses."""
@@ -368,7 +189,7 @@ class EgressProxy:
                 403,
                 "non-public-address",
                 target,
-                _message(
+                refusal_message(
                     target,
                     f"{target.host} resolves to a non-public address ({private[0]}); "
                     "map it in egress_hosts if that is intended",
@@ -376,7 +197,9 @@ class EgressProxy:
             )
         return addresses
 
-    async def _connect(self, target: Target, addresses: list[str]) -> tuple[Reader, Writer]:
+    async def _connect(
+        self, target: Target, addresses: list[str]
+    ) -> tuple[StreamReader, StreamWriter]:
         error: Exception | None = None
         for address in addresses:
             try:
@@ -394,26 +217,26 @@ class EgressProxy:
 
     # -- one client connection --------------------------------------------------------------
 
-    async def _serve_client(self, reader: Reader, writer: Writer) -> None:
+    async def _serve_client(self, reader: StreamReader, writer: StreamWriter) -> None:
         if self._connections >= MAX_CONNECTIONS:
-            writer.write(_raw_response(503, "egress: too many connections from this kernel"))
-            await _close(writer)
+            writer.write(raw_response(503, "egress: too many connections from this kernel"))
+            await close_writer(writer)
             return
         self._connections += 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        upstream: _Upstream | None = None
+        upstream: Upstream | None = None
         method: str | None = None
         try:
             while True:
                 try:
-                    head = _next_event(conn, reader, sniff=True)
+                    head = next_event(conn, reader, sniff=True)
                     event = await asyncio.wait_for(head, HEAD_TIMEOUT)
                 except h11.RemoteProtocolError:
                     raise Refused(
                         400,
                         "not-http",
                         None,
-                        _message(
+                        refusal_message(
                             None,
                             "not an HTTP proxy request (only HTTP, and HTTPS through CONNECT, "
                             "can go out)",
@@ -429,18 +252,18 @@ class EgressProxy:
                         400,
                         "bad-framing",
                         None,
-                        _message(
+                        refusal_message(
                             None, "both Content-Length and Transfer-Encoding (ambiguous framing)"
                         ),
                     )
-                target, path = self._target_of(event)
+                target, path = proxy_target(event)
                 rule, addresses = await self.decide(target, method)
                 if upstream is None or upstream.target != target:
                     if upstream is not None:
                         await upstream.close()
                         upstream = None
                     up_reader, up_writer = await self._connect(target, addresses)
-                    upstream = _Upstream(target, up_reader, up_writer)
+                    upstream = Upstream(target, up_reader, up_writer)
                 self.record(
                     target,
                     "allow",
@@ -449,10 +272,10 @@ class EgressProxy:
                     address=upstream.writer.get_extra_info("peername")[0],
                 )
                 if event.method == b"CONNECT":
-                    await self._tunnel(conn, reader, writer, upstream)
+                    await tunnel(conn, reader, writer, upstream)
                     upstream = None
                     return
-                if not await self._forward(event, path, conn, reader, writer, upstream):
+                if not await forward(event, path, conn, reader, writer, upstream):
                     await upstream.close()
                     upstream = None
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -467,91 +290,11 @@ class EgressProxy:
             self._connections -= 1
             if upstream is not None:
                 await upstream.close()
-            await _close(writer)
-
-    async def _forward(
-        self,
-        request: h11.Request,
-        path: bytes,
-        conn: h11.Connection,
-        reader: Reader,
-        writer: Writer,
-        upstream: _Upstream,
-    ) -> bool:
-        """Carry one request and its response; True when the upstream connection can be reused."""
-        headers = _forwarded_headers(list(request.headers))
-        headers = [(n, v) for n, v in headers if n != b"host"]
-        headers.insert(0, (b"host", _host_header(upstream.target)))
-        if any(n == b"transfer-encoding" for n, _ in request.headers):
-            headers.append((b"transfer-encoding", b"chunked"))
-        up = upstream.conn
-        await upstream.send(
-            up.send(
-                h11.Request(method=request.method, target=path, headers=headers, http_version="1.1")
-            )
-        )
-        if conn.they_are_waiting_for_100_continue:
-            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-        while True:  # the request body
-            event = await _next_event(conn, reader)
-            if isinstance(event, h11.Data):
-                await upstream.send(up.send(h11.Data(data=event.data)))
-            elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(up.send(h11.EndOfMessage()))
-                break
-            else:
-                raise OSError("client closed during the request body")
-        while True:  # the response
-            event = await _next_event(up, upstream.reader)
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code != 100:  # 100 was answered already
-                    writer.write(conn.send(event))
-                continue
-            if isinstance(event, h11.Response):
-                headers = _forwarded_headers(list(event.headers))
-                if any(n == b"transfer-encoding" for n, _ in event.headers):
-                    headers.append((b"transfer-encoding", b"chunked"))
-                writer.write(
-                    conn.send(
-                        h11.Response(
-                            status_code=event.status_code, headers=headers, reason=event.reason
-                        )
-                    )
-                )
-            elif isinstance(event, h11.Data):
-                writer.write(conn.send(event))
-                await writer.drain()
-            elif isinstance(event, h11.EndOfMessage):
-                writer.write(conn.send(h11.EndOfMessage()))
-                await writer.drain()
-                break
-            else:
-                raise OSError("upstream closed before the response ended")
-        if up.our_state is h11.DONE and up.their_state is h11.DONE:
-            up.start_next_cycle()
-            return True
-        return False
-
-    async def _tunnel(
-        self,
-        conn: h11.Connection,
-        reader: Reader,
-        writer: Writer,
-        upstream: _Upstream,
-    ) -> None:
-        """Answer 200 and relay bytes both ways until both sides are done (no interception)."""
-        early, _ = conn.trailing_data
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        if early:
-            upstream.writer.write(early)
-        try:
-            await asyncio.gather(pump(reader, upstream.writer), pump(upstream.reader, writer))
-        finally:
-            await upstream.close()
+            await close_writer(writer)
 
     # -- the control socket (host only) -----------------------------------------------------
 
-    async def _serve_control(self, reader: Reader, writer: Writer) -> None:
+    async def _serve_control(self, reader: StreamReader, writer: StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
             request = json.loads(line)
@@ -561,7 +304,7 @@ class EgressProxy:
         with contextlib.suppress(OSError):
             writer.write((json.dumps(reply) + "\n").encode())
             await writer.drain()
-        await _close(writer)
+        await close_writer(writer)
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """Answer one control request: status, pending, approve or deny."""
@@ -571,96 +314,16 @@ class EgressProxy:
             return {
                 **status,
                 "rules": [str(r) for r in self.rules],
-                "always_allow": sorted(map(str, self.always_allow)),
-                "always_deny": sorted(map(str, self.always_deny)),
+                "always_allow": sorted(map(str, self.approvals.always_allow)),
+                "always_deny": sorted(map(str, self.approvals.always_deny)),
             }
         if op == "pending":
-            return {
-                **status,
-                "pending": [
-                    {
-                        "target": str(p.target),
-                        "since": p.since,
-                        "expires": p.expires,
-                        "waiting": p.waiting,
-                    }
-                    for p in self.pending.values()
-                    if not p.future.done()
-                ],
-            }
+            return {**status, "pending": self.approvals.waiting()}
         if op in ("approve", "deny"):
-            try:
-                target = parse_authority(str(request.get("target", "")))
-            except TargetError as exc:
-                return {
-                    "ok": False,
-                    "error": f"TARGET must be host:port as listed by `egress pending` ({exc})",
-                }
-            always = bool(request.get("always"))
-            if always:
-                (self.always_allow if op == "approve" else self.always_deny).add(target)
-                (self.always_deny if op == "approve" else self.always_allow).discard(target)
-            pending = self.pending.pop(target, None)
-            decided = 0
-            if pending is not None and not pending.future.done():
-                pending.future.set_result((op, always))
-                decided = pending.waiting
-            if not always and pending is None:
-                return {
-                    "ok": False,
-                    "error": f"no request to {target} is waiting in kernel {self.config.kernel_id}",
-                }
-            self.record(target, op, f"{op} by a person" + (" (always)" if always else ""))
-            return {**status, "target": str(target), "decided": decided, "always": always}
+            target = str(request.get("target", ""))
+            outcome = self.approvals.settle(op, target, bool(request.get("always")))
+            return outcome if "error" in outcome else {**status, **outcome}
         return {"ok": False, "error": f"unknown control operation {op!r}"}
-
-
-class _Upstream:
-    def __init__(self, target: Target, reader: Reader, writer: Writer):
-        self.target, self.reader, self.writer = target, reader, writer
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-
-    async def send(self, data: bytes | None) -> None:
-        if data:
-            self.writer.write(data)
-            await self.writer.drain()
-
-    async def close(self) -> None:
-        await _close(self.writer)
-
-
-def _host_header(target: Target) -> bytes:
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    return (host if target.port == 80 else f"{host}:{target.port}").encode()
-
-
-async def _next_event(conn: h11.Connection, reader: Reader, sniff: bool = False) -> Any:
-    """The next h11 event; with ``sniff``, refuse early what cannot be an HTTP request head
-    (a TLS hello or an SSH banner would otherwise wait for a blank line that never comes)."""
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        data = await reader.read(MAX_HEAD if sniff else CHUNK)
-        conn.receive_data(data)  # b"" marks the end
-        if not sniff:
-            continue
-        buffered = conn.trailing_data[0]
-        if not _REQUEST_START.match(buffered[:20]):
-            raise h11.RemoteProtocolError("not an HTTP request line", 400)
-        if len(buffered) >= MAX_HEAD:
-            raise Refused(
-                431,
-                "head-too-large",
-                None,
-                _message(None, f"request head over {MAX_HEAD // 1024} KiB"),
-            )
-
-
-async def _close(writer: Writer) -> None:
-    writer.close()
-    with contextlib.suppress(OSError, asyncio.TimeoutError):
-        await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def serve(config: ProxyConfig, lifeline: bool = True) -> None:
@@ -668,9 +331,14 @@ async def serve(config: ProxyConfig, lifeline: bool = True) -> None:
     proxy = EgressProxy(config)
     await proxy.start()
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def finish() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(signum, finish)
     if lifeline:
 
         def watch_stdin() -> None:
@@ -678,7 +346,7 @@ async def serve(config: ProxyConfig, lifeline: bool = True) -> None:
                 while os.read(0, 1024):  # unbuffered: no lock held at interpreter exit
                     pass
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                loop.call_soon_threadsafe(lambda: stop.done() or stop.set_result(None))
+                loop.call_soon_threadsafe(finish)
 
         # a daemon thread: a blocked read must not hold up the exit after SIGTERM
         threading.Thread(target=watch_stdin, name="lifeline", daemon=True).start()

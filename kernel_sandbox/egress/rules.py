@@ -21,6 +21,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from kernel_sandbox.errors import TargetError  # defined there, kept here
+
 __all__ = [
     "DEFAULT_PORTS",
     "Decision",
@@ -43,10 +45,6 @@ _PORT = re.compile(r"[0-9]{1,5}")
 NOT_LISTED = "not-listed"
 IP_LITERAL = "ip-literal"
 BAD_TARGET = "bad-target"
-
-
-class TargetError(ValueError):
-    """A host, port, pattern or address that is not acceptable; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kernel_sandbox.egress.proxy import ProxyConfig
-
+from kernel_sandbox.egress.config import ProxyConfig
 from kernel_sandbox.errors import KernelStartError
 from kernel_sandbox.inside.contract import (
     EGRESS_BRIDGE_MODULE,
@@ -97,10 +95,6 @@ class EgressEndpoint:
         return self.runtime_dir / EGRESS_CONTROL_SOCKET
 
     def config(self) -> ProxyConfig:
-        from kernel_sandbox.egress.proxy import (
-            ProxyConfig,
-        )  # not at import: `-m ...egress.proxy` runs it as __main__
-
         return ProxyConfig(
             kernel_id=self.kernel_id,
             listen=str(self.socket_path),

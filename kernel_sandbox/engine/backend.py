@@ -1,9 +1,12 @@
 """The container backend: a policy in, a hardened Docker container out.
 
 This is the only module that talks to the Docker SDK and the only place where
-``docker.errors`` become :mod:`kernel_sandbox.errors`. Blocking SDK calls run in
-``asyncio.to_thread`` so a Jupyter Server's event loop never waits on the engine.
-Another backend (Podman, Kubernetes) would take the same :class:`ContainerRequest`.
+``docker.errors`` (and the ``requests`` errors beneath them) become
+:mod:`kernel_sandbox.errors`: every SDK call goes through one choke point,
+:meth:`DockerBackend._guarded`. Blocking SDK calls run in ``asyncio.to_thread`` so a Jupyter
+Server's event loop never waits on the engine.
+Another backend (Podman, Kubernetes) would take the same :class:`ContainerRequest`
+(:mod:`kernel_sandbox.engine.container`, re-exported here with its helpers).
 """
 
 from __future__ import annotations
@@ -14,90 +17,43 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import docker
-import docker.errors
+import docker  # type: ignore[import-untyped]
+import docker.errors  # type: ignore[import-untyped]
 import requests.exceptions
 
+from kernel_sandbox.engine.container import (
+    ContainerRequest,
+    ContainerState,
+    container_options,
+    start_error,
+    workspace_target,
+)
 from kernel_sandbox.errors import (
+    EngineError,
     EngineUnavailable,
     ImageBuildError,
     ImageMissing,
     KernelStartError,
     RuntimeUnavailable,
+    SandboxError,
 )
-from kernel_sandbox.inside.contract import (
-    IMAGE_KIND_KERNEL,
-    LABEL_PREFIX,
-    RUNTIME_MOUNT,
-    SANDBOX_HOME,
-    WORKSPACE_FALLBACK,
-    label,
-)
-from kernel_sandbox.policy.model import SandboxPolicy
+from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, LABEL_PREFIX, label
+from kernel_sandbox.inside.contract import RUNTIME_MOUNT as RUNTIME_MOUNT  # tests read it here
+from kernel_sandbox.inside.contract import SANDBOX_HOME as SANDBOX_HOME  # tests read it here
 
-__all__ = ["ContainerRequest", "ContainerState", "DockerBackend", "shared_backend"]
-
-# Paths inside the image a workspace must not be mounted over.
-RESERVED_PATHS = (
-    "/tmp",
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib64",
-    "/opt",
-    "/etc",
-    "/run",
-    "/var",
-    "/proc",
-    "/sys",
-    "/dev",
-    SANDBOX_HOME,
-)
-
-
-def workspace_target(host_path: str) -> str:
-    """Where the notebook's directory appears inside: the same path, unless that is reserved."""
-    for reserved in RESERVED_PATHS:
-        if host_path == reserved or host_path.startswith(reserved + "/"):
-            return WORKSPACE_FALLBACK
-    return host_path
-
+__all__ = [
+    "ContainerRequest",
+    "ContainerState",
+    "DockerBackend",
+    "container_options",
+    "shared_backend",
+    "start_error",
+    "workspace_target",
+]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ContainerRequest:
-    """Everything needed to start one kernel container, already decided by the provisioner."""
-
-    name: str
-    policy: SandboxPolicy
-    command: list[str]
-    env: dict[str, str]
-    labels: dict[str, str]
-    runtime_dir: str
-    user: str
-    workspace: str | None = None
-
-    @property
-    def workdir(self) -> str:
-        if self.workspace and self.policy.workspace != "none":
-            return workspace_target(self.workspace)
-        return SANDBOX_HOME
-
-
-@dataclass(frozen=True)
-class ContainerState:
-    """What the engine says about a container: running or ended, and how it ended."""
-
-    running: bool
-    exit_code: int | None
-    oom_killed: bool = False
-    error: str = ""
 
 
 def _engine_unavailable(exc: BaseException) -> EngineUnavailable:
@@ -107,50 +63,8 @@ def _engine_unavailable(exc: BaseException) -> EngineUnavailable:
     )
 
 
-def container_options(request: ContainerRequest) -> dict[str, Any]:
-    """Map a request to ``docker.containers.create`` keyword arguments (the hardened defaults)."""
-    policy = request.policy
-    uid, gid = request.user.split(":")
-    tmpfs_opts = f"rw,nosuid,nodev,size={policy.tmpfs_size}"
-    volumes: dict[str, dict[str, str]] = {
-        request.runtime_dir: {"bind": RUNTIME_MOUNT, "mode": "rw"},
-    }
-    if request.workspace and policy.workspace != "none":
-        volumes[request.workspace] = {"bind": request.workdir, "mode": policy.workspace}
-    for mount in policy.mounts:
-        volumes[mount.source] = {"bind": mount.target, "mode": "ro" if mount.read_only else "rw"}
-    options: dict[str, Any] = {
-        "image": policy.image,
-        "command": request.command,
-        "name": request.name,
-        "labels": request.labels,
-        "environment": request.env,
-        "user": request.user,
-        "working_dir": request.workdir,
-        "hostname": "sandbox",
-        "network_mode": "none",
-        # Docker would copy in the host's nameservers: their addresses are nobody's business
-        # inside, and nothing inside could reach them anyway. Names resolve only on the host.
-        "dns": ["127.0.0.1"],
-        "read_only": True,
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
-        "ipc_mode": "private",
-        "init": True,
-        "pids_limit": policy.pids_limit,
-        "mem_limit": policy.memory_limit,
-        "memswap_limit": policy.memory_limit,
-        "nano_cpus": int(policy.cpu_limit * 1e9),
-        "tmpfs": {
-            "/tmp": tmpfs_opts,
-            SANDBOX_HOME: f"{tmpfs_opts},uid={uid},gid={gid},mode=0700",
-        },
-        "volumes": volumes,
-        "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
-    }
-    if policy.runtime != "runc":
-        options["runtime"] = policy.runtime
-    return options
+def _short(container_id: str) -> str:
+    return container_id[:12]
 
 
 class DockerBackend:
@@ -158,6 +72,11 @@ class DockerBackend:
 
     ``client_factory`` is injectable so tests (and other engines speaking the Docker API,
     such as Podman's socket) can hand in their own client.
+
+    Besides the errors each method names, every method raises
+    :class:`~kernel_sandbox.errors.EngineUnavailable` when the engine does not answer and
+    :class:`~kernel_sandbox.errors.EngineError` when it refuses or fails a request; no
+    ``docker`` or ``requests`` exception leaves this class.
     """
 
     def __init__(self, client_factory: Callable[[], docker.DockerClient] = docker.from_env):
@@ -173,14 +92,33 @@ class DockerBackend:
                 raise _engine_unavailable(exc) from exc
         return self._client
 
-    async def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(self._guarded, func, *args, **kwargs)
+    async def _call(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """:meth:`_guarded` in a worker thread."""
+        return await asyncio.to_thread(self._guarded, what, func, *args)
 
-    def _guarded(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _guarded(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        """Run one blocking engine call; the one place where engine errors are translated.
+
+        ``what`` completes "the Docker engine refused to ..." (e.g. "remove container 0a1b").
+        """
         try:
-            return func(*args, **kwargs)
+            return func(*args)
+        except SandboxError:
+            raise  # translated already, with a more precise message
+        except docker.errors.APIError as exc:  # the engine answered with an error status
+            raise EngineError(
+                f"the Docker engine refused to {what}: {exc.explanation or exc}",
+                exc.status_code,
+            ) from exc
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
             raise _engine_unavailable(exc) from exc
+        except requests.exceptions.Timeout as exc:
+            raise EngineError(
+                f"the Docker engine did not answer in time to {what} "
+                f"({exc.__class__.__name__}); check that `docker info` answers promptly"
+            ) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineError(f"cannot {what} on the Docker engine: {exc}") from exc
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -193,7 +131,7 @@ class DockerBackend:
             EngineUnavailable: the engine does not answer.
             KernelStartError: the engine refused to create or start the container.
         """
-        return await self._call(self._start_sync, request)
+        return await self._call(f"start kernel container {request.name}", self._start_sync, request)
 
     def _start_sync(self, request: ContainerRequest) -> str:
         options = container_options(request)
@@ -228,7 +166,9 @@ class DockerBackend:
 
     async def state(self, container_id: str) -> ContainerState:
         """The container's real state; a container that is gone counts as ended (code -1)."""
-        return await self._call(self._state_sync, container_id)
+        return await self._call(
+            f"inspect container {_short(container_id)}", self._state_sync, container_id
+        )
 
     def _state_sync(self, container_id: str) -> ContainerState:
         try:
@@ -247,7 +187,9 @@ class DockerBackend:
 
     async def signal(self, container_id: str, signum: int) -> None:
         """Send ``signum`` to the container's init, which passes it to the kernel's group."""
-        await self._call(self._signal_sync, container_id, signum)
+        await self._call(
+            f"signal container {_short(container_id)}", self._signal_sync, container_id, signum
+        )
 
     def _signal_sync(self, container_id: str, signum: int) -> None:
         try:
@@ -261,11 +203,13 @@ class DockerBackend:
 
     async def remove(self, container_id: str) -> None:
         """Force-remove the container; "already gone" is fine (cleanup is idempotent)."""
-        await self._call(self._remove_sync, container_id)
+        await self._call(
+            f"remove container {_short(container_id)}", self._remove_sync, container_id
+        )
 
     def remove_blocking(self, container_id: str) -> None:
         """:meth:`remove` without a worker thread, for interpreter exit."""
-        self._guarded(self._remove_sync, container_id)
+        self._guarded(f"remove container {_short(container_id)}", self._remove_sync, container_id)
 
     def _remove_sync(self, container_id: str) -> None:
         try:
@@ -279,7 +223,12 @@ class DockerBackend:
 
     async def logs_tail(self, container_id: str, lines: int = 15) -> str:
         """The last lines the container printed (stdout and stderr), for error messages."""
-        return await self._call(self._logs_sync, container_id, lines)
+        return await self._call(
+            f"show the log of container {_short(container_id)}",
+            self._logs_sync,
+            container_id,
+            lines,
+        )
 
     def _logs_sync(self, container_id: str, lines: int) -> str:
         try:
@@ -292,7 +241,7 @@ class DockerBackend:
 
     async def find(self, **labels: str) -> list[dict[str, Any]]:
         """Containers (running or not) carrying all of ``labels`` (names without the prefix)."""
-        return await self._call(self._find_sync, labels)
+        return await self._call("list kernel containers", self._find_sync, labels)
 
     def _find_sync(self, labels: dict[str, str]) -> list[dict[str, Any]]:
         filters = [f"{LABEL_PREFIX}managed=true"]
@@ -301,19 +250,26 @@ class DockerBackend:
 
     async def runtimes(self) -> list[str]:
         """The OCI runtimes the engine has registered."""
-        return await self._call(self._runtimes_sync)
+        return await self._call("list its OCI runtimes", self._runtimes_sync)
 
     def _runtimes_sync(self) -> list[str]:
         return sorted(self.client.info().get("Runtimes", {}))
 
     async def engine_info(self) -> dict[str, Any]:
         """What ``docker info`` says: version, runtimes with their arguments, cgroup version."""
-        return await self._call(lambda: dict(self.client.info()))
+        return await self._call("describe itself (docker info)", self._info_sync)
+
+    def _info_sync(self) -> dict[str, Any]:
+        return dict(self.client.info())
 
     async def memory_usage(self, container_id: str) -> tuple[int, int] | None:
         """(bytes used, limit) of a running container as ``docker stats`` counts them
         (page cache that can be dropped excluded); None when it is gone or not running."""
-        return await self._call(self._memory_usage_sync, container_id)
+        return await self._call(
+            f"report the memory use of container {_short(container_id)}",
+            self._memory_usage_sync,
+            container_id,
+        )
 
     def _memory_usage_sync(self, container_id: str) -> tuple[int, int] | None:
         try:
@@ -329,7 +285,7 @@ class DockerBackend:
 
     async def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
-        await self._call(self._ping_sync)
+        await self._call("answer a ping", self._ping_sync)
 
     def _ping_sync(self) -> None:
         try:
@@ -344,7 +300,7 @@ class DockerBackend:
 
     async def image_labels(self, tag: str) -> dict[str, str] | None:
         """The image's labels, or None when the engine does not have it."""
-        return await self._call(self._image_labels_sync, tag)
+        return await self._call(f"inspect image {tag}", self._image_labels_sync, tag)
 
     def _image_labels_sync(self, tag: str) -> dict[str, str] | None:
         try:
@@ -355,7 +311,7 @@ class DockerBackend:
 
     async def pull(self, image: str) -> None:
         """Pull ``image`` from its registry (only for bases; kernel images are built here)."""
-        await self._call(self._pull_sync, image)
+        await self._call(f"pull {image}", self._pull_sync, image)
 
     def _pull_sync(self, image: str) -> None:
         repository, _, tag = image.partition(":")
@@ -370,7 +326,9 @@ class DockerBackend:
 
     async def run_once(self, image: str, command: list[str]) -> str:
         """Run ``command`` in a throwaway, network-less container and return its output."""
-        return await self._call(self._run_once_sync, image, command)
+        return await self._call(
+            f"run `{' '.join(command)}` in {image}", self._run_once_sync, image, command
+        )
 
     def _run_once_sync(self, image: str, command: list[str]) -> str:
         try:
@@ -394,7 +352,9 @@ class DockerBackend:
         progress: Callable[[str], None],
     ) -> None:
         """Build ``context`` with no network at all; stream each build line to ``progress``."""
-        await self._call(self._build_sync, context, tag, buildargs, labels, progress)
+        await self._call(
+            f"build {tag}", self._build_sync, context, tag, buildargs, labels, progress
+        )
 
     def _build_sync(
         self,
@@ -431,10 +391,11 @@ class DockerBackend:
 
     async def import_rootfs(self, tarball: str, image: str) -> None:
         """Import a root file system tarball as ``image`` (REPOSITORY:TAG)."""
+        await self._call(f"import {tarball} as {image}", self._import_rootfs_sync, tarball, image)
+
+    def _import_rootfs_sync(self, tarball: str, image: str) -> None:
         repository, _, tag = image.partition(":")
-        await self._call(
-            self.client.api.import_image_from_file, tarball, repository, tag or "latest"
-        )
+        self.client.api.import_image_from_file(tarball, repository, tag or "latest")
 
     def close(self) -> None:
         if self._client is not None:
@@ -461,14 +422,3 @@ def shared_backend() -> DockerBackend:
         if key not in _shared:
             _shared[key] = DockerBackend(functools.partial(docker.from_env, environment=engine))
         return _shared[key]
-
-
-def start_error(name: str, image: str, state: ContainerState, logs: str) -> KernelStartError:
-    """Build the message for a kernel container that ended while starting."""
-    how = (
-        "was killed: out of memory" if state.oom_killed else f"exited with status {state.exit_code}"
-    )
-    tail = "\n".join(logs.splitlines()[-10:]) or "(it printed nothing)"
-    return KernelStartError(
-        f"kernel container {name} (image {image}) {how} during start. Last log lines:\n{tail}"
-    )

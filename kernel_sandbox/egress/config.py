@@ -1,0 +1,34 @@
+"""What one kernel's egress proxy enforces and where it listens.
+
+The provisioner (:mod:`.service`) writes it as JSON into the kernel's host-only runtime
+directory; the proxy process (:mod:`.proxy`) reads it at start.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+__all__ = ["ProxyConfig"]
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """What one kernel's proxy enforces and where it listens (written by the provisioner)."""
+
+    kernel_id: str
+    listen: str
+    notices: str
+    control: str
+    log: str
+    rules: tuple[str, ...] = ()
+    hosts: dict[str, str] = field(default_factory=dict)
+    mode: str = "deny"
+    ask_timeout: float = 60.0
+
+    @classmethod
+    def load(cls, path: str) -> ProxyConfig:
+        with open(path) as handle:
+            values = json.load(handle)
+        values["rules"] = tuple(values.get("rules", ()))
+        return cls(**values)

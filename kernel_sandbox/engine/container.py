@@ -1,0 +1,141 @@
+"""One kernel container as the engine sees it: the request, its hardened options, its state.
+
+:class:`ContainerRequest` is everything the provisioner decided; :func:`container_options`
+maps it to ``docker.containers.create`` arguments (no network, read-only root, no
+capabilities, limits from the policy); :class:`ContainerState` is what the engine says
+back, and :func:`start_error` words a container that ended while its kernel started.
+No engine calls here: :mod:`kernel_sandbox.engine.backend` makes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import docker  # type: ignore[import-untyped]
+
+from kernel_sandbox.errors import KernelStartError
+from kernel_sandbox.inside.contract import RUNTIME_MOUNT, SANDBOX_HOME, WORKSPACE_FALLBACK
+from kernel_sandbox.policy.model import SandboxPolicy
+
+__all__ = [
+    "RESERVED_PATHS",
+    "ContainerRequest",
+    "ContainerState",
+    "container_options",
+    "start_error",
+    "workspace_target",
+]
+
+# Paths inside the image a workspace must not be mounted over.
+RESERVED_PATHS = (
+    "/tmp",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/opt",
+    "/etc",
+    "/run",
+    "/var",
+    "/proc",
+    "/sys",
+    "/dev",
+    SANDBOX_HOME,
+)
+
+
+def workspace_target(host_path: str) -> str:
+    """Where the notebook's directory appears inside: the same path, unless that is reserved."""
+    for reserved in RESERVED_PATHS:
+        if host_path == reserved or host_path.startswith(reserved + "/"):
+            return WORKSPACE_FALLBACK
+    return host_path
+
+
+@dataclass(frozen=True)
+class ContainerRequest:
+    """Everything needed to start one kernel container, already decided by the provisioner."""
+
+    name: str
+    policy: SandboxPolicy
+    command: list[str]
+    env: dict[str, str]
+    labels: dict[str, str]
+    runtime_dir: str
+    user: str
+    workspace: str | None = None
+
+    @property
+    def workdir(self) -> str:
+        if self.workspace and self.policy.workspace != "none":
+            return workspace_target(self.workspace)
+        return SANDBOX_HOME
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What the engine says about a container: running or ended, and how it ended."""
+
+    running: bool
+    exit_code: int | None
+    oom_killed: bool = False
+    error: str = ""
+
+
+def container_options(request: ContainerRequest) -> dict[str, Any]:
+    """Map a request to ``docker.containers.create`` keyword arguments (the hardened defaults)."""
+    policy = request.policy
+    uid, gid = request.user.split(":")
+    tmpfs_opts = f"rw,nosuid,nodev,size={policy.tmpfs_size}"
+    volumes: dict[str, dict[str, str]] = {
+        request.runtime_dir: {"bind": RUNTIME_MOUNT, "mode": "rw"},
+    }
+    if request.workspace and policy.workspace != "none":
+        volumes[request.workspace] = {"bind": request.workdir, "mode": policy.workspace}
+    for mount in policy.mounts:
+        volumes[mount.source] = {"bind": mount.target, "mode": "ro" if mount.read_only else "rw"}
+    options: dict[str, Any] = {
+        "image": policy.image,
+        "command": request.command,
+        "name": request.name,
+        "labels": request.labels,
+        "environment": request.env,
+        "user": request.user,
+        "working_dir": request.workdir,
+        "hostname": "sandbox",
+        "network_mode": "none",
+        # Docker would copy in the host's nameservers: their addresses are nobody's business
+        # inside, and nothing inside could reach them anyway. Names resolve only on the host.
+        "dns": ["127.0.0.1"],
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "ipc_mode": "private",
+        "init": True,
+        "pids_limit": policy.pids_limit,
+        "mem_limit": policy.memory_limit,
+        "memswap_limit": policy.memory_limit,
+        "nano_cpus": int(policy.cpu_limit * 1e9),
+        "tmpfs": {
+            "/tmp": tmpfs_opts,
+            SANDBOX_HOME: f"{tmpfs_opts},uid={uid},gid={gid},mode=0700",
+        },
+        "volumes": volumes,
+        "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
+    }
+    if policy.runtime != "runc":
+        options["runtime"] = policy.runtime
+    return options
+
+
+def start_error(name: str, image: str, state: ContainerState, logs: str) -> KernelStartError:
+    """Build the message for a kernel container that ended while starting."""
+    how = (
+        "was killed: out of memory" if state.oom_killed else f"exited with status {state.exit_code}"
+    )
+    tail = "\n".join(logs.splitlines()[-10:]) or "(it printed nothing)"
+    return KernelStartError(
+        f"kernel container {name} (image {image}) {how} during start. Last log lines:\n{tail}"
+    )
