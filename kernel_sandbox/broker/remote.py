@@ -28,7 +28,7 @@ class RemoteSource:
 
     def __init__(self, url: str, storage_options: dict[str, Any]):
         try:
-            from fsspec.core import url_to_fs  # type: ignore[import-untyped]
+            from fsspec.core import url_to_fs
         except ImportError:
             log.error("dataset %s needs fsspec on the host: pip install 'kernel-sandbox[s3]'", url)
             raise source_unavailable() from None

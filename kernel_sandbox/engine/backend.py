@@ -19,8 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import docker  # type: ignore[import-untyped]
-import docker.errors  # type: ignore[import-untyped]
+import docker
+import docker.errors
 import requests.exceptions
 
 from kernel_sandbox.engine.container import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import docker  # type: ignore[import-untyped]
+import docker
 
 from kernel_sandbox.errors import KernelStartError
 from kernel_sandbox.inside.contract import RUNTIME_MOUNT, SANDBOX_HOME, WORKSPACE_FALLBACK
