@@ -70,7 +70,7 @@ def notebook(path: Path, *cells: str, tags: dict[int, list[str]] | None = None) 
 
 def command() -> list[str]:
     script = shutil.which("kernel-sandbox")
-    return [script] if script else [sys.executable, "-m", "kernel_sandbox.cli.app"]
+    return [script] if script else [sys.executable, "-m", "kernel_sandbox.cli"]
 
 
 def run(
