@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
-from kernel_sandbox.cli.console import EXIT_OK, err, wide_console
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, err, wide_console
 from kernel_sandbox.engine.backend import DockerBackend
 
 __all__ = ["add_tokens_command"]
@@ -29,10 +32,19 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
+@contextmanager
+def _database(path: Path) -> Iterator[None]:
+    """sqlite's own errors (a path that cannot be opened) as one line, not a traceback."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise UsageError(f"token database {path}: {exc} (--db FILE)") from exc
+
+
 async def cmd_tokens_list(args: argparse.Namespace, backend: DockerBackend) -> int:
-    store = TokenStore(args.db)
     now = time.time()
-    records = store.records(include_dead=args.all)
+    with _database(args.db):
+        records = TokenStore(args.db).records(include_dead=args.all)
     if args.json:
         print(json.dumps([r.to_dict(now) for r in records], indent=1))
         return EXIT_OK
@@ -59,8 +71,8 @@ async def cmd_tokens_list(args: argparse.Namespace, backend: DockerBackend) -> i
 
 
 async def cmd_tokens_revoke(args: argparse.Namespace, backend: DockerBackend) -> int:
-    store = TokenStore(args.db)
-    revoked = store.revoke(args.ident, reason=args.reason)  # TokenNotFound: exit 2
+    with _database(args.db):
+        revoked = TokenStore(args.db).revoke(args.ident, reason=args.reason)  # TokenNotFound: 2
     if not revoked:
         err.print(f"{args.ident}: its tokens were already revoked or expired", markup=False)
         return EXIT_OK
