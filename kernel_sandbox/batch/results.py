@@ -15,10 +15,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from kernel_sandbox.errors import SandboxError
 
-__all__ = ["NotebookResult", "Status", "plain", "write_junit"]
+__all__ = [
+    "NotebookResult",
+    "Status",
+    "fail",
+    "fail_in_cell",
+    "plain",
+    "stream_output",
+    "write_junit",
+]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -65,6 +74,53 @@ class NotebookResult:
 def plain(text: str) -> str:
     """``text`` without terminal colour codes (tracebacks from IPython carry them)."""
     return _ANSI.sub("", text)
+
+
+def fail(
+    result: NotebookResult,
+    status: Status,
+    error_type: str,
+    summary: str,
+    details: str = "",
+) -> None:
+    """Record how ``result``'s notebook ended badly; ``details`` default to ``summary``."""
+    result.status, result.error_type, result.summary = status, error_type, summary
+    result.details = plain(details or summary)
+
+
+def fail_in_cell(
+    result: NotebookResult,
+    nb: Any,
+    index: int | None,
+    status: Status,
+    error_type: str,
+    what: str,
+) -> None:
+    """:func:`fail`, naming cell ``index`` of ``nb`` and keeping its source and traceback."""
+    if index is None:
+        fail(result, status, error_type, what)
+        return
+    cell = nb.cells[index]
+    where = f"cell {index + 1} (code cell {result.cell} of {result.cells})"
+    traceback = "\n".join(
+        "\n".join(out.get("traceback", []))
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    )
+    details = f"{where}:\n{cell.source}\n{'-' * 40}\n{traceback or what}"
+    fail(result, status, error_type, f"{where}: {what}", details)
+
+
+def stream_output(nb: Any, limit: int = 64_000) -> str:
+    """The stream output (stdout, stderr) of every code cell, for the report."""
+    text = "".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
+    )
+    return text if len(text) <= limit else text[:limit] + "\n[... truncated]"
 
 
 # -- JUnit report ---------------------------------------------------------------------------

@@ -27,7 +27,14 @@ from traitlets.config import Config
 
 from kernel_sandbox.batch.notebooks import discover, inject_parameters, parse_value
 from kernel_sandbox.batch.options import RunOptions, default_jobs
-from kernel_sandbox.batch.results import NotebookResult, Status, plain, write_junit
+from kernel_sandbox.batch.results import (
+    NotebookResult,
+    Status,
+    fail,
+    fail_in_cell,
+    stream_output,
+    write_junit,
+)
 from kernel_sandbox.errors import (
     EngineUnavailable,
     ImageMissing,
@@ -243,9 +250,7 @@ class BatchRunner:
             try:
                 nb = nbformat.read(result.path, as_version=4)
             except Exception as exc:  # any unreadable file is this notebook's failure only
-                self._fail(
-                    result, Status.FAILED, type(exc).__name__, f"cannot read the notebook: {exc}"
-                )
+                fail(result, Status.FAILED, type(exc).__name__, f"cannot read the notebook: {exc}")
                 self._changed(result)
                 return
             try:
@@ -286,7 +291,7 @@ class BatchRunner:
             try:
                 inject_parameters(nb, options.parameters, language)
             except ValueError as exc:
-                self._fail(result, Status.FAILED, "ParameterError", str(exc))
+                fail(result, Status.FAILED, "ParameterError", str(exc))
                 return
             code = {i for i, c in enumerate(nb.cells) if _is_code(c, client.skip_cells_with_tag)}
             result.cells = len(code)
@@ -316,9 +321,9 @@ class BatchRunner:
             result.setup_error = exc
             if self.setup_error is None:
                 self.setup_error = exc
-            self._fail(result, Status.ERROR, type(exc).__name__, str(exc))
+            fail(result, Status.ERROR, type(exc).__name__, str(exc))
         except CellTimeoutError:
-            self._fail_in_cell(
+            fail_in_cell(
                 result,
                 nb,
                 index,
@@ -327,18 +332,16 @@ class BatchRunner:
                 f"no reply within {options.timeout}s (--timeout)",
             )
         except CellExecutionError as exc:
-            self._fail_in_cell(
-                result, nb, index, Status.FAILED, exc.ename, f"{exc.ename}: {exc.evalue}"
-            )
+            fail_in_cell(result, nb, index, Status.FAILED, exc.ename, f"{exc.ename}: {exc.evalue}")
         except DeadKernelError:
             status = await self._exit_status(km)
-            self._fail_in_cell(
+            fail_in_cell(
                 result, nb, index, Status.FAILED, "DeadKernelError", f"the kernel died{status}"
             )
         except KernelStartError as exc:
-            self._fail(result, Status.FAILED, "KernelStartError", str(exc))
+            fail(result, Status.FAILED, "KernelStartError", str(exc))
         except TimeoutError as exc:  # wait_for_ready
-            self._fail(
+            fail(
                 result,
                 Status.TIMED_OUT,
                 "StartupTimeout",
@@ -346,11 +349,11 @@ class BatchRunner:
                 f"(--startup-timeout): {exc}",
             )
         except Exception as exc:  # a kernel that died while starting, and anything unforeseen
-            self._fail(result, Status.FAILED, type(exc).__name__, str(exc) or repr(exc))
+            fail(result, Status.FAILED, type(exc).__name__, str(exc) or repr(exc))
         finally:
             free_slot()
             await self._shutdown(client, km, graceful)
-            result.stdout = _streams(nb)
+            result.stdout = stream_output(nb)
 
     async def _exit_status(self, km: AsyncKernelManager) -> str:
         try:
@@ -379,39 +382,6 @@ class BatchRunner:
             except Exception:
                 pass
 
-    def _fail(
-        self,
-        result: NotebookResult,
-        status: Status,
-        error_type: str,
-        summary: str,
-        details: str = "",
-    ) -> None:
-        result.status, result.error_type, result.summary = status, error_type, summary
-        result.details = plain(details or summary)
-
-    def _fail_in_cell(
-        self,
-        result: NotebookResult,
-        nb: Any,
-        index: int | None,
-        status: Status,
-        error_type: str,
-        what: str,
-    ) -> None:
-        if index is None:
-            self._fail(result, status, error_type, what)
-            return
-        cell = nb.cells[index]
-        where = f"cell {index + 1} (code cell {result.cell} of {result.cells})"
-        traceback = "\n".join(
-            "\n".join(out.get("traceback", []))
-            for out in cell.get("outputs", [])
-            if out.get("output_type") == "error"
-        )
-        details = f"{where}:\n{cell.source}\n{'-' * 40}\n{traceback or what}"
-        self._fail(result, status, error_type, f"{where}: {what}", details)
-
     def _write(self, result: NotebookResult, nb: Any) -> None:
         if result.output is None or result.status in (Status.ERROR, Status.SKIPPED):
             return
@@ -422,7 +392,7 @@ class BatchRunner:
             nbformat.write(nb, result.output)
         except OSError as exc:
             if result.ok:
-                self._fail(
+                fail(
                     result,
                     Status.FAILED,
                     type(exc).__name__,
@@ -430,14 +400,3 @@ class BatchRunner:
                 )
             else:
                 result.summary += f" (and cannot write the executed notebook: {exc})"
-
-
-def _streams(nb: Any, limit: int = 64_000) -> str:
-    text = "".join(
-        out.get("text", "")
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-        if out.get("output_type") == "stream"
-    )
-    return text if len(text) <= limit else text[:limit] + "\n[... truncated]"
