@@ -2,16 +2,19 @@
 
 A sandboxed kernelspec is an ordinary kernelspec whose ``metadata.kernel_provisioner``
 names ``docker-sandbox`` and carries the policy values in its ``config``; Jupyter needs
-nothing else to pick it up.
+nothing else to pick it up. Every kernel.json is written by :func:`write_kernelspec`; the
+``install`` and ``wrap`` commands (:mod:`kernel_sandbox.cli.install`) build on these.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,12 @@ from kernel_sandbox.policy.model import SandboxPolicy
 __all__ = [
     "PROVISIONER_NAME",
     "check_kernel_name",
+    "find_kernelspec",
     "install_kernelspec",
+    "read_kernelspec",
     "sandbox_spec",
     "shipped_kernelspecs",
+    "with_policy",
     "wrapped_spec",
     "write_kernelspec",
 ]
@@ -89,6 +95,27 @@ def sandbox_spec(
         "interrupt_mode": "signal",
         "metadata": metadata,
     }
+
+
+def read_kernelspec(folder: Path) -> dict[str, Any]:
+    """The kernel.json of the kernelspec folder ``folder``, as a dict."""
+    spec: dict[str, Any] = json.loads((folder / "kernel.json").read_text())
+    return spec
+
+
+def with_policy(spec: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` with ``values`` added to its provisioner config.
+
+    Raises:
+        PolicyError: the config that results is not a valid policy (checked now, not at
+            kernel start).
+    """
+    spec = copy.deepcopy(spec)
+    provisioner = spec.setdefault("metadata", {}).setdefault("kernel_provisioner", {})
+    config = provisioner.setdefault("config", {})
+    config.update(values)
+    SandboxPolicy.from_mapping({k: v for k, v in config.items() if k != "profile"})
+    return spec
 
 
 def install_kernelspec(

@@ -447,7 +447,7 @@ def test_approve_once_deny_and_time_out(
         assert 3.5 < time.monotonic() - started < 30
         assert out["stdout"].startswith("(403,"), out
         assert f"egress to {target} denied: no approval within 4s" in out["stderr"]
-        assert cli_main(["egress", "approve", kid, target]) == 1  # nothing waits any more
+        assert cli_main(["egress", "approve", kid, target]) == 2  # nothing waits any more
 
         # --always holds for this kernel's life, and for this kernel only
         assert cli_main(["egress", "approve", kid, target, "--always"]) == 0

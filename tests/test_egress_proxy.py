@@ -19,7 +19,7 @@ from egress_servers import LocalTargets
 
 from kernel_sandbox.cli.app import build_parser
 from kernel_sandbox.cli.app import main as cli_main
-from kernel_sandbox.cli.egress import egress_install_policy
+from kernel_sandbox.cli.install import egress_install_policy
 from kernel_sandbox.egress import EgressControl, EgressControlError, EgressEndpoint
 from kernel_sandbox.egress.rules import (
     Target,

@@ -34,13 +34,13 @@ from kernel_sandbox.batch.runner import (
     RunOptions,
     Status,
     discover,
-    exit_code,
     inject_parameters,
     kernel_config,
     parse_value,
     write_junit,
 )
 from kernel_sandbox.cli.app import main
+from kernel_sandbox.cli.run import exit_code
 
 CONTAINED = (
     "import os\n"

@@ -14,7 +14,7 @@ from kernel_sandbox.errors import ImageMissing, PolicyError, RuntimeUnavailable
 from kernel_sandbox.kernelspec import PROVISIONER_NAME
 
 if TYPE_CHECKING:
-    from kernel_sandbox.batch.runner import RunOptions
+    from kernel_sandbox.batch.options import RunOptions
 
 __all__ = ["kernel_config", "load_jupyter_config", "preflight"]
 

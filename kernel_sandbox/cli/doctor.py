@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from traitlets.config import Config
 
+from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, wide_console
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import PolicyError, SandboxError
 from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, default_root
@@ -35,8 +36,8 @@ from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config, r
 __all__ = ["Check", "add_doctor_command", "run_checks"]
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-# How runsc must be registered here (see ARCHITECTURE.md): no network of its own, and host
-# unix sockets for the kernel's ipc sockets and the lifeline/broker sockets it connects to.
+# How runsc must be registered here: no network of its own, and host unix sockets for the
+# kernel's ipc sockets and the lifeline/broker sockets it connects to.
 RUNSC_ARGS = ["--network=none", "--host-uds=all"]
 RELOAD = "then reload the engine: `kill -HUP $(pidof dockerd)` (or `systemctl reload docker`)"
 
@@ -149,7 +150,8 @@ def check_runtimes(
                 "runtime",
                 runtime,
                 FAIL,
-                f"kernelspec {', '.join(specs)} asks for runtime {runtime!r}, which the engine lacks",
+                f"kernelspec {', '.join(specs)} asks for runtime {runtime!r}, "
+                "which the engine lacks",
                 f'install {runtime} and register it under "runtimes" in /etc/docker/daemon.json; '
                 + RELOAD,
             )
@@ -359,31 +361,26 @@ def render(checks: list[Check]) -> Table:
         table.add_row(
             f"{check.area}: {check.name}",
             f"[{STYLE[check.status]}]{check.status}[/]",
-            check.detail,
-            check.fix or "",
+            escape(check.detail),
+            escape(check.fix),
         )
     return table
 
 
-async def cmd_doctor(args: argparse.Namespace) -> int:
+async def cmd_doctor(args: argparse.Namespace, backend: DockerBackend) -> int:
+    """Exit 1 when a check failed (a real finding, not a setup error of the command)."""
     config, _files = load_jupyter_config(args.config)
     section = config.get("DockerSandboxProvisioner", {})
     root = str(section.get("runtime_root") or default_root())
-    backend = DockerBackend()
-    try:
-        checks = await run_checks(backend, config, root)
-    finally:
-        backend.close()
+    checks = await run_checks(backend, config, root)
     failed = [c for c in checks if c.status == FAIL]
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=1))
     else:
-        console = Console(highlight=False)
-        if not console.is_terminal:
-            console = Console(highlight=False, width=max(console.width, 160))
+        console = wide_console(160)
         console.print(render(checks))
         console.print(f"{len(failed)} problem(s) found" if failed else "all checks passed")
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def add_doctor_command(commands: Any) -> None:

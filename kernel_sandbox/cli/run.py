@@ -1,7 +1,8 @@
 """``kernel-sandbox run``: execute notebooks for CI, each in its own fresh sandboxed kernel.
 
 The command line, the progress display (live on a terminal, plain lines otherwise), the
-summary and the exit code; the work is done by :mod:`kernel_sandbox.batch.runner`.
+summary and the exit code (:func:`exit_code`, through the CLI's one table); the work is done
+by :mod:`kernel_sandbox.batch.runner`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import asyncio
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +28,26 @@ from kernel_sandbox.batch.runner import (
     Status,
     default_jobs,
     discover,
-    exit_code,
     kernel_config,
     load_jupyter_config,
     parse_value,
     preflight,
     write_junit,
 )
-from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.cli.console import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    UsageError,
+    exit_code_for,
+    report_error,
+    wide_console,
+)
+from kernel_sandbox.engine.backend import DockerBackend
 
-__all__ = ["add_run_command", "cmd_run"]
+__all__ = ["add_run_command", "cmd_run", "exit_code"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TERMINATED = 0, 1, 2, 143
 STYLES = {
     Status.QUEUED: "dim",
     Status.STARTING: "cyan",
@@ -58,13 +68,6 @@ MARKS = {
     Status.ERROR: "!",
     Status.SKIPPED: "-",
 }
-
-
-def _console(stderr: bool) -> Console:
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:  # CI logs: wide enough for paths and messages
-        console = Console(stderr=stderr, highlight=False, width=max(console.width, 120))
-    return console
 
 
 def _state(result: NotebookResult) -> str:
@@ -199,27 +202,40 @@ def _summary(out: Console, err: Console, results: list[NotebookResult], elapsed:
 # -- the command ----------------------------------------------------------------------------
 
 
-async def cmd_run(args: argparse.Namespace) -> int:
-    err, out = _console(stderr=True), _console(stderr=False)
+def _setup_error(
+    results: Sequence[NotebookResult], setup_error: BaseException | None
+) -> BaseException | None:
+    return setup_error or next((r.setup_error for r in results if r.setup_error), None)
 
-    def fail(message: str) -> int:
-        err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+
+def exit_code(results: Sequence[NotebookResult], setup_error: BaseException | None = None) -> int:
+    """0 all passed; a setup error's code (2); else 1 (a notebook failed or timed out)."""
+    error = _setup_error(results, setup_error)
+    if error is not None:
+        return exit_code_for(error) or EXIT_USAGE
+    if any(r.status is Status.ERROR for r in results):
         return EXIT_USAGE
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
+
+async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
+    """Run the notebooks; the kernels' provisioners (and the pre-flight check) reach the
+    engine themselves, so ``backend`` is not used here."""
+    err, out = wide_console(120, stderr=True), wide_console(120)
     if args.jobs < 1:
-        return fail("--jobs must be at least 1")
+        raise UsageError("--jobs must be at least 1")
     try:
         notebooks = discover(args.paths, args.output_dir)
     except (OSError, ValueError) as exc:
-        return fail(str(exc))
+        raise UsageError(str(exc)) from exc
     parameters = {name: parse_value(value) for name, value in args.parameters or []}
     for name in parameters:
         if not name.isidentifier():
-            return fail(f"-p {name}: a parameter name must be an identifier")
+            raise UsageError(f"-p {name}: a parameter name must be an identifier")
     try:
         base_config = load_jupyter_config()
     except Exception as exc:  # a broken config file is the user's to fix, not a traceback
-        return fail(f"cannot load Jupyter config: {exc}")
+        raise UsageError(f"cannot load Jupyter config: {exc}") from exc
     options = RunOptions(
         kernel=args.kernel,
         profile=args.profile,
@@ -232,10 +248,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         inplace=args.inplace,
         config=kernel_config(args.profile, args.startup_timeout, base_config),
     )
-    try:
-        await preflight(options)
-    except SandboxError as exc:
-        return fail(str(exc))
+    await preflight(options)  # a SandboxError: exit 2 before any kernel starts
 
     runner = BatchRunner(notebooks, options)
     display_class = LiveDisplay if err.is_terminal else PlainDisplay
@@ -282,15 +295,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 },
             )
         except OSError as exc:
-            return fail(f"cannot write the JUnit report: {exc}")
+            raise UsageError(f"cannot write the JUnit report: {exc}") from exc
         err.print(f"JUnit report: {args.junit}", markup=False)
     if options.output_dir is not None:
         err.print(f"executed notebooks: {options.output_dir}", markup=False)
     code = exit_code(results, runner.setup_error)
-    if code == EXIT_USAGE:
-        error = runner.setup_error or next(r.setup_error for r in results if r.setup_error)
-        return fail(f"{error} (no notebook was at fault; the rest were skipped)")
-    if code == EXIT_FAILED:
+    error = _setup_error(results, runner.setup_error)
+    if error is not None:
+        report_error(f"{error} (no notebook was at fault; the rest were skipped)")
+    elif code == EXIT_FAILED:
         bad = sum(not r.ok for r in results)
         err.print(f"[bold red]{bad} of {len(results)} notebook(s) did not pass[/bold red]")
     return code

@@ -1,29 +1,29 @@
-"""``kernel-sandbox tokens list|revoke`` and the ``install --dataset`` helper.
+"""``kernel-sandbox tokens list|revoke``: the data tokens of sandboxed kernels.
 
-Registered in :func:`kernel_sandbox.cli.app.build_parser` by :func:`add_tokens_command`; each
-command returns an exit code (0 done, 1 nothing matched) and raises SandboxError subclasses
-for the CLI to report.
+A token or kernel that is not in the store is a ``TokenNotFound`` (exit 2, through
+:data:`kernel_sandbox.cli.console.EXIT_CODES`); ``install --dataset`` is in
+:mod:`kernel_sandbox.cli.install`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
-from kernel_sandbox.kernelspec import install_kernelspec, write_kernelspec
-from kernel_sandbox.policy import SandboxPolicy, parse_datasets
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, err, wide_console
+from kernel_sandbox.engine.backend import DockerBackend
 
-__all__ = ["add_tokens_command", "install_with_datasets"]
-
-EXIT_OK, EXIT_NOTHING = 0, 1
+__all__ = ["add_tokens_command"]
 
 
 def _when(timestamp: float | None) -> str:
@@ -32,16 +32,25 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
-async def cmd_tokens_list(args: argparse.Namespace) -> int:
-    store = TokenStore(args.db)
+@contextmanager
+def _database(path: Path) -> Iterator[None]:
+    """sqlite's own errors (a path that cannot be opened) as one line, not a traceback."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise UsageError(f"token database {path}: {exc} (--db FILE)") from exc
+
+
+async def cmd_tokens_list(args: argparse.Namespace, backend: DockerBackend) -> int:
     now = time.time()
-    records = store.records(include_dead=args.all)
+    with _database(args.db):
+        records = TokenStore(args.db).records(include_dead=args.all)
     if args.json:
         print(json.dumps([r.to_dict(now) for r in records], indent=1))
         return EXIT_OK
     if not records:
         hint = "" if args.all else " (--all shows the others)"
-        Console(stderr=True).print(f"no live tokens{hint}")
+        err.print(f"no live tokens{hint}")
         return EXIT_OK
     table = Table(box=None, header_style="bold")
     for column in ("TOKEN", "KERNEL", "STATE", "DATASETS", "EXPIRES", "REVOKED"):
@@ -57,16 +66,15 @@ async def cmd_tokens_list(args: argparse.Namespace) -> int:
             _when(record.expires),
             revoked,
         )
-    Console(width=200).print(table)
+    wide_console(200).print(table)
     return EXIT_OK
 
 
-async def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    store = TokenStore(args.db)
-    revoked = store.revoke(args.ident, reason=args.reason)  # TokenNotFound -> the CLI's error
-    err = Console(stderr=True, highlight=False)
+async def cmd_tokens_revoke(args: argparse.Namespace, backend: DockerBackend) -> int:
+    with _database(args.db):
+        revoked = TokenStore(args.db).revoke(args.ident, reason=args.reason)  # TokenNotFound: 2
     if not revoked:
-        err.print(f"{args.ident}: its tokens were already revoked or expired")
+        err.print(f"{args.ident}: its tokens were already revoked or expired", markup=False)
         return EXIT_OK
     for record in revoked:
         err.print(f"revoked token {record.token_id} of kernel {record.kernel_id}")
@@ -104,22 +112,3 @@ def add_tokens_command(commands: Any) -> None:
         "--db", type=Path, default=default_db, help=f"token database (default {default_db})"
     )
     revoke.set_defaults(func=cmd_tokens_revoke)
-
-
-def install_with_datasets(
-    source: Path, datasets: list[str], user: bool = False, prefix: str | None = None
-) -> str:
-    """Install the kernelspec in ``source``, granting ``datasets`` (``NAME=SOURCE[:access]``).
-
-    Raises:
-        PolicyError: a dataset is malformed or its directory does not exist.
-        KernelspecError: the target is not writable.
-    """
-    if not datasets:
-        return install_kernelspec(source, user=user, prefix=prefix)
-    spec = json.loads((source / "kernel.json").read_text())
-    provisioner = spec.setdefault("metadata", {}).setdefault("kernel_provisioner", {})
-    config = provisioner.setdefault("config", {})
-    config["datasets"] = {d.name: f"{d.source}:{d.access}" for d in parse_datasets(datasets)}
-    SandboxPolicy.from_mapping({k: v for k, v in config.items() if k != "profile"})
-    return write_kernelspec(source.name, spec, user=user, prefix=prefix, resources=source)

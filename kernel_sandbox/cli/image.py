@@ -1,0 +1,96 @@
+"""``kernel-sandbox image build|base``: build the kernel image, or a local base image."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kernel_sandbox.cli.console import EXIT_OK, progress
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.image.build import (
+    DEFAULT_BASE,
+    LOCAL_BASE,
+    build_base_image,
+    build_kernel_image,
+)
+from kernel_sandbox.policy import DEFAULT_IMAGE
+
+__all__ = ["add_image_command"]
+
+
+async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> int:
+    await build_base_image(
+        backend,
+        tag=args.tag,
+        suite=args.suite,
+        mirror=args.mirror,
+        force=args.force,
+        progress=progress("base"),
+    )
+    return EXIT_OK
+
+
+async def cmd_image_build(args: argparse.Namespace, backend: DockerBackend) -> int:
+    await build_kernel_image(
+        backend,
+        base=args.base,
+        tag=args.tag,
+        binder=args.binder,
+        force=args.force,
+        progress=progress("build"),
+        mirror=args.mirror,
+    )
+    return EXIT_OK
+
+
+def add_image_command(commands: Any) -> None:
+    """Register ``kernel-sandbox image build|base`` on the CLI's subparsers."""
+    image = commands.add_parser("image", help="build the kernel image or a local base image")
+    image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = image_commands.add_parser(
+        "build",
+        help=f"build the kernel image ({DEFAULT_IMAGE})",
+        description="Build the kernel image from an environment spec in repo2docker's formats "
+        "(requirements.txt, apt.txt). Wheels and Debian packages are downloaded on the host; "
+        "the build itself has no network.",
+    )
+    build.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        help=f"base image with Python (default {DEFAULT_BASE}; without a "
+        f"registry use {LOCAL_BASE} from `kernel-sandbox image base`)",
+    )
+    build.add_argument("--tag", default=DEFAULT_IMAGE, help="tag of the image to build")
+    build.add_argument(
+        "--binder",
+        type=Path,
+        default=None,
+        help="environment folder (default: the binder/ shipped with kernel-sandbox)",
+    )
+    build.add_argument(
+        "--mirror",
+        default=None,
+        help="Debian mirror URL for apt.txt packages (default: the one in this "
+        "machine's apt sources)",
+    )
+    build.add_argument(
+        "--force", action="store_true", help="rebuild even if the image is up to date"
+    )
+    build.set_defaults(func=cmd_image_build)
+
+    base = image_commands.add_parser(
+        "base",
+        help=f"create {LOCAL_BASE} with debootstrap (no registry needed)",
+        description="Create a minimal Debian base image with Python from this machine's apt "
+        "mirror, for air-gapped sites. Needs root and debootstrap.",
+    )
+    base.add_argument("--tag", default=LOCAL_BASE, help="tag of the base image")
+    base.add_argument("--suite", default="bookworm", help="Debian release (default bookworm)")
+    base.add_argument(
+        "--mirror",
+        default=None,
+        help="Debian mirror URL (default: the one in this machine's apt sources)",
+    )
+    base.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
+    base.set_defaults(func=cmd_image_base)
