@@ -25,9 +25,10 @@ import docker
 import nbformat
 import pytest
 import requests
-from conftest import IN_CI, LABEL, REPO
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from servers import free_port
+from support import IN_CI, REPO
+from support.leaks import LABEL
+from support.servers import free_port
 
 if not IN_CI:  # in CI a missing Playwright is an error, not a skip
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")

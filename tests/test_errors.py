@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import runtime_dirs, sandbox_containers
 from jupyter_client.manager import KernelManager
-from kernels import make_kernelspec
+from support.kernels import make_kernelspec
+from support.leaks import runtime_dirs, sandbox_containers
 
 from kernel_sandbox.errors import (
     EngineUnavailable,

@@ -11,7 +11,7 @@ from pathlib import Path
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.multikernelmanager import MultiKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-from kernels import SANDBOX, make_kernelspec, run_cell, sandbox_kernel
+from support.kernels import SANDBOX, make_kernelspec, run_cell, sandbox_kernel
 
 from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-from kernels import make_kernelspec
+from support.kernels import make_kernelspec
 from traitlets.config import Config
 
 from kernel_sandbox.engine import backend
@@ -607,7 +607,7 @@ def test_real_config_files_via_jupyter_config_dir(jupyter_path, tmp_path):
     )
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "kernel_sandbox.cli.app", "policy", "show", name, "--json"],
+        [sys.executable, "-m", "kernel_sandbox.cli", "policy", "show", name, "--json"],
         capture_output=True,
         text=True,
         env=env,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import pty
 import select
@@ -25,9 +24,9 @@ from pathlib import Path
 import docker
 import nbformat
 import pytest
-from conftest import LABEL, runtime_dirs
-from kernels import make_kernelspec
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from support.kernels import make_kernelspec
+from support.leaks import assert_nothing_left, containers_of
 
 from kernel_sandbox.batch.runner import (
     BatchRunner,
@@ -70,7 +69,7 @@ def notebook(path: Path, *cells: str, tags: dict[int, list[str]] | None = None) 
 
 def command() -> list[str]:
     script = shutil.which("kernel-sandbox")
-    return [script] if script else [sys.executable, "-m", "kernel_sandbox.cli.app"]
+    return [script] if script else [sys.executable, "-m", "kernel_sandbox.cli"]
 
 
 def run(
@@ -92,31 +91,6 @@ def run(
             raise
     assert_nothing_left(proc.pid)
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
-
-
-def assert_nothing_left(pid: int) -> None:
-    """No container or runtime dir owned by process ``pid`` (a check that other sessions
-    sharing the engine cannot disturb, unlike a before/after diff)."""
-    client = docker.from_env()
-    try:
-        assert containers_of(client, pid) == [], f"process {pid} left containers behind"
-    finally:
-        client.close()
-    owned = [d for d in runtime_dirs() if owner_pid(Path(d)) == pid]
-    assert owned == [], f"process {pid} left runtime dirs behind: {owned}"
-
-
-def owner_pid(runtime_dir: Path) -> int | None:
-    try:
-        return int(json.loads((runtime_dir / "owner.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def containers_of(client: docker.DockerClient, pid: int) -> list[str]:
-    """Sandbox containers started by process ``pid`` (other sessions may share the engine)."""
-    labels = [LABEL, f"io.kernel-sandbox.owner-pid={pid}"]
-    return [c.id for c in client.containers.list(all=True, filters={"label": labels})]
 
 
 def junit_cases(path: Path) -> dict[str, ET.Element]:
