@@ -309,11 +309,14 @@ def test_jupyter_console_runs_and_interrupts(tmp_path, docker_client, leak_check
         console.expect(r"facts (\d+) \['lo'\]")
         assert int(console.match.group(1)) == SANDBOX_UID
         console.expect(r"In \[2\]: ")
-        console.sendline("print('sleeping'); time.sleep(600)")
-        console.expect("sleeping")
+        console.sendline("print('asleep', 6 * 7); time.sleep(600)")
+        # The cell's own output, never the echo of the typed line: once it shows, the console
+        # is waiting on the cell, so Ctrl-C goes to the kernel rather than to the console.
+        console.expect("asleep 42")
         console.sendintr()  # Ctrl-C: the console interrupts the kernel through the provisioner
         console.expect("KeyboardInterrupt")
         console.expect(r"In \[\d+\]: ")
+        assert "escaped interact" not in console.before, "Ctrl-C hit the console, not the kernel"
         console.sendline("print('still', 6 * 7)")  # the same kernel, not a restart
         console.expect("still 42")
         console.sendline("exit")

@@ -34,11 +34,11 @@ def test_kernelspec_names_the_provisioner(jupyter_path):
 
 def test_interrupt_reaches_a_sleeping_cell(jupyter_path, leak_check):
     with sandbox_kernel() as (km, kc):
-        msg_id = kc.execute("import time; time.sleep(600)")
-        # wait until the cell is really running before interrupting it
+        msg_id = kc.execute("import time; print('asleep', flush=True); time.sleep(600)")
+        # wait until the cell's own output shows it is running before interrupting it
         while True:
             msg = kc.get_iopub_msg(timeout=30)
-            if msg["msg_type"] == "execute_input":
+            if msg["msg_type"] == "stream" and "asleep" in msg["content"]["text"]:
                 break
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=30)

@@ -384,19 +384,31 @@ def test_live_progress_on_a_terminal(tmp_path, leak_check):
     assert "1 passed" in screen  # the summary
 
 
+def cell_running(client: docker.DockerClient, pid: int, command: str) -> bool:
+    """True once a container of process ``pid`` runs ``command`` (a cell's subprocess)."""
+    for cid in containers_of(client, pid):
+        try:
+            processes = client.api.top(cid)["Processes"] or []
+        except docker.errors.APIError:  # not running (yet, or any more)
+            continue
+        if any(row[-1] == command for row in processes):
+            return True
+    return False
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_leaves_no_container(tmp_path, leak_check, docker_client, signum, code):
-    path = notebook(tmp_path / "hang.ipynb", "import time\ntime.sleep(600)")
+    # the cell's `sleep 600` shows in the container's process list once the cell runs
+    path = notebook(tmp_path / "hang.ipynb", "import subprocess\nsubprocess.run(['sleep', '600'])")
     proc = subprocess.Popen(
         [*command(), "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 60
-        while not containers_of(docker_client, proc.pid):
+        while not cell_running(docker_client, proc.pid, "sleep 600"):
             if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("no sandbox container started")
+                pytest.fail("no sandbox container ran the cell")
             time.sleep(0.2)
-        time.sleep(3)  # let the cell start
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
