@@ -60,7 +60,7 @@ def test_restart_is_a_new_container_and_clients_stay_connected(
         kc.wait_for_ready(timeout=60)
         second = km.provisioner.container_id
         assert second != first
-        assert first not in {c.id for c in docker_client.containers.list(all=True)}
+        assert first not in {c["Id"] for c in docker_client.api.containers(all=True)}
         assert km.provisioner.runtime_dir.path == runtime_dir  # same sockets for clients
         out = run_cell(kc, "print('x' in globals())")
         assert out["stdout"] == "False\n"  # a fresh interpreter, reached on the same client
@@ -74,7 +74,7 @@ def test_shutdown_removes_container_and_runtime_dir(jupyter_path, docker_client,
         assert len(km.provisioner.runtime_dir.socket_prefix + "-5") <= 107
         kc.stop_channels()
         km.shutdown_kernel()
-        assert container_id not in {c.id for c in docker_client.containers.list(all=True)}
+        assert container_id not in {c["Id"] for c in docker_client.api.containers(all=True)}
         assert not runtime_dir.exists()
 
 

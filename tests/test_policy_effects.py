@@ -289,7 +289,9 @@ def wait_until_gone(server, docker_client, kernel_id: str, timeout: float) -> fl
     started, deadline = time.monotonic(), time.monotonic() + timeout
     label = f"io.kernel-sandbox.kernel-id={kernel_id}"
     while time.monotonic() < deadline:
-        if kernel_id not in server_kernels(server) and not docker_client.containers.list(
+        # api.containers: one listing call (containers.list inspects each container after
+        # listing, and fails when the kernel is removed in between)
+        if kernel_id not in server_kernels(server) and not docker_client.api.containers(
             all=True, filters={"label": label}
         ):
             return time.monotonic() - started

@@ -2,9 +2,10 @@
 
 Which sandboxes are a test's own is decided by one rule, so that other sessions sharing the
 engine never count (nor get removed): the owner recorded on a sandbox (the ``owner-pid``
-label, ``owner.json``) is a pid of the test's ``Scope`` (this process and any the test names,
-such as a Jupyter Server it started), a descendant of this process, or a dead or unknown
-process (whatever it left could be ours); or the sandbox runs a kernelspec the test named.
+label, ``owner.json``) is a pid of the test's ``Scope``: this process, any process the test
+names (``scope.pids.add``), and every descendant of this process seen while the test ran
+(sampled, so an owner the test killed or that has exited still counts); or the sandbox runs a
+kernelspec the test named (``scope.spec``).
 
 ``leak_check`` (conftest) diffs these before and after a test; ``assert_nothing_left``
 checks that one owner process, already gone, left nothing.
@@ -13,11 +14,11 @@ checks that one owner process, already gone, left nothing.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import docker
 import docker.errors
@@ -34,18 +35,60 @@ SETTLE_SECONDS = 10  # a shutdown may still be finishing (well below the 30 s or
 Match = Callable[[int | None, str | None], bool]
 
 
-def _foreign(pid: int) -> bool:
-    """True for a live process that is neither this test process nor one of its descendants
-    (another session sharing the engine: its kernels are not this test's leaks)."""
-    while pid > 1:
-        if pid == os.getpid():
-            return False
+def _parents(known: dict[int, int] | None = None) -> dict[int, int]:
+    """pid -> parent pid of every process on this machine; the stat files of pids already
+    in ``known`` are not read again."""
+    known = known or {}
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid in known:
+            parents[pid] = known[pid]
+            continue
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            stat = Path(entry.path, "stat").read_text()
         except OSError:
-            return False  # dead: whatever it left could be ours
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-    return True
+            continue  # ended meanwhile
+        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _descendants(parents: dict[int, int]) -> set[int]:
+    """This process and its live descendants."""
+    found, mine = set(), {os.getpid()}
+    for pid in parents:
+        chain = []
+        while pid > 1 and pid not in found and pid not in mine:
+            chain.append(pid)
+            pid = parents.get(pid, 0)
+        if pid in found or pid in mine:
+            found.update(chain)
+    return found | mine
+
+
+class _Sampler(threading.Thread):
+    """Adds this process's descendants to a scope while a test runs, so that an owner
+    process that has died by the end of the test (killed, or exited) is known to be ours.
+    A kernel takes far longer to start than the sampling period."""
+
+    PERIOD = 0.1
+
+    def __init__(self, scope: Scope):
+        super().__init__(name="leak-check-sampler", daemon=True)
+        self.scope, self.done = scope, threading.Event()
+
+    def run(self) -> None:
+        parents: dict[int, int] = {}
+        while not self.done.wait(self.PERIOD):
+            parents = _parents(parents)
+            self.scope.pids.update(_descendants(parents))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self.scope.pids.update(_descendants(_parents()))
 
 
 @dataclass
@@ -60,10 +103,20 @@ class Scope:
         self.kernelspecs.add(name)
         return name
 
-    def owns(self, pid: int | None, kernelspec: str | None = None) -> bool:
-        if pid is None or pid in self.pids or kernelspec in self.kernelspecs:
-            return True
-        return not _foreign(pid)
+    def matcher(self) -> Match:
+        """A Match for the sandboxes of this scope, as the process tree is now."""
+        live = _descendants(_parents())
+
+        def owns(pid: int | None, kernelspec: str | None) -> bool:
+            if kernelspec is not None and kernelspec in self.kernelspecs:
+                return True
+            return pid is not None and (pid in self.pids or pid in live)
+
+        return owns
+
+
+def _any(pid: int | None, kernelspec: str | None) -> bool:
+    return True
 
 
 def _pid(value: str | None) -> int | None:
@@ -81,10 +134,12 @@ def owner_pid(runtime_dir: Path) -> int | None:
 
 def _containers(client: docker.DockerClient, match: Match) -> set[str]:
     found = set()
-    for container in client.containers.list(all=True, filters={"label": LABEL}):
-        labels = container.labels
+    # one listing call: containers.list() inspects each container after listing, and fails
+    # when another session removes one in between
+    for container in client.api.containers(all=True, filters={"label": LABEL}):
+        labels = container.get("Labels") or {}
         if match(_pid(labels.get(OWNER_PID_LABEL)), labels.get(KERNELSPEC_LABEL)):
-            found.add(container.id)
+            found.add(container["Id"])
     return found
 
 
@@ -96,15 +151,15 @@ def _runtime_dirs(match: Match) -> set[str]:
 
 def sandbox_containers(client: docker.DockerClient, scope: Scope | None = None) -> set[str]:
     """Ids of the sandbox containers ``scope`` (default: this process tree) owns."""
-    return _containers(client, (scope or Scope()).owns)
+    return _containers(client, (scope or Scope()).matcher())
 
 
 def runtime_dirs(scope: Scope | None = None) -> set[str]:
     """Paths of the runtime directories ``scope`` (default: this process tree) owns."""
-    return _runtime_dirs((scope or Scope()).owns)
+    return _runtime_dirs((scope or Scope()).matcher())
 
 
-def _settle(find: Callable[[], tuple[Any, set[str]]]) -> tuple[Any, set[str]]:
+def _settle(find: Callable[[], tuple[set[str], set[str]]]) -> tuple[set[str], set[str]]:
     """What ``find`` still reports once it is empty or SETTLE_SECONDS have passed."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
@@ -127,8 +182,15 @@ def no_leaks(client: docker.DockerClient) -> Iterator[Scope]:
     """Body of the ``leak_check`` fixture: yield the test's Scope, then fail if a sandbox
     container or runtime directory it owns appeared during the test and is still there."""
     scope = Scope()
-    containers_before, dirs_before = sandbox_containers(client, scope), runtime_dirs(scope)
-    yield scope
+    # everything there before, whoever owns it: pids and kernelspecs added later to the scope
+    # must not turn an older sandbox into this test's leak
+    containers_before, dirs_before = _containers(client, _any), _runtime_dirs(_any)
+    sampler = _Sampler(scope)
+    sampler.start()
+    try:
+        yield scope
+    finally:
+        sampler.stop()
     leaked, leaked_dirs = _settle(
         lambda: (
             sandbox_containers(client, scope) - containers_before,
@@ -156,12 +218,13 @@ def assert_nothing_left(
     def exactly(owner: int | None, kernelspec: str | None) -> bool:
         return owner == pid
 
+    left: set[str] = set()
     if engine_out_of_reach():
-        left, dirs = [], _runtime_dirs(exactly)
+        dirs = _runtime_dirs(exactly)
     else:
         engine = client or docker.from_env()
         try:
-            left, dirs = _settle(lambda: (containers_of(engine, pid), _runtime_dirs(exactly)))
+            left, dirs = _settle(lambda: (set(containers_of(engine, pid)), _runtime_dirs(exactly)))
         finally:
             if client is None:
                 engine.close()
