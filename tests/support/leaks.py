@@ -39,7 +39,7 @@ def _parents(known: dict[int, int] | None = None) -> dict[int, int]:
     """pid -> parent pid of every process on this machine; the stat files of pids already
     in ``known`` are not read again."""
     known = known or {}
-    parents = {}
+    parents: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -57,9 +57,10 @@ def _parents(known: dict[int, int] | None = None) -> dict[int, int]:
 
 def _descendants(parents: dict[int, int]) -> set[int]:
     """This process and its live descendants."""
-    found, mine = set(), {os.getpid()}
+    found: set[int] = set()
+    mine = {os.getpid()}
     for pid in parents:
-        chain = []
+        chain: list[int] = []
         while pid > 1 and pid not in found and pid not in mine:
             chain.append(pid)
             pid = parents.get(pid, 0)
