@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 from jupyter_client.manager import KernelManager
-from kernels import make_kernelspec, run_cell, sandbox_kernel
+from support.kernels import make_kernelspec, run_cell, sandbox_kernel
 from traitlets.config import Config
 
 from kernel_sandbox.broker import AuditLog
 from kernel_sandbox.broker.tokens import TokenStore
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.integration
 
 CSV = "region,amount\nnorth,10\nsouth,32\neast,7\n"
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-from kernels import make_kernelspec, run_cell
+from support.kernels import make_kernelspec, run_cell
 from test_broker import TRY, broker_config
 
 from kernel_sandbox.broker.tokens import TokenStore
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.integration
 
 OWNER = textwrap.dedent("""
     import asyncio, json, sys

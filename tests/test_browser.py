@@ -25,9 +25,10 @@ import docker
 import nbformat
 import pytest
 import requests
-from conftest import IN_CI, LABEL, REPO
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from servers import free_port
+from support import IN_CI, REPO
+from support.leaks import LABEL
+from support.servers import free_port
 
 if not IN_CI:  # in CI a missing Playwright is an error, not a skip
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
@@ -169,7 +170,7 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
         cells=[
             new_markdown_cell("# Sandboxed, from a browser"),
             new_code_cell(FACTS),
-            new_code_cell("import time\ntime.sleep(600)"),
+            new_code_cell("import time\nprint('asleep', 6 * 7)\ntime.sleep(600)"),
             new_code_cell(""),
         ]
     )  # no kernelspec metadata: JupyterLab asks which kernel to start
@@ -223,11 +224,12 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
                     page.locator(".jp-Notebook .jp-Cell").nth(2).locator(".jp-InputPrompt")
                 ).to_contain_text("[*]", timeout=WAIT)
                 expect(status(page)).to_have_attribute("data-status", "busy", timeout=WAIT)
-                time.sleep(1)  # the kernel is inside time.sleep now
+                # the cell's own output: the kernel is past it and inside time.sleep now
+                expect(output(page, 2).first).to_contain_text("asleep 42", timeout=WAIT)
                 page.locator(
                     ".jp-NotebookPanel-toolbar jp-button[data-command='notebook:interrupt-kernel']"
                 ).click()
-                expect(output(page, 2)).to_contain_text("KeyboardInterrupt", timeout=WAIT)
+                expect(output(page, 2).last).to_contain_text("KeyboardInterrupt", timeout=WAIT)
                 expect(status(page)).to_have_attribute("data-status", "idle", timeout=WAIT)
                 assert kernel_containers(docker_client, server.pid) == first  # not restarted
 

@@ -12,25 +12,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
-from kernels import make_kernelspec, run_cell, sandbox_kernel
-from scoped_leaks import Scope, own_leaks
+from support.kernels import make_kernelspec, run_cell, sandbox_kernel
 
 from kernel_sandbox.cli import doctor
 from kernel_sandbox.cli.app import main
 from kernel_sandbox.kernelspec import shipped_kernelspecs
 
 IMAGE = "kernel-sandbox/python:latest"
-
-
-@pytest.fixture
-def own_leak_check(docker_client, kernel_image) -> Iterator[Scope]:
-    """conftest's leak_check, limited to this test's own sandboxes (see scoped_leaks)."""
-    yield from own_leaks(docker_client)
 
 
 @pytest.fixture
@@ -541,6 +533,7 @@ def test_doctor_against_this_machine(tmp_path, docker_client, kernel_image):
 # -- the console script ------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # asks the engine
 def test_console_script():
     version = subprocess.run(["kernel-sandbox", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("kernel-sandbox ")
@@ -560,6 +553,7 @@ def test_console_script():
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration  # asks the engine
 def test_gc_dry_run(capsys):
     assert main(["gc", "--dry-run"]) == 0
     assert "would remove" in capsys.readouterr().err
@@ -568,7 +562,7 @@ def test_gc_dry_run(capsys):
 # -- ps and stop, with a real kernel of a wrapped kernelspec ----------------------------------
 
 
-def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, own_leak_check, capsys):
+def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, leak_check, capsys):
     # python3-local's argv names this interpreter's absolute path: it becomes "python".
     assert (
         main(

@@ -25,12 +25,13 @@ import nbformat
 import pexpect
 import pytest
 import websocket
-from conftest import REPO, runtime_dirs
-from kernels import SANDBOX
 from nbclient import NotebookClient
-from servers import Server, jupyter_server
+from support import REPO
+from support.kernels import SANDBOX
+from support.leaks import assert_nothing_left
+from support.servers import Server, jupyter_server
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.integration
 
 NOTEBOOKS = REPO / "notebooks"
 # The notebooks that run in the plain python3-sandbox kernelspec. data-demo.ipynb needs a
@@ -81,32 +82,8 @@ def run_tool(
         f"{' '.join(map(str, args))} exited with {done.returncode}\n"
         f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     )
-    assert_nothing_left(client, process.pid, f"{tool} exited but")
+    assert_nothing_left(process.pid, f"{tool} exited but", client)
     return done
-
-
-def assert_nothing_left(client: docker.DockerClient, pid: int, who: str) -> None:
-    """No sandbox container or runtime directory owned by process ``pid`` remains.
-
-    Owner-scoped, so kernels of other sessions sharing this engine cannot disturb it (unlike
-    leak_check's before/after diff).
-    """
-    deadline = time.monotonic() + 10  # a shutdown may still be finishing
-    while True:
-        left = client.containers.list(all=True, filters={"label": f"{OWNER_PID_LABEL}={pid}"})
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert not left, f"{who} left containers {[c.name for c in left]} behind"
-    dirs = [d for d in runtime_dirs() if owner_pid(Path(d)) == pid]
-    assert not dirs, f"{who} left runtime directories {dirs} behind"
-
-
-def owner_pid(runtime_dir: Path) -> int | None:
-    try:
-        return int(json.loads((runtime_dir / "owner.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def stream_text(cell) -> str:
@@ -332,18 +309,21 @@ def test_jupyter_console_runs_and_interrupts(tmp_path, docker_client, leak_check
         console.expect(r"facts (\d+) \['lo'\]")
         assert int(console.match.group(1)) == SANDBOX_UID
         console.expect(r"In \[2\]: ")
-        console.sendline("print('sleeping'); time.sleep(600)")
-        console.expect("sleeping")
+        console.sendline("print('asleep', 6 * 7); time.sleep(600)")
+        # The cell's own output, never the echo of the typed line: once it shows, the console
+        # is waiting on the cell, so Ctrl-C goes to the kernel rather than to the console.
+        console.expect("asleep 42")
         console.sendintr()  # Ctrl-C: the console interrupts the kernel through the provisioner
         console.expect("KeyboardInterrupt")
         console.expect(r"In \[\d+\]: ")
+        assert "escaped interact" not in console.before, "Ctrl-C hit the console, not the kernel"
         console.sendline("print('still', 6 * 7)")  # the same kernel, not a restart
         console.expect("still 42")
         console.sendline("exit")
         console.expect(pexpect.EOF)
     finally:
         console.close(force=True)
-    assert_nothing_left(docker_client, console.pid, "jupyter console exited but")
+    assert_nothing_left(console.pid, "jupyter console exited but", docker_client)
 
 
 # -- nbclient's CLI, papermill, nbclient as a library, nbmake ---------------------------------

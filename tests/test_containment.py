@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from kernels import bridge_gateway, make_kernelspec, run_cell, sandbox_kernel
+from support.kernels import bridge_gateway, make_kernelspec, run_cell, sandbox_kernel
 
 FACTS = r"""
 import json, os, socket

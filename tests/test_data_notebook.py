@@ -7,11 +7,11 @@ from pathlib import Path
 import nbformat
 import pytest
 from jupyter_client.manager import KernelManager
-from kernels import make_kernelspec
 from nbclient import NotebookClient
+from support.kernels import make_kernelspec
 from test_broker import broker_config
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "data-demo.ipynb"

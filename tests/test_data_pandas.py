@@ -14,13 +14,13 @@ from pathlib import Path
 
 import docker.errors
 import pytest
-from kernels import make_kernelspec
+from support.kernels import make_kernelspec
 from test_broker import data_kernel, run_json
 
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.image.build import DEFAULT_BASE, LOCAL_BASE, build_kernel_image
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "kernel-sandbox/python-pandas:test"

@@ -18,17 +18,17 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import IN_CI
+from support import IN_CI
 
 if not IN_CI:  # in CI the test extra is installed: a missing module is an error
     pytest.importorskip("s3fs", reason="the remote dataset test needs s3fs (pip install '.[test]')")
 import boto3  # noqa: E402
-from kernels import make_kernelspec  # noqa: E402
 from moto.moto_server import werkzeug_app  # noqa: E402
+from support.kernels import make_kernelspec  # noqa: E402
 from test_broker import TRY, audit, data_kernel, run_json  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.integration
 
 KEY_ID = "AKIA" + secrets.token_hex(8).upper()
 SECRET = "host-only-" + secrets.token_urlsafe(24)

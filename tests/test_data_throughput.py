@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from kernels import make_kernelspec
+from support.kernels import make_kernelspec
 from test_broker import data_kernel, run_json
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.integration
 
 SIZE_MB = 200
 CHUNK = 1024 * 1024

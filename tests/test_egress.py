@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import unavailable
-from egress_servers import PROBE_VALUE, LocalTargets, tool_bundle
-from kernels import make_kernelspec, run_cell, sandbox_kernel
-from scoped_leaks import own_leaks
+from support import unavailable
+from support.egress_servers import PROBE_VALUE, LocalTargets, tool_bundle
+from support.kernels import make_kernelspec, run_cell, sandbox_kernel
 
 from kernel_sandbox.cli.app import main as cli_main
 from kernel_sandbox.egress import EgressControl
@@ -98,12 +97,6 @@ def allowlist_config(targets: LocalTargets, runtime: str, image: str, **extra) -
 
 def setup_code(targets: LocalTargets) -> str:
     return f"CA = {targets.ca_pem!r}\nBRIDGE = {BRIDGE}\n" + SETUP
-
-
-@pytest.fixture
-def own_leak_check(docker_client, kernel_image):
-    """conftest's leak_check, limited to this test's own sandboxes (the engine is shared)."""
-    yield from own_leaks(docker_client)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +202,8 @@ def test_requests(sandbox, tools):
         f"print(requests.get('https://pypi.test:{t.https_port}/hello', verify='/tmp/ca.pem', "
         "timeout=20).text, end='')\n"
         "try:\n"
-        f"    requests.get('https://evil.test:{t.https_port}/hello', verify='/tmp/ca.pem', timeout=20)\n"
+        f"    requests.get('https://evil.test:{t.https_port}/hello', verify='/tmp/ca.pem', "
+        "timeout=20)\n"
         "except requests.exceptions.ProxyError as e:\n"
         "    print('refused', type(e).__name__)\n"
     )
@@ -302,7 +296,8 @@ def test_ip_literal_refused(sandbox):
         f"print(fetch('http://127.0.0.2:{t.http_port}/hello')[0])\n"
         f"print(fetch('https://127.0.0.2:{t.https_port}/hello')[0])\n"
         f"print(fetch('http://2130706433:{t.http_port}/hello')[0])\n"
-        f"print(raw(b'GET http://127.0.0.1:{t.http_port}/hello HTTP/1.1\\r\\nHost: 127.0.0.1:{t.http_port}\\r\\n\\r\\n').splitlines()[0])\n"
+        f"print(raw(b'GET http://127.0.0.1:{t.http_port}/hello HTTP/1.1\\r\\n"
+        f"Host: 127.0.0.1:{t.http_port}\\r\\n\\r\\n').splitlines()[0])\n"
     )
     assert out["stdout"].splitlines() == ["403", "URLError", "400", "HTTP/1.1 403 Forbidden"]
     assert (
@@ -318,11 +313,15 @@ def test_ip_literal_refused(sandbox):
 def test_mismatched_connect_and_host_refused(sandbox):
     t = sandbox.targets
     out = sandbox.run(
-        f"print(raw(b'CONNECT api.test:{t.http_port} HTTP/1.1\\r\\nHost: evil.test:{t.http_port}\\r\\n\\r\\n'))\n"
-        f"print(raw(b'GET http://api.test:{t.http_port}/hello HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n'))\n"
+        f"print(raw(b'CONNECT api.test:{t.http_port} HTTP/1.1\\r\\n"
+        f"Host: evil.test:{t.http_port}\\r\\n\\r\\n'))\n"
+        f"print(raw(b'GET http://api.test:{t.http_port}/hello HTTP/1.1\\r\\n"
+        "Host: evil.test\\r\\n\\r\\n'))\n"
         # an allowed first request must not open the way for a second one to elsewhere
-        f"print(raw(b'GET http://api.test:{t.http_port}/hello HTTP/1.1\\r\\nHost: api.test:{t.http_port}\\r\\n\\r\\n'\n"
-        f"          b'GET http://evil.test:{t.http_port}/hello HTTP/1.1\\r\\nHost: evil.test:{t.http_port}\\r\\n\\r\\n'))\n"
+        f"print(raw(b'GET http://api.test:{t.http_port}/hello HTTP/1.1\\r\\n"
+        f"Host: api.test:{t.http_port}\\r\\n\\r\\n'\n"
+        f"          b'GET http://evil.test:{t.http_port}/hello HTTP/1.1\\r\\n"
+        f"Host: evil.test:{t.http_port}\\r\\n\\r\\n'))\n"
     )
     first, second = out["stdout"].split("HTTP/1.1 403 Forbidden")[1:3]
     assert "the Host header (evil.test" in first and "the Host header (evil.test)" in second
@@ -407,7 +406,7 @@ def wait_for_pending(control: EgressControl, kernel_id: str, target: str, timeou
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_approve_once_deny_and_time_out(
-    runtime, jupyter_path, kernel_image, targets, egress_log, own_leak_check, capsys
+    runtime, jupyter_path, kernel_image, targets, egress_log, leak_check, capsys
 ):
     config = allowlist_config(
         targets, runtime, kernel_image, egress_mode="ask", egress_ask_timeout=4
@@ -483,7 +482,7 @@ def test_approve_once_deny_and_time_out(
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_one_kernel_cannot_use_another_kernels_proxy(
-    runtime, jupyter_path, kernel_image, targets, egress_log, own_leak_check
+    runtime, jupyter_path, kernel_image, targets, egress_log, leak_check
 ):
     t = targets
     wide = allowlist_config(t, runtime, kernel_image)
@@ -499,7 +498,8 @@ def test_one_kernel_cannot_use_another_kernels_proxy(
             kc,
             (
                 "print(sorted(os.listdir('/run/kernel-sandbox')))\n"
-                f"for path in ({str(other)!r}, '/run/kernel-sandbox/../{other.parent.parent.name}/s/egress'):\n"
+                f"for path in ({str(other)!r}, "
+                f"'/run/kernel-sandbox/../{other.parent.parent.name}/s/egress'):\n"
                 "    s = socket.socket(socket.AF_UNIX)\n"
                 "    try:\n"
                 "        s.connect(path); print('CONNECTED', path)\n"
@@ -522,7 +522,7 @@ def test_one_kernel_cannot_use_another_kernels_proxy(
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_without_the_proxy_nothing_goes_out(
-    runtime, jupyter_path, kernel_image, targets, egress_log, own_leak_check
+    runtime, jupyter_path, kernel_image, targets, egress_log, leak_check
 ):
     t = targets
     name = make_kernelspec(f"egress-gone-{runtime}", allowlist_config(t, runtime, kernel_image))
@@ -553,7 +553,7 @@ def test_without_the_proxy_nothing_goes_out(
 
 
 def test_proxy_outlives_restarts_and_ends_with_the_kernel(
-    jupyter_path, kernel_image, targets, egress_log, own_leak_check
+    jupyter_path, kernel_image, targets, egress_log, leak_check
 ):
     name = make_kernelspec("egress-end", allowlist_config(targets, "runc", kernel_image))
     fetch = f"print(fetch('http://api.test:{targets.http_port}/hello')[0])"

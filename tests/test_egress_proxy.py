@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from egress_servers import LocalTargets
+from support.egress_servers import LocalTargets
 
 from kernel_sandbox.cli.app import build_parser
 from kernel_sandbox.cli.app import main as cli_main

@@ -12,9 +12,9 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
-from conftest import runtime_dirs, sandbox_containers
 from jupyter_client.manager import KernelManager
-from kernels import make_kernelspec
+from support.kernels import make_kernelspec
+from support.leaks import runtime_dirs, sandbox_containers
 
 from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend
 from kernel_sandbox.errors import (

@@ -14,10 +14,11 @@ import time
 import docker
 import pytest
 import requests
-from conftest import runtime_dirs, sandbox_containers, unavailable
 from jupyter_client.manager import KernelManager
-from kernels import SANDBOX, run_cell, sandbox_kernel
-from servers import execute, jupyter_server
+from support import unavailable
+from support.kernels import SANDBOX, run_cell, sandbox_kernel
+from support.leaks import runtime_dirs, sandbox_containers
+from support.servers import execute, jupyter_server
 
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.reap import sweep

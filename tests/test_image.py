@@ -12,7 +12,7 @@ from pathlib import Path
 
 import docker.errors
 import pytest
-from kernels import make_kernelspec, run_cell, sandbox_kernel
+from support.kernels import make_kernelspec, run_cell, sandbox_kernel
 
 from kernel_sandbox.cli.app import main
 from kernel_sandbox.errors import ImageBuildError
@@ -76,7 +76,7 @@ def apt_image(kernel_image: str, base_image: str, apt_binder: Path) -> str:
     return IMAGE
 
 
-@pytest.mark.docker
+@pytest.mark.integration
 def test_apt_txt_packages_and_requested_debugpy_are_in_the_image(apt_image, leak_check) -> None:
     name = make_kernelspec("apt-image", {"image": apt_image})
     with sandbox_kernel(name) as (_, kc):
@@ -90,7 +90,7 @@ def test_apt_txt_packages_and_requested_debugpy_are_in_the_image(apt_image, leak
     assert got["stdout"].startswith("jq-1.")
 
 
-@pytest.mark.docker
+@pytest.mark.integration
 def test_an_unchanged_spec_is_not_rebuilt(apt_image, base_image, apt_binder, capsys) -> None:
     capsys.readouterr()
     argv = ["image", "build", "--base", base_image, "--tag", apt_image, "--binder", str(apt_binder)]
@@ -98,7 +98,7 @@ def test_an_unchanged_spec_is_not_rebuilt(apt_image, base_image, apt_binder, cap
     assert "is up to date" in capsys.readouterr().err
 
 
-@pytest.mark.docker
+@pytest.mark.integration
 def test_the_default_image_leaves_debugpy_out(kernel_image: str, leak_check) -> None:
     """ipykernel would import it at every start for a debugger the kernelspec switches off."""
     with sandbox_kernel() as (_, kc):
@@ -111,7 +111,7 @@ def test_the_default_image_leaves_debugpy_out(kernel_image: str, leak_check) -> 
     assert got["stdout"].startswith("None ")
 
 
-@pytest.mark.docker
+@pytest.mark.integration
 def test_an_unknown_apt_package_fails_before_building(
     kernel_image: str, base_image: str, tmp_path: Path, docker_client, capsys
 ) -> None:
@@ -140,7 +140,7 @@ def not_debian_base(base_image: str, docker_client, tmp_path_factory) -> str:
     return tag
 
 
-@pytest.mark.docker
+@pytest.mark.integration
 def test_apt_txt_on_a_base_that_is_not_debian(not_debian_base, tmp_path, capsys) -> None:
     (tmp_path / "apt.txt").write_text("jq\n")
     argv = [

@@ -11,7 +11,7 @@ from pathlib import Path
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.multikernelmanager import MultiKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-from kernels import SANDBOX, make_kernelspec, run_cell, sandbox_kernel
+from support.kernels import SANDBOX, make_kernelspec, run_cell, sandbox_kernel
 
 from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
@@ -34,11 +34,11 @@ def test_kernelspec_names_the_provisioner(jupyter_path):
 
 def test_interrupt_reaches_a_sleeping_cell(jupyter_path, leak_check):
     with sandbox_kernel() as (km, kc):
-        msg_id = kc.execute("import time; time.sleep(600)")
-        # wait until the cell is really running before interrupting it
+        msg_id = kc.execute("import time; print('asleep', flush=True); time.sleep(600)")
+        # wait until the cell's own output shows it is running before interrupting it
         while True:
             msg = kc.get_iopub_msg(timeout=30)
-            if msg["msg_type"] == "execute_input":
+            if msg["msg_type"] == "stream" and "asleep" in msg["content"]["text"]:
                 break
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=30)
@@ -60,7 +60,7 @@ def test_restart_is_a_new_container_and_clients_stay_connected(
         kc.wait_for_ready(timeout=60)
         second = km.provisioner.container_id
         assert second != first
-        assert first not in {c.id for c in docker_client.containers.list(all=True)}
+        assert first not in {c["Id"] for c in docker_client.api.containers(all=True)}
         assert km.provisioner.runtime_dir.path == runtime_dir  # same sockets for clients
         out = run_cell(kc, "print('x' in globals())")
         assert out["stdout"] == "False\n"  # a fresh interpreter, reached on the same client
@@ -74,7 +74,7 @@ def test_shutdown_removes_container_and_runtime_dir(jupyter_path, docker_client,
         assert len(km.provisioner.runtime_dir.socket_prefix + "-5") <= 107
         kc.stop_channels()
         km.shutdown_kernel()
-        assert container_id not in {c.id for c in docker_client.containers.list(all=True)}
+        assert container_id not in {c["Id"] for c in docker_client.api.containers(all=True)}
         assert not runtime_dir.exists()
 
 

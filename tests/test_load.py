@@ -8,7 +8,7 @@ import resource
 import time
 
 from jupyter_client.manager import AsyncKernelManager
-from kernels import SANDBOX
+from support.kernels import SANDBOX
 
 CONCURRENT = 30
 CYCLES = 200

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-from kernels import SANDBOX, run_cell
+from support.kernels import SANDBOX, run_cell
 
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.reap import sweep

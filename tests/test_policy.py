@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-from kernels import make_kernelspec
+from support.kernels import make_kernelspec
 from traitlets.config import Config
 
 from kernel_sandbox.batch import config as batch_config

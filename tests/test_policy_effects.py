@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 from jupyter_client.manager import KernelManager
-from kernels import make_kernelspec, run_cell, sandbox_kernel
-from scoped_leaks import Scope, own_leaks
-from servers import execute, jupyter_server
+from support.kernels import make_kernelspec, run_cell, sandbox_kernel
+from support.servers import execute, jupyter_server
 from traitlets.config import Config
 
 from kernel_sandbox.engine.backend import DockerBackend, workspace_target
@@ -30,12 +29,6 @@ from kernel_sandbox.errors import PolicyError, RuntimeUnavailable
 from kernel_sandbox.host.rundir import RuntimeDir
 
 M = 1024**2
-
-
-@pytest.fixture
-def own_leak_check(docker_client, kernel_image) -> Iterator[Scope]:
-    """conftest's leak_check, limited to this test's own sandboxes (see scoped_leaks)."""
-    yield from own_leaks(docker_client)
 
 
 FACTS = r"""
@@ -105,7 +98,7 @@ def world_writable(path: Path) -> Path:
 
 
 def test_every_key_takes_effect_inside(
-    jupyter_path, own_leak_check, docker_client, tmp_path, home_dir, monkeypatch
+    jupyter_path, leak_check, docker_client, tmp_path, home_dir, monkeypatch
 ):
     os.chmod(home_dir, 0o777)
     (home_dir / "notes.txt").write_text("the notebook's own folder")
@@ -157,7 +150,7 @@ def test_every_key_takes_effect_inside(
     assert attrs["HostConfig"].get("Runtime") in ("runc", None, "")
 
 
-def test_read_only_workspace_and_profile_env(jupyter_path, own_leak_check, tmp_path):
+def test_read_only_workspace_and_profile_env(jupyter_path, leak_check, tmp_path):
     notebooks = world_writable(tmp_path / "notebooks")
     (notebooks / "notes.txt").write_text("course notes")
     name = make_kernelspec(
@@ -178,7 +171,7 @@ def test_read_only_workspace_and_profile_env(jupyter_path, own_leak_check, tmp_p
     )
 
 
-def test_no_workspace_under_gvisor(jupyter_path, own_leak_check, docker_client, tmp_path):
+def test_no_workspace_under_gvisor(jupyter_path, leak_check, docker_client, tmp_path):
     notebooks = world_writable(tmp_path / "notebooks")
     (notebooks / "notes.txt").write_text("not for this kernel")
     name = make_kernelspec(f"effects-{uuid.uuid4().hex[:6]}", {"profile": "untrusted"})
@@ -236,9 +229,7 @@ def create_events(docker_client, since: float, spec_prefix: str) -> list:
     ]
 
 
-def test_bad_values_start_nothing(
-    jupyter_path, own_leak_check, docker_client, tmp_path, monkeypatch
-):
+def test_bad_values_start_nothing(jupyter_path, leak_check, docker_client, tmp_path, monkeypatch):
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("a container or runtime directory was about to be created")
 
@@ -275,7 +266,7 @@ def test_bad_values_start_nothing(
 
 
 def test_a_runtime_the_engine_lacks_is_refused_without_a_container(
-    jupyter_path, own_leak_check, docker_client
+    jupyter_path, leak_check, docker_client
 ):
     prefix = f"bad-{uuid.uuid4().hex[:6]}"
     since = time.time()
@@ -298,7 +289,9 @@ def wait_until_gone(server, docker_client, kernel_id: str, timeout: float) -> fl
     started, deadline = time.monotonic(), time.monotonic() + timeout
     label = f"io.kernel-sandbox.kernel-id={kernel_id}"
     while time.monotonic() < deadline:
-        if kernel_id not in server_kernels(server) and not docker_client.containers.list(
+        # api.containers: one listing call (containers.list inspects each container after
+        # listing, and fails when the kernel is removed in between)
+        if kernel_id not in server_kernels(server) and not docker_client.api.containers(
             all=True, filters={"label": label}
         ):
             return time.monotonic() - started
@@ -307,7 +300,7 @@ def wait_until_gone(server, docker_client, kernel_id: str, timeout: float) -> fl
 
 
 def test_jupyter_server_config_files_idle_timeout_and_stop(
-    jupyter_path, own_leak_check, docker_client, tmp_path, monkeypatch
+    jupyter_path, leak_check, docker_client, tmp_path, monkeypatch
 ):
     config_dir = tmp_path / "config"
     config_dir.mkdir()
@@ -324,10 +317,10 @@ def test_jupyter_server_config_files_idle_timeout_and_stop(
     idle = make_kernelspec(f"server-{uuid.uuid4().hex[:6]}", {"pids_limit": 64, "idle_timeout": 5})
     plain = make_kernelspec(f"server-{uuid.uuid4().hex[:6]}", {"pids_limit": 64})
     root = world_writable(tmp_path / "root")
-    own_leak_check.spec(idle)
-    own_leak_check.spec(plain)
+    leak_check.spec(idle)
+    leak_check.spec(plain)
     with jupyter_server(root, tmp_path / "server.log") as server:
-        own_leak_check.pids.add(server.process.pid)
+        leak_check.pids.add(server.process.pid)
         # path "": the kernel starts in the server's root folder, as a notebook there would
         kernel = server.api("POST", "/api/kernels", json={"name": idle, "path": ""}).json()["id"]
         ws = server.channels(kernel)

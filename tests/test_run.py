@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import pty
 import select
@@ -25,9 +24,9 @@ from pathlib import Path
 import docker
 import nbformat
 import pytest
-from conftest import LABEL, runtime_dirs
-from kernels import make_kernelspec
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from support.kernels import make_kernelspec
+from support.leaks import assert_nothing_left, containers_of
 
 from kernel_sandbox.batch.runner import (
     BatchRunner,
@@ -92,31 +91,6 @@ def run(
             raise
     assert_nothing_left(proc.pid)
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
-
-
-def assert_nothing_left(pid: int) -> None:
-    """No container or runtime dir owned by process ``pid`` (a check that other sessions
-    sharing the engine cannot disturb, unlike a before/after diff)."""
-    client = docker.from_env()
-    try:
-        assert containers_of(client, pid) == [], f"process {pid} left containers behind"
-    finally:
-        client.close()
-    owned = [d for d in runtime_dirs() if owner_pid(Path(d)) == pid]
-    assert owned == [], f"process {pid} left runtime dirs behind: {owned}"
-
-
-def owner_pid(runtime_dir: Path) -> int | None:
-    try:
-        return int(json.loads((runtime_dir / "owner.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def containers_of(client: docker.DockerClient, pid: int) -> list[str]:
-    """Sandbox containers started by process ``pid`` (other sessions may share the engine)."""
-    labels = [LABEL, f"io.kernel-sandbox.owner-pid={pid}"]
-    return [c.id for c in client.containers.list(all=True, filters={"label": labels})]
 
 
 def junit_cases(path: Path) -> dict[str, ET.Element]:
@@ -410,19 +384,31 @@ def test_live_progress_on_a_terminal(tmp_path, leak_check):
     assert "1 passed" in screen  # the summary
 
 
+def cell_running(client: docker.DockerClient, pid: int, command: str) -> bool:
+    """True once a container of process ``pid`` runs ``command`` (a cell's subprocess)."""
+    for cid in containers_of(client, pid):
+        try:
+            processes = client.api.top(cid)["Processes"] or []
+        except docker.errors.APIError:  # not running (yet, or any more)
+            continue
+        if any(row[-1] == command for row in processes):
+            return True
+    return False
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_leaves_no_container(tmp_path, leak_check, docker_client, signum, code):
-    path = notebook(tmp_path / "hang.ipynb", "import time\ntime.sleep(600)")
+    # the cell's `sleep 600` shows in the container's process list once the cell runs
+    path = notebook(tmp_path / "hang.ipynb", "import subprocess\nsubprocess.run(['sleep', '600'])")
     proc = subprocess.Popen(
         [*command(), "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 60
-        while not containers_of(docker_client, proc.pid):
+        while not cell_running(docker_client, proc.pid, "sleep 600"):
             if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("no sandbox container started")
+                pytest.fail("no sandbox container ran the cell")
             time.sleep(0.2)
-        time.sleep(3)  # let the cell start
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -23,7 +23,7 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
-from kernels import run_cell, sandbox_kernel
+from support.kernels import run_cell, sandbox_kernel
 from test_containment import RUNTIMES, runtime_kernel
 
 from .battery import PRELUDE, Battery, parse_report, run_facts

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from kernels import bridge_gateway
+from support.kernels import bridge_gateway
 
 
 @dataclass

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import docker.errors
-from kernels import run_cell
+from support.kernels import run_cell
 
 CGROUP = Path("/sys/fs/cgroup")
 PIDS_LIMIT = 256  # the strict profile's

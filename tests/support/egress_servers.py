@@ -29,9 +29,13 @@ def build_wheel(folder: Path) -> Path:
     """A tiny pure-Python wheel (module ksegress_probe), built by hand: no build tools."""
     files = {
         "ksegress_probe.py": f"VALUE = {PROBE_VALUE!r}\n".encode(),
-        "ksegress_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: ksegress-probe\nVersion: 1.0\n",
-        "ksegress_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: kernel-sandbox-tests\nRoot-Is-Purelib: true\n"
-        b"Tag: py3-none-any\n",
+        "ksegress_probe-1.0.dist-info/METADATA": (
+            b"Metadata-Version: 2.1\nName: ksegress-probe\nVersion: 1.0\n"
+        ),
+        "ksegress_probe-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: kernel-sandbox-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n"
+        ),
     }
     record = []
     for name, data in files.items():

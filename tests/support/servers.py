@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 import websocket
@@ -115,7 +116,13 @@ def execute(ws: websocket.WebSocket, code: str, timeout: float = 120) -> dict:
             }
         )
     )
-    result = {"stdout": "", "stdout_bytes": 0, "reply": None, "idle": False, "data_bytes": 0}
+    result: dict[str, Any] = {
+        "stdout": "",
+        "stdout_bytes": 0,
+        "reply": None,
+        "idle": False,
+        "data_bytes": 0,
+    }
     deadline = time.monotonic() + timeout
     while not (result["reply"] and result["idle"]):
         if time.monotonic() > deadline:
