@@ -8,14 +8,16 @@ from __future__ import annotations
 import getpass
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 
+from kernel_sandbox.errors import PolicyError
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import LIFELINE, RUNTIME_MOUNT, SANDBOX_HOME, WATCHDOG_MODULE
 from kernel_sandbox.inside.contract import label as prefixed
+from kernel_sandbox.policy.model import SandboxPolicy
 
-__all__ = ["container_env", "container_labels", "with_watchdog"]
+__all__ = ["check_exposure", "container_env", "container_labels", "with_watchdog"]
 
 
 def container_labels(kernel_id: str, kernelspec: str, profile: str, runtime_dir: str) -> dict:
@@ -70,3 +72,28 @@ def with_watchdog(argv: list[str], orphan_timeout: float) -> list[str]:
         "--",
         *argv,
     ]
+
+
+def check_exposure(policy: SandboxPolicy, broker_files: Sequence[str], kernelspec: str) -> None:
+    """No mount or dataset may expose the data broker's own state or the host's credentials.
+
+    ``broker_files``: the token database and audit log (their directories are protected) and
+    the credentials file ("" when there is none).
+
+    Raises:
+        PolicyError: a mount or local dataset contains one of them.
+    """
+    token_db, audit_log, credentials = broker_files
+    protected = [os.path.dirname(os.path.abspath(p)) for p in (token_db, audit_log)]
+    if credentials:
+        protected.append(os.path.abspath(credentials))
+    exposed = [m.source for m in policy.mounts]
+    exposed += [d.source for d in policy.datasets if "://" not in d.source]
+    for source in exposed:
+        real = os.path.realpath(source)
+        for path in protected:
+            if path == real or path.startswith(real.rstrip("/") + "/"):
+                raise PolicyError(
+                    f"kernelspec {kernelspec}: {source} would expose {path}, the data broker's "
+                    "tokens, audit log or credentials; mount or serve another directory"
+                )

@@ -32,7 +32,12 @@ from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
 from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, RUNTIME_MOUNT, SANDBOX_HOME, label
 from kernel_sandbox.policy.model import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
-from kernel_sandbox.provisioner.container import container_env, container_labels, with_watchdog
+from kernel_sandbox.provisioner.container import (
+    check_exposure,
+    container_env,
+    container_labels,
+    with_watchdog,
+)
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -318,7 +323,8 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """
         policy = self.policy
         user, owner = self._kernel_user()
-        self._check_data_paths(policy)
+        protected = [self.token_db, self.audit_log, self.data_credentials]
+        check_exposure(policy, protected, self._spec_name)
         extra_arguments = kwargs.pop("extra_arguments", [])
         self.cwd = str(kwargs.pop("cwd", None) or os.getcwd())
         kwargs = await super().pre_launch(**kwargs)
@@ -394,23 +400,6 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
             self.data_broker = shared_broker(self.token_db, self.audit_log, self.data_credentials)
         return self.data_broker
-
-    def _check_data_paths(self, policy: SandboxPolicy) -> None:
-        """No mount or dataset may expose the broker's own state or the host's credentials."""
-        protected = [os.path.dirname(os.path.abspath(p)) for p in (self.token_db, self.audit_log)]
-        if self.data_credentials:
-            protected.append(os.path.abspath(self.data_credentials))
-        exposed = [m.source for m in policy.mounts]
-        exposed += [d.source for d in policy.datasets if "://" not in d.source]
-        for source in exposed:
-            real = os.path.realpath(source)
-            for path in protected:
-                if path == real or path.startswith(real.rstrip("/") + "/"):
-                    raise PolicyError(
-                        f"kernelspec {self._spec_name}: {source} would expose {path}, the data "
-                        "broker's tokens, audit log or credentials; mount or serve another "
-                        "directory"
-                    )
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the container and wait until the kernel has bound its sockets.
