@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
@@ -38,6 +38,9 @@ from kernel_sandbox.provisioner.container import (
     container_labels,
     with_watchdog,
 )
+
+if TYPE_CHECKING:
+    from kernel_sandbox.broker.server import DataBroker
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -342,8 +345,12 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 )
                 self.connection_info = cast(KernelConnectionInfo, info)
             if policy.datasets:
-                await asyncio.to_thread(
+                record = await asyncio.to_thread(
                     resources.grant_data, self._broker(), policy.datasets, policy.token_ttl, owner
+                )
+                names = ", ".join(d.name for d in policy.datasets)
+                self.log.debug(
+                    "kernel %s: data token %s for %s", self.kernel_id, record.token_id, names
                 )
             kwargs["cmd"], egress_env = await self._container_command(
                 resources, list(extra_arguments), owner
@@ -394,7 +401,7 @@ class DockerSandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._image_is_ours = labels.get(label("image")) == IMAGE_KIND_KERNEL
         return self._image_is_ours
 
-    def _broker(self) -> Any:
+    def _broker(self) -> DataBroker:
         if self.data_broker is None:
             from kernel_sandbox.broker import shared_broker
 
