@@ -89,7 +89,7 @@ async def hold(kernel_name: str, count: int, wave: int) -> dict:
             "mb_per_kernel": used / max(1, len(running)),
         }
     finally:
-        for km, kc in running:
+        for _km, kc in running:
             kc.stop_channels()
         await asyncio.gather(*(km.shutdown_kernel(now=True) for km, _ in running))
 

@@ -532,7 +532,7 @@ def test_without_the_proxy_nothing_goes_out(
             "(200,"
             in run_cell(kc, f"print(fetch('http://api.test:{t.http_port}/hello'))")["stdout"]
         )
-        proxy = km.provisioner._egress.process
+        proxy = km.provisioner.resources.egress.process
         os.kill(proxy.pid, signal.SIGKILL)
         proxy.wait(10)
         out = run_cell(
@@ -558,11 +558,11 @@ def test_proxy_outlives_restarts_and_ends_with_the_kernel(
     name = make_kernelspec("egress-end", allowlist_config(targets, "runc", kernel_image))
     fetch = f"print(fetch('http://api.test:{targets.http_port}/hello')[0])"
     with sandbox_kernel(name) as (km, kc):
-        proxy = km.provisioner._egress.process
-        control = km.provisioner._egress.control_path
+        proxy = km.provisioner.resources.egress.process
+        control = km.provisioner.resources.egress.control_path
         assert proxy.poll() is None and km.kernel_id in EgressControl().kernels()
         km.restart_kernel(now=True)
         kc.wait_for_ready(timeout=60)
         assert run_cell(kc, setup_code(targets) + fetch)["stdout"].strip() == "200"
-        assert km.provisioner._egress.process is proxy and proxy.poll() is None
+        assert km.provisioner.resources.egress.process is proxy and proxy.poll() is None
     assert proxy.poll() is not None and not control.exists()

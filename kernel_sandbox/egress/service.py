@@ -147,19 +147,24 @@ class EgressEndpoint:
                 )
             await asyncio.sleep(0.01)
 
-    async def stop(self) -> None:
-        """End the proxy; already ended is fine."""
+    def close(self) -> None:
+        """End the proxy and wait for it (blocking; fine at interpreter exit); already ended
+        is fine."""
         process, self.process = self.process, None
         if process is None:
             return
         assert process.stdin is not None and process.stdout is not None
         process.stdin.close()  # the proxy's lifeline: it ends and removes its sockets
         try:
-            await asyncio.to_thread(process.wait, 5)
+            process.wait(5)
         except subprocess.TimeoutExpired:
             process.kill()
-            await asyncio.to_thread(process.wait)
+            process.wait()
         process.stdout.close()
+
+    async def stop(self) -> None:
+        """:meth:`close` in a worker thread."""
+        await asyncio.to_thread(self.close)
 
     # -- what the container needs -----------------------------------------------------------
 

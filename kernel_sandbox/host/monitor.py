@@ -95,7 +95,7 @@ class KernelMonitor:
             thread.join(timeout=2 * POLL_SLICE)
 
     def _run(self) -> None:
-        socket = None
+        socket: zmq.Socket | None = None
         if self.iopub_url:
             socket = zmq.Context.instance().socket(zmq.SUB)
             socket.setsockopt(zmq.LINGER, 0)

@@ -8,17 +8,20 @@ owned by live processes, or by another host, are never touched.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.rundir import RuntimeDir
 from kernel_sandbox.inside.contract import LABEL_PREFIX
 
-__all__ = ["SweepReport", "sweep"]
+__all__ = ["PROCESS_SWEEPS", "SweepOnce", "SweepReport", "sweep"]
 
 # A runtime directory younger than this may belong to a kernel that is being started.
 STALE_DIR_AGE = 120.0
@@ -88,3 +91,39 @@ async def sweep(backend: DockerBackend, runtime_root: str, dry_run: bool = False
             if path.parent == root:  # only ever delete inside our own root
                 shutil.rmtree(path, ignore_errors=True)
     return report
+
+
+class SweepOnce:
+    """Sweeps each runtime root once per process, in the background (a provisioner's first
+    start reaps what killed owners left, without delaying the kernel)."""
+
+    def __init__(self) -> None:
+        self._swept: set[str] = set()
+        self._lock = threading.Lock()
+
+    def start(self, backend: DockerBackend, runtime_root: str, log: Any) -> bool:
+        """Sweep ``runtime_root`` in a daemon thread unless it was already; return whether."""
+        with self._lock:
+            if runtime_root in self._swept:
+                return False
+            self._swept.add(runtime_root)
+
+        def run() -> None:
+            try:
+                report = asyncio.run(sweep(backend, runtime_root))
+            except Exception as exc:  # a failed sweep must never break a kernel start
+                log.warning("kernel-sandbox: orphan sweep failed: %s", exc)
+                return
+            if report:
+                log.info(
+                    "kernel-sandbox: reaped %d orphaned container(s), %d runtime dir(s)",
+                    len(report.containers),
+                    len(report.runtime_dirs),
+                )
+
+        threading.Thread(target=run, name="kernel-sandbox-sweep", daemon=True).start()
+        return True
+
+
+# The default for every provisioner of this process (a test can hand in its own).
+PROCESS_SWEEPS = SweepOnce()

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,23 +95,23 @@ class RuntimeDir:
     def socket_prefix(self) -> str:
         return str(self.shared / SOCKET_PREFIX)
 
-    def socket_paths(self, info: dict[str, Any]) -> list[Path]:
+    def socket_paths(self, info: Mapping[str, Any]) -> list[Path]:
         return [Path(f"{self.socket_prefix}-{info[name]}") for name in CHANNELS]
 
-    def sockets_ready(self, info: dict[str, Any]) -> bool:
+    def sockets_ready(self, info: Mapping[str, Any]) -> bool:
         """True once the kernel has bound all of its sockets."""
         try:
             return all(stat.S_ISSOCK(p.stat().st_mode) for p in self.socket_paths(info))
         except FileNotFoundError:
             return False
 
-    def clear_sockets(self, info: dict[str, Any]) -> None:
+    def clear_sockets(self, info: Mapping[str, Any]) -> None:
         """Remove stale sockets of a previous container (before a restart's new one binds)."""
         for path in self.socket_paths(info):
             path.unlink(missing_ok=True)
 
     def write_container_connection_file(
-        self, info: dict[str, Any], mount_point: str, owner: tuple[int, int] | None
+        self, info: Mapping[str, Any], mount_point: str, owner: tuple[int, int] | None
     ) -> str:
         """Write the connection file the kernel reads, naming paths as the container sees them.
 

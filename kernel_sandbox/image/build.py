@@ -69,7 +69,8 @@ COPY debs /tmp/debs
 RUN if ls /tmp/debs/*.deb >/dev/null 2>&1; then dpkg -i /tmp/debs/*.deb; fi && rm -rf /tmp/debs
 COPY --from=build /opt/kernel /opt/kernel
 RUN (getent group {KERNEL_UID} || groupadd -g {KERNEL_UID} sandbox) \\
- && (getent passwd {KERNEL_UID} || useradd -u {KERNEL_UID} -g {KERNEL_UID} -d {SANDBOX_HOME} -M sandbox) \\
+ && (getent passwd {KERNEL_UID} \\
+     || useradd -u {KERNEL_UID} -g {KERNEL_UID} -d {SANDBOX_HOME} -M sandbox) \\
  && mkdir -p {SANDBOX_HOME} && chown {KERNEL_UID}:{KERNEL_UID} {SANDBOX_HOME}
 ENV PATH=/opt/kernel/bin:/usr/local/bin:/usr/bin:/bin PYTHONDONTWRITEBYTECODE=1
 USER {KERNEL_UID}:{KERNEL_UID}

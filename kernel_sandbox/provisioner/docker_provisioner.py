@@ -2,46 +2,45 @@
 
 ``jupyter_client``'s KernelManager calls these coroutines; it never learns that the kernel
 runs in a container. The kernel talks ZeroMQ over ``ipc://`` sockets in a private runtime
-directory bind-mounted into a container that has no network interface but loopback.
+directory bind-mounted into a container that has no network interface but loopback. What the
+kernel holds on the host (that directory, its lifeline, container, data token, egress proxy
+and monitor) is a :class:`~kernel_sandbox.host.resources.KernelResources`, with one close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import getpass
 import os
 import signal
-import socket
-import threading
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
 
 from kernel_sandbox.broker.tokens import default_state_dir
-from kernel_sandbox.egress.service import EgressEndpoint, default_log_path
+from kernel_sandbox.egress.service import default_log_path
 from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
 from kernel_sandbox.engine.backend import start_error as container_start_error
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
-from kernel_sandbox.host.monitor import KernelMonitor
-from kernel_sandbox.host.owner import Lifeline, Owner
-from kernel_sandbox.host.reap import sweep
+from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
+from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
+from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
-from kernel_sandbox.inside.contract import (
-    IMAGE_KIND_KERNEL,
-    LIFELINE,
-    RUNTIME_MOUNT,
-    SANDBOX_HOME,
-    WATCHDOG_MODULE,
-    label,
-)
+from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, RUNTIME_MOUNT, SANDBOX_HOME, label
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
+from kernel_sandbox.provisioner.container import (
+    check_exposure,
+    container_env,
+    container_labels,
+    with_watchdog,
+)
+
+if TYPE_CHECKING:
+    from kernel_sandbox.broker.server import DataBroker
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -49,26 +48,10 @@ __all__ = ["DockerSandboxProvisioner"]
 BASE_ENV_ALLOWLIST = ("JPY_SESSION_NAME",)
 # poll()'s exit code for a kernel whose engine cannot be reached.
 ENGINE_GONE = -1
-# Runtime roots already swept for orphans by this process.
-_SWEPT_ROOTS: set[str] = set()
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
-# Provisioners with a container not yet cleaned up, and the pid of the process that owns them
-# (a forked child that exits must not end its parent's kernels).
-_LIVE: dict[DockerSandboxProvisioner, int] = {}
-
-
-@atexit.register
-def _end_live_kernels_at_exit() -> None:
-    for provisioner, owner_pid in list(_LIVE.items()):
-        if owner_pid != os.getpid():
-            continue
-        try:
-            provisioner._end_at_exit()
-        except Exception as exc:  # one failure must not keep the others running
-            provisioner.log.warning(
-                "kernel %s: not cleaned up at exit: %s", provisioner.kernel_id, exc
-            )
+# Collaborators a caller (a test) may hand in as constructor kwargs instead of the defaults.
+_INJECTED_KWARGS = {"backend", "data_broker", "exit_registry", "orphan_sweeps"}
 
 
 class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ignore[misc]
@@ -147,11 +130,35 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         "shares among all its kernels for the same token_db, audit_log and data_credentials).",
     )
 
-    backend = Instance(DockerBackend)
+    backend = Instance(
+        DockerBackend,
+        help="The engine the kernel's container runs on (default: the one this process "
+        "shares among its kernels). Also used by the orphan sweep.",
+    )
+    exit_registry = Instance(
+        ExitRegistry,
+        help="Where the kernel's host resources register to be closed at interpreter exit "
+        "(default: this process's registry).",
+    )
+    orphan_sweeps = Instance(
+        SweepOnce,
+        help="Which runtime roots were swept for orphans already (default: this process's).",
+    )
+
+    _shared_backend: DockerBackend | None = None  # the default, not closed with the kernel
 
     @default("backend")
     def _default_backend(self) -> DockerBackend:
-        return shared_backend()
+        self._shared_backend = shared_backend()
+        return self._shared_backend
+
+    @default("exit_registry")
+    def _default_exit_registry(self) -> ExitRegistry:
+        return PROCESS_EXITS
+
+    @default("orphan_sweeps")
+    def _default_orphan_sweeps(self) -> SweepOnce:
+        return PROCESS_SWEEPS
 
     @default("token_db")
     def _default_token_db(self) -> str:
@@ -169,23 +176,40 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
     def _default_egress_log(self) -> str:
         return default_log_path()
 
-    container_id: str | None = None
-    container_name: str | None = None
-    runtime_dir: RuntimeDir | None = None
-    cwd: str | None = None
-
     def __init__(self, **kwargs: Any):
-        spec_config = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FRAMEWORK_KWARGS}
+        framework = _FRAMEWORK_KWARGS | _INJECTED_KWARGS
+        spec_config = {k: kwargs.pop(k) for k in list(kwargs) if k not in framework}
         super().__init__(**kwargs)
         self._spec_config = spec_config
         self._policy: SandboxPolicy | None = None
         self._sources: dict[str, str] = {}
         self._launched = False  # True once a container has started (later starts are restarts)
-        self._lifeline: Lifeline | None = None
-        self._image_has_watchdog: bool | None = None
-        self._egress: EgressEndpoint | None = None
-        self._monitor: KernelMonitor | None = None  # idle_timeout, `kernel-sandbox stop`
+        self._image_is_ours: bool | None = None  # built by `kernel-sandbox image build`
+        self._resources: KernelResources | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.cwd: str | None = None
+
+    @property
+    def resources(self) -> KernelResources:
+        """What the kernel holds on the host: runtime dir, lifeline, container, data, egress,
+        monitor."""
+        if self._resources is None:
+            self._resources = KernelResources(
+                self.kernel_id or "", self.backend, self.log, self.exit_registry
+            )
+        return self._resources
+
+    @property
+    def container_id(self) -> str | None:
+        return self._resources.container_id if self._resources else None
+
+    @property
+    def container_name(self) -> str | None:
+        return self._resources.container_name if self._resources else None
+
+    @property
+    def runtime_dir(self) -> RuntimeDir | None:
+        return self._resources.runtime_dir if self._resources else None
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -210,7 +234,8 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         if unknown:
             raise PolicyError(
                 f"kernelspec {self._spec_name}: unknown provisioner config key "
-                f"{', '.join(map(repr, unknown))}; known keys: profile, {', '.join(sorted(allowed))}"
+                f"{', '.join(map(repr, unknown))}; known keys: profile, "
+                f"{', '.join(sorted(allowed))}"
             )
         config_values = {
             key: getattr(self, key)
@@ -255,209 +280,104 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
 
         Called by ``KernelManager.pre_start_kernel`` on every start, restarts included; on a
         restart the runtime directory and connection info are kept so clients stay connected.
+        A failure leaves nothing behind (but a restarting kernel's directory).
         """
         policy = self.policy
         user, owner = self._kernel_user()
-        self._check_data_paths(policy)
+        protected = [self.token_db, self.audit_log, self.data_credentials]
+        check_exposure(policy, protected, self._spec_name)
         extra_arguments = kwargs.pop("extra_arguments", [])
         self.cwd = str(kwargs.pop("cwd", None) or os.getcwd())
         kwargs = await super().pre_launch(**kwargs)
         host_env = kwargs.pop("env")
 
-        self._sweep_orphans_once()
-        if self.runtime_dir is None or not self.runtime_dir.exists():
-            self.runtime_dir = RuntimeDir.create(self.runtime_root, owner)
-            key = uuid.uuid4().hex.encode()
-            name = self._spec_name
-            self.connection_info = ipc_connection_info(self.runtime_dir.socket_prefix, key, name)
-        self._own_runtime_dir()
-        if policy.datasets:
-            await asyncio.to_thread(self._grant_data, owner)
-        self.runtime_dir.clear_sockets(self.connection_info)
-        inside_file = self.runtime_dir.write_container_connection_file(
-            self.connection_info, RUNTIME_MOUNT, owner
-        )
-        argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
-        kernel_args = self._egress_endpoint().kernel_arguments(argv) if self._egress_on else []
-        kwargs["cmd"] = await self._with_watchdog(argv + list(extra_arguments) + kernel_args)
-        kwargs["env"] = self._container_env(host_env, policy)
-        if self._egress_on:
-            kwargs["cmd"], kwargs["env"] = await self._start_egress(kwargs["cmd"], kwargs["env"])
+        if self.reap_orphans:
+            self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
+        resources = self.resources
+        try:
+            if resources.open_runtime_dir(self.runtime_root, owner):
+                assert resources.runtime_dir is not None
+                key = uuid.uuid4().hex.encode()
+                info = ipc_connection_info(
+                    resources.runtime_dir.socket_prefix, key, self._spec_name
+                )
+                self.connection_info = cast(KernelConnectionInfo, info)
+            if policy.datasets:
+                record = await asyncio.to_thread(
+                    resources.grant_data, self._broker(), policy.datasets, policy.token_ttl, owner
+                )
+                names = ", ".join(d.name for d in policy.datasets)
+                self.log.debug(
+                    "kernel %s: data token %s for %s", self.kernel_id, record.token_id, names
+                )
+            kwargs["cmd"], egress_env = await self._container_command(
+                resources, list(extra_arguments), owner
+            )
+        except BaseException:
+            await resources.aclose(restart=self._launched)
+            raise
+        allowed = (*self.env_allowlist, *policy.env_passthrough)
+        env = container_env(host_env, allowed, self.kernel_spec.env or {}, policy.env)
+        kwargs["env"] = {**env, **egress_env}
         kwargs["user"] = user
         return kwargs
 
-    def _own_runtime_dir(self) -> None:
-        """Record this process as the kernel's owner and serve its lifeline."""
-        assert self.runtime_dir is not None
-        Owner.current().save(self.runtime_dir.path)
-        if self._lifeline is None:
-            self._lifeline = Lifeline(self.runtime_dir.shared)
-        self._lifeline.listen()
-        self._lifeline.drop_peers()  # a previous container's watchdog, if this is a restart
-        self._lifeline.accept_pending()
+    async def _container_command(
+        self, resources: KernelResources, extra_arguments: list[str], owner: tuple[int, int]
+    ) -> tuple[list[str], dict[str, str]]:
+        """The container's command (the kernel under the watchdog, behind the egress bridge)
+        and the variables the egress bridge adds."""
+        runtime_dir = resources.runtime_dir
+        assert runtime_dir is not None
+        runtime_dir.clear_sockets(self.connection_info)
+        inside_file = runtime_dir.write_container_connection_file(
+            self.connection_info, RUNTIME_MOUNT, owner
+        )
+        argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
+        egress, kernel_args = None, []
+        if self.policy.network == "allowlist":
+            if not await self._image_built_by_us():
+                raise PolicyError(
+                    f"kernelspec {self._spec_name}: network 'allowlist' needs an image built by "
+                    f"`kernel-sandbox image build` (it carries the egress bridge); "
+                    f"{self.policy.image} is not one"
+                )
+            # listening by the time the container is up (launch_kernel waits)
+            egress = resources.start_egress(self.policy, self.egress_log, self.egress_port)
+            kernel_args = egress.kernel_arguments(argv)
+        argv = argv + extra_arguments + kernel_args
+        if self.orphan_timeout > 0 and await self._image_built_by_us():
+            argv = with_watchdog(argv, self.orphan_timeout)
+        if egress is None:
+            return argv, {}
+        return egress.container_command(argv), egress.container_env()
 
-    # -- datasets (kernel_sandbox.broker) -----------------------------------------------------
+    async def _image_built_by_us(self) -> bool:
+        """Whether the image carries our in-sandbox code (watchdog, egress bridge)."""
+        if self._image_is_ours is None:
+            labels = await self.backend.image_labels(self.policy.image) or {}
+            self._image_is_ours = labels.get(label("image")) == IMAGE_KIND_KERNEL
+        return self._image_is_ours
 
-    def _broker(self) -> Any:
+    def _broker(self) -> DataBroker:
         if self.data_broker is None:
             from kernel_sandbox.broker import shared_broker
 
             self.data_broker = shared_broker(self.token_db, self.audit_log, self.data_credentials)
         return self.data_broker
 
-    def _check_data_paths(self, policy: SandboxPolicy) -> None:
-        """No mount or dataset may expose the broker's own state or the host's credentials."""
-        protected = [os.path.dirname(os.path.abspath(p)) for p in (self.token_db, self.audit_log)]
-        if self.data_credentials:
-            protected.append(os.path.abspath(self.data_credentials))
-        exposed = [m.source for m in policy.mounts]
-        exposed += [d.source for d in policy.datasets if "://" not in d.source]
-        for source in exposed:
-            real = os.path.realpath(source)
-            for path in protected:
-                if path == real or path.startswith(real.rstrip("/") + "/"):
-                    raise PolicyError(
-                        f"kernelspec {self._spec_name}: {source} would expose {path}, the data "
-                        "broker's tokens, audit log or credentials; mount or serve another directory"
-                    )
-
-    def _grant_data(self, owner: tuple[int, int]) -> None:
-        """Mint this start's token (revoking the last one) and serve the kernel's socket."""
-        from kernel_sandbox.broker.tokens import Grant
-
-        assert self.runtime_dir is not None and self.kernel_id
-        scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
-        record = self._broker().grant(
-            self.kernel_id, self.runtime_dir.shared, scope, self.policy.token_ttl, owner
-        )
-        self.log.debug(
-            "kernel %s: data token %s for %s", self.kernel_id, record.token_id, ", ".join(scope)
-        )
-
-    def _release_data(self, restart: bool) -> None:
-        """Revoke the kernel's token; on the final cleanup also close its broker socket."""
-        if self.data_broker is None or not self.kernel_id:
-            return
-        try:
-            if restart:
-                self.data_broker.revoke(self.kernel_id, "kernel restarted")
-            else:
-                self.data_broker.release(self.kernel_id, "kernel shut down")
-        except Exception as exc:  # cleanup must go on; an unrevoked token still expires
-            self.log.warning("kernel %s: could not revoke its data token: %s", self.kernel_id, exc)
-
-    # -- egress (kernel_sandbox.egress) ---------------------------------------------------------
-
-    @property
-    def _egress_on(self) -> bool:
-        return self.policy.network == "allowlist"
-
-    def _egress_endpoint(self) -> EgressEndpoint:
-        assert self.runtime_dir is not None
-        if self._egress is None:
-            self._egress = EgressEndpoint(
-                self.runtime_dir.path,
-                self.runtime_dir.shared,
-                self.kernel_id or "",
-                self.policy,
-                self.egress_log,
-                RUNTIME_MOUNT,
-                self.egress_port,
-            )
-        return self._egress
-
-    async def _start_egress(
-        self, cmd: list[str], env: dict[str, str]
-    ) -> tuple[list[str], dict[str, str]]:
-        """Start the kernel's host-side proxy; the container runs the bridge before the kernel.
-
-        Raises:
-            PolicyError: the image lacks the in-sandbox bridge.
-        """
-        labels = await self.backend.image_labels(self.policy.image) or {}
-        if labels.get(label("image")) != IMAGE_KIND_KERNEL:
-            raise PolicyError(
-                f"kernelspec {self._spec_name}: network 'allowlist' needs an image built by "
-                f"`kernel-sandbox image build` (it carries the egress bridge); "
-                f"{self.policy.image} is not one"
-            )
-        endpoint = self._egress_endpoint()
-        endpoint.start()  # listening by the time the container is up (launch_kernel waits)
-        return endpoint.container_command(cmd), {**env, **endpoint.container_env()}
-
-    async def _stop_egress(self) -> None:
-        if self._egress is not None:
-            await self._egress.stop()
-            self._egress = None
-
-    async def _with_watchdog(self, argv: list[str]) -> list[str]:
-        """Run the kernel under the in-sandbox watchdog when the image has it (our images do)."""
-        if self.orphan_timeout <= 0:
-            return argv
-        if self._image_has_watchdog is None:
-            labels = await self.backend.image_labels(self.policy.image) or {}
-            self._image_has_watchdog = labels.get(label("image")) == IMAGE_KIND_KERNEL
-        if not self._image_has_watchdog:
-            return argv
-        lifeline = f"{RUNTIME_MOUNT}/{LIFELINE}"
-        return [
-            "python",
-            "-m",
-            WATCHDOG_MODULE,
-            lifeline,
-            str(self.orphan_timeout),
-            "--",
-            *argv,
-        ]
-
-    def _sweep_orphans_once(self) -> None:
-        """Reap what killed owners left behind, once per process, without delaying the start."""
-        if self.runtime_root in _SWEPT_ROOTS or not self.reap_orphans:
-            return
-        _SWEPT_ROOTS.add(self.runtime_root)
-        root, log = self.runtime_root, self.log
-
-        def run() -> None:
-            try:
-                report = asyncio.run(sweep(shared_backend(), root))
-            except Exception as exc:  # a failed sweep must never break a kernel start
-                log.warning("kernel-sandbox: orphan sweep failed: %s", exc)
-                return
-            if report:
-                log.info(
-                    "kernel-sandbox: reaped %d orphaned container(s), %d runtime dir(s)",
-                    len(report.containers),
-                    len(report.runtime_dirs),
-                )
-
-        threading.Thread(target=run, name="kernel-sandbox-sweep", daemon=True).start()
-
-    def _container_env(self, host_env: dict[str, str], policy: SandboxPolicy) -> dict[str, str]:
-        """Deny by default: only the kernelspec's env, the policy's env and allowlisted names."""
-        env = {
-            k: host_env[k] for k in (*self.env_allowlist, *policy.env_passthrough) if k in host_env
-        }
-        env.update({k: host_env.get(k, v) for k, v in (self.kernel_spec.env or {}).items()})
-        env.update(policy.env)
-        env.update(
-            {
-                "HOME": SANDBOX_HOME,
-                "LANG": env.get("LANG", "C.UTF-8"),
-                "TINI_KILL_PROCESS_GROUP": "1",
-                "KERNEL_SANDBOX": "1",
-            }
-        )
-        return env
-
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the container and wait until the kernel has bound its sockets.
+
+        A failure leaves nothing behind (but a restarting kernel's directory).
 
         Raises:
             KernelStartError: the container ended (its last log lines are in the message) or
                 did not bind its sockets within ``launch_timeout``.
             ImageMissing, RuntimeUnavailable, EngineUnavailable: from the backend.
         """
-        assert self.runtime_dir is not None
+        resources = self.resources
+        assert resources.runtime_dir is not None
         policy = self.policy
         workspace = resolve_workspace(self.cwd) if policy.workspace != "none" else None
         if policy.workspace != "none" and workspace is None:
@@ -469,28 +389,29 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
                 SANDBOX_HOME,
             )
         name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
+        profile = self._spec_config.get("profile") or self.profile
         request = ContainerRequest(
             name=name,
             policy=policy,
             command=cmd,
             env=kwargs.get("env", {}),
-            labels=self._labels(),
-            runtime_dir=str(self.runtime_dir.shared),
+            labels=container_labels(
+                self.kernel_id or "", self._spec_name, profile, str(resources.runtime_dir.path)
+            ),
+            runtime_dir=str(resources.runtime_dir.shared),
             user=kwargs["user"],
             workspace=workspace,
         )
         started = time.monotonic()
         try:
-            self.container_id = await self.backend.start(request)
-            self.container_name = name
-            if self._egress is not None:
-                await self._egress.wait_ready()
+            resources.container_id = await self.backend.start(request)
+            resources.container_name = name
+            await resources.wait_egress_ready()
             await self._wait_until_listening()
         except BaseException:
-            await self._discard_failed_launch()
+            await resources.aclose(restart=self._launched)
             raise
         self._launched = True
-        _LIVE[self] = os.getpid()
         self._watch()
         self.log.debug(
             "kernel %s: container %s ready in %.2fs",
@@ -500,36 +421,23 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         )
         return self.connection_info
 
-    async def _discard_failed_launch(self) -> None:
-        """Leave nothing behind after a failed start (the directory too, unless restarting)."""
-        if self.container_id is not None:
-            await self.backend.remove(self.container_id)
-            self.container_id = None
-        if not self._launched and self.runtime_dir is not None:
-            await self._stop_egress()
-            await asyncio.to_thread(self._release_data, False)
-            if self._lifeline is not None:
-                self._lifeline.close()
-                self._lifeline = None
-            self.runtime_dir.remove()
-            self.runtime_dir = None
-
     async def _wait_until_listening(self) -> None:
-        assert self.runtime_dir is not None and self.container_id is not None
+        runtime_dir, container_id = self.runtime_dir, self.container_id
+        assert runtime_dir is not None and container_id is not None
         deadline = time.monotonic() + self.launch_timeout
         next_state_check = time.monotonic() + 0.2
-        while not self.runtime_dir.sockets_ready(self.connection_info):
+        while not runtime_dir.sockets_ready(self.connection_info):
             now = time.monotonic()
             if now >= next_state_check:
-                state = await self.backend.state(self.container_id)
+                state = await self.backend.state(container_id)
                 if not state.running:
-                    logs = await self.backend.logs_tail(self.container_id)
+                    logs = await self.backend.logs_tail(container_id)
                     raise container_start_error(
                         self.container_name or "", self.policy.image, state, logs
                     )
                 next_state_check = now + 0.25
             if now >= deadline:
-                logs = await self.backend.logs_tail(self.container_id)
+                logs = await self.backend.logs_tail(container_id)
                 raise KernelStartError(
                     f"kernel container {self.container_name} (image {self.policy.image}) did not "
                     f"open its sockets within {self.launch_timeout:.0f}s; raise "
@@ -537,23 +445,6 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
                     f"lines:\n{logs or '(none)'}"
                 )
             await asyncio.sleep(0.005)
-
-    def _labels(self) -> dict[str, str]:
-        assert self.runtime_dir is not None
-        values = {
-            "managed": "true",
-            "kernel-id": self.kernel_id or "",
-            "kernelspec": self._spec_name,
-            "profile": self._spec_config.get("profile") or self.profile,
-            "owner": getpass.getuser(),
-            "owner-uid": str(os.getuid()),
-            "owner-pid": str(os.getpid()),
-            "owner-start": Owner.current().start or "",
-            "owner-host": socket.gethostname(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "runtime-dir": str(self.runtime_dir.path),
-        }
-        return {label(k): v for k, v in values.items()}
 
     # -- life of a running kernel -----------------------------------------------------------
 
@@ -605,86 +496,29 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         await self.send_signal(signal.SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Remove the container; on the final cleanup also the runtime directory.
+        """Remove the container and revoke the data token; on the final cleanup release
+        everything else too (runtime directory, lifeline, broker socket, egress proxy).
 
         Idempotent: a container or directory that is already gone is fine.
         """
-        self._unwatch()
-        if self.container_id is not None:
-            try:
-                await self.backend.remove(self.container_id)
-            except EngineUnavailable as exc:
-                # `kernel-sandbox gc` removes it once the engine is back: its runtime
-                # directory is gone, which marks it as dead weight.
-                self.log.warning(
-                    "kernel %s: container %s left for gc: %s",
-                    self.kernel_id,
-                    self.container_name,
-                    exc,
-                )
-            self.container_id = None
-        # synchronous (a revocation in SQLite and a socket close): cleanup also runs at
-        # interpreter exit, when no new thread may be started
-        self._release_data(restart)
+        if self._resources is not None:
+            await self._resources.aclose(restart)
         if not restart:
-            await self._stop_egress()
-            self._release_host_side()
+            self._launched = False
+            if self._shared_backend is None or self.backend is not self._shared_backend:
+                self.backend.close()  # its connections to the engine; reopened if used again
 
-    def _release_host_side(self) -> None:
-        """The final, synchronous part of a cleanup: lifeline, runtime directory, client."""
-        _LIVE.pop(self, None)
-        if self._lifeline is not None:
-            self._lifeline.close()
-            self._lifeline = None
-        if self.runtime_dir is not None:
-            self.runtime_dir.remove()
-            self.runtime_dir = None
-        if self.backend is not shared_backend():
-            self.backend.close()  # its connections to the engine; reopened if used again
-
-    def _end_at_exit(self) -> None:
-        """This process exits without having shut the kernel down: end it, leave nothing.
-
-        ``jupyter console`` only sends the kernel a shutdown request, and a script may forget
-        its kernels; a local kernel ends with its parent, and so does a sandbox. (A killed
-        owner cannot run this: its kernels wait for re-adoption, then the watchdog ends them.)
-        Blocking calls only: no worker thread may start at interpreter exit.
-        """
-        self._unwatch()
-        if self.container_id is not None:
-            try:
-                self.backend.remove_blocking(self.container_id)
-            except Exception as exc:  # the engine is gone: `kernel-sandbox gc` removes it later
-                self.log.warning(
-                    "kernel %s: container %s left for gc: %s",
-                    self.kernel_id,
-                    self.container_name,
-                    exc,
-                )
-            self.container_id = None
-        self._release_data(restart=False)
-        self._release_host_side()  # the egress proxy ends by itself when this process does
-
-    # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) ---------------------
+    # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) -----------------
 
     def _watch(self) -> None:
         """Start the host-side monitor of the running container (once per container)."""
-        assert self.runtime_dir is not None
-        self._unwatch()
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
-        iopub = f"ipc://{self.runtime_dir.socket_prefix}-{self.connection_info['iopub_port']}"
-        self._monitor = KernelMonitor(
-            self.runtime_dir.path, iopub, self.policy.idle_timeout, self._end_from_monitor
+        self.resources.watch(
+            self.connection_info["iopub_port"], self.policy.idle_timeout, self._end_from_monitor
         )
-        self._monitor.start()
-
-    def _unwatch(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
 
     def _end_from_monitor(self, reason: str) -> None:
         """End the kernel for the monitor (called from its thread).
@@ -739,26 +573,26 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
-        """Adopt a still-running sandbox (e.g. after a Jupyter Server restart)."""
+        """Adopt a still-running sandbox (e.g. after a Jupyter Server restart): serve its
+        lifeline, watch it, restart its egress proxy and serve its data socket again."""
         await super().load_provisioner_info(provisioner_info)
         key = self.connection_info.get("key")
         if isinstance(key, str):
-            self.connection_info = {**self.connection_info, "key": key.encode()}
-        self.container_id = provisioner_info.get("container_id")
-        self.container_name = provisioner_info.get("container_name")
-        runtime_dir = provisioner_info.get("runtime_dir")
-        self.runtime_dir = RuntimeDir(runtime_dir) if runtime_dir else None
+            info = {**self.connection_info, "key": key.encode()}  # bytes, as jupyter_client uses
+            self.connection_info = cast(KernelConnectionInfo, info)
         self.cwd = provisioner_info.get("cwd")
         self._launched = True
-        if self.container_id is not None:
-            _LIVE[self] = os.getpid()
-        if self.runtime_dir is not None and self.runtime_dir.exists():
-            self._own_runtime_dir()  # this process is the owner now; the watchdog reconnects
-            self._watch()
-            if self._egress_on:  # the old owner's proxy ended with it
-                endpoint = self._egress_endpoint()
-                endpoint.start()
-                await endpoint.wait_ready()
-            if self.policy.datasets and self.kernel_id:  # the token lives on in the database
-                shared = self.runtime_dir.shared
-                await asyncio.to_thread(self._broker().serve, self.kernel_id, shared)
+        resources = self.resources
+        present = resources.adopt(
+            provisioner_info.get("container_id"),
+            provisioner_info.get("container_name"),
+            provisioner_info.get("runtime_dir"),
+        )
+        if not present:
+            return
+        self._watch()
+        if self.policy.network == "allowlist":  # the old owner's proxy ended with it
+            resources.start_egress(self.policy, self.egress_log, self.egress_port)
+            await resources.wait_egress_ready()
+        if self.policy.datasets and self.kernel_id:  # the token lives on in the database
+            await asyncio.to_thread(resources.serve_data, self._broker())

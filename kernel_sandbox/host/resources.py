@@ -1,0 +1,260 @@
+"""One kernel's host-side resources, and the one way to let them go.
+
+A sandboxed kernel holds, on the host: its runtime directory (sockets, connection file, owner
+record), the lifeline its in-sandbox watchdog stays connected to, its container, a data token
+and the broker's socket (with datasets), an egress proxy (with network 'allowlist') and a
+monitor thread (idle_timeout, ``kernel-sandbox stop``). :class:`KernelResources` owns them
+all, and :meth:`KernelResources.close` releases them on every path::
+
+    close(restart=True)    a restart, or a failed restart: the container is removed and the
+                           data token revoked; the runtime directory (clients stay connected),
+                           the lifeline, the broker's socket and the proxy are kept
+    close()                the final cleanup, a failed first start, interpreter exit:
+                           nothing is left
+
+``close`` is synchronous (blocking calls only: it also runs at interpreter exit, when no worker
+thread may start) and idempotent (twice, or after the container or directory vanished, is
+fine); coroutines call :meth:`KernelResources.aclose`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kernel_sandbox.egress.service import EgressEndpoint
+from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.errors import EngineUnavailable
+from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
+from kernel_sandbox.host.monitor import KernelMonitor
+from kernel_sandbox.host.owner import Lifeline, Owner
+from kernel_sandbox.host.rundir import RuntimeDir
+from kernel_sandbox.inside.contract import RUNTIME_MOUNT
+
+if TYPE_CHECKING:
+    from kernel_sandbox.broker.server import DataBroker
+    from kernel_sandbox.broker.tokens import TokenRecord
+    from kernel_sandbox.policy.model import Dataset, SandboxPolicy
+
+__all__ = ["KernelResources"]
+
+
+class KernelResources:
+    """What one kernel holds on the host; see the module docstring.
+
+    Args:
+        kernel_id: the kernel's id (names its token, proxy and log lines).
+        backend: the engine its container runs on.
+        log: where warnings go (the provisioner's logger).
+        exits: the registry that closes it at interpreter exit (default: this process's).
+    """
+
+    def __init__(
+        self,
+        kernel_id: str,
+        backend: DockerBackend,
+        log: Any,
+        exits: ExitRegistry | None = None,
+    ):
+        self.kernel_id = kernel_id
+        self.backend = backend
+        self.log = log
+        self.exits = exits if exits is not None else PROCESS_EXITS
+        self.runtime_dir: RuntimeDir | None = None
+        self.container_id: str | None = None
+        self.container_name: str | None = None
+        self.egress: EgressEndpoint | None = None  # kept across restarts
+        self._lifeline: Lifeline | None = None
+        self._broker: DataBroker | None = None
+        self._monitor: KernelMonitor | None = None
+
+    # -- runtime directory and lifeline -----------------------------------------------------
+
+    def open_runtime_dir(self, root: str, owner: tuple[int, int]) -> bool:
+        """Make the runtime directory unless the last start's is still there; serve the
+        lifeline as this process.
+
+        Returns:
+            True when the directory is new (the kernel then needs new connection info).
+
+        Raises:
+            PolicyError: the root is unsafe or too long for unix socket paths.
+        """
+        created = self.runtime_dir is None or not self.runtime_dir.exists()
+        if created:
+            if self._lifeline is not None:  # served in a directory that vanished
+                self._lifeline.close()
+                self._lifeline = None
+            self.runtime_dir = RuntimeDir.create(root, owner)
+        self.exits.add(self)
+        self._own()
+        return created
+
+    def adopt(
+        self, container_id: str | None, container_name: str | None, runtime_dir: str | None
+    ) -> bool:
+        """Take over a sandbox a previous owner left running (a restarted Jupyter Server).
+
+        Returns:
+            True when its runtime directory is still there (and now served by this process).
+        """
+        self.container_id, self.container_name = container_id, container_name
+        self.runtime_dir = RuntimeDir(runtime_dir) if runtime_dir else None
+        present = self.runtime_dir is not None and self.runtime_dir.exists()
+        if container_id is not None or present:
+            self.exits.add(self)
+        if present:
+            self._own()  # the watchdog reconnects to the new owner's lifeline
+        return present
+
+    def _own(self) -> None:
+        """Record this process as the kernel's owner and serve its lifeline."""
+        assert self.runtime_dir is not None
+        Owner.current().save(self.runtime_dir.path)
+        if self._lifeline is None:
+            self._lifeline = Lifeline(self.runtime_dir.shared)
+        self._lifeline.listen()
+        self._lifeline.drop_peers()  # a previous container's watchdog, if this is a restart
+        self._lifeline.accept_pending()
+
+    # -- datasets (kernel_sandbox.broker) ---------------------------------------------------
+
+    def grant_data(
+        self,
+        broker: DataBroker,
+        datasets: Sequence[Dataset],
+        ttl: float,
+        owner: tuple[int, int],
+    ) -> TokenRecord:
+        """Mint this start's token (revoking the last one) and serve the kernel's socket.
+
+        Blocking (SQLite and the broker's loop): run it in a worker thread.
+        """
+        from kernel_sandbox.broker.tokens import Grant
+
+        assert self.runtime_dir is not None
+        self._broker = broker  # released on close even if the grant fails half-way
+        scope = {d.name: Grant(d.source, d.access) for d in datasets}
+        return broker.grant(self.kernel_id, self.runtime_dir.shared, scope, ttl, owner)
+
+    def serve_data(self, broker: DataBroker) -> None:
+        """Serve an adopted kernel's socket again (its token lives on in the database)."""
+        assert self.runtime_dir is not None
+        self._broker = broker
+        broker.serve(self.kernel_id, self.runtime_dir.shared)
+
+    def _release_data(self, restart: bool) -> None:
+        """Revoke the kernel's token; on the final close also stop serving its socket."""
+        broker = self._broker
+        if broker is None:
+            return
+        try:
+            if restart:
+                broker.revoke(self.kernel_id, "kernel restarted")
+            else:
+                broker.release(self.kernel_id, "kernel shut down")
+                self._broker = None
+        except Exception as exc:  # closing must go on; an unrevoked token still expires
+            self.log.warning("kernel %s: could not revoke its data token: %s", self.kernel_id, exc)
+
+    # -- egress (kernel_sandbox.egress) -----------------------------------------------------
+
+    def start_egress(self, policy: SandboxPolicy, log_path: str, port: int) -> EgressEndpoint:
+        """Start the kernel's proxy unless it runs (it outlives restarts); it listens a moment
+        later (:meth:`wait_egress_ready`)."""
+        assert self.runtime_dir is not None
+        if self.egress is None:
+            self.egress = EgressEndpoint(
+                self.runtime_dir.path,
+                self.runtime_dir.shared,
+                self.kernel_id,
+                policy,
+                log_path,
+                RUNTIME_MOUNT,
+                port,
+            )
+        self.egress.start()
+        return self.egress
+
+    async def wait_egress_ready(self) -> None:
+        """Wait until the proxy listens, if there is one.
+
+        Raises:
+            KernelStartError: the proxy ended or did not listen in time.
+        """
+        if self.egress is not None:
+            await self.egress.wait_ready()
+
+    # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) ----------------
+
+    def watch(self, iopub_port: int, idle_timeout: float, on_end: Callable[[str], None]) -> None:
+        """Start the monitor of the running container (once per container)."""
+        assert self.runtime_dir is not None
+        self.unwatch()
+        iopub = f"ipc://{self.runtime_dir.socket_prefix}-{iopub_port}"
+        self._monitor = KernelMonitor(self.runtime_dir.path, iopub, idle_timeout, on_end)
+        self._monitor.start()
+
+    def unwatch(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+
+    # -- the one close ----------------------------------------------------------------------
+
+    def close(self, restart: bool = False) -> None:
+        """Release what the kernel holds (see the module docstring); blocking and idempotent.
+
+        Every step runs even when one fails; an engine that cannot be reached leaves the
+        container to ``kernel-sandbox gc``.
+
+        Raises:
+            SandboxError: the engine refused to remove the container (raised last; on the
+                final close the container stays registered, so exit tries again).
+        """
+        self.unwatch()
+        failure: Exception | None = None
+        if self.container_id is not None:
+            try:
+                self.backend.remove_blocking(self.container_id)
+                self.container_id = None
+            except EngineUnavailable as exc:
+                # `kernel-sandbox gc` removes it once the engine is back (its runtime
+                # directory, or its owner, is gone by then)
+                self.log.warning(
+                    "kernel %s: container %s left for gc: %s",
+                    self.kernel_id,
+                    self.container_name,
+                    exc,
+                )
+                self.container_id = None
+            except Exception as exc:
+                failure = exc
+        self._release_data(restart)
+        if not restart:
+            if self.egress is not None:
+                self.egress.close()
+                self.egress = None
+            if self._lifeline is not None:
+                self._lifeline.close()
+                self._lifeline = None
+            if self.runtime_dir is not None:
+                self.runtime_dir.remove()
+                self.runtime_dir = None
+            if self.container_id is None:
+                self.exits.discard(self)
+        if failure is not None:
+            raise failure
+
+    async def aclose(self, restart: bool = False) -> None:
+        """:meth:`close` in a worker thread, or in this one when no thread may start (the
+        interpreter exits: nbclient and ``jupyter run`` shut kernels down from atexit hooks)."""
+        loop = asyncio.get_running_loop()
+        try:
+            done = loop.run_in_executor(None, functools.partial(self.close, restart))
+        except RuntimeError:  # cannot schedule new futures after interpreter shutdown
+            self.close(restart)
+            return
+        await done

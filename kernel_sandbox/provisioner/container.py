@@ -1,0 +1,99 @@
+"""What a kernel's container is started with: its labels, its environment, its command.
+
+Pure functions of the provisioner's settings; ``docker_provisioner`` calls them on every start.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+
+from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.host.owner import Owner
+from kernel_sandbox.inside.contract import LIFELINE, RUNTIME_MOUNT, SANDBOX_HOME, WATCHDOG_MODULE
+from kernel_sandbox.inside.contract import label as prefixed
+from kernel_sandbox.policy.model import SandboxPolicy
+
+__all__ = ["check_exposure", "container_env", "container_labels", "with_watchdog"]
+
+
+def container_labels(kernel_id: str, kernelspec: str, profile: str, runtime_dir: str) -> dict:
+    """The labels by which ``kernel-sandbox ps``/``gc`` and the orphan sweep find a sandbox
+    and tell whose it is."""
+    values = {
+        "managed": "true",
+        "kernel-id": kernel_id,
+        "kernelspec": kernelspec,
+        "profile": profile,
+        "owner": getpass.getuser(),
+        "owner-uid": str(os.getuid()),
+        "owner-pid": str(os.getpid()),
+        "owner-start": Owner.current().start or "",
+        "owner-host": socket.gethostname(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runtime-dir": runtime_dir,
+    }
+    return {prefixed(k): v for k, v in values.items()}
+
+
+def container_env(
+    host_env: Mapping[str, str],
+    allowed: Iterable[str],
+    spec_env: Mapping[str, str],
+    policy_env: Mapping[str, str],
+) -> dict[str, str]:
+    """Deny by default: only the kernelspec's env, the policy's env and allowlisted names."""
+    env = {k: host_env[k] for k in allowed if k in host_env}
+    env.update({k: host_env.get(k, v) for k, v in spec_env.items()})
+    env.update(policy_env)
+    env.update(
+        {
+            "HOME": SANDBOX_HOME,
+            "LANG": env.get("LANG", "C.UTF-8"),
+            "TINI_KILL_PROCESS_GROUP": "1",
+            "KERNEL_SANDBOX": "1",
+        }
+    )
+    return env
+
+
+def with_watchdog(argv: list[str], orphan_timeout: float) -> list[str]:
+    """Run ``argv`` under the in-sandbox watchdog, which ends it ``orphan_timeout`` seconds
+    after the owner's lifeline broke."""
+    return [
+        "python",
+        "-m",
+        WATCHDOG_MODULE,
+        f"{RUNTIME_MOUNT}/{LIFELINE}",
+        str(orphan_timeout),
+        "--",
+        *argv,
+    ]
+
+
+def check_exposure(policy: SandboxPolicy, broker_files: Sequence[str], kernelspec: str) -> None:
+    """No mount or dataset may expose the data broker's own state or the host's credentials.
+
+    ``broker_files``: the token database and audit log (their directories are protected) and
+    the credentials file ("" when there is none).
+
+    Raises:
+        PolicyError: a mount or local dataset contains one of them.
+    """
+    token_db, audit_log, credentials = broker_files
+    protected = [os.path.dirname(os.path.abspath(p)) for p in (token_db, audit_log)]
+    if credentials:
+        protected.append(os.path.abspath(credentials))
+    exposed = [m.source for m in policy.mounts]
+    exposed += [d.source for d in policy.datasets if "://" not in d.source]
+    for source in exposed:
+        real = os.path.realpath(source)
+        for path in protected:
+            if path == real or path.startswith(real.rstrip("/") + "/"):
+                raise PolicyError(
+                    f"kernelspec {kernelspec}: {source} would expose {path}, the data broker's "
+                    "tokens, audit log or credentials; mount or serve another directory"
+                )
