@@ -15,12 +15,15 @@ from kernel_sandbox.kernelspec import PROVISIONER_NAME
 
 if TYPE_CHECKING:
     from kernel_sandbox.batch.options import RunOptions
+    from kernel_sandbox.engine.backend import DockerBackend
 
 __all__ = ["kernel_config", "load_jupyter_config", "preflight"]
 
 
-async def preflight(options: RunOptions) -> None:
+async def preflight(options: RunOptions, backend: DockerBackend | None = None) -> None:
     """Check what every notebook needs before starting any: kernelspec, policy, engine, image.
+
+    ``backend`` is the engine to ask (default: a client of its own, closed afterwards).
 
     Raises:
         KernelspecError: no such kernelspec.
@@ -53,22 +56,24 @@ async def preflight(options: RunOptions) -> None:
         kernel_id="preflight", kernel_spec=spec, config=options.config, **spec_config
     )
     policy = provisioner.policy  # PolicyError for an unknown profile or a bad value
-    backend = DockerBackend()
+    own = backend is None
+    engine = DockerBackend() if backend is None else backend
     try:
-        await backend.ping()
-        if await backend.image_labels(policy.image) is None:
+        await engine.ping()
+        if await engine.image_labels(policy.image) is None:
             raise ImageMissing(
                 f"image {policy.image} is not on the Docker engine; build it with "
                 "`kernel-sandbox image build` (or set the policy's image to one that exists)"
             )
-        if policy.runtime != "runc" and policy.runtime not in await backend.runtimes():
+        if policy.runtime != "runc" and policy.runtime not in await engine.runtimes():
             raise RuntimeUnavailable(
                 f"the Docker engine has no OCI runtime {policy.runtime!r}, which the policy "
                 f"of {options.kernel} asks for; register it in /etc/docker/daemon.json "
                 "(setup.sh does) or pick another profile"
             )
     finally:
-        backend.close()
+        if own:
+            engine.close()
 
 
 def load_jupyter_config() -> Config:

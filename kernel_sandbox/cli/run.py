@@ -219,8 +219,8 @@ def exit_code(results: Sequence[NotebookResult], setup_error: BaseException | No
 
 
 async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
-    """Run the notebooks; the kernels' provisioners (and the pre-flight check) reach the
-    engine themselves, so ``backend`` is not used here."""
+    """Run the notebooks: the pre-flight check asks ``backend``; each kernel's provisioner
+    reaches the engine through its own (shared) client."""
     err, out = wide_console(120, stderr=True), wide_console(120)
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
@@ -248,7 +248,7 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
         inplace=args.inplace,
         config=kernel_config(args.profile, args.startup_timeout, base_config),
     )
-    await preflight(options)  # a SandboxError: exit 2 before any kernel starts
+    await preflight(options, backend)  # a SandboxError: exit 2 before any kernel starts
 
     runner = BatchRunner(notebooks, options)
     display_class = LiveDisplay if err.is_terminal else PlainDisplay
