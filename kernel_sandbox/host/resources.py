@@ -28,6 +28,7 @@ from kernel_sandbox.egress.service import EgressEndpoint
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import EngineUnavailable
 from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
+from kernel_sandbox.host.logtext import LogLimits
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.rundir import RuntimeDir
@@ -161,7 +162,13 @@ class KernelResources:
 
     # -- egress (kernel_sandbox.egress) -----------------------------------------------------
 
-    def start_egress(self, policy: SandboxPolicy, log_path: str, port: int) -> EgressEndpoint:
+    def start_egress(
+        self,
+        policy: SandboxPolicy,
+        log_path: str,
+        port: int,
+        limits: LogLimits | None = None,
+    ) -> EgressEndpoint:
         """Start the kernel's proxy unless it runs (it outlives restarts); it listens a moment
         later (:meth:`wait_egress_ready`)."""
         assert self.runtime_dir is not None
@@ -174,6 +181,7 @@ class KernelResources:
                 log_path,
                 RUNTIME_MOUNT,
                 port,
+                limits,
             )
         self.egress.start()
         return self.egress
