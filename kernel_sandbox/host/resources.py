@@ -28,7 +28,7 @@ from kernel_sandbox.egress.service import EgressEndpoint
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import EngineUnavailable
 from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
-from kernel_sandbox.host.logtext import LogLimits
+from kernel_sandbox.host.logtext import LogLimits, clip
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.rundir import RuntimeDir
@@ -158,7 +158,9 @@ class KernelResources:
                 broker.release(self.kernel_id, "kernel shut down")
                 self._broker = None
         except Exception as exc:  # closing must go on; an unrevoked token still expires
-            self.log.warning("kernel %s: could not revoke its data token: %s", self.kernel_id, exc)
+            self.log.warning(
+                "kernel %s: could not revoke its data token: %s", self.kernel_id, clip(exc)
+            )
 
     # -- egress (kernel_sandbox.egress) -----------------------------------------------------
 
