@@ -30,6 +30,7 @@ from kernel_sandbox.egress.rules import (
     parse_rule,
 )
 from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.host.logtext import LogLimits
 from kernel_sandbox.policy.model import SandboxPolicy
 
 # -- the rules ------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def targets(tmp_path_factory) -> LocalTargets:
 class Proxy:
     """A proxy process as the provisioner starts it, under a private runtime root."""
 
-    def __init__(self, root: Path, targets: LocalTargets, plant=None, **policy):
+    def __init__(self, root: Path, targets: LocalTargets, plant=None, limits=None, **policy):
         self.root = root
         (root / "k1" / "s").mkdir(parents=True)
         if plant:
@@ -266,6 +267,7 @@ class Proxy:
             str(self.log),
             "/run/kernel-sandbox",
             3128,
+            limits,
         )
         self.endpoint.start()
         asyncio.run(self.endpoint.wait_ready())
@@ -529,3 +531,24 @@ def test_ask_mode(tmp_path, targets):
         running.close()
     rules = [e["rule"] for e in running.decisions()]
     assert rules.count("approved once") == 2 and "ask-timeout" in rules and "denied always" in rules
+
+
+def test_decision_log_is_budgeted_and_rotated(tmp_path, targets):
+    """A flood of denials: every one answered, 5 recorded per interval, the rest summarized."""
+    limits = LogLimits(records=5, interval=1.0, max_bytes=1000, backups=5)
+    proxy = Proxy(tmp_path, targets, limits=limits)
+    try:
+        host = "a" * 60 + ".evil.test"
+        for _ in range(40):
+            out = proxy.exchange(get(f"http://{host}:{targets.http_port}/" + "p" * 20_000))
+            assert out.startswith(b"HTTP/1.1 403 ")
+        time.sleep(1.6)  # the interval is over: the proxy writes the summary
+        proxy.exchange(get(f"http://api.test:{targets.http_port}/hello"))
+    finally:
+        proxy.close()
+    files = sorted(tmp_path.glob("egress.jsonl*"))
+    assert 1 < len(files) <= 6 and all(f.stat().st_size <= 1000 for f in files)
+    entries = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    summaries = [e for e in entries if e["decision"] == "suppressed"]
+    assert sum(e["suppressed"] for e in summaries) == 35
+    assert summaries[0]["decisions"] == {"deny": 35}

@@ -2,18 +2,27 @@
 
 Each line: time (UTC, ISO 8601), kernel id, token id, dataset, path, operation, decision
 (allow, deny or error), the reason for a refusal, and the bytes moved. Lines are appended
-with ``O_APPEND`` in a single write, so several brokers (processes) can share one file.
-The token itself never appears, not even hashed.
+with ``O_APPEND`` in a single write, so several brokers (processes) can share one file, which
+rotates by size (:mod:`kernel_sandbox.host.logfile`). The token itself never appears, not even
+hashed.
+
+A kernel chooses much of a line (its paths, dataset names, and how many requests it makes):
+each text field is clipped (:func:`~kernel_sandbox.host.logtext.clip`), and each kernel may
+add at most ``budget.lines`` records per ``budget.interval`` seconds; the rest are still
+decided and answered, only counted, and summarized in one ``"decision": "suppressed"`` record
+with the count per decision.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingAppender
+from kernel_sandbox.host.logtext import DEFAULT_RECORDS, LineBudget, Suppressed, clip
 
 __all__ = ["AuditLog"]
 
@@ -21,17 +30,34 @@ MAX_FIELD = 512
 
 
 def _clip(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_FIELD:
-        return value[:MAX_FIELD] + "..."
-    return value
+    return clip(value, MAX_FIELD) if isinstance(value, str) else value
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class AuditLog:
-    """Append-only JSON lines at ``path`` (created 0600 in a 0700 directory)."""
+    """Append-only JSON lines at ``path`` (created 0600 in a 0700 directory).
 
-    def __init__(self, path: str | os.PathLike[str]):
+    Args:
+        path: the file; ``path.1`` ... ``path.<backups>`` are its rotated predecessors.
+        max_bytes: rotate when the file would grow past this (0: never).
+        backups: rotated files kept.
+        budget: records per kernel per interval (default 1000 per 10 s).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        backups: int = DEFAULT_BACKUPS,
+        budget: LineBudget | None = None,
+    ):
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self.file = RotatingAppender(self.path, max_bytes, backups)
+        self.budget = budget or LineBudget(DEFAULT_RECORDS)
 
     def record(
         self,
@@ -46,25 +72,53 @@ class AuditLog:
         **extra: Any,
     ) -> dict[str, Any]:
         entry = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "time": _now(),
             "kernel_id": kernel_id,
             "token_id": token_id,
             "op": _clip(op),
             "dataset": _clip(dataset),
             "path": _clip(path),
             "decision": decision,
-            "reason": reason,
+            "reason": _clip(reason),
             **{k: _clip(v) for k, v in extra.items()},
         }
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+        allowed, ended = self.budget.admit(kernel_id, decision)
+        if ended is not None:
+            self._summarize(ended)
+        if allowed:
+            self._write(entry)
         return entry
+
+    def flush(self, force: bool = False) -> None:
+        """Write the summaries of budget intervals that are over (every one, with ``force``)."""
+        for ended in self.budget.due(force):
+            self._summarize(ended)
+
+    def forget(self, kernel_id: str) -> None:
+        """The kernel is gone: summarize what was held back from it."""
+        ended = self.budget.forget(kernel_id)
+        if ended is not None:
+            self._summarize(ended)
+
+    def close(self) -> None:
+        self.flush(force=True)
+        self.file.close()
+
+    def _summarize(self, ended: Suppressed) -> None:
+        self._write(
+            {
+                "time": _now(),
+                "kernel_id": ended.key,
+                "decision": "suppressed",
+                "suppressed": ended.count,
+                "seconds": round(ended.seconds, 3),
+                "decisions": ended.kinds,
+                "reason": ended.message("audit records"),
+            }
+        )
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        self.file.write((json.dumps(entry, separators=(",", ":")) + "\n").encode())
 
     def entries(self) -> list[dict[str, Any]]:
         """Every line so far (for tests and `kernel-sandbox tokens`); none when there is no log."""

@@ -34,6 +34,7 @@ from kernel_sandbox.broker.sources import (
     relative_parts,
 )
 from kernel_sandbox.broker.tokens import TokenRecord, TokenRefused, TokenStore
+from kernel_sandbox.host.logtext import KernelLog
 from kernel_sandbox.inside.wire import DATA, END, MAX_CHUNK, MAX_MESSAGE, OPS
 
 __all__ = ["CHUNK_SIZE", "RequestHandler"]
@@ -62,8 +63,11 @@ class RequestHandler:
         request_timeout: float = 30.0,
         recheck_every: float = 1.0,
         sendfile: bool = True,
+        log_lines: KernelLog | None = None,
     ):
         self.tokens, self.audit, self.sources = tokens, audit, sources
+        # what a kernel's requests make us write to the owner's log: clipped, budgeted
+        self.log = log_lines or KernelLog(log)
         self.max_message, self.chunk_size = max_message, chunk_size
         self.request_timeout, self.recheck_every = request_timeout, recheck_every
         self.sendfile = sendfile
@@ -93,15 +97,24 @@ class RequestHandler:
             self.audit_decision(kernel_id, {**entry, **result}, "allow")
         except Refusal as refusal:
             self.audit_decision(kernel_id, entry, "deny", refusal.code, message=refusal.message)
-            if refusal.code in ("bad-request", "too-large"):
-                log.warning("data broker: kernel %s: %s", kernel_id, refusal.message)
+            if refusal.detail is not None:
+                level = logging.ERROR if refusal.code == "source-error" else logging.WARNING
+                self.log.log(
+                    level, kernel_id, "data broker: kernel %s: %s", kernel_id, refusal.detail
+                )
+            elif refusal.code in ("bad-request", "too-large"):
+                self.log.warning(
+                    kernel_id, "data broker: kernel %s: %s", kernel_id, refusal.message
+                )
             await send_error(writer, refusal)
         except (asyncio.IncompleteReadError, ConnectionError):
             self.audit_decision(kernel_id, entry, "error", "disconnected")
         except asyncio.TimeoutError:
             self.audit_decision(kernel_id, entry, "error", "timeout")
-        except Exception:  # one failed request must never take the broker down
-            log.exception("data broker: kernel %s: %s failed", kernel_id, entry.get("op"))
+        except Exception as exc:  # one failed request must never take the broker down
+            self.log.error(
+                kernel_id, "data broker: kernel %s: %s failed", kernel_id, entry.get("op"), exc=exc
+            )
             self.audit_decision(kernel_id, entry, "error", "internal")
             failure = Refusal("internal", "the data broker failed; see its log on the host")
             await send_error(writer, failure)
@@ -129,7 +142,9 @@ class RequestHandler:
                 **extra,
             )
         except OSError as exc:
-            log.error("data broker: cannot write the audit log %s: %s", self.audit.path, exc)
+            self.log.error(
+                kernel_id, "data broker: cannot write the audit log %s: %s", self.audit.path, exc
+            )
 
     async def check_token(self, token: str, kernel_id: str) -> TokenRecord:
         try:
@@ -150,11 +165,17 @@ class RequestHandler:
         except NotADirectoryError:
             raise Refusal("not-a-directory", "not a directory") from None
         except PermissionError as exc:
-            log.warning("data broker: the source refused access: %s", exc)
-            raise Refusal("denied", "the data source refused access (see the host's log)") from None
+            raise Refusal(
+                "denied",
+                "the data source refused access (see the host's log)",
+                f"the source refused access: {exc}",
+            ) from None
         except OSError as exc:
-            log.error("data broker: source error: %s", exc)
-            raise Refusal("source-error", "the data source failed (see the host's log)") from None
+            raise Refusal(
+                "source-error",
+                "the data source failed (see the host's log)",
+                f"source error: {exc}",
+            ) from None
 
     async def _target(
         self, record: TokenRecord, request: Mapping[str, Any], write: bool = False

@@ -26,12 +26,15 @@ class Refusal(Exception):
 
     Codes: bad-request, too-large, bad-token, wrong-kernel, expired, revoked, scope, escape,
     read-only, not-found, is-a-directory, not-a-directory, denied, busy, source-error.
+    ``detail``, when given, is for the owner's log only (clipped and held to the kernel's
+    budget there: it may quote what the kernel sent).
     """
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, detail: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.detail = detail
 
 
 async def read_frame(

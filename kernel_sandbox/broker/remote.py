@@ -7,7 +7,6 @@ threads.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from kernel_sandbox.broker.paths import Entry, Listing, Parts
@@ -15,12 +14,11 @@ from kernel_sandbox.broker.protocol import Refusal
 
 __all__ = ["RemoteReader", "RemoteSource", "RemoteWriter", "source_unavailable"]
 
-log = logging.getLogger("kernel_sandbox.broker")
 
-
-def source_unavailable() -> Refusal:
-    """A new refusal each time (a shared instance would pile up tracebacks across threads)."""
-    return Refusal("source-error", "the dataset's source is not available on the host")
+def source_unavailable(detail: str | None = None) -> Refusal:
+    """A new refusal each time (a shared instance would pile up tracebacks across threads);
+    ``detail`` goes to the owner's log, through the kernel's log budget."""
+    return Refusal("source-error", "the dataset's source is not available on the host", detail)
 
 
 class RemoteSource:
@@ -30,8 +28,9 @@ class RemoteSource:
         try:
             from fsspec.core import url_to_fs
         except ImportError:
-            log.error("dataset %s needs fsspec on the host: pip install 'kernel-sandbox[s3]'", url)
-            raise source_unavailable() from None
+            raise source_unavailable(
+                f"dataset {url} needs fsspec on the host: pip install 'kernel-sandbox[s3]'"
+            ) from None
         self.url = url
         self.fs, root = url_to_fs(url, **storage_options)
         self.root = str(root).rstrip("/")

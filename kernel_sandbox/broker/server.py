@@ -11,6 +11,7 @@ put in place without following a link the kernel planted is :mod:`.staging`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -28,6 +29,7 @@ from kernel_sandbox.broker.protocol import Refusal, send_error
 from kernel_sandbox.broker.sources import Credentials, SourceCache
 from kernel_sandbox.broker.staging import bind_staged, is_socket, write_token_file
 from kernel_sandbox.broker.tokens import PRUNE_AFTER, Grant, TokenRecord, TokenStore
+from kernel_sandbox.host.logtext import KernelLog, LineBudget, LogLimits
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN
 from kernel_sandbox.inside.wire import MAX_MESSAGE
 
@@ -63,6 +65,9 @@ class DataBroker:
             Python buffers.
         prune_after: when the broker starts, delete the records of tokens that expired or
             were revoked more than this many seconds ago (None keeps them all).
+        log_lines: what a kernel's requests may add to the owner's log (Python logging):
+            clipped, and at most so many lines per kernel per interval (default 20 per 10 s).
+            The audit log has a budget of its own (:class:`AuditLog`).
     """
 
     def __init__(
@@ -78,8 +83,10 @@ class DataBroker:
         recheck_every: float = 1.0,
         sendfile: bool = True,
         prune_after: float | None = PRUNE_AFTER,
+        log_lines: KernelLog | None = None,
     ):
         self.tokens, self.audit = tokens, audit
+        self.log_lines = log_lines or KernelLog(log)
         self.credentials = credentials or Credentials()
         self.max_connections, self.prune_after = max_connections, prune_after
         self._requests = RequestHandler(
@@ -91,6 +98,7 @@ class DataBroker:
             request_timeout=request_timeout,
             recheck_every=recheck_every,
             sendfile=sendfile,
+            log_lines=self.log_lines,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -112,6 +120,7 @@ class DataBroker:
             def run() -> None:
                 asyncio.set_event_loop(loop)
                 loop.call_soon(ready.set)
+                loop.call_soon(self._summarize, loop)
                 loop.run_forever()
 
             self._loop = loop
@@ -129,6 +138,16 @@ class DataBroker:
             return
         if pruned:
             log.info("data broker: pruned %d expired or revoked token records", pruned)
+
+    def _summarize(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write the summaries of what kernels' budgets held back; again every interval."""
+        try:
+            self.log_lines.flush()
+            self.audit.flush()
+        except OSError as exc:
+            log.error("data broker: cannot write the audit log %s: %s", self.audit.path, exc)
+        interval = min(self.log_lines.budget.interval, self.audit.budget.interval)
+        loop.call_later(max(interval, 0.5), self._summarize, loop)
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Run ``coro`` in the broker's loop and wait for its result (from another thread)."""
@@ -169,6 +188,11 @@ class DataBroker:
         self.tokens.revoke_kernel(kernel_id, reason)
         if self._loop is not None:
             self._run(self._unlisten(kernel_id))
+        self.log_lines.forget(kernel_id)
+        try:
+            self.audit.forget(kernel_id)
+        except OSError as exc:
+            log.error("data broker: cannot write the audit log %s: %s", self.audit.path, exc)
 
     def close(self) -> None:
         """Stop serving every kernel and end the broker's thread."""
@@ -181,6 +205,9 @@ class DataBroker:
         self._loop.close()
         self._loop = self._thread = None
         self.tokens.close()
+        self.log_lines.flush(force=True)
+        with contextlib.suppress(OSError):
+            self.audit.close()
 
     # -- sockets (in the broker's loop) ------------------------------------------------------
 
@@ -237,14 +264,27 @@ _SHARED: dict[tuple[str, str, str], DataBroker] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_broker(token_db: str, audit_log: str, credentials_file: str = "") -> DataBroker:
-    """The broker of this process for these settings: every kernel started here shares it."""
+def shared_broker(
+    token_db: str, audit_log: str, credentials_file: str = "", limits: LogLimits | None = None
+) -> DataBroker:
+    """The broker of this process for these files: every kernel started here shares it (with
+    the ``limits`` of the first one that asked)."""
     key = (os.path.abspath(token_db), os.path.abspath(audit_log), credentials_file)
+    limits = limits or LogLimits()
     with _SHARED_LOCK:
         broker = _SHARED.get(key)
         if broker is None:
+            audit = AuditLog(
+                key[1],
+                max_bytes=limits.max_bytes,
+                backups=limits.backups,
+                budget=LineBudget(limits.records, limits.interval),
+            )
             broker = DataBroker(
-                TokenStore(key[0]), AuditLog(key[1]), Credentials(credentials_file or None)
+                TokenStore(key[0]),
+                audit,
+                Credentials(credentials_file or None),
+                log_lines=KernelLog(log, LineBudget(limits.lines, limits.interval)),
             )
             _SHARED[key] = broker
         return broker

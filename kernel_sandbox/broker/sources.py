@@ -11,7 +11,6 @@ All source methods block; the broker calls them in worker threads.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Protocol
@@ -40,7 +39,6 @@ __all__ = [
     "source_unavailable",
 ]
 
-log = logging.getLogger("kernel_sandbox.broker")
 
 REMOTE_SOURCE_TTL = 300.0
 
@@ -82,8 +80,7 @@ def open_source(source: str, credentials: Credentials) -> Source:
     try:
         return RemoteSource(source, credentials.storage_options(source))
     except CredentialsError as exc:
-        log.error("dataset source %s: %s", source, exc)
-        raise source_unavailable() from None
+        raise source_unavailable(f"dataset source {source}: {exc}") from None
 
 
 class SourceCache:

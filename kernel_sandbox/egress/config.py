@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS
+
 __all__ = ["ProxyConfig"]
 
 
@@ -25,6 +28,12 @@ class ProxyConfig:
     hosts: dict[str, str] = field(default_factory=dict)
     mode: str = "deny"
     ask_timeout: float = 60.0
+    # what the kernel may make the proxy log (see kernel_sandbox.host.logtext.LogLimits)
+    log_lines: int = DEFAULT_LINES
+    log_records: int = DEFAULT_RECORDS
+    log_interval: float = DEFAULT_INTERVAL
+    log_max_bytes: int = DEFAULT_MAX_BYTES
+    log_backups: int = DEFAULT_BACKUPS
 
     @classmethod
     def load(cls, path: str) -> ProxyConfig:

@@ -12,7 +12,10 @@ by the provisioner, and ends when the provisioner's process does (its stdin clos
 - ``control``: a unix socket in the host-only part of the runtime directory, for
   ``kernel-sandbox egress pending|approve|deny`` (see :mod:`kernel_sandbox.egress.control`).
 
-Every decision is appended to ``log`` as one JSON line. The HTTP mechanics (forwarding,
+Every decision is appended to ``log`` as one JSON line, through the kernel's budget of records
+per interval (the rest are counted and summarized in one ``"decision": "suppressed"`` line) and
+with size-based rotation (:mod:`kernel_sandbox.host.logfile`); what the process itself logs
+goes to its stderr (the owner's log) clipped and budgeted too. The HTTP mechanics (forwarding,
 tunnels, refusals as responses) are :mod:`.http`; ask mode's waiting requests are
 :mod:`.approvals`; the configuration is :class:`~kernel_sandbox.egress.config.ProxyConfig`.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -56,6 +60,8 @@ from kernel_sandbox.egress.rules import (
     decide,
     parse_rule,
 )
+from kernel_sandbox.host.logfile import RotatingAppender
+from kernel_sandbox.host.logtext import LineBudget, Suppressed, budgeted_handler, clip
 
 __all__ = ["EgressProxy", "ProxyConfig", "Refused", "main"]
 
@@ -63,6 +69,12 @@ HEAD_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 128
 MAX_NOTICE_READERS = 4
+
+_log = logging.getLogger("kernel_sandbox.egress")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class EgressProxy:
@@ -76,8 +88,9 @@ class EgressProxy:
         self._notice_writers: list[asyncio.StreamWriter] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._connections = 0
-        fd = os.open(config.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._log = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+        self._log = RotatingAppender(config.log, config.log_max_bytes, config.log_backups)
+        self._budget = LineBudget(config.log_records, config.log_interval)
+        self._summaries: asyncio.Task[None] | None = None
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -104,6 +117,7 @@ class EgressProxy:
             os.chmod(staging, mode)
             os.rename(staging, path)  # replaces a stale socket (or anything planted there)
             self._servers.append(server)
+        self._summaries = asyncio.create_task(self._summarize())
 
     async def close(self) -> None:
         for server in self._servers:
@@ -112,21 +126,57 @@ class EgressProxy:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self.approvals.close()
+        if self._summaries is not None:
+            self._summaries.cancel()
+        for ended in self._budget.due(flush=True):
+            self._suppressed(ended)
         self._log.close()
 
     # -- the log and the notices ------------------------------------------------------------
 
     def record(self, target: Target | None, decision: str, rule: str, **extra: Any) -> None:
+        """Append one decision, unless the kernel is over its budget (then it is counted)."""
+        allowed, ended = self._budget.admit(self.config.kernel_id, decision)
+        if ended is not None:
+            self._suppressed(ended)
+        if not allowed:
+            return
         entry = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "time": _now(),
             "kernel_id": self.config.kernel_id,
-            "host": target.host if target else None,
+            "host": clip(target.host) if target else None,
             "port": target.port if target else None,
             "decision": decision,
-            "rule": rule,
-            **extra,
+            "rule": clip(rule),
+            **{k: clip(v) if isinstance(v, str) else v for k, v in extra.items()},
         }
-        self._log.write(json.dumps(entry) + "\n")
+        self._write(entry)
+
+    def _suppressed(self, ended: Suppressed) -> None:
+        self._write(
+            {
+                "time": _now(),
+                "kernel_id": ended.key,
+                "decision": "suppressed",
+                "suppressed": ended.count,
+                "seconds": round(ended.seconds, 3),
+                "decisions": ended.kinds,
+                "rule": ended.message("decisions"),
+            }
+        )
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        try:
+            self._log.write((json.dumps(entry) + "\n").encode())
+        except OSError as exc:  # a full disk must not stop the decisions, only their log
+            _log.error("egress proxy: cannot write the decision log %s: %s", self.config.log, exc)
+
+    async def _summarize(self) -> None:
+        """Write what the budget held back, once an interval is over."""
+        while True:
+            await asyncio.sleep(max(self.config.log_interval, 0.5))
+            for ended in self._budget.due():
+                self._suppressed(ended)
 
     def notify(self, message: str, **extra: Any) -> None:
         line = (json.dumps({"message": message, **extra}) + "\n").encode()
@@ -361,7 +411,14 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m kernel_sandbox.egress.proxy CONFIG.json", file=sys.stderr)
         return 2
-    asyncio.run(serve(ProxyConfig.load(argv[0])))
+    config = ProxyConfig.load(argv[0])
+    # stderr is the owner's log: what this process logs (asyncio's errors too) is clipped and
+    # held to the kernel's budget
+    logging.basicConfig(
+        level=logging.WARNING,
+        handlers=[budgeted_handler(config.kernel_id, config.log_lines, config.log_interval)],
+    )
+    asyncio.run(serve(config))
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from kernel_sandbox.egress.config import ProxyConfig
 from kernel_sandbox.errors import KernelStartError
+from kernel_sandbox.host.logtext import LogLimits
 from kernel_sandbox.inside.contract import (
     EGRESS_BRIDGE_MODULE,
     EGRESS_CONTROL_SOCKET,
@@ -80,10 +81,12 @@ class EgressEndpoint:
         log_path: str,
         mount_point: str,
         port: int,
+        limits: LogLimits | None = None,
     ):
         self.runtime_dir, self.shared_dir = Path(runtime_dir), Path(shared_dir)
         self.kernel_id, self.policy = kernel_id, policy
         self.log_path, self.mount_point, self.port = log_path, mount_point, port
+        self.limits = limits or LogLimits()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,6 +108,11 @@ class EgressEndpoint:
             hosts=dict(self.policy.egress_hosts),
             mode=self.policy.egress_mode,
             ask_timeout=float(self.policy.egress_ask_timeout),
+            log_lines=self.limits.lines,
+            log_records=self.limits.records,
+            log_interval=self.limits.interval,
+            log_max_bytes=self.limits.max_bytes,
+            log_backups=self.limits.backups,
         )
 
     def start(self) -> None:

@@ -39,6 +39,7 @@ from kernel_sandbox.errors import (
     RuntimeUnavailable,
     SandboxError,
 )
+from kernel_sandbox.host.logtext import clip
 from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, LABEL_PREFIX, label
 from kernel_sandbox.inside.contract import RUNTIME_MOUNT as RUNTIME_MOUNT  # tests read it here
 from kernel_sandbox.inside.contract import SANDBOX_HOME as SANDBOX_HOME  # tests read it here
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+LOG_LINE = 1000  # characters of one container log line quoted in an error message
 
 
 def _engine_unavailable(exc: BaseException) -> EngineUnavailable:
@@ -235,7 +237,9 @@ class DockerBackend:
             out = self.client.api.logs(container_id, tail=lines, stdout=True, stderr=True)
         except docker.errors.DockerException:
             return ""
-        return out.decode(errors="replace").strip()
+        # the kernel printed these: clip each line and escape controls (terminal escapes too)
+        text = out.decode(errors="replace").strip()
+        return "\n".join(clip(line, LOG_LINE) for line in text.splitlines()[-lines:])
 
     # -- discovery --------------------------------------------------------------------------
 

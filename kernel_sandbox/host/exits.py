@@ -16,6 +16,8 @@ import os
 import threading
 from typing import Any, Protocol
 
+from kernel_sandbox.host.logtext import clip
+
 __all__ = ["PROCESS_EXITS", "Closable", "ExitRegistry"]
 
 
@@ -61,8 +63,9 @@ class ExitRegistry:
             try:
                 resources.close()
             except Exception as exc:
+                # the error may quote what the kernel planted in its runtime directory
                 resources.log.warning(
-                    "kernel %s: not cleaned up at exit: %s", resources.kernel_id, exc
+                    "kernel %s: not cleaned up at exit: %s", resources.kernel_id, clip(exc)
                 )
             self.discard(resources)
 

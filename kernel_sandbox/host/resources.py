@@ -28,6 +28,7 @@ from kernel_sandbox.egress.service import EgressEndpoint
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import EngineUnavailable
 from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
+from kernel_sandbox.host.logtext import LogLimits, clip
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.rundir import RuntimeDir
@@ -157,11 +158,19 @@ class KernelResources:
                 broker.release(self.kernel_id, "kernel shut down")
                 self._broker = None
         except Exception as exc:  # closing must go on; an unrevoked token still expires
-            self.log.warning("kernel %s: could not revoke its data token: %s", self.kernel_id, exc)
+            self.log.warning(
+                "kernel %s: could not revoke its data token: %s", self.kernel_id, clip(exc)
+            )
 
     # -- egress (kernel_sandbox.egress) -----------------------------------------------------
 
-    def start_egress(self, policy: SandboxPolicy, log_path: str, port: int) -> EgressEndpoint:
+    def start_egress(
+        self,
+        policy: SandboxPolicy,
+        log_path: str,
+        port: int,
+        limits: LogLimits | None = None,
+    ) -> EgressEndpoint:
         """Start the kernel's proxy unless it runs (it outlives restarts); it listens a moment
         later (:meth:`wait_egress_ready`)."""
         assert self.runtime_dir is not None
@@ -174,6 +183,7 @@ class KernelResources:
                 log_path,
                 RUNTIME_MOUNT,
                 port,
+                limits,
             )
         self.egress.start()
         return self.egress

@@ -26,6 +26,8 @@ from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, share
 from kernel_sandbox.engine.backend import start_error as container_start_error
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
+from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS, LogLimits
 from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
 from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
@@ -102,6 +104,30 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         config=True,
         help="JSON-lines log of every egress decision (default "
         "$XDG_STATE_HOME/kernel-sandbox/egress.jsonl, i.e. ~/.local/state/...).",
+    )
+    log_lines = Integer(
+        DEFAULT_LINES,
+        config=True,
+        help="Lines one kernel's requests may add to this server's log (data broker, egress "
+        "proxy) per log_interval; the rest are counted and summarized in one line. 0: no limit.",
+    )
+    log_records = Integer(
+        DEFAULT_RECORDS,
+        config=True,
+        help="Records one kernel may add to the audit log and to the egress decision log per "
+        "log_interval; the rest are still decided, only counted and summarized in one record "
+        "('decision': 'suppressed'). 0: no limit.",
+    )
+    log_interval = Float(
+        DEFAULT_INTERVAL, config=True, help="Seconds over which log_lines and log_records count."
+    )
+    log_max_bytes = Integer(
+        DEFAULT_MAX_BYTES,
+        config=True,
+        help="Size at which the audit and egress logs rotate (FILE -> FILE.1 -> ...); 0: never.",
+    )
+    log_backups = Integer(
+        DEFAULT_BACKUPS, config=True, help="Rotated audit and egress log files kept."
     )
     egress_port = Integer(
         3128, config=True, help="Port of the egress bridge on the container's loopback."
@@ -343,7 +369,9 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
                     f"{self.policy.image} is not one"
                 )
             # listening by the time the container is up (launch_kernel waits)
-            egress = resources.start_egress(self.policy, self.egress_log, self.egress_port)
+            egress = resources.start_egress(
+                self.policy, self.egress_log, self.egress_port, self.log_limits
+            )
             kernel_args = egress.kernel_arguments(argv)
         argv = argv + extra_arguments + kernel_args
         if self.orphan_timeout > 0 and await self._image_built_by_us():
@@ -359,11 +387,24 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             self._image_is_ours = labels.get(label("image")) == IMAGE_KIND_KERNEL
         return self._image_is_ours
 
+    @property
+    def log_limits(self) -> LogLimits:
+        """The ``log_*`` traits, for the broker and the egress proxy."""
+        return LogLimits(
+            self.log_lines,
+            self.log_records,
+            self.log_interval,
+            self.log_max_bytes,
+            self.log_backups,
+        )
+
     def _broker(self) -> DataBroker:
         if self.data_broker is None:
             from kernel_sandbox.broker import shared_broker
 
-            self.data_broker = shared_broker(self.token_db, self.audit_log, self.data_credentials)
+            self.data_broker = shared_broker(
+                self.token_db, self.audit_log, self.data_credentials, self.log_limits
+            )
         return self.data_broker
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -592,7 +633,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             return
         self._watch()
         if self.policy.network == "allowlist":  # the old owner's proxy ended with it
-            resources.start_egress(self.policy, self.egress_log, self.egress_port)
+            resources.start_egress(self.policy, self.egress_log, self.egress_port, self.log_limits)
             await resources.wait_egress_ready()
         if self.policy.datasets and self.kernel_id:  # the token lives on in the database
             await asyncio.to_thread(resources.serve_data, self._broker())

@@ -180,6 +180,23 @@ PROBES: tuple[Probe, ...] = (
         "3 busy processes for 3 s (cpu_limit 1.0), measured from the host's cgroup",
         "held to about 1.0 CPU",
     ),
+    Probe(
+        "res-log-flood-data",
+        "Resources",
+        "flood the data broker for 10 s with requests whose path is a 60 KB name with "
+        "newlines and a forged log line in it",
+        "every request refused and answered; the owner's log grows by at most 20 clipped "
+        "lines per 10 s and the audit log by at most 1,000 records per 10 s (then one "
+        "summary); no forged line",
+    ),
+    Probe(
+        "res-log-flood-egress",
+        "Resources",
+        "flood the egress proxy for 10 s with requests to unlisted 245-character host names "
+        "(a 30 KB URL)",
+        "every request denied; the decision log grows by at most 1,000 records per 10 s "
+        "(then one summary), rotated at 50 MiB x 5; nothing in the owner's log",
+    ),
     # -- information ---------------------------------------------------------------------------
     Probe(
         "info-env",
