@@ -687,3 +687,39 @@ def test_roots_are_closed_on_revoke_release_and_close(
     assert other.client().ls("sales")
     broker.close()
     assert _fds_on(dataset) == 0
+
+
+def _kernel_writable_check(policy: dict, workspace: Path | None, runtime_root: Path) -> None:
+    from kernel_sandbox.provisioner.container import check_datasets_not_writable
+
+    resolved = SandboxPolicy.from_mapping(policy)
+    check_datasets_not_writable(
+        resolved, str(workspace) if workspace else None, str(runtime_root), "test-spec"
+    )
+
+
+def test_a_dataset_in_a_folder_the_kernel_can_write_is_refused(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "proj" / "sales").mkdir(parents=True)
+    mount = tmp_path / "rwmount"
+    (mount / "data").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(ws, tmp_path / "ws-link")  # a link on the host into the writable folder
+    rt = tmp_path / "rt"
+    inside_ws = {"datasets": {"s": str(ws / "proj" / "sales")}, "workspace": "rw"}
+    with pytest.raises(PolicyError, match=r"dataset 's' .* lies inside .*ws, which the kernel"):
+        _kernel_writable_check(inside_ws, ws, rt)
+    via_link = {"datasets": {"s": str(tmp_path / "ws-link" / "proj")}, "workspace": "rw"}
+    with pytest.raises(PolicyError, match="its read-write workspace"):
+        _kernel_writable_check(via_link, ws, rt)
+    in_mount = {"datasets": {"d": str(mount / "data")}, "mounts": [f"{mount}:/mnt/m:rw"]}
+    with pytest.raises(PolicyError, match="a read-write mount"):
+        _kernel_writable_check(in_mount, None, rt)
+    # fine: the workspace read-only, the mount read-only, the dataset elsewhere, the dataset
+    # IS the writable folder (its mount point cannot be renamed) or contains it
+    _kernel_writable_check({**inside_ws, "workspace": "ro"}, ws, rt)
+    _kernel_writable_check({**in_mount, "mounts": [f"{mount}:/mnt/m:ro"]}, None, rt)
+    _kernel_writable_check({"datasets": {"e": str(elsewhere)}, "workspace": "rw"}, ws, rt)
+    _kernel_writable_check({"datasets": {"w": str(ws)}, "workspace": "rw"}, ws, rt)
+    _kernel_writable_check({"datasets": {"t": str(tmp_path)}, "workspace": "rw"}, ws, rt)
