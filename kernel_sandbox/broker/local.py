@@ -4,7 +4,8 @@ A :class:`LocalSource` opens each path component beneath the dataset's root with
 ``O_NOFOLLOW`` relative to its parent's descriptor, starting from a descriptor of the root
 opened once (:mod:`.roots`), so a symlink can neither lead out nor be swapped in between a
 check and the open (TOCTOU), not even in place of the root itself: a symlink met on the way
-is read and its target walked the same way, never above the root. Writes go to a temporary file renamed over the target on commit.
+is read and its target walked the same way, never above the root. Writes go to a temporary
+file renamed over the target on commit.
 
 All methods block; the broker calls them in worker threads.
 """

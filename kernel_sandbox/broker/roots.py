@@ -201,9 +201,10 @@ class RootTable:
         if identity(fd) != tuple(grant.root):
             os.close(fd)
             log.warning(
-                "data broker: kernel %s: dataset %s: %s is not the directory granted", *(
-                    kernel_id, name, path
-                )
+                "data broker: kernel %s: dataset %s: %s is not the directory granted",
+                kernel_id,
+                name,
+                path,
             )
             raise Refusal(
                 "source-moved",

@@ -132,8 +132,9 @@ def check_datasets_not_writable(
             tree = writable_parent(dataset.given, dataset.source, [folder])
             if tree is None:
                 continue
+            where = dataset.given or dataset.source
             raise PolicyError(
-                f"kernelspec {kernelspec}: dataset {dataset.name!r} ({dataset.given or dataset.source}) "
+                f"kernelspec {kernelspec}: dataset {dataset.name!r} ({where}) "
                 f"lies inside {tree}, which the kernel can write ({what}): it could replace the "
                 "dataset's folder with a link to any host folder. Move the dataset out of it, "
                 "or make that folder read-only for the kernel (workspace 'ro' or 'none', a "
