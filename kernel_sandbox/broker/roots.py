@@ -122,7 +122,14 @@ class RootTable:
 
     def __init__(self) -> None:
         self._roots: dict[str, dict[str, PinnedRoot]] = {}
+        self._live: set[str] = set()  # kernels granted or adopted, not since revoked/released
         self._lock = threading.Lock()
+
+    def adopt(self, kernel_id: str) -> None:
+        """Serve ``kernel_id`` again (an adoption): its roots are re-opened on first use and
+        checked against the identities its token recorded."""
+        with self._lock:
+            self._live.add(kernel_id)
 
     def pin(self, kernel_id: str, scope: Mapping[str, Grant]) -> dict[str, Grant]:
         """Open the roots of ``scope``'s local datasets for ``kernel_id`` (replacing its
@@ -156,6 +163,7 @@ class RootTable:
         with self._lock:
             old = self._roots.pop(kernel_id, {})
             self._roots[kernel_id] = opened
+            self._live.add(kernel_id)
         for root in old.values():
             root.close()
         return pinned
@@ -164,6 +172,7 @@ class RootTable:
         """Close the kernel's handles (its grant was revoked or released)."""
         with self._lock:
             roots = self._roots.pop(kernel_id, {})
+            self._live.discard(kernel_id)
         for root in roots.values():
             root.close()
 
@@ -178,6 +187,8 @@ class RootTable:
 
         Call with the lock held.
         """
+        if kernel_id not in self._live:  # a request that outlived the kernel's release
+            raise Refusal("revoked", "token revoked")
         if grant.root is None:
             raise Refusal(
                 "source-unpinned",

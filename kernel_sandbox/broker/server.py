@@ -164,7 +164,10 @@ class DataBroker:
         return record
 
     def serve(self, kernel_id: str, shared_dir: Path) -> None:
-        """Listen on ``shared_dir/data.sock`` for ``kernel_id`` (again after an adoption)."""
+        """Listen on ``shared_dir/data.sock`` for ``kernel_id`` (again after an adoption: its
+        dataset roots are then re-opened on first use, checked against the identities its
+        token recorded)."""
+        self._sources.roots.adopt(kernel_id)
         self._run(self._listen(kernel_id, shared_dir / DATA_SOCKET))
 
     def revoke(self, kernel_id: str, reason: str) -> int:
