@@ -545,3 +545,181 @@ def test_a_new_broker_honours_the_records_of_the_last_one(
             k.client().ls("sales")
     finally:
         third.close()
+
+
+# -- dataset roots pinned at grant time (issue 14, item 1) -------------------------------------
+
+
+def _fds_on(path: Path) -> int:
+    """How many of this process's descriptors are open on ``path``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            pass
+    return count
+
+
+@pytest.fixture
+def swap_scene(tmp_path: Path) -> dict[str, Path]:
+    """A dataset two levels down a folder a kernel could write, and a host folder to aim at."""
+    writable = tmp_path / "ws"
+    dataset = writable / "proj" / "sales"
+    dataset.mkdir(parents=True)
+    (dataset / "a.csv").write_text("original\n")
+    bait = tmp_path / "host"
+    (bait / "sales").mkdir(parents=True)
+    (bait / "sales" / "a.csv").write_text("host a\n")
+    (bait / "sales" / "secret.txt").write_text("host secret\n")
+    return {"writable": writable, "dataset": dataset, "bait": bait}
+
+
+def _swap(scene: dict[str, Path], which: str) -> Path:
+    """Rename the dataset (or its parent) away and put a link to the host folder in its
+    place, as a kernel with write access to the folder could; return where the original is."""
+    moved = scene["writable"] / "moved"
+    if which == "root":
+        os.rename(scene["dataset"], moved)
+        os.symlink(scene["bait"] / "sales", scene["dataset"])
+        return moved
+    os.rename(scene["dataset"].parent, moved)
+    os.symlink(scene["bait"], scene["dataset"].parent)
+    return moved / "sales"
+
+
+@pytest.mark.parametrize("which", ["root", "parent"])
+def test_a_root_swapped_for_a_link_after_the_grant_is_never_followed(
+    tmp_path: Path, broker: DataBroker, state: Path, swap_scene: dict[str, Path], which: str
+) -> None:
+    k = Kernel(tmp_path / "rt", "kernel-swap")
+    grant = Grant(str(swap_scene["dataset"]), "read-write")
+    broker.grant(k.id, k.shared, {"ds": grant}, ttl=60)
+    client = k.client()
+    assert client.read_bytes("ds/a.csv") == b"original\n"
+    original = _swap(swap_scene, which)
+    bait = swap_scene["bait"] / "sales"
+    assert client.ls("ds") == ["ds/a.csv"]  # the original directory, not the host folder
+    assert client.info("ds/a.csv")["size"] == len("original\n")
+    with pytest.raises(data.DataNotFound):
+        client.info("ds/secret.txt")
+    assert client.read_bytes("ds/a.csv") == b"original\n"
+    with pytest.raises(data.DataNotFound):
+        client.read_bytes("ds/secret.txt")
+    with client.open("ds/a.csv", "w") as f:
+        f.write("written after the swap\n")
+    assert (original / "a.csv").read_text() == "written after the swap\n"
+    assert (bait / "a.csv").read_text() == "host a\n"
+    assert sorted(p.name for p in bait.iterdir()) == ["a.csv", "secret.txt"]
+    deadline = time.monotonic() + 5  # the broker audits a write after its last reply
+    while not any(e["op"] == "write" for e in audit(state)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    entries = [e for e in audit(state) if e["kernel_id"] == k.id]
+    after = entries[entries.index(next(e for e in entries if e["op"] == "list")) :]
+    assert {e["op"] for e in after} == {"list", "stat", "read", "write"}
+    for e in after:  # honest: what was served came from the moved original, and says so
+        if "secret" in e["path"]:
+            assert (e["decision"], e["reason"]) == ("deny", "not-found"), e
+        else:
+            assert (e["decision"], e.get("root")) == ("allow", "moved"), e
+    # the original directory deleted: refused with a clear reason, never the link's target
+    for path in original.iterdir():
+        path.unlink()
+    original.rmdir()
+    with pytest.raises(data.DataError, match="removed from the host"):
+        client.ls("ds")
+    assert audit(state)[-1]["reason"] == "source-gone"
+
+
+def test_a_root_that_is_a_link_at_grant_time_is_refused(
+    tmp_path: Path, broker: DataBroker, swap_scene: dict[str, Path]
+) -> None:
+    _swap(swap_scene, "parent")
+    k = Kernel(tmp_path / "rt", "kernel-link")
+    with pytest.raises(PolicyError, match="without following a link"):
+        broker.grant(k.id, k.shared, {"ds": Grant(str(swap_scene["dataset"]), "read")}, ttl=60)
+    assert not (k.shared / contract.DATA_TOKEN).exists()
+
+
+def test_an_adopting_broker_checks_the_root_it_reopens(
+    tmp_path: Path, state: Path, swap_scene: dict[str, Path]
+) -> None:
+    k = Kernel(tmp_path / "rt", "kernel-adopt")
+    first = DataBroker(TokenStore(state / "tokens.sqlite"), AuditLog(state / "audit.jsonl"))
+    first.grant(k.id, k.shared, {"ds": Grant(str(swap_scene["dataset"]), "read")}, ttl=3600)
+    first._run(first._unlisten(k.id))  # the owner goes away without revoking
+    first.close()
+    _swap(swap_scene, "root")
+    second = DataBroker(TokenStore(state / "tokens.sqlite"), AuditLog(state / "audit.jsonl"))
+    try:
+        second.serve(k.id, k.shared)
+        with pytest.raises(data.DataError, match="no longer where it was granted"):
+            k.client().read_bytes("ds/secret.txt")
+        assert audit(state)[-1]["reason"] == "source-moved"
+        os.unlink(swap_scene["dataset"])
+        swap_scene["dataset"].mkdir()  # a new directory by the old name: not the one granted
+        with pytest.raises(data.DataError, match="replaced since it was granted"):
+            k.client().ls("ds")
+        os.rmdir(swap_scene["dataset"])
+        os.rename(swap_scene["writable"] / "moved", swap_scene["dataset"])  # put back
+        assert k.client().ls("ds") == ["ds/a.csv"]
+    finally:
+        second.close()
+
+
+def test_roots_are_closed_on_revoke_release_and_close(
+    tmp_path: Path, broker: DataBroker, dataset: Path
+) -> None:
+    k = Kernel(tmp_path / "rt", "kernel-fds")
+    other = Kernel(tmp_path / "rt", "kernel-other")
+    scope = {"sales": Grant(str(dataset), "read"), "again": Grant(str(dataset), "read")}
+    broker.grant(k.id, k.shared, scope, ttl=60)
+    assert k.client().ls("sales")
+    assert _fds_on(dataset) == 2  # one handle per kernel and dataset, none per request
+    broker.revoke(k.id, "kernel restarted")
+    assert _fds_on(dataset) == 0
+    broker.grant(k.id, k.shared, scope, ttl=60)
+    broker.grant(other.id, other.shared, {"sales": Grant(str(dataset), "read")}, ttl=60)
+    assert k.client().ls("again") and other.client().ls("sales")
+    assert _fds_on(dataset) == 3
+    broker.release(k.id)
+    assert _fds_on(dataset) == 1  # the other kernel's own handle stays
+    assert other.client().ls("sales")
+    broker.close()
+    assert _fds_on(dataset) == 0
+
+
+def _kernel_writable_check(policy: dict, workspace: Path | None, runtime_root: Path) -> None:
+    from kernel_sandbox.provisioner.container import check_datasets_not_writable
+
+    resolved = SandboxPolicy.from_mapping(policy)
+    check_datasets_not_writable(
+        resolved, str(workspace) if workspace else None, str(runtime_root), "test-spec"
+    )
+
+
+def test_a_dataset_in_a_folder_the_kernel_can_write_is_refused(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "proj" / "sales").mkdir(parents=True)
+    mount = tmp_path / "rwmount"
+    (mount / "data").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(ws, tmp_path / "ws-link")  # a link on the host into the writable folder
+    rt = tmp_path / "rt"
+    inside_ws = {"datasets": {"s": str(ws / "proj" / "sales")}, "workspace": "rw"}
+    with pytest.raises(PolicyError, match=r"dataset 's' .* lies inside .*ws, which the kernel"):
+        _kernel_writable_check(inside_ws, ws, rt)
+    via_link = {"datasets": {"s": str(tmp_path / "ws-link" / "proj")}, "workspace": "rw"}
+    with pytest.raises(PolicyError, match="its read-write workspace"):
+        _kernel_writable_check(via_link, ws, rt)
+    in_mount = {"datasets": {"d": str(mount / "data")}, "mounts": [f"{mount}:/mnt/m:rw"]}
+    with pytest.raises(PolicyError, match="a read-write mount"):
+        _kernel_writable_check(in_mount, None, rt)
+    # fine: the workspace read-only, the mount read-only, the dataset elsewhere, the dataset
+    # IS the writable folder (its mount point cannot be renamed) or contains it
+    _kernel_writable_check({**inside_ws, "workspace": "ro"}, ws, rt)
+    _kernel_writable_check({**in_mount, "mounts": [f"{mount}:/mnt/m:ro"]}, None, rt)
+    _kernel_writable_check({"datasets": {"e": str(elsewhere)}, "workspace": "rw"}, ws, rt)
+    _kernel_writable_check({"datasets": {"w": str(ws)}, "workspace": "rw"}, ws, rt)
+    _kernel_writable_check({"datasets": {"t": str(tmp_path)}, "workspace": "rw"}, ws, rt)

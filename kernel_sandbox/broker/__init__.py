@@ -13,8 +13,8 @@ Modules: :mod:`.server` (the broker: its thread, a socket per kernel), :mod:`.op
 (one request checked, served and audited), :mod:`.protocol` (framing, refusals),
 :mod:`.tokens` (SQLite records), :mod:`.staging` (token file and socket put in place),
 :mod:`.sources` (what a source is, which one a dataset names) with :mod:`.paths` (path
-checks), :mod:`.local`, :mod:`.remote` and :mod:`.credentials`, and :mod:`.audit` (JSON
-lines).
+checks), :mod:`.roots` (local roots pinned at grant time), :mod:`.local`, :mod:`.remote`
+and :mod:`.credentials`, and :mod:`.audit` (JSON lines).
 """
 
 from kernel_sandbox.broker.audit import AuditLog

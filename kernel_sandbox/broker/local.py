@@ -1,10 +1,11 @@
 """Datasets in local directories, served without ever following a link out of them.
 
 A :class:`LocalSource` opens each path component beneath the dataset's root with
-``O_NOFOLLOW`` relative to its parent's descriptor, so a symlink can neither lead out nor be
-swapped in between a check and the open (TOCTOU): a symlink met on the way is resolved,
-allowed only when its target is inside the dataset, and the resolved path is walked again
-the same way. Writes go to a temporary file renamed over the target on commit.
+``O_NOFOLLOW`` relative to its parent's descriptor, starting from a descriptor of the root
+opened once (:mod:`.roots`), so a symlink can neither lead out nor be swapped in between a
+check and the open (TOCTOU), not even in place of the root itself: a symlink met on the way
+is read and its target walked the same way, never above the root. Writes go to a temporary
+file renamed over the target on commit.
 
 All methods block; the broker calls them in worker threads.
 """
@@ -49,16 +50,31 @@ class _SymlinkMet(Exception):
 
 
 class LocalSource:
-    """A directory on the host, served without ever following a link out of it."""
+    """A directory on the host, served without ever following a link out of it.
 
-    def __init__(self, root: str):
-        self.root = os.path.realpath(root)
+    Every walk starts from ``root_fd``, a descriptor of the root opened once (by the broker
+    at grant time, see :mod:`.roots`), never from the root's path: replacing the root on the
+    host with a link changes nothing here. Without ``root_fd`` the root is opened now.
+    """
+
+    def __init__(self, root: str, root_fd: int | None = None):
+        self.root = os.path.realpath(root) if root_fd is None else root
+        if root_fd is None:
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_fd = root_fd
+        self.moved = False  # set by the broker: the root's path now names something else
+
+    def close(self) -> None:
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
 
     # -- walking ----------------------------------------------------------------------------
 
     def _open_root(self) -> int:
+        """A fresh descriptor of the root (its own file offset, for concurrent listings)."""
         try:
-            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return os.open(".", _DIR_FLAGS, dir_fd=self.root_fd)
         except OSError as exc:
             log.error("dataset root %s cannot be opened: %s", self.root, exc)
             raise Refusal("source-error", "the dataset is not available on the host") from None
@@ -87,44 +103,65 @@ class LocalSource:
                     pass
             raise
 
-    def _walk_once(self, parts: Parts, final_flags: int | None, create_dirs: bool) -> int:
-        fd = self._open_root()
-        try:
-            dirs = parts if final_flags is None else parts[:-1]
-            for name in dirs:
-                child = self._step(fd, name, _DIR_FLAGS, create_dirs)
-                os.close(fd)
-                fd = child
-            if final_flags is None:
-                return fd
-            child = self._step(fd, parts[-1], final_flags)
-            os.close(fd)
-            return child
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def _resolve_inside(self, parts: Parts) -> Parts:
-        real = os.path.realpath(os.path.join(self.root, *parts))
-        if real != self.root and not real.startswith(self.root + os.sep):
+    def _link_parts(self, target: str) -> tuple[bool, Parts]:
+        """A link's target as (from the root?, components); refuses an absolute target
+        outside the root's path as it was granted."""
+        if not target.startswith("/"):
+            return False, [p for p in target.split("/") if p not in ("", ".")]
+        target = os.path.normpath(target)
+        if target != self.root and not target.startswith(self.root.rstrip("/") + "/"):
             raise escape("a symlink points outside")
-        return [p for p in os.path.relpath(real, self.root).split(os.sep) if p not in ("", ".")]
+        rel = os.path.relpath(target, self.root)
+        return True, [p for p in rel.split("/") if p not in ("", ".")]
+
+    def _walk(self, parts: Parts, final_flags: int | None, create_dirs: bool) -> int:
+        """Open ``parts`` from the root, one component at a time with ``O_NOFOLLOW``; a link
+        met on the way is read and its target walked the same way (``..`` never above the
+        root), so nothing outside the dataset is ever opened. ``final_flags`` None: every
+        component is a directory (created when ``create_dirs``)."""
+        stack = [self._open_root()]  # the directories walked so far, the root first
+        todo = list(parts)
+        hops = 0
+        try:
+            while todo:
+                name = todo.pop(0)
+                if name == "..":  # only from a link's target: requests cannot carry it
+                    if len(stack) == 1:
+                        raise escape("a symlink points outside")
+                    os.close(stack.pop())
+                    continue
+                last = not todo
+                flags = final_flags if last and final_flags is not None else _DIR_FLAGS
+                try:
+                    fd = self._step(stack[-1], name, flags, create_dirs and flags == _DIR_FLAGS)
+                except _SymlinkMet:
+                    hops += 1
+                    if hops > MAX_SYMLINK_HOPS:
+                        raise escape("too many symbolic links") from None
+                    from_root, link = self._link_parts(os.readlink(name, dir_fd=stack[-1]))
+                    if from_root:
+                        while len(stack) > 1:
+                            os.close(stack.pop())
+                    todo = link + todo
+                    continue
+                stack.append(fd)
+            result = stack.pop()
+            return result
+        finally:
+            for fd in stack:
+                os.close(fd)
 
     def _open(self, parts: Parts, final_flags: int | None = None, create_dirs: bool = False) -> int:
-        """A descriptor for ``parts`` beneath the root (its parent's, when ``final_flags`` is
-        None and the caller wants a directory: then all of ``parts`` are directories)."""
-        for _ in range(MAX_SYMLINK_HOPS):
-            try:
-                return self._walk_once(parts, final_flags, create_dirs)
-            except _SymlinkMet:
-                parts = self._resolve_inside(parts)
-            except FileNotFoundError:
-                raise not_found(parts) from None
-            except NotADirectoryError:
-                raise Refusal("not-a-directory", f"not a directory: {'/'.join(parts)}") from None
-            except PermissionError:
-                raise Refusal("denied", "the host does not allow access to this path") from None
-        raise escape("too many symbolic links")
+        """A descriptor for ``parts`` beneath the root (a directory when ``final_flags`` is
+        None)."""
+        try:
+            return self._walk(parts, final_flags, create_dirs)
+        except FileNotFoundError:
+            raise not_found(parts) from None
+        except NotADirectoryError:
+            raise Refusal("not-a-directory", f"not a directory: {'/'.join(parts)}") from None
+        except PermissionError:
+            raise Refusal("denied", "the host does not allow access to this path") from None
 
     @contextmanager
     def _fd(self, parts: Parts, final_flags: int | None = None) -> Iterator[int]:

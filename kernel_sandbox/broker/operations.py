@@ -29,11 +29,11 @@ from kernel_sandbox.broker.protocol import (
 from kernel_sandbox.broker.sources import (
     LocalReader,
     Reader,
-    Source,
     SourceCache,
+    Writer,
     relative_parts,
 )
-from kernel_sandbox.broker.tokens import TokenRecord, TokenRefused, TokenStore
+from kernel_sandbox.broker.tokens import Grant, TokenRecord, TokenRefused, TokenStore
 from kernel_sandbox.host.logtext import KernelLog
 from kernel_sandbox.inside.wire import DATA, END, MAX_CHUNK, MAX_MESSAGE, OPS
 
@@ -177,10 +177,10 @@ class RequestHandler:
                 f"source error: {exc}",
             ) from None
 
-    async def _target(
-        self, record: TokenRecord, request: Mapping[str, Any], write: bool = False
-    ) -> tuple[Source, list[str]]:
-        """The checked dataset source and path parts of a request."""
+    def _checked(
+        self, record: TokenRecord, request: Mapping[str, Any], write: bool
+    ) -> tuple[str, Grant, list[str]]:
+        """The dataset name, its grant and the path parts of a request, checked."""
         name = request.get("dataset")
         if not name:
             raise Refusal("bad-request", "malformed request: no dataset named")
@@ -189,8 +189,37 @@ class RequestHandler:
             raise Refusal("scope", f"dataset {name!r} is not in this kernel's scope")
         if write and not grant.writable:
             raise Refusal("read-only", f"dataset {name!r} is read-only for this kernel")
-        parts = relative_parts(request.get("path", ""))
-        return await self._blocking(self.sources.get, grant.source), parts
+        return name, grant, relative_parts(request.get("path", ""))
+
+    async def _call(
+        self,
+        kernel_id: str,
+        record: TokenRecord,
+        request: Mapping[str, Any],
+        method: str,
+        *args: Any,
+        write: bool = False,
+    ) -> tuple[Any, dict[str, Any]]:
+        """``source.method(parts, *args)`` on the checked dataset, in a worker thread; with
+        the notes for the audit entry (``root: moved`` when a local root's path no longer
+        names the directory granted, which is still the one served)."""
+        name, grant, parts = self._checked(record, request, write)
+
+        def run() -> tuple[Any, dict[str, Any]]:
+            with self.sources.borrow(kernel_id, name, grant) as source:
+                result = getattr(source, method)(parts, *args)
+                if not getattr(source, "moved", False):
+                    return result, {}
+            log.warning(
+                "data broker: kernel %s: dataset %s: %s no longer names the directory granted; "
+                "serving the granted one",
+                kernel_id,
+                name,
+                grant.source,
+            )
+            return result, {"root": "moved"}
+
+        return await self._blocking(run)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -214,10 +243,9 @@ class RequestHandler:
         reader: StreamReader,
         writer: StreamWriter,
     ) -> dict[str, Any]:
-        source, parts = await self._target(record, request)
-        entries = await self._blocking(source.list, parts)
+        entries, notes = await self._call(kernel_id, record, request, "list")
         await send_json(writer, {"ok": True, "entries": entries})
-        return {"entries": len(entries)}
+        return {"entries": len(entries), **notes}
 
     async def _op_stat(
         self,
@@ -227,9 +255,9 @@ class RequestHandler:
         reader: StreamReader,
         writer: StreamWriter,
     ) -> dict[str, Any]:
-        source, parts = await self._target(record, request)
-        await send_json(writer, {"ok": True, "entry": await self._blocking(source.stat, parts)})
-        return {}
+        entry, notes = await self._call(kernel_id, record, request, "stat")
+        await send_json(writer, {"ok": True, "entry": entry})
+        return notes
 
     async def _op_read(
         self,
@@ -242,8 +270,8 @@ class RequestHandler:
         offset, length = request.get("offset", 0), request.get("length")
         if not _count(offset) or not (length is None or _count(length)):
             raise Refusal("bad-request", "malformed request: offset and length must be counts")
-        source, parts = await self._target(record, request)
-        handle = await self._blocking(source.open_read, parts, offset, length)
+        handle: Reader
+        handle, notes = await self._call(kernel_id, record, request, "open_read", offset, length)
         sent = 0
         try:
             await send_json(writer, {"ok": True, "size": handle.size})
@@ -263,7 +291,7 @@ class RequestHandler:
             await writer.drain()
         finally:
             await asyncio.to_thread(handle.close)
-        return {"bytes": sent}
+        return {"bytes": sent, **notes}
 
     async def _copy_frame(self, writer: StreamWriter, handle: Reader) -> int:
         buffer = bytearray(self.chunk_size)  # fresh: the transport may keep a reference
@@ -296,8 +324,8 @@ class RequestHandler:
         reader: StreamReader,
         writer: StreamWriter,
     ) -> dict[str, Any]:
-        source, parts = await self._target(record, request, write=True)
-        handle = await self._blocking(source.open_write, parts)
+        handle: Writer
+        handle, notes = await self._call(kernel_id, record, request, "open_write", write=True)
         committed = False
         try:
             await send_json(writer, {"ok": True})
@@ -318,7 +346,7 @@ class RequestHandler:
             if not committed:
                 await asyncio.to_thread(handle.abort)
         await send_json(writer, {"ok": True, "size": size})
-        return {"bytes": size}
+        return {"bytes": size, **notes}
 
 
 def _count(value: Any) -> bool:

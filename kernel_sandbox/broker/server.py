@@ -89,10 +89,11 @@ class DataBroker:
         self.log_lines = log_lines or KernelLog(log)
         self.credentials = credentials or Credentials()
         self.max_connections, self.prune_after = max_connections, prune_after
+        self._sources = SourceCache(self.credentials)
         self._requests = RequestHandler(
             tokens,
             audit,
-            SourceCache(self.credentials),
+            self._sources,
             max_message=max_message,
             chunk_size=chunk_size,
             request_timeout=request_timeout,
@@ -165,29 +166,46 @@ class DataBroker:
     ) -> TokenRecord:
         """Give ``kernel_id`` a fresh token for ``scope`` and serve it on its socket.
 
-        Revokes the kernel's earlier tokens (a restart), writes the new one to
+        Revokes the kernel's earlier tokens (a restart), opens each local dataset's root now,
+        once, without following links (:mod:`.roots`; requests start from that handle, never
+        from the path), records its identity in the new token's scope, writes the token to
         ``shared_dir/data-token`` (mode 0400, owned by ``owner`` when we are root) and listens
         on ``shared_dir/data.sock``.
+
+        Raises:
+            PolicyError: a local dataset's root cannot be opened without following a link.
         """
         self.tokens.revoke_kernel(kernel_id, "replaced by a new token")
+        scope = self._sources.roots.pin(kernel_id, scope)
         token, record = self.tokens.mint(kernel_id, scope, ttl)
         write_token_file(shared_dir / DATA_TOKEN, token, owner)
         self.serve(kernel_id, shared_dir)
         return record
 
     def serve(self, kernel_id: str, shared_dir: Path) -> None:
-        """Listen on ``shared_dir/data.sock`` for ``kernel_id`` (again after an adoption)."""
+        """Listen on ``shared_dir/data.sock`` for ``kernel_id`` (again after an adoption: its
+        dataset roots are then re-opened on first use, checked against the identities its
+        token recorded)."""
+        self._sources.roots.adopt(kernel_id)
         self._run(self._listen(kernel_id, shared_dir / DATA_SOCKET))
 
     def revoke(self, kernel_id: str, reason: str) -> int:
-        """Revoke the kernel's live tokens; its socket stays (for the restarted container)."""
-        return self.tokens.revoke_kernel(kernel_id, reason)
+        """Revoke the kernel's live tokens and close its dataset roots; its socket stays (for
+        the restarted container, whose grant opens the roots again)."""
+        try:
+            return self.tokens.revoke_kernel(kernel_id, reason)
+        finally:
+            self._sources.roots.release(kernel_id)
 
     def release(self, kernel_id: str, reason: str = "kernel shut down") -> None:
-        """Revoke the kernel's tokens, stop serving its socket and cut its connections."""
-        self.tokens.revoke_kernel(kernel_id, reason)
-        if self._loop is not None:
-            self._run(self._unlisten(kernel_id))
+        """Revoke the kernel's tokens, stop serving its socket and cut its connections, close
+        its dataset roots."""
+        try:
+            self.tokens.revoke_kernel(kernel_id, reason)
+            if self._loop is not None:
+                self._run(self._unlisten(kernel_id))
+        finally:
+            self._sources.roots.release(kernel_id)
         self.log_lines.forget(kernel_id)
         try:
             self.audit.forget(kernel_id)
@@ -195,7 +213,8 @@ class DataBroker:
             log.error("data broker: cannot write the audit log %s: %s", self.audit.path, exc)
 
     def close(self) -> None:
-        """Stop serving every kernel and end the broker's thread."""
+        """Stop serving every kernel, close every dataset root and end the broker's thread."""
+        self._sources.roots.close()
         if self._loop is None or self._thread is None:
             return
         for kernel_id in list(self._endpoints):

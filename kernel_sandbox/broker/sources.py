@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from kernel_sandbox.broker.credentials import Credentials
 from kernel_sandbox.broker.local import LocalReader, LocalSource, LocalWriter
 from kernel_sandbox.broker.paths import Entry, Listing, Parts, escape, relative_parts
 from kernel_sandbox.broker.remote import RemoteSource, source_unavailable
+from kernel_sandbox.broker.roots import RootTable
+from kernel_sandbox.broker.tokens import Grant
 from kernel_sandbox.errors import CredentialsError
 
 __all__ = [
@@ -84,20 +88,34 @@ def open_source(source: str, credentials: Credentials) -> Source:
 
 
 class SourceCache:
-    """Opened sources by their ``source`` string: local ones for good, remote ones for
-    ``remote_ttl`` seconds (so changed credentials are picked up). Thread-safe."""
+    """The sources requests are served from: a local dataset through its kernel's root
+    pinned at grant time (:class:`~.roots.RootTable`, never by path), a remote one opened
+    by its ``source`` string and kept ``remote_ttl`` seconds (so changed credentials are
+    picked up). Thread-safe."""
 
     def __init__(self, credentials: Credentials, remote_ttl: float = REMOTE_SOURCE_TTL):
         self.credentials = credentials
         self.remote_ttl = remote_ttl
+        self.roots = RootTable()
         self._sources: dict[str, tuple[float, Source]] = {}
         self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self, kernel_id: str, name: str, grant: Grant) -> Iterator[Source]:
+        """The source of dataset ``name`` as ``kernel_id``'s grant names it (blocking)."""
+        if is_remote(grant.source):
+            yield self.get(grant.source)
+            return
+        with self.roots.borrow(kernel_id, name, grant) as local:
+            yield local
 
     def get(self, source: str) -> Source:
         with self._lock:
             cached = self._sources.get(source)
             if cached is not None and cached[0] > time.monotonic():
                 return cached[1]
+        if not is_remote(source):
+            raise ValueError("local sources are served through their pinned roots (borrow)")
         opened = open_source(source, self.credentials)
         ttl = self.remote_ttl if "://" in source else float("inf")
         with self._lock:

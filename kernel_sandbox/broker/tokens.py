@@ -66,6 +66,9 @@ class Grant:
 
     source: str
     access: str  # "read" or "read-write"
+    # A local root's (st_dev, st_ino) when the broker opened it at grant time (broker.roots):
+    # an adopting broker serves the path only if it still names that directory.
+    root: tuple[int, int] | None = None
 
     @property
     def writable(self) -> bool:
@@ -163,9 +166,7 @@ class TokenStore:
             revoked=None,
             reason=None,
         )
-        scope_json = json.dumps(
-            {n: {"source": g.source, "access": g.access} for n, g in record.scope.items()}
-        )
+        scope_json = json.dumps({n: _grant_json(g) for n, g in record.scope.items()})
         self._db().execute(
             "INSERT INTO tokens (token_id, token_hash, kernel_id, scope, created, expires)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -252,10 +253,22 @@ class TokenStore:
             self._local.db = None
 
 
+def _grant_json(grant: Grant) -> dict[str, Any]:
+    out: dict[str, Any] = {"source": grant.source, "access": grant.access}
+    if grant.root is not None:
+        out["root"] = list(grant.root)
+    return out
+
+
+def _grant(value: dict[str, Any]) -> Grant:
+    root = value.get("root")
+    return Grant(value["source"], value["access"], (int(root[0]), int(root[1])) if root else None)
+
+
 def _record(row: Any) -> TokenRecord:
     if not isinstance(row, sqlite3.Row):
         raise TypeError("expected an sqlite3.Row")
-    scope = {n: Grant(g["source"], g["access"]) for n, g in json.loads(row["scope"]).items()}
+    scope = {n: _grant(g) for n, g in json.loads(row["scope"]).items()}
     return TokenRecord(
         row["token_id"],
         row["kernel_id"],

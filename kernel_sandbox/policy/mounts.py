@@ -27,6 +27,7 @@ __all__ = [
     "parse_mount",
     "parse_mounts",
     "resolve_workspace",
+    "writable_parent",
 ]
 
 # Host paths no mount (nor the workspace) may expose as a whole, nor any directory above
@@ -194,3 +195,29 @@ def resolve_workspace(cwd: str | os.PathLike[str] | None) -> str | None:
     except PolicyError:
         return None
     return path
+
+
+def writable_parent(given: str, resolved: str, writable: list[str]) -> str | None:
+    """The kernel-writable folder (one of ``writable``) in which a folder on the path to a
+    dataset's root lies, or None.
+
+    A folder the kernel can write is one where it can rename an entry and put a link in its
+    place: the dataset's root, or any folder above it, must not be such an entry. Checked:
+    every folder on the path as written (``given``, each resolved as it is now, so a link
+    into a writable folder counts) and above the resolved root. The root may BE a writable
+    folder (a mount point cannot be renamed from inside) or contain one (links inside a
+    dataset are never followed out of it).
+    """
+    trees = [os.path.realpath(w) for w in writable]
+    parents: list[str] = []
+    for path in (given, resolved):
+        if not path or not os.path.isabs(path):
+            continue
+        names = [p for p in os.path.normpath(path).split("/") if p]
+        parents += ["/" + "/".join(names[:i]) for i in range(len(names))]
+    for parent in parents:
+        real = os.path.realpath(parent)
+        for tree in trees:
+            if _within(real, tree):
+                return tree
+    return None

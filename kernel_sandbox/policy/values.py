@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_sandbox.errors import PolicyError
@@ -167,6 +167,9 @@ class Dataset:
     name: str
     source: str
     access: str = "read"
+    # a local source as written (normalised, links not resolved): the kernel-writable check
+    # (policy.mounts.writable_parent) looks at the folders on that path too
+    given: str = field(default="", compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.name}={self.source}:{self.access}"
@@ -206,7 +209,9 @@ def parse_dataset(name: str, value: Any) -> Dataset:
             f"datasets: {name!r} is not a valid dataset name (letters, digits, '_', '.', '-'; "
             "at most 64, not starting with '.', '_' or '-')"
         )
+    given = ""
     if isinstance(value, Dataset):
+        given = value.given
         value = {"source": value.source, "access": value.access}
     if isinstance(value, Mapping):
         unknown = set(value) - {"source", "access"}
@@ -230,7 +235,9 @@ def parse_dataset(name: str, value: Any) -> Dataset:
         raise PolicyError(
             f"datasets: {name!r}: access must be 'read' or 'read-write', got {access!r}"
         )
-    return Dataset(name, _dataset_source(name, source), access)
+    resolved = _dataset_source(name, source)
+    given = given or os.path.normpath(str(source).strip().removeprefix("file://"))
+    return Dataset(name, resolved, access, given if "://" not in resolved else "")
 
 
 def parse_datasets(value: Any) -> tuple[Dataset, ...]:

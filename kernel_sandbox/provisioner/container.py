@@ -16,8 +16,15 @@ from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import LIFELINE, RUNTIME_MOUNT, SANDBOX_HOME, WATCHDOG_MODULE
 from kernel_sandbox.inside.contract import label as prefixed
 from kernel_sandbox.policy.model import SandboxPolicy
+from kernel_sandbox.policy.mounts import writable_parent
 
-__all__ = ["check_exposure", "container_env", "container_labels", "with_watchdog"]
+__all__ = [
+    "check_datasets_not_writable",
+    "check_exposure",
+    "container_env",
+    "container_labels",
+    "with_watchdog",
+]
 
 
 def container_labels(kernel_id: str, kernelspec: str, profile: str, runtime_dir: str) -> dict:
@@ -97,3 +104,39 @@ def check_exposure(policy: SandboxPolicy, broker_files: Sequence[str], kernelspe
                     f"kernelspec {kernelspec}: {source} would expose {path}, the data broker's "
                     "tokens, audit log or credentials; mount or serve another directory"
                 )
+
+
+def check_datasets_not_writable(
+    policy: SandboxPolicy, workspace: str | None, runtime_root: str, kernelspec: str
+) -> None:
+    """No local dataset may lie in a host folder the kernel can write.
+
+    There the kernel could rename the dataset's folder (or a folder above it) and put a link
+    to any host folder in its place. The broker never follows it (the root is pinned when
+    the kernel is granted it), but a dataset the kernel can swap is one nobody can trust, and
+    a later start would resolve the link: so it is refused before any container starts.
+    Writable here: ``rw`` mounts, the workspace (``workspace``, the notebook's directory)
+    when the policy mounts it ``rw``, and the runtime directories under ``runtime_root``.
+
+    Raises:
+        PolicyError: naming the dataset, the writable folder and what to change.
+    """
+    writable = [(m.source, "a read-write mount") for m in policy.mounts if not m.read_only]
+    if workspace and policy.workspace == "rw":
+        writable.append((workspace, "its read-write workspace (the notebook's directory)"))
+    writable.append((runtime_root, "the sandboxes' runtime directories"))
+    for dataset in policy.datasets:
+        if "://" in dataset.source:
+            continue
+        for folder, what in writable:
+            tree = writable_parent(dataset.given, dataset.source, [folder])
+            if tree is None:
+                continue
+            where = dataset.given or dataset.source
+            raise PolicyError(
+                f"kernelspec {kernelspec}: dataset {dataset.name!r} ({where}) "
+                f"lies inside {tree}, which the kernel can write ({what}): it could replace the "
+                "dataset's folder with a link to any host folder. Move the dataset out of it, "
+                "or make that folder read-only for the kernel (workspace 'ro' or 'none', a "
+                "mount ':ro')"
+            )

@@ -35,6 +35,7 @@ from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, RUNTIME_MOUNT, SAN
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
 from kernel_sandbox.provisioner.container import (
+    check_datasets_not_writable,
     check_exposure,
     container_env,
     container_labels,
@@ -314,6 +315,8 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         check_exposure(policy, protected, self._spec_name)
         extra_arguments = kwargs.pop("extra_arguments", [])
         self.cwd = str(kwargs.pop("cwd", None) or os.getcwd())
+        workspace = resolve_workspace(self.cwd) if policy.workspace == "rw" else None
+        check_datasets_not_writable(policy, workspace, self.runtime_root, self._spec_name)
         kwargs = await super().pre_launch(**kwargs)
         host_env = kwargs.pop("env")
 

@@ -119,6 +119,15 @@ PROBES: tuple[Probe, ...] = (
         "fill /tmp beyond its cap",
         "ENOSPC at the 256 MiB cap; the host's disk is not used",
     ),
+    Probe(
+        "fs-dataset-root-swap",
+        "File system",
+        "swap a dataset's folder for a link to a host folder: from inside (dataset in the "
+        "read-write workspace) and on the host after the grant; then list, stat, read, write",
+        "a dataset in a folder the kernel can write is refused before any container starts; "
+        "after a swap the broker still serves the granted folder (the host folder is neither "
+        "read nor written) and the audit log says `root: moved`",
+    ),
     # -- privilege -----------------------------------------------------------------------------
     Probe(
         "priv-setuid",

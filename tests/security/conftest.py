@@ -190,13 +190,21 @@ def bait() -> Iterator[Bait]:
 
 
 @contextmanager
-def started(runtime: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Sandbox]:
+def started(
+    runtime: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    kernel_name: str | None = None,
+    config: Any = None,
+) -> Iterator[Sandbox]:
     """Start a probe kernel for ``runtime`` in ``cwd``; ``env`` is set in the host process
-    only while the kernel starts (the provisioner must not pass it in)."""
+    only while the kernel starts (the provisioner must not pass it in). ``kernel_name`` and
+    ``config`` (traitlets): another kernelspec than the shipped one, Jupyter config."""
     saved = {name: os.environ.get(name) for name in env or {}}
     os.environ.update(env or {})
     try:
-        with sandbox_kernel(runtime_kernel(runtime), cwd=str(cwd)) as (km, kc):
+        name = kernel_name or runtime_kernel(runtime)
+        with sandbox_kernel(name, config=config, cwd=str(cwd)) as (km, kc):
             _restore(saved)
             sandbox = Sandbox(km, kc, runtime)
             out = run_cell(kc, PRELUDE)
@@ -233,6 +241,27 @@ def dedicated_kernel(jupyter_path: Path, kernel_image: str, runtime: str, bait: 
         cwd = Path(tempfile.mkdtemp(prefix="k-", dir=bait.root))
         cwd.chmod(0o755)
         with started(runtime, cwd) as kernel:
+            yield kernel
+
+    return start
+
+
+@pytest.fixture
+def configured_kernel(jupyter_path: Path, kernel_image: str, runtime: str, x86_64: None):
+    """``with configured_kernel(name, policy, cwd, state) as k``: a kernel of this runtime
+    whose kernelspec ``name`` carries ``policy`` (kernelspec provisioner config) and whose
+    data broker keeps its tokens and audit log in ``state``."""
+
+    @contextmanager
+    def start(name: str, policy: dict[str, Any], cwd: Path, state: Path) -> Iterator[Sandbox]:
+        from support.kernels import make_kernelspec
+        from traitlets.config import Config
+
+        spec = make_kernelspec(f"{name}-{runtime}", {"runtime": runtime, **policy})
+        config = Config()
+        config.DockerSandboxProvisioner.token_db = str(state / "tokens.sqlite")
+        config.DockerSandboxProvisioner.audit_log = str(state / "audit.jsonl")
+        with started(runtime, cwd, kernel_name=spec, config=config) as kernel:
             yield kernel
 
     return start

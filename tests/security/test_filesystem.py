@@ -195,3 +195,105 @@ report(written=written, error=error, cap=st.f_blocks * st.f_frsize)
     assert 200 * MIB <= got["written"] <= 256 * MIB
     assert not on_disk
     assert used < 128 * MIB  # the 256 MiB went to memory (tmpfs), not to the host's disk
+
+
+def _dataset_scene(base: Path) -> dict[str, Path]:
+    """A dataset (proj/sales) two levels down ``base`` and a host folder with a secret."""
+    dataset = base / "proj" / "sales"
+    dataset.mkdir(parents=True)
+    (dataset / "a.csv").write_text("original\n")
+    host = base.parent / f"{base.name}-host"
+    (host / "sales").mkdir(parents=True)
+    (host / "sales" / "secret.txt").write_text("host secret\n")
+    for path in (base, base / "proj", dataset, host, host / "sales"):
+        path.chmod(0o777)  # the kernel's uid may write: only the policy and broker stop it
+    return {"base": base, "dataset": dataset, "host": host}
+
+
+_SWAP_FROM_INSIDE = """
+from kernel_sandbox import data
+_os.rename('proj', 'proj-moved')
+_os.symlink({host!r}, 'proj')
+def w():
+    with data.open('s/planted.txt', 'w') as f:
+        f.write('from the kernel')
+report(ls=data.ls('s'), read=attempt(lambda: data.open('s/secret.txt').read()), write=attempt(w))
+"""
+
+_USE_AFTER_SWAP = """
+from kernel_sandbox import data
+def w():
+    with data.open('s/planted.txt', 'w') as f:
+        f.write('from the kernel')
+def name(fn):
+    try:
+        return repr(fn())
+    except Exception as exc:
+        return type(exc).__name__
+report(ls=data.ls('s'), stat=name(lambda: data.info('s/secret.txt')['size']),
+       read=name(lambda: data.open('s/secret.txt').read()), write=name(w),
+       own=name(lambda: data.open('s/a.csv').read()))
+"""
+
+
+def test_dataset_root_swapped_for_a_link(configured_kernel, bait, runtime, docker_client, observe):
+    from kernel_sandbox.broker import AuditLog
+    from kernel_sandbox.errors import PolicyError
+    from kernel_sandbox.inside.contract import label
+
+    state = bait.root / f"state-{runtime}"
+    # 1. the kernel does the swap itself: its dataset lies in its read-write workspace
+    ws = _dataset_scene(bait.root / f"swap-ws-{runtime}")
+    policy = {"workspace": "rw", "datasets": {"s": f"{ws['dataset']}:read-write"}}
+    try:
+        with configured_kernel("ks-swap-ws", policy, ws["base"], state) as kernel:
+            got = kernel.probe(_SWAP_FROM_INSIDE.format(host=str(ws["host"])))
+        inside = f"started; after the kernel's own swap: ls {got['ls']}, read {got['read']}"
+    except PolicyError as exc:
+        why = str(exc).split(": ", 1)[1].split(": it could")[0].replace(str(bait.root), "…")
+        got, inside = None, f"start refused, no container: PolicyError {why!r}"
+    leaked = sorted(p.name for p in (ws["host"] / "sales").iterdir())
+    spec_label = f"{label('kernelspec')}=ks-swap-ws-{runtime}"
+    containers = docker_client.containers.list(all=True, filters={"label": spec_label})
+    # 2. the swap done on the host by another process after the grant (a dataset the policy
+    # allows): root, then the root's parent
+    host_side = []
+    for which in ("root", "parent"):
+        scene = _dataset_scene(bait.root / f"swap-{which}-{runtime}")
+        policy = {"datasets": {"s": f"{scene['dataset']}:read-write"}}
+        cwd = scene["base"].parent / f"{scene['base'].name}-cwd"
+        cwd.mkdir(mode=0o755)
+        with configured_kernel("ks-swap-host", policy, cwd, state) as kernel:
+            assert kernel.probe("from kernel_sandbox import data\nreport(n=len(data.ls('s')))")
+            if which == "root":
+                original = scene["base"] / "proj" / "moved"
+                scene["dataset"].rename(original)
+                scene["dataset"].symlink_to(scene["host"] / "sales")
+            else:
+                (scene["base"] / "proj").rename(scene["base"] / "moved")
+                (scene["base"] / "proj").symlink_to(scene["host"])
+                original = scene["base"] / "moved" / "sales"
+            after = kernel.probe(_USE_AFTER_SWAP)
+            kernel_id = kernel.km.kernel_id
+        entries = AuditLog(state / "audit.jsonl").entries()
+        moved = sum(1 for e in entries if e["kernel_id"] == kernel_id and e.get("root") == "moved")
+        host_side.append((which, after, original, scene, moved))
+    observe(
+        "fs-dataset-root-swap",
+        f"inside: {inside}; host folder holds {leaked}; "
+        + "; ".join(
+            f"host swaps the {w}: ls {a['ls']}, stat {a['stat']}, read {a['read']}, write "
+            f"{a['write']}, audit root=moved x{m}"
+            for w, a, _o, _s, m in host_side
+        ),
+    )
+    assert got is None, f"a dataset in the kernel's writable workspace was served: {got}"
+    assert containers == []  # refused before any container was created
+    assert leaked == ["secret.txt"]
+    for _which, after, original, scene, moved in host_side:
+        assert after["ls"] == ["s/a.csv"]
+        assert after["stat"] == after["read"] == "DataNotFound"
+        assert after["own"] == repr("original\n") and after["write"] == "None"
+        assert (original / "planted.txt").read_text() == "from the kernel"
+        assert sorted(p.name for p in (scene["host"] / "sales").iterdir()) == ["secret.txt"]
+        assert moved >= 4
