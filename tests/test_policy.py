@@ -83,6 +83,8 @@ G, M = 1024**3, 1024**2
         ("env_passthrough", ["LANG", "MY_TOKEN", "LANG"], ("LANG", "MY_TOKEN")),
         ("runtime", "runsc", "runsc"),
         ("runtime", "kata-runtime", "kata-runtime"),
+        ("seccomp", "docker-default", "docker-default"),
+        ("seccomp", "/etc/kernel-sandbox/seccomp.json", "/etc/kernel-sandbox/seccomp.json"),
         ("network", "none", "none"),
         ("idle_timeout", 0, 0),
         ("idle_timeout", 3600, 3600),
@@ -467,6 +469,13 @@ def test_lists_are_replaced_not_merged(tmp_path):
             {"runtime": "runc"},
             {"runtime": "runsc"},
             "runtime: runc (from kernelspec) differs from the operator's required runsc",
+        ),
+        (
+            {},
+            {"seccomp": "docker-default"},
+            {"seccomp": "kernel-sandbox"},
+            "seccomp: docker-default (from kernelspec) differs from the operator's required "
+            "kernel-sandbox",
         ),
         ({}, {}, {"image": "x"}, "ceilings: 'image' cannot be capped"),
         ({}, {}, {"memory_limit": "lots"}, "memory_limit: expected a size"),

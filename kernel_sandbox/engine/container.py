@@ -2,8 +2,9 @@
 
 :class:`ContainerRequest` is everything the provisioner decided; :func:`container_options`
 maps it to ``docker.containers.create`` arguments (no network, read-only root, no
-capabilities, limits from the policy); :class:`ContainerState` is what the engine says
-back, and :func:`start_error` words a container that ended while its kernel started.
+capabilities, the seccomp profile, limits from the policy); :class:`ContainerState` is what
+the engine says back, and :func:`start_error` words a container that ended while its kernel
+started.
 No engine calls here: :mod:`kernel_sandbox.engine.backend` makes them.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import docker
 
+from kernel_sandbox.engine.seccomp import security_options
 from kernel_sandbox.errors import KernelStartError
 from kernel_sandbox.inside.contract import RUNTIME_MOUNT, SANDBOX_HOME, WORKSPACE_FALLBACK
 from kernel_sandbox.policy.model import SandboxPolicy
@@ -111,7 +113,9 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
         "dns": ["127.0.0.1"],
         "read_only": True,
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
+        # no-new-privileges, and the system call filter (applied by runc; runsc serves the
+        # calls itself, see kernel_sandbox/engine/seccomp.py).
+        "security_opt": security_options(policy.seccomp),
         "ipc_mode": "private",
         "init": True,
         "pids_limit": policy.pids_limit,

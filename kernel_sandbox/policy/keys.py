@@ -39,6 +39,7 @@ from kernel_sandbox.policy.values import (
     parse_names,
     parse_positive,
     parse_runtime,
+    parse_seccomp,
     parse_size,
     parse_user,
 )
@@ -244,6 +245,22 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         "OCI runtime: runc (default), runsc (gVisor), kata, ...",
         ceiling=PIN,
         flag=Flag("--runtime", "RUNTIME", "OCI runtime: runc (default), runsc (gVisor), ..."),
+    ),
+    PolicyKey(
+        "seccomp",
+        str,
+        parse_seccomp,
+        "kernel-sandbox",
+        "System call filter under runc: 'kernel-sandbox' (Docker's default without io_uring, "
+        "ptrace, bpf, perf_event_open, ...), 'docker-default', or the absolute path of a JSON "
+        "profile in Docker's format.",
+        ceiling=PIN,
+        flag=Flag(
+            "--seccomp",
+            "PROFILE",
+            "system call filter under runc: kernel-sandbox (default), docker-default or a "
+            "JSON file's absolute path",
+        ),
     ),
     PolicyKey(
         "network",

@@ -161,7 +161,7 @@ def apply_ceilings(
             continue
         verb = (
             "differs from the operator's required"
-            if key == "runtime"
+            if ceiling.pinned
             else "exceeds the operator's ceiling of"
         )
         raise PolicyError(

@@ -50,6 +50,7 @@ class SandboxPolicy:
     env: dict[str, str] = _strict("env")
     env_passthrough: tuple[str, ...] = _strict("env_passthrough")
     runtime: str = _strict("runtime")
+    seccomp: str = _strict("seccomp")
     network: str = _strict("network")
     egress: tuple[str, ...] = _strict("egress")
     egress_mode: str = _strict("egress_mode")

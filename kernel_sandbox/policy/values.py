@@ -20,6 +20,7 @@ from kernel_sandbox.policy.mounts import check_mount_source
 DEFAULT_IMAGE = "kernel-sandbox/python:latest"
 WORKSPACE_MODES = ("none", "ro", "rw")
 NETWORK_MODES = ("none", "allowlist")
+SECCOMP_PROFILES = ("kernel-sandbox", "docker-default")  # or an absolute path to a JSON file
 
 # Below these a Python kernel cannot start; the engine would fail with a less clear message.
 MINIMUMS: dict[str, float] = {
@@ -335,3 +336,14 @@ def parse_runtime(value: Any) -> str:
             f"runtime: expected an OCI runtime name such as runc or runsc, got {value!r}"
         )
     return value
+
+
+def parse_seccomp(value: Any) -> str:
+    """A seccomp profile: ``kernel-sandbox`` (the shipped one), ``docker-default`` (the
+    engine's own) or the absolute path of a profile in Docker's JSON format (read at start)."""
+    if isinstance(value, str) and (value in SECCOMP_PROFILES or os.path.isabs(value)):
+        return value
+    raise PolicyError(
+        f"seccomp: expected {' or '.join(SECCOMP_PROFILES)} or the absolute path of a JSON "
+        f"seccomp profile, got {value!r}"
+    )

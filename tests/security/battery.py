@@ -154,10 +154,16 @@ PROBES: tuple[Probe, ...] = (
         "priv-ptrace",
         "Privilege",
         "ptrace: the kernel's own child; processes of the host",
-        "own child may be traced (same sandbox, harmless); host processes are invisible "
-        "(ESRCH); every visible process is the sandbox user with no capabilities",
+        "own child: EPERM under runc (the seccomp profile refuses ptrace), traceable under "
+        "gVisor (same sandbox, harmless); host processes are invisible (ESRCH); every visible "
+        "process is the sandbox user with no capabilities",
     ),
-    Probe("priv-ptrace-pid1", "Privilege", "ptrace PID 1 (the container's init)", "refused"),
+    Probe(
+        "priv-ptrace-pid1",
+        "Privilege",
+        "ptrace PID 1 (the container's init)",
+        "refused: EPERM by the seccomp profile (runc), descendants only (gVisor)",
+    ),
     Probe(
         "priv-unshare",
         "Privilege",
@@ -168,6 +174,20 @@ PROBES: tuple[Probe, ...] = (
     Probe("priv-bpf", "Privilege", "bpf(BPF_MAP_CREATE)", "refused"),
     Probe("priv-perf", "Privilege", "perf_event_open on itself", "refused"),
     Probe("priv-keyctl", "Privilege", "keyctl and add_key", "refused"),
+    Probe(
+        "priv-io-uring",
+        "Privilege",
+        "io_uring_setup, io_uring_enter, io_uring_register",
+        "EPERM under runc (the seccomp profile); under gVisor the Sentry's own io_uring "
+        "answers and the host kernel's is never reached",
+    ),
+    Probe(
+        "priv-cross-process",
+        "Privilege",
+        "another process's memory and files (process_vm_readv/writev, kcmp, pidfd_getfd, "
+        "process_madvise on its own child), userfaultfd, request_key",
+        "refused (EPERM under runc; EPERM, EACCES or ENOSYS under gVisor)",
+    ),
     Probe("priv-modules", "Privilege", "init_module, finit_module, delete_module", "EPERM"),
     # -- resources -----------------------------------------------------------------------------
     Probe(
@@ -250,6 +270,17 @@ SYSCALLS = {
     "perf_event_open": 298,
     "finit_module": 313,
     "bpf": 321,
+    "request_key": 249,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "kcmp": 312,
+    "userfaultfd": 323,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "pidfd_open": 434,
+    "pidfd_getfd": 438,
+    "process_madvise": 440,
 }
 
 # Runs first in every probe kernel (and in child processes that probes start).
