@@ -65,6 +65,11 @@ def probe_kernel(runtime: str, cwd: Path, root: Path) -> Iterator[tuple[Any, Any
             km.shutdown_kernel(now=True)
 
 
+def record(observe: Any, probe_id: str, text: str) -> None:
+    print(f"{probe_id}: {text}")  # the measured numbers, also in the test's output
+    observe(probe_id, text)
+
+
 def probe(kc: Any, code: str, timeout: float = 120) -> dict[str, Any]:
     out = run_cell(kc, code, timeout=timeout)
     assert out["status"] == "ok", f"{out['ename']}: {out['evalue']}\n{out['stderr']}"
@@ -117,7 +122,8 @@ def test_fs_rundir_fill(runtime, root, bait, observe, x86_64, jupyter_path, kern
         got = probe(kc, code)
         mounted = [str(p) for p in mounts_under(runtime_dir.path)]
         alive = run_cell(kc, "print('still here')")["stdout"].strip()
-    observe(
+    record(
+        observe,
         "fs-rundir-fill",
         f"{got['error'] or 'no error'} after {got['written'] / MIB:.1f} MiB in "
         f"{got['seconds']:.1f} s (cap {CAP / MIB:.0f} MiB, a tmpfs of its own); the kernel "
@@ -135,24 +141,6 @@ PLANT = """
 import socket as _socket
 base = '/run/kernel-sandbox'
 out = {}
-top = _os.open(base, _os.O_RDONLY)
-_os.mkdir('deep', dir_fd=top)
-cur = _os.open('deep', _os.O_RDONLY, dir_fd=top)
-depth = 0
-try:
-    for depth in range(1, DEPTH + 1):
-        _os.mkdir('d', dir_fd=cur)
-        nxt = _os.open('d', _os.O_RDONLY, dir_fd=cur)
-        _os.close(cur)
-        cur = nxt
-        if depth % 1000 == 0:
-            _os.symlink(OUTSIDE, 'file-link', dir_fd=cur)
-            _os.symlink(ROOT, 'dir-link', dir_fd=cur)
-            _os.mkfifo('fifo', dir_fd=cur)
-except OSError as exc:
-    out['deep_stop'] = errname(exc.errno)
-_os.close(cur)
-out['depth'] = depth
 _os.makedirs(base + '/locked/inner')
 open(base + '/locked/inner/f', 'w').write('x')
 _os.chmod(base + '/locked/inner', 0)
@@ -171,6 +159,24 @@ def plant(path):
 for name in ('lifeline', 'data.sock', 'connection.json', 'egress', 'egress-notices'):
     out[name] = attempt(plant, base + '/' + name)
     out['host-' + name] = attempt(plant, '/run/kernel-sandbox-host/' + name)
+top = _os.open(base, _os.O_RDONLY)
+_os.mkdir('deep', dir_fd=top)
+cur = _os.open('deep', _os.O_RDONLY, dir_fd=top)
+depth = 0
+try:
+    for depth in range(1, DEPTH + 1):
+        _os.mkdir('d', dir_fd=cur)
+        nxt = _os.open('d', _os.O_RDONLY, dir_fd=cur)
+        _os.close(cur)
+        cur = nxt
+        if depth % 1000 == 0:
+            _os.symlink(OUTSIDE, 'file-link', dir_fd=cur)
+            _os.symlink(ROOT, 'dir-link', dir_fd=cur)
+            _os.mkfifo('fifo', dir_fd=cur)
+except OSError as exc:
+    out['deep_stop'] = errname(exc.errno)  # the tmpfs's inode cap
+_os.close(cur)
+out['depth'] = depth
 report(**out)
 """
 
@@ -191,7 +197,8 @@ def test_fs_rundir_cleanup(runtime, root, bait, observe, x86_64, jupyter_path, k
         seconds = time.monotonic() - started
     left = sorted(os.listdir(root))
     host_refused = {got[k] for k in got if k.startswith("host-")}
-    observe(
+    record(
+        observe,
         "fs-rundir-cleanup",
         f"{got['depth']:,} levels ({got.get('deep_stop', 'all made')}), mode-000 and "
         f"read-only dirs, FIFOs, links to host files, dirs where host sockets were (in its "
@@ -293,6 +300,8 @@ def test_fs_lifeline_takeover(
                 ended = time.monotonic() - killed
                 break
             time.sleep(0.25)
+        logs = docker_client.api.logs(container_id, tail=5).decode(errors="replace")
+        print(f"container's last lines: {logs!r}")
     finally:
         owner.kill()
         owner.wait()
@@ -302,7 +311,8 @@ def test_fs_lifeline_takeover(
             pass
         asyncio.run(sweep(DockerBackend(), str(root)))  # the orphan's directory and tmpfs
     host, old = got["/run/kernel-sandbox-host/lifeline"], got["/run/kernel-sandbox/lifeline"]
-    observe(
+    record(
+        observe,
         "fs-lifeline-takeover",
         f"replacing the lifeline: {host} (a lifeline in its own part: {old}, never "
         f"used); owner SIGKILLed: gc sees the orphan at once: {seen}; the container ended "
@@ -367,7 +377,7 @@ def test_fs_socket_symlink(runtime, root, bait, observe, x86_64, jupyter_path, k
     try:
         with probe_kernel(runtime, cwd, root) as (km, kc):
             channels = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-            ports = [km.connection_info[name] for name in channels]
+            ports = [km.get_connection_info()[name] for name in channels]
             code = REDIRECT.replace("PORTS", repr(ports)).replace("TARGET", repr(str(target.path)))
             got = probe(kc, code)
             fresh = km.client()  # a new client (a new browser tab, `jupyter console --existing`)
@@ -382,7 +392,8 @@ def test_fs_socket_symlink(runtime, root, bait, observe, x86_64, jupyter_path, k
             time.sleep(1.0)
     finally:
         target.close()
-    observe(
+    record(
+        observe,
         "fs-socket-symlink",
         f"links planted at its 5 socket paths: {'/'.join(sorted(set(got.values())))}; a new "
         f"client then got {reply!r}; connections to the host socket they name: "
@@ -390,4 +401,8 @@ def test_fs_socket_symlink(runtime, root, bait, observe, x86_64, jupyter_path, k
     )
     assert set(got.values()) == {"ok"}, got
     assert target.connections == 0
-    assert reply == "42"
+    if runtime == "runc":
+        assert reply == "42"
+    else:  # gVisor (2022) ends the sandbox when a host client reaches a socket whose path the
+        # sandbox unlinked: the kernel only harms itself; the host socket still sees nothing
+        assert reply == "42" or "died" in reply, reply
