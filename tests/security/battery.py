@@ -123,8 +123,7 @@ PROBES: tuple[Probe, ...] = (
         "fs-rundir-fill",
         "File system",
         "fill its runtime directory (/run/kernel-sandbox) for 4 s",
-        "ENOSPC at the 4 MiB cap (runtime_dir_size: a tmpfs of its own); the kernel still "
-        "answers",
+        "ENOSPC at the 4 MiB cap (runtime_dir_size: a tmpfs of its own); the kernel still answers",
     ),
     Probe(
         "fs-rundir-cleanup",
