@@ -61,9 +61,11 @@ def outside(tmp_path: Path) -> Path:
 
 def test_remove_tree_takes_any_tree_and_follows_no_link(tmp_path: Path, outside: Path) -> None:
     top = tmp_path / "rundir"
-    hostile_tree(top, outside)
-    started = time.monotonic()
-    result = remove_tree(top)
+    try:
+        hostile_tree(top, outside)
+    finally:  # pytest's own cleanup of tmp_path would recurse into it
+        started = time.monotonic()
+        result = remove_tree(top)
     assert time.monotonic() - started < 30
     assert result.complete, str(result)
     assert not top.exists()
