@@ -175,7 +175,7 @@ PROBES: tuple[Probe, ...] = (
         "priv-chown",
         "Privilege",
         "chown others' files (/tmp, the host-owned lifeline socket) and give one's own away",
-        "EPERM (no CAP_CHOWN)",
+        "EPERM (no CAP_CHOWN); the lifeline, in the read-only host part: EROFS or EPERM",
     ),
     Probe(
         "priv-ptrace",
