@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, Union, default
 
 from kernel_sandbox.broker.tokens import default_state_dir
 from kernel_sandbox.egress.service import default_log_path
@@ -30,10 +30,16 @@ from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS, LogLimits
 from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
 from kernel_sandbox.host.resources import KernelResources
-from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
+from kernel_sandbox.host.rundir import (
+    RuntimeDir,
+    default_root,
+    hardlinks_allowed,
+    ipc_connection_info,
+)
 from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, RUNTIME_MOUNT, SANDBOX_HOME, label
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
+from kernel_sandbox.policy.values import parse_size
 from kernel_sandbox.provisioner.container import (
     check_datasets_not_writable,
     check_exposure,
@@ -78,6 +84,15 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
     )
     runtime_root = Unicode(
         config=True, help="Directory holding the per-kernel runtime directories (keep it short)."
+    )
+    runtime_dir_size = Union(
+        [Integer(), Unicode()],
+        default_value="4m",
+        config=True,
+        help="Size of the tmpfs that holds the part of a kernel's runtime directory it can "
+        "write (/run/kernel-sandbox inside: its sockets and anything it puts there), e.g. "
+        "'4m'. Mounted when this process may mount (root); otherwise, or with 0, a plain "
+        "directory on the runtime_root's file system (see docs/threat-model.md).",
     )
     launch_timeout = Float(
         60.0, config=True, help="Seconds to wait for the kernel to bind its sockets."
@@ -322,14 +337,13 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
 
         if self.reap_orphans:
             self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
+        size = self._runtime_dir_size()
         resources = self.resources
         try:
-            if resources.open_runtime_dir(self.runtime_root, owner):
+            if resources.open_runtime_dir(self.runtime_root, owner, size):
                 assert resources.runtime_dir is not None
                 key = uuid.uuid4().hex.encode()
-                info = ipc_connection_info(
-                    resources.runtime_dir.socket_prefix, key, self._spec_name
-                )
+                info = ipc_connection_info(self._client_prefix(owner[0]), key, self._spec_name)
                 self.connection_info = cast(KernelConnectionInfo, info)
             if policy.datasets:
                 record = await asyncio.to_thread(
@@ -350,6 +364,35 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         kwargs["env"] = {**env, **egress_env}
         kwargs["user"] = user
         return kwargs
+
+    def _runtime_dir_size(self) -> int | None:
+        """The ``runtime_dir_size`` trait in bytes (None: no tmpfs).
+
+        Raises:
+            PolicyError: it is not a size.
+        """
+        value = self.runtime_dir_size
+        if value in (0, "0", ""):
+            return None
+        try:
+            return parse_size("runtime_dir_size", value)
+        except PolicyError as exc:
+            raise PolicyError(f"c.DockerSandboxProvisioner.{exc}") from exc
+
+    def _client_prefix(self, kernel_uid: int) -> str:
+        """Where clients connect: links in a host-only directory to the kernel's sockets, or
+        (where this process may not link them) the kernel's own paths, checked before use."""
+        runtime_dir = self.resources.runtime_dir
+        assert runtime_dir is not None
+        if hardlinks_allowed(kernel_uid):
+            return runtime_dir.client_prefix
+        self.log.warning(
+            "kernel %s: cannot hard-link the sockets of uid %d (fs.protected_hardlinks); "
+            "clients connect to the kernel's own socket paths (see docs/threat-model.md)",
+            self.kernel_id,
+            kernel_uid,
+        )
+        return runtime_dir.socket_prefix
 
     async def _container_command(
         self, resources: KernelResources, extra_arguments: list[str], owner: tuple[int, int]
@@ -445,6 +488,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             runtime_dir=str(resources.runtime_dir.shared),
             user=kwargs["user"],
             workspace=workspace,
+            host_dir=str(resources.runtime_dir.host_dir),
         )
         started = time.monotonic()
         try:
@@ -452,6 +496,8 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             resources.container_name = name
             await resources.wait_egress_ready()
             await self._wait_until_listening()
+            kernel_uid = int(kwargs["user"].split(":")[0])
+            resources.runtime_dir.link_client_sockets(self.connection_info, kernel_uid)
         except BaseException:
             await resources.aclose(restart=self._launched)
             raise
@@ -561,7 +607,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         except RuntimeError:
             self._loop = None
         self.resources.watch(
-            self.connection_info["iopub_port"], self.policy.idle_timeout, self._end_from_monitor
+            self.connection_info["iopub_port"],
+            self.policy.idle_timeout,
+            self._end_from_monitor,
+            str(self.connection_info["ip"]),
         )
 
     def _end_from_monitor(self, reason: str) -> None:
