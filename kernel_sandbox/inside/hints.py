@@ -52,7 +52,9 @@ PROXY_ONLY = (
 )
 PACKAGES = (
     PREFIX + "nothing was installed. Packages come from the kernel's image: the sandbox has "
-    "no network and cannot change its own software.\n"
+    "no network and cannot change its own software."
+)
+ADD = (
     "Add {what} to {file} and rebuild the image (kernel-sandbox image build --binder binder/), "
     "then restart the kernel."
 )
@@ -246,17 +248,17 @@ def _versions(names: list[str]) -> tuple[list[str], list[str]]:
 
 def install_message(kind: str, names: list[str]) -> str:
     """What to tell a user who tried to install ``names`` with a ``kind`` installer."""
+    lines = [PACKAGES]
     if kind == "apt":
-        what = "the Debian packages" if not names else ", ".join(names)
-        return PACKAGES.format(what=what, file="binder/apt.txt")
-    what = "the packages" if not names else ", ".join(names)
-    text = PACKAGES.format(what=what, file="binder/requirements.txt")
+        what = ", ".join(names) or "the Debian packages"
+        return "\n".join([*lines, ADD.format(what=what, file="binder/apt.txt")])
     present, missing = _versions(names) if kind == "python" else ([], names)
     if present:
-        text += "\nAlready in the image: " + ", ".join(present) + "."
-    if missing and present:
-        text += "\nNot in the image: " + ", ".join(missing) + "."
-    return text
+        lines.append("Already in the image: " + ", ".join(present) + ".")
+    if missing or not present:
+        what = ", ".join(missing) or "the packages"
+        lines.append(ADD.format(what=what, file="binder/requirements.txt"))
+    return "\n".join(lines)
 
 
 def _refuse(kind: str, names: list[str]) -> None:
