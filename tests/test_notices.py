@@ -115,6 +115,15 @@ def test_oom_reaches_a_jupyter_server_client_before_the_restart(jupyter_path, tm
                     m["msg_type"] == "status" and m["content"]["execution_state"] == "restarting"
                 ),
             )
+            # the restarted kernel works, on the same websocket
+            after = send(ws, "print('back')")
+            back = read_until(
+                ws,
+                lambda m: (
+                    m["parent_header"].get("msg_id") == after and m["msg_type"] == "execute_reply"
+                ),
+            )
+            assert any(m["msg_type"] == "stream" and m["content"]["text"] == "back\n" for m in back)
         finally:
             ws.close()
             server.api("DELETE", f"/api/kernels/{kernel}")
