@@ -14,10 +14,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import requests
 from nbformat.v4 import new_code_cell, new_notebook
 from support import IN_CI
 from support.kernels import make_kernelspec
+from support.leaks import LABEL
 from test_browser import (
     ARTIFACTS,
     CHROMIUM,
@@ -37,15 +37,15 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-def restarted(base: str, token: str) -> bool:
-    kernels = requests.get(f"{base}/api/kernels?{token}", timeout=10).json()
-    return bool(kernels) and all(k["execution_state"] == "idle" for k in kernels)
+def running(docker_client, server_pid: int) -> list[str]:
+    labels = [LABEL, f"io.kernel-sandbox.owner-pid={server_pid}"]
+    return [c.id for c in docker_client.containers.list(filters={"label": labels})]
 
 
 HOG = "blocks = []\nwhile True:\n    blocks.append(bytearray(16 * 1024 * 1024))"
 
 
-def test_jupyterlab_shows_the_notices(tmp_path, jupyter_path, leak_check):
+def test_jupyterlab_shows_the_notices(tmp_path, jupyter_path, leak_check, docker_client):
     if not Path(CHROMIUM).exists():
         message = f"{CHROMIUM} is missing: apt-get install -y chromium (setup.sh does)"
         pytest.fail(message) if IN_CI else pytest.skip(message)
@@ -114,7 +114,8 @@ def test_jupyterlab_shows_the_notices(tmp_path, jupyter_path, leak_check):
                 page.screenshot(path=str(ARTIFACTS / "jupyterlab-notices.png"), full_page=True)
                 # let the auto-restart finish before the server stops (jupyter_client fails
                 # to shut down a kernel in the middle of a restart)
-                wait_for(lambda: restarted(base, token), "the restarted kernel", timeout=60)
+                wait_for(lambda: running(docker_client, server.pid), "the restarted kernel")
+                page.wait_for_timeout(2000)
             except BaseException:
                 page.screenshot(path=str(ARTIFACTS / "jupyterlab-notices-failure.png"))
                 raise
