@@ -271,6 +271,9 @@ class BatchRunner:
             return ""
         if code is None:
             return ""
+        notice = getattr(km.provisioner, "notice", None)  # why, when the host knows
+        if notice is not None:
+            return f" with exit status {code}: {notice.text}"
         hint = " (killed: out of memory or SIGKILL)" if code == EXIT_KILLED else ""
         return f" with exit status {code}{hint}"
 

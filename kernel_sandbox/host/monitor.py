@@ -1,7 +1,9 @@
 """A host-side watch over one running sandbox: its idle time and operator stop requests.
 
-The provisioner starts one :class:`KernelMonitor` per running container. The monitor asks the
-provisioner to end the kernel when
+The provisioner starts one :class:`KernelMonitor` per running container. It follows the
+kernel's IOPub status messages (and remembers the last cell a client ran, so that a notice
+about the kernel's end can be shown in it: :mod:`.notices`). It asks the provisioner to end
+the kernel when
 
 - the policy's ``idle_timeout`` has passed with the kernel idle: no message on its IOPub
   channel (every execution, output and status change is one) and no cell running, whatever
@@ -21,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -30,6 +33,8 @@ STOP_REQUEST = "stop-request"
 _DELIMITER = b"<IDS|MSG>"
 # Longest a closing monitor with an IOPub socket takes to notice (and the longest close waits).
 POLL_SLICE = 0.1
+# Larger header, parent header or content frames of a status message are not parsed.
+MAX_FRAME = 65536
 
 
 def request_stop(runtime_dir: Path, who: str) -> None:
@@ -39,15 +44,31 @@ def request_stop(runtime_dir: Path, who: str) -> None:
 
 def execution_state(frames: list[bytes]) -> str | None:
     """The ``execution_state`` of a status message (None for any other message)."""
+    return status_of(frames)[0]
+
+
+def status_of(frames: list[bytes]) -> tuple[str | None, dict[str, Any] | None]:
+    """A status message's ``execution_state`` and, when it is about an ``execute_request``,
+    that request's header (the cell a client ran); ``(None, None)`` for any other message.
+
+    Kernel-chosen frames larger than MAX_FRAME are not parsed.
+    """
     try:
         at = frames.index(_DELIMITER)
-        header = json.loads(frames[at + 2])
-        if header.get("msg_type") != "status":
-            return None
-        state = json.loads(frames[at + 5]).get("execution_state")
+        header, parent, content = frames[at + 2], frames[at + 3], frames[at + 5]
+        if max(len(header), len(parent), len(content)) > MAX_FRAME:
+            return None, None
+        if json.loads(header).get("msg_type") != "status":
+            return None, None
+        state = json.loads(content).get("execution_state")
+        request = json.loads(parent)
     except (ValueError, IndexError, AttributeError):
-        return None
-    return state if isinstance(state, str) else None
+        return None, None
+    if not isinstance(state, str):
+        return None, None
+    if not isinstance(request, dict) or request.get("msg_type") != "execute_request":
+        request = None
+    return state, request
 
 
 class KernelMonitor:
@@ -55,7 +76,8 @@ class KernelMonitor:
 
     Args:
         runtime_dir: the kernel's host-only runtime directory (where stop requests appear).
-        iopub_url: the kernel's IOPub address (``ipc://...``); None disables idle tracking.
+        iopub_url: the kernel's IOPub address (``ipc://...``); None disables idle tracking
+            and :attr:`request`.
         idle_timeout: seconds of idleness before the kernel ends; 0 never.
         on_end: called from the monitor's thread with a one-line reason.
         interval: seconds between checks.
@@ -72,13 +94,16 @@ class KernelMonitor:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.stop_file = runtime_dir / STOP_REQUEST
-        self.iopub_url = iopub_url if idle_timeout > 0 else None
+        self.iopub_url = iopub_url
         self.idle_timeout = idle_timeout
         self.on_end = on_end
         self.interval = min(interval, idle_timeout / 2) if idle_timeout > 0 else interval
         self.clock = clock
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
+        # the header of the last execute_request the kernel began (a notice names its cell)
+        self.request: dict[str, Any] | None = None
+        self.busy = False
 
     def start(self) -> None:
         self.stop_file.unlink(missing_ok=True)  # a request for an earlier container is spent
@@ -121,13 +146,20 @@ class KernelMonitor:
                     except zmq.Again:
                         break
                     last_activity = self.clock()
-                    state = execution_state(frames)
+                    state, request = status_of(frames)
                     if state in ("busy", "idle"):
-                        busy = state == "busy"
+                        busy = self.busy = state == "busy"
+                    if state == "busy" and request is not None:
+                        self.request = request
             if self.stop_file.exists():
                 return "stopped by an operator (kernel-sandbox stop)"
             idle_for = self.clock() - last_activity
-            if socket is not None and not busy and idle_for >= self.idle_timeout:
+            if (
+                socket is not None
+                and self.idle_timeout > 0
+                and not busy
+                and idle_for >= self.idle_timeout
+            ):
                 return (
                     f"idle for {idle_for:.0f}s (the policy's idle_timeout is "
                     f"{self.idle_timeout:.0f}s)"

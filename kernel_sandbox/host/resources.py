@@ -219,6 +219,11 @@ class KernelResources:
         self._monitor = KernelMonitor(self.runtime_dir.path, iopub, idle_timeout, on_end)
         self._monitor.start()
 
+    @property
+    def last_request(self) -> dict[str, Any] | None:
+        """The header of the last execute_request the kernel began (None before the first)."""
+        return self._monitor.request if self._monitor is not None else None
+
     def unwatch(self) -> None:
         if self._monitor is not None:
             self._monitor.close()

@@ -16,12 +16,14 @@ __all__ = [
     "EGRESS_NOTICE_SOCKET",
     "EGRESS_SOCKET",
     "EXIT_KILLED",
+    "HINTS_MODULE",
     "HOST_SOCKETS_MOUNT",
     "HOST_SUBDIR",
     "IMAGE_KIND_KERNEL",
     "KERNEL_UID",
     "LABEL_PREFIX",
     "LIFELINE",
+    "NETWORK_ENV",
     "RUNTIME_MOUNT",
     "SANDBOX_HOME",
     "SHARED_SUBDIR",
@@ -57,6 +59,10 @@ EGRESS_CONTROL_SOCKET = "egress-control"  # approvals (host side only, never mou
 # -- in-container entry points the host starts (python -m MODULE ...) ---------------------------
 WATCHDOG_MODULE = "kernel_sandbox.inside.watchdog"
 EGRESS_BRIDGE_MODULE = "kernel_sandbox.inside.egress_bridge"  # also an IPython extension
+HINTS_MODULE = "kernel_sandbox.inside.hints"  # an IPython extension (images built since issue 13)
+
+# -- environment the host sets for the kernel ---------------------------------------------------
+NETWORK_ENV = "KERNEL_SANDBOX_NETWORK"  # the policy's network mode, for the hints extension
 
 # -- labels on containers and images ----------------------------------------------------------
 LABEL_PREFIX = "io.kernel-sandbox."

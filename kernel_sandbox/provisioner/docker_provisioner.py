@@ -21,13 +21,14 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, Union, default
 
 from kernel_sandbox.broker.tokens import default_state_dir
-from kernel_sandbox.egress.service import default_log_path
+from kernel_sandbox.egress.service import default_log_path, is_ipython_kernel
 from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
 from kernel_sandbox.engine.backend import start_error as container_start_error
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
 from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS, LogLimits
+from kernel_sandbox.host.notices import DELIVERY, Notice, memory_notice, publish, stopped_notice
 from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
 from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import (
@@ -36,10 +37,17 @@ from kernel_sandbox.host.rundir import (
     hardlinks_allowed,
     ipc_connection_info,
 )
-from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, RUNTIME_MOUNT, SANDBOX_HOME, label
+from kernel_sandbox.inside.contract import (
+    HINTS_MODULE,
+    IMAGE_KIND_KERNEL,
+    NETWORK_ENV,
+    RUNTIME_MOUNT,
+    SANDBOX_HOME,
+    label,
+)
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
-from kernel_sandbox.policy.values import parse_size
+from kernel_sandbox.policy.values import format_size, parse_size
 from kernel_sandbox.provisioner.container import (
     check_datasets_not_writable,
     check_exposure,
@@ -230,6 +238,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         self._resources: KernelResources | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.cwd: str | None = None
+        self._end_reason: str | None = None  # why the monitor ended the running container
+        self._told: str | None = None  # the container whose end has been explained
+        self._telling = False
+        self.notice: Notice | None = None  # why the last container ended, when the host knows
 
     @property
     def resources(self) -> KernelResources:
@@ -361,7 +373,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             raise
         allowed = (*self.env_allowlist, *policy.env_passthrough)
         env = container_env(host_env, allowed, self.kernel_spec.env or {}, policy.env)
-        kwargs["env"] = {**env, **egress_env}
+        kwargs["env"] = {**env, **egress_env, NETWORK_ENV: policy.network}
         kwargs["user"] = user
         return kwargs
 
@@ -407,6 +419,8 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         )
         argv = [arg.replace("{connection_file}", inside_file) for arg in self.kernel_spec.argv]
         egress, kernel_args = None, []
+        if is_ipython_kernel(argv) and await self._image_built_by_us():
+            kernel_args.append(f"--ext={HINTS_MODULE}")  # explains no network, no pip
         if self.policy.network == "allowlist":
             if not await self._image_built_by_us():
                 raise PolicyError(
@@ -418,7 +432,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             egress = resources.start_egress(
                 self.policy, self.egress_log, self.egress_port, self.log_limits
             )
-            kernel_args = egress.kernel_arguments(argv)
+            kernel_args += egress.kernel_arguments(argv)
         argv = argv + extra_arguments + kernel_args
         if self.orphan_timeout > 0 and await self._image_built_by_us():
             argv = with_watchdog(argv, self.orphan_timeout)
@@ -502,6 +516,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             await resources.aclose(restart=self._launched)
             raise
         self._launched = True
+        self._end_reason = self.notice = None
         self._watch()
         self.log.debug(
             "kernel %s: container %s ready in %.2fs",
@@ -539,9 +554,15 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
     # -- life of a running kernel -----------------------------------------------------------
 
     async def poll(self) -> int | None:
-        """None while the container runs, else its exit code (137 for OOM-kill or SIGKILL)."""
+        """None while the container runs, else its exit code (137 for OOM-kill or SIGKILL).
+
+        The first time a container is seen ended for a reason the host knows (out of memory,
+        idle_timeout, an operator's stop), its clients are told why first (:meth:`_tell`).
+        """
         if self.container_id is None:
             return 0
+        if self._telling:
+            return None  # the death is reported once its notice is out
         try:
             state = await self.backend.state(self.container_id)
         except EngineUnavailable as exc:
@@ -551,14 +572,54 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             return ENGINE_GONE
         if state.running:
             return None
-        if state.oom_killed:
-            self.log.warning(
-                "kernel %s: container %s was killed: out of memory (limit %d bytes)",
-                self.kernel_id,
-                self.container_name,
-                self.policy.memory_limit,
-            )
+        if self._told != self.container_id:
+            self._told = self.container_id
+            if state.oom_killed:
+                self.log.warning(
+                    "kernel %s: container %s was killed: out of memory (memory_limit %s)",
+                    self.kernel_id,
+                    self.container_name,
+                    format_size(self.policy.memory_limit),
+                )
+                await self._tell(memory_notice(self.policy.memory_limit))
+            elif self._end_reason is not None:
+                await self._tell(stopped_notice(self._end_reason))
         return state.exit_code
+
+    async def _tell(self, notice: Notice) -> None:
+        """Show ``notice`` to the kernel's clients, in the cell that was running (never raises:
+        a notice that cannot be sent is logged)."""
+        self.notice = notice
+        resources, info = self.resources, self.connection_info
+        if resources.runtime_dir is None or "iopub_port" not in info:
+            return
+        # Where the clients connect (their host-only link), not the kernel's own socket path.
+        path = f"{info['ip']}-{info['iopub_port']}"
+        key = info.get("key", b"")
+        key = key.encode() if isinstance(key, str) else key
+
+        def send() -> int:
+            parent = resources.last_request
+            resources.unwatch()  # its own subscription would count as a listener
+            return publish(path, key, info.get("signature_scheme", "hmac-sha256"), notice, parent)
+
+        self._telling = True
+        try:
+            listeners = await asyncio.to_thread(send)
+            if listeners:
+                await asyncio.sleep(DELIVERY)  # let a client on this loop read it first
+            self.log.info(
+                "kernel %s: told %d listener(s) why it ended: %s",
+                self.kernel_id,
+                listeners,
+                notice.text,
+            )
+        except Exception as exc:  # cosmetic: the kernel's end is reported either way
+            self.log.warning(
+                "kernel %s: could not tell its clients why it ended: %s", self.kernel_id, exc
+            )
+        finally:
+            self._telling = False
 
     async def wait(self) -> int | None:
         """Wait until the container has ended; return its exit code."""
@@ -627,6 +688,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         from jupyter_client.multikernelmanager import MultiKernelManager
 
         self.log.warning("kernel %s: %s; shutting it down", self.kernel_id, reason)
+        self._end_reason = reason  # told to its clients once the container has ended (poll)
         loop, manager = self._loop, self.parent
         multi = getattr(manager, "parent", None)
         if loop is not None and loop.is_running():
