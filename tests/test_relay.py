@@ -217,8 +217,13 @@ class Relayed:
         self.kernel.setsockopt(zmq.LINGER, 0)
         self.kernel.bind(f"ipc://{sockdir}/k-2")
         self.relay = IopubRelay(
-            f"{sockdir}/k-2", f"{sockdir}/c-2", key, "hmac-sha256", limits,
-            logging.getLogger("test-relay"), "test",
+            f"{sockdir}/k-2",
+            f"{sockdir}/c-2",
+            key,
+            "hmac-sha256",
+            limits,
+            logging.getLogger("test-relay"),
+            "test",
         )
         self.relay.start()
         self.client = zmq.Context.instance().socket(zmq.SUB)
@@ -234,7 +239,9 @@ class Relayed:
             self.client.recv_multipart()
 
     def publish(self, msg_type: str, content: dict, parent: dict, buffers=()) -> None:
-        self.session.send(self.kernel, msg_type, content, parent=parent, ident=b"x", buffers=list(buffers))
+        self.session.send(
+            self.kernel, msg_type, content, parent=parent, ident=b"x", buffers=list(buffers)
+        )
 
     def receive(self, timeout: float = 5) -> dict:
         assert self.client.poll(int(timeout * 1000)), "nothing arrived"

@@ -69,7 +69,8 @@ def human_size(size: int) -> str:
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if size >= scale:
             value = size / scale
-            return f"{value:.0f} {unit}" if value >= 10 or value == int(value) else f"{value:.1f} {unit}"
+            shown = f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
+            return f"{shown} {unit}"
     return f"{size} bytes"
 
 
@@ -94,10 +95,14 @@ class TokenBucket:
 
 class IopubRelay:
     """Relay one kernel's IOPub: read ``kernel_path`` (the kernel's PUB socket, reconnecting
-    after a restart), publish on ``client_path`` (bound here, host-only).
+    after a restart), publish on ``client_path`` (bound here, in a host-only directory).
+
+    jupyter_client removes every ``<ip>-<port>`` path when a kernel restarts, so the relay's
+    socket lives at a path of its own and clients reach it through a hard link
+    (:meth:`expose`), made again on every start.
 
     Args:
-        kernel_path, client_path: unix socket paths.
+        kernel_path, client_path: unix socket paths (the kernel's, and where to bind).
         key, signature_scheme: the kernel's connection info, to sign drop notices.
         limits: the bounds.
         log: a logger (warnings for drops, rate-limited like the notices).
@@ -143,7 +148,7 @@ class IopubRelay:
             zmq.ZMQError: the client path cannot be bound.
         """
         _unlink_socket(self.client_path)
-        socket = zmq.Context.instance().socket(zmq.PUB)
+        socket: zmq.Socket = zmq.Context.instance().socket(zmq.PUB)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, self.limits.hwm)
         try:
@@ -158,6 +163,22 @@ class IopubRelay:
         )
         self._thread.start()
         ready.wait()
+
+    def expose(self, path: str) -> None:
+        """Make ``path`` (same file system, host-only directory) a hard link to the relay's
+        socket, replacing whatever is there atomically.
+
+        Raises:
+            OSError: the link could not be made.
+        """
+        staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        _unlink_socket(staging)
+        os.link(self.client_path, staging, follow_symlinks=False)
+        try:
+            os.rename(staging, path)
+        except BaseException:
+            _unlink_socket(staging)
+            raise
 
     async def wait_attached(self, timeout: float) -> bool:
         """Wait until the relay reads the kernel's socket (after a start or restart)."""

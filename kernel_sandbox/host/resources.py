@@ -8,7 +8,8 @@ all, and :meth:`KernelResources.close` releases them on every path::
 
     close(restart=True)    a restart, or a failed restart: the container is removed and the
                            data token revoked; the runtime directory (clients stay connected),
-                           the lifeline, the broker's socket and the proxy are kept
+                           the lifeline, the broker's socket, the proxy and the IOPub
+                           relay are kept
     close()                the final cleanup, a failed first start, interpreter exit:
                            nothing is left
 
@@ -31,6 +32,7 @@ from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
 from kernel_sandbox.host.logtext import LogLimits, clip
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
+from kernel_sandbox.host.relay import IopubRelay, RelayLimits
 from kernel_sandbox.host.rundir import RuntimeDir
 from kernel_sandbox.inside.contract import RUNTIME_MOUNT
 
@@ -70,6 +72,7 @@ class KernelResources:
         self._lifeline: Lifeline | None = None
         self._broker: DataBroker | None = None
         self._monitor: KernelMonitor | None = None
+        self.relay: IopubRelay | None = None  # kept across restarts
 
     # -- runtime directory and lifeline -----------------------------------------------------
 
@@ -197,13 +200,56 @@ class KernelResources:
         if self.egress is not None:
             await self.egress.wait_ready()
 
+    # -- IOPub (kernel_sandbox.host.relay) --------------------------------------------------
+
+    def start_relay(
+        self,
+        kernel_path: str,
+        bind_path: str,
+        client_path: str,
+        key: bytes,
+        scheme: str,
+        limits: RelayLimits,
+    ) -> IopubRelay:
+        """Relay IOPub from the kernel's socket to clients, unless it runs (it outlives
+        restarts: it reconnects to each new container's socket); link ``client_path`` to it
+        (again: jupyter_client removes that path on every restart).
+
+        Raises:
+            zmq.ZMQError, OSError: the relay's socket cannot be bound or linked.
+        """
+        if self.relay is None:
+            relay = IopubRelay(
+                kernel_path, bind_path, key, scheme, limits, self.log, self.kernel_id
+            )
+            relay.start()
+            self.relay = relay
+        self.relay.expose(client_path)
+        return self.relay
+
+    async def wait_relay(self, timeout: float) -> None:
+        """Wait until the relay reads the kernel's socket (so no early output is missed)."""
+        if self.relay is not None and not await self.relay.wait_attached(timeout):
+            self.log.warning(
+                "kernel %s: the IOPub relay did not reach the kernel's socket within %.0fs",
+                self.kernel_id,
+                timeout,
+            )
+
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) ----------------
 
-    def watch(self, iopub_port: int, idle_timeout: float, on_end: Callable[[str], None]) -> None:
-        """Start the monitor of the running container (once per container)."""
+    def watch(
+        self,
+        iopub_port: int,
+        idle_timeout: float,
+        on_end: Callable[[str], None],
+        prefix: str | None = None,
+    ) -> None:
+        """Start the monitor of the running container (once per container); it connects where
+        clients do (``prefix``, the connection info's ``ip``; default the kernel's own)."""
         assert self.runtime_dir is not None
         self.unwatch()
-        iopub = f"ipc://{self.runtime_dir.socket_prefix}-{iopub_port}"
+        iopub = f"ipc://{prefix or self.runtime_dir.socket_prefix}-{iopub_port}"
         self._monitor = KernelMonitor(self.runtime_dir.path, iopub, idle_timeout, on_end)
         self._monitor.start()
 
@@ -244,6 +290,9 @@ class KernelResources:
                 failure = exc
         self._release_data(restart)
         if not restart:
+            if self.relay is not None:
+                self.relay.close()
+                self.relay = None
             if self.egress is not None:
                 self.egress.close()
                 self.egress = None

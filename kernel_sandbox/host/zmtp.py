@@ -111,9 +111,7 @@ class ZmtpSubReader:
         limits: what one message may hold.
     """
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits
-    ):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits):
         self.reader, self.writer, self.limits = reader, writer, limits
 
     @classmethod

@@ -18,22 +18,25 @@ from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, Union, default
 
 from kernel_sandbox.broker.tokens import default_state_dir
 from kernel_sandbox.egress.service import default_log_path
 from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
 from kernel_sandbox.engine.backend import start_error as container_start_error
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
+from kernel_sandbox.host import clientpaths
 from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
 from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS, LogLimits
 from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
+from kernel_sandbox.host.relay import RelayLimits
 from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
 from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, RUNTIME_MOUNT, SANDBOX_HOME, label
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
+from kernel_sandbox.policy.values import parse_size
 from kernel_sandbox.provisioner.container import (
     check_datasets_not_writable,
     check_exposure,
@@ -51,6 +54,8 @@ __all__ = ["DockerSandboxProvisioner"]
 BASE_ENV_ALLOWLIST = ("JPY_SESSION_NAME",)
 # poll()'s exit code for a kernel whose engine cannot be reached.
 ENGINE_GONE = -1
+# Seconds launch_kernel waits for the IOPub relay to reach the kernel's socket.
+RELAY_ATTACH_TIMEOUT = 5.0
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
 # Collaborators a caller (a test) may hand in as constructor kwargs instead of the defaults.
@@ -101,6 +106,28 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         help="Host variables always passed in (the policy's env_passthrough adds more).",
     )
 
+    iopub_max_message = Union(
+        [Integer(), Unicode()],
+        default_value="64m",
+        config=True,
+        help="Largest message a kernel may publish on IOPub (an output, a widget's buffers: "
+        "all parts together), e.g. '64m'. The host-side IOPub relay discards a larger one as it "
+        "arrives, without holding it, and the notebook shows a notice instead.",
+    )
+    iopub_rate = Union(
+        [Integer(), Unicode()],
+        default_value="16m",
+        config=True,
+        help="Bytes per second of IOPub passed on to clients, e.g. '16m' (a burst of up to "
+        "iopub_max_message passes at once). Over it the relay stops reading, so the excess "
+        "waits in the kernel's own memory; nothing is dropped. 0: no limit.",
+    )
+    iopub_hwm = Integer(
+        1000,
+        config=True,
+        help="Messages the IOPub relay queues for each client that does not keep up (its send "
+        "high-water mark); past it that client misses messages, as with any ZeroMQ PUB.",
+    )
     egress_log = Unicode(
         config=True,
         help="JSON-lines log of every egress decision (default "
@@ -327,10 +354,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             if resources.open_runtime_dir(self.runtime_root, owner):
                 assert resources.runtime_dir is not None
                 key = uuid.uuid4().hex.encode()
-                info = ipc_connection_info(
-                    resources.runtime_dir.socket_prefix, key, self._spec_name
-                )
+                prefix = clientpaths.client_prefix(resources.runtime_dir)
+                info = ipc_connection_info(prefix, key, self._spec_name)
                 self.connection_info = cast(KernelConnectionInfo, info)
+            self._start_relay()
             if policy.datasets:
                 record = await asyncio.to_thread(
                     resources.grant_data, self._broker(), policy.datasets, policy.token_ttl, owner
@@ -350,6 +377,44 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         kwargs["env"] = {**env, **egress_env}
         kwargs["user"] = user
         return kwargs
+
+    @property
+    def relay_limits(self) -> RelayLimits:
+        """The ``iopub_*`` traits.
+
+        Raises:
+            PolicyError: a size that is not one.
+        """
+        try:
+            max_message = parse_size("iopub_max_message", self.iopub_max_message)
+            rate = 0 if self.iopub_rate in (0, "0") else parse_size("iopub_rate", self.iopub_rate)
+        except PolicyError as exc:
+            raise PolicyError(f"c.DockerSandboxProvisioner.{exc}") from exc
+        if self.iopub_hwm < 1:
+            raise PolicyError(
+                f"c.DockerSandboxProvisioner.iopub_hwm: at least 1, got {self.iopub_hwm}"
+            )
+        return RelayLimits(max_message, rate, self.iopub_hwm)
+
+    def _start_relay(self) -> None:
+        """Serve IOPub to clients through the host-side relay (started once: it outlives
+        restarts) and give clients their paths again (jupyter_client removes them on every
+        restart). Not for a kernel whose clients connect to its own sockets (adopted from an
+        older version)."""
+        runtime_dir, info = self.resources.runtime_dir, self.connection_info
+        assert runtime_dir is not None
+        if info["ip"] == runtime_dir.socket_prefix:
+            return
+        clientpaths.link_channels(runtime_dir, info)
+        port, key = info["iopub_port"], info["key"]
+        self.resources.start_relay(
+            f"{runtime_dir.socket_prefix}-{port}",
+            clientpaths.relay_path(runtime_dir, port),
+            f"{info['ip']}-{port}",
+            key if isinstance(key, bytes) else key.encode(),
+            info.get("signature_scheme", "hmac-sha256"),
+            self.relay_limits,
+        )
 
     async def _container_command(
         self, resources: KernelResources, extra_arguments: list[str], owner: tuple[int, int]
@@ -452,6 +517,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             resources.container_name = name
             await resources.wait_egress_ready()
             await self._wait_until_listening()
+            await resources.wait_relay(RELAY_ATTACH_TIMEOUT)
         except BaseException:
             await resources.aclose(restart=self._launched)
             raise
@@ -561,7 +627,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         except RuntimeError:
             self._loop = None
         self.resources.watch(
-            self.connection_info["iopub_port"], self.policy.idle_timeout, self._end_from_monitor
+            self.connection_info["iopub_port"],
+            self.policy.idle_timeout,
+            self._end_from_monitor,
+            str(self.connection_info["ip"]),
         )
 
     def _end_from_monitor(self, reason: str) -> None:
@@ -634,6 +703,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         )
         if not present:
             return
+        self._start_relay()  # the old owner's relay ended with it
         self._watch()
         if self.policy.network == "allowlist":  # the old owner's proxy ended with it
             resources.start_egress(self.policy, self.egress_log, self.egress_port, self.log_limits)
