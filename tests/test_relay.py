@@ -292,7 +292,10 @@ def test_relay_drops_a_large_message_with_a_signed_notice(relayed: Relayed, capl
     )
     assert relayed.receive()["content"]["text"] == "after\n"
     summary = relayed.receive(timeout=5)  # the other four, in one later notice
-    assert "; 3 more dropped since (40 MiB in all)" in summary["content"]["text"]
+    assert summary["content"]["text"] == (
+        "kernel-sandbox: 4 outputs of up to 10 MiB (40 MiB in all) were dropped (limit 4 MiB, "
+        "c.DockerSandboxProvisioner.iopub_max_message)\n"
+    )
     assert relayed.relay.dropped == 5
     warnings = [r for r in caplog.records if "was dropped" in r.getMessage()]
     assert len(warnings) == 2

@@ -295,22 +295,18 @@ class IopubRelay:
 
     def notice_text(self, dropped: list[Dropped]) -> str:
         """What the notebook shows for ``dropped`` (one or more discarded messages)."""
-        first = dropped[0]
-        if first.reason == "frames":
-            what = (
-                f"an output of {first.frames} parts was dropped (limit "
-                f"{self.limits.max_frames} parts per message)"
-            )
+        if len(dropped) == 1:
+            what = "an output of {} was dropped"
         else:
-            what = (
-                f"an output of {human_size(first.size)} was dropped (limit "
-                f"{human_size(self.limits.max_message)}, {TRAIT}.iopub_max_message)"
-            )
-        more = len(dropped) - 1
-        if more:
-            total = sum(d.size for d in dropped)
-            what += f"; {more} more dropped since ({human_size(total)} in all)"
-        return f"kernel-sandbox: {what}"
+            total = human_size(sum(d.size for d in dropped))
+            what = f"{len(dropped)} outputs of up to {{}} ({total} in all) were dropped"
+        if all(d.reason == "frames" for d in dropped):
+            size = f"{max(d.frames for d in dropped)} parts"
+            limit = f"limit {self.limits.max_frames} parts per message"
+        else:
+            size = human_size(max(d.size for d in dropped))
+            limit = f"limit {human_size(self.limits.max_message)}, {TRAIT}.iopub_max_message"
+        return f"kernel-sandbox: {what.format(size)} ({limit})"
 
 
 def _unlink_socket(path: str) -> None:
