@@ -231,8 +231,8 @@ class IopubRelay:
             self.attached.set()
             try:
                 await self._pump(reader, bucket)
-            except ConnectionError:  # the container ended; a restart's binds a new socket
-                pass
+            except ConnectionError as exc:  # the container ended; a restart's binds anew
+                self.log.debug("kernel %s: IOPub relay lost the kernel: %s", self.name, exc)
             finally:
                 self.attached.clear()
                 reader.close()
@@ -253,14 +253,14 @@ class IopubRelay:
             self._socket.send_multipart(message, copy=False)
             self.relayed += 1
 
-    def _remember_parent(self, frames: list[bytes]) -> None:
+    def _remember_parent(self, frames: list[bytes | bytearray]) -> None:
         try:
             at = frames.index(DELIMITER)
             parent = frames[at + 3]
         except (ValueError, IndexError):
             return
         if 2 < len(parent) <= MAX_PARENT:  # not "{}"
-            self._parent = parent
+            self._parent = bytes(parent)
 
     # -- notices ------------------------------------------------------------------------------
 

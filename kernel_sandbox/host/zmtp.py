@@ -7,7 +7,8 @@ speaks the wire protocol itself (rfc.zeromq.org/spec/23) over a unix socket on a
 enforces :class:`Limits` while reading: a message that would pass them is discarded as it
 streams (frames are read in small chunks and dropped), and only a :class:`Dropped` summary is
 kept. Bytes held at any time: the message being assembled (<= ``max_bytes``, each frame
-counted with :data:`FRAME_OVERHEAD`) plus one chunk.
+counted with :data:`FRAME_OVERHEAD`; a large frame is read straight into its own buffer) plus
+a few chunks.
 
 Only what a PUB peer sends a SUB is supported: a greeting, a READY command, then messages
 (other commands are skipped). The greeting offers version 3.0, so libzmq takes the
@@ -22,6 +23,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 FRAME_OVERHEAD = 64  # bytes each frame costs on top of its payload (object, list slot)
-CHUNK = 64 * 1024  # what is read at once while discarding
+CHUNK = 256 * 1024  # what is read at once while discarding (and the stream buffer)
 MAX_COMMAND = 64 * 1024  # a READY command (or any other) is small
 MAX_PARENT = 1024 * 1024  # a parent header larger than this is not parsed
 DELIMITER = b"<IDS|MSG>"
@@ -90,7 +92,7 @@ def open_unix_socket(path: str) -> socket.socket:
     return sock
 
 
-def parent_header(frames: list[bytes]) -> dict[str, Any] | None:
+def parent_header(frames: Sequence[bytes | bytearray]) -> dict[str, Any] | None:
     """The parent header of a Jupyter message's frames, if they reach that far."""
     try:
         at = frames.index(DELIMITER)
@@ -113,6 +115,8 @@ class ZmtpSubReader:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits):
         self.reader, self.writer, self.limits = reader, writer, limits
+        self._buffer = bytearray()  # read, not yet parsed from self._at on
+        self._at = 0
 
     @classmethod
     async def connect(cls, path: str, limits: Limits) -> ZmtpSubReader:
@@ -151,35 +155,69 @@ class ZmtpSubReader:
         self.writer.write(b"\x00\x01\x01")  # subscribe to every prefix
         await self.writer.drain()
 
-    async def _exactly(self, size: int) -> bytes:
-        try:
-            return await self.reader.readexactly(size)
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionResetError("peer closed the connection") from exc
+    async def _fill(self, size: int) -> None:
+        """Have ``size`` unread bytes in the buffer (reading at most CHUNK beyond them)."""
+        while len(self._buffer) - self._at < size:
+            if self._at:
+                del self._buffer[: self._at]
+                self._at = 0
+            chunk = await self.reader.read(max(CHUNK, size - len(self._buffer)))
+            if not chunk:
+                raise ConnectionResetError("peer closed the connection")
+            self._buffer += chunk
+
+    async def _exactly(self, size: int) -> bytes | bytearray:
+        """The next ``size`` bytes: small ones from the buffer, large ones read straight into
+        a bytearray of their own (held once, not copied)."""
+        if size <= CHUNK:
+            await self._fill(size)
+            with memoryview(self._buffer) as view:
+                data = bytes(view[self._at : self._at + size])
+            self._at += size
+            return data
+        frame = bytearray(size)
+        with memoryview(frame) as target:
+            have = min(size, len(self._buffer) - self._at)
+            target[:have] = self._buffer[self._at : self._at + have]
+            self._at += have
+            while have < size:
+                chunk = await self.reader.read(min(size - have, 4 * CHUNK))
+                if not chunk:
+                    raise ConnectionResetError("peer closed the connection")
+                target[have : have + len(chunk)] = chunk
+                have += len(chunk)
+        return frame
 
     async def _frame_head(self) -> tuple[int, int]:
-        flags = (await self._exactly(1))[0]
+        await self._fill(2)
+        flags = self._buffer[self._at]
         if flags & _FLAG_LONG:
-            (size,) = struct.unpack(">Q", await self._exactly(8))
+            await self._fill(9)
+            (size,) = struct.unpack_from(">Q", self._buffer, self._at + 1)
+            self._at += 9
         else:
-            size = (await self._exactly(1))[0]
+            size = self._buffer[self._at + 1]
+            self._at += 2
         return flags, size
 
     async def _discard(self, size: int) -> None:
+        have = min(size, len(self._buffer) - self._at)
+        self._at += have
+        size -= have
         while size > 0:
-            chunk = await self.reader.read(min(size, CHUNK))
+            chunk = await self.reader.read(min(size, 4 * CHUNK))
             if not chunk:
                 raise ConnectionResetError("peer closed the connection")
             size -= len(chunk)
 
-    async def receive(self) -> list[bytes] | Dropped:
+    async def receive(self) -> list[bytes | bytearray] | Dropped:
         """The next message's frames, or a :class:`Dropped` for one that broke the limits
         (its frames were read and discarded).
 
         Raises:
             ConnectionError: the peer closed the connection (even in mid-message).
         """
-        frames: list[bytes] = []
+        frames: list[bytes | bytearray] = []
         held, count, size = 0, 0, 0
         dropped: Dropped | None = None
         while True:
@@ -222,7 +260,7 @@ def _command(name: bytes, properties: dict[bytes, bytes]) -> bytes:
     return bytes([_FLAG_COMMAND, len(body)]) + body
 
 
-def _properties(data: bytes) -> dict[bytes, bytes]:
+def _properties(data: bytes | bytearray) -> dict[bytes, bytes]:
     """A command's properties (names lower-cased); malformed input raises ProtocolError."""
     found: dict[bytes, bytes] = {}
     at = 0
@@ -232,7 +270,7 @@ def _properties(data: bytes) -> dict[bytes, bytes]:
             name = data[at + 1 : at + 1 + name_len]
             at += 1 + name_len
             (value_len,) = struct.unpack(">I", data[at : at + 4])
-            found[name.lower()] = data[at + 4 : at + 4 + value_len]
+            found[bytes(name).lower()] = bytes(data[at + 4 : at + 4 + value_len])
             at += 4 + value_len
     except (IndexError, struct.error) as exc:
         raise ProtocolError("malformed command properties") from exc
