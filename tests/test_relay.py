@@ -297,7 +297,7 @@ def test_relay_drops_a_large_message_with_a_signed_notice(relayed: Relayed, capl
         "c.DockerSandboxProvisioner.iopub_max_message)\n"
     )
     assert relayed.relay.dropped == 5
-    warnings = [r for r in caplog.records if "was dropped" in r.getMessage()]
+    warnings = [r for r in caplog.records if "dropped (limit" in r.getMessage()]
     assert len(warnings) == 2
 
 
@@ -322,11 +322,11 @@ def test_relay_rate_holds_back_instead_of_dropping(sockdir: Path) -> None:
     try:
         parent = pair.session.msg_header("execute_request")
         started = time.monotonic()
-        for _ in range(6):  # 6 MiB: the first 1 MiB burst, then 2 MiB/s
+        for _ in range(6):
             pair.publish("comm_msg", {}, parent, [b"y" * (MiB - 4096)])
         got = [pair.receive(timeout=10) for _ in range(6)]
         elapsed = time.monotonic() - started
     finally:
         pair.close()
     assert all(m["msg_type"] == "comm_msg" for m in got)
-    assert 2.0 < elapsed < 4.5, elapsed
+    assert 1.7 < elapsed < 4.5, elapsed  # 6 MiB, 2 MiB of burst, then 2 MiB/s
