@@ -330,3 +330,20 @@ def test_relay_rate_holds_back_instead_of_dropping(sockdir: Path) -> None:
         pair.close()
     assert all(m["msg_type"] == "comm_msg" for m in got)
     assert 1.7 < elapsed < 4.5, elapsed  # 6 MiB, 2 MiB of burst, then 2 MiB/s
+
+
+def test_provisioner_traits_make_the_relay_limits() -> None:
+    from traitlets.config import Config
+
+    from kernel_sandbox.errors import PolicyError
+    from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
+
+    assert DockerSandboxProvisioner().relay_limits == RelayLimits(64 * MiB, 16 * MiB, 1000)
+    config = Config()
+    config.DockerSandboxProvisioner.iopub_max_message = "1g"
+    config.DockerSandboxProvisioner.iopub_rate = 0
+    config.DockerSandboxProvisioner.iopub_hwm = 50
+    assert DockerSandboxProvisioner(config=config).relay_limits == RelayLimits(1024**3, 0, 50)
+    config.DockerSandboxProvisioner.iopub_max_message = "lots"
+    with pytest.raises(PolicyError, match=r"c\.DockerSandboxProvisioner\.iopub_max_message"):
+        DockerSandboxProvisioner(config=config).relay_limits  # noqa: B018
