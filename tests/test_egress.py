@@ -457,8 +457,12 @@ def test_approve_once_deny_and_time_out(
         assert finish_cell(kc2, other)["stdout"].startswith("(403,")
 
         # code in the sandbox cannot reach the control socket (host-only part of the dir)
-        out = run_cell(kc, "print(sorted(os.listdir('/run/kernel-sandbox')))")
-        assert "egress-control" not in out["stdout"] and "'egress'" in out["stdout"]
+        out = run_cell(
+            kc,
+            "print([n for d in ('/run/kernel-sandbox', '/run/kernel-sandbox-host') "
+            "for n in ('egress', 'egress-control') if os.path.exists(f'{d}/{n}')])",
+        )
+        assert out["stdout"].strip() == "['egress']", out
 
     log = read_log(egress_log, kid)
     rules = [(e["decision"], e["rule"]) for e in log if e["host"] == "ask.test"]
@@ -492,14 +496,14 @@ def test_one_kernel_cannot_use_another_kernels_proxy(
         sandbox_kernel(make_kernelspec(f"egress-narrow-{runtime}", narrow)) as (km, kc),
     ):
         assert run_cell(kc, setup_code(t))["status"] == "ok"
-        other = wide_km.provisioner.runtime_dir.shared / "egress"
+        other = wide_km.provisioner.runtime_dir.host_dir / "egress"
         assert other.exists()
         out = run_cell(
             kc,
             (
                 "print(sorted(os.listdir('/run/kernel-sandbox')))\n"
                 f"for path in ({str(other)!r}, "
-                f"'/run/kernel-sandbox/../{other.parent.parent.name}/s/egress'):\n"
+                f"'/run/kernel-sandbox-host/../{other.parent.parent.name}/h/egress'):\n"
                 "    s = socket.socket(socket.AF_UNIX)\n"
                 "    try:\n"
                 "        s.connect(path); print('CONNECTED', path)\n"

@@ -111,7 +111,7 @@ def test_restart_then_final_close_then_again(root: str) -> None:
     resources.close(restart=True)
     assert backend.removed == ["c1"] and resources.container_id is None
     assert broker.calls == [("serve", "k1"), ("revoke", "k1")]  # type: ignore[union-attr]
-    assert runtime_dir.exists() and (runtime_dir.shared / LIFELINE).exists()
+    assert runtime_dir.exists() and (runtime_dir.host_dir / LIFELINE).exists()
     assert resources.egress is egress and egress.closed == 0  # type: ignore[union-attr]
     assert resources in exits  # still holds the directory
 
@@ -128,11 +128,9 @@ def test_restart_then_final_close_then_again(root: str) -> None:
 
 
 def test_close_after_everything_vanished(root: str) -> None:
-    import shutil
-
     resources = running(root, FakeBackend(), ExitRegistry())
     assert resources.runtime_dir is not None
-    shutil.rmtree(resources.runtime_dir.path)
+    assert resources.runtime_dir.remove().complete  # its tmpfs too, when it has one
     resources.close()
     assert resources.runtime_dir is None and resources.container_id is None
 

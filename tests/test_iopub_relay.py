@@ -24,13 +24,13 @@ _comm.send({"y": 2}, buffers=[memoryview(b"abc"), b""])
 
 def test_every_message_kind_arrives_in_order_through_the_relay(jupyter_path, leak_check):
     with sandbox_kernel() as (km, kc):
-        runtime_dir = Path(km.provisioner.runtime_dir.path)
+        runtime_dir = km.provisioner.runtime_dir
         client = Path(f"{km.ip}-{km.iopub_port}")
-        assert client.parent == runtime_dir and client.name.startswith("c-")
-        relay_socket = runtime_dir / f"r-{km.iopub_port}"
+        assert client == runtime_dir.client_socket(km.iopub_port)
+        relay_socket = runtime_dir.relay_socket(km.iopub_port)
         assert stat.S_ISSOCK(client.lstat().st_mode)
         assert client.lstat().st_ino == relay_socket.lstat().st_ino  # a hard link
-        assert oct(runtime_dir.stat().st_mode & 0o777) == "0o700"  # host only
+        assert oct(client.parent.stat().st_mode & 0o777) == "0o700"  # host only
 
         msg_id = kc.execute(CELL)
         seen = []

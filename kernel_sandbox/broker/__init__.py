@@ -2,12 +2,15 @@
 
 ::
 
-    kernel (container)                          owner process (host)
-    data.open("sales/x.csv")                    DataBroker thread (asyncio)
-      token file  /run/kernel-sandbox/data-token  ├── TokenStore   tokens.sqlite (hashes)
-      socket      /run/kernel-sandbox/data.sock ──┤── AuditLog     audit.jsonl
-                                                  ├── Credentials  host file / keyring
-                                                  └── sources      local dir | fsspec URL
+    kernel (container)                               owner process (host)
+    data.open("sales/x.csv")                         DataBroker thread (asyncio)
+      token file  /run/kernel-sandbox-host/data-token  ├── TokenStore   tokens.sqlite (hashes)
+      socket      /run/kernel-sandbox-host/data.sock ──┤── AuditLog     audit.jsonl
+                                                       ├── Credentials  host file / keyring
+                                                       └── sources      local dir | fsspec URL
+
+(``/run/kernel-sandbox-host`` is the runtime directory's read-only host part; links of the
+same names in ``/run/kernel-sandbox`` point there, for images built before it existed.)
 
 Modules: :mod:`.server` (the broker: its thread, a socket per kernel), :mod:`.operations`
 (one request checked, served and audited), :mod:`.protocol` (framing, refusals),

@@ -27,8 +27,8 @@ from traitlets.config import Config
 from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, wide_console
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import PolicyError, SandboxError
-from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, default_root
-from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, SHARED_SUBDIR, SOCKET_PREFIX, label
+from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, RuntimeDir, default_root
+from kernel_sandbox.inside.contract import EGRESS_NOTICE_SOCKET, IMAGE_KIND_KERNEL, label
 from kernel_sandbox.kernelspec import PROVISIONER_NAME
 from kernel_sandbox.policy import DEFAULT_IMAGE
 from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config, resolve
@@ -162,7 +162,11 @@ def check_runtimes(
 def check_runtime_root(root: str, uid: int | None = None) -> list[Check]:
     """Socket path length and the permissions of the runtime root (c...runtime_root)."""
     uid = os.getuid() if uid is None else uid
-    longest = len(os.path.join(root, "x" * 8, SHARED_SUBDIR, f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
+    sample = RuntimeDir(os.path.join(root, "x" * 8))  # the longest socket path of a kernel
+    longest = max(
+        len(f"{sample.socket_prefix}-{len(CHANNELS)}"),
+        len(str(sample.host_dir / EGRESS_NOTICE_SOCKET)),
+    )
     checks = []
     if longest > MAX_SOCKET_PATH:
         checks.append(

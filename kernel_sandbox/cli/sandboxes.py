@@ -94,6 +94,8 @@ async def cmd_gc(args: argparse.Namespace, backend: DockerBackend) -> int:
     )
     for item in [*report.containers, *report.runtime_dirs]:
         err.print(f"  {item}", markup=False)
+    for item in report.leftovers:
+        err.print(f"could not remove everything: {item}", markup=False)
     return EXIT_OK
 
 

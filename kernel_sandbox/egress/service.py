@@ -5,8 +5,10 @@ Paths, for a runtime directory ``<root>/<id>/``::
 
     <id>/egress.json          the proxy's configuration (host only)
     <id>/egress-control       control socket: pending / approve / deny (host only)
-    <id>/s/egress             the proxy socket the in-sandbox bridge connects to
-    <id>/s/egress-notices     denial notices, read by the kernel's extension
+    <id>/h/egress             the proxy socket the in-sandbox bridge connects to
+    <id>/h/egress-notices     denial notices, read by the kernel's extension
+
+(``h/`` is mounted read-only inside: the kernel can connect, never replace a socket.)
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class EgressEndpoint:
     def __init__(
         self,
         runtime_dir: Path,
-        shared_dir: Path,
+        shared_dir: Path,  # the runtime directory's host-served part, h/
         kernel_id: str,
         policy: Any,
         log_path: str,

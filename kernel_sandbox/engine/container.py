@@ -17,7 +17,12 @@ import docker
 
 from kernel_sandbox.engine.seccomp import security_options
 from kernel_sandbox.errors import KernelStartError
-from kernel_sandbox.inside.contract import RUNTIME_MOUNT, SANDBOX_HOME, WORKSPACE_FALLBACK
+from kernel_sandbox.inside.contract import (
+    HOST_SOCKETS_MOUNT,
+    RUNTIME_MOUNT,
+    SANDBOX_HOME,
+    WORKSPACE_FALLBACK,
+)
 from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = [
@@ -65,9 +70,10 @@ class ContainerRequest:
     command: list[str]
     env: dict[str, str]
     labels: dict[str, str]
-    runtime_dir: str
+    runtime_dir: str  # the kernel's writable part (RUNTIME_MOUNT)
     user: str
     workspace: str | None = None
+    host_dir: str | None = None  # the host-served sockets and files (HOST_SOCKETS_MOUNT, ro)
 
     @property
     def workdir(self) -> str:
@@ -94,6 +100,10 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
     volumes: dict[str, dict[str, str]] = {
         request.runtime_dir: {"bind": RUNTIME_MOUNT, "mode": "rw"},
     }
+    if request.host_dir:
+        # read-only: the kernel may connect to the host's sockets but never unlink, replace or
+        # add one (a lifeline of its own would outlive its owner)
+        volumes[request.host_dir] = {"bind": HOST_SOCKETS_MOUNT, "mode": "ro"}
     if request.workspace and policy.workspace != "none":
         volumes[request.workspace] = {"bind": request.workdir, "mode": policy.workspace}
     for mount in policy.mounts:

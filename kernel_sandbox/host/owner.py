@@ -2,9 +2,12 @@
 
 A kernel's owner is the process running its KernelManager (a Jupyter Server, an nbclient
 run). It is recorded as host name, pid and the pid's start time (so a reused pid is not
-mistaken for the owner) in the runtime directory, and it serves the kernel's lifeline: a
-unix socket the in-sandbox watchdog stays connected to. When the owner dies the lifeline
-breaks and the watchdog ends the kernel after a grace period.
+mistaken for the owner) in the host-only part of the runtime directory (and in the
+container's labels): what the reaper decides from, since the kernel can change neither. The
+owner also serves the kernel's lifeline, a unix socket in the host-served part (read-only
+inside, so the kernel cannot replace it with one of its own) that the in-sandbox watchdog stays
+connected to. When the owner dies the lifeline breaks and the watchdog ends the kernel after a
+grace period.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,9 +65,9 @@ class Owner:
 class Lifeline:
     """The owner's end of the lifeline: a listening unix socket in the runtime directory."""
 
-    def __init__(self, shared_dir: Path):
-        """``shared_dir`` is the container-visible ``s/`` inside a host-only runtime dir."""
-        self.path = shared_dir / LIFELINE
+    def __init__(self, host_dir: Path):
+        """``host_dir`` is the host-served ``h/`` (read-only inside) of a runtime dir."""
+        self.path = host_dir / LIFELINE
         self._listener: socket.socket | None = None
         self._peers: list[socket.socket] = []
 
@@ -71,8 +75,8 @@ class Lifeline:
         """Serve the lifeline (again, after a restart of the owner); idempotent."""
         if self._listener is not None:
             return
-        # Bound in the host-only directory, made connectable, then renamed into the shared
-        # one, so nothing the kernel plants in ``s/`` is ever followed by a chmod of ours.
+        # Bound in the host-only directory, made connectable, then renamed into place: a
+        # chmod by path never runs where anything but us could have put an entry.
         staging = self.path.parent.parent / f".{LIFELINE}.tmp"
         staging.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -103,16 +107,9 @@ class Lifeline:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        self.path.unlink(missing_ok=True)
-
-    @staticmethod
-    def is_served(runtime_dir: Path) -> bool:
-        """Whether some live owner still listens on this runtime directory's lifeline."""
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(runtime_dir / LIFELINE))
+        try:  # only our socket: whatever else is there (a runtime dir of an older layout,
+            # where the kernel could plant a directory) is left for the directory's removal
+            if stat.S_ISSOCK(self.path.lstat().st_mode):
+                self.path.unlink()
         except OSError:
-            return False
-        finally:
-            probe.close()
-        return True
+            pass

@@ -1,15 +1,17 @@
 """Reaping what a killed owner left behind: orphaned containers and stale runtime directories.
 
 Run by ``kernel-sandbox gc`` and, in the background, when a provisioner starts its first
-kernel in a process. A container is an orphan when its owner process (recorded in the runtime
-directory, or in the container's labels) is dead and nobody serves its lifeline; containers
-owned by live processes, or by another host, are never touched.
+kernel in a process. A container is an orphan when its owner process is dead: the owner is
+read from the host-only owner record of its runtime directory (rewritten by a server that
+adopts the kernel), else from the container's labels; both are out of the kernel's reach.
+Nothing the kernel can touch (whether someone answers on a socket it can see, what lies in
+its writable part) counts. Containers owned by live processes, or by another host, are never
+touched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_sandbox.engine.backend import DockerBackend
-from kernel_sandbox.host.owner import Lifeline, Owner
+from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.host.rundir import RuntimeDir
 from kernel_sandbox.inside.contract import LABEL_PREFIX
 
@@ -31,6 +33,7 @@ STALE_DIR_AGE = 120.0
 class SweepReport:
     containers: list[str] = field(default_factory=list)
     runtime_dirs: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)  # what could not be removed, and why
 
     def __bool__(self) -> bool:
         return bool(self.containers or self.runtime_dirs)
@@ -47,16 +50,14 @@ def _owner_of(labels: dict[str, str], runtime_dir: Path | None) -> Owner:
 
 
 def is_orphan(labels: dict[str, str]) -> bool:
-    """Whether a managed container's owner is gone (and no new owner serves its lifeline), or
-    its runtime directory is: then no client can ever reach the kernel again."""
+    """Whether a managed container's owner is gone, or its runtime directory is: then no
+    client can ever reach the kernel again."""
     dir_label = labels.get(LABEL_PREFIX + "runtime-dir")
     runtime_dir = Path(dir_label) if dir_label else None
     owner = _owner_of(labels, runtime_dir)
     if runtime_dir is not None and not runtime_dir.exists() and owner.is_alive() is not None:
         return True
-    if owner.is_alive() is not False:
-        return False
-    return not (runtime_dir is not None and Lifeline.is_served(RuntimeDir(runtime_dir).shared))
+    return owner.is_alive() is False
 
 
 async def sweep(backend: DockerBackend, runtime_root: str, dry_run: bool = False) -> SweepReport:
@@ -89,7 +90,9 @@ async def sweep(backend: DockerBackend, runtime_root: str, dry_run: bool = False
         for path_text in report.runtime_dirs:
             path = Path(path_text)
             if path.parent == root:  # only ever delete inside our own root
-                shutil.rmtree(path, ignore_errors=True)
+                removal = RuntimeDir(path).remove()
+                if not removal.complete:
+                    report.leftovers.append(str(removal))
     return report
 
 

@@ -107,6 +107,7 @@ class IopubRelay:
         limits: the bounds.
         log: a logger (warnings for drops, rate-limited like the notices).
         name: the kernel, in log lines.
+        kernel_uid: the owner the kernel's socket must have (None: any).
     """
 
     def __init__(
@@ -118,8 +119,10 @@ class IopubRelay:
         limits: RelayLimits,
         log: Any,
         name: str = "",
+        kernel_uid: int | None = None,
     ):
         self.kernel_path, self.client_path = kernel_path, client_path
+        self.kernel_uid = kernel_uid
         self.limits, self.log, self.name = limits, log, name
         self.session = Session(
             key=key, signature_scheme=signature_scheme, username="kernel-sandbox"
@@ -224,7 +227,7 @@ class IopubRelay:
         bucket = TokenBucket(self.limits.rate, burst)
         while True:
             try:
-                reader = await ZmtpSubReader.connect(self.kernel_path, limits)
+                reader = await ZmtpSubReader.connect(self.kernel_path, limits, self.kernel_uid)
             except (OSError, ProtocolError):  # not there yet, or between two containers
                 await asyncio.sleep(RETRY)
                 continue

@@ -33,8 +33,8 @@ from kernel_sandbox.host.logtext import LogLimits, clip
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.relay import IopubRelay, RelayLimits
-from kernel_sandbox.host.rundir import RuntimeDir
-from kernel_sandbox.inside.contract import RUNTIME_MOUNT
+from kernel_sandbox.host.rundir import DEFAULT_SIZE, RuntimeDir
+from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, HOST_SOCKETS_MOUNT
 
 if TYPE_CHECKING:
     from kernel_sandbox.broker.server import DataBroker
@@ -76,9 +76,12 @@ class KernelResources:
 
     # -- runtime directory and lifeline -----------------------------------------------------
 
-    def open_runtime_dir(self, root: str, owner: tuple[int, int]) -> bool:
-        """Make the runtime directory unless the last start's is still there; serve the
-        lifeline as this process.
+    def open_runtime_dir(
+        self, root: str, owner: tuple[int, int], size: int | None = DEFAULT_SIZE
+    ) -> bool:
+        """Make the runtime directory unless the last start's is still there (its kernel part
+        a tmpfs of ``size`` bytes where this process can mount one); serve the lifeline as
+        this process.
 
         Returns:
             True when the directory is new (the kernel then needs new connection info).
@@ -91,7 +94,7 @@ class KernelResources:
             if self._lifeline is not None:  # served in a directory that vanished
                 self._lifeline.close()
                 self._lifeline = None
-            self.runtime_dir = RuntimeDir.create(root, owner)
+            self.runtime_dir = RuntimeDir.create(root, owner, size)
         self.exits.add(self)
         self._own()
         return created
@@ -118,7 +121,7 @@ class KernelResources:
         assert self.runtime_dir is not None
         Owner.current().save(self.runtime_dir.path)
         if self._lifeline is None:
-            self._lifeline = Lifeline(self.runtime_dir.shared)
+            self._lifeline = Lifeline(self.runtime_dir.host_dir)
         self._lifeline.listen()
         self._lifeline.drop_peers()  # a previous container's watchdog, if this is a restart
         self._lifeline.accept_pending()
@@ -141,13 +144,15 @@ class KernelResources:
         assert self.runtime_dir is not None
         self._broker = broker  # released on close even if the grant fails half-way
         scope = {d.name: Grant(d.source, d.access) for d in datasets}
-        return broker.grant(self.kernel_id, self.runtime_dir.shared, scope, ttl, owner)
+        record = broker.grant(self.kernel_id, self.runtime_dir.host_dir, scope, ttl, owner)
+        self.runtime_dir.link_to_host([DATA_SOCKET, DATA_TOKEN])  # for images before h/
+        return record
 
     def serve_data(self, broker: DataBroker) -> None:
         """Serve an adopted kernel's socket again (its token lives on in the database)."""
         assert self.runtime_dir is not None
         self._broker = broker
-        broker.serve(self.kernel_id, self.runtime_dir.shared)
+        broker.serve(self.kernel_id, self.runtime_dir.host_dir)
 
     def _release_data(self, restart: bool) -> None:
         """Revoke the kernel's token; on the final close also stop serving its socket."""
@@ -180,11 +185,11 @@ class KernelResources:
         if self.egress is None:
             self.egress = EgressEndpoint(
                 self.runtime_dir.path,
-                self.runtime_dir.shared,
+                self.runtime_dir.host_dir,
                 self.kernel_id,
                 policy,
                 log_path,
-                RUNTIME_MOUNT,
+                HOST_SOCKETS_MOUNT,
                 port,
                 limits,
             )
@@ -206,25 +211,24 @@ class KernelResources:
         self,
         kernel_path: str,
         bind_path: str,
-        client_path: str,
         key: bytes,
         scheme: str,
         limits: RelayLimits,
+        kernel_uid: int | None = None,
     ) -> IopubRelay:
-        """Relay IOPub from the kernel's socket to clients, unless it runs (it outlives
-        restarts: it reconnects to each new container's socket); link ``client_path`` to it
-        (again: jupyter_client removes that path on every restart).
+        """Relay IOPub from the kernel's socket to a socket of its own at ``bind_path``,
+        unless it runs (it outlives restarts: it reconnects to each new container's socket).
+        Clients reach it through a link (:meth:`IopubRelay.expose`).
 
         Raises:
-            zmq.ZMQError, OSError: the relay's socket cannot be bound or linked.
+            zmq.ZMQError: the relay's socket cannot be bound.
         """
         if self.relay is None:
             relay = IopubRelay(
-                kernel_path, bind_path, key, scheme, limits, self.log, self.kernel_id
+                kernel_path, bind_path, key, scheme, limits, self.log, self.kernel_id, kernel_uid
             )
             relay.start()
             self.relay = relay
-        self.relay.expose(client_path)
         return self.relay
 
     async def wait_relay(self, timeout: float) -> None:
@@ -246,10 +250,10 @@ class KernelResources:
         prefix: str | None = None,
     ) -> None:
         """Start the monitor of the running container (once per container); it connects where
-        clients do (``prefix``, the connection info's ``ip``; default the kernel's own)."""
+        clients do (``prefix``, the connection info's ``ip``; default the client links)."""
         assert self.runtime_dir is not None
         self.unwatch()
-        iopub = f"ipc://{prefix or self.runtime_dir.socket_prefix}-{iopub_port}"
+        iopub = f"ipc://{prefix or self.runtime_dir.client_prefix}-{iopub_port}"
         self._monitor = KernelMonitor(self.runtime_dir.path, iopub, idle_timeout, on_end)
         self._monitor.start()
 
@@ -300,7 +304,14 @@ class KernelResources:
                 self._lifeline.close()
                 self._lifeline = None
             if self.runtime_dir is not None:
-                self.runtime_dir.remove()
+                removal = self.runtime_dir.remove()  # never raises, whatever the kernel made
+                if not removal.complete:
+                    self.log.warning(
+                        "kernel %s: runtime directory not removed completely (kernel-sandbox "
+                        "gc tries again): %s",
+                        self.kernel_id,
+                        clip(removal),
+                    )
                 self.runtime_dir = None
             if self.container_id is None:
                 self.exits.discard(self)

@@ -1,10 +1,26 @@
 """The per-kernel runtime directory: the only host path a kernel container shares by default.
 
-``<root>/<id>/`` is private to the host user (mode 0700) and holds host-only state (the
-owner record). Its subdirectory ``s/`` is the part the container sees (bind-mounted, owned by
-the kernel's uid, 0700): the ipc sockets, the container's connection file and the lifeline.
-The root is short because unix socket paths are limited to 107 bytes. The directory survives
-restarts (clients keep their sockets) and is removed on the final cleanup.
+::
+
+    <root>/<id>/          host only (0700): owner record, egress config and control, staging
+    <root>/<id>/h/        host-served sockets and files (owned by the host user): the lifeline,
+                          the data broker's socket and token, the egress proxy's sockets, the
+                          container's connection file; mounted READ-ONLY at HOST_SOCKETS_MOUNT,
+                          so the kernel can use them but never unlink or replace one
+    <root>/<id>/t/        a tmpfs of ``runtime_dir_size`` when the owner can mount (root), else a
+                          plain directory; host only (0700)
+    <root>/<id>/t/s/      the kernel's part (its uid, 0700), mounted read-write at RUNTIME_MOUNT:
+                          its ipc sockets k-<port>, and whatever it writes there
+    <root>/<id>/t/c-<port>  what clients connect to: hard links to the kernel's sockets, made
+                          once it has bound them (type and owner checked without following a
+                          link), so no client ever resolves a path the kernel can change
+    <root>/<id>/t/r-<port>  a host-side relay's own socket (IOPub: kernel_sandbox.host.relay);
+                          the channel's t/c-<port> is a hard link to it instead
+
+The client links and the kernel's sockets share one file system (``t/``): a hard link cannot
+cross file systems. The root is short because unix socket paths are limited to 107 bytes. The
+directory survives restarts (clients keep their sockets; the links are made again) and is
+removed on the final cleanup (:mod:`.fsremove`, after the tmpfs is detached).
 """
 
 from __future__ import annotations
@@ -12,19 +28,40 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.inside.contract import CONNECTION_FILE, SHARED_SUBDIR, SOCKET_PREFIX
+from kernel_sandbox.errors import KernelStartError, PolicyError
+from kernel_sandbox.host import tmpfs
+from kernel_sandbox.host.fsremove import Removal, remove_entry, remove_tree
+from kernel_sandbox.inside.contract import (
+    CONNECTION_FILE,
+    EGRESS_NOTICE_SOCKET,
+    HOST_SOCKETS_MOUNT,
+    HOST_SUBDIR,
+    SHARED_SUBDIR,
+    SOCKET_PREFIX,
+)
 
-__all__ = ["CHANNELS", "MAX_SOCKET_PATH", "RuntimeDir", "default_root", "ipc_connection_info"]
+__all__ = [
+    "CHANNELS",
+    "CLIENT_PREFIX",
+    "DEFAULT_SIZE",
+    "KERNEL_AREA",
+    "MAX_SOCKET_PATH",
+    "RuntimeDir",
+    "default_root",
+    "ipc_connection_info",
+]
 
 CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 MAX_SOCKET_PATH = 107
+KERNEL_AREA = "t"  # <id>/t: the tmpfs (or plain directory) holding s/ and the client links
+CLIENT_PREFIX = "c"  # client links are t/c-<port>
+RELAY_PREFIX = "r"  # a host-side relay's own socket is t/r-<port> (kernel_sandbox.host.relay)
+DEFAULT_SIZE = 4 * 1024**2
 
 
 def default_root() -> str:
@@ -56,23 +93,50 @@ def _make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-class RuntimeDir:
-    """One kernel's private directory on the host, and its view from inside the container."""
+def hardlinks_allowed(kernel_uid: int) -> bool:
+    """Whether this process may hard-link the kernel's sockets (fs.protected_hardlinks lets
+    only a file's owner, or CAP_FOWNER, link it)."""
+    if os.geteuid() in (0, kernel_uid):
+        return True
+    try:
+        return Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "0"
+    except OSError:
+        return False
 
-    def __init__(self, path: str | os.PathLike[str]):
+
+class RuntimeDir:
+    """One kernel's private directory on the host, and its view from inside the container.
+
+    Args:
+        path: ``<root>/<id>``.
+        capped: whether ``t/`` is a tmpfs of its own (False: a plain directory, or unknown).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], capped: bool = False):
         self.path = Path(path)
+        self.capped = capped
 
     @classmethod
-    def create(cls, root: str, owner: tuple[int, int] | None) -> RuntimeDir:
-        """Make a new private directory under ``root``, owned by ``owner`` (uid, gid) if given.
+    def create(
+        cls, root: str, owner: tuple[int, int] | None, size: int | None = DEFAULT_SIZE
+    ) -> RuntimeDir:
+        """Make a new private directory under ``root``; its kernel part is owned by ``owner``
+        (uid, gid) if given and lives on a tmpfs of ``size`` bytes when this process can mount
+        one (``size`` None or 0: never).
 
         Raises:
             PolicyError: the socket paths would exceed the unix limit, or the root is unsafe.
+            OSError: the directory could not be made (nothing is left behind).
         """
         root_path = Path(root)
         _make_private_dir(root_path)
         path = root_path / secrets.token_hex(4)
-        longest = len(str(path / SHARED_SUBDIR / f"{SOCKET_PREFIX}-{len(CHANNELS)}"))
+        new = cls(path)
+        longest = max(
+            len(f"{new.socket_prefix}-{len(CHANNELS)}"),
+            len(f"{new.client_prefix}-{len(CHANNELS)}"),
+            len(str(new.host_dir / EGRESS_NOTICE_SOCKET)),
+        )
         if longest > MAX_SOCKET_PATH:
             raise PolicyError(
                 f"runtime_root: socket paths under {root} would be {longest} bytes, over the "
@@ -80,40 +144,132 @@ class RuntimeDir:
                 "c.DockerSandboxProvisioner.runtime_root"
             )
         path.mkdir(mode=0o700)
-        shared = path / SHARED_SUBDIR
-        shared.mkdir(mode=0o700)
-        if owner is not None and os.getuid() == 0:
-            os.chown(shared, *owner)
-        return cls(path)
+        try:
+            new.host_dir.mkdir(mode=0o711)
+            os.chmod(new.host_dir, 0o711)  # the kernel's uid may only reach what it is given
+            new.area.mkdir(mode=0o700)
+            if size and tmpfs.can_mount():
+                tmpfs.mount(new.area, size, (os.getuid(), os.getgid()))
+                new.capped = True
+            new.shared.mkdir(mode=0o700)
+            if owner is not None and os.getuid() == 0:
+                os.chown(new.shared, *owner)
+        except BaseException:
+            new.remove()
+            raise
+        return new
+
+    # -- where things are -------------------------------------------------------------------
+
+    @property
+    def area(self) -> Path:
+        """``t/``: the kernel's part and the client links (one file system)."""
+        return self.path / KERNEL_AREA
 
     @property
     def shared(self) -> Path:
-        """The part of the directory that is mounted into the container."""
-        return self.path / SHARED_SUBDIR
+        """The part the kernel can write, mounted read-write at RUNTIME_MOUNT."""
+        return self.area / SHARED_SUBDIR
+
+    @property
+    def host_dir(self) -> Path:
+        """The host-served sockets and files, mounted read-only at HOST_SOCKETS_MOUNT."""
+        return self.path / HOST_SUBDIR
 
     @property
     def socket_prefix(self) -> str:
+        """The kernel's own socket paths (``t/s/k``): never connected to by the host."""
         return str(self.shared / SOCKET_PREFIX)
 
+    @property
+    def client_prefix(self) -> str:
+        """The ``ip`` of the connection info clients get (``t/c``): links in a host-only
+        directory."""
+        return str(self.area / CLIENT_PREFIX)
+
+    def kernel_socket(self, port: int) -> Path:
+        return Path(f"{self.socket_prefix}-{port}")
+
+    def client_socket(self, port: int) -> Path:
+        return Path(f"{self.client_prefix}-{port}")
+
+    def relay_socket(self, port: int) -> Path:
+        """Where a host-side relay binds for a channel (``t/r-<port>``, host-only; clients reach
+        it through their ``t/c-<port>`` link, hence on the same file system)."""
+        return self.area / f"{RELAY_PREFIX}-{port}"
+
     def socket_paths(self, info: Mapping[str, Any]) -> list[Path]:
-        return [Path(f"{self.socket_prefix}-{info[name]}") for name in CHANNELS]
+        return [self.kernel_socket(info[name]) for name in CHANNELS]
+
+    # -- the kernel's sockets and the clients' links ------------------------------------------
 
     def sockets_ready(self, info: Mapping[str, Any]) -> bool:
-        """True once the kernel has bound all of its sockets."""
+        """True once the kernel has bound all of its sockets (checked without following a
+        link: a link planted there is never "ready")."""
         try:
-            return all(stat.S_ISSOCK(p.stat().st_mode) for p in self.socket_paths(info))
-        except FileNotFoundError:
+            return all(stat.S_ISSOCK(p.lstat().st_mode) for p in self.socket_paths(info))
+        except OSError:
             return False
 
-    def clear_sockets(self, info: Mapping[str, Any]) -> None:
-        """Remove stale sockets of a previous container (before a restart's new one binds)."""
-        for path in self.socket_paths(info):
-            path.unlink(missing_ok=True)
+    def link_client_socket(self, port: int, kernel_uid: int | None) -> None:
+        """Point the client path of one channel (``t/c-<port>``) at the kernel's socket
+        ``t/s/k-<port>``: a hard link, made only if that is a socket (not followed if it is a
+        link) owned by ``kernel_uid`` (None: any owner). Replaces what was there atomically;
+        a channel served by a host-side relay replaces its own entry instead of calling this.
+
+        Raises:
+            KernelStartError: the kernel's entry is not a socket of its uid, or the link was
+                refused (e.g. fs.protected_hardlinks); the client path is then absent.
+        """
+        source = self.kernel_socket(port)
+        target = self.client_socket(port)
+        staging = self.area / f".{CLIENT_PREFIX}-{port}.{secrets.token_hex(4)}"
+        try:
+            _check_socket(source, kernel_uid)
+            os.link(source, staging, follow_symlinks=False)
+            _check_socket(staging, kernel_uid)  # the inode we linked, whatever raced
+            os.rename(staging, target)
+        except OSError as exc:
+            remove_tree(staging)
+            raise KernelStartError(
+                f"kernel socket {source.name}: cannot give clients a path to it: {exc}"
+            ) from exc
+
+    def link_client_sockets(
+        self, info: Mapping[str, Any], kernel_uid: int | None, skip: Iterable[str] = ()
+    ) -> None:
+        """:meth:`link_client_socket` for every channel but those named in ``skip`` (e.g.
+        ``"iopub_port"`` when a relay serves it). Does nothing when the connection info names
+        the kernel's own prefix (the fallback where links are not allowed).
+
+        Raises:
+            KernelStartError: as :meth:`link_client_socket`.
+        """
+        if info.get("ip") != self.client_prefix:
+            return
+        for name in CHANNELS:
+            if name not in skip:
+                self.link_client_socket(info[name], kernel_uid)
+
+    def clear_sockets(self, info: Mapping[str, Any]) -> Removal:
+        """Remove the previous container's sockets and the clients' links to them (before a
+        restart's new container binds); whatever the kernel put at those paths goes too."""
+        result = Removal(str(self.area))
+        for name in CHANNELS:
+            for directory, entry in (
+                (self.shared, f"{SOCKET_PREFIX}-{info[name]}"),
+                (self.area, f"{CLIENT_PREFIX}-{info[name]}"),
+            ):
+                _remove_in(directory, entry, result)
+        return result
+
+    # -- files the host gives the kernel ------------------------------------------------------
 
     def write_container_connection_file(
         self, info: Mapping[str, Any], mount_point: str, owner: tuple[int, int] | None
     ) -> str:
-        """Write the connection file the kernel reads, naming paths as the container sees them.
+        """Write the connection file the kernel reads (in ``h/``, read-only inside), naming
+        sockets as the container sees them (``mount_point``, the kernel's writable part).
 
         Returns the path of that file inside the container.
         """
@@ -121,8 +277,6 @@ class RuntimeDir:
         inside["ip"] = f"{mount_point}/{SOCKET_PREFIX}"
         key = inside["key"]
         inside["key"] = key.decode() if isinstance(key, bytes) else key
-        # Prepared in the host-only directory, then renamed into the shared one: the kernel
-        # can write in ``s/``, and a symlink it planted there must never be followed by us.
         staging = self.path / f".{CONNECTION_FILE}.tmp"
         staging.unlink(missing_ok=True)
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -130,12 +284,57 @@ class RuntimeDir:
             json.dump(inside, handle, indent=1)
             if owner is not None and os.getuid() == 0:
                 os.fchown(handle.fileno(), *owner)
-        os.rename(staging, self.shared / CONNECTION_FILE)
-        return f"{mount_point}/{CONNECTION_FILE}"
+        os.rename(staging, self.host_dir / CONNECTION_FILE)
+        return f"{HOST_SOCKETS_MOUNT}/{CONNECTION_FILE}"
+
+    def link_to_host(self, names: Iterable[str]) -> None:
+        """Put symbolic links ``s/NAME -> HOST_SOCKETS_MOUNT/NAME`` in the kernel's part, for
+        images built before the host sockets moved (they look in RUNTIME_MOUNT). Only the
+        kernel ever follows them (inside its container); best effort: the kernel may have
+        filled its part, or planted something there."""
+        for name in names:
+            staging = self.area / f".{name}.{secrets.token_hex(4)}"
+            try:
+                os.symlink(f"{HOST_SOCKETS_MOUNT}/{name}", staging)
+                os.rename(staging, self.shared / name)
+            except OSError:
+                remove_tree(staging)
+
+    # -- lifetime -----------------------------------------------------------------------------
 
     def exists(self) -> bool:
         return self.path.is_dir()
 
-    def remove(self) -> None:
-        """Remove the directory and everything in it; already gone is fine."""
-        shutil.rmtree(self.path, ignore_errors=True)
+    def remove(self) -> Removal:
+        """Detach the tmpfs and remove the directory and everything in it, whatever the kernel
+        made there; already gone is fine. Never raises: what could not be removed (or
+        unmounted) is in the result."""
+        failures: list[tuple[str, OSError]] = []
+        for point in tmpfs.mounts_under(self.path):
+            try:
+                tmpfs.unmount(point)
+            except OSError as exc:
+                failures.append((str(point), exc))
+        result = remove_tree(self.path)
+        for where, error in failures:
+            result.left(where, error)
+        return result
+
+
+def _check_socket(path: Path, kernel_uid: int | None) -> None:
+    info = path.lstat()
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(f"not a socket (mode {stat.filemode(info.st_mode)})")
+    if kernel_uid is not None and info.st_uid != kernel_uid:
+        raise OSError(f"owned by uid {info.st_uid}, not the kernel's {kernel_uid}")
+
+
+def _remove_in(directory: Path, name: str, result: Removal) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        remove_entry(fd, name, result)
+    finally:
+        os.close(fd)

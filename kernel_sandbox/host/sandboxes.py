@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.monitor import request_stop
 from kernel_sandbox.host.owner import Owner
-from kernel_sandbox.host.rundir import default_root
+from kernel_sandbox.host.rundir import RuntimeDir, default_root
 from kernel_sandbox.inside.contract import LABEL_PREFIX
 
 __all__ = ["Sandbox", "find_sandbox", "list_sandboxes", "stop_sandbox"]
@@ -153,5 +152,7 @@ async def stop_sandbox(
     await backend.remove(sandbox.container_id)
     if runtime_dir is not None and (owner is None or owner.is_alive() is False):
         if runtime_dir.parent == Path(default_root()):  # only ever inside our own root
-            shutil.rmtree(runtime_dir, ignore_errors=True)
+            removal = RuntimeDir(runtime_dir).remove()
+            if not removal.complete:
+                return f"container removed; its runtime directory only in part: {removal}"
     return "container removed" + ("" if owner is None else " (its owner was gone)")

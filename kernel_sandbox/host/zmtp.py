@@ -69,17 +69,21 @@ class Dropped:
     parent: dict[str, Any] | None = field(default=None)
 
 
-def open_unix_socket(path: str) -> socket.socket:
+def open_unix_socket(path: str, owner: int | None = None) -> socket.socket:
     """Connect to the unix socket at ``path`` without following a link at its last component,
-    and only if it is a socket (a kernel can replace what is in its directory).
+    and only if it is a socket (of uid ``owner``, if given): a kernel can replace what is in
+    its directory.
 
     Raises:
-        OSError: not a socket, gone, or refused.
+        OSError: not a socket (of that owner), gone, or refused.
     """
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISSOCK(info.st_mode):
             raise OSError(f"{path} is not a socket")
+        if owner is not None and info.st_uid != owner:
+            raise OSError(f"{path} belongs to uid {info.st_uid}, not {owner}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(f"/proc/self/fd/{fd}")  # the inode we checked, whatever raced
@@ -119,13 +123,14 @@ class ZmtpSubReader:
         self._at = 0
 
     @classmethod
-    async def connect(cls, path: str, limits: Limits) -> ZmtpSubReader:
-        """Connect to the PUB socket at ``path`` and subscribe to all messages.
+    async def connect(cls, path: str, limits: Limits, owner: int | None = None) -> ZmtpSubReader:
+        """Connect to the PUB socket at ``path`` (see :func:`open_unix_socket`) and subscribe
+        to all messages.
 
         Raises:
             OSError: no socket there (yet), refused; ProtocolError: not a ZMTP PUB.
         """
-        sock = open_unix_socket(path)
+        sock = open_unix_socket(path, owner)
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
         self = cls(reader, writer, limits)
         try:

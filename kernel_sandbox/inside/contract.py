@@ -16,6 +16,8 @@ __all__ = [
     "EGRESS_NOTICE_SOCKET",
     "EGRESS_SOCKET",
     "EXIT_KILLED",
+    "HOST_SOCKETS_MOUNT",
+    "HOST_SUBDIR",
     "IMAGE_KIND_KERNEL",
     "KERNEL_UID",
     "LABEL_PREFIX",
@@ -30,13 +32,19 @@ __all__ = [
 ]
 
 # -- paths inside the container -------------------------------------------------------------
-RUNTIME_MOUNT = "/run/kernel-sandbox"  # where the runtime dir's shared part is mounted
+RUNTIME_MOUNT = "/run/kernel-sandbox"  # the kernel's writable part of its runtime dir
+HOST_SOCKETS_MOUNT = "/run/kernel-sandbox-host"  # host-served sockets and files, read-only
 SANDBOX_HOME = "/home/sandbox"  # HOME (a size-capped tmpfs)
 WORKSPACE_FALLBACK = "/workspace"  # where a workspace goes when its host path cannot be kept
 KERNEL_UID = 1000  # the image's default user (uid and gid)
 
-# -- names in the shared part of a kernel's runtime directory (host <id>/s/ = RUNTIME_MOUNT) --
-SHARED_SUBDIR = "s"  # the subdirectory of <root>/<id>/ that the container sees
+# -- names in a kernel's runtime directory -----------------------------------------------------
+# <id>/t/s/ = RUNTIME_MOUNT (read-write): the kernel's ipc sockets and whatever it writes;
+# <id>/h/ = HOST_SOCKETS_MOUNT (read-only): what the host serves or gives it (the rest below).
+# Images built before the host part existed look for DATA_SOCKET and DATA_TOKEN under
+# RUNTIME_MOUNT: the host leaves links there (to HOST_SOCKETS_MOUNT) for them.
+SHARED_SUBDIR = "s"  # the kernel's writable part (under the host-only <id>/t/)
+HOST_SUBDIR = "h"  # the host-served part of <root>/<id>/
 SOCKET_PREFIX = "k"  # ipc sockets are <SOCKET_PREFIX>-<port>
 CONNECTION_FILE = "connection.json"  # the container's connection file (container paths)
 LIFELINE = "lifeline"  # unix socket the owner serves; the watchdog holds it

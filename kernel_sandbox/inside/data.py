@@ -53,7 +53,12 @@ import os
 import socket
 from typing import Any
 
-from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, RUNTIME_MOUNT
+from kernel_sandbox.inside.contract import (
+    DATA_SOCKET,
+    DATA_TOKEN,
+    HOST_SOCKETS_MOUNT,
+    RUNTIME_MOUNT,
+)
 from kernel_sandbox.inside.sandbox_fs import register_fsspec
 from kernel_sandbox.inside.wire import (
     DATA,
@@ -130,6 +135,13 @@ def split_path(path: str) -> tuple[str, str]:
     return dataset, rest
 
 
+def _host_path(name: str) -> str:
+    """Where the host put ``name``: its read-only part (hosts since the move), else the
+    runtime directory itself (older hosts)."""
+    path = f"{HOST_SOCKETS_MOUNT}/{name}"
+    return path if os.path.lexists(path) else f"{RUNTIME_MOUNT}/{name}"
+
+
 class Client:
     """Talks to this kernel's data broker; one short connection per request.
 
@@ -144,8 +156,8 @@ class Client:
         token_file: str | None = None,
         timeout: float = 120.0,
     ):
-        self.socket_path = socket_path or f"{RUNTIME_MOUNT}/{DATA_SOCKET}"
-        self.token_file = token_file or f"{RUNTIME_MOUNT}/{DATA_TOKEN}"
+        self.socket_path = socket_path or _host_path(DATA_SOCKET)
+        self.token_file = token_file or _host_path(DATA_TOKEN)
         self._token = token
         self.timeout = timeout
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.inside.contract import RUNTIME_MOUNT, SANDBOX_HOME
+from kernel_sandbox.inside.contract import HOST_SOCKETS_MOUNT, RUNTIME_MOUNT, SANDBOX_HOME
 
 __all__ = [
     "FORBIDDEN_MOUNTS",
@@ -41,8 +41,8 @@ ENGINE_SOCKET_NAMES = ("docker.sock", "containerd.sock", "podman.sock", "dockers
 # Paths inside the sandbox a mount may not cover, or sit inside: the runtime directory
 # (the backend's RUNTIME_MOUNT), the writable tmpfs (/tmp, the backend's SANDBOX_HOME) and
 # the kernel's interfaces.
-RESERVED_TARGETS = (RUNTIME_MOUNT, "/tmp", SANDBOX_HOME)
-RESERVED_TARGET_TREES = ("/proc", "/sys", "/dev", RUNTIME_MOUNT)
+RESERVED_TARGETS = (RUNTIME_MOUNT, HOST_SOCKETS_MOUNT, "/tmp", SANDBOX_HOME)
+RESERVED_TARGET_TREES = ("/proc", "/sys", "/dev", RUNTIME_MOUNT, HOST_SOCKETS_MOUNT)
 
 
 @dataclass(frozen=True)

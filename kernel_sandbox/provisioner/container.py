@@ -13,7 +13,12 @@ from datetime import datetime, timezone
 
 from kernel_sandbox.errors import PolicyError
 from kernel_sandbox.host.owner import Owner
-from kernel_sandbox.inside.contract import LIFELINE, RUNTIME_MOUNT, SANDBOX_HOME, WATCHDOG_MODULE
+from kernel_sandbox.inside.contract import (
+    HOST_SOCKETS_MOUNT,
+    LIFELINE,
+    SANDBOX_HOME,
+    WATCHDOG_MODULE,
+)
 from kernel_sandbox.inside.contract import label as prefixed
 from kernel_sandbox.policy.model import SandboxPolicy
 from kernel_sandbox.policy.mounts import writable_parent
@@ -74,7 +79,7 @@ def with_watchdog(argv: list[str], orphan_timeout: float) -> list[str]:
         "python",
         "-m",
         WATCHDOG_MODULE,
-        f"{RUNTIME_MOUNT}/{LIFELINE}",
+        f"{HOST_SOCKETS_MOUNT}/{LIFELINE}",
         str(orphan_timeout),
         "--",
         *argv,

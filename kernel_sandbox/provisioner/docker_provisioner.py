@@ -25,14 +25,18 @@ from kernel_sandbox.egress.service import default_log_path
 from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
 from kernel_sandbox.engine.backend import start_error as container_start_error
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
-from kernel_sandbox.host import clientpaths
 from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
 from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS, LogLimits
 from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
 from kernel_sandbox.host.relay import RelayLimits
 from kernel_sandbox.host.resources import KernelResources
-from kernel_sandbox.host.rundir import RuntimeDir, default_root, ipc_connection_info
+from kernel_sandbox.host.rundir import (
+    RuntimeDir,
+    default_root,
+    hardlinks_allowed,
+    ipc_connection_info,
+)
 from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, RUNTIME_MOUNT, SANDBOX_HOME, label
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
@@ -83,6 +87,15 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
     )
     runtime_root = Unicode(
         config=True, help="Directory holding the per-kernel runtime directories (keep it short)."
+    )
+    runtime_dir_size = Union(
+        [Integer(), Unicode()],
+        default_value="4m",
+        config=True,
+        help="Size of the tmpfs that holds the part of a kernel's runtime directory it can "
+        "write (/run/kernel-sandbox inside: its sockets and anything it puts there), e.g. "
+        "'4m'. Mounted when this process may mount (root); otherwise, or with 0, a plain "
+        "directory on the runtime_root's file system (see docs/threat-model.md).",
     )
     launch_timeout = Float(
         60.0, config=True, help="Seconds to wait for the kernel to bind its sockets."
@@ -349,15 +362,15 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
 
         if self.reap_orphans:
             self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
+        size = self._runtime_dir_size()
         resources = self.resources
         try:
-            if resources.open_runtime_dir(self.runtime_root, owner):
+            if resources.open_runtime_dir(self.runtime_root, owner, size):
                 assert resources.runtime_dir is not None
                 key = uuid.uuid4().hex.encode()
-                prefix = clientpaths.client_prefix(resources.runtime_dir)
-                info = ipc_connection_info(prefix, key, self._spec_name)
+                info = ipc_connection_info(self._client_prefix(owner[0]), key, self._spec_name)
                 self.connection_info = cast(KernelConnectionInfo, info)
-            self._start_relay()
+            self._start_relay(owner[0])
             if policy.datasets:
                 record = await asyncio.to_thread(
                     resources.grant_data, self._broker(), policy.datasets, policy.token_ttl, owner
@@ -396,25 +409,76 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             )
         return RelayLimits(max_message, rate, self.iopub_hwm)
 
-    def _start_relay(self) -> None:
-        """Serve IOPub to clients through the host-side relay (started once: it outlives
-        restarts) and give clients their paths again (jupyter_client removes them on every
-        restart). Not for a kernel whose clients connect to its own sockets (adopted from an
-        older version)."""
+    def _start_relay(self, kernel_uid: int | None) -> None:
+        """Start the host-side IOPub relay (once: it outlives restarts; clients reach it once
+        :meth:`_link_client_sockets` has run). Not where clients connect to the kernel's own
+        sockets (links refused, or a kernel adopted from an older version): IOPub is not
+        bounded there (logged)."""
         runtime_dir, info = self.resources.runtime_dir, self.connection_info
         assert runtime_dir is not None
-        if info["ip"] == runtime_dir.socket_prefix:
+        if info["ip"] != runtime_dir.client_prefix:
+            self.log.warning(
+                "kernel %s: clients connect to the kernel's own sockets, so its IOPub is not "
+                "relayed: what it publishes is not bounded (see docs/threat-model.md)",
+                self.kernel_id,
+            )
             return
-        clientpaths.link_channels(runtime_dir, info)
         port, key = info["iopub_port"], info["key"]
         self.resources.start_relay(
-            f"{runtime_dir.socket_prefix}-{port}",
-            clientpaths.relay_path(runtime_dir, port),
-            f"{info['ip']}-{port}",
+            str(runtime_dir.kernel_socket(port)),
+            str(runtime_dir.relay_socket(port)),
             key if isinstance(key, bytes) else key.encode(),
             info.get("signature_scheme", "hmac-sha256"),
             self.relay_limits,
+            kernel_uid,
         )
+
+    def _link_client_sockets(self, kernel_uid: int | None) -> None:
+        """Give clients their paths (again: jupyter_client removes them on every restart):
+        links to the kernel's sockets, and the relay's socket for IOPub.
+
+        Raises:
+            KernelStartError: a kernel socket cannot be linked (see RuntimeDir).
+        """
+        runtime_dir, info, relay = (
+            self.resources.runtime_dir,
+            self.connection_info,
+            self.resources.relay,
+        )
+        assert runtime_dir is not None
+        skip = ("iopub_port",) if relay is not None else ()
+        runtime_dir.link_client_sockets(info, kernel_uid, skip)
+        if relay is not None:
+            relay.expose(str(runtime_dir.client_socket(info["iopub_port"])))
+
+    def _runtime_dir_size(self) -> int | None:
+        """The ``runtime_dir_size`` trait in bytes (None: no tmpfs).
+
+        Raises:
+            PolicyError: it is not a size.
+        """
+        value = self.runtime_dir_size
+        if value in (0, "0", ""):
+            return None
+        try:
+            return parse_size("runtime_dir_size", value)
+        except PolicyError as exc:
+            raise PolicyError(f"c.DockerSandboxProvisioner.{exc}") from exc
+
+    def _client_prefix(self, kernel_uid: int) -> str:
+        """Where clients connect: links in a host-only directory to the kernel's sockets, or
+        (where this process may not link them) the kernel's own paths, checked before use."""
+        runtime_dir = self.resources.runtime_dir
+        assert runtime_dir is not None
+        if hardlinks_allowed(kernel_uid):
+            return runtime_dir.client_prefix
+        self.log.warning(
+            "kernel %s: cannot hard-link the sockets of uid %d (fs.protected_hardlinks); "
+            "clients connect to the kernel's own socket paths (see docs/threat-model.md)",
+            self.kernel_id,
+            kernel_uid,
+        )
+        return runtime_dir.socket_prefix
 
     async def _container_command(
         self, resources: KernelResources, extra_arguments: list[str], owner: tuple[int, int]
@@ -510,6 +574,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             runtime_dir=str(resources.runtime_dir.shared),
             user=kwargs["user"],
             workspace=workspace,
+            host_dir=str(resources.runtime_dir.host_dir),
         )
         started = time.monotonic()
         try:
@@ -517,6 +582,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             resources.container_name = name
             await resources.wait_egress_ready()
             await self._wait_until_listening()
+            self._link_client_sockets(int(kwargs["user"].split(":")[0]))
             await resources.wait_relay(RELAY_ATTACH_TIMEOUT)
         except BaseException:
             await resources.aclose(restart=self._launched)
@@ -703,7 +769,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         )
         if not present:
             return
-        self._start_relay()  # the old owner's relay ended with it
+        self._start_relay(self._kernel_user()[1][0])  # the old owner's ended with it
+        if resources.relay is not None and resources.runtime_dir is not None:
+            port = self.connection_info["iopub_port"]  # its link names the old relay's socket
+            resources.relay.expose(str(resources.runtime_dir.client_socket(port)))
         self._watch()
         if self.policy.network == "allowlist":  # the old owner's proxy ended with it
             resources.start_egress(self.policy, self.egress_log, self.egress_port, self.log_limits)

@@ -120,6 +120,33 @@ PROBES: tuple[Probe, ...] = (
         "ENOSPC at the 256 MiB cap; the host's disk is not used",
     ),
     Probe(
+        "fs-rundir-fill",
+        "File system",
+        "fill its runtime directory (/run/kernel-sandbox) for 4 s",
+        "ENOSPC at the 4 MiB cap (runtime_dir_size: a tmpfs of its own); the kernel still answers",
+    ),
+    Probe(
+        "fs-rundir-cleanup",
+        "File system",
+        "plant a 4,000+ level tree, mode-000 dirs, FIFOs, links to host files and dirs where "
+        "host sockets are, then shut down",
+        "shutdown raises nothing and leaves nothing; links are never followed; the host part "
+        "is read-only",
+    ),
+    Probe(
+        "fs-lifeline-takeover",
+        "File system",
+        "serve its own lifeline, then its owner is SIGKILLed",
+        "the host part is read-only (EROFS); gc sees the orphan at once; the container ends "
+        "within the watchdog's grace",
+    ),
+    Probe(
+        "fs-socket-symlink",
+        "File system",
+        "replace its socket paths with links to a host unix socket, then a new client connects",
+        "the client reaches the kernel through host-only links; the host socket sees nothing",
+    ),
+    Probe(
         "fs-dataset-root-swap",
         "File system",
         "swap a dataset's folder for a link to a host folder: from inside (dataset in the "
@@ -148,7 +175,7 @@ PROBES: tuple[Probe, ...] = (
         "priv-chown",
         "Privilege",
         "chown others' files (/tmp, the host-owned lifeline socket) and give one's own away",
-        "EPERM (no CAP_CHOWN)",
+        "EPERM (no CAP_CHOWN); the lifeline, in the read-only host part: EROFS or EPERM",
     ),
     Probe(
         "priv-ptrace",

@@ -70,7 +70,9 @@ report(sockets=sorted(sockets), docker_host=_os.environ.get('DOCKER_HOST'),
     assert got["var_run"] == "ENOENT" and got["run"] == "ENOENT"
     assert got["docker_host"] is None
     assert not [s for s in got["sockets"] if "docker" in s]
-    assert all(s.startswith("/run/kernel-sandbox/") for s in got["sockets"]), got["sockets"]
+    assert all(
+        s.startswith(("/run/kernel-sandbox/", "/run/kernel-sandbox-host/")) for s in got["sockets"]
+    ), got["sockets"]
 
 
 def test_hostname_is_not_the_hosts(sandbox, observe):
@@ -142,7 +144,7 @@ report(a_tmp=attempt(lambda: open('/tmp/' + needles[0]).read()),
        a_socket=attempt(connect, needles[2] + '/k-1'),
        a_dir=attempt(_os.listdir, needles[2]),
        listing=sorted(_os.listdir('/run/kernel-sandbox')),
-       own_key=_json.load(open('/run/kernel-sandbox/connection.json'))['key'],
+       own_key=_json.load(open('/run/kernel-sandbox-host/connection.json'))['key'],
        found=found, processes=sum(1 for p in _os.listdir('/proc') if p.isdigit()))
 """)
     finally:
