@@ -193,7 +193,9 @@ def test_not_a_socket_or_a_link_is_refused(sockdir: Path, pub) -> None:
     plain.write_text("")
     with pytest.raises(OSError, match="not a socket"):
         open_unix_socket(str(plain))
-    open_unix_socket(path).close()
+    with pytest.raises(OSError, match="belongs to uid"):
+        open_unix_socket(path, owner=os.getuid() + 1)  # not the kernel's socket
+    open_unix_socket(path, owner=os.getuid()).close()
 
 
 def test_token_bucket() -> None:
