@@ -349,3 +349,16 @@ def test_provisioner_traits_make_the_relay_limits() -> None:
     config.DockerSandboxProvisioner.iopub_max_message = "lots"
     with pytest.raises(PolicyError, match=r"c\.DockerSandboxProvisioner\.iopub_max_message"):
         DockerSandboxProvisioner(config=config).relay_limits  # noqa: B018
+
+
+def test_relay_publishes_host_messages_under_the_last_parent(relayed: Relayed) -> None:
+    parent = relayed.session.msg_header("execute_request")
+    relayed.publish("status", {"execution_state": "busy"}, parent)
+    assert relayed.receive()["content"] == {"execution_state": "busy"}
+    relayed.relay.publish("stream", {"name": "stderr", "text": "the kernel ran out of memory\n"})
+    got = relayed.receive()  # signed with the kernel's key (deserialize checks)
+    assert got["content"]["text"] == "the kernel ran out of memory\n"
+    assert got["parent_header"]["msg_id"] == parent["msg_id"]
+    relayed.relay.close()
+    with pytest.raises(RuntimeError):
+        relayed.relay.publish("stream", {})

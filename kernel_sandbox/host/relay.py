@@ -183,6 +183,39 @@ class IopubRelay:
             _unlink_socket(staging)
             raise
 
+    def publish(
+        self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None = None
+    ) -> None:
+        """Send clients a message of the host's, signed with the kernel's key, under ``parent``
+        (default: the parent of the last message passed on, i.e. the running or last cell).
+        Thread-safe; returns once it is queued for every client. For notices the kernel cannot
+        give (why it ended): the relay's socket outlives the container.
+
+        Raises:
+            RuntimeError: the relay is not running.
+        """
+        loop = self._loop
+        if loop is None or self._thread is None or self._socket is None:
+            raise RuntimeError("the IOPub relay is not running")
+
+        async def send() -> None:
+            self._send(msg_type, content, parent if parent is not None else self._last_parent())
+
+        asyncio.run_coroutine_threadsafe(send(), loop).result(timeout=5)
+
+    def _last_parent(self) -> dict[str, Any]:
+        if self._parent is not None:
+            with contextlib.suppress(ValueError):
+                value = json.loads(self._parent)
+                if isinstance(value, dict):
+                    return value
+        return {}
+
+    def _send(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any]) -> None:
+        assert self._socket is not None
+        message = self.session.msg(msg_type, content, parent=parent)
+        self._socket.send_multipart(self.session.serialize(message, f"{msg_type}".encode()))
+
     async def wait_attached(self, timeout: float) -> bool:
         """Wait until the relay reads the kernel's socket (after a start or restart)."""
         deadline = time.monotonic() + timeout
@@ -284,15 +317,9 @@ class IopubRelay:
         self._last_notice = time.monotonic()
         text = self.notice_text(pending)
         self.log.warning("kernel %s: %s", self.name, text)
-        parent = pending[-1].parent
-        if parent is None and self._parent is not None:
-            with contextlib.suppress(ValueError):
-                parent = json.loads(self._parent)
-        message = self.session.msg(
-            "stream", {"name": "stderr", "text": f"{text}\n"}, parent=parent or {}
-        )
+        parent = pending[-1].parent or self._last_parent()
         try:
-            self._socket.send_multipart(self.session.serialize(message, b"stream.stderr"))
+            self._send("stream", {"name": "stderr", "text": f"{text}\n"}, parent)
         except zmq.ZMQError as exc:
             self.log.warning("kernel %s: could not publish a drop notice: %s", self.name, exc)
 
