@@ -340,7 +340,7 @@ def test_provisioner_traits_make_the_relay_limits() -> None:
     from kernel_sandbox.errors import PolicyError
     from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
-    assert DockerSandboxProvisioner().relay_limits == RelayLimits(64 * MiB, 16 * MiB, 10000)
+    assert DockerSandboxProvisioner().relay_limits == RelayLimits(64 * MiB, 16 * MiB, 1000)
     config = Config()
     config.DockerSandboxProvisioner.iopub_max_message = "1g"
     config.DockerSandboxProvisioner.iopub_rate = 0

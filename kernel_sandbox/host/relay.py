@@ -60,7 +60,7 @@ class RelayLimits:
 
     max_message: int = 64 * 1024**2
     rate: int = 64 * 1024**2
-    hwm: int = 10000
+    hwm: int = 1000
     max_frames: int = 4096
 
 

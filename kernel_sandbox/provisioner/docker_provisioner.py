@@ -136,7 +136,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         "waits in the kernel's own memory; nothing is dropped. 0: no limit.",
     )
     iopub_hwm = Integer(
-        10000,
+        1000,
         config=True,
         help="Messages the IOPub relay queues for each client that does not keep up (its send "
         "high-water mark); past it that client misses messages, as with any ZeroMQ PUB.",
