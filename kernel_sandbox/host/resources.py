@@ -8,7 +8,8 @@ all, and :meth:`KernelResources.close` releases them on every path::
 
     close(restart=True)    a restart, or a failed restart: the container is removed and the
                            data token revoked; the runtime directory (clients stay connected),
-                           the lifeline, the broker's socket and the proxy are kept
+                           the lifeline, the broker's socket, the proxy and the IOPub
+                           relay are kept
     close()                the final cleanup, a failed first start, interpreter exit:
                            nothing is left
 
@@ -31,6 +32,7 @@ from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
 from kernel_sandbox.host.logtext import LogLimits, clip
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
+from kernel_sandbox.host.relay import IopubRelay, RelayLimits
 from kernel_sandbox.host.rundir import DEFAULT_SIZE, RuntimeDir
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, HOST_SOCKETS_MOUNT
 
@@ -70,6 +72,7 @@ class KernelResources:
         self._lifeline: Lifeline | None = None
         self._broker: DataBroker | None = None
         self._monitor: KernelMonitor | None = None
+        self.relay: IopubRelay | None = None  # kept across restarts
 
     # -- runtime directory and lifeline -----------------------------------------------------
 
@@ -202,6 +205,41 @@ class KernelResources:
         if self.egress is not None:
             await self.egress.wait_ready()
 
+    # -- IOPub (kernel_sandbox.host.relay) --------------------------------------------------
+
+    def start_relay(
+        self,
+        kernel_path: str,
+        bind_path: str,
+        key: bytes,
+        scheme: str,
+        limits: RelayLimits,
+        kernel_uid: int | None = None,
+    ) -> IopubRelay:
+        """Relay IOPub from the kernel's socket to a socket of its own at ``bind_path``,
+        unless it runs (it outlives restarts: it reconnects to each new container's socket).
+        Clients reach it through a link (:meth:`IopubRelay.expose`).
+
+        Raises:
+            zmq.ZMQError: the relay's socket cannot be bound.
+        """
+        if self.relay is None:
+            relay = IopubRelay(
+                kernel_path, bind_path, key, scheme, limits, self.log, self.kernel_id, kernel_uid
+            )
+            relay.start()
+            self.relay = relay
+        return self.relay
+
+    async def wait_relay(self, timeout: float) -> None:
+        """Wait until the relay reads the kernel's socket (so no early output is missed)."""
+        if self.relay is not None and not await self.relay.wait_attached(timeout):
+            self.log.warning(
+                "kernel %s: the IOPub relay did not reach the kernel's socket within %.0fs",
+                self.kernel_id,
+                timeout,
+            )
+
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) ----------------
 
     def watch(
@@ -261,6 +299,9 @@ class KernelResources:
                 failure = exc
         self._release_data(restart)
         if not restart:
+            if self.relay is not None:
+                self.relay.close()
+                self.relay = None
             if self.egress is not None:
                 self.egress.close()
                 self.egress = None

@@ -14,6 +14,8 @@
     <root>/<id>/t/c-<port>  what clients connect to: hard links to the kernel's sockets, made
                           once it has bound them (type and owner checked without following a
                           link), so no client ever resolves a path the kernel can change
+    <root>/<id>/t/r-<port>  a host-side relay's own socket (IOPub: kernel_sandbox.host.relay);
+                          the channel's t/c-<port> is a hard link to it instead
 
 The client links and the kernel's sockets share one file system (``t/``): a hard link cannot
 cross file systems. The root is short because unix socket paths are limited to 107 bytes. The
@@ -58,6 +60,7 @@ CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 MAX_SOCKET_PATH = 107
 KERNEL_AREA = "t"  # <id>/t: the tmpfs (or plain directory) holding s/ and the client links
 CLIENT_PREFIX = "c"  # client links are t/c-<port>
+RELAY_PREFIX = "r"  # a host-side relay's own socket is t/r-<port> (kernel_sandbox.host.relay)
 DEFAULT_SIZE = 4 * 1024**2
 
 
@@ -189,6 +192,11 @@ class RuntimeDir:
 
     def client_socket(self, port: int) -> Path:
         return Path(f"{self.client_prefix}-{port}")
+
+    def relay_socket(self, port: int) -> Path:
+        """Where a host-side relay binds for a channel (``t/r-<port>``, host-only; clients reach
+        it through their ``t/c-<port>`` link, hence on the same file system)."""
+        return self.area / f"{RELAY_PREFIX}-{port}"
 
     def socket_paths(self, info: Mapping[str, Any]) -> list[Path]:
         return [self.kernel_socket(info[name]) for name in CHANNELS]

@@ -30,6 +30,7 @@ from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS, LogLimits
 from kernel_sandbox.host.notices import DELIVERY, Notice, memory_notice, publish, stopped_notice
 from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
+from kernel_sandbox.host.relay import RelayLimits
 from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import (
     RuntimeDir,
@@ -65,6 +66,8 @@ __all__ = ["DockerSandboxProvisioner"]
 BASE_ENV_ALLOWLIST = ("JPY_SESSION_NAME",)
 # poll()'s exit code for a kernel whose engine cannot be reached.
 ENGINE_GONE = -1
+# Seconds launch_kernel waits for the IOPub relay to reach the kernel's socket.
+RELAY_ATTACH_TIMEOUT = 5.0
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
 # Collaborators a caller (a test) may hand in as constructor kwargs instead of the defaults.
@@ -124,6 +127,28 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         help="Host variables always passed in (the policy's env_passthrough adds more).",
     )
 
+    iopub_max_message = Union(
+        [Integer(), Unicode()],
+        default_value="64m",
+        config=True,
+        help="Largest message a kernel may publish on IOPub (an output, a widget's buffers: "
+        "all parts together), e.g. '64m'. The host-side IOPub relay discards a larger one as it "
+        "arrives, without holding it, and the notebook shows a notice instead.",
+    )
+    iopub_rate = Union(
+        [Integer(), Unicode()],
+        default_value="16m",
+        config=True,
+        help="Bytes per second of IOPub passed on to clients, e.g. '16m' (a burst of up to "
+        "iopub_max_message passes at once). Over it the relay stops reading, so the excess "
+        "waits in the kernel's own memory; nothing is dropped. 0: no limit.",
+    )
+    iopub_hwm = Integer(
+        1000,
+        config=True,
+        help="Messages the IOPub relay queues for each client that does not keep up (its send "
+        "high-water mark); past it that client misses messages, as with any ZeroMQ PUB.",
+    )
     egress_log = Unicode(
         config=True,
         help="JSON-lines log of every egress decision (default "
@@ -357,6 +382,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
                 key = uuid.uuid4().hex.encode()
                 info = ipc_connection_info(self._client_prefix(owner[0]), key, self._spec_name)
                 self.connection_info = cast(KernelConnectionInfo, info)
+            self._start_relay(owner[0])
             if policy.datasets:
                 record = await asyncio.to_thread(
                     resources.grant_data, self._broker(), policy.datasets, policy.token_ttl, owner
@@ -376,6 +402,66 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         kwargs["env"] = {**env, **egress_env, NETWORK_ENV: policy.network}
         kwargs["user"] = user
         return kwargs
+
+    @property
+    def relay_limits(self) -> RelayLimits:
+        """The ``iopub_*`` traits.
+
+        Raises:
+            PolicyError: a size that is not one.
+        """
+        try:
+            max_message = parse_size("iopub_max_message", self.iopub_max_message)
+            rate = 0 if self.iopub_rate in (0, "0") else parse_size("iopub_rate", self.iopub_rate)
+        except PolicyError as exc:
+            raise PolicyError(f"c.DockerSandboxProvisioner.{exc}") from exc
+        if self.iopub_hwm < 1:
+            raise PolicyError(
+                f"c.DockerSandboxProvisioner.iopub_hwm: at least 1, got {self.iopub_hwm}"
+            )
+        return RelayLimits(max_message, rate, self.iopub_hwm)
+
+    def _start_relay(self, kernel_uid: int | None) -> None:
+        """Start the host-side IOPub relay (once: it outlives restarts; clients reach it once
+        :meth:`_link_client_sockets` has run). Not where clients connect to the kernel's own
+        sockets (links refused, or a kernel adopted from an older version): IOPub is not
+        bounded there (logged)."""
+        runtime_dir, info = self.resources.runtime_dir, self.connection_info
+        assert runtime_dir is not None
+        if info["ip"] != runtime_dir.client_prefix:
+            self.log.warning(
+                "kernel %s: clients connect to the kernel's own sockets, so its IOPub is not "
+                "relayed: what it publishes is not bounded (see docs/threat-model.md)",
+                self.kernel_id,
+            )
+            return
+        port, key = info["iopub_port"], info["key"]
+        self.resources.start_relay(
+            str(runtime_dir.kernel_socket(port)),
+            str(runtime_dir.relay_socket(port)),
+            key if isinstance(key, bytes) else key.encode(),
+            info.get("signature_scheme", "hmac-sha256"),
+            self.relay_limits,
+            kernel_uid,
+        )
+
+    def _link_client_sockets(self, kernel_uid: int | None) -> None:
+        """Give clients their paths (again: jupyter_client removes them on every restart):
+        links to the kernel's sockets, and the relay's socket for IOPub.
+
+        Raises:
+            KernelStartError: a kernel socket cannot be linked (see RuntimeDir).
+        """
+        runtime_dir, info, relay = (
+            self.resources.runtime_dir,
+            self.connection_info,
+            self.resources.relay,
+        )
+        assert runtime_dir is not None
+        skip = ("iopub_port",) if relay is not None else ()
+        runtime_dir.link_client_sockets(info, kernel_uid, skip)
+        if relay is not None:
+            relay.expose(str(runtime_dir.client_socket(info["iopub_port"])))
 
     def _runtime_dir_size(self) -> int | None:
         """The ``runtime_dir_size`` trait in bytes (None: no tmpfs).
@@ -510,8 +596,8 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             resources.container_name = name
             await resources.wait_egress_ready()
             await self._wait_until_listening()
-            kernel_uid = int(kwargs["user"].split(":")[0])
-            resources.runtime_dir.link_client_sockets(self.connection_info, kernel_uid)
+            self._link_client_sockets(int(kwargs["user"].split(":")[0]))
+            await resources.wait_relay(RELAY_ATTACH_TIMEOUT)
         except BaseException:
             await resources.aclose(restart=self._launched)
             raise
@@ -600,6 +686,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
 
         def send() -> int:
             parent = resources.last_request
+            relay = resources.relay
+            if relay is not None:  # the clients' socket is the relay's, which outlives the kernel
+                relay.publish(notice.msg_type, notice.content, dict(parent) if parent else None)
+                return 1
             resources.unwatch()  # its own subscription would count as a listener
             return publish(path, key, info.get("signature_scheme", "hmac-sha256"), notice, parent)
 
@@ -745,6 +835,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         )
         if not present:
             return
+        self._start_relay(self._kernel_user()[1][0])  # the old owner's ended with it
+        if resources.relay is not None and resources.runtime_dir is not None:
+            port = self.connection_info["iopub_port"]  # its link names the old relay's socket
+            resources.relay.expose(str(resources.runtime_dir.client_socket(port)))
         self._watch()
         if self.policy.network == "allowlist":  # the old owner's proxy ended with it
             resources.start_egress(self.policy, self.egress_log, self.egress_port, self.log_limits)

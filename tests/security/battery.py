@@ -253,6 +253,15 @@ PROBES: tuple[Probe, ...] = (
         "every request denied; the decision log grows by at most 1,000 records per 10 s "
         "(then one summary), rotated at 50 MiB x 5; nothing in the owner's log",
     ),
+    Probe(
+        "res-iopub-flood",
+        "Resources",
+        "publish one 200 MiB buffer 10 times on IOPub (a widget's comm message) while the "
+        "client is idle",
+        "the owner's RSS grows by far less than one such message (it grew by ~2 GB with clients "
+        "on the kernel's own socket); each is dropped by the host-side relay and the cell shows "
+        "a notice naming iopub_max_message",
+    ),
     # -- information ---------------------------------------------------------------------------
     Probe(
         "info-env",
