@@ -68,6 +68,9 @@ class ContainerRequest:
     runtime_dir: str
     user: str
     workspace: str | None = None
+    # A terminal's shell: a TTY with stdin kept open (for `docker start --attach
+    # --interactive`), removed by the engine when the shell ends.
+    terminal: bool = False
 
     @property
     def workdir(self) -> str:
@@ -131,6 +134,8 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
     }
     if policy.runtime != "runc":
         options["runtime"] = policy.runtime
+    if request.terminal:
+        options.update(tty=True, stdin_open=True, auto_remove=True)
     return options
 
 
