@@ -26,7 +26,7 @@ from kernel_sandbox.lockdown.kernels import (
     LockedKernelManager,
     LockedKernelSpecManager,
     locked_class,
-    locked_session_handler,
+    locked_session_handlers,
 )
 from kernel_sandbox.lockdown.terminals import SandboxTerminalManager, run_blocking
 from kernel_sandbox.policy.effective import provisioner_for
@@ -177,7 +177,11 @@ def load(serverapp: Any) -> None:
             f"the terminal manager is {type(terminal_manager).__name__}, not the sandboxed "
             "one; set c.SandboxLockdown.terminals = 'off' or remove the other terminal manager",
         )
-    from jupyter_server.services.sessions.handlers import SessionRootHandler
+    from jupyter_server.services.sessions.handlers import default_handlers
 
-    pattern = url_path_join(serverapp.web_app.settings["base_url"], r"/api/sessions")
-    serverapp.web_app.add_handlers(".*$", [(pattern, locked_session_handler(SessionRootHandler))])
+    base_url = serverapp.web_app.settings["base_url"]
+    handlers = [
+        (url_path_join(base_url, pattern), handler)
+        for pattern, handler in locked_session_handlers(default_handlers)
+    ]
+    serverapp.web_app.add_handlers(".*$", handlers)

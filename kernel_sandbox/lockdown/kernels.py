@@ -14,6 +14,7 @@ unsandboxed kernelspec from it either.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, ClassVar
 
 from jupyter_client.kernelspec import KernelSpec, NoSuchKernel
@@ -23,12 +24,15 @@ from kernel_sandbox.kernelspec import PROVISIONER_NAME
 from kernel_sandbox.lockdown.config import SandboxLockdown
 from kernel_sandbox.policy.effective import is_sandboxed
 
+# What jupyter_client accepts as a kernelspec name.
+KERNEL_NAME = re.compile(r"[a-z0-9._-]+", re.IGNORECASE)
+
 __all__ = [
     "LockedKernelManager",
     "LockedKernelSpecManager",
     "admit",
     "locked_class",
-    "locked_session_handler",
+    "locked_session_handlers",
 ]
 
 
@@ -100,21 +104,19 @@ def admit(lockdown: SandboxLockdown, specs: Any, name: str | None) -> str:
         )
         return lockdown.map_to
     allowed = ", ".join(sandboxed) or "(none)"
-    # the name is the client's: an argument, never part of the format string
+    # Jupyter Server sends log_message as it is and tornado logs it as a format string: echo
+    # the client's name only when it is a valid kernelspec name (no "%", no markup).
+    shown = repr(name) if KERNEL_NAME.fullmatch(name) else "by that name"
     if name in specs.all_kernel_names():
         raise web.HTTPError(
             403,
-            "kernel %r is not sandboxed: this server starts only sandboxed kernels (%s); "
-            "ask for one of them",
-            name,
-            allowed,
+            f"kernel {shown} is not sandboxed: this server starts only sandboxed kernels "
+            f"({allowed}); ask for one of them",
             reason="Kernel not sandboxed",
         )
     raise web.HTTPError(
         404,
-        "no kernel %r: this server starts only sandboxed kernels (%s)",
-        name,
-        allowed,
+        f"no kernel {shown}: this server starts only sandboxed kernels ({allowed})",
         reason="No such kernel",
     )
 
@@ -128,35 +130,62 @@ class LockedKernelManager:
         name = admit(self.lockdown, self.kernel_spec_manager, kernel_name)  # type: ignore[attr-defined]
         km, name, kernel_id = super().pre_start_kernel(name, kwargs)  # type: ignore[misc]
         if not is_sandboxed(km.kernel_spec):  # the kernelspec manager already refuses these
-            raise web.HTTPError(403, "kernel %r is not sandboxed", name)
+            raise web.HTTPError(403, "kernel not sandboxed", reason="Kernel not sandboxed")
         return km, name, kernel_id
 
 
-def locked_session_handler(base: type) -> type:
-    """``POST /api/sessions`` answering a refused kernel with its 4xx.
+def _refusal(handler: Any, name: str | None) -> bool:
+    """Answer ``handler``'s request with the 4xx a start of ``name`` would get; False when
+    the start is admitted."""
+    km = handler.kernel_manager
+    if not isinstance(km, LockedKernelManager):
+        return False
+    try:
+        admit(km.lockdown, km.kernel_spec_manager, name)  # type: ignore[attr-defined]
+    except web.HTTPError as exc:
+        handler.set_status(exc.status_code, exc.reason)
+        handler.set_header("Content-Type", "application/json")
+        handler.finish(json.dumps({"message": exc.log_message, "reason": exc.reason}))
+        return True
+    return False
 
-    The stock handler turns every error from a kernel start into a 500; this one checks the
-    requested name first (only when the request would start a kernel) and answers as
-    ``POST /api/kernels`` does. Everything else is the stock handler's.
+
+def locked_session_handlers(handlers: list[tuple[str, type]]) -> list[tuple[str, type]]:
+    """The sessions API's handlers, answering a refused kernel with its 4xx.
+
+    The stock handlers turn every error of a kernel start into a 500 (create) or 501 (PATCH
+    to another kernel); these check the requested name first, only when the request would
+    start a kernel, and answer as ``POST /api/kernels`` does. The rest is the stock code.
     """
 
-    class LockedSessionRootHandler(base):  # type: ignore[misc, valid-type]
-        async def post(self) -> None:
-            model = self.get_json_body() or {}
-            kernel = model.get("kernel") or {}
-            path = model.get("path") or (model.get("notebook") or {}).get("path")
-            km = self.kernel_manager
-            if isinstance(km, LockedKernelManager) and not kernel.get("id"):
-                sm = self.session_manager
-                if not (path and await sm.session_exists(path=path)):
-                    try:
-                        admit(km.lockdown, km.kernel_spec_manager, kernel.get("name"))  # type: ignore[attr-defined]
-                    except web.HTTPError as exc:
-                        self.set_status(exc.status_code, exc.reason)
-                        self.set_header("Content-Type", "application/json")
-                        message = (exc.log_message or "") % exc.args
-                        self.finish(json.dumps({"message": message, "reason": exc.reason}))
-                        return
-            await super().post()
+    def root(base: type) -> type:
+        class LockedSessionRootHandler(base):  # type: ignore[misc, valid-type]
+            async def post(self) -> None:
+                model = self.get_json_body() or {}
+                kernel = model.get("kernel") or {}
+                path = model.get("path") or (model.get("notebook") or {}).get("path")
+                exists = bool(path) and await self.session_manager.session_exists(path=path)
+                if not kernel.get("id") and not exists and _refusal(self, kernel.get("name")):
+                    return
+                await super().post()
 
-    return LockedSessionRootHandler
+        return LockedSessionRootHandler
+
+    def single(base: type) -> type:
+        class LockedSessionHandler(base):  # type: ignore[misc, valid-type]
+            async def patch(self, session_id: str) -> None:
+                kernel = (self.get_json_body() or {}).get("kernel") or {}
+                if kernel.get("id") is None and kernel.get("name") is not None:
+                    if _refusal(self, kernel["name"]):
+                        return
+                await super().patch(session_id)
+
+        return LockedSessionHandler
+
+    wrapped = []
+    for pattern, handler in handlers:
+        if handler.__name__ == "SessionRootHandler":
+            wrapped.append((pattern, root(handler)))
+        elif handler.__name__ == "SessionHandler":
+            wrapped.append((pattern, single(handler)))
+    return wrapped
