@@ -28,6 +28,7 @@ from kernel_sandbox.lockdown.kernels import (
     locked_class,
     locked_session_handlers,
 )
+from kernel_sandbox.lockdown.report import exposed_by_root
 from kernel_sandbox.lockdown.terminals import SandboxTerminalManager, run_blocking
 from kernel_sandbox.policy.effective import provisioner_for
 
@@ -140,6 +141,15 @@ def link(serverapp: Any) -> None:
         refuse(serverapp, str(exc))
     serverapp._sandbox_lockdown = lockdown
     serverapp.log.info("kernel-sandbox lockdown: on; %s", summary)
+    exposed = exposed_by_root(serverapp.root_dir)
+    if exposed:
+        serverapp.log.warning(
+            "kernel-sandbox lockdown: the server root %s contains %s: any client with the "
+            "token can change what runs on the host through the contents API; serve a "
+            "project folder instead (c.ServerApp.root_dir)",
+            serverapp.root_dir,
+            ", ".join(exposed),
+        )
 
 
 def _extension_apps(serverapp: Any, name: str) -> list[Any]:

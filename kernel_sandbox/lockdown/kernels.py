@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from jupyter_client.kernelspec import KernelSpec, NoSuchKernel
@@ -150,7 +151,7 @@ def _refusal(handler: Any, name: str | None) -> bool:
     return False
 
 
-def locked_session_handlers(handlers: list[tuple[str, type]]) -> list[tuple[str, type]]:
+def locked_session_handlers(handlers: Sequence[tuple[str, type]]) -> list[tuple[str, type]]:
     """The sessions API's handlers, answering a refused kernel with its 4xx.
 
     The stock handlers turn every error of a kernel start into a 500 (create) or 501 (PATCH
