@@ -54,10 +54,16 @@ async def cmd_lockdown(args: argparse.Namespace, backend: DockerBackend) -> int:
         return EXIT_OK if on else EXIT_FAILED
     want = args.action == "enable"
     directory = config_dir(args.scope)
-    toggle_server_extension_python(
-        EXTENSION, want, user=args.scope == "user", sys_prefix=args.scope == "sys-prefix"
-    )
     path = f"{directory}/jupyter_server_config.d/{EXTENSION}.json"
+    try:
+        toggle_server_extension_python(
+            EXTENSION, want, user=args.scope == "user", sys_prefix=args.scope == "sys-prefix"
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write {path}: {exc.strerror or exc}; pick another scope "
+            "(--user, --sys-prefix, --system) or run as a user who may write there"
+        ) from exc
     err.print(f"{'enabled' if want else 'disabled'} {EXTENSION} in {path}")
     if _effective() != want:
         err.print(
