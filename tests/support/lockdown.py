@@ -81,3 +81,24 @@ def sandbox_containers(client: docker.DockerClient, owner_pid: int) -> list[str]
 
 def new_path() -> str:
     return f"nb-{uuid.uuid4().hex[:8]}.ipynb"
+
+
+def terminal_screen(server: Server, name: str, timeout: float = 3) -> str:
+    """What terminal ``name`` has shown lately: terminado replays its recent output to every
+    client that connects (so a test can read what a browser's terminal displays)."""
+    url = server.url.replace("http://", "ws://") + f"/terminals/websocket/{name}"
+    ws = websocket.create_connection(
+        url, header=[f"Authorization: token {server.token}"], timeout=timeout
+    )
+    out, deadline = "", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                message = json.loads(ws.recv())
+            except websocket.WebSocketTimeoutException:
+                break
+            if message[0] == "stdout":
+                out += message[1]
+    finally:
+        ws.close()
+    return out
