@@ -292,3 +292,24 @@ def test_server_refuses_to_start(
     assert status == 1, output[-3000:]
     assert "kernel-sandbox lockdown: refusing to start" in output
     assert expected in output
+
+
+def test_terminal_of_a_killed_server_ends_itself(
+    tmp_path: Path, docker_client: docker.DockerClient, leak_check: Scope
+) -> None:
+    """SIGKILL leaves no cleanup to the server: the in-sandbox watchdog loses the lifeline
+    and ends the shell after the grace period (30 s), and the container removes itself (an
+    orphan sweep by another kernel-sandbox process on this engine may reap it sooner)."""
+    with jupyter_server(tmp_path, tmp_path / "server.log", ENABLE) as server:
+        leak_check.pids.add(server.process.pid)
+        name = server.api("POST", "/api/terminals").json()["name"]
+        terminal_run(server, name, "echo up-$((1+1))", r"up-2")
+        pid = server.process.pid
+        assert len(sandbox_containers(docker_client, pid)) == 1
+        server.process.kill()
+        server.process.wait()
+        killed = time.monotonic()
+    while left := sandbox_containers(docker_client, pid):
+        assert time.monotonic() - killed < 60, f"still there 60 s after the kill: {left}"
+        time.sleep(1)
+    print(f"terminal container gone {time.monotonic() - killed:.1f} s after SIGKILL")
