@@ -109,7 +109,9 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
         workspace = None
         if policy.workspace != "none":
             workspace = resolve_workspace(self._workspace_for(cwd))
-        resources = KernelResources(f"terminal-{name}", self.backend, self.log)
+        # `kernel-sandbox ps` lists it under this id (there is no kernel id)
+        sandbox_id = f"terminal-{name}-{uuid.uuid4().hex[:6]}"
+        resources = KernelResources(sandbox_id, self.backend, self.log)
         try:
             resources.open_runtime_dir(provisioner.runtime_root, owner)
             assert resources.runtime_dir is not None
@@ -120,11 +122,11 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
             env = container_env({}, (), provisioner.kernel_spec.env or {}, policy.env)
             env["TERM"] = self.term_settings.get("type", "xterm")
             labels = container_labels(
-                "", spec_name, provisioner.profile, str(resources.runtime_dir.path)
+                sandbox_id, spec_name, provisioner.profile, str(resources.runtime_dir.path)
             )
             labels[label("terminal")] = name
             request = ContainerRequest(
-                name=f"ks-term-{name}-{uuid.uuid4().hex[:6]}",
+                name=f"ks-{sandbox_id.replace('terminal-', 'term-')}",
                 policy=policy,
                 command=shell,
                 env=env,
