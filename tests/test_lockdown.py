@@ -12,6 +12,7 @@ kernel: without the extension, ``python3`` runs on the host.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import docker
 import pytest
+from support import REPO
 from support.leaks import Scope
 from support.lockdown import (
     ENABLE,
@@ -313,3 +315,25 @@ def test_terminal_of_a_killed_server_ends_itself(
         assert time.monotonic() - killed < 60, f"still there 60 s after the kill: {left}"
         time.sleep(1)
     print(f"terminal container gone {time.monotonic() - killed:.1f} s after SIGKILL")
+
+
+def test_terminal_under_gvisor(
+    tmp_path: Path, jupyter_path: Path, docker_client: docker.DockerClient, leak_check: Scope
+) -> None:
+    """map_to with the untrusted profile: the terminal's shell runs under runsc, same facts."""
+    spec = json.loads((REPO / "kernelspecs" / "python3-sandbox" / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"] = {"profile": "untrusted"}
+    folder = jupyter_path / "kernels" / "python3-untrusted-lockdown"
+    folder.mkdir(exist_ok=True)
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    args = (ENABLE, "--SandboxLockdown.map_to=python3-untrusted-lockdown")
+    with jupyter_server(tmp_path, tmp_path / "server.log", *args) as server:
+        leak_check.pids.add(server.process.pid)
+        name = server.api("POST", "/api/terminals").json()["name"]
+        try:
+            (container,) = sandbox_containers(docker_client, server.process.pid)
+            assert docker_client.containers.get(container).attrs["HostConfig"]["Runtime"] == "runsc"
+            output = terminal_run(server, name, SHELL_FACTS, SHELL_FACTS_LINE, timeout=90)
+            assert SANDBOXED_SHELL in output, output
+        finally:
+            server.api("DELETE", f"/api/terminals/{name}")

@@ -26,9 +26,11 @@ FACTS = (
 )
 SANDBOXED_FACTS = "FACTS sandbox 1000 lo 1 False"
 
-# The same, asked of a shell in a terminal; the root must be read-only.
+# The same, asked of a shell in a terminal (interfaces from /proc/net/dev: gVisor has no
+# /sys/class/net); the root must be read-only.
 SHELL_FACTS = (
-    "echo FACTS $(hostname) $(id -u) $(ls /sys/class/net | tr '\\n' ,) "
+    "echo FACTS $(hostname) $(id -u) "
+    "$(sed -n 's/^ *\\([^:]*\\):.*/\\1/p' /proc/net/dev | tr '\\n' ,) "
     "$(test -e /var/run/docker.sock && echo sock || echo nosock) "
     "$(touch /probe 2>/dev/null && echo rw || echo ro) END"
 )
@@ -53,14 +55,19 @@ def terminal_run(server: Server, name: str, command: str, until: str, timeout: f
     command's own echo)."""
     url = server.url.replace("http://", "ws://") + f"/terminals/websocket/{name}"
     ws = websocket.create_connection(
-        url, header=[f"Authorization: token {server.token}"], timeout=timeout
+        url, header=[f"Authorization: token {server.token}"], timeout=2
     )
     try:
         ws.send(json.dumps(["set_size", 40, 400]))
         ws.send(json.dumps(["stdin", command + "\r"]))
         out, deadline = "", time.monotonic() + timeout
         while time.monotonic() < deadline:
-            message = json.loads(ws.recv())
+            try:
+                message = json.loads(ws.recv())
+            except websocket.WebSocketTimeoutException:
+                continue
+            except websocket.WebSocketConnectionClosedException:
+                break
             if message[0] == "stdout":
                 out += message[1]
             found = re.search(until, out)
