@@ -152,7 +152,9 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
         try:
             resources = run_blocking(lambda: self._create_sandbox(name, kwargs.get("cwd")))
         except SandboxError as exc:
-            raise web.HTTPError(503, "cannot start a sandboxed terminal: %s", str(exc)) from exc
+            # Jupyter Server sends log_message as it is; tornado formats it when it logs
+            message = f"cannot start a sandboxed terminal: {exc}".replace("%", "%%")
+            raise web.HTTPError(503, message) from exc
         argv = [
             self.lockdown.docker_command,
             "start",
