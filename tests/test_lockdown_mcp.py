@@ -35,7 +35,7 @@ from typing import Any
 import docker
 import pytest
 from support.leaks import Scope
-from support.lockdown import ENABLE, FACTS, SANDBOXED_FACTS, sandbox_containers
+from support.lockdown import ENABLE, FACTS, REFUSE, SANDBOXED_FACTS, sandbox_containers
 from support.servers import Server, jupyter_server
 
 pytestmark = pytest.mark.integration
@@ -181,3 +181,30 @@ def test_every_mcp_path_runs_contained(
     while left := sandbox_containers(docker_client, pid):
         assert time.monotonic() < deadline, f"left after shutdown: {left}"
         time.sleep(0.5)
+
+
+def test_stdio_in_refuse_mode_fails_loudly(
+    tmp_path: Path, kernel_image: str, leak_check: Scope
+) -> None:
+    """refuse mode: the agent's python3 gets a 403 it can report, and nothing starts."""
+    with jupyter_server(tmp_path, tmp_path / "server.log", ENABLE, REFUSE) as server:
+        leak_check.pids.add(server.process.pid)
+
+        async def go() -> list[tuple[bool, str]]:
+            async with stdio_session(server) as session:
+                await asyncio.wait_for(session.initialize(), TIMEOUT)
+                results = []
+                create = {"notebook_name": "nb", "notebook_path": "a.ipynb", "mode": "create"}
+                for tool, arguments in (
+                    ("use_notebook", create),
+                    ("execute_code", {"code": FACTS, "timeout": 60}),
+                ):
+                    result = await asyncio.wait_for(session.call_tool(tool, arguments), TIMEOUT)
+                    results.append((bool(result.is_error), text_of(result)))
+                return results
+
+        results = asyncio.run(go())
+        kernels = server.api("GET", "/api/kernels").json()
+    for is_error, text in results:
+        assert is_error and "403" in text and "Kernel not sandboxed" in text, text
+    assert kernels == []
