@@ -350,8 +350,10 @@ async def run_checks(
 
 def check_server(config: Config) -> list[Check]:
     """Is the Jupyter Server locked down, and what stays open (kernel_sandbox.lockdown)."""
+    from kernel_sandbox.lockdown.report import enabled_extensions, server_findings
+
     try:
-        from kernel_sandbox.lockdown.report import enabled_extensions, server_findings
+        extensions = enabled_extensions(config)
     except ImportError:  # no jupyter_server here: nothing serves kernels to clients
         return []
     manager = KernelSpecManager()
@@ -363,7 +365,7 @@ def check_server(config: Config) -> list[Check]:
         except Exception:  # a broken kernel.json: check_kernelspecs reports sandboxed ones
             continue
         (sandboxed if is_sandboxed(spec) else unsandboxed).append(name)
-    findings = server_findings(config, sandboxed, unsandboxed, enabled_extensions(config))
+    findings = server_findings(config, sandboxed, unsandboxed, extensions)
     return [Check("server", *finding) for finding in findings]
 
 
