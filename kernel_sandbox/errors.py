@@ -19,9 +19,11 @@
     ├── TokenNotFound (LookupError)     no data token or kernel matches what was asked for
     ├── CredentialsError (PermissionError)
     │                                   the host's dataset credentials are unsafe or unreadable
-    └── EgressControlError (LookupError)
-                                        no such kernel, nothing waiting for that target, or
-                                        the kernel's egress proxy did not answer
+    ├── EgressControlError (LookupError)
+    │                                   no such kernel, nothing waiting for that target, or
+    │                                   the kernel's egress proxy did not answer
+    └── LockdownError (RuntimeError)    a locked-down Jupyter Server cannot guarantee that
+                                        everything it starts is sandboxed; it refuses to start
 
 Each message says what happened and what to do about it, in one or two lines, so that
 Jupyter Server, nbclient and the CLI can show it as it is. Engine errors
@@ -47,6 +49,7 @@ __all__ = [
     "ImageMissing",
     "KernelStartError",
     "KernelspecError",
+    "LockdownError",
     "PolicyError",
     "RuntimeUnavailable",
     "SandboxError",
@@ -125,3 +128,8 @@ class CredentialsError(SandboxError, PermissionError):
 
 class EgressControlError(SandboxError, LookupError):
     """No such kernel, nothing waiting for that target, or the kernel's proxy did not answer."""
+
+
+class LockdownError(SandboxError, RuntimeError):
+    """Lockdown is enabled but cannot hold (no sandboxed kernelspec, no engine, a manager
+    replaced by another extension): the Jupyter Server refuses to start."""

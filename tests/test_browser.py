@@ -63,8 +63,11 @@ AFTER_RESTART = (
 
 
 @contextmanager
-def jupyterlab(root: Path, state: Path, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`jupyter lab` on 127.0.0.1 with a token, its own settings, nothing fetched from outside."""
+def jupyterlab(
+    root: Path, state: Path, log_path: Path, *extra: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`jupyter lab` on 127.0.0.1 with a token, its own settings, nothing fetched from outside
+    (``extra``: more command-line options)."""
     port, token = free_port(), uuid.uuid4().hex
     news = state / "settings" / "@jupyterlab" / "apputils-extension"
     news.mkdir(parents=True)  # and no "get notified about Jupyter news?" question
@@ -88,6 +91,7 @@ def jupyterlab(root: Path, state: Path, log_path: Path) -> Iterator[tuple[str, s
             # a clean workspace and settings, untouched by whoever ran JupyterLab here before
             f"--LabApp.workspaces_dir={state / 'workspaces'}",
             f"--LabApp.user_settings_dir={state / 'settings'}",
+            *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

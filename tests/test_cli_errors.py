@@ -89,8 +89,12 @@ def test_every_command_refuses_a_bad_flag_in_one_line(words, capsys):
 
 
 @pytest.fixture
-def setup_errors(tmp_path: Path) -> dict[tuple[str, ...], tuple[list[str], int, str]]:
+def setup_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[tuple[str, ...], tuple[list[str], int, str]]:
     """For every command: arguments that make it fail, its exit code, and what it says."""
+    (tmp_path / "a-file").write_text("")  # a user config dir that cannot be made
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "a-file" / "jupyter"))
     bad_profiles = tmp_path / "bad_profiles.py"
     bad_profiles.write_text("c.DockerSandboxProvisioner.profiles = {'p': {'memory_limit': 'x'}}")
     missing = str(tmp_path / "missing")
@@ -116,6 +120,7 @@ def setup_errors(tmp_path: Path) -> dict[tuple[str, ...], tuple[list[str], int, 
             "nokernel",
         ),
         ("egress", "deny"): (["nokernel", "a.test:443", "--runtime-root", missing], 2, "nokernel"),
+        ("lockdown",): (["enable", "--user"], 2, "cannot write"),
     }
 
 

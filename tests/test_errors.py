@@ -159,6 +159,7 @@ CID = "0123456789ab"
 # Every public method of DockerBackend that talks to the engine, with valid arguments.
 BACKEND_CALLS: dict[str, Callable[[DockerBackend, Path], Any]] = {
     "start": lambda b, tmp: b.start(container_request(tmp)),
+    "create": lambda b, tmp: b.create(container_request(tmp)),
     "state": lambda b, tmp: b.state(CID),
     "signal": lambda b, tmp: b.signal(CID, 2),
     "remove": lambda b, tmp: b.remove(CID),

@@ -25,6 +25,7 @@ from kernel_sandbox.cli.doctor import add_doctor_command
 from kernel_sandbox.cli.egress import add_egress_command
 from kernel_sandbox.cli.image import add_image_command
 from kernel_sandbox.cli.install import add_install_command, add_wrap_command
+from kernel_sandbox.cli.lockdown import add_lockdown_command
 from kernel_sandbox.cli.policy import add_policy_command
 from kernel_sandbox.cli.run import add_run_command
 from kernel_sandbox.cli.sandboxes import add_gc_command, add_ps_command, add_stop_command
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(commands)
     add_tokens_command(commands)
     add_egress_command(commands)
+    add_lockdown_command(commands)
     return parser
 
 

@@ -348,7 +348,29 @@ async def run_checks(
             checks.append(check_image(image, await backend.image_labels(image), specs))
     checks += spec_checks
     checks += check_runtime_root(runtime_root)
+    checks += check_server(config)
     return checks
+
+
+def check_server(config: Config) -> list[Check]:
+    """Is the Jupyter Server locked down, and what stays open (kernel_sandbox.lockdown)."""
+    from kernel_sandbox.lockdown.report import enabled_extensions, server_findings
+
+    try:
+        extensions = enabled_extensions(config)
+    except ImportError:  # no jupyter_server here: nothing serves kernels to clients
+        return []
+    manager = KernelSpecManager()
+    sandboxed: list[str] = []
+    unsandboxed: list[str] = []
+    for name in sorted(manager.find_kernel_specs()):
+        try:
+            spec = manager.get_kernel_spec(name)
+        except Exception:  # a broken kernel.json: check_kernelspecs reports sandboxed ones
+            continue
+        (sandboxed if is_sandboxed(spec) else unsandboxed).append(name)
+    findings = server_findings(config, sandboxed, unsandboxed, extensions)
+    return [Check("server", *finding) for finding in findings]
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -160,6 +160,31 @@ class DockerBackend:
             ) from exc
         return str(container.id)
 
+    async def create(self, request: ContainerRequest) -> str:
+        """Create the container without starting it (a terminal's is started by the
+        ``docker start --attach`` that becomes its pty); return its id.
+
+        Raises:
+            ImageMissing: the policy's image is not on the engine.
+            KernelStartError: the engine refused to create the container.
+        """
+        return await self._call(f"create container {request.name}", self._create_sync, request)
+
+    def _create_sync(self, request: ContainerRequest) -> str:
+        try:
+            container = self.client.containers.create(**container_options(request))
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(
+                f"image {request.policy.image} is not on the Docker engine; build it with "
+                "`kernel-sandbox image build` (or set the policy's image to one that exists)"
+            ) from exc
+        except docker.errors.APIError as exc:
+            raise KernelStartError(
+                f"the Docker engine refused to create container {request.name}: "
+                f"{exc.explanation or exc}"
+            ) from exc
+        return str(container.id)
+
     def _remove_by_name(self, name: str) -> None:
         try:
             self.client.containers.get(name).remove(force=True)

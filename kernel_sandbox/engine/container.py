@@ -74,6 +74,9 @@ class ContainerRequest:
     user: str
     workspace: str | None = None
     host_dir: str | None = None  # the host-served sockets and files (HOST_SOCKETS_MOUNT, ro)
+    # A terminal's shell: a TTY with stdin kept open (for `docker start --attach
+    # --interactive`), removed by the engine when the shell ends.
+    terminal: bool = False
 
     @property
     def workdir(self) -> str:
@@ -141,6 +144,8 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
     }
     if policy.runtime != "runc":
         options["runtime"] = policy.runtime
+    if request.terminal:
+        options.update(tty=True, stdin_open=True, auto_remove=True)
     return options
 
 
