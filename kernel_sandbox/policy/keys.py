@@ -176,6 +176,16 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         flag=Flag("--pids-limit", "N", "most processes and threads in the sandbox"),
     ),
     PolicyKey(
+        "nofile_limit",
+        int,
+        lambda value: parse_positive("nofile_limit", value, int),
+        1024,
+        "Open files per process in the sandbox (RLIMIT_NOFILE, soft = hard); with pids_limit "
+        "it bounds the host's file handles a kernel can hold (pids_limit x nofile_limit).",
+        ceiling=CAP,
+        flag=Flag("--nofile-limit", "N", "open files per process in the sandbox"),
+    ),
+    PolicyKey(
         "tmpfs_size",
         int,
         lambda value: parse_size("tmpfs_size", value),
