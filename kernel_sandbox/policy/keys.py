@@ -335,8 +335,13 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         str | None,
         parse_user,
         None,
-        "uid:gid inside the sandbox (default: yours, or 1000:1000 for root).",
-        flag=Flag("--run-as", "UID:GID", "uid:gid inside (default: yours; 1000:1000 for root)"),
+        "uid:gid inside the sandbox (default: yours; as root, a uid of its own from "
+        "uid_range, or the owner of a read-write workspace).",
+        flag=Flag(
+            "--run-as",
+            "UID:GID",
+            "uid:gid inside (default: yours; as root, its own or the rw workspace's owner)",
+        ),
     ),
     PolicyKey(
         "datasets",
