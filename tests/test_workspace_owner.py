@@ -8,6 +8,7 @@ starts. Real kernels, under runc and runsc.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import uuid
@@ -18,6 +19,7 @@ from jupyter_client.manager import KernelManager
 from support.kernels import make_kernelspec, run_cell, sandbox_kernel
 from test_containment import RUNTIMES
 
+from kernel_sandbox.engine.container import workspace_target
 from kernel_sandbox.errors import PolicyError
 
 pytestmark = pytest.mark.integration
@@ -63,8 +65,9 @@ def test_kernel_writes_as_the_workspace_owner(
     with sandbox_kernel(name, cwd=str(project)) as (_km, kc):
         result = run_cell(kc, WRITE, timeout=60)
     assert result["status"] == "ok", result
-    inside = __import__("json").loads(result["stdout"].splitlines()[-1])
-    assert (inside["uid"], inside["gid"]) == OWNER and inside["cwd"] == str(project)
+    inside = json.loads(result["stdout"].splitlines()[-1])
+    assert (inside["uid"], inside["gid"]) == OWNER
+    assert inside["cwd"] == workspace_target(str(project))
     for path in (
         project / "results",
         project / "results" / "run1",

@@ -245,7 +245,7 @@ PROBES: tuple[Probe, ...] = (
         "res-open-files",
         "Resources",
         "open files until refused in one process, then hold as many as allowed in 200 "
-        "processes; the host's file handles measured (/proc/sys/fs/file-nr)",
+        "processes (10 under runsc); the host's file handles measured (/proc/sys/fs/file-nr)",
         "EMFILE at nofile_limit (1024, soft = hard); the host's file handles grow by at most "
         "pids_limit x 1024 = 262,144 (about a tenth of fs.file-max here)",
     ),
