@@ -152,7 +152,7 @@ def as_host_account(uid: int, code: str) -> str:
 
 def describe_uid(uid: int) -> str:
     name = account_name(uid)
-    return f"uid {uid} ({'host account ' + name if name else 'no host account'})"
+    return f"uid {uid}, {'host account ' + name if name else 'no host account'}"
 
 
 def test_inotify_exhausted_in_one_kernel_fails_nowhere_else(dedicated_kernel, sandbox, observe):
