@@ -238,6 +238,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         self._image_is_ours: bool | None = None  # built by `kernel-sandbox image build`
         self._resources: KernelResources | None = None
         self._identity: Identity | None = None  # decided before the first start, kept
+        self._user: str | None = None  # the uid:gid the container runs as
         self._loop: asyncio.AbstractEventLoop | None = None
         self.cwd: str | None = None
 
@@ -324,7 +325,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         the first start and kept across restarts."""
         if self._identity is None:
             uid_range = self._uid_range() if os.getuid() == 0 else None
-            return decide_identity(self.policy, workspace, uid_range, self._spec_name)
+            self._identity = decide_identity(self.policy, workspace, uid_range, self._spec_name)
         return self._identity
 
     # -- launch -----------------------------------------------------------------------------
@@ -355,10 +356,10 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
         resources = self.resources
         try:
-            if identity.pooled:
+            if identity.pooled:  # the same uid across restarts (the runtime dir is its)
                 pool = UidPool(UidRange.parse(self.uid_range), self.uid_claims)
                 identity = identity.with_uid(await asyncio.to_thread(resources.claim_uid, pool))
-            if self._identity is None:
+            if not self._launched:
                 self.log.info(
                     "kernel %s: runs as uid %d, gid %d: %s",
                     self.kernel_id,
@@ -366,7 +367,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
                     identity.gid,
                     identity.reason,
                 )
-            self._identity = identity
+            self._user = identity.user
             owner = (identity.uid, identity.gid)
             if resources.open_runtime_dir(self.runtime_root, owner):
                 assert resources.runtime_dir is not None
@@ -593,7 +594,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             await self._resources.aclose(restart)
         if not restart:
             self._launched = False
-            self._identity = None
+            self._identity = self._user = None
             if self._shared_backend is None or self.backend is not self._shared_backend:
                 self.backend.close()  # its connections to the engine; reopened if used again
 
@@ -652,6 +653,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             return
         uid, gid = (int(x) for x in str(user).split(":"))
         self._identity = Identity(uid, gid, "adopted: the uid it was started with")
+        self._user = f"{uid}:{gid}"
         if provisioner_info.get("uid_claimed") and os.getuid() == 0 and self.uid_range.strip():
             pool = UidPool(UidRange.parse(self.uid_range), self.uid_claims)
             if not self.resources.adopt_uid(pool, uid):
@@ -674,7 +676,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
                 "container_name": self.container_name,
                 "runtime_dir": str(self.runtime_dir.path) if self.runtime_dir else None,
                 "cwd": self.cwd,
-                "user": self._identity.user if self._identity else None,
+                "user": self._user,
                 "uid_claimed": bool(self._resources and self._resources.uid_claim),
             }
         )
