@@ -12,6 +12,7 @@
     ├── RuntimeUnavailable (LookupError)
     │                                   the policy names an OCI runtime the engine lacks
     ├── KernelStartError (RuntimeError) the container ended or hung while the kernel started
+    │   └── UidsExhausted               every uid of uid_range is held by a running sandbox
     ├── ImageBuildError (RuntimeError)  building the base or kernel image failed
     ├── KernelspecError (LookupError)   a kernelspec is missing or cannot be installed
     ├── TokenRefused (PermissionError)  a data token is unknown, another kernel's, expired or
@@ -56,6 +57,7 @@ __all__ = [
     "TargetError",
     "TokenNotFound",
     "TokenRefused",
+    "UidsExhausted",
 ]
 
 
@@ -97,6 +99,10 @@ class RuntimeUnavailable(SandboxError, LookupError):
 
 class KernelStartError(SandboxError, RuntimeError):
     """The kernel's container exited (or never became ready) during start."""
+
+
+class UidsExhausted(KernelStartError):
+    """Every uid of the provisioner's ``uid_range`` is claimed by a sandbox whose owner lives."""
 
 
 class ImageBuildError(SandboxError, RuntimeError):

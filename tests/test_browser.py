@@ -27,6 +27,7 @@ import pytest
 import requests
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from support import IN_CI, REPO
+from support.kernels import SANDBOX_UID_PATTERN
 from support.leaks import LABEL
 from support.servers import free_port
 
@@ -219,7 +220,7 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
                 # 2. a cell only a contained kernel answers this way
                 run_cell(page, 1)
                 expect(output(page, 1)).to_contain_text(
-                    "NET ['lo'] UID 1000 SANDBOX 1", timeout=WAIT
+                    re.compile(rf"NET \['lo'\] UID {SANDBOX_UID_PATTERN} SANDBOX 1"), timeout=WAIT
                 )
 
                 # 3. a long cell, interrupted from the toolbar
@@ -251,7 +252,7 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
                 expect(status(page)).to_have_attribute("data-status", "idle", timeout=WAIT)
                 run_cell(page, 3, AFTER_RESTART)
                 expect(output(page, 3)).to_contain_text(
-                    "fresh kernel: True ['lo'] 1000", timeout=WAIT
+                    re.compile(rf"fresh kernel: True \['lo'\] {SANDBOX_UID_PATTERN}"), timeout=WAIT
                 )
                 assert kernel_containers(docker_client, server.pid) == second
                 page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)

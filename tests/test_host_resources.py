@@ -15,7 +15,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpec
 
 from kernel_sandbox.engine.backend import ContainerState, DockerBackend
-from kernel_sandbox.errors import EngineUnavailable, KernelStartError, SandboxError
+from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError, SandboxError
 from kernel_sandbox.host.exits import ExitRegistry
 from kernel_sandbox.host.reap import SweepOnce
 from kernel_sandbox.host.resources import KernelResources
@@ -218,8 +218,57 @@ def sandbox_provisioner(root: str, backend: FakeBackend, exits: ExitRegistry, **
         **config,  # policy keys, as a kernelspec gives them
     )
     provisioner.runtime_root, provisioner.launch_timeout = root, 5.0
+    provisioner.uid_claims = str(Path(root).parent / "uids")
+    provisioner.uid_range = "2000000-2000009"
     provisioner.reap_orphans = False
     return provisioner
+
+
+def claims(root: str) -> list[str]:
+    folder = Path(root).parent / "uids"
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a uid of its own needs root")
+def test_the_uid_claim_lives_as_long_as_the_kernel(root: str, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    backend, exits = FakeBackend(), ExitRegistry()
+    provisioner = sandbox_provisioner(root, backend, exits)
+    provisioner.log = LOG
+
+    async def start() -> dict[str, Any]:
+        kwargs = await provisioner.pre_launch(env={})
+        await provisioner.launch_kernel(kwargs.pop("cmd"), **kwargs)
+        return kwargs
+
+    with pytest.raises(KernelStartError):
+        asyncio.run(start())
+    assert claims(root) == []  # a failed first start gives its uid back
+
+    provisioner._launched = True  # a restart keeps the uid and the directory owned by it
+    with pytest.raises(KernelStartError):
+        asyncio.run(start())
+    held = claims(root)
+    assert len(held) == 1 and 2000000 <= int(held[0]) <= 2000009
+    assert provisioner.runtime_dir is not None
+    assert provisioner.runtime_dir.shared.stat().st_uid == int(held[0])
+    kwargs = asyncio.run(provisioner.pre_launch(env={}))
+    assert kwargs["user"] == f"{held[0]}:{held[0]}" and claims(root) == held
+    # said once, at the first start (a restart keeps the uid and says nothing)
+    assert caplog.text.count(": a uid of its own from uid_range 2000000-2000009") == 1
+
+    asyncio.run(provisioner.cleanup(restart=False))
+    asyncio.run(provisioner.cleanup(restart=False))  # twice is fine
+    assert claims(root) == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a uid of its own needs root")
+def test_a_range_over_a_host_account_stops_the_start(root: str) -> None:
+    provisioner = sandbox_provisioner(root, FakeBackend(), ExitRegistry())
+    provisioner.uid_range = "1-70000"
+    with pytest.raises(PolicyError, match="uid_range: 1-70000 overlaps ids this host uses"):
+        asyncio.run(provisioner.pre_launch(env={}))
+    assert claims(root) == [] and not Path(root).exists() or os.listdir(root) == []
 
 
 def test_a_failed_start_leaves_nothing_and_a_failed_restart_keeps_the_directory(

@@ -27,8 +27,10 @@ from traitlets.config import Config
 from kernel_sandbox.engine.backend import DockerBackend, workspace_target
 from kernel_sandbox.errors import PolicyError, RuntimeUnavailable
 from kernel_sandbox.host.rundir import RuntimeDir
+from kernel_sandbox.host.uids import DEFAULT_RANGE, UidRange
 
 M = 1024**2
+ACCOUNT_UID = 4242  # a test folder's owner: no account here, outside uid_range
 
 
 FACTS = r"""
@@ -166,9 +168,10 @@ def test_read_only_workspace_and_profile_env(jupyter_path, leak_check, tmp_path)
     assert int(inside["memory"]) == 2 * 1024**3  # the ci profile's limit
     assert inside["env"]["PYTHONHASHSEED"] == "0" and inside["env"]["TZ"] == "UTC"
     assert inside["env"]["KS_EXTRA"] == "1"  # env merged over the profile's
-    assert (inside["uid"], inside["gid"]) == (
-        (1000, 1000) if os.getuid() == 0 else (os.getuid(), os.getgid())
-    )
+    if os.getuid() == 0:  # a uid of its own from uid_range (kernel_sandbox.host.uids)
+        assert inside["uid"] == inside["gid"] and inside["uid"] in UidRange.parse(DEFAULT_RANGE)
+    else:
+        assert (inside["uid"], inside["gid"]) == (os.getuid(), os.getgid())
 
 
 def test_no_workspace_under_gvisor(jupyter_path, leak_check, docker_client, tmp_path):
@@ -317,6 +320,8 @@ def test_jupyter_server_config_files_idle_timeout_and_stop(
     idle = make_kernelspec(f"server-{uuid.uuid4().hex[:6]}", {"pids_limit": 64, "idle_timeout": 5})
     plain = make_kernelspec(f"server-{uuid.uuid4().hex[:6]}", {"pids_limit": 64})
     root = world_writable(tmp_path / "root")
+    if os.getuid() == 0:  # analyst's rw workspace: an account's (a root-owned one is refused)
+        os.chown(root, ACCOUNT_UID, ACCOUNT_UID)
     leak_check.spec(idle)
     leak_check.spec(plain)
     with jupyter_server(root, tmp_path / "server.log") as server:

@@ -140,7 +140,11 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
             SANDBOX_HOME: f"{tmpfs_opts},uid={uid},gid={gid},mode=0700",
         },
         "volumes": volumes,
-        "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
+        "ulimits": [
+            docker.types.Ulimit(name="core", soft=0, hard=0),
+            # with pids_limit, a bound on the host's file table (pids x nofile handles)
+            docker.types.Ulimit(name="nofile", soft=policy.nofile_limit, hard=policy.nofile_limit),
+        ],
     }
     if policy.runtime != "runc":
         options["runtime"] = policy.runtime

@@ -3,13 +3,14 @@
 A sandboxed kernel holds, on the host: its runtime directory (sockets, connection file, owner
 record), the lifeline its in-sandbox watchdog stays connected to, its container, a data token
 and the broker's socket (with datasets), an egress proxy (with network 'allowlist') and a
-monitor thread (idle_timeout, ``kernel-sandbox stop``). :class:`KernelResources` owns them
-all, and :meth:`KernelResources.close` releases them on every path::
+monitor thread (idle_timeout, ``kernel-sandbox stop``), and the claim on its own uid (when it
+has one from ``uid_range``). :class:`KernelResources` owns them all, and
+:meth:`KernelResources.close` releases them on every path::
 
     close(restart=True)    a restart, or a failed restart: the container is removed and the
                            data token revoked; the runtime directory (clients stay connected),
-                           the lifeline, the broker's socket, the proxy and the IOPub
-                           relay are kept
+                           the lifeline, the broker's socket, the proxy, the IOPub relay
+                           and the uid are kept
     close()                the final cleanup, a failed first start, interpreter exit:
                            nothing is left
 
@@ -34,6 +35,7 @@ from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.relay import IopubRelay, RelayLimits
 from kernel_sandbox.host.rundir import DEFAULT_SIZE, RuntimeDir
+from kernel_sandbox.host.uids import UidClaim, UidPool
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, HOST_SOCKETS_MOUNT
 
 if TYPE_CHECKING:
@@ -73,6 +75,40 @@ class KernelResources:
         self._broker: DataBroker | None = None
         self._monitor: KernelMonitor | None = None
         self.relay: IopubRelay | None = None  # kept across restarts
+        self.uid_claim: UidClaim | None = None  # kept across restarts
+
+    # -- the kernel's own uid (kernel_sandbox.host.uids) -------------------------------------
+
+    def claim_uid(self, pool: UidPool) -> int:
+        """Claim a uid of the kernel's own, unless it holds one (a restart keeps it).
+
+        Blocking (files): run it in a worker thread.
+
+        Raises:
+            UidsExhausted: every uid of the range is held by a running sandbox.
+            PolicyError, OSError: the claims directory is unsafe or cannot be written.
+        """
+        if self.uid_claim is None:
+            self.uid_claim = pool.claim(self.kernel_id)
+            self.exits.add(self)
+        return self.uid_claim.uid
+
+    def adopt_uid(self, pool: UidPool, uid: int) -> bool:
+        """Take over an adopted kernel's claim on ``uid``; False when another kernel's owner
+        holds it."""
+        self.uid_claim = pool.adopt(uid, self.kernel_id)
+        return self.uid_claim is not None
+
+    def _release_uid(self) -> None:
+        claim, self.uid_claim = self.uid_claim, None
+        if claim is None:
+            return
+        try:
+            claim.release()
+        except Exception as exc:  # closing must go on; a claim of a dead owner is reclaimed
+            self.log.warning(
+                "kernel %s: could not release its uid %d: %s", self.kernel_id, claim.uid, clip(exc)
+            )
 
     # -- runtime directory and lifeline -----------------------------------------------------
 
@@ -318,7 +354,8 @@ class KernelResources:
                         clip(removal),
                     )
                 self.runtime_dir = None
-            if self.container_id is None:
+            if self.container_id is None:  # no container runs as the uid any more
+                self._release_uid()
                 self.exits.discard(self)
         if failure is not None:
             raise failure

@@ -36,6 +36,7 @@ from traitlets import Instance, default
 from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.resources import KernelResources
+from kernel_sandbox.host.uids import UidPool, UidRange
 from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, label
 from kernel_sandbox.lockdown.config import SandboxLockdown
 from kernel_sandbox.policy import resolve_workspace
@@ -46,6 +47,7 @@ from kernel_sandbox.provisioner.container import (
     container_labels,
     with_watchdog,
 )
+from kernel_sandbox.provisioner.identity import decide_identity
 
 __all__ = ["SandboxTerminalManager", "run_blocking"]
 
@@ -105,14 +107,21 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
             [provisioner.token_db, provisioner.audit_log, provisioner.data_credentials],
             spec_name,
         )
-        user, owner = provisioner._kernel_user()  # the uid rule kernels follow
         workspace = None
         if policy.workspace != "none":
             workspace = resolve_workspace(self._workspace_for(cwd))
+        # the uid rule kernels follow (provisioner/identity.py)
+        uid_range = provisioner._uid_range() if os.getuid() == 0 else None
+        rw_workspace = workspace if policy.workspace == "rw" else None
+        identity = decide_identity(policy, rw_workspace, uid_range, spec_name)
         # `kernel-sandbox ps` lists it under this id (there is no kernel id)
         sandbox_id = f"terminal-{name}-{uuid.uuid4().hex[:6]}"
         resources = KernelResources(sandbox_id, self.backend, self.log)
         try:
+            if identity.pooled:
+                pool = UidPool(UidRange.parse(provisioner.uid_range), provisioner.uid_claims)
+                identity = identity.with_uid(await asyncio.to_thread(resources.claim_uid, pool))
+            user, owner = identity.user, (identity.uid, identity.gid)
             resources.open_runtime_dir(
                 provisioner.runtime_root, owner, provisioner._runtime_dir_size()
             )

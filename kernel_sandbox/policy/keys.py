@@ -176,6 +176,16 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         flag=Flag("--pids-limit", "N", "most processes and threads in the sandbox"),
     ),
     PolicyKey(
+        "nofile_limit",
+        int,
+        lambda value: parse_positive("nofile_limit", value, int),
+        1024,
+        "Open files per process in the sandbox (RLIMIT_NOFILE, soft = hard); with pids_limit "
+        "it bounds the host's file handles a kernel can hold (pids_limit x nofile_limit).",
+        ceiling=CAP,
+        flag=Flag("--nofile-limit", "N", "open files per process in the sandbox"),
+    ),
+    PolicyKey(
         "tmpfs_size",
         int,
         lambda value: parse_size("tmpfs_size", value),
@@ -325,8 +335,13 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         str | None,
         parse_user,
         None,
-        "uid:gid inside the sandbox (default: yours, or 1000:1000 for root).",
-        flag=Flag("--run-as", "UID:GID", "uid:gid inside (default: yours; 1000:1000 for root)"),
+        "uid:gid inside the sandbox (default: yours; as root, a uid of its own from "
+        "uid_range, or the owner of a read-write workspace).",
+        flag=Flag(
+            "--run-as",
+            "UID:GID",
+            "uid:gid inside (default: yours; as root, its own or the rw workspace's owner)",
+        ),
     ),
     PolicyKey(
         "datasets",

@@ -44,6 +44,7 @@ class SandboxPolicy:
     memory_limit: int = _strict("memory_limit")
     cpu_limit: float = _strict("cpu_limit")
     pids_limit: int = _strict("pids_limit")
+    nofile_limit: int = _strict("nofile_limit")
     tmpfs_size: int = _strict("tmpfs_size")
     workspace: str = _strict("workspace")
     mounts: tuple[Mount, ...] = _strict("mounts")

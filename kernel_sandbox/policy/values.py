@@ -27,6 +27,7 @@ MINIMUMS: dict[str, float] = {
     "memory_limit": 32 * 1024**2,
     "tmpfs_size": 1024**2,
     "pids_limit": 16,
+    "nofile_limit": 64,
     "cpu_limit": 0.01,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)

@@ -61,6 +61,9 @@ def container_env(
     env = {k: host_env[k] for k in allowed if k in host_env}
     env.update({k: host_env.get(k, v) for k, v in spec_env.items()})
     env.update(policy_env)
+    # A sandbox's own uid has no entry in the image's /etc/passwd: getpass.getuser() reads
+    # LOGNAME first (a fixed name, nothing of the host's).
+    env.setdefault("LOGNAME", "sandbox")
     env.update(
         {
             "HOME": SANDBOX_HOME,

@@ -38,6 +38,13 @@ from kernel_sandbox.host.rundir import (
     hardlinks_allowed,
     ipc_connection_info,
 )
+from kernel_sandbox.host.uids import (
+    DEFAULT_CLAIM_DIR,
+    DEFAULT_RANGE,
+    UidPool,
+    UidRange,
+    check_range,
+)
 from kernel_sandbox.inside.contract import (
     HINTS_MODULE,
     IMAGE_KIND_KERNEL,
@@ -56,6 +63,7 @@ from kernel_sandbox.provisioner.container import (
     container_labels,
     with_watchdog,
 )
+from kernel_sandbox.provisioner.identity import Identity, decide_identity
 
 if TYPE_CHECKING:
     from kernel_sandbox.broker.server import DataBroker
@@ -104,6 +112,22 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         "write (/run/kernel-sandbox inside: its sockets and anything it puts there), e.g. "
         "'4m'. Mounted when this process may mount (root); otherwise, or with 0, a plain "
         "directory on the runtime_root's file system (see docs/threat-model.md).",
+    )
+    uid_range = Unicode(
+        DEFAULT_RANGE,
+        config=True,
+        help="When Jupyter runs as root: the uids ('FIRST-LAST') from which each sandbox gets "
+        "one of its own (gid = uid), so per-user kernel limits (inotify, message queues, "
+        "processes) are never shared with another sandbox or a host account. Must overlap no "
+        "account, group or subordinate id range of the host. '' runs every sandbox as the "
+        "image's user 1000:1000. Ignored without root (kernels run as you) "
+        "and for a read-write workspace (the kernel runs as its owner).",
+    )
+    uid_claims = Unicode(
+        DEFAULT_CLAIM_DIR,
+        config=True,
+        help="Directory (root's, mode 0700) of the claim files that keep uid_range's uids one "
+        "per running sandbox.",
     )
     launch_timeout = Float(
         60.0, config=True, help="Seconds to wait for the kernel to bind its sockets."
@@ -261,6 +285,8 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         self._launched = False  # True once a container has started (later starts are restarts)
         self._image_is_ours: bool | None = None  # built by `kernel-sandbox image build`
         self._resources: KernelResources | None = None
+        self._identity: Identity | None = None  # decided before the first start, kept
+        self._user: str | None = None  # the uid:gid the container runs as
         self._loop: asyncio.AbstractEventLoop | None = None
         self.cwd: str | None = None
         self._end_reason: str | None = None  # why the monitor ended the running container
@@ -334,19 +360,25 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             return "(unnamed)"
         return spec.name or os.path.basename(spec.resource_dir or "") or "(unnamed)"
 
-    def _kernel_user(self) -> tuple[str, tuple[int, int]]:
-        if self.policy.user:
-            uid, gid = (int(x) for x in self.policy.user.split(":"))
-        elif os.getuid() == 0:
-            uid, gid = 1000, 1000
-        else:
-            uid, gid = os.getuid(), os.getgid()
-        if os.getuid() not in (0, uid):
-            raise PolicyError(
-                f"user: {uid}:{gid} differs from your uid {os.getuid()}; without root the "
-                "kernel must run as your own uid (leave 'user' unset)"
-            )
-        return f"{uid}:{gid}", (uid, gid)
+    def _uid_range(self) -> UidRange | None:
+        """The ``uid_range`` trait, checked against the host's ids (None: off).
+
+        Raises:
+            PolicyError: malformed, or overlapping an account, group or subordinate range.
+        """
+        if not self.uid_range.strip():
+            return None
+        uid_range = UidRange.parse(self.uid_range, "c.DockerSandboxProvisioner.uid_range")
+        check_range(uid_range)
+        return uid_range
+
+    def _decide_identity(self, workspace: str | None) -> Identity:
+        """Who the kernel runs as (:mod:`~kernel_sandbox.provisioner.identity`), decided on
+        the first start and kept across restarts."""
+        if self._identity is None:
+            uid_range = self._uid_range() if os.getuid() == 0 else None
+            self._identity = decide_identity(self.policy, workspace, uid_range, self._spec_name)
+        return self._identity
 
     # -- launch -----------------------------------------------------------------------------
 
@@ -362,13 +394,13 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         A failure leaves nothing behind (but a restarting kernel's directory).
         """
         policy = self.policy
-        user, owner = self._kernel_user()
         protected = [self.token_db, self.audit_log, self.data_credentials]
         check_exposure(policy, protected, self._spec_name)
         extra_arguments = kwargs.pop("extra_arguments", [])
         self.cwd = str(kwargs.pop("cwd", None) or os.getcwd())
         workspace = resolve_workspace(self.cwd) if policy.workspace == "rw" else None
         check_datasets_not_writable(policy, workspace, self.runtime_root, self._spec_name)
+        identity = self._decide_identity(workspace)
         kwargs = await super().pre_launch(**kwargs)
         host_env = kwargs.pop("env")
 
@@ -377,6 +409,19 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         size = self._runtime_dir_size()
         resources = self.resources
         try:
+            if identity.pooled:  # the same uid across restarts (the runtime dir is its)
+                pool = UidPool(UidRange.parse(self.uid_range), self.uid_claims)
+                identity = identity.with_uid(await asyncio.to_thread(resources.claim_uid, pool))
+            if not self._launched:
+                self.log.info(
+                    "kernel %s: runs as uid %d, gid %d: %s",
+                    self.kernel_id,
+                    identity.uid,
+                    identity.gid,
+                    identity.reason,
+                )
+            self._user = identity.user
+            owner = (identity.uid, identity.gid)
             if resources.open_runtime_dir(self.runtime_root, owner, size):
                 assert resources.runtime_dir is not None
                 key = uuid.uuid4().hex.encode()
@@ -400,7 +445,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         allowed = (*self.env_allowlist, *policy.env_passthrough)
         env = container_env(host_env, allowed, self.kernel_spec.env or {}, policy.env)
         kwargs["env"] = {**env, **egress_env, NETWORK_ENV: policy.network}
-        kwargs["user"] = user
+        kwargs["user"] = identity.user
         return kwargs
 
     @property
@@ -746,6 +791,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             await self._resources.aclose(restart)
         if not restart:
             self._launched = False
+            self._identity = self._user = None
             if self._shared_backend is None or self.backend is not self._shared_backend:
                 self.backend.close()  # its connections to the engine; reopened if used again
 
@@ -801,6 +847,24 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
 
     # -- persistence across a Jupyter Server restart ----------------------------------------
 
+    def _adopt_identity(self, provisioner_info: dict) -> None:
+        """Keep an adopted kernel's uid: take over its claim when it came from uid_range."""
+        user = provisioner_info.get("user")
+        if not user:
+            return
+        uid, gid = (int(x) for x in str(user).split(":"))
+        self._identity = Identity(uid, gid, "adopted: the uid it was started with")
+        self._user = f"{uid}:{gid}"
+        if provisioner_info.get("uid_claimed") and os.getuid() == 0 and self.uid_range.strip():
+            pool = UidPool(UidRange.parse(self.uid_range), self.uid_claims)
+            if not self.resources.adopt_uid(pool, uid):
+                self.log.warning(
+                    "kernel %s: its uid %d is claimed by another running sandbox; the two "
+                    "share per-user limits until one ends",
+                    self.kernel_id,
+                    uid,
+                )
+
     async def get_provisioner_info(self) -> dict[str, Any]:
         """JSON-safe state (the key as text) from which load_provisioner_info reconnects."""
         info = await super().get_provisioner_info()
@@ -813,6 +877,8 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
                 "container_name": self.container_name,
                 "runtime_dir": str(self.runtime_dir.path) if self.runtime_dir else None,
                 "cwd": self.cwd,
+                "user": self._user,
+                "uid_claimed": bool(self._resources and self._resources.uid_claim),
             }
         )
         return info
@@ -835,7 +901,9 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         )
         if not present:
             return
-        self._start_relay(self._kernel_user()[1][0])  # the old owner's ended with it
+        self._adopt_identity(provisioner_info)
+        # the old owner's relay ended with it
+        self._start_relay(self._identity.uid if self._identity else None)
         if resources.relay is not None and resources.runtime_dir is not None:
             port = self.connection_info["iopub_port"]  # its link names the old relay's socket
             resources.relay.expose(str(resources.runtime_dir.client_socket(port)))

@@ -262,6 +262,29 @@ PROBES: tuple[Probe, ...] = (
         "on the kernel's own socket); each is dropped by the host-side relay and the cell shows "
         "a notice naming iopub_max_message",
     ),
+    Probe(
+        "res-inotify-shared",
+        "Resources",
+        "exhaust inotify instances (a per-uid limit, 128 here) in kernel A, then create one in "
+        "kernel B and as a host account (the image's uid 1000, an account on this host)",
+        "A is refused at its own limit; B and the host account still get one: each sandbox "
+        "runs as a uid of its own that no host account has",
+    ),
+    Probe(
+        "res-mqueue-shared",
+        "Resources",
+        "exhaust POSIX message queue bytes (RLIMIT_MSGQUEUE, counted per uid) in kernel A, then "
+        "open a queue in kernel B and as a host account",
+        "A is refused at its own limit; B and the host account still open one",
+    ),
+    Probe(
+        "res-open-files",
+        "Resources",
+        "open files until refused in one process, then hold as many as allowed in 200 "
+        "processes (10 under runsc); the host's file handles measured (/proc/sys/fs/file-nr)",
+        "EMFILE at nofile_limit (1024, soft = hard); the host's file handles grow by at most "
+        "pids_limit x 1024 = 262,144 (about a tenth of fs.file-max here)",
+    ),
     # -- information ---------------------------------------------------------------------------
     Probe(
         "info-env",

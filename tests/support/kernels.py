@@ -80,3 +80,15 @@ def bridge_gateway() -> str:
     if config.get("Gateway"):
         return str(config["Gateway"])
     return str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
+
+
+def is_sandbox_uid(uid: int) -> bool:
+    """Whether ``uid`` is one a default kernel runs as: as root, a uid of its own from the
+    default uid_range (kernel_sandbox.host.uids); otherwise the user's own."""
+    from kernel_sandbox.host.uids import DEFAULT_RANGE, UidRange
+
+    return uid in UidRange.parse(DEFAULT_RANGE) if os.getuid() == 0 else uid == os.getuid()
+
+
+# the same, as a regular expression for text (2000000-2065535 as root)
+SANDBOX_UID_PATTERN = r"20[0-6]\d{4}" if os.getuid() == 0 else str(os.getuid())

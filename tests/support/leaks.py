@@ -1,4 +1,5 @@
-"""The one leak check: no sandbox container or runtime directory of a test's own is left.
+"""The one leak check: no sandbox container, runtime directory or uid claim of a test's own
+is left.
 
 Which sandboxes are a test's own is decided by one rule, so that other sessions sharing the
 engine never count (nor get removed): the owner recorded on a sandbox (the ``owner-pid``
@@ -7,12 +8,16 @@ names (``scope.pids.add``), and every descendant of this process seen while the 
 (sampled, so an owner the test killed or that has exited still counts); or the sandbox runs a
 kernelspec the test named (``scope.spec``).
 
+A uid claim (kernel_sandbox.host.uids) is this process's when it names this process: an
+owner that died leaves a stale claim, which the next claim takes over, not a leak.
+
 ``leak_check`` (conftest) diffs these before and after a test; ``assert_nothing_left``
 checks that one owner process, already gone, left nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -24,6 +29,7 @@ import docker
 import docker.errors
 
 from kernel_sandbox.host.owner import Owner
+from kernel_sandbox.host.uids import DEFAULT_CLAIM_DIR
 from support import engine_out_of_reach
 
 LABEL = "io.kernel-sandbox.managed=true"
@@ -179,6 +185,27 @@ def _remove(client: docker.DockerClient, container_ids: set[str]) -> None:
             pass
 
 
+def own_uid_claims(directory: str = DEFAULT_CLAIM_DIR) -> set[str]:
+    """The uid claims held by this process (kernel_sandbox.host.uids)."""
+    me = Owner.current()
+    found = set()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            record = json.loads(Path(directory, name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and (record.get("pid"), record.get("start")) == (
+            me.pid,
+            me.start,
+        ):
+            found.add(name)
+    return found
+
+
 def no_leaks(client: docker.DockerClient) -> Iterator[Scope]:
     """Body of the ``leak_check`` fixture: yield the test's Scope, then fail if a sandbox
     container or runtime directory it owns appeared during the test and is still there."""
@@ -186,6 +213,7 @@ def no_leaks(client: docker.DockerClient) -> Iterator[Scope]:
     # everything there before, whoever owns it: pids and kernelspecs added later to the scope
     # must not turn an older sandbox into this test's leak
     containers_before, dirs_before = _containers(client, _any), _runtime_dirs(_any)
+    claims_before = own_uid_claims()
     sampler = _Sampler(scope)
     sampler.start()
     try:
@@ -201,6 +229,8 @@ def no_leaks(client: docker.DockerClient) -> Iterator[Scope]:
     _remove(client, leaked)
     assert not leaked, f"test left {len(leaked)} sandbox container(s) behind"
     assert not leaked_dirs, f"test left runtime directories behind: {sorted(leaked_dirs)}"
+    leaked_claims = own_uid_claims() - claims_before
+    assert not leaked_claims, f"test left uid claims behind: {sorted(leaked_claims)}"
 
 
 def containers_of(client: docker.DockerClient, pid: int) -> list[str]:

@@ -17,25 +17,28 @@ ENABLE = "--ServerApp.jpserver_extensions={'kernel_sandbox.lockdown': True}"
 REFUSE = "--SandboxLockdown.on_unsandboxed=refuse"
 TERMINALS_OFF = "--SandboxLockdown.terminals=off"
 
-# What a kernel prints about where it runs; a host kernel prints this machine's facts.
+# What a kernel prints about where it runs; a host kernel prints this machine's facts. A
+# sandbox run by root gets a uid of its own from uid_range (2000000-2065535 by default).
 FACTS = (
     "import os, socket\n"
-    "print('FACTS', socket.gethostname(), os.getuid(), ','.join(sorted(os.listdir("
+    "uid = os.getuid()\n"
+    "print('FACTS', socket.gethostname(), 'own-uid' if uid >= 2000000 else uid, "
+    "','.join(sorted(os.listdir("
     "'/sys/class/net'))), os.environ.get('KERNEL_SANDBOX'), os.path.exists("
     "'/var/run/docker.sock'))"
 )
-SANDBOXED_FACTS = "FACTS sandbox 1000 lo 1 False"
+SANDBOXED_FACTS = "FACTS sandbox own-uid lo 1 False"
 
 # The same, asked of a shell in a terminal (interfaces from /proc/net/dev: gVisor has no
 # /sys/class/net); the root must be read-only.
 SHELL_FACTS = (
-    "echo FACTS $(hostname) $(id -u) "
+    "echo FACTS $(hostname) $(test $(id -u) -ge 2000000 && echo own-uid || id -u) "
     "$(sed -n 's/^ *\\([^:]*\\):.*/\\1/p' /proc/net/dev | tr '\\n' ,) "
     "$(test -e /var/run/docker.sock && echo sock || echo nosock) "
     "$(touch /probe 2>/dev/null && echo rw || echo ro) END"
 )
-SANDBOXED_SHELL = "FACTS sandbox 1000 lo, nosock ro END"
-SHELL_FACTS_LINE = r"FACTS [\w.-]+ \d+ [\w,-]* \w+ \w+ END"
+SANDBOXED_SHELL = "FACTS sandbox own-uid lo, nosock ro END"
+SHELL_FACTS_LINE = r"FACTS [\w.-]+ [\w-]+ [\w,-]* \w+ \w+ END"
 
 
 def kernel_facts(server: Server, kernel_id: str) -> str:
