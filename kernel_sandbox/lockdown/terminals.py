@@ -111,7 +111,7 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
         if policy.workspace != "none":
             workspace = resolve_workspace(self._workspace_for(cwd))
         # the uid rule kernels follow (provisioner/identity.py)
-        uid_range = provisioner._uid_range() if os.getuid() == 0 else None
+        uid_range = provisioner.checked_uid_range() if os.getuid() == 0 else None
         rw_workspace = workspace if policy.workspace == "rw" else None
         identity = decide_identity(policy, rw_workspace, uid_range, spec_name)
         # `kernel-sandbox ps` lists it under this id (there is no kernel id)
@@ -123,7 +123,7 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
                 identity = identity.with_uid(await asyncio.to_thread(resources.claim_uid, pool))
             user, owner = identity.user, (identity.uid, identity.gid)
             resources.open_runtime_dir(
-                provisioner.runtime_root, owner, provisioner._runtime_dir_size()
+                provisioner.runtime_root, owner, provisioner.runtime_dir_bytes()
             )
             assert resources.runtime_dir is not None
             shell = list(self.lockdown.terminal_shell)

@@ -18,32 +18,21 @@ from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, Union, default
 
-from kernel_sandbox.broker.tokens import default_state_dir
-from kernel_sandbox.egress.service import default_log_path, is_ipython_kernel
-from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
+from kernel_sandbox.egress.service import is_ipython_kernel
+from kernel_sandbox.engine.backend import ContainerRequest
 from kernel_sandbox.engine.backend import start_error as container_start_error
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
-from kernel_sandbox.host.exits import PROCESS_EXITS, ExitRegistry
-from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
-from kernel_sandbox.host.logtext import DEFAULT_INTERVAL, DEFAULT_LINES, DEFAULT_RECORDS, LogLimits
 from kernel_sandbox.host.notices import DELIVERY, Notice, memory_notice, publish, stopped_notice
-from kernel_sandbox.host.reap import PROCESS_SWEEPS, SweepOnce
-from kernel_sandbox.host.relay import RelayLimits
 from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import (
     RuntimeDir,
-    default_root,
     hardlinks_allowed,
     ipc_connection_info,
 )
 from kernel_sandbox.host.uids import (
-    DEFAULT_CLAIM_DIR,
-    DEFAULT_RANGE,
     UidPool,
     UidRange,
-    check_range,
 )
 from kernel_sandbox.inside.contract import (
     HINTS_MODULE,
@@ -55,7 +44,7 @@ from kernel_sandbox.inside.contract import (
 )
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
-from kernel_sandbox.policy.values import format_size, parse_size
+from kernel_sandbox.policy.values import format_size
 from kernel_sandbox.provisioner.container import (
     check_datasets_not_writable,
     check_exposure,
@@ -64,14 +53,13 @@ from kernel_sandbox.provisioner.container import (
     with_watchdog,
 )
 from kernel_sandbox.provisioner.identity import Identity, decide_identity
+from kernel_sandbox.provisioner.settings import ProvisionerSettings
 
 if TYPE_CHECKING:
     from kernel_sandbox.broker.server import DataBroker
 
 __all__ = ["DockerSandboxProvisioner"]
 
-# Host variables a kernel gets without asking: none that could carry a secret.
-BASE_ENV_ALLOWLIST = ("JPY_SESSION_NAME",)
 # poll()'s exit code for a kernel whose engine cannot be reached.
 ENGINE_GONE = -1
 # Seconds launch_kernel waits for the IOPub relay to reach the kernel's socket.
@@ -82,7 +70,7 @@ _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
 _INJECTED_KWARGS = {"backend", "data_broker", "exit_registry", "orphan_sweeps"}
 
 
-class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ignore[misc]
+class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisionerBase):  # type: ignore[misc]
     """Launch the kernelspec's argv inside an ephemeral, network-less Docker container.
 
     Every policy key is a trait here, so it can be set in Jupyter config
@@ -90,190 +78,6 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
     ``metadata.kernel_provisioner.config``; the kernelspec wins. Unset traits (None) fall
     back to the chosen profile, then to the strict built-in defaults.
     """
-
-    profile = Unicode("strict", config=True, help="Named policy profile to start from.")
-    profiles = Dict(
-        config=True,
-        help="Extra named profiles (name -> policy values), added to the built-in ones.",
-    )
-    ceilings = Dict(
-        config=True,
-        help="Operator ceilings no kernelspec may exceed, e.g. {'memory_limit': '8g'}. "
-        "Only settable in Jupyter config, never from a kernelspec.",
-    )
-    runtime_root = Unicode(
-        config=True, help="Directory holding the per-kernel runtime directories (keep it short)."
-    )
-    runtime_dir_size = Union(
-        [Integer(), Unicode()],
-        default_value="4m",
-        config=True,
-        help="Size of the tmpfs that holds the part of a kernel's runtime directory it can "
-        "write (/run/kernel-sandbox inside: its sockets and anything it puts there), e.g. "
-        "'4m'. Mounted when this process may mount (root); otherwise, or with 0, a plain "
-        "directory on the runtime_root's file system (see docs/threat-model.md).",
-    )
-    uid_range = Unicode(
-        DEFAULT_RANGE,
-        config=True,
-        help="When Jupyter runs as root: the uids ('FIRST-LAST') from which each sandbox gets "
-        "one of its own (gid = uid), so per-user kernel limits (inotify, message queues, "
-        "processes) are never shared with another sandbox or a host account. Must overlap no "
-        "account, group or subordinate id range of the host. '' runs every sandbox as the "
-        "image's user 1000:1000. Ignored without root (kernels run as you) "
-        "and for a read-write workspace (the kernel runs as its owner).",
-    )
-    uid_claims = Unicode(
-        DEFAULT_CLAIM_DIR,
-        config=True,
-        help="Directory (root's, mode 0700) of the claim files that keep uid_range's uids one "
-        "per running sandbox.",
-    )
-    launch_timeout = Float(
-        60.0, config=True, help="Seconds to wait for the kernel to bind its sockets."
-    )
-    orphan_timeout = Float(
-        30.0,
-        config=True,
-        help="Seconds a kernel keeps running after its owner process vanished (so a restarted "
-        "server can re-adopt it) before it ends itself; 0 disables the in-sandbox watchdog.",
-    )
-    reap_orphans = Bool(
-        True,
-        config=True,
-        help="Remove sandboxes whose owner process is dead when the first kernel of a process "
-        "starts (in the background).",
-    )
-    env_allowlist = List(
-        Unicode(),
-        default_value=list(BASE_ENV_ALLOWLIST),
-        config=True,
-        help="Host variables always passed in (the policy's env_passthrough adds more).",
-    )
-
-    iopub_max_message = Union(
-        [Integer(), Unicode()],
-        default_value="64m",
-        config=True,
-        help="Largest message a kernel may publish on IOPub (an output, a widget's buffers: "
-        "all parts together), e.g. '64m'. The host-side IOPub relay discards a larger one as it "
-        "arrives, without holding it, and the notebook shows a notice instead.",
-    )
-    iopub_rate = Union(
-        [Integer(), Unicode()],
-        default_value="16m",
-        config=True,
-        help="Bytes per second of IOPub passed on to clients, e.g. '16m' (a burst of up to "
-        "iopub_max_message passes at once). Over it the relay stops reading, so the excess "
-        "waits in the kernel's own memory; nothing is dropped. 0: no limit.",
-    )
-    iopub_hwm = Integer(
-        1000,
-        config=True,
-        help="Messages the IOPub relay queues for each client that does not keep up (its send "
-        "high-water mark); past it that client misses messages, as with any ZeroMQ PUB.",
-    )
-    egress_log = Unicode(
-        config=True,
-        help="JSON-lines log of every egress decision (default "
-        "$XDG_STATE_HOME/kernel-sandbox/egress.jsonl, i.e. ~/.local/state/...).",
-    )
-    log_lines = Integer(
-        DEFAULT_LINES,
-        config=True,
-        help="Lines one kernel's requests may add to this server's log (data broker, egress "
-        "proxy) per log_interval; the rest are counted and summarized in one line. 0: no limit.",
-    )
-    log_records = Integer(
-        DEFAULT_RECORDS,
-        config=True,
-        help="Records one kernel may add to the audit log and to the egress decision log per "
-        "log_interval; the rest are still decided, only counted and summarized in one record "
-        "('decision': 'suppressed'). 0: no limit.",
-    )
-    log_interval = Float(
-        DEFAULT_INTERVAL, config=True, help="Seconds over which log_lines and log_records count."
-    )
-    log_max_bytes = Integer(
-        DEFAULT_MAX_BYTES,
-        config=True,
-        help="Size at which the audit and egress logs rotate (FILE -> FILE.1 -> ...); 0: never.",
-    )
-    log_backups = Integer(
-        DEFAULT_BACKUPS, config=True, help="Rotated audit and egress log files kept."
-    )
-    egress_port = Integer(
-        3128, config=True, help="Port of the egress bridge on the container's loopback."
-    )
-    token_db = Unicode(
-        config=True,
-        help="SQLite file of the data tokens (only their hashes, scope, expiry and revocation; "
-        "default ~/.local/share/kernel-sandbox/tokens.sqlite). Host-only: no policy may mount it.",
-    )
-    audit_log = Unicode(
-        config=True,
-        help="JSON-lines audit log of every data broker request (default "
-        "~/.local/share/kernel-sandbox/audit.jsonl). Host-only: no policy may mount it.",
-    )
-    data_credentials = Unicode(
-        "",
-        config=True,
-        help="Host-only JSON file (mode 0600) mapping source URL prefixes to fsspec storage "
-        "options, i.e. the credentials of remote datasets; the keyring (service "
-        "'kernel-sandbox') is consulted too. Kernels only ever get a scoped token.",
-    )
-    data_broker = Instance(
-        "kernel_sandbox.broker.DataBroker",
-        allow_none=True,
-        help="The data broker serving this kernel's datasets (default: the one this process "
-        "shares among all its kernels for the same token_db, audit_log and data_credentials).",
-    )
-
-    backend = Instance(
-        DockerBackend,
-        help="The engine the kernel's container runs on (default: the one this process "
-        "shares among its kernels). Also used by the orphan sweep.",
-    )
-    exit_registry = Instance(
-        ExitRegistry,
-        help="Where the kernel's host resources register to be closed at interpreter exit "
-        "(default: this process's registry).",
-    )
-    orphan_sweeps = Instance(
-        SweepOnce,
-        help="Which runtime roots were swept for orphans already (default: this process's).",
-    )
-
-    _shared_backend: DockerBackend | None = None  # the default, not closed with the kernel
-
-    @default("backend")
-    def _default_backend(self) -> DockerBackend:
-        self._shared_backend = shared_backend()
-        return self._shared_backend
-
-    @default("exit_registry")
-    def _default_exit_registry(self) -> ExitRegistry:
-        return PROCESS_EXITS
-
-    @default("orphan_sweeps")
-    def _default_orphan_sweeps(self) -> SweepOnce:
-        return PROCESS_SWEEPS
-
-    @default("token_db")
-    def _default_token_db(self) -> str:
-        return str(default_state_dir() / "tokens.sqlite")
-
-    @default("audit_log")
-    def _default_audit_log(self) -> str:
-        return str(default_state_dir() / "audit.jsonl")
-
-    @default("runtime_root")
-    def _default_runtime_root(self) -> str:
-        return default_root()
-
-    @default("egress_log")
-    def _default_egress_log(self) -> str:
-        return default_log_path()
 
     def __init__(self, **kwargs: Any):
         framework = _FRAMEWORK_KWARGS | _INJECTED_KWARGS
@@ -360,23 +164,11 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             return "(unnamed)"
         return spec.name or os.path.basename(spec.resource_dir or "") or "(unnamed)"
 
-    def _uid_range(self) -> UidRange | None:
-        """The ``uid_range`` trait, checked against the host's ids (None: off).
-
-        Raises:
-            PolicyError: malformed, or overlapping an account, group or subordinate range.
-        """
-        if not self.uid_range.strip():
-            return None
-        uid_range = UidRange.parse(self.uid_range, "c.DockerSandboxProvisioner.uid_range")
-        check_range(uid_range)
-        return uid_range
-
     def _decide_identity(self, workspace: str | None) -> Identity:
         """Who the kernel runs as (:mod:`~kernel_sandbox.provisioner.identity`), decided on
         the first start and kept across restarts."""
         if self._identity is None:
-            uid_range = self._uid_range() if os.getuid() == 0 else None
+            uid_range = self.checked_uid_range() if os.getuid() == 0 else None
             self._identity = decide_identity(self.policy, workspace, uid_range, self._spec_name)
         return self._identity
 
@@ -406,7 +198,7 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
 
         if self.reap_orphans:
             self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
-        size = self._runtime_dir_size()
+        size = self.runtime_dir_bytes()
         resources = self.resources
         try:
             if identity.pooled:  # the same uid across restarts (the runtime dir is its)
@@ -447,24 +239,6 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         kwargs["env"] = {**env, **egress_env, NETWORK_ENV: policy.network}
         kwargs["user"] = identity.user
         return kwargs
-
-    @property
-    def relay_limits(self) -> RelayLimits:
-        """The ``iopub_*`` traits.
-
-        Raises:
-            PolicyError: a size that is not one.
-        """
-        try:
-            max_message = parse_size("iopub_max_message", self.iopub_max_message)
-            rate = 0 if self.iopub_rate in (0, "0") else parse_size("iopub_rate", self.iopub_rate)
-        except PolicyError as exc:
-            raise PolicyError(f"c.DockerSandboxProvisioner.{exc}") from exc
-        if self.iopub_hwm < 1:
-            raise PolicyError(
-                f"c.DockerSandboxProvisioner.iopub_hwm: at least 1, got {self.iopub_hwm}"
-            )
-        return RelayLimits(max_message, rate, self.iopub_hwm)
 
     def _start_relay(self, kernel_uid: int | None) -> None:
         """Start the host-side IOPub relay (once: it outlives restarts; clients reach it once
@@ -507,20 +281,6 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
         runtime_dir.link_client_sockets(info, kernel_uid, skip)
         if relay is not None:
             relay.expose(str(runtime_dir.client_socket(info["iopub_port"])))
-
-    def _runtime_dir_size(self) -> int | None:
-        """The ``runtime_dir_size`` trait in bytes (None: no tmpfs).
-
-        Raises:
-            PolicyError: it is not a size.
-        """
-        value = self.runtime_dir_size
-        if value in (0, "0", ""):
-            return None
-        try:
-            return parse_size("runtime_dir_size", value)
-        except PolicyError as exc:
-            raise PolicyError(f"c.DockerSandboxProvisioner.{exc}") from exc
 
     def _client_prefix(self, kernel_uid: int) -> str:
         """Where clients connect: links in a host-only directory to the kernel's sockets, or
@@ -577,17 +337,6 @@ class DockerSandboxProvisioner(PolicyTraits, KernelProvisionerBase):  # type: ig
             labels = await self.backend.image_labels(self.policy.image) or {}
             self._image_is_ours = labels.get(label("image")) == IMAGE_KIND_KERNEL
         return self._image_is_ours
-
-    @property
-    def log_limits(self) -> LogLimits:
-        """The ``log_*`` traits, for the broker and the egress proxy."""
-        return LogLimits(
-            self.log_lines,
-            self.log_records,
-            self.log_interval,
-            self.log_max_bytes,
-            self.log_backups,
-        )
 
     def _broker(self) -> DataBroker:
         if self.data_broker is None:
