@@ -140,4 +140,6 @@ def test_a_burst_arrives_whole_while_the_owner_is_busy(jupyter_path, leak_check)
                 if len(failures) == 3:
                     break
                 kc.get_shell_msg(timeout=20)  # the reply: the kernel is done with this run
-    assert not failures, f"{len(failures)} of {RUNS} bursts incomplete (run, idle, lines): {failures}"
+    assert not failures, f"{len(failures)} of {RUNS} bursts incomplete (run, idle, lines): " + str(
+        failures
+    )
