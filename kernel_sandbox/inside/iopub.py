@@ -32,7 +32,7 @@ def unbound_iopub_queue(kernel: Any, hwm: int = IOPUB_SNDHWM) -> bool:
     import zmq
 
     thread = getattr(kernel, "iopub_thread", None)
-    socket = getattr(thread, "socket", None)
+    socket: Any = getattr(thread, "socket", None)
     if thread is None or not hasattr(socket, "setsockopt") or not hasattr(thread, "schedule"):
         return False  # not an ipykernel we know: leave it as it is
     done = threading.Event()
