@@ -130,7 +130,8 @@ def _burst(kc) -> tuple[str, bool]:
 def test_a_burst_arrives_whole_while_the_owner_is_busy(jupyter_path, leak_check):
     """1,000 flushed lines, RUNS times, while another thread of the owner holds the lock:
     every line and the idle status arrive every time (a lost idle leaves clients waiting).
-    Before the kernel's IOPub queue was unbounded (hints.py), 10 of 15 runs lost their tail."""
+    Before the kernel's IOPub queue was unbounded (inside/iopub.py) 10 of 15 runs lost their
+    tail on a heavily loaded machine; on a quiet one the loss does not show."""
     failures = []
     with sandbox_kernel() as (_km, kc), _Busy():
         for run in range(RUNS):
