@@ -38,7 +38,8 @@ def test_image_copies_every_inside_module():
 
 def test_inside_imports_only_the_standard_library_and_itself():
     # imported only when installed (sandbox:// registration), or only by IPython extensions
-    allowed_optional = {"fsspec", "IPython"}
+    # (zmq: in an ipykernel, which always has it)
+    allowed_optional = {"fsspec", "IPython", "zmq"}
     for path in INSIDE.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -73,3 +74,44 @@ def test_inside_modules_import_from_the_copy_alone(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Client"
+
+
+def test_iopub_queue_limit_is_lifted_on_a_live_socket():
+    """On a real ipykernel IOPub thread and XPUB socket, with a peer already connected: the
+    option is set (from the IOPub thread) and that peer's queue is no longer capped at 1,000."""
+    import time
+    from types import SimpleNamespace
+
+    import zmq
+    from ipykernel.iostream import IOPubThread
+
+    from kernel_sandbox.inside.iopub import unbound_iopub_queue
+
+    context = zmq.Context()
+    xpub, sub = context.socket(zmq.XPUB), context.socket(zmq.SUB)
+    try:
+        port = xpub.bind_to_random_port("tcp://127.0.0.1")
+        sub.setsockopt(zmq.RCVHWM, 1)
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        thread = IOPubThread(xpub)
+        thread.start()
+        time.sleep(0.5)  # the subscription reaches the XPUB: the peer's pipe exists
+        assert xpub.getsockopt(zmq.SNDHWM) == 1000
+        assert unbound_iopub_queue(SimpleNamespace(iopub_thread=thread))
+        assert xpub.getsockopt(zmq.SNDHWM) == 0
+        for _ in range(5000):
+            thread.send_multipart([b"x" * 600])
+        time.sleep(0.5)
+        received = 0
+        while sub.poll(500):
+            sub.recv()
+            received += 1
+        assert received == 5000
+        thread.stop()
+        thread.close()
+    finally:
+        sub.close(0)
+        xpub.close(0)
+        context.term()
+    assert not unbound_iopub_queue(SimpleNamespace())  # not an ipykernel: left alone

@@ -11,6 +11,9 @@ adds one short explanation where a user would otherwise see only a bare failure:
   add them (``binder/requirements.txt``, ``binder/apt.txt``), and which are already there;
 - ``ModuleNotFoundError``: a note saying the same.
 
+It also lifts the limit on the kernel's own IOPub send queue (``inside/iopub.py``), so a busy
+owner cannot make a burst of output lose its end.
+
 Cosmetic only: the kernel can print anything it likes, so nothing here is a security signal;
 the sandbox holds whether or not these messages appear. The policy's network mode arrives in
 ``$KERNEL_SANDBOX_NETWORK``. Standard library and IPython only: it runs in the kernel image.
@@ -303,6 +306,12 @@ def _magic(shell: Any, name: str, kind: str) -> None:
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    try:
+        from kernel_sandbox.inside.iopub import unbound_iopub_queue
+
+        unbound_iopub_queue(getattr(ipython, "kernel", None))
+    except Exception as exc:  # the kernel still works, only less reliably under a busy owner
+        print(f"{PREFIX}could not lift the IOPub queue limit: {exc}", file=sys.__stderr__)
     explainer = _Explainer(ipython, os.environ.get(NETWORK_ENV))
     explainer.install()
     # a library imported by a cell may bring its own network error type: look before each
