@@ -33,7 +33,7 @@ from support.servers import free_port
 
 if not IN_CI:  # in CI a missing Playwright is an error, not a skip
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox (we run as root), and none of Chromium's own traffic to outside hosts.
@@ -50,6 +50,34 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = REPO / "artifacts"
 WAIT = 90_000  # ms: kernel starts and page loads on a busy two-core machine
+
+
+def require_chromium() -> None:
+    """Skip without Debian's chromium (fail in CI, where setup.sh installs it)."""
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} is missing: apt-get install -y chromium (setup.sh does)"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
+
+
+def lab_page(
+    pw: Playwright, base: str, outside: list[str], height: int = 900
+) -> tuple[Browser, Page]:
+    """Headless Chromium with one page that may reach only the server at ``base``: any other
+    request is recorded in ``outside`` and aborted (the UI must not need the internet)."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+
+    def only_loopback(route) -> None:  # type: ignore[no-untyped-def]
+        if route.request.url.startswith((base + "/", "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.set_default_timeout(WAIT)
+    return browser, page
+
 
 FACTS = (
     "import os\n"
@@ -166,9 +194,7 @@ def status(page: Page):  # type: ignore[no-untyped-def]
 
 
 def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_client):
-    if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} is missing: apt-get install -y chromium (setup.sh does)"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+    require_chromium()
     root = tmp_path / "root"
     root.mkdir()
     nb = new_notebook(
@@ -186,20 +212,7 @@ def test_jupyterlab_with_the_sandboxed_kernel(tmp_path, leak_check, docker_clien
     with jupyterlab(root, tmp_path / "lab-state", tmp_path / "jupyterlab.log") as (url, server):
         base, token = url.split("?")
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-
-            def only_loopback(route) -> None:  # type: ignore[no-untyped-def]
-                if route.request.url.startswith((base + "/", "data:", "blob:")):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", only_loopback)
-            page.set_default_timeout(WAIT)
+            browser, page = lab_page(pw, base, outside)
             try:
                 page.goto(f"{base}/lab/tree/sandbox.ipynb?{token}")
 

@@ -10,7 +10,6 @@ memory limit (JupyterLab then says the kernel restarts). Screenshot:
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -20,11 +19,11 @@ from support.kernels import make_kernelspec
 from support.leaks import LABEL
 from test_browser import (
     ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_ARGS,
     WAIT,
     jupyterlab,
+    lab_page,
     output,
+    require_chromium,
     run_cell,
     status,
     wait_for,
@@ -46,9 +45,7 @@ HOG = "blocks = []\nwhile True:\n    blocks.append(bytearray(16 * 1024 * 1024))"
 
 
 def test_jupyterlab_shows_the_notices(tmp_path, jupyter_path, leak_check, docker_client):
-    if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} is missing: apt-get install -y chromium (setup.sh does)"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+    require_chromium()
     name = make_kernelspec(f"notices-{uuid.uuid4().hex[:6]}", {"memory_limit": "256m"})
     leak_check.spec(name)
     root = tmp_path / "root"
@@ -72,18 +69,7 @@ def test_jupyterlab_shows_the_notices(tmp_path, jupyter_path, leak_check, docker
         leak_check.pids.add(server.pid)
         base, token = url.split("?")
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-
-            def only_loopback(route) -> None:  # type: ignore[no-untyped-def]
-                if route.request.url.startswith((base + "/", "data:", "blob:")):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", only_loopback)
-            page.set_default_timeout(WAIT)
+            browser, page = lab_page(pw, base, outside, height=1000)
             try:
                 page.goto(f"{base}/lab/tree/notices.ipynb?{token}")
                 expect(

@@ -23,6 +23,7 @@ from kernel_sandbox.cli.app import main
 from kernel_sandbox.kernelspec import shipped_kernelspecs
 
 IMAGE = "kernel-sandbox/python:latest"
+FOLDER_OWNER = 4242  # a test folder's owner: no account here, outside uid_range
 
 
 @pytest.fixture
@@ -562,7 +563,7 @@ def test_gc_dry_run(capsys):
 # -- ps and stop, with a real kernel of a wrapped kernelspec ----------------------------------
 
 
-def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, leak_check, capsys):
+def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, tmp_path, leak_check, capsys):
     # python3-local's argv names this interpreter's absolute path: it becomes "python".
     assert (
         main(
@@ -582,7 +583,12 @@ def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, leak_check, capsys):
         == 0
     )
     capsys.readouterr()
-    with sandbox_kernel("local-wrapped") as (km, kc):
+    # educator's read-write workspace: an account's folder (a root-owned one is refused)
+    work = tmp_path / "work"
+    work.mkdir()
+    if os.getuid() == 0:
+        os.chown(work, FOLDER_OWNER, FOLDER_OWNER)
+    with sandbox_kernel("local-wrapped", cwd=str(work)) as (km, kc):
         assert run_cell(kc, "print(6 * 7)")["stdout"] == "42\n"
         assert main(["ps", "--json"]) == 0
         listed = {s["kernel_id"]: s for s in json.loads(capsys.readouterr().out)}

@@ -24,7 +24,7 @@ from support.lockdown import (
     terminal_screen,
 )
 from support.servers import Server
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, WAIT, jupyterlab, wait_for
+from test_browser import ARTIFACTS, WAIT, jupyterlab, lab_page, require_chromium, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +40,7 @@ def terminals_of(client: docker.DockerClient, pid: int) -> list[str]:
 def test_jupyterlab_terminal_is_sandboxed(
     tmp_path: Path, kernel_image: str, docker_client: docker.DockerClient, leak_check: Scope
 ) -> None:
-    if not Path(CHROMIUM).exists():
-        message = f"{CHROMIUM} is missing: apt-get install -y chromium (setup.sh does)"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+    require_chromium()
     root = tmp_path / "root"
     root.mkdir()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -52,20 +50,7 @@ def test_jupyterlab_terminal_is_sandboxed(
         base, token = url.split("?")
         server = Server(base, token.removeprefix("token="), lab)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-
-            def only_loopback(route) -> None:  # type: ignore[no-untyped-def]
-                if route.request.url.startswith((base + "/", "data:", "blob:")):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", only_loopback)
-            page.set_default_timeout(WAIT)
+            browser, page = lab_page(pw, base, outside)
             try:
                 page.goto(f"{base}/lab?{token}")
                 page.locator(".jp-LauncherCard", has_text="Terminal").first.click()
