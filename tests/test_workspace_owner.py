@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -79,13 +80,25 @@ def test_kernel_writes_as_the_workspace_owner(
     assert (project / "results" / "run1" / "out.csv").read_text() == "a,b\n1,2\n"
 
 
+@pytest.fixture
+def ordinary_account(as_root):
+    """An ordinary host account: the first one here, or one made for the test (and removed)."""
+    accounts = [a for a in pwd.getpwall() if 1000 <= a.pw_uid < 60000]
+    if accounts:
+        yield accounts[0]
+        return
+    name = "ks-owner-test"
+    subprocess.run(["useradd", "--no-create-home", "--uid", "4243", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
 def test_an_accounts_folder_runs_the_kernel_with_the_accounts_group(
-    jupyter_path, leak_check, kernel_image, tmp_path, as_root
+    jupyter_path, leak_check, kernel_image, tmp_path, ordinary_account
 ):
-    accounts = [a for a in pwd.getpwall() if a.pw_uid >= 1000 and a.pw_uid != 65534]
-    if not accounts:
-        pytest.skip("no ordinary account on this host")
-    account = accounts[0]
+    account = ordinary_account
     tmp_path.chmod(0o755)
     project = owned(tmp_path / "project", account.pw_uid, 0)  # group root: never used
     name = make_kernelspec(f"owner-acct-{uuid.uuid4().hex[:6]}", {"profile": "analyst"})
