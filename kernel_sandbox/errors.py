@@ -23,8 +23,10 @@
     ├── EgressControlError (LookupError)
     │                                   no such kernel, nothing waiting for that target, or
     │                                   the kernel's egress proxy did not answer
-    └── LockdownError (RuntimeError)    a locked-down Jupyter Server cannot guarantee that
-                                        everything it starts is sandboxed; it refuses to start
+    ├── LockdownError (RuntimeError)    a locked-down Jupyter Server cannot guarantee that
+    │                                   everything it starts is sandboxed; it refuses to start
+    └── ServiceUnavailable (ConnectionError)
+                                        the sandbox service's socket does not answer
 
 Each message says what happened and what to do about it, in one or two lines, so that
 Jupyter Server, nbclient and the CLI can show it as it is. Engine errors
@@ -54,6 +56,7 @@ __all__ = [
     "PolicyError",
     "RuntimeUnavailable",
     "SandboxError",
+    "ServiceUnavailable",
     "TargetError",
     "TokenNotFound",
     "TokenRefused",
@@ -139,3 +142,7 @@ class EgressControlError(SandboxError, LookupError):
 class LockdownError(SandboxError, RuntimeError):
     """Lockdown is enabled but cannot hold (no sandboxed kernelspec, no engine, a manager
     replaced by another extension): the Jupyter Server refuses to start."""
+
+
+class ServiceUnavailable(SandboxError, ConnectionError):
+    """The sandbox service (``kernel-sandbox serve``) cannot be reached on its socket."""

@@ -29,6 +29,7 @@ from kernel_sandbox.cli.lockdown import add_lockdown_command
 from kernel_sandbox.cli.policy import add_policy_command
 from kernel_sandbox.cli.run import add_run_command
 from kernel_sandbox.cli.sandboxes import add_gc_command, add_ps_command, add_stop_command
+from kernel_sandbox.cli.serve import add_serve_command
 from kernel_sandbox.cli.tokens import add_tokens_command
 from kernel_sandbox.engine.backend import DockerBackend
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokens_command(commands)
     add_egress_command(commands)
     add_lockdown_command(commands)
+    add_serve_command(commands)
     return parser
 
 

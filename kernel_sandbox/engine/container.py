@@ -73,6 +73,9 @@ class ContainerRequest:
     runtime_dir: str  # the kernel's writable part (RUNTIME_MOUNT)
     user: str
     workspace: str | None = None
+    # Where the workspace appears inside when it differs from ``workspace`` (the sandbox
+    # service mounts a staged bind of the caller's folder at the caller's own path).
+    workspace_path: str | None = None
     host_dir: str | None = None  # the host-served sockets and files (HOST_SOCKETS_MOUNT, ro)
     # A terminal's shell: a TTY with stdin kept open (for `docker start --attach
     # --interactive`), removed by the engine when the shell ends.
@@ -81,7 +84,7 @@ class ContainerRequest:
     @property
     def workdir(self) -> str:
         if self.workspace and self.policy.workspace != "none":
-            return workspace_target(self.workspace)
+            return workspace_target(self.workspace_path or self.workspace)
         return SANDBOX_HOME
 
 

@@ -113,7 +113,11 @@ class KernelResources:
     # -- runtime directory and lifeline -----------------------------------------------------
 
     def open_runtime_dir(
-        self, root: str, owner: tuple[int, int], size: int | None = DEFAULT_SIZE
+        self,
+        root: str,
+        owner: tuple[int, int],
+        size: int | None = DEFAULT_SIZE,
+        client_reachable: bool = False,
     ) -> bool:
         """Make the runtime directory unless the last start's is still there (its kernel part
         a tmpfs of ``size`` bytes where this process can mount one); serve the lifeline as
@@ -130,7 +134,7 @@ class KernelResources:
             if self._lifeline is not None:  # served in a directory that vanished
                 self._lifeline.close()
                 self._lifeline = None
-            self.runtime_dir = RuntimeDir.create(root, owner, size)
+            self.runtime_dir = RuntimeDir.create(root, owner, size, client_reachable)
         self.exits.add(self)
         self._own()
         return created

@@ -82,15 +82,15 @@ def ipc_connection_info(socket_prefix: str, key: bytes, kernel_name: str) -> dic
     return info
 
 
-def _make_private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _make_private_dir(path: Path, mode: int = 0o700) -> None:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
     info = path.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise PolicyError(
             f"runtime_root: {path} is not a directory owned by you; remove it or configure "
             "c.DockerSandboxProvisioner.runtime_root"
         )
-    os.chmod(path, 0o700)
+    os.chmod(path, mode)
 
 
 def hardlinks_allowed(kernel_uid: int) -> bool:
@@ -118,18 +118,28 @@ class RuntimeDir:
 
     @classmethod
     def create(
-        cls, root: str, owner: tuple[int, int] | None, size: int | None = DEFAULT_SIZE
+        cls,
+        root: str,
+        owner: tuple[int, int] | None,
+        size: int | None = DEFAULT_SIZE,
+        client_reachable: bool = False,
     ) -> RuntimeDir:
         """Make a new private directory under ``root``; its kernel part is owned by ``owner``
         (uid, gid) if given and lives on a tmpfs of ``size`` bytes when this process can mount
         one (``size`` None or 0: never).
+
+        ``client_reachable``: the kernel's client is another user (the sandbox service's
+        caller), so the directories on the way to the client links may be searched (0711: not
+        listed, the names are random); the links themselves are given to that user alone
+        (:meth:`give_client_sockets`).
 
         Raises:
             PolicyError: the socket paths would exceed the unix limit, or the root is unsafe.
             OSError: the directory could not be made (nothing is left behind).
         """
         root_path = Path(root)
-        _make_private_dir(root_path)
+        search = 0o711 if client_reachable else 0o700
+        _make_private_dir(root_path, search)
         path = root_path / secrets.token_hex(4)
         new = cls(path)
         longest = max(
@@ -144,13 +154,15 @@ class RuntimeDir:
                 "c.DockerSandboxProvisioner.runtime_root"
             )
         path.mkdir(mode=0o700)
+        os.chmod(path, search)
         try:
             new.host_dir.mkdir(mode=0o711)
             os.chmod(new.host_dir, 0o711)  # the kernel's uid may only reach what it is given
             new.area.mkdir(mode=0o700)
             if size and tmpfs.can_mount():
-                tmpfs.mount(new.area, size, (os.getuid(), os.getgid()))
+                tmpfs.mount(new.area, size, (os.getuid(), os.getgid()), search)
                 new.capped = True
+            os.chmod(new.area, search)
             new.shared.mkdir(mode=0o700)
             if owner is not None and os.getuid() == 0:
                 os.chown(new.shared, *owner)
@@ -250,6 +262,22 @@ class RuntimeDir:
         for name in CHANNELS:
             if name not in skip:
                 self.link_client_socket(info[name], kernel_uid)
+
+    def give_client_sockets(self, info: Mapping[str, Any], client: tuple[int, int]) -> None:
+        """Make every client path (``t/c-<port>``) connectable by ``client`` (uid, gid) alone:
+        its inode (the kernel's socket, or the relay's) becomes that user's, mode 0600. The
+        entries are in ``t/``, which only this process writes, and were checked to be sockets
+        when linked, so acting on them by path reaches what was checked.
+
+        Raises:
+            OSError: an entry is missing or cannot be changed.
+        """
+        for name in CHANNELS:
+            path = self.client_socket(info[name])
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise OSError(f"{path} is not a socket")
+            os.chown(path, *client, follow_symlinks=False)
+            os.chmod(path, 0o600)
 
     def clear_sockets(self, info: Mapping[str, Any]) -> Removal:
         """Remove the previous container's sockets and the clients' links to them (before a

@@ -41,14 +41,14 @@ def inodes_for(size: int) -> int:
     return max(MIN_INODES, size // BYTES_PER_INODE)
 
 
-def mount(target: Path, size: int, owner: tuple[int, int]) -> None:
-    """Mount a tmpfs of ``size`` bytes on the directory ``target`` (mode 0700, ``owner``).
+def mount(target: Path, size: int, owner: tuple[int, int], mode: int = 0o700) -> None:
+    """Mount a tmpfs of ``size`` bytes on the directory ``target`` (``mode``, ``owner``).
 
     Raises:
         OSError: the mount was refused (no privilege, or ``target`` is not a directory).
     """
     uid, gid = owner
-    options = f"size={size},nr_inodes={inodes_for(size)},mode=0700,uid={uid},gid={gid}"
+    options = f"size={size},nr_inodes={inodes_for(size)},mode={mode:04o},uid={uid},gid={gid}"
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     if _lib().mount(b"tmpfs", os.fsencode(target), b"tmpfs", flags, options.encode()) != 0:
         code = ctypes.get_errno()

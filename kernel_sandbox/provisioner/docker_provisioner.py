@@ -54,6 +54,8 @@ from kernel_sandbox.provisioner.container import (
 )
 from kernel_sandbox.provisioner.identity import Identity, decide_identity
 from kernel_sandbox.provisioner.settings import ProvisionerSettings
+from kernel_sandbox.provisioner.via_service import ServiceKernel
+from kernel_sandbox.service.client import choose_service
 
 if TYPE_CHECKING:
     from kernel_sandbox.broker.server import DataBroker
@@ -83,6 +85,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         framework = _FRAMEWORK_KWARGS | _INJECTED_KWARGS
         spec_config = {k: kwargs.pop(k) for k in list(kwargs) if k not in framework}
         super().__init__(**kwargs)
+        self._service_setting = str(spec_config.pop("service", "") or "")
+        self._via_service: ServiceKernel | None | bool = False  # False: not decided yet
         self._spec_config = spec_config
         self._policy: SandboxPolicy | None = None
         self._sources: dict[str, str] = {}
@@ -97,6 +101,19 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         self._told: str | None = None  # the container whose end has been explained
         self._telling = False
         self.notice: Notice | None = None  # why the last container ended, when the host knows
+        # Set by the sandbox service for its caller's kernels (kernel_sandbox.service):
+        self.client_owner: tuple[int, int] | None = None  # who connects (uid, gid)
+        self.staged_workspace: tuple[str, str] | None = None  # (bind source, path inside)
+
+    @property
+    def via_service(self) -> ServiceKernel | None:
+        """The sandbox service this kernel is started through, or None (direct mode): decided
+        once (:func:`~kernel_sandbox.service.client.choose_service`)."""
+        if self._via_service is False:
+            path, why = choose_service(self._service_setting or self.service)
+            self._via_service = ServiceKernel(self, path) if path else None
+            self.log.debug("kernel %s: %s", self.kernel_id, why)
+        return self._via_service if isinstance(self._via_service, ServiceKernel) else None
 
     @property
     def resources(self) -> KernelResources:
@@ -176,6 +193,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
 
     @property
     def has_process(self) -> bool:
+        if self.via_service is not None:
+            return self.via_service.started
         return self.container_id is not None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -185,6 +204,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         restart the runtime directory and connection info are kept so clients stay connected.
         A failure leaves nothing behind (but a restarting kernel's directory).
         """
+        if self.via_service is not None:
+            return await self.via_service.pre_launch(await super().pre_launch(**kwargs))
         policy = self.policy
         protected = [self.token_db, self.audit_log, self.data_credentials]
         check_exposure(policy, protected, self._spec_name)
@@ -214,7 +235,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 )
             self._user = identity.user
             owner = (identity.uid, identity.gid)
-            if resources.open_runtime_dir(self.runtime_root, owner, size):
+            reachable = self.client_owner is not None
+            if resources.open_runtime_dir(self.runtime_root, owner, size, reachable):
                 assert resources.runtime_dir is not None
                 key = uuid.uuid4().hex.encode()
                 info = ipc_connection_info(self._client_prefix(owner[0]), key, self._spec_name)
@@ -281,6 +303,14 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         runtime_dir.link_client_sockets(info, kernel_uid, skip)
         if relay is not None:
             relay.expose(str(runtime_dir.client_socket(info["iopub_port"])))
+        if self.client_owner is not None and info["ip"] == runtime_dir.client_prefix:
+            try:
+                runtime_dir.give_client_sockets(info, self.client_owner)
+            except OSError as exc:
+                raise KernelStartError(
+                    f"kernel {self.kernel_id}: cannot give its sockets to uid "
+                    f"{self.client_owner[0]}: {exc}"
+                ) from exc
 
     def _client_prefix(self, kernel_uid: int) -> str:
         """Where clients connect: links in a host-only directory to the kernel's sockets, or
@@ -357,10 +387,17 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 did not bind its sockets within ``launch_timeout``.
             ImageMissing, RuntimeUnavailable, EngineUnavailable: from the backend.
         """
+        if self.via_service is not None:
+            return await self.via_service.launch_kernel(cmd, kwargs)
         resources = self.resources
         assert resources.runtime_dir is not None
         policy = self.policy
         workspace = resolve_workspace(self.cwd) if policy.workspace != "none" else None
+        workspace_path = None
+        if self.client_owner is not None:  # the service's caller: only a folder it sent
+            workspace = None
+            if policy.workspace != "none" and self.staged_workspace is not None:
+                workspace, workspace_path = self.staged_workspace
         if policy.workspace != "none" and workspace is None:
             self.log.warning(
                 "kernel %s: not mounting %s as the workspace (a host path no sandbox may see); "
@@ -382,6 +419,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             runtime_dir=str(resources.runtime_dir.shared),
             user=kwargs["user"],
             workspace=workspace,
+            workspace_path=workspace_path,
             host_dir=str(resources.runtime_dir.host_dir),
         )
         started = time.monotonic()
@@ -439,6 +477,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         The first time a container is seen ended for a reason the host knows (out of memory,
         idle_timeout, an operator's stop), its clients are told why first (:meth:`_tell`).
         """
+        if self.via_service is not None:
+            return await self.via_service.poll()
         if self.container_id is None:
             return 0
         if self._telling:
@@ -517,6 +557,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         Without the engine there is nothing to signal: the loss is logged (poll() reports the
         kernel dead) instead of raised, so that shutdown and its cleanup still run.
         """
+        if self.via_service is not None:
+            return await self.via_service.send_signal(signum)
         if self.container_id is None:
             return
         try:
@@ -536,6 +578,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
 
         Idempotent: a container or directory that is already gone is fine.
         """
+        if self.via_service is not None:
+            return await self.via_service.cleanup(restart)
         if self._resources is not None:
             await self._resources.aclose(restart)
         if not restart:
@@ -558,6 +602,12 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             self._end_from_monitor,
             str(self.connection_info["ip"]),
         )
+
+    def _shut_down_for(self, reason: str) -> None:
+        """End the kernel as the monitor would, from the event loop's own thread (the service
+        ended it: idle_timeout, a stop)."""
+        self._loop = asyncio.get_running_loop()
+        self._end_from_monitor(reason)
 
     def _end_from_monitor(self, reason: str) -> None:
         """End the kernel for the monitor (called from its thread).
@@ -617,6 +667,11 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
     async def get_provisioner_info(self) -> dict[str, Any]:
         """JSON-safe state (the key as text) from which load_provisioner_info reconnects."""
         info = await super().get_provisioner_info()
+        if self.via_service is not None:
+            key = self.connection_info.get("key")
+            if isinstance(key, bytes):
+                info["connection_info"] = {**self.connection_info, "key": key.decode()}
+            return {**info, **self.via_service.provisioner_info()}
         key = self.connection_info.get("key")
         if isinstance(key, bytes):
             info["connection_info"] = {**self.connection_info, "key": key.decode()}
@@ -636,6 +691,12 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """Adopt a still-running sandbox (e.g. after a Jupyter Server restart): serve its
         lifeline, watch it, restart its egress proxy and serve its data socket again."""
         await super().load_provisioner_info(provisioner_info)
+        if provisioner_info.get("service"):
+            self._service_setting = str(provisioner_info["service"])
+            self._via_service = False
+        if self.via_service is not None:
+            await self.via_service.adopt(provisioner_info)
+            return
         key = self.connection_info.get("key")
         if isinstance(key, str):
             info = {**self.connection_info, "key": key.encode()}  # bytes, as jupyter_client uses

@@ -42,6 +42,13 @@ class ProvisionerSettings(HasTraits):
     directory, uids, host logs, IOPub) of a sandboxed kernel."""
 
     profile = Unicode("strict", config=True, help="Named policy profile to start from.")
+    service = Unicode(
+        "",
+        config=True,
+        help="The sandbox service's socket (kernel-sandbox serve): start kernels through it "
+        "instead of talking to the engine. Empty: the kernelspec's 'service' key, else "
+        "$KERNEL_SANDBOX_SERVICE, else the default socket if it exists; 'off': never.",
+    )
     profiles = Dict(
         config=True,
         help="Extra named profiles (name -> policy values), added to the built-in ones.",

@@ -1,0 +1,560 @@
+"""The kernels the service runs for its callers: start, act on, remember, re-adopt.
+
+Each kernel is the same :class:`~kernel_sandbox.provisioner.DockerSandboxProvisioner` a
+single-user server runs, hosted here on the caller's behalf: what the caller's kernelspec asks
+for is layered under the operator's rules for that caller (:mod:`.rules`), folders come only as
+descriptors the caller opened (:mod:`.folders`), and the client links are given to the caller's
+uid alone. A kernel belongs to the uid that started it: every other operation checks that
+(operators excepted). The kernel lives as long as its owner process (the caller's Jupyter
+Server, nbclient run, ...) does: one that vanishes and is not replaced by a restarted one
+(``adopt``) within ``orphan_timeout`` loses its kernels.
+
+Each kernel's record (the request, the provisioner's state) is kept in ``state_dir`` so that a
+restarted service (``systemctl restart``, even SIGKILL) adopts its kernels again: they keep
+running meanwhile (their watchdogs wait ``orphan_timeout`` for the lifeline to come back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec
+from traitlets.config import Config
+
+from kernel_sandbox.errors import KernelStartError, PolicyError, SandboxError
+from kernel_sandbox.host.exits import ExitRegistry
+from kernel_sandbox.host.owner import Owner, process_start_time
+from kernel_sandbox.host.reap import SweepOnce
+from kernel_sandbox.policy.mounts import parse_mounts
+from kernel_sandbox.provisioner.identity import Identity
+from kernel_sandbox.service.callers import Caller
+from kernel_sandbox.service.folders import CallerFolder, Staging, receive_folder
+from kernel_sandbox.service.protocol import BadRequest
+from kernel_sandbox.service.rules import CallerRules, RulesFile
+
+__all__ = ["KernelRegistry", "ServedKernel"]
+
+log = logging.getLogger("kernel_sandbox.service")
+
+# Policy keys a caller may not ask for at all: the operator decides them.
+OPERATOR_KEYS = frozenset({"user"})
+
+
+class KeptAtExit(ExitRegistry):
+    """The service's kernels outlive it (a restarted service adopts them): nothing is closed
+    at interpreter exit; the watchdogs end what no service adopts in time."""
+
+    def add(self, resources: Any) -> None:
+        return None
+
+
+class NoSuchKernel(SandboxError, LookupError):
+    """The caller has no kernel with that id (another user's counts as none)."""
+
+
+@dataclass
+class ServedKernel:
+    """One kernel the service runs for a caller."""
+
+    kernel_id: str
+    uid: int
+    gid: int
+    owner: Owner  # the caller's process the kernel lives for
+    request: dict[str, Any]  # what was asked: kernelspec, config, cwd (for restarts, restore)
+    provisioner: Any  # DockerSandboxProvisioner
+    started: float = field(default_factory=time.time)
+    memory: int = 0
+    owner_lost: float | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def summary(self) -> dict[str, Any]:
+        prov = self.provisioner
+        policy = prov._policy
+        return {
+            "kernel_id": self.kernel_id,
+            "uid": self.uid,
+            "user": _user_name(self.uid),
+            "kernelspec": self.request.get("kernelspec", {}).get("name", ""),
+            "profile": self.request.get("config", {}).get("profile") or "strict",
+            "container": prov.container_name,
+            "container_id": prov.container_id,
+            "memory_limit": self.memory,
+            "runtime": policy.runtime if policy else "",
+            "network": policy.network if policy else "",
+            "started": self.started,
+            "owner_pid": self.owner.pid,
+        }
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _text_map(value: Any, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise BadRequest(f"{what} must be an object of strings")
+    return dict(value)
+
+
+def _text_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"{what} must be a list of strings")
+    return list(value)
+
+
+def _kernel_id(request: dict[str, Any]) -> str:
+    kernel_id = request.get("kernel_id")
+    if (
+        not isinstance(kernel_id, str)
+        or not kernel_id
+        or len(kernel_id) > 64
+        or not all(c.isalnum() or c in "-_" for c in kernel_id)
+    ):
+        raise BadRequest("kernel_id must be 1-64 letters, digits, '-' or '_'")
+    return kernel_id
+
+
+class KernelRegistry:
+    """Every kernel of every caller, on the service's one event loop."""
+
+    def __init__(
+        self,
+        rules: RulesFile,
+        provisioner_config: dict[str, Any],
+        state_dir: str,
+        staging_root: str,
+        orphan_timeout: float = 30.0,
+        backend: Any = None,
+    ):
+        self.rules = rules
+        self.provisioner_config = provisioner_config
+        self.state_dir = Path(state_dir)
+        self.staging_root = staging_root
+        self.orphan_timeout = orphan_timeout
+        self.kernels: dict[str, ServedKernel] = {}
+        self.starting: dict[int, list[int]] = {}  # uid -> memory of starts under way
+        self._exits = KeptAtExit()
+        self._sweeps = SweepOnce()
+        self._backend = backend
+        self._broker: Any = None
+
+    # -- the provisioner, as the caller's kernelspec asks and the operator's rules allow -----
+
+    def _provisioner(
+        self,
+        kernel_id: str,
+        caller_owner: tuple[int, int],
+        request: dict[str, Any],
+        rules: CallerRules,
+    ) -> Any:
+        from kernel_sandbox.provisioner import DockerSandboxProvisioner
+
+        spec_request = request.get("kernelspec") or {}
+        if not isinstance(spec_request, dict):
+            raise BadRequest("kernelspec must be an object")
+        name = spec_request.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("kernelspec.name must be a non-empty string")
+        argv = _text_list(spec_request.get("argv"), "kernelspec.argv")
+        if not argv:
+            raise BadRequest("kernelspec.argv must not be empty")
+        spec = KernelSpec(
+            argv=argv,
+            env=_text_map(spec_request.get("env"), "kernelspec.env"),
+            display_name=str(spec_request.get("display_name") or name),
+            language=str(spec_request.get("language") or "python"),
+        )
+        spec.name = name
+        asked = request.get("config") or {}
+        if not isinstance(asked, dict):
+            raise BadRequest("config must be an object of policy keys")
+        refused = sorted(OPERATOR_KEYS & set(asked))
+        if refused:
+            raise PolicyError(
+                f"kernelspec {name}: {', '.join(refused)} is decided by the sandbox service's "
+                "operator, not by a kernelspec"
+            )
+        config = dict(asked)
+        profile = str(config.pop("profile", None) or "strict")
+        rules.check_profile(profile)
+        rules.check_kernelspec(name)
+        if config.get("datasets"):
+            names = config["datasets"]
+            names = list(names) if isinstance(names, (dict, list)) else [names]
+            config["datasets"] = {
+                d.name: f"{d.source}:{'read-write' if d.writable else 'read'}"
+                for d in rules.check_datasets([str(n) for n in names])
+            }
+        if config.get("egress"):
+            egress = config["egress"]
+            rules.check_egress([egress] if isinstance(egress, str) else list(egress))
+        settings = {**self.provisioner_config, "ceilings": dict(rules.ceilings), "service": "off"}
+        prov = DockerSandboxProvisioner(
+            kernel_id=kernel_id,
+            kernel_spec=spec,
+            config=Config({"DockerSandboxProvisioner": settings}),
+            exit_registry=self._exits,
+            orphan_sweeps=self._sweeps,
+            profile=profile,
+            **({"backend": self._backend} if self._backend is not None else {}),
+            **({"data_broker": self._broker} if self._broker is not None else {}),
+            **config,
+        )
+        prov.client_owner = caller_owner
+        return prov
+
+    # -- operations -------------------------------------------------------------------------
+
+    def _mine(
+        self, caller: Caller, kernel_id: str, rules: CallerRules | None = None
+    ) -> ServedKernel:
+        kernel = self.kernels.get(kernel_id)
+        operator = (rules or self.rules.current().for_caller(caller)).operator
+        if kernel is None or (kernel.uid != caller.uid and not operator):
+            raise NoSuchKernel(
+                f"no kernel {kernel_id} of {caller.describe()} (see kernel-sandbox ps)"
+            )
+        return kernel
+
+    async def start(
+        self, caller: Caller, request: dict[str, Any], fds: list[int]
+    ) -> dict[str, Any]:
+        """Start (or, for a kernel of the caller's, restart) a kernel; its connection info."""
+        kernel_id = _kernel_id(request)
+        folders = self._folder_list(request, len(fds))
+        existing = self.kernels.get(kernel_id)
+        rules = self.rules.current().for_caller(caller)
+        if existing is not None and existing.uid != caller.uid:
+            raise NoSuchKernel(f"kernel id {kernel_id} is taken; use a new one")
+        if existing is None:
+            prov = self._provisioner(kernel_id, caller.owner, request, rules)
+            policy = prov.policy  # layered and capped: PolicyError names the rule
+            kernel = ServedKernel(
+                kernel_id,
+                caller.uid,
+                caller.gid,
+                self._owner(caller),
+                request,
+                prov,
+                memory=policy.memory_limit,
+            )
+            self._reserve(caller, rules, policy.memory_limit)
+        else:
+            kernel = existing
+            kernel.owner, kernel.owner_lost = self._owner(caller), None
+        try:
+            async with kernel.lock:
+                info = await self._launch(kernel, caller, rules, request, folders, fds)
+        except BaseException:
+            if existing is None:
+                self._unreserve(caller, kernel.memory)
+            raise
+        if existing is None:
+            self._unreserve(caller, kernel.memory)
+            self.kernels[kernel_id] = kernel
+        self._save(kernel)
+        return {"connection_info": info, "policy": _policy_summary(kernel.provisioner)}
+
+    def _folder_list(self, request: dict[str, Any], count: int) -> list[dict[str, Any]]:
+        folders = request.get("folders") or []
+        if not isinstance(folders, list) or len(folders) != count:
+            raise BadRequest(f"folders must describe each of the {count} descriptor(s) sent")
+        for folder in folders:
+            if not isinstance(folder, dict) or folder.get("for") not in ("workspace", "mount"):
+                raise BadRequest("each folder is {'for': 'workspace'|'mount', 'index': N}")
+        return folders
+
+    async def _launch(
+        self,
+        kernel: ServedKernel,
+        caller: Caller,
+        rules: CallerRules,
+        request: dict[str, Any],
+        folders: list[dict[str, Any]],
+        fds: list[int],
+    ) -> dict[str, Any]:
+        prov = kernel.provisioner
+        policy = prov.policy
+        staging = Staging(self.staging_root)
+        received: list[CallerFolder] = []
+        try:
+            mounts = list(policy.mounts)
+            rw = policy.workspace == "rw" or any(not m.read_only for m in mounts)
+            prov.staged_workspace = None
+            cwd = None
+            staged_mounts = []
+            for index, (folder, fd) in enumerate(zip(folders, list(fds), strict=True)):
+                fds[index] = -1  # ours now: receive_folder closes it on refusal
+                if folder["for"] == "workspace":
+                    if policy.workspace == "none":
+                        os.close(fd)
+                        continue
+                    got = receive_folder(fd, caller, policy.workspace, "workspace")
+                    received.append(got)
+                    rules.check_mount(got.path, got.mode)
+                    prov.staged_workspace = (staging.bind(got), got.path)
+                    cwd = got.path
+                else:
+                    which = folder.get("index")
+                    if not isinstance(which, int) or not 0 <= which < len(mounts):
+                        raise BadRequest(f"folder index {which!r}: no such mount")
+                    mount = mounts[which]
+                    mode = "ro" if mount.read_only else "rw"
+                    got = receive_folder(fd, caller, mode, f"mounts[{which}]")
+                    received.append(got)
+                    rules.check_mount(got.path, mode)
+                    staged_mounts.append((which, staging.bind(got)))
+            if len(staged_mounts) != len(mounts):
+                raise PolicyError(
+                    "mounts: through the sandbox service each mounted folder must be opened "
+                    "by you (the client sends it); this client sent "
+                    f"{len(staged_mounts)} of {len(mounts)}"
+                )
+            if staged_mounts:
+                replaced = list(mounts)
+                for which, source in staged_mounts:
+                    replaced[which] = type(mounts[which])(
+                        source, mounts[which].target, mounts[which].read_only
+                    )
+                prov._policy = _replace_mounts(policy, tuple(replaced))
+            if rw and prov._identity is None:
+                prov._identity = Identity(
+                    caller.uid, caller.gid, "the caller's own uid (it writes the caller's folders)"
+                )
+            env = _text_map(request.get("env"), "env")
+            extra = _text_list(request.get("extra_arguments"), "extra_arguments")
+            kwargs = await prov.pre_launch(env=env, cwd=cwd, extra_arguments=extra)
+            cmd = kwargs.pop("cmd")
+            info = await prov.launch_kernel(cmd, **kwargs)
+            await prov.post_launch(**kwargs)
+        finally:
+            staging.release()
+            for got in received:
+                got.close()
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+        info = dict(info)
+        key = info.get("key")
+        if isinstance(key, bytes):
+            info["key"] = key.decode()
+        return info
+
+    def _reserve(self, caller: Caller, rules: CallerRules, memory: int) -> None:
+        live = [k for k in self.kernels.values() if k.uid == caller.uid]
+        starting = self.starting.setdefault(caller.uid, [])
+        rules.check_count(
+            len(live) + len(starting), sum(k.memory for k in live) + sum(starting), memory
+        )
+        starting.append(memory)
+
+    def _unreserve(self, caller: Caller, memory: int) -> None:
+        starting = self.starting.get(caller.uid, [])
+        if memory in starting:
+            starting.remove(memory)
+
+    def _owner(self, caller: Caller) -> Owner:
+        import socket
+
+        return Owner(socket.gethostname(), caller.pid, process_start_time(caller.pid))
+
+    async def poll(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        kernel = self._mine(caller, _kernel_id(request))
+        prov = kernel.provisioner
+        code = await prov.poll()
+        reply: dict[str, Any] = {"exit_code": code}
+        if code is not None and prov._end_reason:
+            reply["end_reason"] = prov._end_reason
+        return reply
+
+    async def signal(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        kernel = self._mine(caller, _kernel_id(request))
+        signum = request.get("signum")
+        if not isinstance(signum, int) or not 0 < signum < 65:
+            raise BadRequest("signum must be a signal number")
+        await kernel.provisioner.send_signal(signum)
+        return {}
+
+    async def cleanup(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        kernel_id = _kernel_id(request)
+        kernel = self.kernels.get(kernel_id)
+        if kernel is None:
+            return {}  # cleanup is idempotent
+        kernel = self._mine(caller, kernel_id)
+        restart = bool(request.get("restart"))
+        async with kernel.lock:
+            await self._cleanup(kernel, restart)
+        return {}
+
+    async def _cleanup(self, kernel: ServedKernel, restart: bool) -> None:
+        await kernel.provisioner.cleanup(restart=restart)
+        if not restart:
+            self.kernels.pop(kernel.kernel_id, None)
+            self._record(kernel.kernel_id).unlink(missing_ok=True)
+
+    async def adopt(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        """A restarted client (same uid) takes its running kernel back: it now lives as long
+        as that client does."""
+        kernel = self.kernels.get(_kernel_id(request))
+        if kernel is None or kernel.uid != caller.uid:
+            raise NoSuchKernel(f"no running kernel {_kernel_id(request)} of {caller.describe()}")
+        kernel.owner, kernel.owner_lost = self._owner(caller), None
+        self._save(kernel)
+        info = dict(kernel.provisioner.connection_info)
+        if isinstance(info.get("key"), bytes):
+            info["key"] = info["key"].decode()
+        return {"connection_info": info}
+
+    def list(self, caller: Caller) -> dict[str, Any]:
+        rules = self.rules.current().for_caller(caller)
+        return {
+            "kernels": [
+                k.summary() for k in self.kernels.values() if k.uid == caller.uid or rules.operator
+            ],
+            "all": rules.operator,
+        }
+
+    async def stop(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        """End a kernel as an operator's stop does: its clients are told why."""
+        kernel = self._mine(caller, _kernel_id(request))
+        reason = f"stopped by {caller.describe()} through the sandbox service"
+        kernel.provisioner._end_reason = reason
+        await kernel.provisioner.send_signal(15)
+        return {"stopped": kernel.kernel_id}
+
+    # -- owners that vanish, and the service's own restart -----------------------------------
+
+    async def sweep(self) -> None:
+        """End the kernels whose owner process has been gone for orphan_timeout."""
+        now = time.monotonic()
+        for kernel in list(self.kernels.values()):
+            if kernel.owner.is_alive() is not False:
+                kernel.owner_lost = None
+                continue
+            if kernel.owner_lost is None:
+                kernel.owner_lost = now
+            elif now - kernel.owner_lost >= self.orphan_timeout:
+                log.warning(
+                    "kernel %s of uid %d: its owner (pid %d) is gone; ending it",
+                    kernel.kernel_id,
+                    kernel.uid,
+                    kernel.owner.pid,
+                )
+                try:
+                    async with kernel.lock:
+                        await self._cleanup(kernel, restart=False)
+                except Exception as exc:
+                    log.warning("kernel %s: cleanup failed: %s", kernel.kernel_id, exc)
+
+    def _record(self, kernel_id: str) -> Path:
+        return self.state_dir / f"{kernel_id}.json"
+
+    def _save(self, kernel: ServedKernel) -> None:
+        """Write the kernel's record (atomically, root-only) for a restarted service."""
+        asyncio.get_running_loop().create_task(self._save_async(kernel))
+
+    async def _save_async(self, kernel: ServedKernel) -> None:
+        info = await kernel.provisioner.get_provisioner_info()
+        record = {
+            "kernel_id": kernel.kernel_id,
+            "uid": kernel.uid,
+            "gid": kernel.gid,
+            "owner": {
+                "host": kernel.owner.host,
+                "pid": kernel.owner.pid,
+                "start": kernel.owner.start,
+            },
+            "request": {k: v for k, v in kernel.request.items() if k not in ("env", "op")},
+            "started": kernel.started,
+            "memory": kernel.memory,
+            "provisioner_info": info,
+        }
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staging = self.state_dir / f".{kernel.kernel_id}.tmp"
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle)
+        os.rename(staging, self._record(kernel.kernel_id))
+
+    async def restore(self) -> int:
+        """Adopt the kernels a previous run of the service left running; drop the records of
+        those that ended. Returns how many were adopted."""
+        adopted = 0
+        for path in sorted(self.state_dir.glob("*.json")) if self.state_dir.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+                caller = Caller.for_uid(int(record["uid"]), int(record["gid"]))
+                rules = self.rules.current().for_caller(caller)
+                kernel_id = str(record["kernel_id"])
+                prov = self._provisioner(kernel_id, caller.owner, record["request"], rules)
+                await prov.load_provisioner_info(record["provisioner_info"])
+                state = prov.container_id and await prov.poll()
+                if prov.runtime_dir is None or not prov.runtime_dir.exists() or state is not None:
+                    await prov.cleanup(restart=False)
+                    path.unlink(missing_ok=True)
+                    continue
+                prov.runtime_dir.give_client_sockets(prov.connection_info, caller.owner)
+                owner = Owner(**record["owner"])
+                self.kernels[kernel_id] = ServedKernel(
+                    kernel_id,
+                    caller.uid,
+                    caller.gid,
+                    owner,
+                    record["request"],
+                    prov,
+                    started=float(record.get("started") or time.time()),
+                    memory=int(record.get("memory") or 0),
+                )
+                adopted += 1
+            except Exception as exc:  # one bad record must not keep the service down
+                log.warning("service: cannot adopt the kernel of %s: %s", path.name, exc)
+        return adopted
+
+    async def close_all(self) -> None:
+        """End every kernel (an operator's `serve --stop-kernels-at-exit`, and tests)."""
+        for kernel in list(self.kernels.values()):
+            try:
+                await self._cleanup(kernel, restart=False)
+            except Exception as exc:
+                log.warning("kernel %s: cleanup failed: %s", kernel.kernel_id, exc)
+
+
+def _replace_mounts(policy: Any, mounts: tuple[Any, ...]) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(policy, mounts=mounts)
+
+
+def _policy_summary(prov: Any) -> dict[str, Any]:
+    policy = prov.policy
+    return {
+        "image": policy.image,
+        "memory_limit": policy.memory_limit,
+        "cpu_limit": policy.cpu_limit,
+        "workspace": policy.workspace,
+        "network": policy.network,
+        "runtime": policy.runtime,
+        "idle_timeout": policy.idle_timeout,
+        "user": prov._user,
+    }
+
+
+__all__ += ["NoSuchKernel", "KernelStartError", "parse_mounts"]
