@@ -24,8 +24,9 @@ import docker.errors
 import pytest
 from support import IMAGE, NO_ENGINE, REPO, unavailable
 from support.leaks import Scope, no_leaks
+from support.service import ServiceProcess, TestUsers
 
-ENGINE_FIXTURES = {"docker_client", "kernel_image"}
+ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -104,3 +105,32 @@ def leak_check(docker_client: docker.DockerClient, kernel_image: str) -> Iterato
     Yields the test's Scope: ``leak_check.pids.add(pid)`` / ``leak_check.spec(name)`` make
     the sandboxes of another owner process or of a kernelspec count as the test's."""
     yield from no_leaks(docker_client)
+
+
+@pytest.fixture(scope="session")
+def test_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestUsers]:
+    """Three ordinary accounts (kstalice, kstbob, kstcarol), none in the docker group."""
+    if os.geteuid() != 0:
+        unavailable("making test accounts needs root")
+    users = TestUsers(Path("/tmp") / f"ks-users-{os.getpid()}")
+    for name in ("kstalice", "kstbob", "kstcarol"):
+        users.add(name)
+    yield users
+    users.remove_all()
+    shutil.rmtree(users.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sandbox_service(
+    docker_client: docker.DockerClient, kernel_image: str
+) -> Iterator[ServiceProcess]:
+    """One `kernel-sandbox serve` for the session, with a policy file tests may rewrite
+    (restore it when done: ``sandbox_service.write_policy(DEFAULT_TEST_POLICY)``)."""
+    base = Path("/tmp") / f"kss-{os.getpid()}"
+    base.mkdir(mode=0o755)
+    service = ServiceProcess(base, policy=base / "service.toml", orphan_timeout=30.0)
+    service.policy.write_text("")  # type: ignore[union-attr]
+    service.start()
+    yield service
+    service.stop()
+    shutil.rmtree(base, ignore_errors=True)
