@@ -41,7 +41,8 @@ def test_a_user_without_engine_access_runs_a_sandboxed_kernel(sandbox_service, t
     denied = users.run_as(
         "kstalice",
         "import socket\ns = socket.socket(socket.AF_UNIX)\n"
-        "try:\n    s.connect('/var/run/docker.sock')\nexcept PermissionError:\n    print('denied')\n",
+        "try:\n    s.connect('/var/run/docker.sock')\n"
+        "except PermissionError:\n    print('denied')\n",
         env=env,
     )
     assert denied.stdout.strip() == "denied"
