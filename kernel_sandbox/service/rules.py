@@ -502,7 +502,7 @@ class CallerRules:
         if mode not in ("ro", "rw"):
             raise PolicyError(f'mount mode must be "ro" or "rw", got {mode!r}')
         path = resolved_path.rstrip("/") or "/"
-        if not os.path.isabs(path) or os.path.normpath(path) != path:
+        if not os.path.isabs(resolved_path) or os.path.normpath(path) != path:
             raise PolicyError(f"mount: {resolved_path!r} is not an absolute, resolved path")
         allowing = [r for r in self.mounts if r.allows(path, mode)]
         if allowing:
