@@ -453,3 +453,28 @@ def test_describe_is_json_and_names_the_rules(homes):
     assert rules.describe()["sections"][0] == "[everyone]"
     assert set(BUILTIN_DEFAULTS) <= set(summary) | set(summary["ceilings"])
     assert parse_size("x", BUILTIN_DEFAULTS["max_memory"]) == 16 * G
+
+
+def test_the_class_example_of_docs_service_md_means_what_the_page_says(tmp_path):
+    page = (Path(__file__).parent.parent / "docs" / "service.md").read_text()
+    example = page.split("### Example: a class", 1)[1].split("```toml\n", 1)[1].split("```")[0]
+    (tmp_path / "census").mkdir()
+    rules = ServiceRules.load(
+        write(tmp_path, example.replace("/srv/data/census", f"{tmp_path}/census"))
+    )
+    student = rules.for_caller(caller("sam", "/home/sam", "students"))
+    assert student.profiles == {"educator"} and student.kernelspecs == {"python3-sandbox"}
+    assert [(m.path, m.mode) for m in student.mounts] == [
+        ("/home/sam", "rw"),
+        ("/srv/course", "ro"),
+    ]
+    assert list(student.datasets) == ["census"] and student.egress == ()
+    assert (student.max_kernels, student.max_memory) == (3, 2 * G)
+    assert student.ceilings["memory_limit"] == 512 * 1024**2
+    assert student.ceilings["idle_timeout"] == 7200 and not student.operator
+    teacher = rules.for_caller(caller("ines", "/home/ines", "instructors"))
+    assert teacher.profiles == {"educator", "analyst", "strict"} and teacher.kernelspecs is None
+    assert teacher.check_mount("/srv/course/week1", "rw").mode == "rw"
+    assert list(teacher.datasets) == ["census", "results"] and len(teacher.egress) == 2
+    assert (teacher.max_kernels, teacher.max_memory, teacher.operator) == (10, 32 * G, True)
+    assert rules.for_caller(caller("ta1", "/home/ta1", "students")).max_kernels == 5
