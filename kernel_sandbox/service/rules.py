@@ -33,7 +33,6 @@ and mount rules, the paths they name.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -43,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernel_sandbox.egress.rules import Rule, parse_rule
+from kernel_sandbox.egress.rules import parse_rule
 from kernel_sandbox.errors import KernelspecError, PolicyError, ServiceRefused
 from kernel_sandbox.kernelspec import check_kernel_name
 from kernel_sandbox.policy.keys import CEILING_KEYS, KEYS, display_value, validate
@@ -137,14 +136,27 @@ def _toml(value: Any) -> str:
 # -- loading: one section at a time, every error naming the file, section and key -------------
 
 
-def _names(key: str, value: Any, check: Any) -> tuple[str, ...]:
+def _names(key: str, value: Any, datasets: Mapping[str, Dataset], profiles: set[str]) -> Any:
+    """profiles, kernelspecs or datasets: names that must exist, or "*" for any."""
     if isinstance(value, str) or not isinstance(value, list):
         raise PolicyError(f'{key}: expected a list of names (or ["*"]), got {_toml(value)}')
-    for item in value:
-        if not isinstance(item, str):
-            raise PolicyError(f"{key}: expected names, got {_toml(item)}")
-        if item != "*":
-            check(item)
+    for name in value:
+        if not isinstance(name, str):
+            raise PolicyError(f"{key}: expected names, got {_toml(name)}")
+        if name == "*":
+            continue
+        if key == "kernelspecs":
+            try:
+                check_kernel_name(name)
+            except KernelspecError as exc:
+                raise PolicyError(f"{key}: {exc}") from None
+        known = profiles if key == "profiles" else datasets
+        if key != "kernelspecs" and name not in known:
+            raise PolicyError(
+                f"{key}: {name!r} is not "
+                + ("a known profile" if key == "profiles" else "defined in [datasets]")
+                + f"; known: {', '.join(sorted(known)) or '(none)'}"
+            )
     return tuple(dict.fromkeys(value))
 
 
@@ -172,34 +184,8 @@ def _mount_rule(value: Any) -> tuple[str, str]:
 
 def _parse_value(key: str, value: Any, datasets: Mapping[str, Dataset], profiles: set[str]) -> Any:
     """One section key's typed value (the key is known)."""
-    if key == "profiles":
-
-        def known(name: str) -> None:
-            if name not in profiles:
-                raise PolicyError(
-                    f"profiles: unknown profile {name!r}; known: {', '.join(sorted(profiles))}"
-                )
-
-        return _names(key, value, known)
-    if key == "kernelspecs":
-
-        def valid(name: str) -> None:
-            try:
-                check_kernel_name(name)
-            except KernelspecError as exc:
-                raise PolicyError(f"kernelspecs: {exc}") from None
-
-        return _names(key, value, valid)
-    if key == "datasets":
-
-        def defined(name: str) -> None:
-            if name not in datasets:
-                raise PolicyError(
-                    f"datasets: {name!r} is not defined in [datasets]; defined: "
-                    f"{', '.join(sorted(datasets)) or '(none)'}"
-                )
-
-        return _names(key, value, defined)
+    if key in ("profiles", "kernelspecs", "datasets"):
+        return _names(key, value, datasets, profiles)
     if key == "mounts":
         if not isinstance(value, list):
             raise PolicyError(f"mounts: expected a list of tables, got {_toml(value)}")
@@ -545,7 +531,7 @@ class CallerRules:
         allowed = [parse_rule(p) for p in self.egress]
         for pattern in parse_egress_rules(list(patterns)):
             asked = parse_rule(pattern)
-            if not any(_rule_within(asked, rule) for rule in allowed):
+            if not any(rule.covers(asked) for rule in allowed):
                 raise self._refuse(
                     "egress",
                     f"may not let a kernel reach {pattern}",
@@ -619,26 +605,6 @@ class CallerRules:
             "operator": self.operator,
             "sources": {key: list(rules) for key, rules in self.sources.items()},
         }
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _rule_within(asked: Rule, allowed: Rule) -> bool:
-    """Whether every target ``asked`` matches is matched by ``allowed`` too."""
-    if allowed.ports is not None and (asked.ports is None or set(asked.ports) - set(allowed.ports)):
-        return False
-    if not allowed.host.startswith("*."):
-        return asked.host == allowed.host
-    suffix = allowed.host[1:]  # ".corp.test"
-    if asked.host.startswith("*."):
-        return asked.host[1:].endswith(suffix)
-    return not _is_ip(asked.host) and asked.host.endswith(suffix)
 
 
 class RulesFile:
