@@ -25,6 +25,8 @@
     │                                   the kernel's egress proxy did not answer
     ├── LockdownError (RuntimeError)    a locked-down Jupyter Server cannot guarantee that
     │                                   everything it starts is sandboxed; it refuses to start
+    ├── BadRequest (ValueError)         a request to the sandbox service is malformed
+    ├── NoSuchKernel (LookupError)      the sandbox service has no such kernel of the caller
     ├── ServiceUnavailable (ConnectionError)
     │                                   the sandbox service's socket does not answer
     └── ServiceRefused (PermissionError)
@@ -58,6 +60,8 @@ __all__ = [
     "LockdownError",
     "PolicyError",
     "RuntimeUnavailable",
+    "BadRequest",
+    "NoSuchKernel",
     "SandboxError",
     "ServiceRefused",
     "ServiceUnavailable",
@@ -163,3 +167,12 @@ class ServiceRefused(SandboxError, PermissionError):
     def __init__(self, message: str, rule: str = ""):
         super().__init__(message)
         self.rule = rule
+
+
+class BadRequest(SandboxError, ValueError):
+    """A request to the sandbox service is not well formed (the reply says why)."""
+
+
+class NoSuchKernel(SandboxError, LookupError):
+    """The sandbox service has no kernel with that id for the caller (another user's kernel
+    counts as none)."""

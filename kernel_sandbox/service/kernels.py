@@ -28,15 +28,13 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from traitlets.config import Config
 
-from kernel_sandbox.errors import KernelStartError, PolicyError, SandboxError
+from kernel_sandbox.errors import BadRequest, NoSuchKernel, PolicyError
 from kernel_sandbox.host.exits import ExitRegistry
 from kernel_sandbox.host.owner import Owner, process_start_time
 from kernel_sandbox.host.reap import SweepOnce
-from kernel_sandbox.policy.mounts import parse_mounts
 from kernel_sandbox.provisioner.identity import Identity
 from kernel_sandbox.service.callers import Caller
 from kernel_sandbox.service.folders import CallerFolder, Staging, receive_folder
-from kernel_sandbox.service.protocol import BadRequest
 from kernel_sandbox.service.rules import CallerRules, RulesFile
 
 __all__ = ["KernelRegistry", "ServedKernel"]
@@ -53,10 +51,6 @@ class KeptAtExit(ExitRegistry):
 
     def add(self, resources: Any) -> None:
         return None
-
-
-class NoSuchKernel(SandboxError, LookupError):
-    """The caller has no kernel with that id (another user's counts as none)."""
 
 
 @dataclass
@@ -200,13 +194,13 @@ class KernelRegistry:
             names = config["datasets"]
             names = list(names) if isinstance(names, (dict, list)) else [names]
             config["datasets"] = {
-                d.name: f"{d.source}:{'read-write' if d.writable else 'read'}"
+                d.name: f"{d.source}:{d.access}"
                 for d in rules.check_datasets([str(n) for n in names])
             }
         if config.get("egress"):
             egress = config["egress"]
             rules.check_egress([egress] if isinstance(egress, str) else list(egress))
-        settings = {**self.provisioner_config, "ceilings": dict(rules.ceilings), "service": "off"}
+        settings = {**self.provisioner_config, "service": "off"}
         prov = DockerSandboxProvisioner(
             kernel_id=kernel_id,
             kernel_spec=spec,
@@ -219,6 +213,9 @@ class KernelRegistry:
             **config,
         )
         prov.client_owner = caller_owner
+        # The operator's ceilings for this caller, a refusal naming the rule in the file.
+        policy, sources = rules.apply_ceilings(prov.policy, prov.policy_sources)
+        prov._policy, prov._sources = policy, sources
         return prov
 
     # -- operations -------------------------------------------------------------------------
@@ -556,5 +553,3 @@ def _policy_summary(prov: Any) -> dict[str, Any]:
         "user": prov._user,
     }
 
-
-__all__ += ["NoSuchKernel", "KernelStartError", "parse_mounts"]
