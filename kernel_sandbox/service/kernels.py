@@ -552,4 +552,3 @@ def _policy_summary(prov: Any) -> dict[str, Any]:
         "idle_timeout": policy.idle_timeout,
         "user": prov._user,
     }
-
