@@ -41,8 +41,9 @@ __all__ = ["KernelRegistry", "ServedKernel"]
 
 log = logging.getLogger("kernel_sandbox.service")
 
-# Policy keys a caller may not ask for at all: the operator decides them.
-OPERATOR_KEYS = frozenset({"user"})
+# Policy keys a caller may not ask for at all: the operator decides them (``egress_hosts``
+# could point an allowed name at any address).
+OPERATOR_KEYS = frozenset({"user", "egress_hosts"})
 
 
 class KeptAtExit(ExitRegistry):
