@@ -28,13 +28,13 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from traitlets.config import Config
 
-from kernel_sandbox.errors import BadRequest, NoSuchKernel, PolicyError
+from kernel_sandbox.errors import BadRequest, NoSuchKernel, PolicyError, ServiceRefused
 from kernel_sandbox.host.exits import ExitRegistry
 from kernel_sandbox.host.owner import Owner, process_start_time
 from kernel_sandbox.host.reap import SweepOnce
 from kernel_sandbox.provisioner.identity import Identity
 from kernel_sandbox.service.callers import Caller
-from kernel_sandbox.service.folders import CallerFolder, Staging, receive_folder
+from kernel_sandbox.service.folders import CallerFolder, NotMountable, Staging, receive_folder
 from kernel_sandbox.service.rules import CallerRules, RulesFile
 
 __all__ = ["KernelRegistry", "ServedKernel"]
@@ -77,7 +77,7 @@ class ServedKernel:
             "uid": self.uid,
             "user": _user_name(self.uid),
             "kernelspec": self.request.get("kernelspec", {}).get("name", ""),
-            "profile": self.request.get("config", {}).get("profile") or "strict",
+            "profile": prov.profile,
             "container": prov.container_name,
             "container_id": prov.container_id,
             "memory_limit": self.memory,
@@ -188,7 +188,7 @@ class KernelRegistry:
                 "operator, not by a kernelspec"
             )
         config = dict(asked)
-        profile = str(config.pop("profile", None) or "strict")
+        profile = str(config.pop("profile", None) or _default_profile(rules))
         rules.check_profile(profile)
         rules.check_kernelspec(name)
         if config.get("datasets"):
@@ -198,6 +198,8 @@ class KernelRegistry:
                 d.name: f"{d.source}:{d.access}"
                 for d in rules.check_datasets([str(n) for n in names])
             }
+        if config.get("network") == "allowlist" and not config.get("egress"):
+            config["egress"] = list(rules.egress)  # the operator's allowlist for the caller
         if config.get("egress"):
             egress = config["egress"]
             rules.check_egress([egress] if isinstance(egress, str) else list(egress))
@@ -260,7 +262,7 @@ class KernelRegistry:
             kernel.owner, kernel.owner_lost = self._owner(caller), None
         try:
             async with kernel.lock:
-                info = await self._launch(kernel, caller, rules, request, folders, fds)
+                launched = await self._launch(kernel, caller, rules, request, folders, fds)
         except BaseException:
             if existing is None:
                 self._unreserve(caller, kernel.memory)
@@ -269,7 +271,7 @@ class KernelRegistry:
             self._unreserve(caller, kernel.memory)
             self.kernels[kernel_id] = kernel
         self._save(kernel)
-        return {"connection_info": info, "policy": _policy_summary(kernel.provisioner)}
+        return {**launched, "policy": _policy_summary(kernel.provisioner)}
 
     def _folder_list(self, request: dict[str, Any], count: int) -> list[dict[str, Any]]:
         folders = request.get("folders") or []
@@ -298,6 +300,7 @@ class KernelRegistry:
             rw = policy.workspace == "rw" or any(not m.read_only for m in mounts)
             prov.staged_workspace = None
             cwd = None
+            notes: list[str] = []
             staged_mounts = []
             for index, (folder, fd) in enumerate(zip(folders, list(fds), strict=True)):
                 fds[index] = -1  # ours now: receive_folder closes it on refusal
@@ -305,9 +308,13 @@ class KernelRegistry:
                     if policy.workspace == "none":
                         os.close(fd)
                         continue
-                    got = receive_folder(fd, caller, policy.workspace, "workspace")
-                    received.append(got)
-                    rules.check_mount(got.path, got.mode)
+                    try:  # as in direct mode: a folder no sandbox may see is not mounted
+                        got = receive_folder(fd, caller, policy.workspace, "workspace")
+                        received.append(got)
+                        rules.check_mount(got.path, got.mode)
+                    except (NotMountable, ServiceRefused) as exc:
+                        notes.append(f"the workspace is not mounted: {exc}")
+                        continue
                     prov.staged_workspace = (staging.bind(got), got.path)
                     cwd = got.path
                 else:
@@ -343,6 +350,8 @@ class KernelRegistry:
             cmd = kwargs.pop("cmd")
             info = await prov.launch_kernel(cmd, **kwargs)
             await prov.post_launch(**kwargs)
+            for note in notes:
+                prov.log.warning("kernel %s: %s", kernel.kernel_id, note)
         finally:
             staging.release()
             for got in received:
@@ -354,7 +363,7 @@ class KernelRegistry:
         key = info.get("key")
         if isinstance(key, bytes):
             info["key"] = key.decode()
-        return info
+        return {"connection_info": info, "notes": notes}
 
     def _reserve(self, caller: Caller, rules: CallerRules, memory: int) -> None:
         live = [k for k in self.kernels.values() if k.uid == caller.uid]
@@ -533,6 +542,14 @@ class KernelRegistry:
                 await self._cleanup(kernel, restart=False)
             except Exception as exc:
                 log.warning("kernel %s: cleanup failed: %s", kernel.kernel_id, exc)
+
+
+def _default_profile(rules: CallerRules) -> str:
+    """The profile of a start that names none: ``strict`` where the caller may use it, else
+    the caller's only profile (several: the check then names them)."""
+    if rules.profiles is None or "strict" in rules.profiles or len(rules.profiles) != 1:
+        return "strict"
+    return next(iter(rules.profiles))
 
 
 def _replace_mounts(policy: Any, mounts: tuple[Any, ...]) -> Any:
