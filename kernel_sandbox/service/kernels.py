@@ -159,7 +159,10 @@ class KernelRegistry:
         caller_owner: tuple[int, int],
         request: dict[str, Any],
         rules: CallerRules,
+        enforce: bool = True,
     ) -> Any:
+        """The provisioner for ``request``, held to ``rules`` (``enforce`` False: a running
+        kernel adopted after a restart, which the rules allowed when it started)."""
         from kernel_sandbox.provisioner import DockerSandboxProvisioner
 
         spec_request = request.get("kernelspec") or {}
@@ -189,8 +192,9 @@ class KernelRegistry:
             )
         config = dict(asked)
         profile = str(config.pop("profile", None) or _default_profile(rules))
-        rules.check_profile(profile)
-        rules.check_kernelspec(name)
+        if enforce:
+            rules.check_profile(profile)
+            rules.check_kernelspec(name)
         if config.get("datasets"):
             names = config["datasets"]
             names = list(names) if isinstance(names, (dict, list)) else [names]
@@ -200,7 +204,7 @@ class KernelRegistry:
             }
         if config.get("network") == "allowlist" and not config.get("egress"):
             config["egress"] = list(rules.egress)  # the operator's allowlist for the caller
-        if config.get("egress"):
+        if config.get("egress") and enforce:
             egress = config["egress"]
             rules.check_egress([egress] if isinstance(egress, str) else list(egress))
         settings = {**self.provisioner_config, "service": "off"}
@@ -216,9 +220,9 @@ class KernelRegistry:
             **config,
         )
         prov.client_owner = caller_owner
-        # The operator's ceilings for this caller, a refusal naming the rule in the file.
-        policy, sources = rules.apply_ceilings(prov.policy, prov.policy_sources)
-        prov._policy, prov._sources = policy, sources
+        if enforce:  # the operator's ceilings for this caller, a refusal naming the rule
+            policy, sources = rules.apply_ceilings(prov.policy, prov.policy_sources)
+            prov._policy, prov._sources = policy, sources
         return prov
 
     # -- operations -------------------------------------------------------------------------
@@ -516,7 +520,9 @@ class KernelRegistry:
                 caller = Caller.for_uid(int(record["uid"]), int(record["gid"]))
                 rules = self.rules.current().for_caller(caller)
                 kernel_id = str(record["kernel_id"])
-                prov = self._provisioner(kernel_id, caller.owner, record["request"], rules)
+                prov = self._provisioner(
+                    kernel_id, caller.owner, record["request"], rules, enforce=False
+                )
                 await prov.load_provisioner_info(record["provisioner_info"])
                 state = prov.container_id and await prov.poll()
                 if prov.runtime_dir is None or not prov.runtime_dir.exists() or state is not None:
