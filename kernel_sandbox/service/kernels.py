@@ -35,7 +35,13 @@ from kernel_sandbox.host.reap import SweepOnce
 from kernel_sandbox.policy.mounts import parse_mounts
 from kernel_sandbox.provisioner.identity import Identity
 from kernel_sandbox.service.callers import Caller
-from kernel_sandbox.service.folders import CallerFolder, Staging, receive_folder
+from kernel_sandbox.service.folders import (
+    CallerFolder,
+    Staging,
+    never_mounted,
+    receive_folder,
+    sent_path,
+)
 from kernel_sandbox.service.protocol import BadRequest
 from kernel_sandbox.service.rules import CallerRules, RulesFile
 
@@ -304,7 +310,15 @@ class KernelRegistry:
             for index, (folder, fd) in enumerate(zip(folders, list(fds), strict=True)):
                 fds[index] = -1  # ours now: receive_folder closes it on refusal
                 if folder["for"] == "workspace":
-                    if policy.workspace == "none":
+                    # A notebook folder that no sandbox may see (the home as a whole, where a
+                    # server in the home starts its kernels) is not mounted, as in direct mode:
+                    # the kernel starts in its own home (the provisioner logs it).
+                    skip = policy.workspace == "none" or never_mounted(
+                        sent_path(fd), caller, "workspace"
+                    )
+                    if skip:
+                        if policy.workspace != "none":
+                            log.warning("kernel %s: %s; not mounted", kernel.kernel_id, skip)
                         os.close(fd)
                         continue
                     got = receive_folder(fd, caller, policy.workspace, "workspace")
