@@ -26,10 +26,6 @@ from support import IMAGE, NO_ENGINE, REPO, unavailable
 from support.leaks import Scope, no_leaks
 from support.service import ServiceProcess, TestUsers
 
-# The test accounts; KERNEL_SANDBOX_TEST_USERS=a,b,c gives a session names of its own (two
-# sessions on one machine with the same names would delete each other's accounts at the end).
-TEST_USER_NAMES = os.environ.get("KERNEL_SANDBOX_TEST_USERS", "kstalice,kstbob,kstcarol").split(",")
-
 ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service"}
 
 
@@ -117,10 +113,10 @@ def test_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestUsers]:
     if os.geteuid() != 0:
         unavailable("making test accounts needs root")
     users = TestUsers(Path("/tmp") / f"ks-users-{os.getpid()}")
-    for name in TEST_USER_NAMES:
+    for name in ("kstalice", "kstbob", "kstcarol"):
         users.add(name)
     yield users
-    users.remove_all()
+    users.forget()
     shutil.rmtree(users.base, ignore_errors=True)
 
 

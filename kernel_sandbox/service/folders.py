@@ -26,11 +26,15 @@ from kernel_sandbox.host import tmpfs
 from kernel_sandbox.policy.mounts import _within, check_mount_source
 from kernel_sandbox.service.callers import Caller
 
-__all__ = ["CallerFolder", "Staging", "never_mounted", "receive_folder", "sent_path"]
+__all__ = ["CallerFolder", "NotMountable", "Staging", "receive_folder"]
 
 MS_BIND = 4096
 MS_REC = 16384
 ACL_XATTR = "system.posix_acl_access"
+
+
+class NotMountable(PolicyError):
+    """A folder no sandbox may see (a host path the mount rules refuse, a home as a whole)."""
 
 
 @dataclass
@@ -76,29 +80,6 @@ def _has_acl(fd: int) -> bool:
     return True
 
 
-def never_mounted(path: str, caller: Caller, what: str) -> str | None:
-    """Why ``path`` may never be mounted for ``caller`` (a host path no sandbox may see, the
-    caller's home as a whole), or None."""
-    try:
-        check_mount_source(what, path)
-    except PolicyError as exc:
-        return str(exc)
-    if _within(caller.home, path) and os.path.isabs(caller.home) and caller.home != "/":
-        return (
-            f"{what}: refusing to mount {path}: it exposes your home directory as a whole; "
-            "use a folder inside it"
-        )
-    return None
-
-
-def sent_path(fd: int) -> str:
-    """Where the kernel says the open directory ``fd`` is ('' if that cannot be read)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return ""
-
-
 def receive_folder(fd: int, caller: Caller, mode: str, what: str) -> CallerFolder:
     """Check a descriptor the caller sent for ``what`` (the workspace, a mount) in ``mode``.
 
@@ -121,9 +102,15 @@ def receive_folder(fd: int, caller: Caller, mode: str, what: str) -> CallerFolde
             )
         if not path.startswith("/") or path.endswith(" (deleted)"):
             raise PolicyError(f"{what}: the folder sent is no longer on the file system")
-        reason = never_mounted(path, caller, what)
-        if reason:
-            raise PolicyError(reason)
+        try:
+            check_mount_source(what, path)
+        except PolicyError as exc:
+            raise NotMountable(str(exc)) from None
+        if _within(caller.home, path) and os.path.isabs(caller.home) and caller.home != "/":
+            raise NotMountable(
+                f"{what}: refusing to mount {path}: it exposes your home directory as a "
+                "whole; use a folder inside it"
+            )
         if mode == "rw" and (
             not writable_by(info, caller) or (info.st_uid != caller.uid and _has_acl(fd))
         ):
