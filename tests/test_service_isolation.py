@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_USER_NAMES
 from support import service as svc
 from support.servers import Server, execute, free_port
 
 pytestmark = pytest.mark.integration
 
-A, B = TEST_USER_NAMES[:2]
+A, B = "kstalice", "kstbob"
 REPO = Path(__file__).resolve().parents[1]
 SPEC = json.loads((REPO / "kernelspecs" / "python3-sandbox" / "kernel.json").read_text())
 
