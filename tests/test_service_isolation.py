@@ -14,6 +14,7 @@ import os
 import pwd
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -541,3 +542,254 @@ def test_a_jupyter_server_of_a_user_without_engine_access(
             process.kill()
             process.communicate()
         log.close()
+
+
+# -- 4. A cannot use B's data token ---------------------------------------------------------
+
+# Run as a user: start a kernel through the service with REQUEST, print the reply, keep the
+# kernel until a line arrives on stdin.
+HOLD_START = """
+import json, sys
+from kernel_sandbox.service.protocol import call
+request = {request!r}
+reply = call({socket!r}, request)
+print(json.dumps(reply), flush=True)
+sys.stdin.readline()
+call({socket!r}, {{"op": "cleanup", "kernel_id": request["kernel_id"]}})
+"""
+
+# Run as a user: start a kernel through the service with REQUEST, run CODE in it, clean up.
+START_AND_RUN = """
+import json
+from jupyter_client import BlockingKernelClient
+from kernel_sandbox.service.protocol import call
+request = {request!r}
+out = []
+try:
+    reply = call({socket!r}, request)
+    kc = BlockingKernelClient()
+    kc.load_connection_info(reply["connection_info"])
+    kc.start_channels(); kc.wait_for_ready(timeout=90)
+    def hook(m):
+        if m["msg_type"] == "stream":
+            out.append(m["content"]["text"])
+        elif m["msg_type"] == "error":
+            out.append("ERROR " + m["content"]["ename"] + ": " + m["content"]["evalue"])
+    kc.execute_interactive({code!r}, timeout=60, output_hook=hook)
+    kc.stop_channels()
+finally:
+    call({socket!r}, {{"op": "cleanup", "kernel_id": request["kernel_id"]}})
+print(json.dumps("".join(out)))
+"""
+
+
+@pytest.fixture
+def dataset_policy(test_users, sandbox_service) -> Iterator[str]:
+    """A dataset ``demo`` every user's kernels may ask for."""
+    data = test_users.base / "dataset-demo"
+    data.mkdir(exist_ok=True)
+    (data / "rows.csv").write_text("a,b\n1,2\n")
+    sandbox_service.write_policy(
+        f'[datasets]\ndemo = "{data}:read"\n\n[everyone]\ndatasets = ["demo"]\n'
+    )
+    try:
+        yield "demo"
+    finally:
+        sandbox_service.write_policy("")
+
+
+def test_a_cannot_use_bs_data_token(test_users, sandbox_service, env, dataset_policy):
+    b_id, a_id = "iso-data-b-" + secrets.token_hex(4), "iso-data-a-" + secrets.token_hex(4)
+    hold = HOLD_START.format(
+        socket=sandbox_service.socket, request=start_request(b_id, datasets=[dataset_policy])
+    )
+    process = popen_as(test_users, B, hold, env)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, process.stderr.read()[-3000:] if process.stderr else ""
+        token_file = runtime_dir({"record": record_of(sandbox_service, b_id)}) / "h" / "data-token"
+        b_token = token_file.read_text().strip()  # root reads it; A cannot:
+        assert b_token
+        read = test_users.run_as(
+            A, f"try:\n    open({str(token_file)!r}).read()\nexcept OSError as e:\n    print(e)"
+        )
+        assert "Permission denied" in read.stdout, read.stdout
+        data_sock = str(token_file.parent / "data.sock")
+        assert connect_unix(test_users, A, [data_sock]) == {data_sock: "EACCES"}
+        code = (
+            "from kernel_sandbox.inside import data\n"
+            "print('mine', data.ls(''))\n"
+            "try:\n"
+            f"    data.Client(token={b_token!r}).ls('')\n"
+            "    print('B-TOKEN-ACCEPTED')\n"
+            "except data.AccessDenied as exc:\n"
+            "    print('refused', type(exc).__name__, exc)\n"
+        )
+        request = start_request(a_id, datasets=[dataset_policy])
+        script = START_AND_RUN.format(socket=sandbox_service.socket, request=request, code=code)
+        output = json.loads(test_users.run_as(A, script, env=env).stdout.strip().splitlines()[-1])
+        assert "mine" in output and "demo" in output, output  # A's own token works
+        assert "B-TOKEN-ACCEPTED" not in output, output
+        assert "refused TokenInvalid" in output, output
+    finally:
+        try:
+            process.communicate("done\n", timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+# -- 5. A cannot approve B's egress ----------------------------------------------------------
+
+# Run as B: start a kernel through the service, make it ask for an unlisted target (through
+# its egress proxy, which then waits for a person), report; on a line on stdin, print what the
+# request got and clean up.
+EGRESS_WAIT = """
+import json, sys
+from jupyter_client import BlockingKernelClient
+from kernel_sandbox.service.protocol import call
+request = {request!r}
+reply = call({socket!r}, request)
+kc = BlockingKernelClient()
+kc.load_connection_info(reply["connection_info"])
+kc.start_channels(); kc.wait_for_ready(timeout=90)
+msg_id = kc.execute({code!r})
+print(json.dumps("asked"), flush=True)
+sys.stdin.readline()
+out = []
+while True:
+    m = kc.get_iopub_msg(timeout=90)
+    if m["parent_header"].get("msg_id") != msg_id:
+        continue
+    if m["msg_type"] == "stream":
+        out.append(m["content"]["text"])
+    if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+        break
+kc.stop_channels()
+call({socket!r}, {{"op": "cleanup", "kernel_id": request["kernel_id"]}})
+print(json.dumps("".join(out)))
+"""
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A loopback listener of ours: the only place an approved request could go."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def egress_kernel_of_b(test_users, sandbox_service, env, listener) -> Iterator[dict]:
+    """B's kernel, egress_mode ask, with a request to localhost:<listener> waiting."""
+    from kernel_sandbox.egress.control import EgressControl
+
+    sandbox_service.write_policy('[everyone]\negress = ["allowed.test"]\n')
+    kernel_id = "iso-egress-b-" + secrets.token_hex(4)
+    target = f"localhost:{listener}"  # resolved, if ever approved, to loopback: never out
+    code = (  # to the proxy by hand: urllib would bypass it for 127.0.0.1 (no_proxy)
+        "import http.client\n"
+        "c = http.client.HTTPConnection('127.0.0.1', 3128, timeout=90)\n"
+        f"c.request('GET', 'http://{target}/')\n"
+        "r = c.getresponse()\n"
+        "print('GOT THROUGH' if r.status < 400 else 'refused', r.status, r.read()[:200])\n"
+    )
+    request = start_request(
+        kernel_id,
+        network="allowlist",
+        egress=["allowed.test"],
+        egress_mode="ask",
+        egress_ask_timeout=90,
+    )
+    script = EGRESS_WAIT.format(socket=sandbox_service.socket, request=request, code=code)
+    process = popen_as(test_users, B, script, env)
+    control = EgressControl(sandbox_service.runtime_root)  # root's view
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline(), process.stderr.read()[-3000:] if process.stderr else ""
+        deadline = time.monotonic() + 30
+        while not any(p.target == target for p in control.pending(kernel_id)):
+            if time.monotonic() > deadline:
+                out, err = process.communicate("done\n", timeout=120)
+                log = sandbox_service.log_path.read_text()[-3000:]
+                raise AssertionError(f"B's request never waited: {out}\n{err[-2000:]}\n{log}")
+            time.sleep(0.2)
+        yield {"kernel_id": kernel_id, "target": target, "process": process, "control": control}
+    finally:
+        try:
+            if process.poll() is None:
+                control.deny(kernel_id, target)
+            process.communicate("done\n", timeout=60)
+        except Exception:
+            process.kill()
+            process.communicate()
+        sandbox_service.write_policy("")
+
+
+def test_a_cannot_approve_bs_egress_through_the_proxy(
+    test_users, sandbox_service, egress_kernel_of_b
+):
+    """The per-kernel egress control socket, in the service's runtime directory, is root's
+    alone: A's `kernel-sandbox egress approve` finds nothing, a direct connect is refused,
+    and B's request still waits (then B's person denies it, and the kernel is told)."""
+    kernel_id, target = egress_kernel_of_b["kernel_id"], egress_kernel_of_b["target"]
+    control_sock = runtime_dir({"record": record_of(sandbox_service, kernel_id)}) / "egress-control"
+    info = control_sock.lstat()
+    assert info.st_uid == 0 and info.st_mode & 0o777 == 0o600, oct(info.st_mode)
+    assert connect_unix(test_users, A, [str(control_sock)]) == {str(control_sock): "EACCES"}
+    approve = test_users.run_as(
+        A,
+        "import sys\nfrom kernel_sandbox.cli import main\n"
+        "sys.argv = ['kernel-sandbox', 'egress', 'approve', "
+        f"{kernel_id!r}, {target!r}, '--runtime-root', {sandbox_service.runtime_root!r}]\n"
+        "sys.exit(main())\n",
+        check=False,
+    )
+    assert approve.returncode != 0, approve.stdout + approve.stderr
+    code = (
+        "from kernel_sandbox.egress.control import EgressControl, _ask\n"
+        f"c = EgressControl({sandbox_service.runtime_root!r})\n"
+        "try:\n"
+        f"    _ask(__import__('pathlib').Path({str(control_sock)!r}),"
+        f" {{'op': 'approve', 'target': {target!r}, 'always': True}})\n"
+        "    print('APPROVED')\n"
+        "except OSError as e:\n"
+        "    print('refused', e)\n"
+    )
+    direct = test_users.run_as(A, code)
+    assert "APPROVED" not in direct.stdout and "Permission denied" in direct.stdout
+    control = egress_kernel_of_b["control"]
+    assert [p.target for p in control.pending(kernel_id)] == [target]  # still waiting
+    assert control.deny(kernel_id, target) == 1
+    process = egress_kernel_of_b["process"]
+    out, err = process.communicate("done\n", timeout=90)
+    told = json.loads(out.strip().splitlines()[-1])
+    assert "refused" in told and "GOT THROUGH" not in told, (told, err[-2000:])
+
+
+def test_a_cannot_decide_bs_egress_through_the_service(
+    test_users, sandbox_service, egress_kernel_of_b
+):
+    """The service's egress_pending / egress_decide (per-caller views): A sees nothing of B's
+    and cannot approve it. TO BE FINISHED when the service serves these operations (helper
+    svccli); until then the test skips, saying so."""
+    kernel_id, target = egress_kernel_of_b["kernel_id"], egress_kernel_of_b["target"]
+    pending = ask_as(test_users, A, sandbox_service, {"op": "egress_pending"})
+    if not pending["ok"] and "not served yet" in pending["message"]:
+        pytest.skip("egress_pending/egress_decide are not served by the service yet (svccli)")
+    assert pending["ok"], pending
+    assert kernel_id not in json.dumps(pending["reply"]), pending
+    decided = ask_as(
+        test_users,
+        A,
+        sandbox_service,
+        {"op": "egress_decide", "kernel_id": kernel_id, "target": target, "decision": "approve"},
+    )
+    assert not decided["ok"], decided
+    control = egress_kernel_of_b["control"]
+    assert [p.target for p in control.pending(kernel_id)] == [target]  # still waiting
