@@ -346,6 +346,11 @@ class KernelRegistry:
                 )
             env = _text_map(request.get("env"), "env")
             extra = _text_list(request.get("extra_arguments"), "extra_arguments")
+            if cwd is None and policy.workspace != "none" and not notes:
+                asked = str(request.get("cwd") or "")[:200]
+                notes.append(f"the workspace is not mounted: the client could not open {asked}")
+            # The provisioner mounts only the staged folder; cwd names it in its messages.
+            cwd = cwd or str(request.get("cwd") or "/")[:4096]
             kwargs = await prov.pre_launch(env=env, cwd=cwd, extra_arguments=extra)
             cmd = kwargs.pop("cmd")
             info = await prov.launch_kernel(cmd, **kwargs)
