@@ -69,6 +69,8 @@ class TestUsers:
             account = pwd.getpwnam(name)
         if name not in self.names:
             self.names.append(name)
+        if os.stat(account.pw_dir).st_uid != account.pw_uid:  # left by an earlier run
+            os.chown(account.pw_dir, account.pw_uid, account.pw_gid)
         os.chmod(account.pw_dir, 0o700)
         self._reachable(name)
         return account
