@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Any
 
 from traitlets.config import Config
@@ -83,6 +84,23 @@ def check_engine_access(info: dict[str, Any] | None, error: str, uid: int | None
     )
 
 
+def engine_socket_error() -> str:
+    """Why the engine's unix socket cannot be reached (``/var/run/docker.sock: Permission
+    denied``), or "" when it can (or the engine is not on a unix socket)."""
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not host.startswith("unix://"):
+        return ""
+    path = host[len("unix://") :]
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    finally:
+        probe.close()
+    return ""
+
+
 async def _hello(path: str) -> tuple[dict[str, Any] | None, str]:
     try:
         return await asyncio.to_thread(ServiceClient(path, timeout=10.0).ask, "hello"), ""
@@ -100,7 +118,7 @@ async def run_service_checks(backend: DockerBackend, config: Config, path: str) 
         engine_error = ""
     except SandboxError as exc:
         info, engine_error = None, str(exc)
-    checks.append(check_engine_access(info, engine_error))
+    checks.append(check_engine_access(info, engine_socket_error() or engine_error))
     checks += check_kernelspecs(config)[0]
     checks += check_server(config)
     return checks

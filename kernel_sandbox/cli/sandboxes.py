@@ -52,7 +52,7 @@ async def _service_sandboxes(args: argparse.Namespace) -> tuple[list[Sandbox], l
     client = service_for(args)
     if client is None:
         return None
-    rows = (await ask(client, "list"))["kernels"]
+    rows = (await ask(client, "list", all=args.all))["kernels"]
     return [Sandbox(**{k: row.get(k) for k in _SANDBOX_FIELDS}) for row in rows], rows
 
 
@@ -67,7 +67,7 @@ async def cmd_ps(args: argparse.Namespace, backend: DockerBackend) -> int:
         print(json.dumps(records, indent=1))
         return EXIT_OK
     if not sandboxes:
-        hint = " (--all: ended ones too)" if served is None and not args.all else ""
+        hint = "" if args.all else " (--all: ended ones too)"
         err.print("no sandboxed kernel is running" + hint)
         return EXIT_OK
     table = Table(box=None, header_style="bold")

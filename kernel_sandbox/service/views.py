@@ -86,19 +86,22 @@ class CallerViews:
     # -- ps and stop (on the service's loop) --------------------------------------------------
 
     async def ps(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
-        """The caller's kernels as ``kernel-sandbox ps`` shows them, memory in use included."""
+        """The caller's kernels as ``kernel-sandbox ps`` shows them, memory in use included:
+        running ones, or with ``all`` also those that ended and are not cleaned up yet."""
         kernels, operator = self._visible(caller)
         listed = sorted(kernels.values(), key=lambda k: k.started)
-        usages = await asyncio.gather(*(self._memory(k) for k in listed))
+        states = await asyncio.gather(*(self._state(k) for k in listed))
         now = time.time()
         rows = []
-        for kernel, usage in zip(listed, usages, strict=True):
+        for kernel, (state, usage) in zip(listed, states, strict=True):
+            if state != "running" and request.get("all") is not True:
+                continue
             summary = kernel.summary()
             memory, limit = usage if usage is not None else (None, kernel.memory or None)
             rows.append(
                 {
                     **summary,
-                    "state": "running" if usage is not None else "not running",
+                    "state": state,
                     "created": kernel.started,
                     "owner": summary["user"],
                     "runtime_dir": "",  # the service's, of no use to the caller
@@ -109,15 +112,18 @@ class CallerViews:
             )
         return {"kernels": rows, "all": operator}
 
-    async def _memory(self, kernel: ServedKernel) -> tuple[int, int] | None:
+    async def _state(self, kernel: ServedKernel) -> tuple[str, tuple[int, int] | None]:
+        """The container's state and (memory used, limit) while it runs."""
         prov = kernel.provisioner
         if not prov.container_id:
-            return None
+            return "starting", None
         try:
+            if not (await prov.backend.state(prov.container_id)).running:
+                return "exited", None
             usage: tuple[int, int] | None = await prov.backend.memory_usage(prov.container_id)
         except Exception:  # an engine hiccup must not fail the whole listing
-            return None
-        return usage
+            return "unknown", None
+        return "running", usage
 
     async def stop(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
         """End one of the caller's kernels (its clients are told why), waiting up to
