@@ -28,23 +28,22 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from traitlets.config import Config
 
-from kernel_sandbox.errors import KernelStartError, PolicyError, SandboxError
+from kernel_sandbox.errors import BadRequest, NoSuchKernel, PolicyError, ServiceRefused
 from kernel_sandbox.host.exits import ExitRegistry
 from kernel_sandbox.host.owner import Owner, process_start_time
 from kernel_sandbox.host.reap import SweepOnce
-from kernel_sandbox.policy.mounts import parse_mounts
 from kernel_sandbox.provisioner.identity import Identity
 from kernel_sandbox.service.callers import Caller
-from kernel_sandbox.service.folders import CallerFolder, Staging, receive_folder
-from kernel_sandbox.service.protocol import BadRequest
+from kernel_sandbox.service.folders import CallerFolder, NotMountable, Staging, receive_folder
 from kernel_sandbox.service.rules import CallerRules, RulesFile
 
 __all__ = ["KernelRegistry", "ServedKernel"]
 
 log = logging.getLogger("kernel_sandbox.service")
 
-# Policy keys a caller may not ask for at all: the operator decides them.
-OPERATOR_KEYS = frozenset({"user"})
+# Policy keys a caller may not ask for at all: the operator decides them (``egress_hosts``
+# could point an allowed name at any address).
+OPERATOR_KEYS = frozenset({"user", "egress_hosts"})
 
 
 class KeptAtExit(ExitRegistry):
@@ -53,10 +52,6 @@ class KeptAtExit(ExitRegistry):
 
     def add(self, resources: Any) -> None:
         return None
-
-
-class NoSuchKernel(SandboxError, LookupError):
-    """The caller has no kernel with that id (another user's counts as none)."""
 
 
 @dataclass
@@ -82,7 +77,7 @@ class ServedKernel:
             "uid": self.uid,
             "user": _user_name(self.uid),
             "kernelspec": self.request.get("kernelspec", {}).get("name", ""),
-            "profile": self.request.get("config", {}).get("profile") or "strict",
+            "profile": prov.profile,
             "container": prov.container_name,
             "container_id": prov.container_id,
             "memory_limit": self.memory,
@@ -193,20 +188,22 @@ class KernelRegistry:
                 "operator, not by a kernelspec"
             )
         config = dict(asked)
-        profile = str(config.pop("profile", None) or "strict")
+        profile = str(config.pop("profile", None) or _default_profile(rules))
         rules.check_profile(profile)
         rules.check_kernelspec(name)
         if config.get("datasets"):
             names = config["datasets"]
             names = list(names) if isinstance(names, (dict, list)) else [names]
             config["datasets"] = {
-                d.name: f"{d.source}:{'read-write' if d.writable else 'read'}"
+                d.name: f"{d.source}:{d.access}"
                 for d in rules.check_datasets([str(n) for n in names])
             }
+        if config.get("network") == "allowlist" and not config.get("egress"):
+            config["egress"] = list(rules.egress)  # the operator's allowlist for the caller
         if config.get("egress"):
             egress = config["egress"]
             rules.check_egress([egress] if isinstance(egress, str) else list(egress))
-        settings = {**self.provisioner_config, "ceilings": dict(rules.ceilings), "service": "off"}
+        settings = {**self.provisioner_config, "service": "off"}
         prov = DockerSandboxProvisioner(
             kernel_id=kernel_id,
             kernel_spec=spec,
@@ -219,6 +216,9 @@ class KernelRegistry:
             **config,
         )
         prov.client_owner = caller_owner
+        # The operator's ceilings for this caller, a refusal naming the rule in the file.
+        policy, sources = rules.apply_ceilings(prov.policy, prov.policy_sources)
+        prov._policy, prov._sources = policy, sources
         return prov
 
     # -- operations -------------------------------------------------------------------------
@@ -262,7 +262,7 @@ class KernelRegistry:
             kernel.owner, kernel.owner_lost = self._owner(caller), None
         try:
             async with kernel.lock:
-                info = await self._launch(kernel, caller, rules, request, folders, fds)
+                launched = await self._launch(kernel, caller, rules, request, folders, fds)
         except BaseException:
             if existing is None:
                 self._unreserve(caller, kernel.memory)
@@ -271,7 +271,7 @@ class KernelRegistry:
             self._unreserve(caller, kernel.memory)
             self.kernels[kernel_id] = kernel
         self._save(kernel)
-        return {"connection_info": info, "policy": _policy_summary(kernel.provisioner)}
+        return {**launched, "policy": _policy_summary(kernel.provisioner)}
 
     def _folder_list(self, request: dict[str, Any], count: int) -> list[dict[str, Any]]:
         folders = request.get("folders") or []
@@ -300,6 +300,7 @@ class KernelRegistry:
             rw = policy.workspace == "rw" or any(not m.read_only for m in mounts)
             prov.staged_workspace = None
             cwd = None
+            notes: list[str] = []
             staged_mounts = []
             for index, (folder, fd) in enumerate(zip(folders, list(fds), strict=True)):
                 fds[index] = -1  # ours now: receive_folder closes it on refusal
@@ -307,9 +308,13 @@ class KernelRegistry:
                     if policy.workspace == "none":
                         os.close(fd)
                         continue
-                    got = receive_folder(fd, caller, policy.workspace, "workspace")
-                    received.append(got)
-                    rules.check_mount(got.path, got.mode)
+                    try:  # as in direct mode: a folder no sandbox may see is not mounted
+                        got = receive_folder(fd, caller, policy.workspace, "workspace")
+                        received.append(got)
+                        rules.check_mount(got.path, got.mode)
+                    except (NotMountable, ServiceRefused) as exc:
+                        notes.append(f"the workspace is not mounted: {exc}")
+                        continue
                     prov.staged_workspace = (staging.bind(got), got.path)
                     cwd = got.path
                 else:
@@ -341,10 +346,17 @@ class KernelRegistry:
                 )
             env = _text_map(request.get("env"), "env")
             extra = _text_list(request.get("extra_arguments"), "extra_arguments")
+            if cwd is None and policy.workspace != "none" and not notes:
+                asked = str(request.get("cwd") or "")[:200]
+                notes.append(f"the workspace is not mounted: the client could not open {asked}")
+            # The provisioner mounts only the staged folder; cwd names it in its messages.
+            cwd = cwd or str(request.get("cwd") or "/")[:4096]
             kwargs = await prov.pre_launch(env=env, cwd=cwd, extra_arguments=extra)
             cmd = kwargs.pop("cmd")
             info = await prov.launch_kernel(cmd, **kwargs)
             await prov.post_launch(**kwargs)
+            for note in notes:
+                prov.log.warning("kernel %s: %s", kernel.kernel_id, note)
         finally:
             staging.release()
             for got in received:
@@ -356,7 +368,7 @@ class KernelRegistry:
         key = info.get("key")
         if isinstance(key, bytes):
             info["key"] = key.decode()
-        return info
+        return {"connection_info": info, "notes": notes}
 
     def _reserve(self, caller: Caller, rules: CallerRules, memory: int) -> None:
         live = [k for k in self.kernels.values() if k.uid == caller.uid]
@@ -537,6 +549,14 @@ class KernelRegistry:
                 log.warning("kernel %s: cleanup failed: %s", kernel.kernel_id, exc)
 
 
+def _default_profile(rules: CallerRules) -> str:
+    """The profile of a start that names none: ``strict`` where the caller may use it, else
+    the caller's only profile (several: the check then names them)."""
+    if rules.profiles is None or "strict" in rules.profiles or len(rules.profiles) != 1:
+        return "strict"
+    return next(iter(rules.profiles))
+
+
 def _replace_mounts(policy: Any, mounts: tuple[Any, ...]) -> Any:
     import dataclasses
 
@@ -555,6 +575,3 @@ def _policy_summary(prov: Any) -> dict[str, Any]:
         "idle_timeout": policy.idle_timeout,
         "user": prov._user,
     }
-
-
-__all__ += ["NoSuchKernel", "KernelStartError", "parse_mounts"]

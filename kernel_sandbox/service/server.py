@@ -202,13 +202,22 @@ class SandboxService:
         if op in off_loop:
             return off_loop[op](caller, request)
         if op == "hello":
-            rules = registry.rules.current().for_caller(caller)
-            return {
-                "caller": {"uid": caller.uid, "gid": caller.gid, "name": caller.name},
-                "rules": rules.describe(),
-                "pid": os.getpid(),
-            }
+            return self.run_on_loop(_call(self.hello, caller))  # type: ignore[no-any-return]
         raise BadRequest(f"{op} is not served yet by this service")
+
+    def hello(self, caller: Caller) -> dict[str, Any]:
+        """Who the service takes the caller for, and the rules that apply to them."""
+        rules = self.registry.rules.current().for_caller(caller)
+        return {
+            "caller": {
+                "uid": caller.uid,
+                "gid": caller.gid,
+                "name": caller.name,
+                "groups": sorted(caller.groups),
+            },
+            "rules": rules.describe(),
+            "pid": os.getpid(),
+        }
 
     # -- life of the service ----------------------------------------------------------------
 
