@@ -3,15 +3,15 @@
 own kernels only; an operator sees all; ``doctor`` says which mode is in force and why.
 
 kstalice and kstbob each keep a kernel running for the module (a client process of theirs
-that waits on stdin); the commands run as them with ``KERNEL_SANDBOX_SERVICE`` set. Root is
-the operator (the stub rules; with the policy file: ``operator = true``). Bob's kernel is
-stopped last.
+that waits on stdin); the commands run as them with ``KERNEL_SANDBOX_SERVICE`` set. The
+operator's policy file grants each of their groups a dataset (so the service's broker mints
+their kernels' tokens), Alice's group an egress pattern, and kstcarol's group ``operator =
+true``. Bob's kernel is stopped last.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import secrets
 import select
@@ -24,12 +24,25 @@ from pathlib import Path
 
 import pytest
 
-from kernel_sandbox.broker.tokens import Grant, TokenStore
-from kernel_sandbox.cli.app import main as cli_main
-
 pytestmark = pytest.mark.integration
 
-ASK_SPEC = "views-ask"
+ASK_SPEC = "views-ask"  # Alice's: a dataset, egress_mode ask
+DATA_SPEC = "views-data"  # Bob's: a dataset
+COURSE = Path("/tmp/kss-views-course")
+POLICY = f"""
+[datasets]
+course = "{COURSE}:read"
+
+[group.kstalice]
+datasets = ["course"]
+egress = ["listed.test:443"]
+
+[group.kstbob]
+datasets = ["course"]
+
+[group.kstcarol]
+operator = true
+"""
 
 # Run as a test account: keep a sandboxed kernel and its client until "quit" on stdin or the
 # kernel ends; a JSON line on stdin is code to execute (not waited for). Prints its kernel id,
@@ -186,50 +199,55 @@ def env(sandbox_service) -> dict[str, str]:
     return {"KERNEL_SANDBOX_SERVICE": sandbox_service.socket}
 
 
+def write_spec(users, name: str, config: dict) -> str:
+    folder = users.base / "jupyter" / "kernels" / name
+    folder.mkdir(mode=0o755, exist_ok=True)
+    spec = {
+        "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": name,
+        "language": "python",
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": "docker-sandbox", "config": config}
+        },
+    }
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    (folder / "kernel.json").chmod(0o644)
+    return name
+
+
 @pytest.fixture(scope="module")
 def holders(sandbox_service, test_users, env, listener) -> Iterator[dict[str, Holder]]:
-    """Alice's kernel (egress_mode ask, so it can have requests waiting) and Bob's."""
-    spec = test_users.base / "jupyter" / "kernels" / ASK_SPEC
-    spec.mkdir(mode=0o755, exist_ok=True)
-    config = {
+    """Alice's kernel (egress_mode ask, so it can have requests waiting) and Bob's, each with
+    the dataset their group is granted."""
+    COURSE.mkdir(mode=0o755, exist_ok=True)
+    (COURSE / "readme.txt").write_text("course material\n")
+    sandbox_service.write_policy(POLICY)
+    ask = {
         "network": "allowlist",
-        "egress": ["listed.test:1"],
-        "egress_hosts": {"ask.test": "127.0.0.1", "listed.test": "127.0.0.1"},
+        "egress": ["listed.test:443"],
         "egress_mode": "ask",
         "egress_ask_timeout": 120,
+        "datasets": ["course"],
     }
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "views ask",
-                "language": "python",
-                "metadata": {
-                    "kernel_provisioner": {"provisioner_name": "docker-sandbox", "config": config}
-                },
-            }
-        )
-    )
-    (spec / "kernel.json").chmod(0o644)
+    write_spec(test_users, ASK_SPEC, ask)
+    write_spec(test_users, DATA_SPEC, {"datasets": ["course"]})
     started: dict[str, Holder] = {}
     try:
         started["kstalice"] = Holder(test_users, "kstalice", env, spec=ASK_SPEC)
-        started["kstbob"] = Holder(test_users, "kstbob", env)
+        started["kstbob"] = Holder(test_users, "kstbob", env, spec=DATA_SPEC)
         yield started
     finally:
         for holder in started.values():
             holder.close()
+        sandbox_service.write_policy("")
 
 
-def operator_cli(sandbox_service, capsys, *argv: str) -> tuple[int, str, str]:
-    """A CLI command as root, the operator (the stub rules make uid 0 one)."""
-    capsys.readouterr()
-    code = cli_main([*argv, "--service", sandbox_service.socket])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def operator_cli(test_users, env, *argv: str) -> subprocess.CompletedProcess:
+    """A CLI command as kstcarol, whose group the policy file makes operator."""
+    return run_cli(test_users, "kstcarol", env, *argv)
 
 
-def test_ps_shows_each_caller_its_own_kernels(sandbox_service, test_users, env, holders, capsys):
+def test_ps_shows_each_caller_its_own_kernels(test_users, env, holders):
     alice, bob = holders["kstalice"], holders["kstbob"]
     for holder, other in ((alice, bob), (bob, alice)):
         rows = json_out(run_cli(test_users, holder.user, env, "ps", "--json"))
@@ -237,56 +255,49 @@ def test_ps_shows_each_caller_its_own_kernels(sandbox_service, test_users, env, 
         row = rows[0]
         assert row["owner"] == holder.user and row["state"] == "running"
         assert row["memory"] and row["memory"] > 0 and row["memory_limit"] >= row["memory"]
-        assert row["kernelspec"] == (ASK_SPEC if holder is alice else "python3-sandbox")
+        assert row["kernelspec"] == (ASK_SPEC if holder is alice else DATA_SPEC)
         table = run_cli(test_users, holder.user, env, "ps")
         assert holder.kernel_id in table.stdout and other.kernel_id not in table.stdout
         assert "KERNEL ID" in table.stdout and f"{holder.user} (pid" in table.stdout
-
-    code, out, _ = operator_cli(sandbox_service, capsys, "ps", "--json")
-    assert code == 0
-    owners = {r["kernel_id"]: r["owner"] for r in json.loads(out)}
+    # as an operator Carol sees both, with whose they are
+    rows = json_out(operator_cli(test_users, env, "ps", "--json"))
+    owners = {r["kernel_id"]: r["owner"] for r in rows}
     assert owners[alice.kernel_id] == "kstalice" and owners[bob.kernel_id] == "kstbob"
 
 
-def test_tokens_of_each_caller_only(sandbox_service, test_users, env, holders, capsys):
-    """The service's token database, with a token for each kernel (the stub rules grant no
-    dataset, so they are minted here, where the broker mints them)."""
+def test_tokens_of_each_caller_only(sandbox_service, test_users, env, holders):
+    """The tokens the service's broker minted for each kernel's granted dataset."""
     alice, bob = holders["kstalice"], holders["kstbob"]
-    store = TokenStore(Path(sandbox_service.base) / "state" / "tokens.sqlite")
-    grant = {"course": Grant("/srv/course", "read")}
-    _, alice_token = store.mint(alice.kernel_id, grant, 3600)
-    bob_token_secret, bob_token = store.mint(bob.kernel_id, grant, 3600)
-    try:
-        rows = json_out(run_cli(test_users, "kstalice", env, "tokens", "list", "--json"))
-        assert [r["token_id"] for r in rows] == [alice_token.token_id]
-        assert rows[0]["datasets"] == {"course": "read"} and rows[0]["state"] == "live"
-        assert not any("kst1_" in json.dumps(r) for r in rows)  # never a secret
+    rows = json_out(run_cli(test_users, "kstalice", env, "tokens", "list", "--json"))
+    assert [r["kernel_id"] for r in rows] == [alice.kernel_id]
+    assert rows[0]["datasets"] == {"course": "read"} and rows[0]["state"] == "live"
+    assert "kst1_" not in json.dumps(rows)  # never a secret
+    alice_token = rows[0]["token_id"]
+    (bob_row,) = json_out(run_cli(test_users, "kstbob", env, "tokens", "list", "--json"))
+    bob_token = bob_row["token_id"]
+    assert bob_row["kernel_id"] == bob.kernel_id
 
-        # Bob's token and Bob's kernel do not exist for Alice
-        for ident in (bob_token.token_id, bob.kernel_id):
-            line = one_error_line(run_cli(test_users, "kstalice", env, "tokens", "revoke", ident))
-            assert ident in line and "kstalice" in line
-        assert store.check(bob_token_secret, bob.kernel_id).token_id == bob_token.token_id
+    # Bob's token and Bob's kernel do not exist for Alice
+    for ident in (bob_token, bob.kernel_id):
+        line = one_error_line(run_cli(test_users, "kstalice", env, "tokens", "revoke", ident))
+        assert ident in line and "kstalice" in line
 
-        result = run_cli(test_users, "kstalice", env, "tokens", "revoke", alice.kernel_id)
-        assert result.returncode == 0, result.stderr
-        assert f"revoked token {alice_token.token_id}" in result.stderr
-        states = {r.token_id: (r.state(time.time()), r.reason) for r in store.records(True)}
-        assert states[alice_token.token_id][0] == "revoked"
-        assert "kstalice, through the sandbox service" in states[alice_token.token_id][1]
-        assert states[bob_token.token_id][0] == "live"
-        assert json_out(run_cli(test_users, "kstalice", env, "tokens", "list", "--json")) == []
+    # the operator sees everyone's, with whose they are
+    listed = json_out(operator_cli(test_users, env, "tokens", "list", "--json"))
+    users = {r["token_id"]: r["user"] for r in listed}
+    assert users[alice_token] == "kstalice" and users[bob_token] == "kstbob"
+    table = operator_cli(test_users, env, "tokens", "list")
+    assert "USER" in table.stdout and "kstbob" in table.stdout
 
-        # the operator sees everyone's, with whose they are
-        code, out, _ = operator_cli(sandbox_service, capsys, "tokens", "list", "--all", "--json")
-        assert code == 0
-        users = {r["token_id"]: r["user"] for r in json.loads(out)}
-        assert users[alice_token.token_id] == "kstalice"
-        assert users[bob_token.token_id] == "kstbob"
-    finally:
-        store.revoke_kernel(alice.kernel_id, "test over")
-        store.revoke_kernel(bob.kernel_id, "test over")
-        store.close()
+    result = run_cli(test_users, "kstalice", env, "tokens", "revoke", alice.kernel_id)
+    assert result.returncode == 0, result.stderr
+    assert f"revoked token {alice_token} of kernel {alice.kernel_id}" in result.stderr
+    assert json_out(run_cli(test_users, "kstalice", env, "tokens", "list", "--json")) == []
+    (revoked,) = json_out(run_cli(test_users, "kstalice", env, "tokens", "list", "--all", "--json"))
+    assert revoked["state"] == "revoked"
+    assert "kstalice, through the sandbox service" in revoked["reason"]
+    (still,) = json_out(run_cli(test_users, "kstbob", env, "tokens", "list", "--json"))
+    assert still["token_id"] == bob_token and still["state"] == "live"
 
 
 def wait_pending(test_users, user: str, env, target: str, timeout: float = 60) -> list[dict]:
@@ -299,11 +310,18 @@ def wait_pending(test_users, user: str, env, target: str, timeout: float = 60) -
     raise AssertionError(f"no request to {target} waits for {user}")
 
 
-def test_egress_approvals_of_each_caller_only(
-    sandbox_service, test_users, env, holders, listener, capsys
-):
+def egress_log(sandbox_service, kernel_id: str) -> list[dict]:
+    path = Path(sandbox_service.base) / "log" / "egress.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, filter(None, lines)) if e.get("kernel_id") == kernel_id]
+
+
+def test_egress_approvals_of_each_caller_only(sandbox_service, test_users, env, holders, listener):
+    """Alice's kernel asks for localhost (not listed: it waits for a person). Only the
+    operator can map names to loopback (egress_hosts), so once approved the proxy refuses it
+    as a non-public address: the decision log shows the request got past the person."""
     alice = holders["kstalice"]
-    target = f"ask.test:{listener.port}"
+    target = f"localhost:{listener.port}"
     alice.execute(
         "import socket\n"
         "s = socket.create_connection(('127.0.0.1', 3128), timeout=150)\n"
@@ -325,20 +343,21 @@ def test_egress_approvals_of_each_caller_only(
     assert "no kernel" in line
 
     # the operator sees it, with whose it is
-    code, out, _ = operator_cli(sandbox_service, capsys, "egress", "pending", "--json")
-    assert code == 0
-    assert [(r["kernel_id"], r["user"]) for r in json.loads(out) if r["target"] == target] == [
+    rows = json_out(operator_cli(test_users, env, "egress", "pending", "--json"))
+    assert [(r["kernel_id"], r["user"]) for r in rows if r["target"] == target] == [
         (alice.kernel_id, "kstalice")
     ]
 
-    assert listener.accepted == 0
     result = run_cli(test_users, "kstalice", env, "egress", "approve", alice.kernel_id[:8], target)
     assert result.returncode == 0, result.stderr
     assert f"approved 1 waiting request(s) to {target} in kernel" in result.stderr
     deadline = time.monotonic() + 30
-    while listener.accepted == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert listener.accepted == 1
+    rules: list[str] = []
+    while "non-public-address" not in rules and time.monotonic() < deadline:
+        time.sleep(0.2)
+        rules = [e["rule"] for e in egress_log(sandbox_service, alice.kernel_id)]
+    assert "non-public-address" in rules and "ask-denied" not in rules, rules
+    assert listener.accepted == 0
     assert json_out(run_cli(test_users, "kstalice", env, "egress", "pending", "--json")) == []
 
 
@@ -350,6 +369,7 @@ def test_doctor_says_service_mode_and_why(sandbox_service, test_users, env, hold
     assert "KERNEL_SANDBOX_SERVICE names it" in mode["detail"]
     answers = checks["service: answers"]
     assert answers["status"] == "ok" and "kstalice" in answers["detail"], answers
+    assert "course" in answers["detail"]  # the rules the service applies to her
     engine = checks["engine: no direct access"]  # good news, not a failure
     assert engine["status"] == "ok" and "permission denied" in engine["detail"].lower(), engine
     failed = [c for c in checks.values() if c["status"] == "fail"]
@@ -372,9 +392,7 @@ def test_doctor_says_service_mode_and_why(sandbox_service, test_users, env, hold
     assert checks["engine: docker"]["status"] == "fail"  # direct mode needs the engine
 
 
-def test_stop_only_ones_own_kernel_and_its_client_is_told(
-    sandbox_service, test_users, env, holders, capsys
-):
+def test_stop_only_ones_own_kernel_and_its_client_is_told(test_users, env, holders):
     """Last: Bob's kernel ends here."""
     alice, bob = holders["kstalice"], holders["kstbob"]
     for ident in (bob.kernel_id, bob.kernel_id[:8]):
@@ -396,6 +414,5 @@ def test_stop_only_ones_own_kernel_and_its_client_is_told(
     assert all(r["state"] != "running" for r in ended)  # until its owner's cleanup or sweep
     mine = json_out(run_cli(test_users, "kstalice", env, "ps", "--json"))
     assert [r["kernel_id"] for r in mine] == [alice.kernel_id]  # Alice's kernel runs on
-    code, _, err = operator_cli(sandbox_service, capsys, "stop", "no-such-kernel")
-    assert code == 2 and "no kernel" in err
-    assert os.getuid() == 0
+    line = one_error_line(operator_cli(test_users, env, "stop", "no-such-kernel"))
+    assert "no kernel" in line

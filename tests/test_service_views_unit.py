@@ -10,10 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from kernel_sandbox.broker.tokens import Grant, TokenStore
-from kernel_sandbox.errors import TokenNotFound
+from kernel_sandbox.errors import BadRequest, NoSuchKernel, TokenNotFound
 from kernel_sandbox.service.callers import Caller
-from kernel_sandbox.service.kernels import NoSuchKernel, _user_name
-from kernel_sandbox.service.protocol import BadRequest
+from kernel_sandbox.service.kernels import _user_name
 from kernel_sandbox.service.views import CallerViews, resolve, visible_kernels
 
 ALICE = Caller(5001, 5001, 1, "alice", "/home/alice")

@@ -13,22 +13,22 @@ import os
 import socket
 from typing import Any
 
+from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
-from kernel_sandbox.cli.doctor import (
-    FAIL,
-    OK,
-    WARN,
-    Check,
-    check_kernelspecs,
-    check_provisioner,
-    check_server,
-)
+from kernel_sandbox.cli.doctor import FAIL, OK, WARN, Check, check_provisioner, check_server
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.policy.effective import is_sandboxed, spec_provisioner_config
 from kernel_sandbox.service.client import ServiceClient
 
-__all__ = ["check_engine_access", "check_mode", "check_service", "run_service_checks"]
+__all__ = [
+    "check_engine_access",
+    "check_mode",
+    "check_service",
+    "check_service_kernelspecs",
+    "run_service_checks",
+]
 
 
 def check_mode(path: str | None, why: str) -> Check:
@@ -101,6 +101,32 @@ def engine_socket_error() -> str:
     return ""
 
 
+def check_service_kernelspecs(specs: dict[str, Any] | None = None) -> list[Check]:
+    """The sandboxed kernelspecs, as requests to the service: it, not this side, checks them
+    against the caller's rules at each start (a dataset asked by name is fine there)."""
+    manager = KernelSpecManager()
+    found = manager.get_all_specs() if specs is None else specs
+    checks = []
+    for name, entry in sorted(found.items()):
+        spec = manager.get_kernel_spec(name) if not hasattr(entry, "argv") else entry
+        if not is_sandboxed(spec):
+            continue
+        asked = spec_provisioner_config(spec)
+        what = ", ".join(f"{k} {v}" for k, v in sorted(asked.items())) or "the defaults"
+        checks.append(
+            Check("kernelspec", name, OK, f"asks the service for {what} (it decides at start)")
+        )
+    return checks or [
+        Check(
+            "kernelspec",
+            "(none)",
+            FAIL,
+            "no sandboxed kernelspec is installed",
+            "kernel-sandbox install --user",
+        )
+    ]
+
+
 async def _hello(path: str) -> tuple[dict[str, Any] | None, str]:
     try:
         return await asyncio.to_thread(ServiceClient(path, timeout=10.0).ask, "hello"), ""
@@ -119,6 +145,6 @@ async def run_service_checks(backend: DockerBackend, config: Config, path: str) 
     except SandboxError as exc:
         info, engine_error = None, str(exc)
     checks.append(check_engine_access(info, engine_socket_error() or engine_error))
-    checks += check_kernelspecs(config)[0]
+    checks += check_service_kernelspecs()
     checks += check_server(config)
     return checks

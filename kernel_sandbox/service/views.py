@@ -17,10 +17,9 @@ from typing import Any
 
 from kernel_sandbox.broker.tokens import TokenRecord, TokenStore
 from kernel_sandbox.egress.control import EgressControl
-from kernel_sandbox.errors import TokenNotFound
+from kernel_sandbox.errors import BadRequest, NoSuchKernel, TokenNotFound
 from kernel_sandbox.service.callers import Caller
-from kernel_sandbox.service.kernels import KernelRegistry, NoSuchKernel, ServedKernel, _user_name
-from kernel_sandbox.service.protocol import BadRequest
+from kernel_sandbox.service.kernels import KernelRegistry, ServedKernel, _user_name
 
 __all__ = ["CallerViews", "visible_kernels"]
 
