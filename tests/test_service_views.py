@@ -35,7 +35,7 @@ course = "{COURSE}:read"
 
 [group.kstalice]
 datasets = ["course"]
-egress = ["listed.test:443"]
+egress = ["listed.test:443", "localhost:*"]
 
 [group.kstbob]
 datasets = ["course"]
@@ -348,6 +348,11 @@ def test_egress_approvals_of_each_caller_only(sandbox_service, test_users, env, 
         (alice.kernel_id, "kstalice")
     ]
 
+    # a user approves only within the operator's allowlist for them
+    line = one_error_line(
+        run_cli(test_users, "kstalice", env, "egress", "approve", alice.kernel_id, "other.test:443")
+    )
+    assert "egress" in line and "other.test:443" in line, line
     result = run_cli(test_users, "kstalice", env, "egress", "approve", alice.kernel_id[:8], target)
     assert result.returncode == 0, result.stderr
     assert f"approved 1 waiting request(s) to {target} in kernel" in result.stderr

@@ -202,7 +202,11 @@ class KernelRegistry:
                 d.name: f"{d.source}:{d.access}"
                 for d in rules.check_datasets([str(n) for n in names])
             }
-        if config.get("network") == "allowlist" and not config.get("egress"):
+        if (
+            config.get("network") == "allowlist"
+            and not config.get("egress")
+            and config.get("egress_mode") != "ask"  # ask: each host is a person's decision
+        ):
             config["egress"] = list(rules.egress)  # the operator's allowlist for the caller
         if config.get("egress") and enforce:
             egress = config["egress"]

@@ -250,8 +250,12 @@ class CallerViews:
         always = request.get("always", False)
         if not isinstance(always, bool):
             raise BadRequest("always must be true or false")
-        kernels, _operator = self._visible(caller)
+        kernels, operator = self._visible(caller)
         kernel = resolve(kernels, _text(request, "kernel_id"), caller)
+        if decision == "approve" and not operator:
+            # A user approves only within the operator's allowlist for them (egress_mode ask
+            # asks about every host; the operator's rules say which ones a user may open).
+            self.registry.rules.current().for_caller(caller).check_egress([target])
         control = self._control()
         decide = control.approve if decision == "approve" else control.deny
         count = decide(kernel.kernel_id, target, always=always)
