@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -455,25 +456,28 @@ print(json.dumps("".join(out)))
 # -- 1. A's own Jupyter Server, with no engine access, runs sandboxed kernels ---------------
 
 
-def test_a_jupyter_server_of_a_user_without_engine_access(
-    test_users, sandbox_service, env, docker_client
-):
-    notebooks = home(A) / "notebooks"
-    notebooks.mkdir(exist_ok=True)
-    shutil.chown(notebooks, A, A)
+@contextmanager
+def server_as(test_users, user: str, env: dict, root: Path, *extra: str) -> Iterator[Server]:
+    """A Jupyter Server run by ``user`` (with ``extra`` flags); stopped whatever happens."""
     port, token = free_port(), secrets.token_hex(16)
+    argv = [
+        "jupyter-server",
+        "--no-browser",
+        f"--ServerApp.port={port}",
+        "--ServerApp.ip=127.0.0.1",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        *extra,
+    ]
     code = (
-        "import os, sys\n"
-        "sys.argv = ['jupyter-server', '--no-browser', "
-        f"'--ServerApp.port={port}', '--ServerApp.ip=127.0.0.1', "
-        f"'--IdentityProvider.token={token}', '--ServerApp.root_dir={notebooks}']\n"
-        "from jupyter_server.serverapp import main\n"
-        "sys.exit(main())\n"
+        f"import sys\nsys.argv = {argv!r}\n"
+        "from jupyter_server.serverapp import main\nsys.exit(main())\n"
     )
     log_path = test_users.base / f"server-{port}.log"
     log = open(log_path, "w")
-    process = popen_as(test_users, A, code, env, log=log)
+    process = popen_as(test_users, user, code, env, log=log)
     server = Server(f"http://127.0.0.1:{port}", token, process)
+    server.log_path = log_path  # type: ignore[attr-defined]
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -483,8 +487,29 @@ def test_a_jupyter_server_of_a_user_without_engine_access(
             except OSError:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"A's server did not start: {log_path.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"{user}'s server did not start: {log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.3)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        log.close()
+
+
+def test_a_jupyter_server_of_a_user_without_engine_access(
+    test_users, sandbox_service, env, docker_client
+):
+    notebooks = home(A) / "notebooks"
+    notebooks.mkdir(exist_ok=True)
+    shutil.chown(notebooks, A, A)
+    with server_as(test_users, A, env, notebooks) as server:
+        log_path = server.log_path
         # the server's user cannot reach the engine
         denied = test_users.run_as(
             A,
@@ -541,14 +566,56 @@ def test_a_jupyter_server_of_a_user_without_engine_access(
         while any(r["kernel_id"] == kernel_id for r in sandbox_service.records()):
             assert time.monotonic() < deadline, "the service kept the deleted kernel"
             time.sleep(0.2)
-    finally:
-        process.terminate()
+
+
+def test_a_locked_down_server_of_a_user_starts_every_kernel_through_the_service(
+    test_users, sandbox_service, env
+):
+    """Lockdown (issue 13) on a shared machine: the user's server cannot reach the engine,
+    checks that the service answers instead, maps a request for the host kernel `python3`
+    to the sandboxed kernelspec, and starts it through the service."""
+    notebooks = home(A) / "locked"
+    notebooks.mkdir(exist_ok=True)
+    shutil.chown(notebooks, A, A)
+    with server_as(
+        test_users,
+        A,
+        env,
+        notebooks,
+        "--ServerApp.jpserver_extensions={'kernel_sandbox.lockdown': True}",
+        "--SandboxLockdown.terminals=off",
+    ) as server:
+        log = server.log_path.read_text()  # type: ignore[attr-defined]
+        assert "through the sandbox service" in log, log[-3000:]
+        created = server.api("POST", "/api/kernels", json={"name": "python3", "path": ""})
+        assert created.status_code == 201, created.text
+        kernel = created.json()
+        assert kernel["name"] == "python3-sandbox"
+        ws = server.channels(kernel["id"])
         try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-        log.close()
+            result = execute(ws, "import os, socket; print(os.getuid(), socket.gethostname())")
+        finally:
+            ws.close()
+        uid, hostname = result["stdout"].split()
+        assert int(uid) >= 2000000 and hostname == "sandbox", result
+        assert record_of(sandbox_service, kernel["id"])["uid"] == pwd.getpwnam(A).pw_uid
+        assert server.api("DELETE", f"/api/kernels/{kernel['id']}").status_code == 204
+
+
+def test_a_locked_down_server_with_sandboxed_terminals_refuses_to_start(
+    test_users, sandbox_service, env
+):
+    """Sandboxed terminals need the engine, which the user's server does not reach through
+    the service: the server refuses to start (fail closed), saying what to set."""
+    with pytest.raises(AssertionError, match="terminals = 'off'"):
+        with server_as(
+            test_users,
+            A,
+            env,
+            home(A),
+            "--ServerApp.jpserver_extensions={'kernel_sandbox.lockdown': True}",
+        ):
+            pass
 
 
 # -- 4. A cannot use B's data token ---------------------------------------------------------
