@@ -4,6 +4,7 @@
 
     SandboxError                        base of everything below
     ├── PolicyError (ValueError)        a policy key or value is wrong; nothing was started
+    │   └── NotMountable                a folder no sandbox may see (the mount rules refuse it)
     ├── TargetError (ValueError)        an egress host, port, pattern or address is malformed
     ├── EngineUnavailable (ConnectionError)
     │                                   the container engine does not answer
@@ -62,6 +63,7 @@ __all__ = [
     "RuntimeUnavailable",
     "BadRequest",
     "NoSuchKernel",
+    "NotMountable",
     "SandboxError",
     "ServiceRefused",
     "ServiceUnavailable",
@@ -176,3 +178,7 @@ class BadRequest(SandboxError, ValueError):
 class NoSuchKernel(SandboxError, LookupError):
     """The sandbox service has no kernel with that id for the caller (another user's kernel
     counts as none)."""
+
+
+class NotMountable(PolicyError):
+    """A folder no sandbox may see: a host path the mount rules refuse, a home as a whole."""

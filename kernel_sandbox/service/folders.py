@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.errors import NotMountable, PolicyError
 from kernel_sandbox.host import tmpfs
 from kernel_sandbox.policy.mounts import _within, check_mount_source
 from kernel_sandbox.service.callers import Caller
@@ -31,10 +31,6 @@ __all__ = ["CallerFolder", "NotMountable", "Staging", "receive_folder"]
 MS_BIND = 4096
 MS_REC = 16384
 ACL_XATTR = "system.posix_acl_access"
-
-
-class NotMountable(PolicyError):
-    """A folder no sandbox may see (a host path the mount rules refuse, a home as a whole)."""
 
 
 @dataclass
