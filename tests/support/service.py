@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON_VIEW = Path("/opt/kernel-sandbox-test/python")
@@ -135,6 +136,49 @@ class TestUsers:
                 f"stderr:\n{result.stderr[-4000:]}"
             )
         return result
+
+    def popen_as(
+        self,
+        user: str,
+        code: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stderr: Any = subprocess.PIPE,
+    ) -> subprocess.Popen[str]:
+        """Start ``code`` as ``user`` (as ``run_as`` does) with text pipes on stdin and stdout,
+        for a client the test drives line by line (and may kill)."""
+        account = pwd.getpwnam(user)
+        script = self.base / f"script-{secrets.token_hex(4)}.py"
+        script.write_text(code)
+        script.chmod(0o644)
+        full_env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": account.pw_dir,
+            "USER": user,
+            "LANG": "C.UTF-8",
+            **self.env,
+            **(env or {}),
+        }
+        return subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                user,
+                "--",
+                "env",
+                "-i",
+                *[f"{k}={v}" for k, v in full_env.items()],
+                self.python,
+                str(script),
+                *args,
+            ],  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=cwd or account.pw_dir,
+        )
 
     def remove_all(self) -> None:
         for name in self.names:
