@@ -59,6 +59,8 @@ def own_service(docker_client: docker.DockerClient, kernel_image: str) -> Iterat
     service.start()
     yield service
     service.stop()
+    if os.environ.get("KS_KEEP_SERVICE_LOG"):
+        subprocess.run(["cp", str(service.log_path), os.environ["KS_KEEP_SERVICE_LOG"]])
     for container in _containers(docker_client, service):
         docker_client.api.remove_container(container, force=True)
     root = Path(service.runtime_root)
@@ -222,9 +224,11 @@ def test_kernels_survive_a_restart_of_the_service(
         stopped = time.monotonic()
         own_service.kill() if how == "SIGKILL" else own_service.stop()
         assert not answers(own_service)
-        # the kernel does not need the service to run: its ZeroMQ traffic is direct
-        assert client.ask("exec print(x)")["output"] == "42\n"
+        # the kernel runs on without the service: its shell channel is direct (its output
+        # comes through the IOPub relay, which lives in the service and is back with it)
+        assert client.ask("reply y = x + 1")["status"] == "ok"
         assert client.ask("alive")["alive"] is True  # a poll the service cannot answer
+        assert kernel_container(docker_client, client.kernel_id)["State"] == "running"
         own_service.start()
         downtime = time.monotonic() - stopped
         assert own_service.process is not None
@@ -237,7 +241,7 @@ def test_kernels_survive_a_restart_of_the_service(
         [record] = own_service.records()
         assert record["kernel_id"] == client.kernel_id
         assert client.ask("alive")["alive"] is True  # the new service answers the poll
-        assert client.ask("exec print(x)")["output"] == "42\n"
+        assert client.ask("exec print(x, y)")["output"] == "42 43\n"
         mounted = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()]
         assert not [line for line in mounted if str(folder) in line.split()[3]]
 
@@ -377,3 +381,84 @@ def test_malformed_and_hostile_requests_change_nothing(
     assert not call(own_service.socket, {"op": "list"})["kernels"]
     left = leftovers(docker_client, own_service, service_pids={pid})
     assert not left, f"hostile requests created: {left}"
+
+
+# -- load --------------------------------------------------------------------------------------
+
+# Run as each account: start PER_USER kernels at once (AsyncKernelManager), run a cell in each,
+# shut them all down; print one JSON line per kernel.
+LOAD_SCRIPT = """
+import asyncio, json, time
+from jupyter_client.manager import AsyncKernelManager
+
+async def one(i):
+    km = AsyncKernelManager(kernel_name="python3-sandbox")
+    began = time.monotonic()
+    await km.start_kernel()
+    try:
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=300)
+        ready = time.monotonic() - began
+        msg_id = kc.execute(f"import os; print({i} * 2, os.getuid())")
+        out = ""
+        while True:
+            msg = await kc.get_iopub_msg(timeout=120)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out += msg["content"]["text"]
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        kc.stop_channels()
+        return {"i": i, "ready": ready, "output": out, "kernel_id": km.kernel_id}
+    finally:
+        await km.shutdown_kernel(now=True)
+
+async def main():
+    results = await asyncio.gather(*(one(i) for i in range(PER_USER)), return_exceptions=True)
+    for r in results:
+        print(json.dumps(r if isinstance(r, dict) else {"error": repr(r)}))
+
+asyncio.run(main())
+"""
+PER_USER = 10
+
+
+def test_thirty_kernels_of_three_users_start_at_once(
+    own_service: ServiceProcess,
+    test_users: support_service.TestUsers,
+    docker_client: docker.DockerClient,
+) -> None:
+    users = ("kstalice", "kstbob", "kstcarol")
+    folders = {user: workspace(test_users, user) for user in users}
+    code = LOAD_SCRIPT.replace("PER_USER", str(PER_USER))
+    began = time.monotonic()
+    procs = {
+        user: test_users.popen_as(
+            user, code, env={"KERNEL_SANDBOX_SERVICE": own_service.socket}, cwd=str(folders[user])
+        )
+        for user in users
+    }
+    results: dict[str, list[dict[str, Any]]] = {}
+    for user, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{user}: exit {proc.returncode}\n{err[-3000:]}"
+        results[user] = [json.loads(line) for line in out.strip().splitlines()]
+    wall = time.monotonic() - began
+    errors = [f"{u}: {r['error']}" for u, rs in results.items() for r in rs if "error" in r]
+    assert not errors, "\n".join(errors)
+    readies = sorted(r["ready"] for rs in results.values() for r in rs)
+    print(
+        f"\n{len(readies)} kernels of {len(users)} users: all started, ran a cell and shut down "
+        f"in {wall:.1f} s wall; ready after {readies[0]:.1f}-{readies[-1]:.1f} s "
+        f"(median {readies[len(readies) // 2]:.1f} s)"
+    )
+    assert len(readies) == PER_USER * len(users)
+    for rs in results.values():
+        outputs = sorted(r["output"].split()[0] for r in rs)
+        assert outputs == sorted(str(i * 2) for i in range(PER_USER))
+        assert all(int(r["output"].split()[1]) >= 2000000 for r in rs)  # uids of their own
+    assert len({int(r["output"].split()[1]) for rs in results.values() for r in rs}) == 30
+    left = settled(lambda: leftovers(docker_client, own_service, None))
+    assert not left, f"left behind: {left}"

@@ -226,6 +226,7 @@ class ServiceProcess:
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)
         log = open(self.log_path, "a")
+        offset = log.tell()  # a restart appends: only this run's lines count
         self.process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, cwd="/", env={**os.environ}
         )
@@ -233,7 +234,7 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the service ended: {self.log_path.read_text()[-3000:]}")
-            if "listening on" in self.log_path.read_text():
+            if "listening on" in self.log_path.read_text()[offset:]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the service did not listen: {self.log_path.read_text()[-3000:]}")

@@ -8,6 +8,8 @@ Jupyter Server does), prints one JSON line ``{"ready": kernel_id, "pid": ...}`` 
 answers one JSON line per command read from stdin:
 
 - ``exec CODE``: run a cell; ``{"output": stdout+errors, "status": ...}``
+- ``reply CODE``: run a cell, waiting for its execute reply only (not for its output, which
+  comes through the IOPub relay); ``{"status": ...}``
 - ``alive``: ``{"alive": km.is_alive()}`` (the provisioner's poll, through the service)
 - ``restart``: ``km.restart_kernel()`` and wait for the kernel; ``{"restarted": true}``
 - ``save FILE``: write the provisioner info to FILE; ``{"saved": FILE}``
@@ -74,6 +76,13 @@ def main() -> None:
         try:
             if command == "exec":
                 say(**run_cell(kc, argument))
+            elif command == "reply":
+                msg_id = kc.execute(argument)
+                while (reply := kc.get_shell_msg(timeout=60))["parent_header"].get(
+                    "msg_id"
+                ) != msg_id:
+                    pass
+                say(status=reply["content"]["status"])
             elif command == "alive":
                 say(alive=km.is_alive())
             elif command == "restart":
