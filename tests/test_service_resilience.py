@@ -241,6 +241,10 @@ def test_kernels_survive_a_restart_of_the_service(
         [record] = own_service.records()
         assert record["kernel_id"] == client.kernel_id
         assert client.ask("alive")["alive"] is True  # the new service answers the poll
+        # IOPub comes through the relay the new service started: output published before the
+        # client's subscription is back is lost, so wait for it as a reconnecting client does
+        iopub = client.ask("sync")["synced"]
+        print(f"{how}: IOPub delivered again {iopub:.2f} s after the service listened")
         assert client.ask("exec print(x, y)")["output"] == "42 43\n"
         mounted = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()]
         assert not [line for line in mounted if str(folder) in line.split()[3]]

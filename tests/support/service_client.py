@@ -10,6 +10,7 @@ answers one JSON line per command read from stdin:
 - ``exec CODE``: run a cell; ``{"output": stdout+errors, "status": ...}``
 - ``reply CODE``: run a cell, waiting for its execute reply only (not for its output, which
   comes through the IOPub relay); ``{"status": ...}``
+- ``sync``: wait until IOPub delivers again; ``{"synced": seconds}``
 - ``alive``: ``{"alive": km.is_alive()}`` (the provisioner's poll, through the service)
 - ``restart``: ``km.restart_kernel()`` and wait for the kernel; ``{"restarted": true}``
 - ``save FILE``: write the provisioner info to FILE; ``{"saved": FILE}``
@@ -24,6 +25,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import jupyter_client
@@ -47,6 +49,24 @@ def run_cell(kc: Any, code: str) -> dict[str, Any]:
 
     reply = kc.execute_interactive(code, timeout=60, output_hook=hook)
     return {"output": "".join(out), "status": reply["content"]["status"]}
+
+
+def iopub_back(kc: Any, timeout: float = 60) -> float:
+    """Seconds until IOPub delivers again (a kernel_info's status), as a client that
+    reconnected checks before it runs a cell: what is published while no relay or
+    subscriber is there is lost."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        msg_id = kc.kernel_info()
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            try:
+                msg = kc.get_iopub_msg(timeout=0.1)
+            except Exception:
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return time.monotonic() - began
+    raise TimeoutError(f"IOPub silent for {timeout} s")
 
 
 def adopted_manager(path: str) -> jupyter_client.KernelManager:
@@ -83,6 +103,8 @@ def main() -> None:
                 ) != msg_id:
                     pass
                 say(status=reply["content"]["status"])
+            elif command == "sync":
+                say(synced=iopub_back(kc))
             elif command == "alive":
                 say(alive=km.is_alive())
             elif command == "restart":
