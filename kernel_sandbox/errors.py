@@ -25,8 +25,13 @@
     │                                   the kernel's egress proxy did not answer
     ├── LockdownError (RuntimeError)    a locked-down Jupyter Server cannot guarantee that
     │                                   everything it starts is sandboxed; it refuses to start
-    └── ServiceUnavailable (ConnectionError)
-                                        the sandbox service's socket does not answer
+    ├── BadRequest (ValueError)         a request to the sandbox service is malformed
+    ├── NoSuchKernel (LookupError)      the sandbox service has no such kernel of the caller
+    ├── ServiceUnavailable (ConnectionError)
+    │                                   the sandbox service's socket does not answer
+    └── ServiceRefused (PermissionError)
+                                        the sandbox service's policy file does not allow what
+                                        a caller asked for (.rule names the rule that refused)
 
 Each message says what happened and what to do about it, in one or two lines, so that
 Jupyter Server, nbclient and the CLI can show it as it is. Engine errors
@@ -55,7 +60,10 @@ __all__ = [
     "LockdownError",
     "PolicyError",
     "RuntimeUnavailable",
+    "BadRequest",
+    "NoSuchKernel",
     "SandboxError",
+    "ServiceRefused",
     "ServiceUnavailable",
     "TargetError",
     "TokenNotFound",
@@ -146,3 +154,25 @@ class LockdownError(SandboxError, RuntimeError):
 
 class ServiceUnavailable(SandboxError, ConnectionError):
     """The sandbox service (``kernel-sandbox serve``) cannot be reached on its socket."""
+
+
+class ServiceRefused(SandboxError, PermissionError):
+    """The operator's policy file (kernel_sandbox.service.rules) does not allow a request.
+
+    ``rule`` is the rule that refused, as the message names it: the file, the section and the
+    key with its value (``/etc/kernel-sandbox/service.toml [group.students] max_kernels = 3``),
+    or the built-in default.
+    """
+
+    def __init__(self, message: str, rule: str = ""):
+        super().__init__(message)
+        self.rule = rule
+
+
+class BadRequest(SandboxError, ValueError):
+    """A request to the sandbox service is not well formed (the reply says why)."""
+
+
+class NoSuchKernel(SandboxError, LookupError):
+    """The sandbox service has no kernel with that id for the caller (another user's kernel
+    counts as none)."""

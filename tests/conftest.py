@@ -116,7 +116,7 @@ def test_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestUsers]:
     for name in ("kstalice", "kstbob", "kstcarol"):
         users.add(name)
     yield users
-    users.remove_all()
+    users.forget()
     shutil.rmtree(users.base, ignore_errors=True)
 
 

@@ -109,6 +109,7 @@ def setup_errors(
         ("doctor",): (["--config", f"{missing}.py"], 2, "cannot read config file"),
         ("ps",): ([], 2, "stand-in engine"),
         ("stop",): (["no-such-kernel"], 2, "no sandboxed kernel"),
+        ("serve",): (["--mode", "rw-rw-rw-"], 2, "octal mode"),
         ("gc",): (["--runtime-root", missing], 2, "stand-in engine"),
         ("run",): ([f"{missing}.ipynb"], 2, "no such notebook or folder"),
         ("tokens", "list"): (["--db", str(tmp_path)], 2, "token database"),

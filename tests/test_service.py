@@ -4,8 +4,11 @@ sandboxed kernels through it (issue 15)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
+from support import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -58,3 +61,25 @@ def test_a_user_without_engine_access_runs_a_sandboxed_kernel(sandbox_service, t
     output = json.loads(result.stdout.strip().splitlines()[-1])["output"]
     uid, cwd = output.split()
     assert int(uid) >= 2000000  # a uid of its own, not the caller's
+
+
+def test_kernel_sandbox_run_through_the_service_as_a_user(sandbox_service, test_users, tmp_path):
+    """The CI path for a tenant: `kernel-sandbox run` with no engine access."""
+    home = test_users.add("kstbob").pw_dir
+    folder = f"{home}/run-{tmp_path.name[-6:]}"
+    test_users.run_as("kstbob", f"import os; os.makedirs({folder!r}, exist_ok=True)")
+    account = test_users.add("kstbob")
+    copy = shutil.copy(REPO / "notebooks" / "demo.ipynb", folder)
+    os.chown(copy, account.pw_uid, account.pw_gid)
+    result = test_users.run_as(
+        "kstbob",
+        "import sys\nfrom kernel_sandbox.cli import main\n"
+        f"sys.exit(main(['run', 'demo.ipynb', '--output-dir', {folder + '/out'!r}]))",
+        env={"KERNEL_SANDBOX_SERVICE": sandbox_service.socket},
+        cwd=folder,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stderr + result.stdout
+    executed = json.loads(open(f"{folder}/out/demo.ipynb").read())
+    assert any(cell.get("outputs") for cell in executed["cells"])

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from traitlets.config import Config
@@ -55,6 +56,11 @@ async def preflight(options: RunOptions, backend: DockerBackend | None = None) -
     provisioner = DockerSandboxProvisioner(
         kernel_id="preflight", kernel_spec=spec, config=options.config, **spec_config
     )
+    if provisioner.via_service is not None:  # it checks policy and image at each start
+        from kernel_sandbox.service.client import ServiceClient
+
+        await asyncio.to_thread(ServiceClient(provisioner.via_service.socket_path, 10).ask, "hello")
+        return
     policy = provisioner.policy  # PolicyError for an unknown profile or a bad value
     own = backend is None
     engine = DockerBackend() if backend is None else backend

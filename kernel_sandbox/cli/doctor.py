@@ -4,6 +4,11 @@ Each check is a line with a status and, when it is not ok, the fix: the command 
 configuration to add. The checks are plain functions over what they inspect (engine facts,
 a directory, the installed kernelspecs), so each can be tested with the facts handed in.
 Status ``warn`` is advice: only ``fail`` makes ``doctor`` exit 1.
+
+The first line says which mode is in force and why: direct engine access, or through the
+sandbox service (:mod:`kernel_sandbox.cli.service_mode`). Through the service the engine,
+runtimes, images and runtime directory are the service's to check: ``doctor`` checks that the
+service answers and who it takes you for, and that you cannot reach the engine is good news.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from rich.table import Table
 from traitlets.config import Config
 
 from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, wide_console
+from kernel_sandbox.cli.service_mode import add_service_flags, which_mode
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import PolicyError, SandboxError
 from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, RuntimeDir, default_root
@@ -398,7 +404,13 @@ async def cmd_doctor(args: argparse.Namespace, backend: DockerBackend) -> int:
     config, _files = load_jupyter_config(args.config)
     section = config.get("DockerSandboxProvisioner", {})
     root = str(section.get("runtime_root") or default_root())
-    checks = await run_checks(backend, config, root)
+    from kernel_sandbox.cli.doctor_service import check_mode, run_service_checks
+
+    path, why = which_mode(args, str(section.get("service") or "") or None)
+    if path is None:
+        checks = [check_mode(path, why), *await run_checks(backend, config, root)]
+    else:
+        checks = [check_mode(path, why), *await run_service_checks(backend, config, path)]
     failed = [c for c in checks if c.status == FAIL]
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=1))
@@ -417,8 +429,12 @@ def add_doctor_command(commands: Any) -> None:
         "OCI runtimes the kernelspecs ask for are registered (and how to register gVisor's "
         "runsc), their images exist, every sandboxed kernelspec's policy is valid under the "
         "Jupyter config, and the runtime directory keeps socket paths short and private. "
-        "Prints a fix for every failing line; exits 1 if anything failed, else 0.",
+        "Prints a fix for every failing line; exits 1 if anything failed, else 0. The first "
+        "line says whether this user goes through the sandbox service or to the engine "
+        "directly, and why; through the service it checks that the service answers and who "
+        "it takes you for.",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON instead of a table")
     doctor.add_argument("--config", metavar="FILE", help="also read this Jupyter config file")
+    add_service_flags(doctor)
     doctor.set_defaults(func=cmd_doctor)

@@ -5,7 +5,8 @@
     kernel-sandbox egress deny KERNEL_ID HOST:PORT [--always]
 
 The install flags that give a kernelspec an allowlist (``--network allowlist --egress ...``)
-are in :mod:`kernel_sandbox.cli.install`.
+are in :mod:`kernel_sandbox.cli.install`. Through the sandbox service (which runs the proxies:
+:mod:`kernel_sandbox.cli.service_mode`) these see and decide for the caller's own kernels only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 from typing import Any
 
 from kernel_sandbox.cli.console import EXIT_OK, err
+from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.egress.control import EgressControl
 from kernel_sandbox.engine.backend import DockerBackend
 
@@ -22,25 +24,49 @@ __all__ = ["add_egress_command"]
 
 
 async def cmd_pending(args: argparse.Namespace, backend: DockerBackend) -> int:
-    requests = EgressControl(args.runtime_root).pending(args.kernel)
-    if args.json:
+    client = service_for(args)
+    everyone = False
+    if client is not None:
+        reply = await ask(client, "egress_pending", kernel=args.kernel)
+        rows: list[dict[str, Any]] = reply["pending"]
+        everyone = bool(reply.get("all"))
+    else:
+        requests = EgressControl(args.runtime_root).pending(args.kernel)
         rows = [{**r.__dict__, "seconds_left": round(r.seconds_left, 1)} for r in requests]
+    if args.json:
         print(json.dumps(rows))
         return EXIT_OK
-    if not requests:
+    if not rows:
         err.print("no egress request is waiting for approval")
         return EXIT_OK
-    print(f"{'KERNEL':<38} {'TARGET':<40} {'WAITING':>7} {'LEFT':>6}")
-    for r in requests:
-        print(f"{r.kernel_id:<38} {r.target:<40} {r.waiting:>7} {r.seconds_left:>5.0f}s")
+    user = f" {'USER':<16}" if everyone else ""
+    print(f"{'KERNEL':<38} {'TARGET':<40} {'WAITING':>7} {'LEFT':>6}{user}")
+    for r in rows:
+        user = f" {r.get('user', ''):<16}" if everyone else ""
+        print(
+            f"{r['kernel_id']:<38} {r['target']:<40} {r['waiting']:>7} "
+            f"{r['seconds_left']:>5.0f}s{user}"
+        )
     return EXIT_OK
 
 
 async def cmd_decide(args: argparse.Namespace, backend: DockerBackend) -> int:
     """Approve or deny; no such kernel or nothing waiting is an EgressControlError (exit 2)."""
-    control = EgressControl(args.runtime_root)
-    decide = control.approve if args.egress_command == "approve" else control.deny
-    count = decide(args.kernel_id, args.target, always=args.always)
+    client = service_for(args)
+    if client is not None:
+        reply = await ask(
+            client,
+            "egress_decide",
+            decision=args.egress_command,
+            kernel_id=args.kernel_id,
+            target=args.target,
+            always=args.always,
+        )
+        count = int(reply["decided"])
+    else:
+        control = EgressControl(args.runtime_root)
+        decide = control.approve if args.egress_command == "approve" else control.deny
+        count = decide(args.kernel_id, args.target, always=args.always)
     verb = "approved" if args.egress_command == "approve" else "denied"
     scope = " (and from now on, for this kernel)" if args.always else ""
     err.print(
@@ -83,5 +109,6 @@ def add_egress_command(commands: Any) -> None:
             "--runtime-root",
             default=None,
             metavar="DIR",
-            help="runtime root of the kernels (default /tmp/kernel-sandbox-UID)",
+            help="runtime root of the kernels (default /tmp/kernel-sandbox-UID; direct mode)",
         )
+        add_service_flags(parser)

@@ -2,18 +2,21 @@
 
 The sandboxes themselves (found by their labels, how one is stopped) are
 :mod:`kernel_sandbox.host.sandboxes`; the orphan sweep is :mod:`kernel_sandbox.host.reap`.
+Through the sandbox service (:mod:`kernel_sandbox.cli.service_mode`) ``ps`` and ``stop`` ask
+the service, which shows and ends the caller's own kernels only (an operator's: all).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 from rich.table import Table
 
 from kernel_sandbox.cli.console import EXIT_OK, err, wide_console
+from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import default_root
@@ -41,17 +44,31 @@ def _memory(sandbox: Sandbox) -> str:
     return f"{used} / {format_size(sandbox.memory_limit)}" if sandbox.memory_limit else used
 
 
+_SANDBOX_FIELDS = [f.name for f in fields(Sandbox)]
+
+
+async def _service_sandboxes(args: argparse.Namespace) -> tuple[list[Sandbox], list[dict]] | None:
+    """The caller's kernels as the service lists them (None: direct mode)."""
+    client = service_for(args)
+    if client is None:
+        return None
+    rows = (await ask(client, "list", all=args.all))["kernels"]
+    return [Sandbox(**{k: row.get(k) for k in _SANDBOX_FIELDS}) for row in rows], rows
+
+
 async def cmd_ps(args: argparse.Namespace, backend: DockerBackend) -> int:
-    sandboxes = await list_sandboxes(backend, args.all)
+    served = await _service_sandboxes(args)
+    if served is not None:
+        sandboxes, records = served
+    else:
+        sandboxes = await list_sandboxes(backend, args.all)
+        records = [{**asdict(s), "uptime": round(s.uptime, 1)} for s in sandboxes]
     if args.json:
-        print(
-            json.dumps([{**asdict(s), "uptime": round(s.uptime, 1)} for s in sandboxes], indent=1)
-        )
+        print(json.dumps(records, indent=1))
         return EXIT_OK
     if not sandboxes:
-        err.print(
-            "no sandboxed kernel is running" + ("" if args.all else " (--all: ended ones too)")
-        )
+        hint = "" if args.all else " (--all: ended ones too)"
+        err.print("no sandboxed kernel is running" + hint)
         return EXIT_OK
     table = Table(box=None, header_style="bold")
     columns = ["KERNEL ID", "KERNELSPEC", "PROFILE", "UPTIME", "MEMORY", "OWNER", "CONTAINER"]
@@ -75,6 +92,18 @@ async def cmd_ps(args: argparse.Namespace, backend: DockerBackend) -> int:
 
 
 async def cmd_stop(args: argparse.Namespace, backend: DockerBackend) -> int:
+    client = service_for(args)
+    if client is not None:
+        reply = await ask(
+            client, "stop", kernel_id=args.kernel_id, timeout=args.timeout, force=args.force
+        )
+        how = "ended; its clients are told why" if reply.get("ended") else "asked to end"
+        err.print(
+            f"stopped kernel {reply['stopped']} ({reply.get('kernelspec')}, of "
+            f"{reply.get('user')}, container {reply.get('container')}): {how}",
+            markup=False,
+        )
+        return EXIT_OK
     for sandbox in await find_sandbox(backend, args.kernel_id):
         how = await stop_sandbox(backend, sandbox, args.timeout, args.force)
         err.print(
@@ -108,10 +137,12 @@ def add_ps_command(commands: Any) -> None:
         help="list live sandboxed kernels",
         description="List the running sandboxed kernels on this engine, found by their "
         "container labels: kernel id, kernelspec, profile, uptime, memory in use (of the "
-        "limit), owning process and container.",
+        "limit), owning process and container. Through the sandbox service: your own "
+        "kernels only (an operator's: everyone's, OWNER says whose).",
     )
     ps.add_argument("--all", action="store_true", help="include containers that have ended")
     ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_service_flags(ps)
     ps.set_defaults(func=cmd_ps)
 
 
@@ -122,7 +153,8 @@ def add_stop_command(commands: Any) -> None:
         description="End the kernel KERNEL_ID (or a unique prefix of it, or its container "
         "name). A live owner (Jupyter Server, nbclient) is asked to shut it down, so the "
         "server forgets it rather than restarting it; otherwise, or after --timeout, the "
-        "container is removed.",
+        "container is removed. Through the sandbox service: only a kernel of yours (an "
+        "operator: anyone's); its clients are told who stopped it.",
     )
     stop.add_argument("kernel_id", metavar="KERNEL_ID", help="kernel id from `kernel-sandbox ps`")
     stop.add_argument(
@@ -137,6 +169,7 @@ def add_stop_command(commands: Any) -> None:
         action="store_true",
         help="remove the container at once, without asking its owner",
     )
+    add_service_flags(stop)
     stop.set_defaults(func=cmd_stop)
 
 

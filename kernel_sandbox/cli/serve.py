@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any
 
-from kernel_sandbox.cli.console import UsageError, err
+from kernel_sandbox.cli.console import UsageError, err, out
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.service.client import DEFAULT_SOCKET
 
@@ -36,7 +36,19 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def unit_text() -> str:
+    """The shipped systemd unit, naming this interpreter."""
+    import sys
+    from importlib.resources import files
+
+    text = files("kernel_sandbox.service").joinpath("kernel-sandbox.service").read_text()
+    return text.replace("{executable}", sys.executable)
+
+
 async def cmd_serve(args: argparse.Namespace, backend: DockerBackend) -> int:
+    if args.print_unit:
+        out.print(unit_text(), markup=False, highlight=False, end="")
+        return 0
     from kernel_sandbox.service.kernels import KernelRegistry
     from kernel_sandbox.service.rules import RulesFile
     from kernel_sandbox.service.server import SandboxService
@@ -126,4 +138,9 @@ def add_serve_command(commands: Any) -> None:
         "restarted service adopts them)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument(
+        "--print-unit",
+        action="store_true",
+        help="print the systemd unit for this installation and exit",
+    )
     serve.set_defaults(func=cmd_serve)

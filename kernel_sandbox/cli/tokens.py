@@ -2,7 +2,9 @@
 
 A token or kernel that is not in the store is a ``TokenNotFound`` (exit 2, through
 :data:`kernel_sandbox.cli.console.EXIT_CODES`); ``install --dataset`` is in
-:mod:`kernel_sandbox.cli.install`.
+:mod:`kernel_sandbox.cli.install`. Through the sandbox service (which holds the token
+database: :mod:`kernel_sandbox.cli.service_mode`) both show and act on the caller's own
+kernels' tokens only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rich.table import Table
 
 from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
 from kernel_sandbox.cli.console import EXIT_OK, UsageError, err, wide_console
+from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.engine.backend import DockerBackend
 
 __all__ = ["add_tokens_command"]
@@ -42,35 +45,53 @@ def _database(path: Path) -> Iterator[None]:
 
 
 async def cmd_tokens_list(args: argparse.Namespace, backend: DockerBackend) -> int:
-    now = time.time()
-    with _database(args.db):
-        records = TokenStore(args.db).records(include_dead=args.all)
+    client = service_for(args)
+    everyone = False
+    if client is not None:
+        reply = await ask(client, "tokens", all=args.all)
+        records: list[dict[str, Any]] = reply["tokens"]
+        everyone = bool(reply.get("all"))
+    else:
+        now = time.time()
+        with _database(args.db):
+            records = [r.to_dict(now) for r in TokenStore(args.db).records(include_dead=args.all)]
     if args.json:
-        print(json.dumps([r.to_dict(now) for r in records], indent=1))
+        print(json.dumps(records, indent=1))
         return EXIT_OK
     if not records:
         hint = "" if args.all else " (--all shows the others)"
         err.print(f"no live tokens{hint}")
         return EXIT_OK
     table = Table(box=None, header_style="bold")
-    for column in ("TOKEN", "KERNEL", "STATE", "DATASETS", "EXPIRES", "REVOKED"):
+    columns = ["TOKEN", "KERNEL", "STATE", "DATASETS", "EXPIRES", "REVOKED"]
+    for column in columns + (["USER"] if everyone else []):
         table.add_column(column)
     for record in records:
-        datasets = ", ".join(f"{n}:{g.access}" for n, g in record.scope.items())
-        revoked = f"{_when(record.revoked)} ({record.reason})" if record.revoked else "-"
+        datasets = ", ".join(f"{n}:{access}" for n, access in record["datasets"].items())
+        revoked = record["revoked"]
+        revoked_text = f"{_when(revoked)} ({record['reason']})" if revoked else "-"
         table.add_row(
-            record.token_id,
-            record.kernel_id,
-            record.state(now),
+            record["token_id"],
+            record["kernel_id"],
+            record["state"],
             datasets,
-            _when(record.expires),
-            revoked,
+            _when(record["expires"]),
+            revoked_text,
+            *([record.get("user") or "-"] if everyone else []),
         )
     wide_console(200).print(table)
     return EXIT_OK
 
 
 async def cmd_tokens_revoke(args: argparse.Namespace, backend: DockerBackend) -> int:
+    client = service_for(args)
+    if client is not None:
+        reply = await ask(client, "revoke", ident=args.ident, reason=args.reason)
+        if not reply["revoked"]:
+            err.print(f"{args.ident}: its tokens were already revoked or expired", markup=False)
+        for token in reply["revoked"]:
+            err.print(f"revoked token {token['token_id']} of kernel {token['kernel_id']}")
+        return EXIT_OK
     with _database(args.db):
         revoked = TokenStore(args.db).revoke(args.ident, reason=args.reason)  # TokenNotFound: 2
     if not revoked:
@@ -88,7 +109,8 @@ def add_tokens_command(commands: Any) -> None:
         help="list or revoke the data tokens of sandboxed kernels",
         description="Each kernel whose policy grants datasets gets a scoped, expiring token for "
         "the host's data broker. Revoking one stops it on its next request; the user's own "
-        "credentials are untouched.",
+        "credentials are untouched. Through the sandbox service: your own kernels' tokens only "
+        "(the service holds the database; --db does not apply).",
     )
     actions = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
     default_db = default_state_dir() / "tokens.sqlite"
@@ -99,6 +121,7 @@ def add_tokens_command(commands: Any) -> None:
     listing.add_argument(
         "--db", type=Path, default=default_db, help=f"token database (default {default_db})"
     )
+    add_service_flags(listing)
     listing.set_defaults(func=cmd_tokens_list)
 
     revoke = actions.add_parser("revoke", help="revoke a kernel's tokens, or one token")
@@ -111,4 +134,5 @@ def add_tokens_command(commands: Any) -> None:
     revoke.add_argument(
         "--db", type=Path, default=default_db, help=f"token database (default {default_db})"
     )
+    add_service_flags(revoke)
     revoke.set_defaults(func=cmd_tokens_revoke)

@@ -77,6 +77,17 @@ class Rule:
             return not target.is_ip and target.host.endswith(self.host[1:])
         return target.host == self.host
 
+    def covers(self, other: Rule) -> bool:
+        """Whether every target ``other`` matches is matched by this rule too (the sandbox
+        service checks a kernelspec's patterns against the operator's this way)."""
+        if self.ports is not None and (other.ports is None or set(other.ports) - set(self.ports)):
+            return False
+        if not self.host.startswith("*."):
+            return other.host == self.host
+        if other.host.startswith("*."):
+            return other.host[1:].endswith(self.host[1:])
+        return _ip(other.host) is None and other.host.endswith(self.host[1:])
+
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.ports is None:

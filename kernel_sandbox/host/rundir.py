@@ -3,7 +3,8 @@
 ::
 
     <root>/<id>/          host only (0700): owner record, egress config and control, staging
-    <root>/<id>/h/        host-served sockets and files (owned by the host user): the lifeline,
+    <root>/<id>/h/        host-served sockets and files (owned by the host user; for the sandbox
+                          service's kernels, searchable by the kernel's uid alone): the lifeline,
                           the data broker's socket and token, the egress proxy's sockets, the
                           container's connection file; mounted READ-ONLY at HOST_SOCKETS_MOUNT,
                           so the kernel can use them but never unlink or replace one
@@ -158,6 +159,13 @@ class RuntimeDir:
         try:
             new.host_dir.mkdir(mode=0o711)
             os.chmod(new.host_dir, 0o711)  # the kernel's uid may only reach what it is given
+            if client_reachable and owner is not None and os.getuid() == 0:
+                # <id>/ is searchable by everyone here, and its name is no secret (the tmpfs
+                # below shows in every user's /proc/self/mountinfo): h/'s sockets (0666: the
+                # kernel's uid must connect) are closed to other users by h/ itself, which
+                # only the kernel's uid may search (read-only inside: it cannot chmod it).
+                os.chown(new.host_dir, owner[0], 0)
+                os.chmod(new.host_dir, 0o500)
             new.area.mkdir(mode=0o700)
             if size and tmpfs.can_mount():
                 tmpfs.mount(new.area, size, (os.getuid(), os.getgid()), search)

@@ -70,7 +70,11 @@ def preflight(lockdown: SandboxLockdown, specs: Any, config: Any, docker_cli: st
         )
     spec = specs.get_kernel_spec(lockdown.map_to)
     try:
-        policy = provisioner_for(spec, config).policy
+        provisioner = provisioner_for(spec, config)
+        service = provisioner.via_service
+        if service is not None:
+            return _through_service(lockdown, service.socket_path, sandboxed, docker_cli)
+        policy = provisioner.policy
     except SandboxError as exc:
         raise LockdownError(f"kernelspec {lockdown.map_to}: {exc}") from exc
     backend = shared_backend()
@@ -94,6 +98,29 @@ def preflight(lockdown: SandboxLockdown, specs: Any, config: Any, docker_cli: st
         f"kernels: {', '.join(sandboxed)} (default {lockdown.map_to}); other names "
         f"({', '.join(unsandboxed) or 'none installed'}) {action}; "
         f"terminals: {lockdown.terminals}"
+    )
+
+
+def _through_service(
+    lockdown: SandboxLockdown, socket_path: str, sandboxed: list[str], docker_cli: str | None
+) -> str:
+    """preflight for a server whose kernels start through the sandbox service: the service
+    must answer (it checks policy and image at each start); terminals cannot be sandboxed
+    from here, since this server has no engine access."""
+    from kernel_sandbox.service.client import ServiceClient
+
+    if docker_cli is not None:
+        raise LockdownError(
+            "sandboxed terminals need engine access, which a server using the sandbox service "
+            f"({socket_path}) does not have; set c.SandboxLockdown.terminals = 'off'"
+        )
+    try:
+        hello = ServiceClient(socket_path, timeout=10).ask("hello")
+    except SandboxError as exc:
+        raise LockdownError(str(exc)) from exc
+    return (
+        f"kernels: {', '.join(sandboxed)} (default {lockdown.map_to}) through the sandbox "
+        f"service at {socket_path} as {hello['caller']['name']}; terminals: off"
     )
 
 

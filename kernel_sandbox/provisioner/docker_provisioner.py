@@ -398,7 +398,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             workspace = None
             if policy.workspace != "none" and self.staged_workspace is not None:
                 workspace, workspace_path = self.staged_workspace
-        if policy.workspace != "none" and workspace is None:
+        if policy.workspace != "none" and workspace is None and self.client_owner is None:
             self.log.warning(
                 "kernel %s: not mounting %s as the workspace (a host path no sandbox may see); "
                 "the kernel starts in %s",

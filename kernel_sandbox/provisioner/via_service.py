@@ -62,7 +62,8 @@ class ServiceKernel:
             if getattr(prov, key) is not None
         }
         asked.update(prov._spec_config)
-        asked.setdefault("profile", prov.profile)
+        if "profile" not in asked and prov.profile != "strict":  # else the service's default
+            asked["profile"] = prov.profile
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asked.items()}
 
     async def pre_launch(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +132,8 @@ class ServiceKernel:
         info["key"] = str(info["key"]).encode()
         prov.connection_info = cast(KernelConnectionInfo, info)
         self.policy = reply.get("policy", {})
+        for note in reply.get("notes") or []:
+            prov.log.warning("kernel %s: %s", prov.kernel_id, note)
         self.started = True
         self._ended_told = False
         prov.log.info(

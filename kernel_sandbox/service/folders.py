@@ -26,11 +26,15 @@ from kernel_sandbox.host import tmpfs
 from kernel_sandbox.policy.mounts import _within, check_mount_source
 from kernel_sandbox.service.callers import Caller
 
-__all__ = ["CallerFolder", "Staging", "receive_folder"]
+__all__ = ["CallerFolder", "NotMountable", "Staging", "receive_folder"]
 
 MS_BIND = 4096
 MS_REC = 16384
 ACL_XATTR = "system.posix_acl_access"
+
+
+class NotMountable(PolicyError):
+    """A folder no sandbox may see (a host path the mount rules refuse, a home as a whole)."""
 
 
 @dataclass
@@ -98,9 +102,12 @@ def receive_folder(fd: int, caller: Caller, mode: str, what: str) -> CallerFolde
             )
         if not path.startswith("/") or path.endswith(" (deleted)"):
             raise PolicyError(f"{what}: the folder sent is no longer on the file system")
-        check_mount_source(what, path)
+        try:
+            check_mount_source(what, path)
+        except PolicyError as exc:
+            raise NotMountable(str(exc)) from None
         if _within(caller.home, path) and os.path.isabs(caller.home) and caller.home != "/":
-            raise PolicyError(
+            raise NotMountable(
                 f"{what}: refusing to mount {path}: it exposes your home directory as a "
                 "whole; use a folder inside it"
             )

@@ -29,23 +29,22 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from traitlets.config import Config
 
-from kernel_sandbox.errors import KernelStartError, PolicyError, SandboxError
+from kernel_sandbox.errors import BadRequest, NoSuchKernel, PolicyError, ServiceRefused
 from kernel_sandbox.host.exits import ExitRegistry
 from kernel_sandbox.host.owner import Owner, process_start_time
 from kernel_sandbox.host.reap import SweepOnce
-from kernel_sandbox.policy.mounts import parse_mounts
 from kernel_sandbox.provisioner.identity import Identity
 from kernel_sandbox.service.callers import Caller
-from kernel_sandbox.service.folders import CallerFolder, Staging, receive_folder
-from kernel_sandbox.service.protocol import BadRequest
+from kernel_sandbox.service.folders import CallerFolder, NotMountable, Staging, receive_folder
 from kernel_sandbox.service.rules import CallerRules, RulesFile
 
 __all__ = ["KernelRegistry", "ServedKernel"]
 
 log = logging.getLogger("kernel_sandbox.service")
 
-# Policy keys a caller may not ask for at all: the operator decides them.
-OPERATOR_KEYS = frozenset({"user"})
+# Policy keys a caller may not ask for at all: the operator decides them (``egress_hosts``
+# could point an allowed name at any address).
+OPERATOR_KEYS = frozenset({"user", "egress_hosts"})
 
 
 class KeptAtExit(ExitRegistry):
@@ -54,10 +53,6 @@ class KeptAtExit(ExitRegistry):
 
     def add(self, resources: Any) -> None:
         return None
-
-
-class NoSuchKernel(SandboxError, LookupError):
-    """The caller has no kernel with that id (another user's counts as none)."""
 
 
 @dataclass
@@ -83,7 +78,7 @@ class ServedKernel:
             "uid": self.uid,
             "user": _user_name(self.uid),
             "kernelspec": self.request.get("kernelspec", {}).get("name", ""),
-            "profile": self.request.get("config", {}).get("profile") or "strict",
+            "profile": prov.profile,
             "container": prov.container_name,
             "container_id": prov.container_id,
             "memory_limit": self.memory,
@@ -177,7 +172,10 @@ class KernelRegistry:
         caller_owner: tuple[int, int],
         request: dict[str, Any],
         rules: CallerRules,
+        enforce: bool = True,
     ) -> Any:
+        """The provisioner for ``request``, held to ``rules`` (``enforce`` False: a running
+        kernel adopted after a restart, which the rules allowed when it started)."""
         from kernel_sandbox.provisioner import DockerSandboxProvisioner
 
         spec_request = request.get("kernelspec") or {}
@@ -206,9 +204,12 @@ class KernelRegistry:
                 "operator, not by a kernelspec"
             )
         config = dict(asked)
-        profile = _text(config.pop("profile", None), "config.profile", 255) or "strict"
-        rules.check_profile(profile)
-        rules.check_kernelspec(name)
+        profile = _text(config.pop("profile", None), "config.profile", 255) or _default_profile(
+            rules
+        )
+        if enforce:
+            rules.check_profile(profile)
+            rules.check_kernelspec(name)
         if config.get("datasets"):
             names = config["datasets"]
             names = list(names) if isinstance(names, (dict, list)) else [names]
@@ -218,16 +219,18 @@ class KernelRegistry:
             ):
                 raise BadRequest("config.datasets must name datasets (strings)")
             config["datasets"] = {
-                d.name: f"{d.source}:{'read-write' if d.writable else 'read'}"
+                d.name: f"{d.source}:{d.access}"
                 for d in rules.check_datasets([str(n) for n in names])
             }
-        if config.get("egress"):
+        if config.get("network") == "allowlist" and not config.get("egress"):
+            config["egress"] = list(rules.egress)  # the operator's allowlist for the caller
+        if config.get("egress") and enforce:
             egress = config["egress"]
             egress = [egress] if isinstance(egress, str) else egress
             if not isinstance(egress, list) or not all(isinstance(e, str) for e in egress):
                 raise BadRequest("config.egress must be a pattern or a list of patterns")
             rules.check_egress(egress)
-        settings = {**self.provisioner_config, "ceilings": dict(rules.ceilings), "service": "off"}
+        settings = {**self.provisioner_config, "service": "off"}
         prov = DockerSandboxProvisioner(
             kernel_id=kernel_id,
             kernel_spec=spec,
@@ -240,6 +243,9 @@ class KernelRegistry:
             **config,
         )
         prov.client_owner = caller_owner
+        if enforce:  # the operator's ceilings for this caller, a refusal naming the rule
+            policy, sources = rules.apply_ceilings(prov.policy, prov.policy_sources)
+            prov._policy, prov._sources = policy, sources
         return prov
 
     # -- operations -------------------------------------------------------------------------
@@ -286,7 +292,7 @@ class KernelRegistry:
             kernel.owner, kernel.owner_lost = self._owner(caller), None
         try:
             async with kernel.lock:
-                info = await self._launch(kernel, caller, rules, request, folders, fds)
+                launched = await self._launch(kernel, caller, rules, request, folders, fds)
         except BaseException:
             if existing is None:
                 self._unreserve(caller, kernel.memory)
@@ -295,7 +301,7 @@ class KernelRegistry:
             self._unreserve(caller, kernel.memory)
             self.kernels[kernel_id] = kernel
         self._save(kernel)
-        return {"connection_info": info, "policy": _policy_summary(kernel.provisioner)}
+        return {**launched, "policy": _policy_summary(kernel.provisioner)}
 
     def _folder_list(self, request: dict[str, Any], count: int) -> list[dict[str, Any]]:
         folders = request.get("folders")
@@ -325,6 +331,7 @@ class KernelRegistry:
             rw = policy.workspace == "rw" or any(not m.read_only for m in mounts)
             prov.staged_workspace = None
             cwd = None
+            notes: list[str] = []
             staged_mounts = []
             for index, (folder, fd) in enumerate(zip(folders, list(fds), strict=True)):
                 fds[index] = -1  # ours now: receive_folder closes it on refusal
@@ -332,9 +339,13 @@ class KernelRegistry:
                     if policy.workspace == "none":
                         os.close(fd)
                         continue
-                    got = receive_folder(fd, caller, policy.workspace, "workspace")
-                    received.append(got)
-                    rules.check_mount(got.path, got.mode)
+                    try:  # as in direct mode: a folder no sandbox may see is not mounted
+                        got = receive_folder(fd, caller, policy.workspace, "workspace")
+                        received.append(got)
+                        rules.check_mount(got.path, got.mode)
+                    except (NotMountable, ServiceRefused) as exc:
+                        notes.append(f"the workspace is not mounted: {exc}")
+                        continue
                     prov.staged_workspace = (staging.bind(got), got.path)
                     cwd = got.path
                 else:
@@ -366,10 +377,17 @@ class KernelRegistry:
                 )
             env = _text_map(request.get("env"), "env")
             extra = _text_list(request.get("extra_arguments"), "extra_arguments")
+            if cwd is None and policy.workspace != "none" and not notes:
+                asked = str(request.get("cwd") or "")[:200]
+                notes.append(f"the workspace is not mounted: the client could not open {asked}")
+            # The provisioner mounts only the staged folder; cwd names it in its messages.
+            cwd = cwd or str(request.get("cwd") or "/")[:4096]
             kwargs = await prov.pre_launch(env=env, cwd=cwd, extra_arguments=extra)
             cmd = kwargs.pop("cmd")
             info = await prov.launch_kernel(cmd, **kwargs)
             await prov.post_launch(**kwargs)
+            for note in notes:
+                prov.log.warning("kernel %s: %s", kernel.kernel_id, note)
         finally:
             staging.release()
             for got in received:
@@ -381,7 +399,7 @@ class KernelRegistry:
         key = info.get("key")
         if isinstance(key, bytes):
             info["key"] = key.decode()
-        return info
+        return {"connection_info": info, "notes": notes}
 
     def _reserve(self, caller: Caller, rules: CallerRules, memory: int) -> None:
         live = [k for k in self.kernels.values() if k.uid == caller.uid]
@@ -529,7 +547,9 @@ class KernelRegistry:
                 caller = Caller.for_uid(int(record["uid"]), int(record["gid"]))
                 rules = self.rules.current().for_caller(caller)
                 kernel_id = str(record["kernel_id"])
-                prov = self._provisioner(kernel_id, caller.owner, record["request"], rules)
+                prov = self._provisioner(
+                    kernel_id, caller.owner, record["request"], rules, enforce=False
+                )
                 await prov.load_provisioner_info(record["provisioner_info"])
                 state = prov.container_id and await prov.poll()
                 if prov.runtime_dir is None or not prov.runtime_dir.exists() or state is not None:
@@ -562,6 +582,14 @@ class KernelRegistry:
                 log.warning("kernel %s: cleanup failed: %s", kernel.kernel_id, exc)
 
 
+def _default_profile(rules: CallerRules) -> str:
+    """The profile of a start that names none: ``strict`` where the caller may use it, else
+    the caller's only profile (several: the check then names them)."""
+    if rules.profiles is None or "strict" in rules.profiles or len(rules.profiles) != 1:
+        return "strict"
+    return next(iter(rules.profiles))
+
+
 def _replace_mounts(policy: Any, mounts: tuple[Any, ...]) -> Any:
     import dataclasses
 
@@ -580,6 +608,3 @@ def _policy_summary(prov: Any) -> dict[str, Any]:
         "idle_timeout": policy.idle_timeout,
         "user": prov._user,
     }
-
-
-__all__ += ["NoSuchKernel", "KernelStartError", "parse_mounts"]

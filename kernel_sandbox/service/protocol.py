@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from kernel_sandbox import errors
-from kernel_sandbox.errors import SandboxError, ServiceUnavailable
+from kernel_sandbox.errors import BadRequest, SandboxError, ServiceUnavailable
 
 __all__ = [
     "MAX_FDS",
@@ -57,10 +57,6 @@ OPS = frozenset(
         "egress_decide",
     }
 )
-
-
-class BadRequest(SandboxError, ValueError):
-    """A request that is not well formed (the reply says why; the service carries on)."""
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -149,7 +145,7 @@ def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
     assert isinstance(error, dict)
     kind = getattr(errors, str(error.get("type", "")), None)
     if not (isinstance(kind, type) and issubclass(kind, SandboxError)):
-        kind = BadRequest if error.get("type") == "BadRequest" else SandboxError
+        kind = SandboxError
     raise kind(str(error.get("message", "the sandbox service refused the request")))
 
 

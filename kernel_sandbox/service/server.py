@@ -33,6 +33,7 @@ from kernel_sandbox.service.protocol import (
     read_request,
     send_reply,
 )
+from kernel_sandbox.service.views import CallerViews
 
 __all__ = ["DEFAULT_SOCKET", "SandboxService"]
 
@@ -67,6 +68,7 @@ class SandboxService:
     ):
         self.socket_path = socket_path
         self.registry = registry
+        self.views = CallerViews(registry)
         self.group = group
         self.mode = mode if mode is not None else (0o660 if group else 0o666)
         self.loop = asyncio.new_event_loop()
@@ -176,7 +178,7 @@ class SandboxService:
 
     def dispatch(self, caller: Caller, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = request["op"]
-        registry = self.registry
+        registry, views = self.registry, self.views
         if op != "start" and fds:
             raise BadRequest(f"{op} takes no descriptors")
         on_loop: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
@@ -185,21 +187,37 @@ class SandboxService:
             "signal": lambda: registry.signal(caller, request),
             "cleanup": lambda: registry.cleanup(caller, request),
             "adopt": lambda: registry.adopt(caller, request),
-            "stop": lambda: registry.stop(caller, request),
+            "stop": lambda: views.stop(caller, request),
+            "list": lambda: views.ps(caller, request),
         }
         if op in on_loop:
             reply: dict[str, Any] = self.run_on_loop(on_loop[op]())
             return reply
-        if op == "list":
-            return self.run_on_loop(_call(registry.list, caller))  # type: ignore[no-any-return]
+        off_loop = {  # SQLite and the proxies' sockets: in this connection's thread
+            "tokens": views.tokens,
+            "revoke": views.revoke,
+            "egress_pending": views.egress_pending,
+            "egress_decide": views.egress_decide,
+        }
+        if op in off_loop:
+            return off_loop[op](caller, request)
         if op == "hello":
-            rules = registry.rules.current().for_caller(caller)
-            return {
-                "caller": {"uid": caller.uid, "gid": caller.gid, "name": caller.name},
-                "rules": rules.describe(),
-                "pid": os.getpid(),
-            }
+            return self.run_on_loop(_call(self.hello, caller))  # type: ignore[no-any-return]
         raise BadRequest(f"{op} is not served yet by this service")
+
+    def hello(self, caller: Caller) -> dict[str, Any]:
+        """Who the service takes the caller for, and the rules that apply to them."""
+        rules = self.registry.rules.current().for_caller(caller)
+        return {
+            "caller": {
+                "uid": caller.uid,
+                "gid": caller.gid,
+                "name": caller.name,
+                "groups": sorted(caller.groups),
+            },
+            "rules": rules.describe(),
+            "pid": os.getpid(),
+        }
 
     # -- life of the service ----------------------------------------------------------------
 

@@ -64,10 +64,14 @@ class TestUsers:
         try:
             account = pwd.getpwnam(name)
         except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+            subprocess.run(
+                ["useradd", "--create-home", "--shell", "/usr/sbin/nologin", name], check=True
+            )
             account = pwd.getpwnam(name)
         if name not in self.names:
             self.names.append(name)
+        if os.stat(account.pw_dir).st_uid != account.pw_uid:  # left by an earlier run
+            os.chown(account.pw_dir, account.pw_uid, account.pw_gid)
         os.chmod(account.pw_dir, 0o700)
         self._reachable(name)
         return account
@@ -180,10 +184,10 @@ class TestUsers:
             cwd=cwd or account.pw_dir,
         )
 
-    def remove_all(self) -> None:
-        for name in self.names:
-            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
-            subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+    def forget(self) -> None:
+        """Let the accounts be: they have no password and no login shell, and another test
+        session on this host may be using them (removing them, or killing their processes,
+        would break it)."""
         self.names.clear()
 
 
