@@ -6,9 +6,10 @@ oversized or deeply nested lines, non-objects, unknown operations, every field o
 of a wrong type, descriptors that are not readable directories or too many of them,
 connections that stall, trickle or hang up halfway, kernel ids that try to leave the state
 directory, 64 KiB strings. Each outcome is ``error`` (an error reply), ``dropped`` (closed
-without a reply), ``ok`` (a successful reply: a finding) or ``hang`` (no answer within the
-service's own timeout plus slack: a finding). Prints one JSON object: the counts, the
-findings and how long the service took to drop stalled and trickling connections. Standard
+without a reply), ``not mounted`` (a workspace refused: the kernel started without it, as in
+direct mode, and is removed), ``ok`` (a successful reply: a finding) or ``hang`` (no answer
+within the service's own timeout plus slack: a finding). Prints one JSON object: the counts,
+the findings and how long the service took to drop stalled and trickling connections. Standard
 library only.
 """
 
@@ -62,7 +63,8 @@ def _outcome(sock: socket.socket) -> str:
         return f"garbled reply {data[:80]!r}"
     if isinstance(reply, dict) and reply.get("ok") is False and "error" in reply:
         return "error"
-    return f"ok {data[:200]!r}"
+    note = b"the workspace is not mounted" in data
+    return f"ok {data[:200]!r}" + (" (the workspace is not mounted)" if note else "")
 
 
 def send_bytes(payload: bytes, fds: list[int] | None = None) -> Callable[[str], str]:
@@ -85,6 +87,22 @@ def send_bytes(payload: bytes, fds: list[int] | None = None) -> Callable[[str], 
 
 def send_json(request: Any, fds: list[int] | None = None) -> Callable[[str], str]:
     return send_bytes(json.dumps(request).encode() + b"\n", fds)
+
+
+def workspace_case(request: dict[str, Any], fd: int) -> Callable[[str], str]:
+    """A start whose workspace descriptor must not be mounted. As in direct mode with a
+    workspace no sandbox may see, the service may start the kernel without it and say so (a
+    note): the kernel is then removed here and the outcome is ``not mounted``."""
+    send = send_json(request, [fd])
+
+    def case(path: str) -> str:
+        outcome = send(path)
+        if outcome.startswith("ok") and "the workspace is not mounted" in outcome:
+            send_json({"op": "cleanup", "kernel_id": request["kernel_id"]})(path)
+            return "not mounted"
+        return outcome
+
+    return case
 
 
 def hang_up_midway(payload: bytes) -> Callable[[str], str]:
@@ -227,7 +245,7 @@ def cases(own_file: str) -> Iterator[Case]:
     for what, fd in descriptors.items():
         yield (
             f"workspace = {what}",
-            send_json(start(folders=[{"for": "workspace"}], **{"config.workspace": "rw"}), [fd]),
+            workspace_case(start(folders=[{"for": "workspace"}], **{"config.workspace": "rw"}), fd),
         )
         yield (
             f"mount = {what}",
@@ -314,9 +332,8 @@ def main(path: str) -> None:
             outcome = case(path)
         except OSError as exc:
             outcome = f"client error {exc}"
-        outcomes.setdefault(outcome if outcome in ("error", "dropped") else "finding", []).append(
-            f"{name}: {outcome}"
-        )
+        kind = outcome if outcome in ("error", "dropped", "not mounted") else "finding"
+        outcomes.setdefault(kind, []).append(f"{name}: {outcome}")
     stalled = slow_loris(path, 20, trickle=False)
     trickled = slow_loris(path, 20, trickle=True)
     for name, result in (("stalled", stalled), ("trickled", trickled)):
