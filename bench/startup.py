@@ -26,6 +26,14 @@ provisioner config, a dotted ``Class.trait`` into Jupyter config (e.g.
 ``DockerSandboxProvisioner.orphan_timeout=0``) and ``provisioner=NAME`` picks another
 registered provisioner (a scratch copy under test).
 
+``--service`` also measures the sandboxed kernel started through the sandbox service
+(``kernel-sandbox serve``, issue 15): the script starts a service of its own on a temporary
+socket (as root, as the unit does) and adds the variant ``service`` (the same kernelspec with
+``service`` set to that socket), whose starts are compared with the direct ones (target: within
+1.1x, executions unchanged: the kernel's ZeroMQ traffic does not pass through the service).
+The provisioner's phases are timed for direct starts only (a service start's phases happen in
+the service process).
+
 Every kernel is shut down, also on Ctrl-C (a first Ctrl-C finishes the current start and
 cleans up; a second one aborts at once and still removes the containers).
 """
@@ -65,6 +73,11 @@ MAX_FAILURES = 3  # per kernel; more than this ends the run
 REPLY_TIMEOUT = 30.0
 # Targets from issue 2: sandboxed cold start within 1.3x of local, round trip within 1.1x.
 TARGETS = {"start": 1.3, "execute": 1.1}
+# Issue 15: through the service, start within 1.1x of the direct sandboxed start, executions
+# unchanged (judged here as within 1.1x too).
+SERVICE = "service"
+DIRECT = "sandbox"
+SERVICE_TARGETS = {"start": 1.1, "execute": 1.1}
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Target:
     config: dict[str, Any] = field(default_factory=dict)
     jupyter_config: dict[str, Any] = field(default_factory=dict)
     transport: str = "tcp"
+    phases: bool = True  # the provisioner's phases are timed in this process
 
     def manager(self, ksm: KernelSpecManager) -> AsyncKernelManager:
         config = Config()
@@ -160,6 +174,7 @@ def write_kernelspecs(
                 sandboxed=True,
                 config=variant.spec_config,
                 jupyter_config=variant.jupyter_config,
+                phases="service" not in variant.spec_config,
             )
         )
     return targets
@@ -299,7 +314,7 @@ async def measure(
     """Start one kernel, time kernel_info, the executions and the shutdown."""
     km = target.manager(ksm)
     registry.managers.append(km)
-    record = probe.begin() if probe and target.sandboxed else None
+    record = probe.begin() if probe and target.sandboxed and target.phases else None
     load = os.getloadavg()[0]
     kc = None
     try:
@@ -379,8 +394,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ks-bench-"))
     probe = phase_probe.Probe() if args.phases else None
     machine = machine_facts()
+    service = ServiceRun() if args.service else None
     try:
-        variants = [] if args.no_default_sandbox else [Variant("sandbox")]
+        variants = [] if args.no_default_sandbox else [Variant(DIRECT)]
+        if service is not None:
+            variants.append(Variant(SERVICE, {"service": service.start()}))
         targets = write_kernelspecs(
             tmp, [*variants, *args.variant], args.local_python, args.local_transport
         )
@@ -416,6 +434,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         await asyncio.shield(cleanup(registry, probe, tmp))
+        if service is not None:
+            service.stop()
     machine["loadavg_after"] = os.getloadavg()
     return report(results, machine, args)
 
@@ -451,6 +471,63 @@ def remove_own_containers() -> None:
         print(f"warning: could not check for leftover containers: {exc}", file=sys.stderr)
     finally:
         client.close()
+
+
+class ServiceRun:
+    """``kernel-sandbox serve`` of this checkout on a temporary socket, for ``--service``."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="ksb-", dir="/tmp"))  # short: socket paths
+        self.base.chmod(0o755)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> str:
+        """Start the service; return its socket once it listens."""
+        socket_path = str(self.base / "s.sock")
+        log_path = self.base / "serve.log"
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+        with open(log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kernel_sandbox.cli",
+                    "serve",
+                    "--socket",
+                    socket_path,
+                    "--state-dir",
+                    str(self.base / "state"),
+                    "--log-dir",
+                    str(self.base / "log"),
+                    "--runtime-root",
+                    str(self.base / "k"),
+                    "--stop-kernels-at-exit",
+                ],  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the sandbox service ended: {log_path.read_text()[-2000:]}")
+            if "listening on" in log_path.read_text():
+                return socket_path
+            time.sleep(0.05)
+        raise RuntimeError(f"the sandbox service did not listen: {log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -528,6 +605,12 @@ def report(
             out["kernels"][label]["phases"] = phase_probe.summarise(phases)
             out["kernels"][label]["stages"] = phase_probe.stages(phases)
             out["kernels"][label]["phase_runs"] = phases
+    direct, through = out["kernels"].get(DIRECT, {}), out["kernels"].get(SERVICE, {})
+    if direct.get("start_s") and through.get("start_s"):
+        out["service_vs_direct"] = {
+            "start": through["start_s"]["median"] / direct["start_s"]["median"],
+            "execute": through["execute_s"]["median"] / direct["execute_s"]["median"],
+        }
     local = out["kernels"].get(LOCAL, {})
     for label, data in out["kernels"].items():
         if label == LOCAL or not data["start_s"] or not local.get("start_s"):
@@ -585,6 +668,14 @@ def print_table(out: dict[str, Any]) -> None:
             for what, target in TARGETS.items()
         ]
         print(f"{label}/local: " + ", ".join(verdicts))
+    if "service_vs_direct" in out:
+        ratio = out["service_vs_direct"]
+        verdicts = [
+            f"{what} {ratio[what]:.2f}x "
+            f"({'meets' if ratio[what] <= target else 'misses'} <= {target}x)"
+            for what, target in SERVICE_TARGETS.items()
+        ]
+        print(f"{SERVICE}/{DIRECT}: " + ", ".join(verdicts))
     for label, data in kernels.items():
         if "phases" in data:
             print(
@@ -643,6 +734,12 @@ def main(argv: list[str] | None = None) -> int:
         dest="phases",
         action="store_false",
         help="do not time the provisioner's phases and engine requests",
+    )
+    parser.add_argument(
+        "--service",
+        action="store_true",
+        help="also measure the sandboxed kernel started through a sandbox service this "
+        "script starts (kernel-sandbox serve on a temporary socket; needs root)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines")

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,13 +116,25 @@ def _text_list(value: Any, what: str) -> list[str]:
     return list(value)
 
 
+def _text(value: Any, what: str, limit: int = 1024) -> str | None:
+    """An optional string field of a request, bounded (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadRequest(f"{what} must be a string of at most {limit} characters")
+    return value
+
+
+KERNEL_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-_")
+
+
 def _kernel_id(request: dict[str, Any]) -> str:
     kernel_id = request.get("kernel_id")
     if (
         not isinstance(kernel_id, str)
         or not kernel_id
         or len(kernel_id) > 64
-        or not all(c.isalnum() or c in "-_" for c in kernel_id)
+        or not set(kernel_id) <= KERNEL_ID_CHARS
     ):
         raise BadRequest("kernel_id must be 1-64 letters, digits, '-' or '_'")
     return kernel_id
@@ -168,8 +181,8 @@ class KernelRegistry:
         spec_request = request.get("kernelspec") or {}
         if not isinstance(spec_request, dict):
             raise BadRequest("kernelspec must be an object")
-        name = spec_request.get("name")
-        if not isinstance(name, str) or not name:
+        name = _text(spec_request.get("name"), "kernelspec.name", 255)
+        if not name:
             raise BadRequest("kernelspec.name must be a non-empty string")
         argv = _text_list(spec_request.get("argv"), "kernelspec.argv")
         if not argv:
@@ -177,8 +190,8 @@ class KernelRegistry:
         spec = KernelSpec(
             argv=argv,
             env=_text_map(spec_request.get("env"), "kernelspec.env"),
-            display_name=str(spec_request.get("display_name") or name),
-            language=str(spec_request.get("language") or "python"),
+            display_name=_text(spec_request.get("display_name"), "kernelspec.display_name") or name,
+            language=_text(spec_request.get("language"), "kernelspec.language", 64) or "python",
         )
         spec.name = name
         asked = request.get("config") or {}
@@ -191,13 +204,20 @@ class KernelRegistry:
                 "operator, not by a kernelspec"
             )
         config = dict(asked)
-        profile = str(config.pop("profile", None) or _default_profile(rules))
+        profile = _text(config.pop("profile", None), "config.profile", 255) or _default_profile(
+            rules
+        )
         if enforce:
             rules.check_profile(profile)
             rules.check_kernelspec(name)
         if config.get("datasets"):
             names = config["datasets"]
             names = list(names) if isinstance(names, (dict, list)) else [names]
+            if not all(isinstance(n, str) for n in names) or (
+                isinstance(config["datasets"], dict)
+                and not all(isinstance(v, str) for v in config["datasets"].values())
+            ):
+                raise BadRequest("config.datasets must name datasets (strings)")
             config["datasets"] = {
                 d.name: f"{d.source}:{d.access}"
                 for d in rules.check_datasets([str(n) for n in names])
@@ -210,7 +230,10 @@ class KernelRegistry:
             config["egress"] = list(rules.egress)  # the operator's allowlist for the caller
         if config.get("egress") and enforce:
             egress = config["egress"]
-            rules.check_egress([egress] if isinstance(egress, str) else list(egress))
+            egress = [egress] if isinstance(egress, str) else egress
+            if not isinstance(egress, list) or not all(isinstance(e, str) for e in egress):
+                raise BadRequest("config.egress must be a pattern or a list of patterns")
+            rules.check_egress(egress)
         settings = {**self.provisioner_config, "service": "off"}
         prov = DockerSandboxProvisioner(
             kernel_id=kernel_id,
@@ -248,6 +271,9 @@ class KernelRegistry:
         """Start (or, for a kernel of the caller's, restart) a kernel; its connection info."""
         kernel_id = _kernel_id(request)
         folders = self._folder_list(request, len(fds))
+        _text(request.get("cwd"), "cwd", 4096)  # the workspace comes as a descriptor
+        if not isinstance(request.get("restart", False), bool):
+            raise BadRequest("restart must be true or false")
         existing = self.kernels.get(kernel_id)
         rules = self.rules.current().for_caller(caller)
         if existing is not None and existing.uid != caller.uid:
@@ -282,7 +308,8 @@ class KernelRegistry:
         return {**launched, "policy": _policy_summary(kernel.provisioner)}
 
     def _folder_list(self, request: dict[str, Any], count: int) -> list[dict[str, Any]]:
-        folders = request.get("folders") or []
+        folders = request.get("folders")
+        folders = [] if folders is None else folders
         if not isinstance(folders, list) or len(folders) != count:
             raise BadRequest(f"folders must describe each of the {count} descriptor(s) sent")
         for folder in folders:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import json
 import socket
+import time
 from typing import Any
 
 from kernel_sandbox import errors
@@ -37,7 +38,7 @@ __all__ = [
 MAX_REQUEST = 256 * 1024  # bytes of one request line
 MAX_REPLY = 4 * 1024 * 1024  # bytes of one reply line (a long ps listing)
 MAX_FDS = 16  # directory descriptors one request may carry
-REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its whole request
 
 # Every operation the service answers.
 OPS = frozenset(
@@ -76,8 +77,10 @@ def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
     Raises:
         BadRequest: too long, not one JSON object, no known ``op``, too many descriptors.
-        OSError: the peer went away or was too slow (``sock``'s timeout).
+        OSError: the peer went away or took over REQUEST_TIMEOUT in all (a peer that trickles
+            a byte at a time is cut off too, not only one that stalls).
     """
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     data = bytearray()
     fds: list[int] = []
     fd_size = array.array("i").itemsize
@@ -85,6 +88,10 @@ def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
         while b"\n" not in data:
             if len(data) > MAX_REQUEST:
                 raise BadRequest(f"request over {MAX_REQUEST} bytes")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no complete request within {REQUEST_TIMEOUT:.0f} s")
+            sock.settimeout(left)
             chunk, ancillary, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fd_size))
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -108,6 +115,7 @@ def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
         op = request.get("op")
         if not isinstance(op, str) or op not in OPS:
             raise BadRequest(f"unknown op {str(op)[:40]!r}; known: {', '.join(sorted(OPS))}")
+        sock.settimeout(REQUEST_TIMEOUT)  # for the reply: a full timeout again
         return request, fds
     except BaseException:
         _close_fds(fds)

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON_VIEW = Path("/opt/kernel-sandbox-test/python")
@@ -140,6 +141,49 @@ class TestUsers:
             )
         return result
 
+    def popen_as(
+        self,
+        user: str,
+        code: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stderr: Any = subprocess.PIPE,
+    ) -> subprocess.Popen[str]:
+        """Start ``code`` as ``user`` (as ``run_as`` does) with text pipes on stdin and stdout,
+        for a client the test drives line by line (and may kill)."""
+        account = pwd.getpwnam(user)
+        script = self.base / f"script-{secrets.token_hex(4)}.py"
+        script.write_text(code)
+        script.chmod(0o644)
+        full_env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": account.pw_dir,
+            "USER": user,
+            "LANG": "C.UTF-8",
+            **self.env,
+            **(env or {}),
+        }
+        return subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                user,
+                "--",
+                "env",
+                "-i",
+                *[f"{k}={v}" for k, v in full_env.items()],
+                self.python,
+                str(script),
+                *args,
+            ],  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=cwd or account.pw_dir,
+        )
+
     def forget(self) -> None:
         """Let the accounts be: they have no password and no login shell, and another test
         session on this host may be using them (removing them, or killing their processes,
@@ -186,6 +230,7 @@ class ServiceProcess:
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)
         log = open(self.log_path, "a")
+        offset = log.tell()  # a restart appends: only this run's lines count
         self.process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, cwd="/", env={**os.environ}
         )
@@ -193,7 +238,7 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the service ended: {self.log_path.read_text()[-3000:]}")
-            if "listening on" in self.log_path.read_text():
+            if "listening on" in self.log_path.read_text()[offset:]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the service did not listen: {self.log_path.read_text()[-3000:]}")
