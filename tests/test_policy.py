@@ -114,6 +114,7 @@ def test_good_values(key, value, typed):
         ("memory_limit", "10m", "memory_limit: at least 32m is needed"),
         ("cpu_limit", 0, "cpu_limit: expected a positive number"),
         ("cpu_limit", -1, "cpu_limit: expected a positive number"),
+        ("cpu_limit", 1e300, "cpu_limit: at most 1e+06"),
         ("cpu_limit", "nan", "cpu_limit: expected a positive number"),
         ("cpu_limit", "inf", "cpu_limit: expected a positive number"),
         ("cpu_limit", "two", "cpu_limit: expected a positive number"),

@@ -466,3 +466,75 @@ def test_thirty_kernels_of_three_users_start_at_once(
     assert len({int(r["output"].split()[1]) for rs in results.values() for r in rs}) == 30
     left = settled(lambda: leftovers(docker_client, own_service, None))
     assert not left, f"left behind: {left}"
+
+
+def test_another_owners_sweep_leaves_a_restarting_services_kernels_alone(
+    docker_client, kernel_image, tmp_path
+):
+    """While the service is down its kernels' recorded owner is dead: `kernel-sandbox gc` or a
+    direct-mode provisioner's sweep of another runtime root must not take them; a sweep of
+    the service's own root (the service itself, or gc --runtime-root) does."""
+    import asyncio
+
+    from kernel_sandbox.engine.backend import DockerBackend
+    from kernel_sandbox.host.reap import sweep
+    from kernel_sandbox.inside.contract import label
+
+    service_root = tmp_path / "service-root"
+    (service_root / "abcd1234").mkdir(parents=True)
+    labels = {
+        label("managed"): "true",
+        label("service"): "true",
+        label("owner-host"): __import__("socket").gethostname(),
+        label("owner-pid"): "999999",  # no such process: the service is "down"
+        label("owner-start"): "1",
+        label("runtime-dir"): str(service_root / "abcd1234"),
+    }
+    container = docker_client.containers.create(
+        kernel_image, command=["sleep", "60"], labels=labels, network_mode="none"
+    )
+    backend = DockerBackend()
+    try:
+        elsewhere = asyncio.run(sweep(backend, str(tmp_path / "another-root")))
+        assert container.id not in elsewhere.containers
+        docker_client.containers.get(container.id)  # still there
+        own = asyncio.run(sweep(backend, str(service_root)))
+        assert container.id in own.containers
+    finally:
+        try:
+            docker_client.containers.get(container.id).remove(force=True)
+        except Exception:
+            pass
+        backend.close()
+
+
+# As a test account: hold 40 connections without a request, then ask for hello once more.
+HOLD_CONNECTIONS = """
+import json, socket
+from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.service.protocol import call
+held = []
+for _ in range(40):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect({path!r})
+    held.append(s)
+try:
+    call({path!r}, {{"op": "hello"}}, timeout=20)
+    print(json.dumps({{"refused": None}}))
+except SandboxError as exc:
+    print(json.dumps({{"refused": str(exc)}}))
+"""
+
+
+def test_one_user_cannot_hold_every_connection(own_service, test_users):
+    """A user holding many connections open (each up to 10 s) is refused more at once; the
+    service keeps answering others."""
+    result = test_users.run_as("kstcarol", HOLD_CONNECTIONS.format(path=own_service.socket))
+    refused = json.loads(result.stdout.strip().splitlines()[-1])["refused"]
+    assert refused and "requests open" in refused and "kstcarol" in refused, refused
+    other = test_users.run_as(
+        "kstbob",
+        "from kernel_sandbox.service.protocol import call\n"
+        f"print(call({own_service.socket!r}, {{'op': 'hello'}})['caller']['name'])",
+    )
+    assert other.stdout.strip() == "kstbob"

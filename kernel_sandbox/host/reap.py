@@ -68,6 +68,10 @@ async def sweep(backend: DockerBackend, runtime_root: str, dry_run: bool = False
     for container in await backend.find():
         labels = container.get("Labels") or {}
         runtime_dir = labels.get(LABEL_PREFIX + "runtime-dir", "")
+        if labels.get(LABEL_PREFIX + "service") and Path(runtime_dir).parent != Path(runtime_root):
+            # the sandbox service's: it may be restarting (its kernels wait for it), and it
+            # reaps its own, from its records and its runtime root
+            continue
         if not is_orphan(labels):
             referenced.add(runtime_dir)
             continue

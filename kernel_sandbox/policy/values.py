@@ -30,6 +30,8 @@ MINIMUMS: dict[str, float] = {
     "nofile_limit": 64,
     "cpu_limit": 0.01,
 }
+# Above these the engine's own arithmetic overflows (CPUs become nanoseconds in an int64).
+MAXIMUMS: dict[str, float] = {"cpu_limit": 1_000_000.0, "pids_limit": 2**31 - 1}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -99,6 +101,9 @@ def parse_positive(key: str, value: Any, kind: type) -> Any:
     minimum = MINIMUMS.get(key)
     if minimum is not None and number < minimum:
         raise PolicyError(f"{key}: at least {minimum} is needed, got {value!r}")
+    maximum = MAXIMUMS.get(key)
+    if maximum is not None and number > maximum:
+        raise PolicyError(f"{key}: at most {maximum:g}, got {value!r}")
     return number
 
 

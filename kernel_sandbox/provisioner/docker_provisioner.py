@@ -408,14 +408,18 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             )
         name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
         profile = self._spec_config.get("profile") or self.profile
+        labels = container_labels(
+            self.kernel_id or "", self._spec_name, profile, str(resources.runtime_dir.path)
+        )
+        if self.client_owner is not None:  # reaped only by the service (see host/reap.py)
+            labels[label("service")] = "true"
+            labels[label("caller-uid")] = str(self.client_owner[0])
         request = ContainerRequest(
             name=name,
             policy=policy,
             command=cmd,
             env=kwargs.get("env", {}),
-            labels=container_labels(
-                self.kernel_id or "", self._spec_name, profile, str(resources.runtime_dir.path)
-            ),
+            labels=labels,
             runtime_dir=str(resources.runtime_dir.shared),
             user=kwargs["user"],
             workspace=workspace,

@@ -41,6 +41,7 @@ log = logging.getLogger("kernel_sandbox.service")
 
 OPERATION_TIMEOUT = 300.0  # seconds one operation may take on the loop (a slow image start)
 SWEEP_INTERVAL = 5.0
+MAX_CONNECTIONS_PER_USER = 32
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -77,6 +78,8 @@ class SandboxService:
         )
         self._server: _Server | None = None
         self._stopping = threading.Event()
+        self._connections: dict[int, int] = {}  # uid -> requests open
+        self._connections_lock = threading.Lock()
 
     # -- the event loop the kernels live on --------------------------------------------------
 
@@ -150,11 +153,31 @@ class SandboxService:
         return Handler
 
     def handle_connection(self, sock: socket.socket) -> None:
-        """Answer one request; never raise (a peer gone is just closed)."""
+        """Answer one request (at most MAX_CONNECTIONS_PER_USER at once per uid, so that one
+        user cannot hold every thread); never raise (a peer gone is just closed)."""
+        try:
+            caller = peer_caller(sock)
+        except OSError:
+            return
+        with self._connections_lock:
+            held = self._connections.get(caller.uid, 0)
+            if held >= MAX_CONNECTIONS_PER_USER and caller.uid != 0:
+                busy = BadRequest(
+                    f"{caller.describe()} already has {held} requests open; wait for them"
+                )
+                send_reply(sock, error_reply(busy))
+                return
+            self._connections[caller.uid] = held + 1
+        try:
+            self._answer(sock, caller)
+        finally:
+            with self._connections_lock:
+                self._connections[caller.uid] -= 1
+
+    def _answer(self, sock: socket.socket, caller: Caller) -> None:
         fds: list[int] = []
         try:
             sock.settimeout(REQUEST_TIMEOUT)
-            caller = peer_caller(sock)
             request, fds = read_request(sock)
         except (BadRequest, SandboxError) as exc:
             send_reply(sock, error_reply(exc))
