@@ -82,28 +82,7 @@ def popen_as(
     users: svc.TestUsers, user: str, code: str, env: dict[str, str], log: Any = subprocess.PIPE
 ) -> subprocess.Popen:
     """``users.run_as`` in the background: stdin and stdout are pipes (stderr: ``log``)."""
-    account = pwd.getpwnam(user)
-    script = users.base / f"script-{secrets.token_hex(4)}.py"
-    script.write_text(code)
-    script.chmod(0o644)
-    full_env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": account.pw_dir,
-        "USER": user,
-        "LANG": "C.UTF-8",
-        **users.env,
-        **env,
-    }
-    return subprocess.Popen(
-        ["runuser", "-u", user, "--", "env", "-i"]
-        + [f"{k}={v}" for k, v in full_env.items()]
-        + [users.python, str(script)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        cwd=account.pw_dir,
-    )
+    return users.popen_as(user, code, env=env, stderr=log)
 
 
 def ask_as(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import pwd
-import secrets
 import select
 import socket
 import subprocess
@@ -91,27 +90,8 @@ class Holder:
     def __init__(self, users, user: str, env: dict[str, str], spec: str = "python3-sandbox"):
         account = pwd.getpwnam(user)
         self.user = user
-        script = users.base / f"holder-{secrets.token_hex(4)}.py"
-        script.write_text(HOLDER.format(spec=spec, cwd=account.pw_dir + "/views-work"))
-        script.chmod(0o644)
-        full_env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": account.pw_dir,
-            "USER": user,
-            "LANG": "C.UTF-8",
-            **users.env,
-            **env,
-        }
-        self.process = subprocess.Popen(
-            ["runuser", "-u", user, "--", "env", "-i"]
-            + [f"{k}={v}" for k, v in full_env.items()]
-            + [users.python, str(script)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=account.pw_dir,
-        )
+        code = HOLDER.format(spec=spec, cwd=account.pw_dir + "/views-work")
+        self.process = users.popen_as(user, code, env=env)
         self.kernel_id = str(self._line(180)["kernel_id"])
 
     def _line(self, timeout: float) -> dict:

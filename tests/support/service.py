@@ -91,17 +91,12 @@ class TestUsers:
             env["PYTHONPATH"] = str(REPO_VIEW)
         self.env = env
 
-    def run_as(
-        self,
-        user: str,
-        code: str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float = 180,
-        check: bool = True,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``code`` with this interpreter as ``user`` (its home as HOME, a clean env)."""
+    def command(
+        self, user: str, code: str, *args: str, env: dict[str, str] | None = None
+    ) -> list[str]:
+        """The command line that runs ``code`` (written to a script file, left for the caller
+        to ignore: it is small and in ``base``) with this interpreter as ``user``: its home as
+        HOME, a clean environment plus ``env``."""
         account = pwd.getpwnam(user)
         script = self.base / f"script-{secrets.token_hex(4)}.py"
         script.write_text(code)
@@ -114,26 +109,42 @@ class TestUsers:
             **self.env,
             **(env or {}),
         }
+        variables = [f"{k}={v}" for k, v in full_env.items()]
+        return [
+            "runuser",
+            "-u",
+            user,
+            "--",
+            "env",
+            "-i",
+            *variables,
+            self.python,
+            str(script),
+            *args,
+        ]
+
+    def run_as(
+        self,
+        user: str,
+        code: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float = 180,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``code`` with this interpreter as ``user`` (its home as HOME, a clean env)."""
+        command = self.command(user, code, env=env)
         try:
             result = subprocess.run(
-                [
-                    "runuser",
-                    "-u",
-                    user,
-                    "--",
-                    "env",
-                    "-i",
-                    *[f"{k}={v}" for k, v in full_env.items()],
-                    self.python,
-                    str(script),
-                ],
+                command,
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                cwd=cwd or account.pw_dir,
+                cwd=cwd or pwd.getpwnam(user).pw_dir,
             )
         finally:
-            script.unlink(missing_ok=True)
+            Path(command[-1]).unlink(missing_ok=True)  # the script (no args here)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"as {user}: exit {result.returncode}\nstdout:\n{result.stdout}\n"
@@ -152,36 +163,13 @@ class TestUsers:
     ) -> subprocess.Popen[str]:
         """Start ``code`` as ``user`` (as ``run_as`` does) with text pipes on stdin and stdout,
         for a client the test drives line by line (and may kill)."""
-        account = pwd.getpwnam(user)
-        script = self.base / f"script-{secrets.token_hex(4)}.py"
-        script.write_text(code)
-        script.chmod(0o644)
-        full_env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": account.pw_dir,
-            "USER": user,
-            "LANG": "C.UTF-8",
-            **self.env,
-            **(env or {}),
-        }
         return subprocess.Popen(
-            [
-                "runuser",
-                "-u",
-                user,
-                "--",
-                "env",
-                "-i",
-                *[f"{k}={v}" for k, v in full_env.items()],
-                self.python,
-                str(script),
-                *args,
-            ],  # fmt: skip
+            self.command(user, code, *args, env=env),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
-            cwd=cwd or account.pw_dir,
+            cwd=cwd or pwd.getpwnam(user).pw_dir,
         )
 
     def forget(self) -> None:
