@@ -147,3 +147,37 @@ def test_engine_restart_kills_kernels_cleanly_and_new_ones_start(jupyter_path, k
     asyncio.run(sweep(DockerBackend(), default_root()))
     assert sandbox_containers(docker.from_env()) <= before_containers
     assert runtime_dirs() <= before_dirs
+
+
+@pytest.mark.engine_restart
+def test_the_service_outlives_an_engine_restart(
+    jupyter_path, kernel_image, sandbox_service, monkeypatch
+):
+    """Through the sandbox service an engine restart is as in direct mode: the kernel is seen
+    dead by its client, the service keeps answering and starts new kernels, nothing is left."""
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        unavailable("restarting the engine needs root and a dockerd this test can start")
+    monkeypatch.setenv("KERNEL_SANDBOX_SERVICE", sandbox_service.socket)
+    km = KernelManager(kernel_name=SANDBOX)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        assert run_cell(kc, "print('before')")["stdout"] == "before\n"
+        km.stop_restarter()
+        restart_dockerd()
+        deadline = time.monotonic() + 30
+        while km.is_alive():
+            assert time.monotonic() < deadline, "the client still sees the kernel alive"
+            time.sleep(0.5)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert sandbox_service.alive()
+    with sandbox_kernel() as (_km, kc2):
+        assert run_cell(kc2, "print('after')")["stdout"] == "after\n"
+    deadline = time.monotonic() + 30
+    while sandbox_service.records():
+        assert time.monotonic() < deadline, sandbox_service.records()
+        time.sleep(0.5)

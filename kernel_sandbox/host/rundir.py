@@ -223,13 +223,16 @@ class RuntimeDir:
 
     # -- the kernel's sockets and the clients' links ------------------------------------------
 
-    def sockets_ready(self, info: Mapping[str, Any]) -> bool:
+    def sockets_ready(self, info: Mapping[str, Any], kernel_uid: int | None = None) -> bool:
         """True once the kernel has bound all of its sockets (checked without following a
-        link: a link planted there is never "ready")."""
+        link: a link planted there is never "ready") and, with ``kernel_uid``, they are that
+        uid's (gVisor's gofer creates a socket file as root and hands it over a moment later).
+        """
         try:
-            return all(stat.S_ISSOCK(p.lstat().st_mode) for p in self.socket_paths(info))
+            found = [p.lstat() for p in self.socket_paths(info)]
         except OSError:
             return False
+        return all(stat.S_ISSOCK(f.st_mode) and kernel_uid in (None, f.st_uid) for f in found)
 
     def link_client_socket(self, port: int, kernel_uid: int | None) -> None:
         """Point the client path of one channel (``t/c-<port>``) at the kernel's socket

@@ -431,7 +431,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             resources.container_id = await self.backend.start(request)
             resources.container_name = name
             await resources.wait_egress_ready()
-            await self._wait_until_listening()
+            await self._wait_until_listening(int(kwargs["user"].split(":")[0]))
             self._link_client_sockets(int(kwargs["user"].split(":")[0]))
             await resources.wait_relay(RELAY_ATTACH_TIMEOUT)
         except BaseException:
@@ -448,12 +448,12 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         )
         return self.connection_info
 
-    async def _wait_until_listening(self) -> None:
+    async def _wait_until_listening(self, kernel_uid: int | None = None) -> None:
         runtime_dir, container_id = self.runtime_dir, self.container_id
         assert runtime_dir is not None and container_id is not None
         deadline = time.monotonic() + self.launch_timeout
         next_state_check = time.monotonic() + 0.2
-        while not runtime_dir.sockets_ready(self.connection_info):
+        while not runtime_dir.sockets_ready(self.connection_info, kernel_uid):
             now = time.monotonic()
             if now >= next_state_check:
                 state = await self.backend.state(container_id)
