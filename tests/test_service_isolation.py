@@ -832,12 +832,9 @@ def test_a_cannot_decide_bs_egress_through_the_service(
     test_users, sandbox_service, egress_kernel_of_b
 ):
     """The service's egress_pending / egress_decide (per-caller views): A sees nothing of B's
-    and cannot approve it. TO BE FINISHED when the service serves these operations (helper
-    svccli); until then the test skips, saying so."""
+    and cannot approve it."""
     kernel_id, target = egress_kernel_of_b["kernel_id"], egress_kernel_of_b["target"]
     pending = ask_as(test_users, A, sandbox_service, {"op": "egress_pending"})
-    if not pending["ok"] and "not served yet" in pending["message"]:
-        pytest.skip("egress_pending/egress_decide are not served by the service yet (svccli)")
     assert pending["ok"], pending
     assert kernel_id not in json.dumps(pending["reply"]), pending
     decided = ask_as(

@@ -301,11 +301,11 @@ def test_egress_requests_must_lie_within_the_allowlist(homes):
             teacher.check_egress([beyond])
     with pytest.raises(PolicyError, match="egress"):
         teacher.check_egress(["*"])
-    path = write(homes, "[everyone]\negress = ['mirror.corp.test:*', '10.1.2.3:8080']\n", "e.toml")
+    path = write(homes, "[everyone]\negress = ['mirror.corp.test:*', '127.0.0.2:8080']\n", "e.toml")
     ports = ServiceRules.load(path).for_caller(caller("bob", "/home/bob"))
-    ports.check_egress(["mirror.corp.test:8443", "mirror.corp.test", "10.1.2.3:8080"])
+    ports.check_egress(["mirror.corp.test:8443", "mirror.corp.test", "127.0.0.2:8080"])
     with pytest.raises(ServiceRefused):
-        ports.check_egress(["10.1.2.3"])
+        ports.check_egress(["127.0.0.2"])
 
 
 # -- mounts: placeholders and containment ------------------------------------------------------
