@@ -17,9 +17,12 @@ running meanwhile (their watchdogs wait ``orphan_timeout`` for the lifeline to c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import pwd
+import socket
 import string
 import time
 from dataclasses import dataclass, field
@@ -90,8 +93,6 @@ class ServedKernel:
 
 
 def _user_name(uid: int) -> str:
-    import pwd
-
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -374,7 +375,7 @@ class KernelRegistry:
                     replaced[which] = type(mounts[which])(
                         source, mounts[which].target, mounts[which].read_only
                     )
-                prov._policy = _replace_mounts(policy, tuple(replaced))
+                prov._policy = dataclasses.replace(policy, mounts=tuple(replaced))
             if rw and prov._identity is None:
                 prov._identity = Identity(
                     caller.uid, caller.gid, "the caller's own uid (it writes the caller's folders)"
@@ -419,8 +420,6 @@ class KernelRegistry:
             starting.remove(memory)
 
     def _owner(self, caller: Caller) -> Owner:
-        import socket
-
         return Owner(socket.gethostname(), caller.pid, process_start_time(caller.pid))
 
     async def poll(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
@@ -592,12 +591,6 @@ def _default_profile(rules: CallerRules) -> str:
     if rules.profiles is None or "strict" in rules.profiles or len(rules.profiles) != 1:
         return "strict"
     return next(iter(rules.profiles))
-
-
-def _replace_mounts(policy: Any, mounts: tuple[Any, ...]) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(policy, mounts=mounts)
 
 
 def _policy_summary(prov: Any) -> dict[str, Any]:
