@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -62,8 +63,6 @@ OPS = frozenset(
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:
-            import os
-
             os.close(fd)
         except OSError:
             pass
