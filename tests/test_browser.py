@@ -156,7 +156,8 @@ def kernel_containers(client: docker.DockerClient, server_pid: int) -> list[str]
         f"io.kernel-sandbox.owner-pid={server_pid}",
         "io.kernel-sandbox.kernelspec=python3-sandbox",
     ]
-    return [c.id for c in client.containers.list(filters={"label": labels})]
+    # one listing call (containers.list() fails when one goes between listing and inspecting)
+    return [c["Id"] for c in client.api.containers(filters={"label": labels})]
 
 
 def wait_for(condition, what: str, timeout: float = 90):  # type: ignore[no-untyped-def]

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 
 def running(docker_client, server_pid: int) -> list[str]:
     labels = [LABEL, f"io.kernel-sandbox.owner-pid={server_pid}"]
-    return [c.id for c in docker_client.containers.list(filters={"label": labels})]
+    return [c["Id"] for c in docker_client.api.containers(filters={"label": labels})]
 
 
 HOG = "blocks = []\nwhile True:\n    blocks.append(bytearray(16 * 1024 * 1024))"

@@ -86,7 +86,10 @@ def terminal_run(server: Server, name: str, command: str, until: str, timeout: f
 def sandbox_containers(client: docker.DockerClient, owner_pid: int) -> list[str]:
     """Names of the sandbox containers (kernels and terminals, running or not) of a server."""
     labels = ["io.kernel-sandbox.managed=true", f"io.kernel-sandbox.owner-pid={owner_pid}"]
-    return sorted(c.name for c in client.containers.list(all=True, filters={"label": labels}))
+    # one listing call: containers.list() inspects each one after listing, and fails when
+    # a container goes in between (the very thing these tests wait for)
+    listed = client.api.containers(all=True, filters={"label": labels})
+    return sorted(c["Names"][0].lstrip("/") for c in listed)
 
 
 def new_path() -> str:
