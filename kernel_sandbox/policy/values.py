@@ -139,6 +139,25 @@ def parse_image(value: Any) -> str:
     return value.strip()
 
 
+MAX_POOL_SIZE = 64
+
+
+def parse_pool_size(value: Any) -> int:
+    """How many sandboxes a warm pool keeps started: 0 (off) to MAX_POOL_SIZE."""
+    wrong = PolicyError(
+        f"pool_size: expected a whole number from 0 (no pool) to {MAX_POOL_SIZE}, got {value!r}"
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise wrong
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise wrong from None
+    if not 0 <= number <= MAX_POOL_SIZE:
+        raise wrong
+    return number
+
+
 def parse_idle_timeout(value: Any) -> int:
     """Seconds (or "30m", "2h") of idleness after which the sandbox ends the kernel; 0: never."""
     if value in (0, "0"):
