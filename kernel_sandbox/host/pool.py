@@ -57,6 +57,7 @@ READY = b"ready\n"
 IMAGE_CHECK_EVERY = 5.0  # seconds between checks that a pool's image tag still names its image
 FAILURE_BACKOFF = 30.0  # seconds a recipe whose sandbox failed to start waits to try again
 TICK = 0.5  # the maintainer's period when nothing wakes it
+CLOSE_WAIT = 90.0  # seconds close() waits for a sandbox being started (then removed)
 
 log = logging.getLogger("kernel_sandbox.pool")
 
@@ -245,6 +246,9 @@ class WarmPool:
         with self._lock:
             for pool in self._pools.values():
                 pool.wanted_until = 0.0
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=CLOSE_WAIT)  # a sandbox being started is removed by it
         self.drain()
 
     # -- the maintainer ---------------------------------------------------------------------
