@@ -44,6 +44,13 @@ def wait_for_pool(pool: WarmPool, waiting: int, timeout: float = 90) -> None:
         time.sleep(0.1)
 
 
+def wait_until_gone(pool: WarmPool, container_id: str, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while container_id in {s.container_id for s in waiting_sandboxes(pool)}:
+        assert time.monotonic() < deadline, f"{what} was not drained"
+        time.sleep(0.2)
+
+
 def pooled_containers(client: docker.DockerClient, pid: int | None = None) -> list[dict]:
     labels = [f"{POOLED_LABEL}=true", f"{label('owner-pid')}={pid or os.getpid()}"]
     return client.api.containers(all=True, filters={"label": labels})
@@ -183,14 +190,25 @@ def test_a_changed_policy_starts_cold_and_a_rebuilt_image_drains(
         with sandbox_kernel(other, cwd=str(tmp_path)) as (km, _):
             assert km.provisioner.container_id != stale.container_id  # another recipe: cold
             assert not km.provisioner.container_name.startswith("ks-pool-")
+        assert stale.container_id in {s.container_id for s in waiting_sandboxes(warm_pool)}
+        # the same kernelspec, edited: its next start is cold and its old pool goes
+        make_kernelspec("pool-image", {"pool_size": 1, "image": tag, "memory_limit": "600m"})
+        before = {s.container_id for s in waiting_sandboxes(warm_pool)}
+        with sandbox_kernel(spec, cwd=str(tmp_path)) as (km, _):
+            assert not km.provisioner.container_name.startswith("ks-pool-")
+        wait_until_gone(warm_pool, stale.container_id, "the edited kernelspec's old pool")
+        deadline = time.monotonic() + 90
+        while not (
+            new := [s for s in waiting_sandboxes(warm_pool) if s.container_id not in before]
+        ):
+            assert time.monotonic() < deadline, "the edited kernelspec got no pool"
+            time.sleep(0.1)
+        (stale,) = new
         # the tag now names another image: the pool's sandbox of the old one goes
         dockerfile = f"FROM {tag}\nLABEL io.kernel-sandbox.test=rebuilt\n"
         (tmp_path / "Dockerfile").write_text(dockerfile)
         docker_client.images.build(path=str(tmp_path), tag=tag, network_mode="none", rm=True)
-        deadline = time.monotonic() + 30
-        while stale.container_id in {s.container_id for s in waiting_sandboxes(warm_pool)}:
-            assert time.monotonic() < deadline, "the rebuilt image did not drain the pool"
-            time.sleep(0.2)
+        wait_until_gone(warm_pool, stale.container_id, "the rebuilt image's old pool")
         warm_pool.close()
         assert stale.container_id not in {c["Id"] for c in docker_client.api.containers(all=True)}
     finally:

@@ -11,7 +11,8 @@ token and the session's environment are made for the start that claims.
 - **Used once.** A claimed sandbox leaves the pool for good; a restart claims another.
 - **Keyed by the recipe**: everything that shapes the container (the effective policy, image,
   uid, workspace and where it appears, runtime directory settings, base environment, the
-  kernel's module). A start with another recipe starts cold, and its recipe gets a pool.
+  kernel's module). A start with another recipe starts cold, and its recipe gets a pool; a
+  start of the same kernelspec in the same folder with a changed recipe drains the old one.
   An image rebuilt under the same tag drains the recipe's pool (checked every few seconds).
 - **Refilled in the background**, one sandbox at a time, by one thread per process; a recipe
   nobody claimed for ``max_idle`` seconds stops being refilled and its sandboxes go.
@@ -87,6 +88,15 @@ class PoolRecipe:
     size: int = 1
     max_idle: float = 3600.0
     launch_timeout: float = 60.0
+
+    def replaced_by(self, newer: PoolRecipe) -> bool:
+        """Whether ``newer`` is this kernelspec's recipe for the same folder, changed (its
+        config or kernelspec was edited): this one's sandboxes will never be claimed."""
+        return (
+            newer.kernelspec == self.kernelspec
+            and (newer.workspace, newer.runtime_root) == (self.workspace, self.runtime_root)
+            and newer.key != self.key
+        )
 
     @property
     def key(self) -> str:
@@ -210,6 +220,9 @@ class WarmPool:
                 pool = self._pools[recipe.key] = _Pool(recipe)
             pool.recipe = recipe  # the newest size and max_idle
             pool.wanted_until = now + recipe.max_idle
+            for other in self._pools.values():
+                if other is not pool and other.recipe.replaced_by(recipe):
+                    other.wanted_until = 0.0  # a changed kernelspec or config: drained
             found = None
             while pool.ready:
                 candidate = pool.ready.popleft()
