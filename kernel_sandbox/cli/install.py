@@ -95,8 +95,12 @@ def egress_install_policy(args: argparse.Namespace) -> dict[str, Any]:
         values["egress_mode"] = args.egress_mode
     if args.egress_ask_timeout is not None:
         values["egress_ask_timeout"] = args.egress_ask_timeout
+    if getattr(args, "egress_secret", None):
+        values["egress_secrets"] = list(args.egress_secret)
     if values and args.network != "allowlist":
-        raise PolicyError("--egress, --egress-host and --egress-mode need --network allowlist")
+        raise PolicyError(
+            "--egress, --egress-host, --egress-mode and --egress-secret need --network allowlist"
+        )
     if args.network:
         values["network"] = args.network
     policy = SandboxPolicy.from_mapping(values)  # validated and normalised
@@ -277,6 +281,15 @@ def _add_egress_flags(parser: argparse.ArgumentParser) -> None:
         choices=("deny", "ask"),
         default=None,
         help="unlisted targets: deny (default) or ask a person (kernel-sandbox egress approve)",
+    )
+    group.add_argument(
+        "--egress-secret",
+        action="append",
+        default=[],
+        metavar="HOST=SOURCE[:HOW]",
+        help="a credential the host-side proxy adds to HTTPS requests to HOST (the kernel never "
+        "sees it): SOURCE env:NAME, file:/PATH or keyring:SERVICE/USER; HOW bearer (default), "
+        "basic, header:NAME or query:NAME (repeatable)",
     )
     group.add_argument(
         "--egress-ask-timeout",

@@ -13,6 +13,7 @@ __all__ = [
     "DATA_SOCKET",
     "DATA_TOKEN",
     "EGRESS_BRIDGE_MODULE",
+    "EGRESS_CA_BUNDLE",
     "EGRESS_CONTROL_SOCKET",
     "EGRESS_NOTICE_SOCKET",
     "EGRESS_SOCKET",
@@ -57,6 +58,7 @@ DATA_TOKEN = "data-token"  # the kernel's data token (a file)
 EGRESS_SOCKET = "egress"  # the kernel's egress proxy
 EGRESS_NOTICE_SOCKET = "egress-notices"  # denial notices, read by the kernel's extension
 EGRESS_CONTROL_SOCKET = "egress-control"  # approvals (host side only, never mounted)
+EGRESS_CA_BUNDLE = "egress-ca.pem"  # trust store with the kernel's own CA (egress_secrets)
 CLAIM_SOCKET = "claim"  # a pooled sandbox waits here for its claim (kernel_sandbox.host.pool)
 
 # -- in-container entry points the host starts (python -m MODULE ...) ---------------------------

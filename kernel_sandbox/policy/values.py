@@ -343,6 +343,28 @@ def parse_egress_hosts(value: Any) -> dict[str, str]:
         raise PolicyError(f"egress_hosts: {exc}") from None
 
 
+def parse_egress_secrets(value: Any) -> dict[str, str]:
+    """Host pattern -> ``SOURCE[:HOW]`` (references to credentials on the host, never values):
+    ``{PATTERN: SOURCE}`` or ``["PATTERN=SOURCE"]``. Normalised to ``SOURCE:HOW``."""
+    from kernel_sandbox.egress.rules import TargetError
+    from kernel_sandbox.egress.secrets import parse_secret, parse_secret_item
+
+    try:
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(item, str) for item in value):
+                raise PolicyError("egress_secrets: expected 'HOST=SOURCE[:HOW]' items")
+            value = dict(parse_secret_item(item) for item in value)
+        if not isinstance(value, Mapping):
+            raise PolicyError(
+                "egress_secrets: expected a mapping of host pattern to SOURCE[:HOW], e.g. "
+                "{'api.corp.test': 'env:CORP_API_KEY'}"
+            )
+        specs = [parse_secret(str(pattern), source) for pattern, source in value.items()]
+    except TargetError as exc:
+        raise PolicyError(f"egress_secrets: {exc}") from None
+    return {str(spec.rule): spec.value_text for spec in specs}
+
+
 def parse_ask_timeout(value: Any) -> float:
     """Seconds above zero, at most MAX_ASK_TIMEOUT."""
     seconds = parse_positive("egress_ask_timeout", value, float)

@@ -373,7 +373,11 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 )
             # listening by the time the container is up (launch_kernel waits)
             egress = resources.start_egress(
-                self.policy, self.egress_log, self.egress_port, self.log_limits
+                self.policy,
+                self.egress_log,
+                self.egress_port,
+                self.log_limits,
+                self.egress_upstream_ca,
             )
             kernel_args += egress.kernel_arguments(argv)
         argv = argv + extra_arguments + kernel_args
@@ -795,7 +799,13 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             resources.relay.expose(str(resources.runtime_dir.client_socket(port)))
         self._watch()
         if self.policy.network == "allowlist":  # the old owner's proxy ended with it
-            resources.start_egress(self.policy, self.egress_log, self.egress_port, self.log_limits)
+            resources.start_egress(
+                self.policy,
+                self.egress_log,
+                self.egress_port,
+                self.log_limits,
+                self.egress_upstream_ca,
+            )
             await resources.wait_egress_ready()
         if self.policy.datasets and self.kernel_id:  # the token lives on in the database
             await asyncio.to_thread(resources.serve_data, self._broker())

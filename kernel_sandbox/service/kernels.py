@@ -46,8 +46,9 @@ __all__ = ["KernelRegistry", "ServedKernel"]
 log = logging.getLogger("kernel_sandbox.service")
 
 # Policy keys a caller may not ask for at all: the operator decides them (``egress_hosts``
-# could point an allowed name at any address).
-OPERATOR_KEYS = frozenset({"user", "egress_hosts"})
+# could point an allowed name at any address; ``egress_secrets`` would hand the service's own
+# credentials to a host the caller chose).
+OPERATOR_KEYS = frozenset({"user", "egress_hosts", "egress_secrets"})
 # Keys a caller's kernelspec may carry but the service ignores: its warm pool is the operator's.
 POOL_KEYS = frozenset({"pool_size", "pool_max_idle"})
 
