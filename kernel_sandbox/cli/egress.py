@@ -3,6 +3,7 @@
     kernel-sandbox egress pending [--kernel ID] [--json]
     kernel-sandbox egress approve KERNEL_ID HOST:PORT [--always]
     kernel-sandbox egress deny KERNEL_ID HOST:PORT [--always]
+    kernel-sandbox egress secrets list|revoke|rotate ...   (kernel_sandbox.cli.egress_secrets)
 
 The install flags that give a kernelspec an allowlist (``--network allowlist --egress ...``)
 are in :mod:`kernel_sandbox.cli.install`. Through the sandbox service (which runs the proxies:
@@ -16,6 +17,7 @@ import json
 from typing import Any
 
 from kernel_sandbox.cli.console import EXIT_OK, err
+from kernel_sandbox.cli.egress_secrets import add_secrets_command
 from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.egress.control import EgressControl
 from kernel_sandbox.engine.backend import DockerBackend
@@ -112,3 +114,4 @@ def add_egress_command(commands: Any) -> None:
             help="runtime root of the kernels (default /tmp/kernel-sandbox-UID; direct mode)",
         )
         add_service_flags(parser)
+    add_secrets_command(actions)

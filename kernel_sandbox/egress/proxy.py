@@ -301,6 +301,7 @@ class EgressProxy:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         upstream: Upstream | None = None
         method: str | None = None
+        intercepted = False
         try:
             while True:
                 try:
@@ -337,6 +338,7 @@ class EgressProxy:
                 if spec is not None and event.method == b"CONNECT":
                     assert self.ca is not None and self.upstream_tls is not None
                     self.record(target, "allow", rule, method=method, intercept=True)
+                    intercepted = True  # from here TLS owns the connection, and closes it
                     await serve_intercepted(
                         conn,
                         reader,
@@ -392,7 +394,10 @@ class EgressProxy:
             self._connections -= 1
             if upstream is not None:
                 await upstream.close()
-            await close_writer(writer)
+            if intercepted:
+                writer.transport.close()
+            else:
+                await close_writer(writer)
 
     # -- the control socket (host only) -----------------------------------------------------
 
