@@ -237,9 +237,8 @@ class Proxy:
     ) -> tuple[int, bytes]:
         port = port or self.targets.https_port
         with self.connect(host, port, cafile) as tls:
-            tls.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}Connection: close\r\n\r\n".encode()
-            )
+            head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}"
+            tls.sendall((head + "Connection: close\r\n\r\n").encode())
             out = b""
             while chunk := tls.recv(65536):
                 out += chunk
