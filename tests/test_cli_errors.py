@@ -121,6 +121,21 @@ def setup_errors(
             "nokernel",
         ),
         ("egress", "deny"): (["nokernel", "a.test:443", "--runtime-root", missing], 2, "nokernel"),
+        ("egress", "secrets", "list"): (
+            ["--kernel", "nokernel", "--runtime-root", missing],
+            2,
+            "nokernel",
+        ),
+        ("egress", "secrets", "revoke"): (
+            ["nokernel", "a.test", "--runtime-root", missing],
+            2,
+            "nokernel",
+        ),
+        ("egress", "secrets", "rotate"): (
+            ["nokernel", "a.test", "--runtime-root", missing],
+            2,
+            "nokernel",
+        ),
         ("lockdown",): (["enable", "--user"], 2, "cannot write"),
     }
 

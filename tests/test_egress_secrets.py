@@ -534,3 +534,35 @@ def test_the_file_source_checks_owner_and_mode(tmp_path):
     os.symlink(path, link)
     with pytest.raises(CredentialsError):
         SecretSource("file", str(link)).read()
+
+
+def test_the_keyring_source(tmp_path):
+    """Through the keyring package's API, with a backend of the test's own (the host running
+    the tests has no desktop keyring)."""
+    import keyring
+    from keyring.backend import KeyringBackend
+
+    from kernel_sandbox.egress.secrets import SecretSource
+    from kernel_sandbox.errors import CredentialsError
+
+    class Memory(KeyringBackend):
+        priority = 1  # type: ignore[assignment]
+        store = {("corp/api", "me"): SECRET}
+
+        def get_password(self, service, username):
+            return self.store.get((service, username))
+
+        def set_password(self, service, username, password):
+            self.store[(service, username)] = password
+
+        def delete_password(self, service, username):
+            self.store.pop((service, username), None)
+
+    previous = keyring.get_keyring()
+    keyring.set_keyring(Memory())
+    try:
+        assert SecretSource("keyring", "corp/api/me").read() == SECRET
+        with pytest.raises(CredentialsError, match="keyring set corp/api other"):
+            SecretSource("keyring", "corp/api/other").read()
+    finally:
+        keyring.set_keyring(previous)

@@ -99,6 +99,17 @@ class KernelCA:
             trusted += b"\n"
         return trusted + self.pem
 
+    def write_bundle(self, path: str, base: str | None, private: str) -> None:
+        """Put :meth:`bundle` at ``path`` (mode 0644): written in the host-only directory
+        ``private`` and renamed into place, so a link planted at ``path`` is replaced, never
+        followed."""
+        staging = os.path.join(private, f".ca-bundle.{os.getpid()}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(self.bundle(base))
+        os.chmod(staging, 0o644)
+        os.rename(staging, path)
+
     def leaf(self, host: str) -> tuple[bytes, bytes]:
         """A certificate for ``host`` signed by this CA, and its key (both PEM)."""
         key = ec.generate_private_key(ec.SECP256R1())

@@ -42,6 +42,7 @@ from kernel_sandbox.egress.secrets import (
     parse_secret,
     strip_credentials,
 )
+from kernel_sandbox.errors import CredentialsError
 
 __all__ = ["Injection", "SecretStore", "serve_intercepted"]
 
@@ -110,6 +111,21 @@ class SecretStore:
             self._values[spec] = None
             self._values[spec] = spec.source.read()
         return [str(s.rule) for s in specs]
+
+    def change(self, op: str, host: str, kernel_id: str) -> dict[str, Any]:
+        """A control request: ``revoke`` or ``rotate`` the secret(s) ``host`` names."""
+        try:
+            changed = self.revoke(host) if op == "revoke" else self.rotate(host)
+        except CredentialsError as exc:
+            return {"ok": False, "error": str(exc)}
+        if not changed:
+            known = ", ".join(s["host"] for s in self.status()) or "none"
+            return {
+                "ok": False,
+                "error": f"kernel {kernel_id} has no egress secret for {host!r} (its secrets: "
+                f"{known})",
+            }
+        return {"ok": True, "changed": changed, "secrets": self.status()}
 
     def status(self) -> list[dict[str, Any]]:
         return [

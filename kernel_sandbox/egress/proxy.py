@@ -118,12 +118,7 @@ class EgressProxy:
             self.secrets.load()
             self.ca = KernelCA(self.config.kernel_id, self.secrets.domains())
             if self.config.ca_bundle:
-                staging = os.path.join(private, f".ca-bundle.{os.getpid()}")
-                fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(self.ca.bundle(self.config.trust_base))
-                os.chmod(staging, 0o644)
-                os.rename(staging, self.config.ca_bundle)
+                self.ca.write_bundle(self.config.ca_bundle, self.config.trust_base, private)
         for path, handler, mode in (
             (self.config.listen, self._serve_client, 0o666),
             (self.config.notices, self._serve_notices, 0o666),
@@ -429,20 +424,11 @@ class EgressProxy:
         if op == "secrets":
             return {**status, "secrets": self.secrets.status()}
         if op in ("revoke", "rotate"):
-            host = str(request.get("host", ""))
-            try:
-                changed = getattr(self.secrets, op)(host)
-            except CredentialsError as exc:
-                return {"ok": False, "error": str(exc)}
-            if not changed:
-                known = ", ".join(s["host"] for s in self.secrets.status()) or "none"
-                return {
-                    "ok": False,
-                    "error": f"kernel {self.config.kernel_id} has no egress secret for "
-                    f"{host!r} (its secrets: {known})",
-                }
-            self.record(None, op, f"secret {', '.join(changed)} {op}d by the owner")
-            return {**status, "changed": changed, "secrets": self.secrets.status()}
+            reply = self.secrets.change(op, str(request.get("host") or ""), self.config.kernel_id)
+            if not reply["ok"]:
+                return reply
+            self.record(None, op, f"secret {', '.join(reply['changed'])} {op}d by the owner")
+            return {**status, **reply}
         if op in ("approve", "deny"):
             target = str(request.get("target", ""))
             outcome = self.approvals.settle(op, target, bool(request.get("always")))
