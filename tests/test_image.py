@@ -238,7 +238,12 @@ def test_the_default_image_has_the_analyst_stack(kernel_image: str, leak_check) 
     name = make_kernelspec("analyst-stack", {"image": ANALYST_IMAGE})
     leak_check.spec(name)
     with sandbox_kernel(name) as (_, kc):
+        # start-up pays for none of it: nothing of the stack is imported until a cell does
+        loaded = run_cell(
+            kc, f"import sys\nprint(sorted(set({ANALYST_STACK!r}) & set(sys.modules)))"
+        )
         reply, messages = iopub_of(kc, STACK)
+    assert loaded["stdout"] == "[]\n", loaded
     errors = [m["content"] for m in messages if m["msg_type"] == "error"]
     assert reply["status"] == "ok", errors
     stdout = "".join(
