@@ -286,3 +286,16 @@ def test_minimal_builds_the_kernel_without_the_stack(
     minimal = docker_client.images.get(minimal_image).attrs["Size"]
     analyst = docker_client.images.get(ANALYST_IMAGE).attrs["Size"]
     assert analyst > minimal + 200_000_000  # the stack is ~430 MB (docs/benchmarks.md)
+
+
+@pytest.mark.integration
+def test_plots_are_recorded_in_a_ci_kernel(kernel_image: str, leak_check) -> None:
+    """The ci profile (kernel-sandbox run) keeps figures in the executed notebook: it used to
+    set MPLBACKEND=Agg, which made plt.show() a no-op there."""
+    name = make_kernelspec("ci-plots", {"profile": "ci", "image": ANALYST_IMAGE})
+    leak_check.spec(name)
+    with sandbox_kernel(name) as (_, kc):
+        reply, messages = iopub_of(kc, "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])")
+    assert reply["status"] == "ok", messages
+    shown = [m["content"]["data"] for m in messages if m["msg_type"] == "display_data"]
+    assert any("image/png" in data for data in shown), messages

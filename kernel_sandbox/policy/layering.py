@@ -47,7 +47,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "TZ": "UTC",
             "SOURCE_DATE_EPOCH": "0",
             "PYTHONDONTWRITEBYTECODE": "1",
-            "MPLBACKEND": "Agg",
+            # no MPLBACKEND: ipykernel's inline backend records figures in the executed
+            # notebook (Agg would drop them); scripts without a display pick Agg themselves
             "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
