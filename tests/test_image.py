@@ -149,7 +149,9 @@ def test_an_unchanged_spec_is_not_rebuilt(apt_image, base_image, apt_binder, cap
 @pytest.mark.integration
 def test_the_default_image_leaves_debugpy_out(kernel_image: str, leak_check) -> None:
     """ipykernel would import it at every start for a debugger the kernelspec switches off."""
-    with sandbox_kernel() as (_, kc):
+    name = make_kernelspec("default-image", {"image": ANALYST_IMAGE})
+    leak_check.spec(name)
+    with sandbox_kernel(name) as (_, kc):
         got = run_cell(
             kc,
             "import importlib.util, ipykernel\n"
