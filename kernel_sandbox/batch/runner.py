@@ -289,7 +289,13 @@ class BatchRunner:
             result.setup_error = exc
             if self.setup_error is None:
                 self.setup_error = exc
-            fail(result, Status.ERROR, type(exc).__name__, str(exc))
+            what = str(exc)
+            if isinstance(exc, KernelStartError):  # the engine refused the container
+                what += (
+                    f"; check the policy of {self.options.kernel}: "
+                    f"`kernel-sandbox policy show {self.options.kernel}`"
+                )
+            fail(result, Status.ERROR, type(exc).__name__, what)
         elif isinstance(exc, KernelStartError):
             fail(result, Status.FAILED, "KernelStartError", _tried(str(exc), result))
         elif isinstance(exc, TimeoutError):  # wait_for_ready

@@ -168,7 +168,8 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
     code = exit_code(results, runner.setup_error)
     error = _setup_error(results, runner.setup_error)
     if error is not None:
-        report_error(f"{error} (no notebook was at fault; the rest were skipped)")
+        said = next((r.summary for r in results if r.setup_error is error), str(error))
+        report_error(f"{said} (no notebook was at fault; the rest were skipped)")
     elif code == EXIT_FAILED:
         bad = sum(not r.ok for r in results)
         err.print(f"[bold red]{bad} of {len(results)} notebook(s) did not pass[/bold red]")
