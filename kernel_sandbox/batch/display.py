@@ -108,14 +108,14 @@ class PlainDisplay:
             if now - self._last_line.get(id(result), result.started) < self.heartbeat:
                 continue
             if result.status is Status.STARTING:
-                where = "starting its kernel"
+                line = f"starting   {result.name} ({now - result.started:.0f}s): its kernel"
             else:
                 since = now - (result.cell_started or now)
-                where = f"{result.where or 'starting'}, running for {since:.0f}s"
-            self._print(
-                result,
-                f"running    {result.name} ({now - result.started:.0f}s): {where}",
-            )
+                line = (
+                    f"running    {result.name} ({now - result.started:.0f}s): "
+                    f"{result.where}, running for {since:.0f}s"
+                )
+            self._print(result, line)
 
 
 class LiveDisplay:

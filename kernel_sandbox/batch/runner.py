@@ -15,8 +15,9 @@ notebook, so the first one stops the batch: notebooks not yet started are skippe
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,30 +76,14 @@ class _Run:
     """One notebook's kernel manager (a new one per start attempt) and where it is."""
 
     km: AsyncKernelManager
+    cell_timeout: int | None = None
+    notebook_timeout: int | None = None  # the cells together, from the first one's start
     cells: CellMap = field(default_factory=lambda: CellMap(()))
     index: int | None = None  # the cell running, as an index into the executed notebook
+    cut_short: bool = False  # the running cell's limit is what is left of notebook_timeout
 
     def label(self) -> str:
         return self.cells.label(self.index) if self.index is not None else ""
-
-
-async def _within(seconds: float | None, work: Coroutine[Any, Any, None]) -> None:
-    """Await ``work``; past ``seconds`` cancel it and raise :class:`_NotebookTimeout`."""
-    if not seconds:
-        await work
-        return
-    task = asyncio.ensure_future(work)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=seconds)
-    except BaseException:  # the batch was cancelled: so is this notebook
-        task.cancel()
-        await asyncio.wait({task}, timeout=10)
-        raise
-    if not done:
-        task.cancel()
-        await asyncio.wait({task}, timeout=10)  # the kernel's shutdown ends what remains
-        raise _NotebookTimeout
-    task.result()
 
 
 def _tried(what: str, result: NotebookResult) -> str:
@@ -224,7 +209,7 @@ class BatchRunner:
             allow_errors=options.allow_errors,
             resources={"metadata": {"path": str(result.path.parent)}},
         )
-        run = _Run(km=km)
+        run = _Run(km=km, cell_timeout=cell_timeout, notebook_timeout=notebook_timeout)
         graceful = False
         try:
             try:
@@ -245,7 +230,12 @@ class BatchRunner:
             )
             run.cells = CellMap(code, injected)
             result.cells = len(code)
-            await _within(notebook_timeout, self._run_cells(result, nb, client, run))
+            try:
+                await self._run_cells(result, nb, client, run)
+            except CellTimeoutError:
+                if run.cut_short:
+                    raise _NotebookTimeout from None
+                raise
             result.status = Status.PASSED
             graceful = True
         except _NotebookTimeout:
@@ -322,8 +312,17 @@ class BatchRunner:
         if reply is not None and "language_info" in reply["content"]:
             nb.metadata["language_info"] = reply["content"]["language_info"]
         await record_sandbox(nb, self.options.kernel, run.km)
+        deadline = time.monotonic() + (run.notebook_timeout or 0)
         for index, cell in enumerate(nb.cells):
             run.index = index
+            if run.notebook_timeout and cell.cell_type == "code":
+                # what is left of the notebook's time limits the cell: nbclient's own timeout
+                # then stops it cleanly, as it does for --timeout
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _NotebookTimeout
+                run.cut_short = run.cell_timeout is None or left < run.cell_timeout
+                client.timeout = max(1, math.ceil(left)) if run.cut_short else run.cell_timeout
             if cell.cell_type == "code":
                 if index in run.cells.code:
                     result.cell += 1

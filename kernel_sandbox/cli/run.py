@@ -232,7 +232,8 @@ def add_run_command(subparsers: Any) -> argparse.ArgumentParser:
         type=_positive_or_zero,
         default=0,
         metavar="SECONDS",
-        help="limit for a whole notebook, its kernel's start included (default 0: none); "
+        help="limit for all cells of a notebook together (its kernel's start has "
+        "--startup-timeout; default 0: none); "
         'a notebook\'s metadata["kernel-sandbox"]["notebook_timeout"] overrides it',
     )
     run.add_argument(
