@@ -38,11 +38,14 @@ def with_metadata(path: Path, **settings: object) -> Path:
 
 
 def test_parameters_files_yaml_and_json(tmp_path):
-    (tmp_path / "p.yaml").write_text("limit: 5\nname: hello world\nratios: [0.5, 1]\n")
+    (tmp_path / "p.yaml").write_text(
+        "limit: 5\nname: hello world\nratios: [0.5, 1]\nday: 2024-01-31\n"
+    )
     assert load_parameters(tmp_path / "p.yaml") == {
         "limit": 5,
         "name": "hello world",
         "ratios": [0.5, 1],
+        "day": "2024-01-31",  # a YAML date: passed as its ISO text
     }
     (tmp_path / "p.json").write_text('{"limit": 7, "flag": true}')
     assert load_parameters(tmp_path / "p.json") == {"limit": 7, "flag": True}

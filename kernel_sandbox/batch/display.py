@@ -42,7 +42,11 @@ def _state(result: NotebookResult) -> str:
     if result.status is Status.RUNNING:
         return f"running cell {result.cell} of {result.cells}"
     if result.status is Status.STARTING:
-        return "starting kernel"
+        return (
+            f"starting kernel (try {len(result.retries) + 1})"
+            if result.retries
+            else ("starting kernel")
+        )
     return result.status.value
 
 

@@ -102,7 +102,21 @@ def load_parameters(path: Path) -> dict[str, Any]:
     for name in values:
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"-f {path}: parameter name {name!r} is not an identifier")
-    return values
+    return {name: _plain(value) for name, value in values.items()}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with what has no Python literal (YAML dates and times) as text, as the
+    parameters cell writes each value as a literal."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "isoformat"):  # date, datetime, time
+        return value.isoformat()
+    return str(value)
 
 
 async def _image_id(provisioner: Any) -> str | None:
