@@ -176,7 +176,6 @@ def test_notebook_metadata_timeouts_skip_and_heartbeat(tmp_path, leak_check):
     beats = [line for line in log.splitlines() if "running    c_whole_limit.ipynb" in line]
     assert len(beats) >= 2, log
     assert any("(code cell" in line and "running for" in line for line in beats), beats
-    assert not any("running    e_passes.ipynb" in line for line in log.splitlines()[:1])
 
     cases = junit_cases(report)
     skipped = cases["a_skipped.ipynb"].find("skipped")
