@@ -93,7 +93,9 @@ def test_the_kernel_gets_the_note_only_when_the_path_moves():
     assert moved["environment"][WORKSPACE_NOTE_ENV] == workspace_note("/usr/share/nb")
     # the service's staged bind is mounted at the caller's path: that path decides
     staged = container_options(_request("/run/ks-staging/3", path="/tmp/caller"))
-    assert staged["working_dir"] == "/tmp/caller" and WORKSPACE_NOTE_ENV not in staged["environment"]
+    assert (
+        staged["working_dir"] == "/tmp/caller" and WORKSPACE_NOTE_ENV not in staged["environment"]
+    )
     none = container_options(_request("/usr/share/nb", mode="none"))
     assert WORKSPACE_NOTE_ENV not in none["environment"]
 

@@ -31,8 +31,9 @@ from kernel_sandbox.errors import (
     TransferRefused,
 )
 
-PNG = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+PNG = (  # a 1x1 image
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
+    "AAAABJRU5ErkJggg=="
 )
 OWNER = (4242, 4243)  # as root: the rw workspace's owner (no account here), outside uid_range
 
@@ -109,7 +110,7 @@ def test_a_result_raises_what_it_holds():
 # -- running code -------------------------------------------------------------------------------
 
 
-def test_outputs_results_and_errors(jupyter_path, leak_check, kernel_image, project):
+def test_outputs_results_and_errors(jupyter_path, leak_check, docker_client, kernel_image, project):
     with kernel_sandbox.Sandbox(cwd=project) as sb:
         r = sb.run("import sys; print(1); print('warn', file=sys.stderr); 2+2")
         assert (r.stdout, r.stderr, r.text, r.error) == ("1\n", "warn\n", "4", None)
@@ -134,7 +135,10 @@ def test_outputs_results_and_errors(jupyter_path, leak_check, kernel_image, proj
         failed = sb.run("x = 1\nprint('before')\n1/0")
         assert failed.stdout == "before\n" and not failed.ok
         assert failed.error is not None
-        assert (failed.error.ename, failed.error.evalue) == ("ZeroDivisionError", "division by zero")
+        assert (failed.error.ename, failed.error.evalue) == (
+            "ZeroDivisionError",
+            "division by zero",
+        )
         assert "ZeroDivisionError" in failed.error.traceback_text
         assert "\x1b[" not in failed.error.traceback_text
         with pytest.raises(CellError) as raised:
@@ -143,7 +147,9 @@ def test_outputs_results_and_errors(jupyter_path, leak_check, kernel_image, proj
         assert sb.run("x + 1").text == "2"  # the state lives on after an error
         name = sb.container_name
         assert sb.is_running and sb.kernel_id
+        assert len(containers(docker_client, name)) == 1
     assert not sb.is_running
+    assert containers(docker_client, name) == []
 
 
 def test_a_timeout_interrupts_and_the_sandbox_goes_on(jupyter_path, leak_check, kernel_image):
@@ -179,9 +185,7 @@ def test_code_that_ignores_the_interrupt_gets_a_new_kernel(jupyter_path, leak_ch
         assert sb.container_name != first
 
 
-def test_a_kernel_out_of_memory_is_reported_and_can_restart(
-    jupyter_path, leak_check, kernel_image
-):
+def test_a_kernel_out_of_memory_is_reported_and_can_restart(jupyter_path, leak_check, kernel_image):
     with Sandbox(memory_limit="96m") as sb:
         r = sb.run("hog = b'x' * (512 * 1024 * 1024)", timeout=60)
         assert r.error is not None and not r.timed_out
@@ -308,9 +312,7 @@ def test_a_sandbox_works_from_inside_a_running_event_loop(jupyter_path, leak_che
     assert asyncio.run(agent_step()) == "42"
 
 
-def test_policy_keywords_reach_the_container(
-    jupyter_path, leak_check, docker_client, kernel_image
-):
+def test_policy_keywords_reach_the_container(jupyter_path, leak_check, docker_client, kernel_image):
     with Sandbox(memory_limit="300m", env={"KS_API": "yes"}, image=IMAGE) as sb:
         attrs = docker_client.api.inspect_container(sb.container_name)
         assert attrs["HostConfig"]["Memory"] == 300 * 1024 * 1024

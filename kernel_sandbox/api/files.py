@@ -1,7 +1,8 @@
 """File upload and download for the Python API: through the kernel, within the policy.
 
-Files move over the kernel's own channel (a silent execution that writes, or a user
-expression that reads, one base64 chunk at a time), never by a second path to the engine or
+Files move over the kernel's own channel (a user expression of a silent execution that
+writes or reads one base64 chunk at a time: evaluated as Python, without IPython's input
+transformations, which would take seconds over megabytes), never by a second path to the engine or
 to the host folder: the kernel's uid, mounts and read-only flags apply exactly as they do to
 the code it runs. Paths are relative to the workspace (the kernel's working directory, the
 folder the sandbox was started in). The policy's ``workspace`` mode decides, and a refusal is
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 
 from kernel_sandbox.errors import TransferRefused
 
-__all__ = ["CHUNK", "check_transfer", "read_expression", "relative_path", "write_code"]
+__all__ = ["CHUNK", "check_transfer", "read_expression", "relative_path", "write_expressions"]
 
 CHUNK = 4 * 1024 * 1024  # bytes per message each way (base64 adds a third)
 
@@ -32,6 +33,7 @@ if folder:
     os.makedirs(folder, exist_ok=True)
 with open(path, {mode!r}) as f:
     f.write(base64.b64decode({data!r}))
+out = None
 """
 _READ = """
 import base64
@@ -84,8 +86,8 @@ def check_transfer(direction: str, workspace: str, profile: str, cwd: str) -> No
     )
 
 
-def write_code(path: str, data: bytes) -> Iterator[str]:
-    """The code that writes ``data`` to ``path``, one execution per chunk (at least one)."""
+def write_expressions(path: str, data: bytes) -> Iterator[str]:
+    """User expressions that write ``data`` to ``path``, one per chunk (at least one)."""
     for offset in range(0, max(len(data), 1), CHUNK):
         chunk = base64.b64encode(data[offset : offset + CHUNK]).decode()
         mode = "wb" if offset == 0 else "ab"
@@ -94,9 +96,10 @@ def write_code(path: str, data: bytes) -> Iterator[str]:
 
 def read_expression(path: str, offset: int, size: int = CHUNK) -> str:
     """A user expression whose value is ``size`` bytes of ``path`` from ``offset``, base64."""
-    return f"(lambda g: (__import__('builtins').exec({_READ.format(path=path, offset=offset, size=size)!r}, g), g['out'])[1])({{}})"  # noqa: E501
+    return _isolated(_READ.format(path=path, offset=offset, size=size))
 
 
 def _isolated(source: str) -> str:
-    """Run ``source`` in a namespace of its own, with the real builtins."""
-    return f"__import__('builtins').exec({source!r}, {{}})"
+    """An expression that runs ``source`` in a namespace of its own (the real builtins, not
+    the user's names) and is worth the ``out`` it sets."""
+    return f"(lambda g: (__import__('builtins').exec({source!r}, g), g['out'])[1])({{}})"

@@ -30,7 +30,7 @@ from kernel_sandbox.api.files import (
     check_transfer,
     read_expression,
     relative_path,
-    write_code,
+    write_expressions,
 )
 from kernel_sandbox.api.results import ExecutionError, Outputs, RunResult
 from kernel_sandbox.errors import KernelspecError, PolicyError, SandboxClosed
@@ -43,6 +43,7 @@ DEFAULT_KERNELSPEC = "python3-sandbox"
 # Sentinel: "use the sandbox's default timeout" (None means no timeout).
 DEFAULT: Any = object()
 _POLL = 0.5  # seconds between liveness checks while waiting for a kernel's messages
+TRANSFER_TIMEOUT = 60.0  # seconds one chunk of a file transfer may take (at least)
 
 
 class _SpecsWithOverrides(KernelSpecManager):
@@ -364,9 +365,9 @@ class AsyncSandbox:
             if msg.get("parent_header", {}).get("msg_id") == msg_id:
                 outputs.add(msg)
 
-    async def _reply(self, msg_id: str) -> dict[str, Any]:
+    async def _reply(self, msg_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """The shell reply to ``msg_id`` (earlier, abandoned replies are skipped)."""
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 msg = await self._kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
@@ -397,10 +398,8 @@ class AsyncSandbox:
         check_transfer("upload", self.policy.workspace, self.profile, self._cwd)
         async with self._lock:
             self._require()
-            for code in write_code(target, bytes(data)):
-                reply = await self._silent(code)
-                if reply.get("status") != "ok":
-                    raise _os_error(reply, f"upload to {target}")
+            for expression in write_expressions(target, bytes(data)):
+                self._value(await self._silent(expression), f"upload to {target}")
 
     async def download(self, path: str) -> bytes:
         """The content of ``path`` in the workspace, read by the kernel.
@@ -417,25 +416,32 @@ class AsyncSandbox:
             self._require()
             offset = 0
             while True:
-                reply = await self._silent("", {"chunk": read_expression(target, offset)})
-                value = reply.get("user_expressions", {}).get("chunk", {})
-                if value.get("status") != "ok":
-                    raise _os_error(value, f"download of {target}")
-                chunk = base64.b64decode(ast.literal_eval(value["data"]["text/plain"]))
+                value = self._value(
+                    await self._silent(read_expression(target, offset)), f"download of {target}"
+                )
+                chunk = base64.b64decode(ast.literal_eval(value))
                 parts.append(chunk)
                 offset += len(chunk)
                 if len(chunk) < CHUNK:
                     return b"".join(parts)
 
-    async def _silent(self, code: str, expressions: dict[str, str] | None = None) -> dict:
-        """Run ``code`` without history or outputs; return the reply's content."""
+    async def _silent(self, expression: str) -> dict[str, Any]:
+        """Evaluate ``expression`` in a silent execution (no history, no outputs); return its
+        value as the reply carries it."""
         msg_id = self._kc.execute(
-            code, silent=True, store_history=False, user_expressions=expressions or {}
+            "", silent=True, store_history=False, user_expressions={"value": expression}
         )
-        reply = await self._reply(msg_id)
+        reply = await self._reply(msg_id, max(TRANSFER_TIMEOUT, self.timeout or 0))
         if not reply:
             raise SandboxClosed("the sandbox's kernel did not answer a file transfer")
-        return reply
+        return dict(reply.get("user_expressions", {}).get("value", {}))
+
+    @staticmethod
+    def _value(value: dict[str, Any], what: str) -> str:
+        """The text of an expression's value, or the kernel's error as an OSError."""
+        if value.get("status") != "ok":
+            raise _os_error(value, what)
+        return str(value.get("data", {}).get("text/plain", ""))
 
 
 def _os_error(content: dict[str, Any], what: str) -> OSError:

@@ -116,7 +116,11 @@ async def cmd_policy_show(args: argparse.Namespace, backend: DockerBackend) -> i
     here = os.path.realpath(os.getcwd())
     if args.json:
         inside = workspace_target(here) if effective.policy.workspace != "none" else None
-        facts = {**effective.to_dict(), "config_files": files, "workspace_here": {"host": here, "inside": inside}}
+        facts = {
+            **effective.to_dict(),
+            "config_files": files,
+            "workspace_here": {"host": here, "inside": inside},
+        }
         print(json.dumps(facts, indent=1, default=list))
         return EXIT_OK
     out.print(_sources_table(effective))
