@@ -92,6 +92,14 @@ def test_an_unknown_profile_is_refused_at_start(jupyter_path):
         Sandbox(profile="nosuchprofile").start()
 
 
+def test_the_operators_ceilings_still_hold(jupyter_path):
+    from traitlets.config import Config
+
+    config = Config({"DockerSandboxProvisioner": {"ceilings": {"memory_limit": "1g"}}})
+    with pytest.raises(PolicyError, match=r"memory_limit: 2g.*exceeds the operator's ceiling"):
+        Sandbox(memory_limit="2g", config=config).start()
+
+
 def test_importing_the_package_does_not_import_the_api():
     code = (
         "import sys, kernel_sandbox; assert 'kernel_sandbox.api' not in sys.modules; "
