@@ -15,8 +15,7 @@ import asyncio
 import base64
 import copy
 import os
-import queue
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +24,7 @@ from jupyter_client.kernelspec import NoSuchKernel as NoSuchKernelspec
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import Dict
 
+from kernel_sandbox.api.execution import evaluate, execute
 from kernel_sandbox.api.files import (
     CHUNK,
     check_transfer,
@@ -32,7 +32,7 @@ from kernel_sandbox.api.files import (
     relative_path,
     write_expressions,
 )
-from kernel_sandbox.api.results import ExecutionError, Outputs, RunResult
+from kernel_sandbox.api.results import ExecutionError, RunResult
 from kernel_sandbox.errors import KernelspecError, PolicyError, SandboxClosed
 from kernel_sandbox.policy.keys import KEYS, validate
 
@@ -42,7 +42,6 @@ PROVISIONER = "docker-sandbox"
 DEFAULT_KERNELSPEC = "python3-sandbox"
 # Sentinel: "use the sandbox's default timeout" (None means no timeout).
 DEFAULT: Any = object()
-_POLL = 0.5  # seconds between liveness checks while waiting for a kernel's messages
 TRANSFER_TIMEOUT = 60.0  # seconds one chunk of a file transfer may take (at least)
 
 
@@ -280,49 +279,11 @@ class AsyncSandbox:
             raise TypeError(f"code must be a string of Python, not {type(code).__name__}")
         limit = self.timeout if timeout is DEFAULT else _check_timeout("timeout", timeout)
         async with self._lock:
-            self._require()
-            return await self._execute(code, limit)
-
-    async def _execute(self, code: str, timeout: float | None) -> RunResult:
-        km, kc = self._require(), self._kc
-        started = time.monotonic()
-        msg_id = kc.execute(code, allow_stdin=False)
-        outputs = Outputs()
-        deadline = started + timeout if timeout is not None else None
-        state = await self._collect(msg_id, outputs, deadline)
-        timed_out = restarted = False
-        if state == "deadline":
-            timed_out = True
-            await km.interrupt_kernel()
-            state = await self._collect(msg_id, outputs, time.monotonic() + self._grace)
-            if state == "deadline":
-                restarted = True
-                await km.restart_kernel(now=True)
-                await kc.wait_for_ready(timeout=self._start_timeout)
-        reply: dict[str, Any] = {}
-        if state == "idle":
-            reply = await self._reply(msg_id)
-        error = outputs.error
-        if error is None and reply.get("status") == "error":
-            error = ExecutionError(
-                str(reply.get("ename", "")),
-                str(reply.get("evalue", "")),
-                list(reply.get("traceback", [])),
+            km = self._require()
+            result, died = await execute(
+                km, self._kc, code, limit, self._grace, self._start_timeout
             )
-        if timed_out:
-            what = f"the code ran longer than its timeout ({timeout:g}s) and was interrupted"
-            if restarted:
-                what += "; it did not stop, so the kernel was restarted: its variables are gone"
-            error = ExecutionError("TimeoutError", what, error.traceback if error else [])
-        if state == "died":
-            error = self._death(error)
-        return outputs.result(
-            error=error,
-            execution_count=reply.get("execution_count", outputs.execution_count),
-            timed_out=timed_out,
-            restarted=restarted,
-            duration=time.monotonic() - started,
-        )
+            return replace(result, error=self._death(result.error)) if died else result
 
     def _death(self, error: ExecutionError | None) -> ExecutionError:
         """The error for a kernel that died while running: the host's notice if it knows why
@@ -334,48 +295,6 @@ class AsyncSandbox:
         why = notice.text if notice is not None else "the kernel's container ended"
         self._dead = why
         return ExecutionError("KernelDied", why, error.traceback if error else [])
-
-    async def _collect(self, msg_id: str, outputs: Outputs, deadline: float | None) -> str:
-        """Read IOPub until this execution is idle ("idle"), ``deadline`` passes
-        ("deadline") or the kernel dies ("died")."""
-        km, kc = self._require(alive=False), self._kc
-        while True:
-            wait = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
-            if wait <= 0:
-                return "deadline"
-            try:
-                msg = await kc.get_iopub_msg(timeout=wait)
-            except queue.Empty:
-                if not await km.is_alive():
-                    await self._drain(msg_id, outputs)
-                    return "died"
-                continue
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if outputs.add(msg):
-                return "idle"
-
-    async def _drain(self, msg_id: str, outputs: Outputs) -> None:
-        """Take what is already queued (a dead kernel's notice comes last)."""
-        while True:
-            try:
-                msg = await self._kc.get_iopub_msg(timeout=0.2)
-            except queue.Empty:
-                return
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                outputs.add(msg)
-
-    async def _reply(self, msg_id: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The shell reply to ``msg_id`` (earlier, abandoned replies are skipped)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                msg = await self._kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                return dict(msg["content"])
-        return {}
 
     # -- files --------------------------------------------------------------------------------
 
@@ -426,15 +345,11 @@ class AsyncSandbox:
                     return b"".join(parts)
 
     async def _silent(self, expression: str) -> dict[str, Any]:
-        """Evaluate ``expression`` in a silent execution (no history, no outputs); return its
-        value as the reply carries it."""
-        msg_id = self._kc.execute(
-            "", silent=True, store_history=False, user_expressions={"value": expression}
-        )
-        reply = await self._reply(msg_id, max(TRANSFER_TIMEOUT, self.timeout or 0))
-        if not reply:
+        """Evaluate ``expression`` in the kernel without history or outputs."""
+        value = await evaluate(self._kc, expression, max(TRANSFER_TIMEOUT, self.timeout or 0))
+        if value is None:
             raise SandboxClosed("the sandbox's kernel did not answer a file transfer")
-        return dict(reply.get("user_expressions", {}).get("value", {}))
+        return value
 
     @staticmethod
     def _value(value: dict[str, Any], what: str) -> str:
