@@ -77,6 +77,14 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
         sb.run("1")
     with pytest.raises(TypeError, match="string"):
         sb.run(b"1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes, str or a file object"):
+        sb.upload("a.txt", 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="absolute"):
+        sb.download("/etc/shadow")
+    with pytest.raises(ValueError, match="out of the workspace"):
+        sb.upload("a/../../b", b"x")
+    with pytest.raises(SandboxClosed, match="not started"):
+        sb.download("a.txt")
     sb.close()
 
 
