@@ -118,6 +118,13 @@ def test_importing_the_package_does_not_import_the_api():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
+def test_the_public_names():
+    import kernel_sandbox.api as api
+
+    assert set(api.__all__) == {"AsyncSandbox", "ExecutionError", "Result", "RunResult", "Sandbox"}
+    assert all(getattr(kernel_sandbox, name) is getattr(api, name) for name in api.__all__)
+
+
 def test_a_result_raises_what_it_holds():
     ok = RunResult(stdout="x")
     assert ok.raise_for_error() is ok and ok.ok and ok.text is None
