@@ -32,7 +32,7 @@ folder = os.path.dirname(path)
 if folder:
     os.makedirs(folder, exist_ok=True)
 with open(path, {mode!r}) as f:
-    f.write(base64.b64decode({data!r}))
+    f.write(base64.b64decode(data))
 out = None
 """
 _READ = """
@@ -91,7 +91,7 @@ def write_expressions(path: str, data: bytes) -> Iterator[str]:
     for offset in range(0, max(len(data), 1), CHUNK):
         chunk = base64.b64encode(data[offset : offset + CHUNK]).decode()
         mode = "wb" if offset == 0 else "ab"
-        yield _isolated(_WRITE.format(path=path, mode=mode, data=chunk))
+        yield _isolated(_WRITE.format(path=path, mode=mode), data=chunk)
 
 
 def read_expression(path: str, offset: int, size: int = CHUNK) -> str:
@@ -99,7 +99,8 @@ def read_expression(path: str, offset: int, size: int = CHUNK) -> str:
     return _isolated(_READ.format(path=path, offset=offset, size=size))
 
 
-def _isolated(source: str) -> str:
-    """An expression that runs ``source`` in a namespace of its own (the real builtins, not
-    the user's names) and is worth the ``out`` it sets."""
-    return f"(lambda g: (__import__('builtins').exec({source!r}, g), g['out'])[1])({{}})"
+def _isolated(source: str, **values: str) -> str:
+    """An expression that runs ``source`` in a namespace of its own holding ``values`` (the
+    real builtins, not the user's names) and is worth the ``out`` it sets. The values are
+    parsed once, as literals of the expression, not again inside ``source``."""
+    return f"(lambda g: (__import__('builtins').exec({source!r}, g), g['out'])[1])({values!r})"
