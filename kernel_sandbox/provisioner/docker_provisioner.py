@@ -22,6 +22,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from kernel_sandbox.egress.service import is_ipython_kernel
 from kernel_sandbox.engine.backend import ContainerRequest
 from kernel_sandbox.engine.backend import start_error as container_start_error
+from kernel_sandbox.engine.container import workspace_note
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.notices import DELIVERY, Notice, memory_notice, publish, stopped_notice
 from kernel_sandbox.host.pool import PooledSandbox, PoolRecipe, process_pool
@@ -427,6 +428,9 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 self.cwd,
                 SANDBOX_HOME,
             )
+        moved = workspace_note(workspace_path or workspace) if workspace else None
+        if moved and policy.workspace != "none":  # the notebook shows it too (inside/hints.py)
+            self.log.info("kernel %s: %s", self.kernel_id, moved.removeprefix("kernel-sandbox: "))
         name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
         profile = self._spec_config.get("profile") or self.profile
         labels = container_labels(
