@@ -428,9 +428,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 self.cwd,
                 SANDBOX_HOME,
             )
-        moved = workspace_note(workspace_path or workspace) if workspace else None
-        if moved and policy.workspace != "none":  # the notebook shows it too (inside/hints.py)
-            self.log.info("kernel %s: %s", self.kernel_id, moved.removeprefix("kernel-sandbox: "))
+        self._log_workspace_note(workspace, workspace_path)
         name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
         profile = self._spec_config.get("profile") or self.profile
         labels = container_labels(
@@ -467,6 +465,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         (the connection file was written by pre_launch)."""
         pooled, self._pooled = self._pooled, None
         assert pooled is not None
+        self._log_workspace_note(*self._workspace_mount())
         started = time.monotonic()
         try:
             await asyncio.to_thread(pooled.send_claim, cmd[3:], dict(kwargs.get("env", {})))
@@ -494,6 +493,13 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             time.monotonic() - started,
         )
         return self.connection_info
+
+    def _log_workspace_note(self, workspace: str | None, workspace_path: str | None) -> None:
+        """Say where the workspace appears when it cannot keep its host path (the notebook
+        shows it too: inside/hints.py)."""
+        moved = workspace_note(workspace_path or workspace) if workspace else None
+        if moved and self.policy.workspace != "none":
+            self.log.info("kernel %s: %s", self.kernel_id, moved.removeprefix("kernel-sandbox: "))
 
     def _workspace_mount(self) -> tuple[str | None, str | None]:
         """(host folder, path inside or None for its own) of the workspace mount, if any."""
