@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_OK, progress
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, progress
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.image.build import (
     DEFAULT_BASE,
@@ -32,6 +32,9 @@ async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> in
 
 
 async def cmd_image_build(args: argparse.Namespace, backend: DockerBackend) -> int:
+    if args.binder is not None and not Path(args.binder).is_dir():
+        what = "is not a folder" if Path(args.binder).exists() else "does not exist"
+        raise UsageError(f"--binder {args.binder} {what}: give the environment folder")
     await build_kernel_image(
         backend,
         base=args.base,
