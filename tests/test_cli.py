@@ -143,7 +143,7 @@ def test_install_with_a_policy_writes_it_in_the_kernelspec(prefix, tmp_path, cap
         "1000:1000",
     ]
     assert main(argv) == 0
-    assert "installed kernelspec analyst-box" in capsys.readouterr().err
+    assert "installed kernelspec analyst-box" in capsys.readouterr().out
     spec = kernel_json(prefix, "analyst-box")
     assert spec["display_name"] == "Analyst (sandboxed)" and spec["language"] == "python"
     provisioner = spec["metadata"]["kernel_provisioner"]
@@ -313,8 +313,8 @@ def test_wrap_makes_a_sandboxed_variant_of_any_kernel(prefix, capsys):
         )
         == 0
     )
-    err = capsys.readouterr().err
-    assert "installed kernelspec fake-r-sandboxed" in err and "'R'" in err
+    out = capsys.readouterr().out
+    assert "installed kernelspec fake-r-sandboxed" in out and "'R'" in out
     spec = kernel_json(prefix, "fake-r-sandboxed")
     assert spec["argv"] == ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
     assert spec["language"] == "R" and spec["display_name"] == "R (sandboxed)"
@@ -557,7 +557,7 @@ def test_console_script():
 @pytest.mark.integration  # asks the engine
 def test_gc_dry_run(capsys):
     assert main(["gc", "--dry-run"]) == 0
-    assert "would remove" in capsys.readouterr().err
+    assert "would remove" in capsys.readouterr().out
 
 
 # -- ps and stop, with a real kernel of a wrapped kernelspec ----------------------------------
@@ -600,7 +600,7 @@ def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, tmp_path, leak_check
         assert main(["ps"]) == 0
         assert km.kernel_id in capsys.readouterr().out
         assert main(["stop", km.kernel_id[:13]]) == 0
-        assert "shut down by its owner" in capsys.readouterr().err
+        assert "shut down by its owner" in capsys.readouterr().out
         deadline = time.monotonic() + 15
         while km.is_alive() and time.monotonic() < deadline:
             time.sleep(0.1)

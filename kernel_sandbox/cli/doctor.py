@@ -31,6 +31,7 @@ from traitlets.config import Config
 
 from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, wide_console
 from kernel_sandbox.cli.service_mode import add_service_flags, which_mode
+from kernel_sandbox.cli.visibility import visibility_findings
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import PolicyError, SandboxError
 from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, RuntimeDir, default_root
@@ -258,20 +259,26 @@ def check_runtime_root(root: str, uid: int | None = None) -> list[Check]:
 
 def check_kernelspecs(
     config: Config, specs: dict[str, Any] | None = None
-) -> tuple[list[Check], dict[str, list[str]], dict[str, list[str]]]:
-    """Every sandboxed kernelspec's policy, as its kernel's start would work it out.
+) -> tuple[list[Check], dict[str, list[str]], dict[str, list[str]], dict[str, float]]:
+    """Every sandboxed kernelspec's policy, as its kernel's start would work it out, and
+    which Jupyter finds it (:mod:`kernel_sandbox.cli.visibility`).
 
-    Returns the checks, and the images and runtimes the kernelspecs need (name -> specs).
+    Returns the checks, the images and runtimes the kernelspecs need (name -> specs), and
+    each one's cpu_limit (spec -> CPUs).
     """
     manager = KernelSpecManager()
     specs = manager.get_all_specs() if specs is None else specs
     checks: list[Check] = []
     images: dict[str, list[str]] = {}
     runtimes: dict[str, list[str]] = {}
+    cpus: dict[str, float] = {}
+    dirs: dict[str, str] = {}
     for name, entry in sorted(specs.items()):
         spec = manager.get_kernel_spec(name) if not hasattr(entry, "argv") else entry
         if not is_sandboxed(spec):
             continue
+        if spec.resource_dir:
+            dirs[name] = spec.resource_dir
         try:
             effective = resolve(spec, name, config)
         except (PolicyError, SandboxError) as exc:
@@ -287,6 +294,7 @@ def check_kernelspecs(
             )
             continue
         policy = effective.policy
+        cpus[name] = policy.cpu_limit
         images.setdefault(policy.image, []).append(name)
         if policy.runtime != "runc":
             runtimes.setdefault(policy.runtime, []).append(name)
@@ -308,7 +316,28 @@ def check_kernelspecs(
                 "kernel-sandbox install",
             )
         )
-    return checks, images, runtimes
+    checks += [Check("kernelspec", *finding) for finding in visibility_findings(dirs)]
+    return checks, images, runtimes, cpus
+
+
+def check_cpus(info: dict[str, Any], cpus: dict[str, float]) -> list[Check]:
+    """A cpu_limit above the engine's CPUs (``docker info`` NCPU): the engine refuses it."""
+    have = info.get("NCPU")
+    if not isinstance(have, int) or have <= 0:
+        return []
+    return [
+        Check(
+            "kernelspec",
+            name,
+            FAIL,
+            f"cpu_limit {limit:g} is more than the engine's {have} CPUs: it refuses to start "
+            "these kernels",
+            f"kernel-sandbox install --name {name} --cpu-limit {have} ... (or lower it in "
+            "its kernel.json)",
+        )
+        for name, limit in sorted(cpus.items())
+        if limit > have
+    ]
 
 
 def check_image(image: str, labels: dict[str, str] | None, specs: list[str]) -> Check:
@@ -340,7 +369,7 @@ async def run_checks(
     which: Callable[[str], str | None] = shutil.which,
 ) -> list[Check]:
     checks = [check_provisioner()]
-    spec_checks, images, runtimes = check_kernelspecs(config)
+    spec_checks, images, runtimes, cpus = check_kernelspecs(config)
     try:
         info: dict[str, Any] | None = await backend.engine_info()
         error = ""
@@ -349,6 +378,7 @@ async def run_checks(
     checks.append(check_engine(info, error))
     if info is not None:
         checks += check_runtimes(info, runtimes, which)
+        spec_checks += check_cpus(info, cpus)
         images.setdefault(DEFAULT_IMAGE, [])
         for image, specs in sorted(images.items()):
             checks.append(check_image(image, await backend.image_labels(image), specs))

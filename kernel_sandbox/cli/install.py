@@ -237,7 +237,7 @@ async def cmd_wrap(args: argparse.Namespace, backend: DockerBackend) -> int:
         where,
     )
     if spec["argv"] != original.argv:
-        warn(f"note: argv[0] {original.argv[0]!r} runs as {spec['argv'][0]!r} on the image's PATH")
+        done(f"  argv[0] {original.argv[0]!r} runs as {spec['argv'][0]!r} on the image's PATH")
     return EXIT_OK
 
 

@@ -42,6 +42,11 @@ def _database(path: Path) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise UsageError(f"token database {path}: {exc} (--db FILE)") from exc
+    except OSError as exc:  # its folder cannot be made or entered
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UsageError(
+            f"token database {path}: {exc.strerror or exc}{where} (--db FILE)"
+        ) from exc
 
 
 async def cmd_tokens_list(args: argparse.Namespace, backend: DockerBackend) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "kernelspec_visibility",
     "path_jupyter_data",
     "venv_data_path",
+    "visibility_findings",
 ]
 
 
@@ -171,3 +172,19 @@ def kernelspec_visibility(
         on_path=_finds(on_path, data_dir, name) if on_path is not None else None,
         path_answered=on_path is not None,
     )
+
+
+def visibility_findings(kernel_dirs: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """For ``doctor``: (name, status, detail, fix) per kernelspec (name -> its directory);
+    ``warn`` when this Python's Jupyter or the one on PATH does not find it there."""
+    if not kernel_dirs:
+        return []
+    path_data = path_jupyter_data()
+    findings = []
+    for name, kernel_dir in sorted(kernel_dirs.items()):
+        seen = kernelspec_visibility(kernel_dir, path_data)
+        lines = [text for _warning, text in seen.lines()]
+        fix = lines.pop() if len(lines) > 1 else ""
+        status = "warn" if seen.problem else "ok"
+        findings.append((f"{name} visibility", status, "; ".join(lines), fix))
+    return findings
