@@ -208,6 +208,8 @@ def test_install_defaults_the_name_from_the_profile_and_makes_mounts_absolute(
         (["--name", "bad name!", "--profile", "ci"], "not a valid kernelspec name"),
         (["--display-name", "only this"], "--name is required"),
         (["--name", "x", "--idle-timeout", "soon"], "idle_timeout: expected seconds"),
+        (["--name", "x", "--seccomp", "/no/such.json"], "seccomp: cannot read the profile"),
+        (["--name", "x", "--cpu-limit", "100000"], "is more than this host's"),
     ],
 )
 def test_install_refuses_bad_values_before_writing_anything(prefix, flags, message, capsys):
@@ -695,3 +697,22 @@ def test_doctor_fails_a_cpu_limit_above_the_engines_cpus():
     assert [(c.name, c.status) for c in checks] == [("big", "fail")]
     assert "cpu_limit 4 is more than the engine's 2 CPUs" in checks[0].detail
     assert doctor.check_cpus({}, {"big": 4.0}) == []
+
+
+def test_install_warns_when_the_engine_lacks_the_runtime(prefix, capsys):
+    """A runtime can be registered after the install (doctor fails until it is): a warning."""
+
+    class Engine:
+        async def runtimes(self) -> list[str]:
+            return ["runc", "runsc"]
+
+    argv = ["install", "--prefix", str(prefix), "--name", "kata-box", "--runtime"]
+    assert main([*argv, "kata"], backend=Engine()) == 0  # type: ignore[arg-type]
+    captured = capsys.readouterr()
+    assert "installed kernelspec kata-box" in captured.out
+    assert captured.err.strip() == (
+        "warning: the Docker engine has no OCI runtime 'kata': kernels of kata-box will not "
+        "start until it is registered (`kernel-sandbox doctor` says how)"
+    )
+    assert main([*argv, "runsc"], backend=Engine()) == 0  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""

@@ -24,7 +24,7 @@ from kernel_sandbox.cli.console import EXIT_OK, done, warn
 from kernel_sandbox.cli.policy import POLICY_FLAGS, add_policy_flags
 from kernel_sandbox.cli.visibility import kernelspec_visibility
 from kernel_sandbox.engine.backend import DockerBackend
-from kernel_sandbox.errors import KernelspecError, PolicyError
+from kernel_sandbox.errors import KernelspecError, PolicyError, SandboxError
 from kernel_sandbox.kernelspec import (
     PYTHON_ARGV,
     check_kernel_name,
@@ -39,6 +39,7 @@ from kernel_sandbox.kernelspec import (
 )
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, parse_datasets
 from kernel_sandbox.policy.effective import EffectivePolicy, load_jupyter_config, resolve
+from kernel_sandbox.policy.host import check_host_files
 from kernel_sandbox.policy.values import URL_SCHEME
 
 __all__ = [
@@ -125,13 +126,37 @@ def _spec_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check(spec: dict[str, Any], name: str, config_file: str | None) -> EffectivePolicy:
-    """Work the policy out as the kernel's start will; refuse now what it would refuse."""
+    """Work the policy out as the kernel's start will; refuse now what it would refuse (a
+    seccomp file included)."""
     config, _files = load_jupyter_config(config_file)
     provisioner_config = spec["metadata"]["kernel_provisioner"]["config"]
     fields = ("argv", "display_name", "language", "metadata", "env")
     kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k in fields})
     kernel_spec.name = name
-    return resolve(kernel_spec, name, config, dict(provisioner_config))  # names the kernelspec
+    effective = resolve(kernel_spec, name, config, dict(provisioner_config))  # names the spec
+    try:
+        check_host_files(effective.policy)
+    except PolicyError as exc:
+        raise PolicyError(f"kernelspec {name}: {exc}") from exc
+    return effective
+
+
+async def _warn_missing_runtime(backend: DockerBackend, effective: EffectivePolicy) -> None:
+    """A warning when the engine answers and lacks the policy's runtime (it can be registered
+    after the install; ``doctor`` fails until it is). Silent when the engine does not answer."""
+    runtime = effective.policy.runtime
+    if runtime == "runc":
+        return
+    try:
+        known = await backend.runtimes()
+    except SandboxError:
+        return
+    if runtime not in known:
+        warn(
+            f"warning: the Docker engine has no OCI runtime {runtime!r}: kernels of "
+            f"{effective.kernelspec} will not start until it is registered (`kernel-sandbox "
+            "doctor` says how)"
+        )
 
 
 def _location(args: argparse.Namespace) -> tuple[bool, str | None]:
@@ -172,7 +197,7 @@ def _install_shipped(args: argparse.Namespace, egress: dict[str, Any]) -> None:
         _installed(f"installed kernelspec {source.name} in {where}", where)
 
 
-def _install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> None:
+def _install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> EffectivePolicy:
     """``kernel-sandbox install --profile P --name N ...``: one kernelspec with a policy.
 
     ``extra`` are the egress and dataset values.
@@ -205,13 +230,15 @@ def _install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> None:
         f"installed kernelspec {name} ({display!r}, profile {effective.profile}) in {where}",
         where,
     )
+    return effective
 
 
 async def cmd_install(args: argparse.Namespace, backend: DockerBackend) -> int:
     egress = egress_install_policy(args)
     if _wants_custom_install(args):
         datasets = {"datasets": absolute_datasets(args.dataset)} if args.dataset else {}
-        _install_custom(args, {**egress, **datasets})
+        effective = _install_custom(args, {**egress, **datasets})
+        await _warn_missing_runtime(backend, effective)
     else:
         _install_shipped(args, egress)
     return EXIT_OK
@@ -238,6 +265,7 @@ async def cmd_wrap(args: argparse.Namespace, backend: DockerBackend) -> int:
     )
     if spec["argv"] != original.argv:
         done(f"  argv[0] {original.argv[0]!r} runs as {spec['argv'][0]!r} on the image's PATH")
+    await _warn_missing_runtime(backend, effective)
     return EXIT_OK
 
 

@@ -6,6 +6,10 @@ Checked here instead, as the policy is worked out (:func:`kernel_sandbox.policy.
 layer_policy`), it is a :class:`~kernel_sandbox.errors.PolicyError` that ``install`` and
 ``doctor`` report and that ``kernel-sandbox run`` counts as a setup error.
 
+A seccomp profile file is read at each start; :func:`check_host_files` reads it now, for
+``install`` and ``doctor`` (run as the user who will start the kernels; the sandbox service does
+not open files a policy names on a caller's behalf).
+
 Like the operator's ceilings, the host holds a value only a default, a profile or a ceiling
 chose down to what it has (the ``analyst`` profile's 2 CPUs on a 1-CPU machine become 1), and
 refuses one set explicitly (Jupyter config, kernelspec) above it.
@@ -19,7 +23,7 @@ import os
 from kernel_sandbox.errors import PolicyError
 from kernel_sandbox.policy.model import SandboxPolicy
 
-__all__ = ["apply_host_limits", "host_cpus"]
+__all__ = ["apply_host_limits", "check_host_files", "host_cpus"]
 
 
 def host_cpus() -> int | None:
@@ -57,3 +61,15 @@ def apply_host_limits(
         f"cpu_limit: {policy.cpu_limit:g} (from {origin}) is more than this host's "
         f"{_cpus(cpus)}, which the Docker engine refuses; give at most {cpus}"
     )
+
+
+def check_host_files(policy: SandboxPolicy) -> None:
+    """Refuse now a seccomp profile file the start would refuse (unreadable, not a profile).
+
+    Raises:
+        PolicyError: naming the file and what is wrong with it.
+    """
+    from kernel_sandbox.engine.seccomp import load_profile
+
+    if os.path.isabs(policy.seccomp):
+        load_profile(policy.seccomp)
