@@ -131,7 +131,8 @@ def host_path(key: str, path: str, given: object = None) -> str:
     if not os.path.isabs(expanded):
         within = f" in {given!r}" if given not in (None, path) else ""
         raise PolicyError(
-            f"{key}: the host path must be absolute or start with ~, got {path!r}{within} "
+            f"{key}: the host path must be absolute (an absolute path or ~/...), got "
+            f"{path!r}{within} "
             "(on the command line a relative path is taken from the current directory)"
         )
     return os.path.normpath(expanded)
