@@ -344,3 +344,28 @@ def test_json_output_stays_json(capsys):
     """--json prints JSON alone on stdout, whatever else a command says."""
     assert main(["ps", "--json"], backend=StandInEngine(None)) == 0  # type: ignore[arg-type]
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_an_unknown_runtime_is_a_setup_error_with_an_honest_hint(jupyter_path, tmp_path, capsys):
+    """setup.sh registers runsc only: the hint for any runtime points at doctor instead."""
+    import nbformat
+    from support.kernels import make_kernelspec
+
+    class Engine:
+        async def ping(self) -> None:
+            return None
+
+        async def image_labels(self, image: str) -> dict[str, str]:
+            return {}
+
+        async def runtimes(self) -> list[str]:
+            return ["runc", "runsc"]
+
+    notebook = tmp_path / "n.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), str(notebook))
+    spec = make_kernelspec("kata-spec", {"runtime": "kata"})
+    argv = ["run", "--kernel", spec, str(notebook)]
+    assert main(argv, backend=Engine()) == EXIT_USAGE  # type: ignore[arg-type]
+    line = one_stderr_line(capsys)
+    assert "no OCI runtime 'kata'" in line and "kernel-sandbox doctor" in line
+    assert "setup.sh" not in line
