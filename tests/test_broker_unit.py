@@ -249,6 +249,7 @@ def test_cli_tokens_list_and_revoke(state: Path, capsys) -> None:
     listed = json.loads(capsys.readouterr().out)
     assert listed[0]["kernel_id"] == "kernel-1" and listed[0]["datasets"] == {"sales": "read"}
     assert cli_main(["tokens", "revoke", "kernel-1", "--db", db]) == 0
+    assert "revoked token" in capsys.readouterr().out  # what it did: on stdout
     assert cli_main(["tokens", "list", "--json", "--db", db]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert cli_main(["tokens", "revoke", "no-such-kernel", "--db", db]) == 2

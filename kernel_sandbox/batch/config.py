@@ -84,7 +84,7 @@ async def preflight(options: RunOptions, backend: DockerBackend | None = None) -
             raise RuntimeUnavailable(
                 f"the Docker engine has no OCI runtime {policy.runtime!r}, which the policy "
                 f"of {options.kernel} asks for; register it in /etc/docker/daemon.json "
-                "(setup.sh does) or pick another profile"
+                "(`kernel-sandbox doctor` says how) or pick another profile"
             )
     finally:
         if own:

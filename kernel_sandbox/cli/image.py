@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_OK, progress
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, done, progress
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.image.build import (
     DEFAULT_BASE,
@@ -20,7 +20,7 @@ __all__ = ["add_image_command"]
 
 
 async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> int:
-    await build_base_image(
+    built = await build_base_image(
         backend,
         tag=args.tag,
         suite=args.suite,
@@ -28,11 +28,15 @@ async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> in
         force=args.force,
         progress=progress("base"),
     )
+    done(f"built {args.tag}" if built else f"{args.tag} already exists")
     return EXIT_OK
 
 
 async def cmd_image_build(args: argparse.Namespace, backend: DockerBackend) -> int:
-    await build_kernel_image(
+    if args.binder is not None and not Path(args.binder).is_dir():
+        what = "is not a folder" if Path(args.binder).exists() else "does not exist"
+        raise UsageError(f"--binder {args.binder} {what}: give the environment folder")
+    built = await build_kernel_image(
         backend,
         base=args.base,
         tag=args.tag,
@@ -41,6 +45,7 @@ async def cmd_image_build(args: argparse.Namespace, backend: DockerBackend) -> i
         progress=progress("build"),
         mirror=args.mirror,
     )
+    done(f"built {args.tag}" if built else f"{args.tag} is up to date")
     return EXIT_OK
 
 
