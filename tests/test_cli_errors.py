@@ -361,6 +361,9 @@ def test_an_unknown_runtime_is_a_setup_error_with_an_honest_hint(jupyter_path, t
         async def runtimes(self) -> list[str]:
             return ["runc", "runsc"]
 
+        async def engine_info(self) -> dict[str, int]:
+            return {"NCPU": 2}
+
     notebook = tmp_path / "n.ipynb"
     nbformat.write(nbformat.v4.new_notebook(), str(notebook))
     spec = make_kernelspec("kata-spec", {"runtime": "kata"})
