@@ -26,7 +26,8 @@ import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 from support.kernels import make_kernelspec, run_cell, sandbox_kernel
-from support.leaks import LABEL, OWNER_PID_LABEL, assert_nothing_left
+from support.leaks import assert_nothing_left
+from support.pools import COLD, POOL_WAITER, WHO_RUNS, sandboxes_of, waiting_of
 from traitlets.config import Config
 
 from kernel_sandbox.cli.app import main
@@ -35,28 +36,9 @@ from kernel_sandbox.host.rundir import CLAIMED_BY
 from kernel_sandbox.host.sandboxes import Sandbox, claimed_by
 
 WAIT = 90.0  # seconds: a refill on a busy two-core machine
-# What the kernel process runs: the pool's waiter (claimed) or ipykernel_launcher (cold).
-WHO_RUNS = (
-    "import os\n"
-    "argv = open(f'/proc/{os.getpid()}/cmdline', 'rb').read().split(b'\\0')\n"
-    "print('RUNS', argv[2].decode())"
-)
-POOL_WAITER = "RUNS kernel_sandbox.inside.pool_waiter"
-COLD = "RUNS ipykernel_launcher"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def sandboxes_of(client: docker.DockerClient, pid: int) -> list[Sandbox]:
-    """The running sandbox containers process ``pid`` owns, as `kernel-sandbox ps` sees them."""
-    labels = [LABEL, f"{OWNER_PID_LABEL}={pid}"]
-    return [Sandbox.from_summary(s) for s in client.api.containers(filters={"label": labels})]
-
-
-def waiting_of(client: docker.DockerClient, pid: int, kernelspec: str) -> list[Sandbox]:
-    """Pooled sandboxes of ``pid`` and ``kernelspec`` that no kernel has claimed yet."""
-    return [s for s in sandboxes_of(client, pid) if s.waiting and s.kernelspec == kernelspec]
 
 
 def wait_for(condition, what: str, timeout: float = WAIT):  # type: ignore[no-untyped-def]
