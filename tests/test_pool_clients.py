@@ -118,25 +118,26 @@ def ps_line(capsys: pytest.CaptureFixture[str], container: str) -> str:
 
 
 def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
-    tmp_path, warm_pool, docker_client, capsys
+    tmp_path, warm_pool, docker_client, leak_check, capsys
 ):
-    me, config = os.getpid(), pool_config(1)
+    me, config = os.getpid(), pool_config(1)  # a trait, as in Jupyter config
+    spec = leak_check.spec(make_kernelspec(f"pool-ps-{uuid.uuid4().hex[:6]}"))
     work = tmp_path / "work"
     work.mkdir()
-    with sandbox_kernel(config=config, cwd=str(work)) as (first, first_kc):
+    with sandbox_kernel(spec, config=config, cwd=str(work)) as (first, first_kc):
         # the recipe's first start is cold; then its pool fills
         assert not first.provisioner.container_name.startswith("ks-pool-")
-        ready = wait_for(lambda: waiting_of(docker_client, me, "python3-sandbox"), "a refill")
+        ready = wait_for(lambda: waiting_of(docker_client, me, spec), "a refill")
         pooled = ready[0].container
         assert pooled.startswith("ks-pool-")
         row = ps_json(capsys)[pooled]
         assert row["pooled"] is True and row["kernel_id"] == ""
-        assert row["kernelspec"] == "python3-sandbox" and row["owner_pid"] == me
+        assert row["kernelspec"] == spec and row["owner_pid"] == me
         assert row["state"] == "running" and 0 < row["memory"] < row["memory_limit"]
         assert ps_line(capsys, pooled).split()[0] == "(pooled)"
         assert ps_json(capsys)[first.provisioner.container_name]["kernel_id"] == first.kernel_id
 
-        with sandbox_kernel(config=config, cwd=str(work)) as (second, kc):
+        with sandbox_kernel(spec, config=config, cwd=str(work)) as (second, kc):
             assert second.provisioner.container_name == pooled  # claimed
             assert run_cell(kc, "print(6 * 7)")["stdout"] == "42\n"
             row = ps_json(capsys)[pooled]
@@ -149,14 +150,12 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
             assert pooled not in ps_json(capsys)
 
         # a waiting one can be stopped by its container name; the pool starts another
-        refill = wait_for(lambda: waiting_of(docker_client, me, "python3-sandbox"), "a refill")
+        refill = wait_for(lambda: waiting_of(docker_client, me, spec), "a refill")
         name = refill[0].container
         assert main(["stop", name]) == 0
         assert "not claimed yet; container removed" in capsys.readouterr().err
         again = wait_for(
-            lambda: [
-                s for s in waiting_of(docker_client, me, "python3-sandbox") if s.container != name
-            ],
+            lambda: [s for s in waiting_of(docker_client, me, spec) if s.container != name],
             "the pool to replace a stopped sandbox",
         )
         assert again[0].container.startswith("ks-pool-")
@@ -270,8 +269,10 @@ def test_kernel_sandbox_run_with_a_pooled_kernelspec(tmp_path, docker_client, le
         cells = [
             new_code_cell(f"n = {index}\nassert 'seen' not in globals()\nseen = True"),
             new_code_cell(WHO_RUNS),
-            # long enough for the pool to refill while notebooks run
-            new_code_cell("import time\ntime.sleep(2)\nprint('done', n * n)"),
+            # the first wave (cold) runs long enough for the pool to fill behind it
+            new_code_cell(
+                f"import time\ntime.sleep({6 if index < 2 else 1})\nprint('done', n * n)"
+            ),
         ]
         nbformat.write(new_notebook(cells=cells), folder / f"nb{index}.ipynb")
     out = tmp_path / "out"
