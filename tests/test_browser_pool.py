@@ -10,12 +10,15 @@ starts filling then); the test takes either for the first start and asserts the 
 served from the pool. On the host a pooled container is named ``ks-pool-...``, labelled
 ``io.kernel-sandbox.pooled=true``, owned by the lab's pid, and names its kernel in the
 host-only ``<runtime_dir>/kernel-id``. When the lab ends, nothing of it is left, waiting
-pooled sandboxes included.
+pooled sandboxes included. `kernel-sandbox stop` of the claimed kernel ends it through the
+lab, which forgets it.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import requests
 from support.kernels import SANDBOX_UID_PATTERN
@@ -48,12 +51,18 @@ MARKER = "next-to-the-notebook"  # in marker.txt, next to the notebook
 INSERT_BELOW = ".jp-NotebookPanel-toolbar jp-button[data-command='notebook:insert-cell-below']"
 
 
-def the_kernel(url: str) -> str:
-    """The id of the lab's one kernel (REST)."""
+def kernels(url: str) -> list[str]:
+    """The ids of the lab's kernels (REST)."""
     base, token = url.split("?token=")
-    kernels = requests.get(f"{base}/api/kernels", params={"token": token}, timeout=10).json()
-    assert len(kernels) == 1, kernels
-    return str(kernels[0]["id"])
+    found = requests.get(f"{base}/api/kernels", params={"token": token}, timeout=10).json()
+    return [str(k["id"]) for k in found]
+
+
+def the_kernel(url: str) -> str:
+    """The id of the lab's one kernel."""
+    found = kernels(url)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_jupyterlab_new_notebook_and_restart_served_by_the_pool(
@@ -141,13 +150,23 @@ def test_jupyterlab_new_notebook_and_restart_served_by_the_pool(
                 ]  # the first container went at the restart
                 page.screenshot(path=str(ARTIFACTS / "jupyterlab-pool.png"), full_page=True)
 
-                # 6. shut down from the menu: the kernel's container goes
-                menu(page, "Kernel", "Shut Down Kernel")
-                wait_for(
-                    lambda: not of_kernel(docker_client, server.pid, kernel),
-                    "the container to go after shutdown",
+                # 6. `kernel-sandbox stop KERNEL_ID` ends the claimed kernel through the lab,
+                # which forgets it (no automatic restart) and says so in the notebook's status
+                stop = subprocess.run(
+                    [sys.executable, "-m", "kernel_sandbox.cli", "stop", "--direct", kernel],
+                    capture_output=True,
+                    text=True,
                     timeout=60,
                 )
+                assert stop.returncode == 0, stop.stderr
+                assert f"container {waiting}): shut down by its owner" in stop.stderr
+                wait_for(
+                    lambda: not of_kernel(docker_client, server.pid, kernel),
+                    "the container to go after the stop",
+                    timeout=60,
+                )
+                wait_for(lambda: kernels(url) == [], "the lab to forget the kernel", timeout=60)
+                expect(status(page)).not_to_have_attribute("data-status", "idle", timeout=WAIT)
             except BaseException:
                 page.screenshot(path=str(ARTIFACTS / "jupyterlab-pool-failure.png"))
                 raise

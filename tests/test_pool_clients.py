@@ -104,14 +104,14 @@ def test_claimed_by_reads_only_a_plain_short_id(tmp_path):
 def ps_json(capsys: pytest.CaptureFixture[str]) -> dict[str, dict]:
     """`kernel-sandbox ps --json`, by container name."""
     capsys.readouterr()
-    assert main(["ps", "--json"]) == 0
+    assert main(["ps", "--json", "--direct"]) == 0
     return {row["container"]: row for row in json.loads(capsys.readouterr().out)}
 
 
 def ps_line(capsys: pytest.CaptureFixture[str], container: str) -> str:
     """The line of `kernel-sandbox ps` (the table) that shows ``container``."""
     capsys.readouterr()
-    assert main(["ps"]) == 0
+    assert main(["ps", "--direct"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if container in line]
     assert len(lines) == 1, lines
     return lines[0]
@@ -144,7 +144,7 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
             assert row["pooled"] is True and row["kernel_id"] == second.kernel_id
             assert ps_line(capsys, pooled).split()[0] == second.kernel_id
             # stop by a prefix of the kernel id, as for any kernel: its owner shuts it down
-            assert main(["stop", second.kernel_id[:13]]) == 0
+            assert main(["stop", "--direct", second.kernel_id[:13]]) == 0
             assert "shut down by its owner" in capsys.readouterr().err
             wait_for(lambda: not second.is_alive(), "the claimed kernel to end", 30)
             assert pooled not in ps_json(capsys)
@@ -152,7 +152,7 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
         # a waiting one can be stopped by its container name; the pool starts another
         refill = wait_for(lambda: waiting_of(docker_client, me, spec), "a refill")
         name = refill[0].container
-        assert main(["stop", name]) == 0
+        assert main(["stop", "--direct", name]) == 0
         assert "not claimed yet; container removed" in capsys.readouterr().err
         again = wait_for(
             lambda: [s for s in waiting_of(docker_client, me, spec) if s.container != name],
