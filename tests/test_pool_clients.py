@@ -59,6 +59,15 @@ def warm_pool(leak_check) -> Iterator[WarmPool]:  # type: ignore[no-untyped-def]
     pool.close()
 
 
+def ready_of(pool: WarmPool, client: docker.DockerClient, kernelspec: str) -> list[Sandbox]:
+    """Waiting pooled sandboxes of this process that its pool can hand out now. A pooled
+    container shows in the engine (and `ps`) from its start, before its waiter is ready: a
+    start in between is cold."""
+    with pool._lock:
+        names = {s.container_name for p in pool._pools.values() for s in p.ready}
+    return [s for s in waiting_of(client, os.getpid(), kernelspec) if s.container in names]
+
+
 def pool_config(size: int = 1) -> Config:
     config = Config()
     config.DockerSandboxProvisioner.pool_size = size
@@ -127,7 +136,7 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
     with sandbox_kernel(spec, config=config, cwd=str(work)) as (first, first_kc):
         # the recipe's first start is cold; then its pool fills
         assert not first.provisioner.container_name.startswith("ks-pool-")
-        ready = wait_for(lambda: waiting_of(docker_client, me, spec), "a refill")
+        ready = wait_for(lambda: ready_of(warm_pool, docker_client, spec), "a refill")
         pooled = ready[0].container
         assert pooled.startswith("ks-pool-")
         row = ps_json(capsys)[pooled]
@@ -150,7 +159,7 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
             assert pooled not in ps_json(capsys)
 
         # a waiting one can be stopped by its container name; the pool starts another
-        refill = wait_for(lambda: waiting_of(docker_client, me, spec), "a refill")
+        refill = wait_for(lambda: ready_of(warm_pool, docker_client, spec), "a refill")
         name = refill[0].container
         assert main(["stop", "--direct", name]) == 0
         assert "not claimed yet; container removed" in capsys.readouterr().err
@@ -200,7 +209,7 @@ def test_nbclient_twice_in_one_process_the_second_from_the_pool(
     names, text = execute(pooled_notebook(), kernel, folder)
     assert len(set(names)) == 1 and not names[0].startswith("ks-pool-")  # cold: a new recipe
     assert COLD in text and "42 next-to-the-notebook" in text
-    ready = wait_for(lambda: waiting_of(docker_client, os.getpid(), kernel), "a refill")
+    ready = wait_for(lambda: ready_of(warm_pool, docker_client, kernel), "a refill")
 
     names, text = execute(pooled_notebook(), kernel, folder)
     assert set(names) == {ready[0].container}  # the one that waited
