@@ -317,3 +317,28 @@ def test_kernel_sandbox_run_with_a_pooled_kernelspec(tmp_path, docker_client, le
     assert len({s.kernel_id for s in claimed}) == len(claimed)
     # the run's end removed everything, waiting pooled sandboxes included
     assert_nothing_left(proc.pid, "kernel-sandbox run", docker_client)
+
+
+# -- jupyter execute: a process that exits while its pool refills ----------------------------
+
+
+def test_jupyter_execute_exits_during_a_refill_quietly_and_leaves_nothing(
+    tmp_path, docker_client, leak_check
+):
+    """One notebook per process: the start is cold and fills a pool the process never uses;
+    it exits while a pooled sandbox is being made. That refill stops (the interpreter's
+    executors refuse new work) and cleans up: no warning about a failed start, nothing left."""
+    kernel = leak_check.spec(make_kernelspec(f"pool-ex-{uuid.uuid4().hex[:6]}", {"pool_size": 2}))
+    nbformat.write(new_notebook(cells=[new_code_cell("print(6 * 7)")]), tmp_path / "one.ipynb")
+    for _ in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter", "execute", "--kernel_name", kernel, "one.ipynb"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr
+        assert "cannot start a pooled sandbox" not in stderr, stderr
+        assert_nothing_left(proc.pid, "jupyter execute", docker_client)
