@@ -78,7 +78,7 @@ async def cmd_ps(args: argparse.Namespace, backend: DockerBackend) -> int:
         table.add_column(column, no_wrap=True)
     for s in sandboxes:
         row = [
-            s.kernel_id or "?",
+            "(pooled)" if s.waiting else s.kernel_id or "?",
             s.kernelspec,
             s.profile,
             _duration(s.uptime),
@@ -135,7 +135,8 @@ def add_ps_command(commands: Any) -> None:
         help="list live sandboxed kernels",
         description="List the running sandboxed kernels on this engine, found by their "
         "container labels: kernel id, kernelspec, profile, uptime, memory in use (of the "
-        "limit), owning process and container. Through the sandbox service: your own "
+        "limit), owning process and container. A warm pool's sandbox waiting for a claim "
+        "shows '(pooled)' as its kernel id. Through the sandbox service: your own "
         "kernels only (an operator's: everyone's, OWNER says whose).",
     )
     ps.add_argument("--all", action="store_true", help="include containers that have ended")
