@@ -160,10 +160,10 @@ def test_read_only_workspace_and_profile_env(jupyter_path, leak_check, tmp_path)
     )
     with sandbox_kernel(name, cwd=str(notebooks)) as (_km, kc):
         inside = facts(kc)
-    # a notebook folder under /tmp (a path the image needs) appears at /workspace
-    assert inside["cwd"] == workspace_target(str(notebooks)) == "/workspace"
+    # a notebook folder under /tmp keeps its path (mounted in the sandbox's own /tmp)
+    assert inside["cwd"] == workspace_target(str(notebooks)) == str(notebooks)
     assert inside["notes"] == "course notes"
-    assert inside["write_here"] == "EROFS" and inside["modes"]["/workspace"] == "ro"
+    assert inside["write_here"] == "EROFS" and inside["modes"][str(notebooks)] == "ro"
     assert not (notebooks / "from-kernel.txt").exists()
     assert int(inside["memory"]) == 2 * 1024**3  # the ci profile's limit
     assert inside["env"]["PYTHONHASHSEED"] == "0" and inside["env"]["TZ"] == "UTC"
@@ -183,6 +183,7 @@ def test_no_workspace_under_gvisor(jupyter_path, leak_check, docker_client, tmp_
         attrs = docker_client.api.inspect_container(km.provisioner.container_id)
     assert inside["cwd"] == "/home/sandbox" and "notes.txt" not in inside["listing"]
     assert inside["notes"] is None and "/workspace" not in inside["modes"]
+    assert str(notebooks) not in inside["modes"]
     assert attrs["HostConfig"]["Runtime"] == "runsc"
     assert inside["proc_version"] != Path("/proc/version").read_text().strip()
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_OK, progress
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, done, progress
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.image.build import (
     DEFAULT_BASE,
@@ -22,7 +22,7 @@ __all__ = ["add_image_command"]
 
 
 async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> int:
-    await build_base_image(
+    built = await build_base_image(
         backend,
         tag=args.tag,
         suite=args.suite,
@@ -30,15 +30,19 @@ async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> in
         force=args.force,
         progress=progress("base"),
     )
+    done(f"built {args.tag}" if built else f"{args.tag} already exists")
     return EXIT_OK
 
 
 async def cmd_image_build(args: argparse.Namespace, backend: DockerBackend) -> int:
+    if args.binder is not None and not Path(args.binder).is_dir():
+        what = "is not a folder" if Path(args.binder).exists() else "does not exist"
+        raise UsageError(f"--binder {args.binder} {what}: give the environment folder")
     if args.minimal:
         tag, binder = args.tag or MINIMAL_IMAGE, minimal_binder_dir()
     else:
         tag, binder = args.tag or DEFAULT_IMAGE, args.binder
-    await build_kernel_image(
+    built = await build_kernel_image(
         backend,
         base=args.base,
         tag=tag,
@@ -47,6 +51,7 @@ async def cmd_image_build(args: argparse.Namespace, backend: DockerBackend) -> i
         progress=progress("build"),
         mirror=args.mirror,
     )
+    done(f"built {tag}" if built else f"{tag} is up to date")
     return EXIT_OK
 
 

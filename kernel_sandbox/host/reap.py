@@ -83,6 +83,10 @@ async def sweep(backend: DockerBackend, runtime_root: str, dry_run: bool = False
     root = Path(runtime_root)
     now = time.time()
     for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.is_symlink():  # a pooled kernel's handle (RuntimeDir.make_handle)
+            if not path.exists() and not dry_run:
+                path.unlink(missing_ok=True)  # its directory is gone
+            continue
         if str(path) in referenced or str(path) in report.runtime_dirs or not path.is_dir():
             continue
         owner = Owner.load(path)

@@ -34,13 +34,14 @@ from kernel_sandbox.host.logtext import LogLimits, clip
 from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.relay import IopubRelay, RelayLimits
-from kernel_sandbox.host.rundir import DEFAULT_SIZE, RuntimeDir
+from kernel_sandbox.host.rundir import CLAIMED_BY, DEFAULT_SIZE, RuntimeDir
 from kernel_sandbox.host.uids import UidClaim, UidPool
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, HOST_SOCKETS_MOUNT
 
 if TYPE_CHECKING:
     from kernel_sandbox.broker.server import DataBroker
     from kernel_sandbox.broker.tokens import TokenRecord
+    from kernel_sandbox.host.pool import PooledSandbox
     from kernel_sandbox.policy.model import Dataset, SandboxPolicy
 
 __all__ = ["KernelResources"]
@@ -139,8 +140,49 @@ class KernelResources:
         self._own()
         return created
 
+    def take_pooled(self, sandbox: PooledSandbox) -> bool:
+        """Make a claimed pooled sandbox this kernel's: its runtime directory (behind the
+        kernel's handle), lifeline, container and uid. On a restart the previous sandbox's
+        directory, lifeline, uid and IOPub relay go (its container went at the restart's
+        cleanup); the handle moves, so clients keep their paths.
+
+        Returns:
+            True when the kernel needs new connection info (its first start).
+        """
+        old, new = self.runtime_dir, sandbox.runtime_dir
+        first = old is None or old.handle is None or not old.exists()
+        if first:
+            new.make_handle()
+        else:
+            assert old is not None and old.handle is not None
+            new.take_handle(old.handle)
+            if self.relay is not None:  # bound in the old directory; started again there
+                self.relay.close()
+                self.relay = None
+            if self._lifeline is not None:
+                self._lifeline.close()
+            removal = old.remove()
+            if not removal.complete:
+                self.log.warning(
+                    "kernel %s: previous runtime directory not removed completely: %s",
+                    self.kernel_id,
+                    clip(removal),
+                )
+            self._release_uid()
+        self.runtime_dir = new
+        self._lifeline = sandbox.lifeline
+        self.container_id, self.container_name = sandbox.container_id, sandbox.container_name
+        self.uid_claim = sandbox.uid_claim
+        (new.path / CLAIMED_BY).write_text(self.kernel_id)  # for `kernel-sandbox ps`
+        self.exits.add(self)
+        return first
+
     def adopt(
-        self, container_id: str | None, container_name: str | None, runtime_dir: str | None
+        self,
+        container_id: str | None,
+        container_name: str | None,
+        runtime_dir: str | None,
+        handle: str | None = None,
     ) -> bool:
         """Take over a sandbox a previous owner left running (a restarted Jupyter Server).
 
@@ -148,7 +190,7 @@ class KernelResources:
             True when its runtime directory is still there (and now served by this process).
         """
         self.container_id, self.container_name = container_id, container_name
-        self.runtime_dir = RuntimeDir(runtime_dir) if runtime_dir else None
+        self.runtime_dir = RuntimeDir(runtime_dir, handle=handle) if runtime_dir else None
         present = self.runtime_dir is not None and self.runtime_dir.exists()
         if container_id is not None or present:
             self.exits.add(self)

@@ -61,6 +61,8 @@ CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 MAX_SOCKET_PATH = 107
 KERNEL_AREA = "t"  # <id>/t: the tmpfs (or plain directory) holding s/ and the client links
 CLIENT_PREFIX = "c"  # client links are t/c-<port>
+CLAIMED_BY = "kernel-id"  # <id>/kernel-id: which kernel claimed a pooled sandbox (host only)
+HANDLE_PREFIX = "k-"  # <root>/k-<random>: a pooled kernel's link to its current t/ (make_handle)
 RELAY_PREFIX = "r"  # a host-side relay's own socket is t/r-<port> (kernel_sandbox.host.relay)
 DEFAULT_SIZE = 4 * 1024**2
 
@@ -113,9 +115,14 @@ class RuntimeDir:
         capped: whether ``t/`` is a tmpfs of its own (False: a plain directory, or unknown).
     """
 
-    def __init__(self, path: str | os.PathLike[str], capped: bool = False):
+    def __init__(
+        self, path: str | os.PathLike[str], capped: bool = False, handle: str | None = None
+    ):
         self.path = Path(path)
         self.capped = capped
+        # A kernel of a warm pool reaches its current sandbox through a handle (see
+        # :meth:`make_handle`): a restart claims another sandbox, in another directory.
+        self.handle = Path(handle) if handle else None
 
     @classmethod
     def create(
@@ -204,8 +211,45 @@ class RuntimeDir:
     @property
     def client_prefix(self) -> str:
         """The ``ip`` of the connection info clients get (``t/c``): links in a host-only
-        directory."""
+        directory (reached through the handle, when there is one)."""
+        if self.handle is not None:
+            return f"{self.handle}/{CLIENT_PREFIX}"
         return str(self.area / CLIENT_PREFIX)
+
+    # -- the handle of a pooled kernel ----------------------------------------------------------
+
+    def make_handle(self) -> None:
+        """Give this directory a handle: ``<root>/k-<random>``, a symbolic link to ``t/``
+        that only this process writes (in the host-only root). Connection info names the
+        handle, so clients keep their paths when a restart moves the kernel to another
+        sandbox's directory (:meth:`take_handle`)."""
+        self.handle = self.path.parent / f"{HANDLE_PREFIX}{secrets.token_hex(4)}"
+        self._point(self.handle)
+
+    def take_handle(self, handle: Path) -> None:
+        """Point ``handle`` (another directory's) at this one's ``t/``, atomically."""
+        self._point(handle)
+        self.handle = handle
+
+    def _point(self, handle: Path) -> None:
+        staging = handle.parent / f".{handle.name}.{secrets.token_hex(4)}"
+        os.symlink(self.area, staging)
+        try:
+            os.rename(staging, handle)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+
+    def remove_handle(self) -> None:
+        """Remove the handle if it still points here (never raises)."""
+        handle = self.handle
+        if handle is None:
+            return
+        try:
+            if os.readlink(handle) == str(self.area):
+                handle.unlink()
+        except OSError:
+            pass
 
     def kernel_socket(self, port: int) -> Path:
         return Path(f"{self.socket_prefix}-{port}")
@@ -354,6 +398,7 @@ class RuntimeDir:
                 tmpfs.unmount(point)
             except OSError as exc:
                 failures.append((str(point), exc))
+        self.remove_handle()
         result = remove_tree(self.path)
         for where, error in failures:
             result.left(where, error)

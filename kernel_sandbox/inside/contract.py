@@ -8,6 +8,7 @@ before: rebuild the image (``kernel-sandbox image build``) after changing one.
 from __future__ import annotations
 
 __all__ = [
+    "CLAIM_SOCKET",
     "CONNECTION_FILE",
     "DATA_SOCKET",
     "DATA_TOKEN",
@@ -24,12 +25,14 @@ __all__ = [
     "LABEL_PREFIX",
     "LIFELINE",
     "NETWORK_ENV",
+    "POOL_WAITER_MODULE",
     "RUNTIME_MOUNT",
     "SANDBOX_HOME",
     "SHARED_SUBDIR",
     "SOCKET_PREFIX",
     "WATCHDOG_MODULE",
     "WORKSPACE_FALLBACK",
+    "WORKSPACE_NOTE_ENV",
     "label",
 ]
 
@@ -55,14 +58,19 @@ DATA_TOKEN = "data-token"  # the kernel's data token (a file)
 EGRESS_SOCKET = "egress"  # the kernel's egress proxy
 EGRESS_NOTICE_SOCKET = "egress-notices"  # denial notices, read by the kernel's extension
 EGRESS_CONTROL_SOCKET = "egress-control"  # approvals (host side only, never mounted)
+CLAIM_SOCKET = "claim"  # a pooled sandbox waits here for its claim (kernel_sandbox.host.pool)
 
 # -- in-container entry points the host starts (python -m MODULE ...) ---------------------------
 WATCHDOG_MODULE = "kernel_sandbox.inside.watchdog"
 EGRESS_BRIDGE_MODULE = "kernel_sandbox.inside.egress_bridge"  # also an IPython extension
+POOL_WAITER_MODULE = "kernel_sandbox.inside.pool_waiter"  # a warm pool's sandboxes
 HINTS_MODULE = "kernel_sandbox.inside.hints"  # an IPython extension (images built since issue 13)
 
 # -- environment the host sets for the kernel ---------------------------------------------------
 NETWORK_ENV = "KERNEL_SANDBOX_NETWORK"  # the policy's network mode, for the hints extension
+# Set only when the workspace could not keep its host path: the line the hints extension shows
+# in the first cell run (images built before it ignore it).
+WORKSPACE_NOTE_ENV = "KERNEL_SANDBOX_WORKSPACE_NOTE"
 
 # -- labels on containers and images ----------------------------------------------------------
 LABEL_PREFIX = "io.kernel-sandbox."

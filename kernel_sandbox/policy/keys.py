@@ -37,6 +37,7 @@ from kernel_sandbox.policy.values import (
     parse_idle_timeout,
     parse_image,
     parse_names,
+    parse_pool_size,
     parse_positive,
     parse_runtime,
     parse_seccomp,
@@ -360,9 +361,29 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         DEFAULT_TOKEN_TTL,
         "Lifetime of a kernel's data token: seconds, or e.g. '15m', '8h'.",
     ),
+    PolicyKey(
+        "pool_size",
+        int,
+        parse_pool_size,
+        0,
+        "Sandboxes kept started ahead of time for kernels of this policy (a warm pool, "
+        "docs/pool.md); 0 turns the pool off.",
+        flag=Flag("--pool-size", "N", "keep N sandboxes started ahead (a warm pool; 0 off)"),
+    ),
+    PolicyKey(
+        "pool_max_idle",
+        int,
+        lambda value: parse_duration("pool_max_idle", value),
+        1800,
+        "How long a pooled sandbox may wait for a kernel start, and a pool nobody claims "
+        "from is kept filled: seconds, or e.g. '30m'.",
+        flag=Flag("--pool-max-idle", "SECONDS", "how long pooled sandboxes wait unclaimed"),
+    ),
 )
 
 KEYS: dict[str, PolicyKey] = {key.name: key for key in POLICY_KEYS}
+# Keys that shape no container (a warm pool's own settings): not part of a pool's recipe.
+POOL_KEYS = ("pool_size", "pool_max_idle")
 # Keys an operator may cap (``runtime`` is pinned rather than capped).
 CEILING_KEYS = tuple(key.name for key in POLICY_KEYS if key.ceiling is not None)
 # Keys whose mapping is merged name by name across layers instead of replaced.

@@ -61,6 +61,8 @@ class SandboxPolicy:
     user: str | None = _strict("user")
     datasets: tuple[Dataset, ...] = _strict("datasets")
     token_ttl: int = _strict("token_ttl")
+    pool_size: int = _strict("pool_size")
+    pool_max_idle: int = _strict("pool_max_idle")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

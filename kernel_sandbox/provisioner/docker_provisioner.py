@@ -22,8 +22,10 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from kernel_sandbox.egress.service import is_ipython_kernel
 from kernel_sandbox.engine.backend import ContainerRequest
 from kernel_sandbox.engine.backend import start_error as container_start_error
+from kernel_sandbox.engine.container import workspace_note
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.notices import DELIVERY, Notice, memory_notice, publish, stopped_notice
+from kernel_sandbox.host.pool import PooledSandbox, PoolRecipe, process_pool
 from kernel_sandbox.host.resources import KernelResources
 from kernel_sandbox.host.rundir import (
     RuntimeDir,
@@ -53,6 +55,7 @@ from kernel_sandbox.provisioner.container import (
     with_watchdog,
 )
 from kernel_sandbox.provisioner.identity import Identity, decide_identity
+from kernel_sandbox.provisioner.pooling import pool_recipe, why_not_pooled
 from kernel_sandbox.provisioner.settings import ProvisionerSettings
 from kernel_sandbox.provisioner.via_service import ServiceKernel
 from kernel_sandbox.service.client import choose_service
@@ -104,6 +107,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         # Set by the sandbox service for its caller's kernels (kernel_sandbox.service):
         self.client_owner: tuple[int, int] | None = None  # who connects (uid, gid)
         self.staged_workspace: tuple[str, str] | None = None  # (bind source, path inside)
+        self._pooled: PooledSandbox | None = None  # claimed in pre_launch, started by launch
+        self._pool_reason: str | None = None  # why starts are not served by a pool (logged once)
 
     @property
     def via_service(self) -> ServiceKernel | None:
@@ -221,8 +226,15 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
         size = self.runtime_dir_bytes()
         resources = self.resources
+        recipe = await self._pool_recipe(identity)
+        pooled = process_pool().claim(recipe) if recipe is not None else None
         try:
-            if identity.pooled:  # the same uid across restarts (the runtime dir is its)
+            if pooled is not None:
+                if identity.pooled:  # the pooled sandbox's own uid from the range
+                    identity = identity.with_uid(pooled.uid)
+                created = resources.take_pooled(pooled)
+                self._pooled = pooled
+            elif identity.pooled:  # the same uid across restarts (the runtime dir is its)
                 pool = UidPool(UidRange.parse(self.uid_range), self.uid_claims)
                 identity = identity.with_uid(await asyncio.to_thread(resources.claim_uid, pool))
             if not self._launched:
@@ -236,7 +248,12 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             self._user = identity.user
             owner = (identity.uid, identity.gid)
             reachable = self.client_owner is not None
-            if resources.open_runtime_dir(self.runtime_root, owner, size, reachable):
+            if pooled is None:
+                created = resources.open_runtime_dir(self.runtime_root, owner, size, reachable)
+                assert resources.runtime_dir is not None
+                if created and recipe is not None:  # so that restarts can claim (pooling.py)
+                    resources.runtime_dir.make_handle()
+            if created:
                 assert resources.runtime_dir is not None
                 key = uuid.uuid4().hex.encode()
                 info = ipc_connection_info(self._client_prefix(owner[0]), key, self._spec_name)
@@ -251,9 +268,10 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                     "kernel %s: data token %s for %s", self.kernel_id, record.token_id, names
                 )
             kwargs["cmd"], egress_env = await self._container_command(
-                resources, list(extra_arguments), owner
+                resources, list(extra_arguments), owner, pooled=pooled is not None
             )
         except BaseException:
+            self._pooled = None
             await resources.aclose(restart=self._launched)
             raise
         allowed = (*self.env_allowlist, *policy.env_passthrough)
@@ -328,10 +346,15 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         return runtime_dir.socket_prefix
 
     async def _container_command(
-        self, resources: KernelResources, extra_arguments: list[str], owner: tuple[int, int]
+        self,
+        resources: KernelResources,
+        extra_arguments: list[str],
+        owner: tuple[int, int],
+        pooled: bool = False,
     ) -> tuple[list[str], dict[str, str]]:
         """The container's command (the kernel under the watchdog, behind the egress bridge)
-        and the variables the egress bridge adds."""
+        and the variables the egress bridge adds; ``pooled``: the kernel's own argv, which a
+        pooled sandbox's waiter runs (already under the watchdog, never with egress)."""
         runtime_dir = resources.runtime_dir
         assert runtime_dir is not None
         runtime_dir.clear_sockets(self.connection_info)
@@ -355,6 +378,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             )
             kernel_args += egress.kernel_arguments(argv)
         argv = argv + extra_arguments + kernel_args
+        if pooled:
+            return argv, {}
         if self.orphan_timeout > 0 and await self._image_built_by_us():
             argv = with_watchdog(argv, self.orphan_timeout)
         if egress is None:
@@ -391,13 +416,10 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             return await self.via_service.launch_kernel(cmd, kwargs)
         resources = self.resources
         assert resources.runtime_dir is not None
+        if self._pooled is not None:
+            return await self._launch_pooled(cmd, kwargs)
         policy = self.policy
-        workspace = resolve_workspace(self.cwd) if policy.workspace != "none" else None
-        workspace_path = None
-        if self.client_owner is not None:  # the service's caller: only a folder it sent
-            workspace = None
-            if policy.workspace != "none" and self.staged_workspace is not None:
-                workspace, workspace_path = self.staged_workspace
+        workspace, workspace_path = self._workspace_mount()
         if policy.workspace != "none" and workspace is None and self.client_owner is None:
             self.log.warning(
                 "kernel %s: not mounting %s as the workspace (a host path no sandbox may see); "
@@ -406,6 +428,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 self.cwd,
                 SANDBOX_HOME,
             )
+        self._log_workspace_note(workspace, workspace_path)
         name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
         profile = self._spec_config.get("profile") or self.profile
         labels = container_labels(
@@ -431,22 +454,75 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             resources.container_id = await self.backend.start(request)
             resources.container_name = name
             await resources.wait_egress_ready()
-            await self._wait_until_listening(int(kwargs["user"].split(":")[0]))
-            self._link_client_sockets(int(kwargs["user"].split(":")[0]))
-            await resources.wait_relay(RELAY_ATTACH_TIMEOUT)
+            await self._until_ready(int(kwargs["user"].split(":")[0]))
         except BaseException:
             await resources.aclose(restart=self._launched)
             raise
+        return self._launched_in(started)
+
+    async def _launch_pooled(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
+        """Hand the claimed sandbox its argv and environment; its waiter becomes the kernel
+        (the connection file was written by pre_launch)."""
+        pooled, self._pooled = self._pooled, None
+        assert pooled is not None
+        self._log_workspace_note(*self._workspace_mount())
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(pooled.send_claim, cmd[3:], dict(kwargs.get("env", {})))
+            await self._until_ready(pooled.uid)
+        except BaseException:
+            await self.resources.aclose(restart=self._launched)
+            raise
+        self.log.debug("kernel %s: claimed sandbox %s", self.kernel_id, pooled.container_name)
+        return self._launched_in(started)
+
+    async def _until_ready(self, kernel_uid: int) -> None:
+        """Wait for the kernel's sockets, give clients theirs, wait for the IOPub relay."""
+        await self._wait_until_listening(kernel_uid)
+        self._link_client_sockets(kernel_uid)
+        await self.resources.wait_relay(RELAY_ATTACH_TIMEOUT)
+
+    def _launched_in(self, started: float) -> KernelConnectionInfo:
         self._launched = True
         self._end_reason = self.notice = None
         self._watch()
         self.log.debug(
             "kernel %s: container %s ready in %.2fs",
             self.kernel_id,
-            name,
+            self.container_name,
             time.monotonic() - started,
         )
         return self.connection_info
+
+    def _log_workspace_note(self, workspace: str | None, workspace_path: str | None) -> None:
+        """Say where the workspace appears when it cannot keep its host path (the notebook
+        shows it too: inside/hints.py)."""
+        moved = workspace_note(workspace_path or workspace) if workspace else None
+        if moved and self.policy.workspace != "none":
+            self.log.info("kernel %s: %s", self.kernel_id, moved.removeprefix("kernel-sandbox: "))
+
+    def _workspace_mount(self) -> tuple[str | None, str | None]:
+        """(host folder, path inside or None for its own) of the workspace mount, if any."""
+        policy = self.policy
+        if policy.workspace == "none":
+            return None, None
+        if self.client_owner is not None:  # the service's caller: only a folder it sent
+            return self.staged_workspace or (None, None)
+        return resolve_workspace(self.cwd), None
+
+    async def _pool_recipe(self, identity: Identity) -> PoolRecipe | None:
+        """The recipe of this start's sandbox when a warm pool may serve it, else None (the
+        reason is logged once)."""
+        reason = why_not_pooled(self, await self._image_built_by_us())
+        if reason is None and not hardlinks_allowed(identity.uid if not identity.pooled else 0):
+            reason = "clients cannot be given links to the kernel's sockets"
+        if reason is not None:
+            if self.policy.pool_size > 0 and reason != self._pool_reason:
+                self.log.info("kernel %s: starts cold: %s", self.kernel_id, reason)
+            self._pool_reason = reason
+            return None
+        workspace, workspace_path = self._workspace_mount()
+        return pool_recipe(self, identity, workspace, workspace_path)
 
     async def _wait_until_listening(self, kernel_uid: int | None = None) -> None:
         runtime_dir, container_id = self.runtime_dir, self.container_id
@@ -684,6 +760,11 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 "container_id": self.container_id,
                 "container_name": self.container_name,
                 "runtime_dir": str(self.runtime_dir.path) if self.runtime_dir else None,
+                "runtime_handle": (
+                    str(self.runtime_dir.handle)
+                    if self.runtime_dir and self.runtime_dir.handle
+                    else None
+                ),
                 "cwd": self.cwd,
                 "user": self._user,
                 "uid_claimed": bool(self._resources and self._resources.uid_claim),
@@ -712,6 +793,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             provisioner_info.get("container_id"),
             provisioner_info.get("container_name"),
             provisioner_info.get("runtime_dir"),
+            provisioner_info.get("runtime_handle"),
         )
         if not present:
             return
