@@ -234,10 +234,12 @@ def iopub_of(kc, code: str, timeout: float = 120) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.integration
-def test_the_default_image_has_the_analyst_stack(kernel_image: str, leak_check) -> None:
+@pytest.mark.parametrize("profile", ["strict", "untrusted"])  # runc, and gVisor (runsc)
+def test_the_default_image_has_the_analyst_stack(kernel_image: str, profile: str, leak_check):
     """An analyst's first cells: a DataFrame to and from CSV and Parquet, an inline plot and a
-    widget, in the default kernelspec's strict sandbox (no network, read-only root)."""
-    name = make_kernelspec("analyst-stack", {"image": ANALYST_IMAGE})
+    widget, in the default sandbox (no network, read-only root) and under gVisor, where
+    agents' code runs."""
+    name = make_kernelspec(f"analyst-stack-{profile}", {"profile": profile, "image": ANALYST_IMAGE})
     leak_check.spec(name)
     with sandbox_kernel(name) as (_, kc):
         # start-up pays for none of it: nothing of the stack is imported until a cell does
