@@ -856,3 +856,12 @@ def test_egress_hosts_that_cannot_be_taken(pasted, message):
     with pytest.raises(PolicyError) as info:
         SandboxPolicy.from_mapping({"network": "allowlist", "egress": [pasted]})
     assert str(info.value).startswith("egress: ") and message in str(info.value)
+
+
+def test_thread_pools_follow_cpu_limit_unless_set():
+    from kernel_sandbox.provisioner.container import container_env
+
+    assert container_env({}, (), {}, {}, 2.5)["OMP_NUM_THREADS"] == "2"
+    assert container_env({}, (), {}, {}, 0.5)["OPENBLAS_NUM_THREADS"] == "1"
+    assert container_env({}, (), {}, {"OMP_NUM_THREADS": "4"}, 1.0)["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in container_env({}, (), {}, {})

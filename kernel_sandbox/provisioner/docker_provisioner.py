@@ -275,7 +275,9 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             await resources.aclose(restart=self._launched)
             raise
         allowed = (*self.env_allowlist, *policy.env_passthrough)
-        env = container_env(host_env, allowed, self.kernel_spec.env or {}, policy.env)
+        env = container_env(
+            host_env, allowed, self.kernel_spec.env or {}, policy.env, policy.cpu_limit
+        )
         kwargs["env"] = {**env, **egress_env, NETWORK_ENV: policy.network}
         kwargs["user"] = identity.user
         return kwargs
