@@ -16,7 +16,7 @@ import argparse
 import json
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_OK, err
+from kernel_sandbox.cli.console import EXIT_OK, done
 from kernel_sandbox.egress.control import EgressControl
 from kernel_sandbox.engine.backend import DockerBackend
 
@@ -30,7 +30,7 @@ async def cmd_list(args: argparse.Namespace, backend: DockerBackend) -> int:
         print(json.dumps(found))
         return EXIT_OK
     if not found:
-        err.print("no running kernel has egress secrets")
+        done("no running kernel has egress secrets")
         return EXIT_OK
     print(f"{'KERNEL':<38} {'HOST':<32} {'SOURCE':<32} {'APPLY':<20} {'STATE':<8} {'SENT':>5}")
     for kernel_id, rows in found.items():
@@ -48,10 +48,9 @@ async def cmd_change(args: argparse.Namespace, backend: DockerBackend) -> int:
     op = control.revoke_secret if args.secrets_command == "revoke" else control.rotate_secret
     changed = op(args.kernel_id, args.host)
     verb = "withdrew" if args.secrets_command == "revoke" else "re-read"
-    err.print(
+    done(
         f"{verb} the secret for {', '.join(changed)} in kernel {args.kernel_id}; "
-        "its next request there sees the change",
-        markup=False,
+        "its next request there sees the change"
     )
     return EXIT_OK
 

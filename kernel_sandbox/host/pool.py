@@ -31,6 +31,7 @@ import os
 import secrets
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -310,6 +311,9 @@ class WarmPool:
             try:
                 sandbox = self._create(recipe, pool.image_id)
             except Exception as exc:
+                if self._closed or _exiting():  # its executors refuse work: not a failure
+                    log.debug("kernel-sandbox pool: refill stopped by the exit: %s", clip(exc))
+                    return
                 pool.retry_at = time.monotonic() + FAILURE_BACKOFF
                 log.warning(
                     "kernel-sandbox pool: cannot start a pooled sandbox (%s); kernels start "
@@ -441,6 +445,12 @@ class WarmPool:
             listener,
             conn,
         )
+
+
+def _exiting() -> bool:
+    """Whether the interpreter is exiting: a refill under way then fails (its event loop's
+    executor refuses new work) and cleans up after itself, which is no failure to report."""
+    return sys.is_finalizing() or not threading.main_thread().is_alive()
 
 
 def _listen(runtime_dir: RuntimeDir) -> socket.socket:

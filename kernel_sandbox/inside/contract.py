@@ -33,6 +33,7 @@ __all__ = [
     "SOCKET_PREFIX",
     "WATCHDOG_MODULE",
     "WORKSPACE_FALLBACK",
+    "WORKSPACE_NOTE_ENV",
     "label",
 ]
 
@@ -69,6 +70,9 @@ HINTS_MODULE = "kernel_sandbox.inside.hints"  # an IPython extension (images bui
 
 # -- environment the host sets for the kernel ---------------------------------------------------
 NETWORK_ENV = "KERNEL_SANDBOX_NETWORK"  # the policy's network mode, for the hints extension
+# Set only when the workspace could not keep its host path: the line the hints extension shows
+# in the first cell run (images built before it ignore it).
+WORKSPACE_NOTE_ENV = "KERNEL_SANDBOX_WORKSPACE_NOTE"
 
 # -- labels on containers and images ----------------------------------------------------------
 LABEL_PREFIX = "io.kernel-sandbox."

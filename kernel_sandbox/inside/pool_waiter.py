@@ -39,6 +39,17 @@ WARM_IMPORTS = {
         "IPython.core.history",
         "jupyter_client.session",
         "kernel_sandbox.inside.hints",
+        # imported while the kernel app initializes (measured with the default image)
+        "ipykernel.debugger",
+        "IPython.extensions",
+        "sqlite3",
+        "pdb",
+        "psutil",
+        "faulthandler",
+        "unicodedata",
+        "tornado.gen",
+        "tornado.locks",
+        "tornado.queues",
     ),
 }
 

@@ -67,7 +67,7 @@ def pool_recipe(
     python, module = kernel_module(list(spec.argv)) or ("python", "ipykernel_launcher")
     # Only what every start of this kernelspec shares: the session's variables (allowlisted
     # from the server's environment) come with the claim.
-    env = container_env({}, (), spec.env or {}, policy.env)
+    env = container_env({}, (), spec.env or {}, policy.env, policy.cpu_limit)
     env[NETWORK_ENV] = policy.network
     uid_pool = None
     if identity.pooled:
