@@ -255,6 +255,8 @@ NO_QUIET_OUTCOME = {
     ("image", "base"): "builds on the engine (tests/test_image.py)",
     ("stop",): "needs a running sandbox (tests/test_cli.py, ps and stop)",
     ("run",): "runs kernels (tests/test_run.py)",
+    ("egress", "secrets", "revoke"): "needs a kernel with egress_secrets (test_egress_secrets.py)",
+    ("egress", "secrets", "rotate"): "needs a kernel with egress_secrets (test_egress_secrets.py)",
 }
 
 
@@ -322,6 +324,7 @@ def outcomes(
             {0},
             "denied 0 waiting request(s) to x.test:80",
         ),
+        ("egress", "secrets", "list"): (root, {0}, "no running kernel has egress secrets"),
         ("lockdown",): (["status"], {0, 1}, "lockdown is"),
     }
 
