@@ -473,7 +473,16 @@ def test_revoke_and_rotate_take_effect_on_the_next_request(tmp_path, targets, ca
         assert seen_headers(targets)["authorization"] == "Bearer sk-rotated-0000000000"
         assert (
             cli_main(
-                ["egress", "secrets", "revoke", "kernel-one", "api.test", "--runtime-root", root]
+                # a URL as pasted from a notebook names the host too
+                [
+                    "egress",
+                    "secrets",
+                    "revoke",
+                    "kernel-one",
+                    f"https://api.test:{port}/v1",
+                    "--runtime-root",
+                    root,
+                ]
             )
             == 0
         )

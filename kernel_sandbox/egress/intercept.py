@@ -34,7 +34,13 @@ from kernel_sandbox.egress.http import (
     next_event,
     refusal_message,
 )
-from kernel_sandbox.egress.rules import BAD_TARGET, Target, TargetError, parse_authority
+from kernel_sandbox.egress.rules import (
+    BAD_TARGET,
+    Target,
+    TargetError,
+    parse_authority,
+    parse_target,
+)
 from kernel_sandbox.egress.secrets import (
     Application,
     Masker,
@@ -84,12 +90,13 @@ class SecretStore:
         return self._values.get(spec)
 
     def find(self, host: str) -> list[SecretSpec]:
-        """The entries ``host`` names: a pattern as in the policy, or a host it matches."""
+        """The entries ``host`` names: a pattern as in the policy, a host it matches, or a
+        URL to such a host."""
         exact = [s for s in self.specs if str(s.rule) == host or s.rule.host == host]
         if exact:
             return exact
-        try:
-            target = parse_authority(host, default_port=443)
+        try:  # a URL as pasted from the notebook, or host[:port] (443 by default)
+            target = parse_target(host) if "://" in host else parse_authority(host, 443)
         except TargetError:
             return []
         return [s for s in self.specs if s.matches(target)]
