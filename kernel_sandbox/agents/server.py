@@ -111,7 +111,6 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
     """The MCP server; ``policy`` is the effective policy of the operator's kernelspec and
     profile (checked before serving), shown until a session's kernel reports its own."""
     sessions = Sessions(options)
-    workspace_mode = policy.workspace if options.workspace else "none"
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Any]) -> AsyncIterator[Sessions]:
@@ -147,7 +146,7 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
         return session
 
     def workspace() -> Workspace:
-        return Workspace(options.workspace, workspace_mode)
+        return Workspace(options.workspace, policy.workspace)
 
     # -- the kernel -------------------------------------------------------------------------
 

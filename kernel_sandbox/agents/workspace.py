@@ -51,17 +51,16 @@ class Workspace:
     # -- the walk ---------------------------------------------------------------------------
 
     def _check_readable(self) -> str:
-        if self.mode == "none" or self.root is None:
-            raise FileRefused(
-                "this session has no workspace: "
-                + (
-                    "the policy's workspace mode is 'none'"
-                    if self.mode == "none"
-                    else "the server was started without --workspace"
-                )
-                + "; files can only be made inside the kernel (its /tmp, lost at restart)"
-            )
-        return self.root
+        if self.root is None:
+            why = "the server was started without --workspace"
+        elif self.mode == "none":
+            why = "the policy's workspace mode is 'none'"
+        else:
+            return self.root
+        raise FileRefused(
+            f"this session has no workspace: {why}; files can only be made inside the kernel "
+            "(its /tmp, lost at restart)"
+        )
 
     def _parts(self, path: str) -> list[str]:
         if not isinstance(path, str) or "\x00" in path:
