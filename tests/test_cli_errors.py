@@ -150,6 +150,7 @@ def setup_errors(
             "nokernel",
         ),
         ("lockdown",): (["enable", "--user"], 2, "cannot write"),
+        ("mcp",): (["--workspace", missing], 2, "the folder does not exist"),
     }
 
 

@@ -69,7 +69,9 @@ async def policy_of(session: ClientSession) -> dict[str, Any]:
 
 @asynccontextmanager
 async def stdio_session(log: Path, *flags: str) -> AsyncIterator[ClientSession]:
-    params = StdioServerParameters(command=COMMAND[0], args=[*COMMAND[1:], *flags], env=dict(os.environ))
+    params = StdioServerParameters(
+        command=COMMAND[0], args=[*COMMAND[1:], *flags], env=dict(os.environ)
+    )
     with open(log, "a") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write):
             async with ClientSession(read, write) as session:
@@ -117,10 +119,10 @@ def http_server(log: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen[
             process.send_signal(signal.SIGTERM)
         try:
             process.wait(90)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             process.kill()
             process.wait(10)
-            raise AssertionError(f"the server did not stop on SIGTERM: {log.read_text()}")
+            raise AssertionError(f"the server did not stop on SIGTERM: {log.read_text()}") from exc
 
 
 def container_state(client: docker.DockerClient, name: str) -> str | None:
@@ -204,8 +206,10 @@ def test_stdio_session_runs_code_and_files(
             slow = await asyncio.wait_for(
                 session.call_tool(
                     "run_code",
-                    {"code": "import time\nfor i in range(4):\n    print('tick', i, flush=True)"
-                     "\n    time.sleep(1.5)"},
+                    {
+                        "code": "import time\nfor i in range(4):\n    print('tick', i, flush=True)"
+                        "\n    time.sleep(1.5)"
+                    },
                     progress_callback=on_progress,
                 ),
                 TIMEOUT,
@@ -242,7 +246,9 @@ def test_stdio_session_runs_code_and_files(
             assert stopped.is_error and "KeyboardInterrupt" in text_of(stopped)
 
             # files: what the agent writes the kernel reads, and the other way round
-            assert "wrote 5 bytes" in await ok(session, "write_file", path="a.txt", content="hi\n!\n")
+            assert "wrote 5 bytes" in await ok(
+                session, "write_file", path="a.txt", content="hi\n!\n"
+            )
             assert "hi\n!" in await ok(session, "run_code", code="print(open('a.txt').read())")
             await ok(session, "run_code", code="open('b.bin', 'wb').write(bytes([255, 254, 0, 1]))")
             assert await ok(session, "read_file", path="a.txt") == "hi\n!\n"
@@ -374,9 +380,7 @@ def test_http_sessions_get_separate_sandboxes(
                 await asyncio.gather(setup(a, "A"), setup(b, "B"))
                 assert "'A'" in await ok(a, "run_code", code="mine")
                 assert "'B'" in await ok(b, "run_code", code="mine")
-                names = [
-                    (await policy_of(s))["kernel"]["container"] for s in (a, b)
-                ]
+                names = [(await policy_of(s))["kernel"]["container"] for s in (a, b)]
                 assert names[0] != names[1]
                 assert all(container_state(docker_client, n) == "running" for n in names)
                 kernel_ids = [(await policy_of(s))["kernel"]["id"] for s in (a, b)]
@@ -447,7 +451,9 @@ def test_key_probes_through_the_run_tool(
     listener.listen(1)
     listener.setblocking(False)
     port = listener.getsockname()[1]
-    probe = PRELUDE + f"""
+    probe = (
+        PRELUDE
+        + f"""
 import socket
 s = socket.socket(); s.settimeout(5)
 report(interfaces=[n for _, n in socket.if_nameindex()],
@@ -457,6 +463,7 @@ report(interfaces=[n for _, n in socket.if_nameindex()],
        no_new_privs=_libc.prctl(39, 0, 0, 0, 0), setuid0=attempt(_os.setuid, 0),
        docker_sock=_os.path.exists('/var/run/docker.sock'))
 """
+    )
 
     async def go() -> dict[str, Any]:
         async with stdio_session(

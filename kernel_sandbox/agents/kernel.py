@@ -92,17 +92,19 @@ class SandboxKernel:
         """Why the kernel is not running, for the agent."""
         if self.km is None:
             return "the kernel has not started"
-        notice = getattr(self.provisioner, "notice", None)
-        if notice is not None and getattr(notice, "text", ""):
-            return str(notice.text)
+        text = str(getattr(getattr(self.provisioner, "notice", None), "text", "") or "")
+        if text:
+            return text
         code = None
         if self.km.provisioner is not None:
             try:
                 code = await self.km.provisioner.poll()
             except Exception:  # an engine gone: the reason below is all there is
                 code = None
-        return f"the kernel's sandbox ended (exit status {code})" if code is not None else (
-            "the kernel's sandbox ended"
+        return (
+            f"the kernel's sandbox ended (exit status {code})"
+            if code is not None
+            else ("the kernel's sandbox ended")
         )
 
     # -- life -------------------------------------------------------------------------------

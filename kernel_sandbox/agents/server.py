@@ -236,9 +236,7 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
         note = f" (first {len(data)} of {size} bytes)" if len(data) < size else ""
         kind = mimetypes.guess_type(path)[0]
         if kind in IMAGE_TYPES and not note:
-            image = ImageContent(
-                type="image", data=base64.b64encode(data).decode(), mime_type=kind
-            )
+            image = ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type=kind)
             return CallToolResult(content=[_text(f"{path}: {kind}, {size} bytes"), image])
         try:
             text = data.decode("utf-8")

@@ -210,4 +210,3 @@ def _why(path: str, at: str, exc: OSError, folder: bool = False) -> str:
     if exc.errno == errno.ENOENT:
         return f"{path!r}: {at!r} does not exist in the workspace"
     return f"{path!r}: {exc.strerror}"
-
