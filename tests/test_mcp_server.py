@@ -177,6 +177,9 @@ def test_stdio_session_runs_code_and_files(
                 assert tools[name].annotations.destructive_hint is True, name
             assert tools["run_code"].annotations.open_world_hint is False  # network none
             assert tools["request_egress"].annotations.destructive_hint is False
+            for tool in tools.values():  # the operator's kernelspec and profile, nothing else
+                properties = set(tool.input_schema.get("properties", {}))
+                assert not properties & {"kernel", "kernelspec", "profile", "policy", "image"}
 
             out = await ok(session, "run_code", code="x = 6 * 7\nprint('hello')\nx")
             assert out.startswith("status: ok") and "hello" in out and "42" in out
@@ -359,6 +362,20 @@ def test_an_out_of_memory_kernel_is_reported_then_restarted(
             assert "4" in await ok(session, "run_code", code="2 + 2")
 
     asyncio.run(go())
+
+
+def test_an_unsandboxed_kernelspec_is_refused(tmp_path: Path) -> None:
+    """The operator cannot hand agents a host kernel by mistake: one line, exit 2."""
+    done = subprocess.run(
+        [*COMMAND, "--kernelspec", "python3-local"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "does not start sandboxes" in lines[0] and not done.stdout
 
 
 # -- HTTP: a sandbox per session ------------------------------------------------------------

@@ -166,7 +166,10 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
         session = await started(ctx)
 
         async def progress(seconds: float, message: str) -> None:
-            await ctx.report_progress(round(seconds, 1), None, message)
+            try:
+                await ctx.report_progress(round(seconds, 1), None, message)
+            except Exception as exc:  # a client gone or slow to read: the run goes on
+                log.debug("progress not sent: %s", exc)
 
         try:
             result = await session.kernel.run(code, limit, progress)
