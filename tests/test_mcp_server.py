@@ -28,6 +28,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import httpx2
 import pytest
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -36,6 +37,8 @@ from security.battery import PRELUDE, parse_report
 from support.kernels import make_kernelspec
 from support.leaks import Scope
 from test_containment import runtime_kernel
+
+from kernel_sandbox.cli.app import main
 
 pytestmark = pytest.mark.integration
 
@@ -80,11 +83,13 @@ async def stdio_session(log: Path, *flags: str) -> AsyncIterator[ClientSession]:
 
 
 @asynccontextmanager
-async def http_session(url: str) -> AsyncIterator[ClientSession]:
-    async with streamable_http_client(url) as streams:
-        async with ClientSession(streams[0], streams[1]) as session:
-            await asyncio.wait_for(session.initialize(), TIMEOUT)
-            yield session
+async def http_session(url: str, token: str | None = None) -> AsyncIterator[ClientSession]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers, timeout=TIMEOUT) as client:
+        async with streamable_http_client(url, http_client=client) as streams:
+            async with ClientSession(streams[0], streams[1]) as session:
+                await asyncio.wait_for(session.initialize(), TIMEOUT)
+                yield session
 
 
 def free_port() -> int:
@@ -418,6 +423,36 @@ def test_http_sessions_get_separate_sandboxes(
         assert third not in names
         wait_gone(docker_client, third)
     assert process.returncode == 143, log.read_text()  # SIGTERM: exit 143, all shut down
+
+
+def test_http_bearer_token(
+    tmp_path: Path,
+    kernel_image: str,
+    docker_client: docker.DockerClient,
+    leak_check: Scope,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("x" * 8 + "\n")
+    token_file.chmod(0o644)
+    for says in ("others may read it", "shorter than 16"):
+        argv = ["mcp", "--transport", "http", "--token-file", str(token_file)]
+        assert main(argv) == 2
+        assert says in capsys.readouterr().err
+        token_file.chmod(0o600)
+    token = "t0ken-" + uuid.uuid4().hex
+    token_file.write_text(token + "\n")
+    with http_server(tmp_path / "mcp-http.log", "--token-file", str(token_file)) as (url, proc):
+        leak_check.pids.add(proc.pid)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            refused = httpx2.post(url, headers=headers, json={}, timeout=60)
+            assert refused.status_code == 401, (headers, refused.text)
+
+        async def go() -> str:
+            async with http_session(url, token) as session:
+                return await ok(session, "run_code", code="6 * 7")
+
+        assert "42" in asyncio.run(go())
 
 
 def test_http_server_stopped_mid_session_removes_its_kernel(

@@ -25,4 +25,5 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     session_idle_timeout: float = 30 * 60.0  # an HTTP session without requests this long ends
+    token: str | None = field(default=None, repr=False)  # HTTP: the bearer token asked for
     config: Config = field(default_factory=Config)  # Jupyter config for the kernel managers

@@ -2,7 +2,8 @@
 
 :func:`build_server` makes an ``mcp`` SDK ``MCPServer`` whose tools work on the calling
 session's own kernel (:mod:`kernel_sandbox.agents.sessions`), started with the operator's
-kernelspec and profile; :func:`serve` runs it over stdio or streamable HTTP.
+kernelspec and profile; :mod:`kernel_sandbox.agents.transports` serves it (stdio or
+streamable HTTP).
 
 A tool never takes the server down: bad input, a refused path, a dead kernel become a tool
 error (``is_error``) that says what to do. Annotations are set from what each tool really
@@ -35,7 +36,7 @@ from kernel_sandbox.agents.workspace import MAX_READ, FileRefused, Workspace
 from kernel_sandbox.errors import SandboxError, TargetError
 from kernel_sandbox.policy.model import SandboxPolicy
 
-__all__ = ["build_server", "describe_policy", "serve"]
+__all__ = ["build_server", "describe_policy", "run_result"]
 
 log = logging.getLogger(__name__)
 INSTRUCTIONS = """\
@@ -423,15 +424,3 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
     for fn, description, annotations in tools:
         server.add_tool(fn, description=description, annotations=annotations)
     return server
-
-
-async def serve(server: MCPServer[Any], options: ServerOptions) -> None:
-    """Serve until stdin closes (stdio) or the process is stopped (http)."""
-    if options.transport == "stdio":
-        await server.run_stdio_async()
-    else:
-        await server.run_streamable_http_async(
-            host=options.host,
-            port=options.port,
-            session_idle_timeout=options.session_idle_timeout,
-        )

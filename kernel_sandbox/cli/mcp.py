@@ -70,6 +70,9 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
             f"{args.max_timeout:g}"
         )
     workspace = _workspace(args.workspace)
+    token = _token(args.token_file)
+    if token and args.transport != "http":
+        raise UsageError("--token-file is for --transport http (stdio opens no port)")
     try:
         base_config = load_jupyter_config()
     except Exception as exc:  # a broken config file is the user's to fix, not a traceback
@@ -80,7 +83,8 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
     await preflight(run_options, backend)
     try:
         from kernel_sandbox.agents.options import ServerOptions
-        from kernel_sandbox.agents.server import build_server, serve
+        from kernel_sandbox.agents.server import build_server
+        from kernel_sandbox.agents.transports import serve
     except ImportError as exc:
         raise UsageError(
             f"kernel-sandbox mcp needs the mcp SDK: pip install 'kernel-sandbox[agents]' ({exc})"
@@ -97,6 +101,7 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
         host=args.host,
         port=args.port,
         session_idle_timeout=args.session_idle_timeout,
+        token=token,
         config=config,
     )
     server = build_server(options, policy)
@@ -104,7 +109,8 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
     where = (
         "stdio"
         if args.transport == "stdio"
-        else f"http://{_url_host(args.host)}:{args.port}/mcp (streamable HTTP, no authentication)"
+        else f"http://{_url_host(args.host)}:{args.port}/mcp (streamable HTTP, "
+        + ("a bearer token required)" if token else "NO authentication: see --token-file)")
     )
     err.print(
         f"kernel-sandbox mcp: serving on {where}; kernelspec {args.kernelspec}, profile "
@@ -130,6 +136,28 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
     return EXIT_TERMINATED if terminated else EXIT_OK
+
+
+def _token(path: str | None) -> str | None:
+    """The bearer token in ``path`` (its first line), which must not be readable by others."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            token = file.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {path}: cannot read it: {exc}") from exc
+    if mode & 0o077:
+        raise UsageError(
+            f"--token-file {path}: others may read it (mode {mode & 0o777:o}); chmod 600 {path}"
+        )
+    if len(token) < 16:
+        raise UsageError(
+            f"--token-file {path}: the token on its first line is shorter than 16 characters; "
+            "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return token
 
 
 def _url_host(host: str) -> str:
@@ -200,8 +228,14 @@ def add_mcp_command(commands: Any) -> argparse.ArgumentParser:
     mcp.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address the HTTP transport listens on (default 127.0.0.1; there is no "
-        "authentication: anyone who can connect gets a sandbox)",
+        help="address the HTTP transport listens on (default 127.0.0.1)",
+    )
+    mcp.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="HTTP: require 'Authorization: Bearer TOKEN', TOKEN being the first line of FILE "
+        "(mode 600); without it, anyone who can connect gets a sandbox",
     )
     mcp.add_argument(
         "--port", type=_port, default=8000, help="port of the HTTP transport (default 8000)"
