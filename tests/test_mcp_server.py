@@ -383,6 +383,17 @@ def test_an_unsandboxed_kernelspec_is_refused(tmp_path: Path) -> None:
     assert "does not start sandboxes" in lines[0] and not done.stdout
 
 
+def test_a_workspace_no_kernel_could_write_is_refused_before_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("without root the kernel runs as you: any folder you own will do")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()  # root's: a read-write workspace no sandbox may run in
+    assert main(["mcp", "--profile", "analyst", "--workspace", str(workspace)]) == 2
+    assert "owned by root" in capsys.readouterr().err
+
+
 # -- HTTP: a sandbox per session ------------------------------------------------------------
 
 

@@ -79,7 +79,8 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
         raise UsageError(f"cannot load Jupyter config: {exc}") from exc
     config = kernel_config(args.profile, args.startup_timeout, base_config)
     run_options = RunOptions(kernel=args.kernelspec, profile=args.profile, config=config)
-    policy = _sandboxed_policy(run_options)  # refuses a kernelspec that is not sandboxed
+    # refuses a kernelspec that is not sandboxed, and a workspace no kernel could run in
+    policy = _sandboxed_policy(run_options, workspace)
     await preflight(run_options, backend)
     try:
         from kernel_sandbox.agents.options import ServerOptions
@@ -164,14 +165,18 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _sandboxed_policy(options: Any) -> Any:
-    """The effective policy of the operator's kernelspec and profile.
+def _sandboxed_policy(options: Any, workspace: str | None) -> Any:
+    """The effective policy of the operator's kernelspec and profile, checked as the first
+    kernel start would check it (including who the kernel runs as in ``workspace``).
 
     Raises:
         KernelspecError: no such kernelspec.
         UsageError: the kernelspec does not start sandboxes.
-        PolicyError: an unknown profile or a bad policy value.
+        PolicyError: an unknown profile or a bad policy value; a read-write workspace no
+            sandbox may run in (owned by root, ...).
     """
+    from kernel_sandbox.provisioner.identity import decide_identity
+
     from kernel_sandbox.kernelspec import PROVISIONER_NAME, find_kernelspec
     from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
@@ -187,7 +192,12 @@ def _sandboxed_policy(options: Any) -> Any:
     provisioner = DockerSandboxProvisioner(
         kernel_id="mcp-preflight", kernel_spec=spec, config=options.config, **spec_config
     )
-    return provisioner.policy
+    policy = provisioner.policy
+    if provisioner.via_service is None:  # through the sandbox service, the service decides
+        uid_range = provisioner.checked_uid_range() if os.getuid() == 0 else None
+        mounted = workspace if policy.workspace == "rw" else None
+        decide_identity(policy, mounted, uid_range, options.kernel)
+    return policy
 
 
 def add_mcp_command(commands: Any) -> argparse.ArgumentParser:
