@@ -175,10 +175,9 @@ def _sandboxed_policy(options: Any, workspace: str | None) -> Any:
         PolicyError: an unknown profile or a bad policy value; a read-write workspace no
             sandbox may run in (owned by root, ...).
     """
-    from kernel_sandbox.provisioner.identity import decide_identity
-
     from kernel_sandbox.kernelspec import PROVISIONER_NAME, find_kernelspec
     from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
+    from kernel_sandbox.provisioner.identity import decide_identity
 
     spec = find_kernelspec(options.kernel)
     info = (spec.metadata or {}).get("kernel_provisioner") or {}
