@@ -69,6 +69,7 @@ class SandboxKernel:
         self._running = False
         self._generation = 0  # bumped at each restart: a run of an older one has ended
         self._closed = False
+        self._dead = False  # seen ended (by a run or alive()); until the next restart
 
     # -- what it is -------------------------------------------------------------------------
 
@@ -86,7 +87,10 @@ class SandboxKernel:
         return self.km.provisioner if self.km else None
 
     async def alive(self) -> bool:
-        return self.km is not None and bool(await self.km.is_alive())
+        """Whether the kernel's container runs (asks the engine)."""
+        alive = self.km is not None and bool(await self.km.is_alive())
+        self._dead = self.km is not None and not alive
+        return alive
 
     async def death_reason(self) -> str:
         """Why the kernel is not running, for the agent."""
@@ -150,6 +154,7 @@ class SandboxKernel:
         assert self.km is not None
         self._generation += 1
         await self.km.restart_kernel(now=True)
+        self._dead = False
         await self._connect()
 
     async def shutdown(self) -> None:
@@ -188,7 +193,9 @@ class SandboxKernel:
             )
         self._running = True
         try:
-            await self._require_alive()
+            await self.ensure_started()
+            if self._dead:  # else the run's own polling finds a kernel that ended since
+                await self._require_alive()
             return await self._run(code, timeout, progress)
         finally:
             self._running = False
@@ -200,7 +207,7 @@ class SandboxKernel:
         result = RunResult("ok")
         msg_id = kc.execute(code, store_history=True, allow_stdin=False)
         interrupted_at: float | None = None
-        next_poll = next_progress = started
+        next_poll, next_progress = started + POLL_EVERY, started
         try:
             while True:
                 now = time.monotonic()
