@@ -258,6 +258,12 @@ def test_stdio_session_runs_code_and_files(
                 session, "write_file", path="a.txt", content="hi\n!\n"
             )
             assert "hi\n!" in await ok(session, "run_code", code="print(open('a.txt').read())")
+            big = "y" * 3_000_000  # one message far beyond asyncio's default line limit
+            assert "wrote 3000000 bytes" in await ok(
+                session, "write_file", path="big.txt", content=big
+            )
+            assert "3000000" in await ok(session, "run_code", code="len(open('big.txt').read())")
+            await ok(session, "run_code", code="import os; os.remove('big.txt')")
             await ok(session, "run_code", code="open('b.bin', 'wb').write(bytes([255, 254, 0, 1]))")
             assert await ok(session, "read_file", path="a.txt") == "hi\n!\n"
             assert base64.b64encode(bytes([255, 254, 0, 1])).decode() in await ok(
@@ -487,6 +493,51 @@ def test_http_server_stopped_mid_session_removes_its_kernel(
             pass  # the client's session ends with an error: the server went away
     assert names and process.returncode == 143, log.read_text()
     assert container_state(docker_client, names[0]) is None
+
+
+def child_server_pid() -> int:
+    """The ``kernel-sandbox mcp`` process this process spawned (the stdio client's)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if parent == os.getpid() and b"kernel_sandbox.cli" in argv:
+            return int(entry)
+    raise AssertionError("no kernel-sandbox mcp child process")
+
+
+def test_stdio_server_stopped_mid_session_removes_its_kernel(
+    tmp_path: Path, kernel_image: str, docker_client: docker.DockerClient, leak_check: Scope
+) -> None:
+    names: list[str] = []
+
+    async def go() -> None:
+        async with stdio_session(tmp_path / "mcp.log") as session:
+            await ok(session, "run_code", code="1")
+            names.append((await policy_of(session))["kernel"]["container"])
+            pid = child_server_pid()
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 90
+            while Path(f"/proc/{pid}").exists() and b"Z" not in _state(pid):
+                assert time.monotonic() < deadline, "the server did not stop on SIGTERM"
+                await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(go())
+    except Exception:
+        pass  # the client's session ends with an error: the server went away
+    assert names and container_state(docker_client, names[0]) is None
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return b"Z"
 
 
 # -- the attack battery's key probes, through run_code --------------------------------------
