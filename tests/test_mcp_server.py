@@ -400,6 +400,51 @@ def test_a_workspace_no_kernel_could_write_is_refused_before_serving(
     assert "owned by root" in capsys.readouterr().err
 
 
+def test_egress_requests_and_datasets_under_an_allowlist(
+    tmp_path: Path, kernel_image: str, docker_client: docker.DockerClient, leak_check: Scope
+) -> None:
+    """``egress_mode: ask``: a listed target is allowed already, another waits for a person
+    (the answer names the approve command for this kernel); datasets: names, never paths."""
+    sales = tmp_path / "sales"
+    sales.mkdir()
+    (sales / "2024.csv").write_text("region,total\nnorth,1\n")
+    for path in (tmp_path, sales):
+        path.chmod(0o755)
+    name = make_kernelspec(
+        f"mcp-ask-{uuid.uuid4().hex[:6]}",
+        {
+            "network": "allowlist",
+            "egress": ["allowed.test"],
+            "egress_mode": "ask",
+            "datasets": {"sales": f"{sales}:read"},
+        },
+    )
+    leak_check.spec(name)
+
+    async def go() -> None:
+        async with stdio_session(tmp_path / "mcp.log", "--kernelspec", name) as session:
+            tools = {t.name: t for t in (await session.list_tools()).tools}
+            assert tools["run_code"].annotations.open_world_hint is True  # egress possible
+            listed = json.loads(await ok(session, "list_datasets"))["datasets"]
+            assert [(d["name"], d["access"]) for d in listed] == [("sales", "read")]
+            assert str(sales) not in json.dumps(listed)
+            code = "from kernel_sandbox import data\nprint(data.ls('sales'))"
+            assert "sales/2024.csv" in await ok(session, "run_code", code=code)
+
+            allowed = json.loads(
+                await ok(session, "request_egress", host="allowed.test", port=443, reason="x")
+            )
+            assert allowed["status"] == "allowed"
+            asked = json.loads(
+                await ok(session, "request_egress", host="other.test", port=443, reason="docs")
+            )
+            kernel_id = (await policy_of(session))["kernel"]["id"]
+            assert asked["status"] == "awaiting approval" and asked["kernel"] == kernel_id
+            assert f"kernel-sandbox egress approve {kernel_id} other.test:443" in asked["message"]
+
+    asyncio.run(go())
+
+
 # -- HTTP: a sandbox per session ------------------------------------------------------------
 
 

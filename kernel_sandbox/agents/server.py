@@ -308,6 +308,8 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
                 json.dumps(reason),
             )
         if policy.network == "allowlist" and policy.egress_mode == "ask":
+            session = await started(ctx)  # the person approves for this kernel: name it
+            kernel_id = answer["kernel"] = session.kernel.kernel_id or kernel_id
             answer.update(
                 status="awaiting approval",
                 message=(
