@@ -258,6 +258,7 @@ NO_QUIET_OUTCOME = {
     ("run",): "runs kernels (tests/test_run.py)",
     ("egress", "secrets", "revoke"): "needs a kernel with egress_secrets (test_egress_secrets.py)",
     ("egress", "secrets", "rotate"): "needs a kernel with egress_secrets (test_egress_secrets.py)",
+    ("mcp",): "serves until stopped; over stdio its stdout is the MCP stream (test_mcp_server.py)",
 }
 
 
