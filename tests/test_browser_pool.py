@@ -182,7 +182,7 @@ def test_jupyterlab_new_notebook_and_restart_served_by_the_pool(
                     timeout=60,
                 )
                 assert stop.returncode == 0, stop.stderr
-                assert f"container {claimed.container}): shut down by its owner" in stop.stderr
+                assert f"container {claimed.container}): shut down by its owner" in stop.stdout
                 wait_for(
                     lambda: not of_kernel(docker_client, server.pid, kernel),
                     "the container to go after the stop",

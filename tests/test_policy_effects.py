@@ -351,7 +351,7 @@ def test_jupyter_server_config_files_idle_timeout_and_stop(
             ["kernel-sandbox", "stop", other], capture_output=True, text=True, timeout=60
         )
         assert stop.returncode == 0, stop.stderr
-        assert "shut down by its owner" in stop.stderr
+        assert "shut down by its owner" in stop.stdout
         wait_until_gone(server, docker_client, other, 15)  # forgotten, not restarted
 
         # the idle kernel: culled by the sandbox itself and forgotten by the server

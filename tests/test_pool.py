@@ -277,8 +277,10 @@ def test_a_killed_owner_leaves_no_pooled_sandbox_after_gc(
 
 
 def test_no_pool_unless_asked(jupyter_path, tmp_path, leak_check, docker_client):
+    # (a session fixture's kernel may be a claimed pooled one: only new ones count)
+    before = {c["Id"] for c in pooled_containers(docker_client)}
     with sandbox_kernel(cwd=str(tmp_path)) as (km, _):
         assert not km.provisioner.container_name.startswith("ks-pool-")
         assert km.provisioner.runtime_dir.handle is None
     time.sleep(1)
-    assert pooled_containers(docker_client) == []
+    assert {c["Id"] for c in pooled_containers(docker_client)} <= before

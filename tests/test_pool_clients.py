@@ -154,7 +154,7 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
             assert ps_line(capsys, pooled).split()[0] == second.kernel_id
             # stop by a prefix of the kernel id, as for any kernel: its owner shuts it down
             assert main(["stop", "--direct", second.kernel_id[:13]]) == 0
-            assert "shut down by its owner" in capsys.readouterr().err
+            assert "shut down by its owner" in capsys.readouterr().out
             wait_for(lambda: not second.is_alive(), "the claimed kernel to end", 30)
             assert pooled not in ps_json(capsys)
 
@@ -162,7 +162,7 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
         refill = wait_for(lambda: ready_of(warm_pool, docker_client, spec), "a refill")
         name = refill[0].container
         assert main(["stop", "--direct", name]) == 0
-        assert "not claimed yet; container removed" in capsys.readouterr().err
+        assert "not claimed yet; container removed" in capsys.readouterr().out
         again = wait_for(
             lambda: [s for s in waiting_of(docker_client, me, spec) if s.container != name],
             "the pool to replace a stopped sandbox",

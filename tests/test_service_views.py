@@ -271,7 +271,7 @@ def test_tokens_of_each_caller_only(sandbox_service, test_users, env, holders):
 
     result = run_cli(test_users, "kstalice", env, "tokens", "revoke", alice.kernel_id)
     assert result.returncode == 0, result.stderr
-    assert f"revoked token {alice_token} of kernel {alice.kernel_id}" in result.stderr
+    assert f"revoked token {alice_token} of kernel {alice.kernel_id}" in result.stdout
     assert json_out(run_cli(test_users, "kstalice", env, "tokens", "list", "--json")) == []
     (revoked,) = json_out(run_cli(test_users, "kstalice", env, "tokens", "list", "--all", "--json"))
     assert revoked["state"] == "revoked"
@@ -335,7 +335,7 @@ def test_egress_approvals_of_each_caller_only(sandbox_service, test_users, env, 
     assert "egress" in line and "other.test:443" in line, line
     result = run_cli(test_users, "kstalice", env, "egress", "approve", alice.kernel_id[:8], target)
     assert result.returncode == 0, result.stderr
-    assert f"approved 1 waiting request(s) to {target} in kernel" in result.stderr
+    assert f"approved 1 waiting request(s) to {target} in kernel" in result.stdout
     deadline = time.monotonic() + 30
     rules: list[str] = []
     while "non-public-address" not in rules and time.monotonic() < deadline:
@@ -388,7 +388,7 @@ def test_stop_only_ones_own_kernel_and_its_client_is_told(test_users, env, holde
 
     result = run_cli(test_users, "kstbob", env, "stop", bob.kernel_id[:8])
     assert result.returncode == 0, result.stderr
-    assert f"stopped kernel {bob.kernel_id}" in result.stderr and "ended" in result.stderr
+    assert f"stopped kernel {bob.kernel_id}" in result.stdout and "ended" in result.stdout
     seen = bob.outcome()
     assert seen["ended"] is True
     told = "".join(seen["told"])
