@@ -19,7 +19,10 @@ table every command goes through:
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -119,3 +122,25 @@ def wide_console(min_width: int, stderr: bool = False) -> Console:
     if console.is_terminal:
         return console
     return Console(stderr=stderr, highlight=False, width=max(console.width, min_width))
+
+
+async def until_sigterm(task: asyncio.Future[Any]) -> bool:
+    """Await ``task``, cancelling it when the process gets SIGTERM (a CI runner's or
+    systemd's stop), so its cleanup (kernels shut down) runs; True when SIGTERM ended it."""
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    return terminated

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_OK, EXIT_TERMINATED, UsageError, err
+from kernel_sandbox.cli.console import EXIT_OK, EXIT_TERMINATED, UsageError, err, until_sigterm
 from kernel_sandbox.engine.backend import DockerBackend
 
 __all__ = ["add_mcp_command", "cmd_mcp"]
@@ -119,23 +118,7 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
         f"{workspace or 'none'} ({policy.workspace if workspace else 'none'})",
         markup=False,
     )
-    task = asyncio.ensure_future(serve(server, options))
-    loop = asyncio.get_running_loop()
-    terminated = False
-
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not terminated:
-            raise
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+    terminated = await until_sigterm(asyncio.ensure_future(serve(server, options)))
     return EXIT_TERMINATED if terminated else EXIT_OK
 
 

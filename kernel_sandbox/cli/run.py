@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from kernel_sandbox.cli.console import (
     UsageError,
     exit_code_for,
     report_error,
+    until_sigterm,
     wide_console,
 )
 from kernel_sandbox.engine.backend import DockerBackend
@@ -123,27 +123,13 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
         markup=False,
     )
     started = time.monotonic()
-    loop = asyncio.get_running_loop()
-    terminated = False
     with display:
         runner.on_change = display.update
-        task = asyncio.ensure_future(runner.run())
         ticker = asyncio.ensure_future(_tick(display))
-
-        def on_sigterm() -> None:
-            nonlocal terminated
-            terminated = True
-            task.cancel()
-
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         try:
-            await task
-        except asyncio.CancelledError:
-            if not terminated:
-                raise
+            terminated = await until_sigterm(asyncio.ensure_future(runner.run()))
         finally:
             ticker.cancel()
-            loop.remove_signal_handler(signal.SIGTERM)
     if terminated:
         err.print("terminated: every kernel was shut down")
         return EXIT_TERMINATED
