@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -184,8 +185,35 @@ def leftover_containers() -> int:
         client.close()
 
 
+class ClaimCounter:
+    """In-process runs: how many kernel starts the pool served (wraps ``WarmPool.claim``)."""
+
+    def __init__(self) -> None:
+        from kernel_sandbox.host.pool import WarmPool
+
+        self.served = self.cold = 0
+        original = WarmPool.claim
+
+        def claim(pool: Any, recipe: Any) -> Any:
+            found = original(pool, recipe)
+            if found is None:
+                self.cold += 1
+            else:
+                self.served += 1
+            return found
+
+        WarmPool.claim = claim  # type: ignore[method-assign]
+
+    def take(self) -> tuple[int, int]:
+        counts = (self.served, self.cold)
+        self.served = self.cold = 0
+        return counts
+
+
 async def measure(args: argparse.Namespace, folder: Path) -> dict:
     notebooks = write_notebooks(folder, args.notebooks)
+    counter = ClaimCounter() if args.pool_size and not args.cli else None
+    served: list[tuple[int, int]] = []
     kernels = (SANDBOX, LOCAL, POOLED) if args.pool_size else (SANDBOX, LOCAL)
     for kernel in kernels:  # warm-up: imports, first container, page cache
         await timed_batch(notebooks[:1], kernel, 1, args.cli)
@@ -195,11 +223,16 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict:
         order = kernels if round_ % 2 == 0 else kernels[::-1]
         for kernel in order:
             loads.append(os.getloadavg()[0])
+            if counter is not None:
+                counter.take()
             times[kernel].append(await timed_batch(notebooks, kernel, args.jobs, args.cli))
+            if counter is not None and kernel == POOLED:
+                served.append(counter.take())
+        pool_note = f", {served[-1][0]} served by the pool" if served else ""
         print(
             f"round {round_ + 1}: "
             + ", ".join(f"{NAMES[k]} {times[k][-1]:.2f}s" for k in kernels)
-            + f" (load {loads[-1]:.1f})",
+            + f" (load {loads[-1]:.1f}{pool_note})",
             flush=True,
         )
     sandboxed, local = statistics.median(times[SANDBOX]), statistics.median(times[LOCAL])
@@ -212,6 +245,7 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict:
             "pooled_median_s": round(median, 3),
             "pooled_ratio": round(median / local, 3),
             "pooled_target": POOL_TARGET,
+            "pooled_served_cold_per_round": served,
         }
     return {
         **pooled,
