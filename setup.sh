@@ -69,7 +69,10 @@ step "Base image (kernel-sandbox/base:bookworm, built from the apt mirror; no re
 command -v debootstrap >/dev/null || apt_install debootstrap
 kernel-sandbox image base
 
-step "Kernel image (kernel-sandbox/python:latest)"
+# numpy, pandas, pyarrow, matplotlib, ipywidgets (binder/requirements.txt): about 120 MB of
+# wheels to fetch and a minute or two to build; `--minimal` builds kernel-sandbox/python:minimal
+# (ipykernel and fsspec only) instead.
+step "Kernel image (kernel-sandbox/python:latest, the analyst's stack)"
 kernel-sandbox image build --base kernel-sandbox/base:bookworm
 
 step "Kernelspec python3-sandbox"

@@ -13,10 +13,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 
+# The Python API for programs (kernel_sandbox.api), imported only when first used.
+_API = ("AsyncSandbox", "ExecutionError", "Result", "RunResult", "Sandbox")
+
+
 def __getattr__(name: str) -> Any:
+    import importlib
+
     # ``from kernel_sandbox import data`` is the in-kernel data API (kernel_sandbox.inside.data).
     if name == "data":
-        import importlib
-
         return importlib.import_module("kernel_sandbox.inside.data")
+    if name in _API:
+        return getattr(importlib.import_module("kernel_sandbox.api"), name)
     raise AttributeError(f"module 'kernel_sandbox' has no attribute {name!r}")

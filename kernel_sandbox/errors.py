@@ -33,6 +33,12 @@
     └── ServiceRefused (PermissionError)
                                         the sandbox service's policy file does not allow what
                                         a caller asked for (.rule names the rule that refused)
+    ├── SandboxClosed (RuntimeError)    the Python API's sandbox is closed, or its kernel died
+    ├── TransferRefused (PermissionError)
+    │                                   a file upload/download the policy's workspace forbids
+    ├── CellError (RuntimeError)        RunResult.raise_for_error(): the code raised (.result)
+    └── CellTimeout (TimeoutError)      RunResult.raise_for_error(): the code ran too long and
+                                        was interrupted (.result)
 
 Each message says what happened and what to do about it, in one or two lines, so that
 Jupyter Server, nbclient and the CLI can show it as it is. Engine errors
@@ -62,14 +68,18 @@ __all__ = [
     "PolicyError",
     "RuntimeUnavailable",
     "BadRequest",
+    "CellError",
+    "CellTimeout",
     "NoSuchKernel",
     "NotMountable",
+    "SandboxClosed",
     "SandboxError",
     "ServiceRefused",
     "ServiceUnavailable",
     "TargetError",
     "TokenNotFound",
     "TokenRefused",
+    "TransferRefused",
     "UidsExhausted",
 ]
 
@@ -182,3 +192,31 @@ class NoSuchKernel(SandboxError, LookupError):
 
 class NotMountable(PolicyError):
     """A folder no sandbox may see: a host path the mount rules refuse, a home as a whole."""
+
+
+class SandboxClosed(SandboxError, RuntimeError):
+    """The Python API's sandbox was closed (or never started), or its kernel died:
+    ``Sandbox.restart()`` starts a new kernel, ``Sandbox.start()`` a closed sandbox again."""
+
+
+class TransferRefused(SandboxError, PermissionError):
+    """A file upload or download that the sandbox's policy does not allow (workspace 'ro'
+    refuses uploads, 'none' both); the message names the policy and the fix."""
+
+
+class CellError(SandboxError, RuntimeError):
+    """The code a sandbox ran raised (``RunResult.raise_for_error()``); ``result`` holds the
+    outputs and the error."""
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result
+
+
+class CellTimeout(SandboxError, TimeoutError):
+    """The code a sandbox ran outlived its timeout and was interrupted
+    (``RunResult.raise_for_error()``); ``result`` holds what it printed until then."""
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result

@@ -249,6 +249,7 @@ def test_cli_tokens_list_and_revoke(state: Path, capsys) -> None:
     listed = json.loads(capsys.readouterr().out)
     assert listed[0]["kernel_id"] == "kernel-1" and listed[0]["datasets"] == {"sales": "read"}
     assert cli_main(["tokens", "revoke", "kernel-1", "--db", db]) == 0
+    assert "revoked token" in capsys.readouterr().out  # what it did: on stdout
     assert cli_main(["tokens", "list", "--json", "--db", db]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert cli_main(["tokens", "revoke", "no-such-kernel", "--db", db]) == 2
@@ -597,6 +598,9 @@ def test_a_root_swapped_for_a_link_after_the_grant_is_never_followed(
     broker.grant(k.id, k.shared, {"ds": grant}, ttl=60)
     client = k.client()
     assert client.read_bytes("ds/a.csv") == b"original\n"
+    deadline = time.monotonic() + 5  # its audit entry is written after the reply: before the
+    while not any(e["op"] == "read" for e in audit(state)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # swap, or it may land among the entries checked below
     original = _swap(swap_scene, which)
     bait = swap_scene["bait"] / "sales"
     assert client.ls("ds") == ["ds/a.csv"]  # the original directory, not the host folder

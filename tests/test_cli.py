@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -143,7 +144,7 @@ def test_install_with_a_policy_writes_it_in_the_kernelspec(prefix, tmp_path, cap
         "1000:1000",
     ]
     assert main(argv) == 0
-    assert "installed kernelspec analyst-box" in capsys.readouterr().err
+    assert "installed kernelspec analyst-box" in capsys.readouterr().out
     spec = kernel_json(prefix, "analyst-box")
     assert spec["display_name"] == "Analyst (sandboxed)" and spec["language"] == "python"
     provisioner = spec["metadata"]["kernel_provisioner"]
@@ -207,6 +208,8 @@ def test_install_defaults_the_name_from_the_profile_and_makes_mounts_absolute(
         (["--name", "bad name!", "--profile", "ci"], "not a valid kernelspec name"),
         (["--display-name", "only this"], "--name is required"),
         (["--name", "x", "--idle-timeout", "soon"], "idle_timeout: expected seconds"),
+        (["--name", "x", "--seccomp", "/no/such.json"], "seccomp: cannot read the profile"),
+        (["--name", "x", "--cpu-limit", "100000"], "is more than this host's"),
     ],
 )
 def test_install_refuses_bad_values_before_writing_anything(prefix, flags, message, capsys):
@@ -259,6 +262,7 @@ def test_install_checks_against_the_operators_config(prefix, tmp_path, capsys):
     assert kernel_json(prefix, "c101")["metadata"]["kernel_provisioner"]["config"] == {
         "profile": "course"
     }
+    assert "installed kernelspec c101" in capsys.readouterr().out
     assert main(["policy", "show", "c101", "--json", "--config", str(config)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["policy"]["memory_limit"] == "768m"
@@ -313,8 +317,8 @@ def test_wrap_makes_a_sandboxed_variant_of_any_kernel(prefix, capsys):
         )
         == 0
     )
-    err = capsys.readouterr().err
-    assert "installed kernelspec fake-r-sandboxed" in err and "'R'" in err
+    out = capsys.readouterr().out
+    assert "installed kernelspec fake-r-sandboxed" in out and "'R'" in out
     spec = kernel_json(prefix, "fake-r-sandboxed")
     assert spec["argv"] == ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
     assert spec["language"] == "R" and spec["display_name"] == "R (sandboxed)"
@@ -557,7 +561,7 @@ def test_console_script():
 @pytest.mark.integration  # asks the engine
 def test_gc_dry_run(capsys):
     assert main(["gc", "--dry-run"]) == 0
-    assert "would remove" in capsys.readouterr().err
+    assert "would remove" in capsys.readouterr().out
 
 
 # -- ps and stop, with a real kernel of a wrapped kernelspec ----------------------------------
@@ -600,10 +604,115 @@ def test_ps_lists_a_wrapped_kernel_and_stop_ends_it(prefix, tmp_path, leak_check
         assert main(["ps"]) == 0
         assert km.kernel_id in capsys.readouterr().out
         assert main(["stop", km.kernel_id[:13]]) == 0
-        assert "shut down by its owner" in capsys.readouterr().err
+        assert "shut down by its owner" in capsys.readouterr().out
         deadline = time.monotonic() + 15
         while km.is_alive() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not km.is_alive()
     assert main(["ps", "--json"]) == 0
     assert km.kernel_id not in {s["kernel_id"] for s in json.loads(capsys.readouterr().out)}
+
+
+# -- what users paste, and where a kernelspec is seen -------------------------------------------
+
+
+def test_install_takes_an_egress_url_and_relative_dataset_paths(prefix, tmp_path, monkeypatch):
+    """A pasted URL is its host and port; --dataset, like --mount, takes a relative folder
+    from the current directory and stores it absolute."""
+    (tmp_path / "sales").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = ["install", "--prefix", str(prefix), "--name", "pasted"]
+    argv += ["--network", "allowlist", "--egress", "https://api.example.com/v1"]
+    argv += ["--dataset", "sales=sales:read", "--mount", "sales:/data/sales"]
+    assert main(argv) == 0
+    config = kernel_json(prefix, "pasted")["metadata"]["kernel_provisioner"]["config"]
+    assert config["egress"] == ["api.example.com:443"]
+    assert config["datasets"] == {"sales": f"{tmp_path}/sales:read"}
+    assert config["mounts"] == [f"{tmp_path}/sales:/data/sales:ro"]
+
+
+def _venv(path: Path) -> Path:
+    """A real virtual environment of this Python (no pip: no network), seeing its packages."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(path)],
+        check=True,
+        timeout=120,
+    )
+    return path / "bin" / "python"
+
+
+def test_install_says_which_jupyter_sees_the_kernelspec(tmp_path):
+    """The issue's NoSuchKernel, for real: a --sys-prefix kernelspec of one environment is not
+    found by another environment's Jupyter, and install says so; a --user one is found."""
+    venv, other = _venv(tmp_path / "venv"), _venv(tmp_path / "other")
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_PATH"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "user-data")
+
+    def install(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(venv), "-m", "kernel_sandbox.cli", "install", *flags]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def finds(python: Path, name: str) -> bool:
+        code = "from jupyter_client.kernelspec import KernelSpecManager as M; "
+        code += f"M().get_kernel_spec({name!r})"
+        return subprocess.run([str(python), "-c", code], env=env, timeout=60).returncode == 0
+
+    in_env = install("--sys-prefix", "--name", "vis-env")
+    assert (
+        f"vis-env is seen by Jupyter run from this Python environment ({tmp_path / 'venv'})"
+        in in_env.stdout
+    )
+    assert "a virtual environment's Jupyter (python3 -m venv) does NOT see it" in in_env.stdout
+    assert finds(venv, "vis-env") and not finds(other, "vis-env")  # what it said
+    if shutil.which("jupyter"):  # this Python's jupyter, not the venv's
+        assert "warning: the `jupyter` on your PATH" in in_env.stderr
+
+    for_user = install("--user", "--name", "vis-user")
+    assert "vis-user is seen by every Jupyter you run" in for_user.stdout
+    assert "does NOT see it" not in for_user.stdout + for_user.stderr
+    assert finds(venv, "vis-user") and finds(other, "vis-user")
+
+
+def test_visibility_names_a_jupyter_on_path_that_misses_the_kernelspec(prefix):
+    from kernel_sandbox.cli.visibility import kernelspec_visibility
+
+    assert main(["install", "--prefix", str(prefix), "--name", "seen"]) == 0
+    where = str(prefix / "share" / "jupyter" / "kernels" / "seen")
+    elsewhere = kernelspec_visibility(where, ("/opt/other/bin/jupyter", ["/opt/other/share"]))
+    assert elsewhere.problem
+    assert (
+        True,
+        "the `jupyter` on your PATH (/opt/other/bin/jupyter) does NOT see it (NoSuchKernel)",
+    ) in elsewhere.lines()
+    same = kernelspec_visibility(where, ("/usr/bin/jupyter", [str(prefix / "share" / "jupyter")]))
+    assert not same.problem and all(not warning for warning, _ in same.lines())
+    assert doctor.visibility_findings({"seen": where})[0][:2] == ("seen visibility", "ok")
+
+
+def test_doctor_fails_a_cpu_limit_above_the_engines_cpus():
+    checks = doctor.check_cpus({"NCPU": 2}, {"small": 1.0, "big": 4.0})
+    assert [(c.name, c.status) for c in checks] == [("big", "fail")]
+    assert "cpu_limit 4 is more than the engine's 2 CPUs" in checks[0].detail
+    assert doctor.check_cpus({}, {"big": 4.0}) == []
+
+
+def test_install_warns_when_the_engine_lacks_the_runtime(prefix, capsys):
+    """A runtime can be registered after the install (doctor fails until it is): a warning."""
+
+    class Engine:
+        async def runtimes(self) -> list[str]:
+            return ["runc", "runsc"]
+
+    argv = ["install", "--prefix", str(prefix), "--name", "kata-box", "--runtime"]
+    assert main([*argv, "kata"], backend=Engine()) == 0  # type: ignore[arg-type]
+    captured = capsys.readouterr()
+    assert "installed kernelspec kata-box" in captured.out
+    assert captured.err.strip() == (
+        "warning: the Docker engine has no OCI runtime 'kata': kernels of kata-box will not "
+        "start until it is registered (`kernel-sandbox doctor` says how)"
+    )
+    assert main([*argv, "runsc"], backend=Engine()) == 0  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""

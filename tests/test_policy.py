@@ -46,6 +46,7 @@ from kernel_sandbox.policy import (
     validate,
 )
 from kernel_sandbox.policy.effective import effective_policy, load_jupyter_config
+from kernel_sandbox.policy.host import host_cpus
 from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,6 +232,19 @@ def test_mount_forms(data_dir):
 def test_mount_under_home_is_fine_and_tilde_expands(data_dir, monkeypatch):
     monkeypatch.setenv("HOME", str(data_dir.parent))
     assert parse_mount("~/data:rw") == Mount(str(data_dir), str(data_dir), False)
+
+
+def test_dataset_and_mount_paths_follow_one_rule(data_dir, monkeypatch):
+    """Absolute or ~ alike; relative refused alike (a kernelspec is read from any folder)."""
+    monkeypatch.setenv("HOME", str(data_dir.parent))
+    monkeypatch.chdir(data_dir.parent)
+    policy = SandboxPolicy.from_mapping({"mounts": ["~/data:/d"], "datasets": {"d": "~/data"}})
+    assert policy.mounts[0].source == policy.datasets[0].source == str(data_dir)
+    for values in ({"mounts": ["data:/d"]}, {"datasets": {"d": "data"}}):
+        with pytest.raises(
+            PolicyError, match=r"host path must be absolute \(an absolute path or ~/...\)"
+        ):
+            SandboxPolicy.from_mapping(values)
 
 
 @pytest.mark.parametrize(
@@ -503,6 +517,50 @@ def test_profile_values_over_a_ceiling_are_lowered_to_it():
     assert policy.pids_limit == 512 and sources["pids_limit"] == "profile analyst"
 
 
+def test_the_hosts_cpus_hold_a_profile_value_and_refuse_an_explicit_one():
+    """The engine refuses a cpu_limit above its CPUs at create time (a 'failed' kernel);
+    the policy holds a default's or profile's value to them and refuses a set one."""
+    policy, sources = layer_policy("analyst", PROFILES, {}, {}, cpus=lambda: 1)
+    assert policy.cpu_limit == 1.0
+    assert sources["cpu_limit"] == "host (1 CPU; the profile analyst value was 2)"
+    for config, spec, origin in (
+        ({}, {"cpu_limit": 3}, "kernelspec"),
+        ({"cpu_limit": 3}, {}, "jupyter config"),
+    ):
+        with pytest.raises(PolicyError) as info:
+            layer_policy("strict", PROFILES, config, spec, cpus=lambda: 2)
+        assert str(info.value) == (
+            f"cpu_limit: 3 (from {origin}) is more than this host's 2 CPUs, which the "
+            "Docker engine refuses; give at most 2"
+        )
+    policy, _ = layer_policy("strict", PROFILES, {}, {"cpu_limit": 2}, cpus=lambda: 2)
+    assert policy.cpu_limit == 2.0  # as many as there are is fine
+    policy, _ = layer_policy("strict", PROFILES, {}, {"cpu_limit": 64}, cpus=lambda: None)
+    assert policy.cpu_limit == 64.0  # an engine on another machine: it says for itself
+    profiles = {**PROFILES, "big": {"cpu_limit": 8}}
+    policy, sources = layer_policy("big", profiles, {}, {}, {"cpu_limit": 4}, cpus=lambda: 2)
+    assert policy.cpu_limit == 2.0 and sources["cpu_limit"].startswith("host (2 CPUs; the ceiling")
+
+
+def test_the_host_is_this_machine_unless_the_engine_is_elsewhere(monkeypatch):
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    assert host_cpus() == os.cpu_count()
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/user/1000/docker.sock")
+    assert host_cpus() == os.cpu_count()
+    monkeypatch.setenv("DOCKER_HOST", "tcp://build-farm.test:2376")
+    assert host_cpus() is None
+
+
+def test_a_kernelspec_asking_for_more_cpus_than_the_host_fails_its_policy(jupyter_path):
+    """Through the real provisioner: what install, doctor and run's preflight call."""
+    more = (os.cpu_count() or 1) + 1
+    spec = make_kernelspec(f"cpus-{uuid.uuid4().hex[:6]}", {"cpu_limit": more})
+    with pytest.raises(PolicyError) as info:
+        effective_policy(spec, Config())
+    assert str(info.value).startswith(f"kernelspec {spec}: cpu_limit: {more} (from kernelspec)")
+    assert str(info.value).count("kernelspec ") == 1
+
+
 def test_values_under_a_ceiling_pass():
     policy, _ = layer_policy(
         "educator",
@@ -748,3 +806,62 @@ def test_the_public_names_of_the_old_policy_module_are_still_there():
     old += ["parse_size", "profile_values", "validate"]
     assert set(old) <= set(policy.__all__)
     assert all(hasattr(policy, name) for name in policy.__all__)
+
+
+# -- egress hosts as users paste them: one parser for the policy, install and the service --------
+
+
+@pytest.mark.parametrize(
+    ("pasted", "rule"),
+    [
+        ("https://api.example.com/v1", "api.example.com:443"),
+        ("http://api.example.com", "api.example.com:80"),
+        ("HTTPS://API.Example.com/", "api.example.com:443"),
+        ("https://api.example.com:8443/v1?x=1#y", "api.example.com:8443"),
+        ("api.example.com:8443/v1", "api.example.com:8443"),
+        ("api.example.com/v1", "api.example.com"),  # no scheme: ports 80 and 443, as before
+        ("https://*.corp.test/simple", "*.corp.test:443"),
+        ("https://[fd00::5]/x", "[fd00::5]:443"),
+        ("api.example.com", "api.example.com"),
+    ],
+)
+def test_egress_hosts_are_taken_as_pasted_everywhere(pasted, rule, tmp_path):
+    from kernel_sandbox.cli.install import egress_install_policy
+    from kernel_sandbox.egress.rules import parse_rule
+    from kernel_sandbox.service.rules import ServiceRules
+
+    policy = SandboxPolicy.from_mapping({"network": "allowlist", "egress": [pasted]})
+    assert policy.egress == (rule,)
+    args = build_parser().parse_args(["install", "--network", "allowlist", "--egress", pasted])
+    assert egress_install_policy(args)["egress"] == (rule,)
+    rules_file = tmp_path / "service.toml"
+    rules_file.write_text(f"[everyone]\negress = [{json.dumps(pasted)}]\n")
+    rules_file.chmod(0o644)
+    everyone = ServiceRules.load(str(rules_file)).everyone
+    assert everyone is not None and everyone.values["egress"] == (rule,)
+    assert str(parse_rule(rule)) == rule  # stored as it reads
+
+
+@pytest.mark.parametrize(
+    ("pasted", "message"),
+    [
+        ("ftp://files.test/x", "only http:// and https:// URLs name a host and port"),
+        ("https://user:secret@api.test/", "credentials do not belong in an egress target"),
+        ("https://", "names no host"),
+        ("https://api.test:99999/", "is not a port number"),
+        ("https://*/", "would allow every host"),
+    ],
+)
+def test_egress_hosts_that_cannot_be_taken(pasted, message):
+    with pytest.raises(PolicyError) as info:
+        SandboxPolicy.from_mapping({"network": "allowlist", "egress": [pasted]})
+    assert str(info.value).startswith("egress: ") and message in str(info.value)
+
+
+def test_thread_pools_follow_cpu_limit_unless_set():
+    from kernel_sandbox.provisioner.container import container_env
+
+    assert container_env({}, (), {}, {}, 2.5)["OMP_NUM_THREADS"] == "2"
+    assert container_env({}, (), {}, {}, 0.5)["OPENBLAS_NUM_THREADS"] == "1"
+    assert container_env({}, (), {}, {"OMP_NUM_THREADS": "4"}, 1.0)["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in container_env({}, (), {}, {})

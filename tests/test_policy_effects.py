@@ -147,6 +147,8 @@ def test_every_key_takes_effect_inside(
     assert inside["env"]["KS_SET"] == "from-policy"
     assert inside["env"]["KS_PASS"] == "passed-through"
     assert "KS_NOT_LISTED" not in inside["env"] and "host-secret" not in json.dumps(inside["env"])
+    # thread pools (BLAS, pyarrow) sized to cpu_limit, not to the host's CPUs
+    assert inside["env"]["OMP_NUM_THREADS"] == inside["env"]["OPENBLAS_NUM_THREADS"] == "1"
     # user and runtime
     assert (inside["uid"], inside["gid"]) == (1234, 1234)
     assert attrs["HostConfig"].get("Runtime") in ("runc", None, "")
@@ -160,14 +162,15 @@ def test_read_only_workspace_and_profile_env(jupyter_path, leak_check, tmp_path)
     )
     with sandbox_kernel(name, cwd=str(notebooks)) as (_km, kc):
         inside = facts(kc)
-    # a notebook folder under /tmp (a path the image needs) appears at /workspace
-    assert inside["cwd"] == workspace_target(str(notebooks)) == "/workspace"
+    # a notebook folder under /tmp keeps its path (mounted in the sandbox's own /tmp)
+    assert inside["cwd"] == workspace_target(str(notebooks)) == str(notebooks)
     assert inside["notes"] == "course notes"
-    assert inside["write_here"] == "EROFS" and inside["modes"]["/workspace"] == "ro"
+    assert inside["write_here"] == "EROFS" and inside["modes"][str(notebooks)] == "ro"
     assert not (notebooks / "from-kernel.txt").exists()
     assert int(inside["memory"]) == 2 * 1024**3  # the ci profile's limit
     assert inside["env"]["PYTHONHASHSEED"] == "0" and inside["env"]["TZ"] == "UTC"
     assert inside["env"]["KS_EXTRA"] == "1"  # env merged over the profile's
+    assert inside["env"]["OMP_NUM_THREADS"] == "1"  # the profile's own value
     if os.getuid() == 0:  # a uid of its own from uid_range (kernel_sandbox.host.uids)
         assert inside["uid"] == inside["gid"] and inside["uid"] in UidRange.parse(DEFAULT_RANGE)
     else:
@@ -183,6 +186,7 @@ def test_no_workspace_under_gvisor(jupyter_path, leak_check, docker_client, tmp_
         attrs = docker_client.api.inspect_container(km.provisioner.container_id)
     assert inside["cwd"] == "/home/sandbox" and "notes.txt" not in inside["listing"]
     assert inside["notes"] is None and "/workspace" not in inside["modes"]
+    assert str(notebooks) not in inside["modes"]
     assert attrs["HostConfig"]["Runtime"] == "runsc"
     assert inside["proc_version"] != Path("/proc/version").read_text().strip()
 

@@ -30,6 +30,7 @@ async def preflight(options: RunOptions, backend: DockerBackend | None = None) -
         KernelspecError: no such kernelspec.
         PolicyError: unknown profile or bad policy, or ``profile`` with a kernelspec that is
             not sandboxed or pins another profile.
+        PolicyError: also a ``cpu_limit`` above the engine's CPUs (the engine refuses it).
         EngineUnavailable, ImageMissing: the engine or the kernel image is not there.
     """
     from kernel_sandbox.engine.backend import DockerBackend
@@ -71,11 +72,19 @@ async def preflight(options: RunOptions, backend: DockerBackend | None = None) -
                 f"image {policy.image} is not on the Docker engine; build it with "
                 "`kernel-sandbox image build` (or set the policy's image to one that exists)"
             )
+        cpus = (await engine.engine_info()).get("NCPU")
+        if policy.cpu_limit and isinstance(cpus, int) and policy.cpu_limit > cpus:
+            raise PolicyError(
+                f"cpu_limit {policy.cpu_limit:g} of {options.kernel} is more than the {cpus} "
+                "CPU(s) of the Docker engine, which refuses such a container; lower it in the "
+                f"kernelspec or Jupyter config (`kernel-sandbox policy show {options.kernel}` "
+                "says where it is set)"
+            )
         if policy.runtime != "runc" and policy.runtime not in await engine.runtimes():
             raise RuntimeUnavailable(
                 f"the Docker engine has no OCI runtime {policy.runtime!r}, which the policy "
                 f"of {options.kernel} asks for; register it in /etc/docker/daemon.json "
-                "(setup.sh does) or pick another profile"
+                "(`kernel-sandbox doctor` says how) or pick another profile"
             )
     finally:
         if own:

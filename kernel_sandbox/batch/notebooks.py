@@ -7,10 +7,11 @@ nbconvert`` users expect, and ``-p NAME VALUE`` parameters are injected the way 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["discover", "inject_parameters", "parse_value"]
+__all__ = ["CellMap", "discover", "inject_parameters", "parse_value"]
 
 
 def discover(inputs: Sequence[Path], output_dir: Path | None = None) -> list[tuple[Path, str]]:
@@ -73,17 +74,20 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def inject_parameters(nb: Any, parameters: Mapping[str, Any], language: str = "python") -> None:
+def inject_parameters(
+    nb: Any, parameters: Mapping[str, Any], language: str = "python"
+) -> int | None:
     """Insert papermill's ``injected-parameters`` cell after the cell tagged ``parameters``.
 
     As papermill does: an earlier injected cell is replaced, and without a ``parameters``
-    cell the new one goes first.
+    cell the new one goes first. Returns the index of the cell inserted, None when none was
+    (no parameters, or an earlier injected cell replaced: the user's cells did not move).
 
     Raises:
         ValueError: the kernel's language is not Python and papermill is not installed.
     """
     if not parameters:
-        return
+        return None
     import nbformat
 
     if language == "python":
@@ -108,6 +112,36 @@ def inject_parameters(nb: Any, parameters: Mapping[str, Any], language: str = "p
         nb.cells[old[0]] = cell
         for index in reversed(old[1:]):
             del nb.cells[index]
-        return
+        return None
     anchor = tagged("parameters")
-    nb.cells.insert(anchor[0] + 1 if anchor else 0, cell)
+    at = anchor[0] + 1 if anchor else 0
+    nb.cells.insert(at, cell)
+    return at
+
+
+@dataclass(frozen=True)
+class CellMap:
+    """Cell numbers as the user wrote the notebook, whatever run inserted into it.
+
+    ``injected`` is the index of the parameters cell run inserted (None: none); ``code``
+    the indexes of the user's code cells that run, in order.
+    """
+
+    code: tuple[int, ...]
+    injected: int | None = None
+
+    def number(self, index: int) -> int | None:
+        """Cell ``index``'s number (from 1, markdown included) in the user's notebook; None
+        for the injected cell."""
+        if index == self.injected:
+            return None
+        return index + (0 if self.injected is None or index < self.injected else -1) + 1
+
+    def label(self, index: int) -> str:
+        """``cell 3 (code cell 2 of 3)``, as JupyterLab numbers the user's notebook."""
+        number = self.number(index)
+        if number is None:
+            return "the injected parameters cell (-p/-f)"
+        if index in self.code:
+            return f"cell {number} (code cell {self.code.index(index) + 1} of {len(self.code)})"
+        return f"cell {number}"

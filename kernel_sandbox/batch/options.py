@@ -24,7 +24,9 @@ class RunOptions:
     profile: str | None = None
     jobs: int = field(default_factory=default_jobs)
     timeout: int | None = 600  # per cell; None: no limit
+    notebook_timeout: int | None = None  # all cells of a notebook together (not its start)
     startup_timeout: int = 60
+    retries: int = 0  # new kernels for a notebook whose kernel failed to start
     allow_errors: bool = False
     parameters: Mapping[str, Any] = field(default_factory=dict)
     output_dir: Path | None = None

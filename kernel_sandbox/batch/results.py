@@ -12,7 +12,7 @@ import re
 import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,11 @@ class NotebookResult:
     name: str  # how reports name it (relative to the folder it was found in)
     output: Path | None = None  # where the executed notebook is written, if anywhere
     status: Status = Status.QUEUED
-    cell: int = 0  # code cells started so far
-    cells: int = 0  # code cells to run
+    cell: int = 0  # the user's code cells started so far (an injected cell is not counted)
+    cells: int = 0  # the user's code cells to run
+    where: str = ""  # the cell running now, as the user numbers it ("cell 4 (code cell 2 of 3)")
+    cell_started: float | None = None
+    retries: list[str] = field(default_factory=list)  # why each failed kernel start failed
     started: float | None = None
     duration: float = 0.0
     summary: str = ""  # one line: what went wrong
@@ -68,7 +71,8 @@ class NotebookResult:
 
     @property
     def ok(self) -> bool:
-        return self.status is Status.PASSED
+        """Passed, or skipped by its own metadata (a batch with a setup error exits 2 anyway)."""
+        return self.status in (Status.PASSED, Status.SKIPPED)
 
 
 def plain(text: str) -> str:
@@ -92,16 +96,17 @@ def fail_in_cell(
     result: NotebookResult,
     nb: Any,
     index: int | None,
+    where: str,
     status: Status,
     error_type: str,
     what: str,
 ) -> None:
-    """:func:`fail`, naming cell ``index`` of ``nb`` and keeping its source and traceback."""
+    """:func:`fail`, naming cell ``index`` of ``nb`` (``where``: as the user numbers it) and
+    keeping its source and traceback."""
     if index is None:
         fail(result, status, error_type, what)
         return
     cell = nb.cells[index]
-    where = f"cell {index + 1} (code cell {result.cell} of {result.cells})"
     traceback = "\n".join(
         "\n".join(out.get("traceback", []))
         for out in cell.get("outputs", [])

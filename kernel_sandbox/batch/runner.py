@@ -15,8 +15,10 @@ notebook, so the first one stops the batch: notebooks not yet started are skippe
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +27,9 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import ensure_async
 
 from kernel_sandbox.batch.config import kernel_config, load_jupyter_config, preflight
-from kernel_sandbox.batch.notebooks import discover, inject_parameters, parse_value
+from kernel_sandbox.batch.failures import SETUP_ERRORS, START_FAILURES, death, is_setup_error
+from kernel_sandbox.batch.metadata import load_parameters, record_sandbox, settings_of
+from kernel_sandbox.batch.notebooks import CellMap, discover, inject_parameters, parse_value
 from kernel_sandbox.batch.options import RunOptions, default_jobs
 from kernel_sandbox.batch.results import (
     NotebookResult,
@@ -35,16 +39,7 @@ from kernel_sandbox.batch.results import (
     stream_output,
     write_junit,
 )
-from kernel_sandbox.errors import (
-    EngineUnavailable,
-    ImageMissing,
-    KernelspecError,
-    KernelStartError,
-    PolicyError,
-    RuntimeUnavailable,
-    SandboxError,
-)
-from kernel_sandbox.inside.contract import EXIT_KILLED
+from kernel_sandbox.errors import KernelspecError, KernelStartError, SandboxError
 
 if TYPE_CHECKING:
     from nbclient import NotebookClient
@@ -63,23 +58,39 @@ __all__ = [
     "inject_parameters",
     "kernel_config",
     "load_jupyter_config",
+    "load_parameters",
     "parse_value",
     "preflight",
     "write_junit",
 ]
 
-PROVISIONER_NAME = "docker-sandbox"
-# Errors that do not depend on the notebook: the first one stops the batch (exit 2).
-SETUP_ERRORS: tuple[type[BaseException], ...] = (
-    EngineUnavailable,
-    ImageMissing,
-    RuntimeUnavailable,
-    PolicyError,
-    KernelspecError,
-)
-
-
 # -- running --------------------------------------------------------------------------------
+
+
+class _NotebookTimeout(Exception):
+    """The whole notebook ran past its limit (--notebook-timeout)."""
+
+
+@dataclass
+class _Run:
+    """One notebook's kernel manager (a new one per start attempt) and where it is."""
+
+    km: AsyncKernelManager
+    cell_timeout: int | None = None
+    notebook_timeout: int | None = None  # the cells together, from the first one's start
+    cells: CellMap = field(default_factory=lambda: CellMap(()))
+    index: int | None = None  # the cell running, as an index into the executed notebook
+    cut_short: bool = False  # the running cell's limit is what is left of notebook_timeout
+
+    def label(self) -> str:
+        return self.cells.label(self.index) if self.index is not None else ""
+
+
+def _tried(what: str, result: NotebookResult) -> str:
+    """``what``, saying how many starts were tried when --retries gave more than one."""
+    if not result.retries:
+        return what
+    return f"{what} (the kernel failed to start {len(result.retries) + 1} times: --retries)"
 
 
 def _is_code(cell: Any, skip_tag: str) -> bool:
@@ -177,17 +188,28 @@ class BatchRunner:
         from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
         options = self.options
+        try:
+            settings = settings_of(nb)
+        except ValueError as exc:
+            fail(result, Status.FAILED, "MetadataError", str(exc))
+            return
+        if settings.skip:
+            result.status, result.summary = Status.SKIPPED, settings.skip
+            return
+        cell_timeout = options.timeout if settings.timeout is None else settings.timeout or None
+        whole = settings.notebook_timeout
+        notebook_timeout = options.notebook_timeout if whole is None else whole or None
         km = self._km_factory(kernel_name=options.kernel, config=options.config)
         client = NotebookClient(
             nb,
             km=km,
             kernel_name=options.kernel,
-            timeout=options.timeout,
+            timeout=cell_timeout,
             startup_timeout=options.startup_timeout,
             allow_errors=options.allow_errors,
             resources={"metadata": {"path": str(result.path.parent)}},
         )
-        index: int | None = None
+        run = _Run(km=km, cell_timeout=cell_timeout, notebook_timeout=notebook_timeout)
         graceful = False
         try:
             try:
@@ -198,84 +220,136 @@ class BatchRunner:
                 ) from exc
             language = ((spec.language if spec is not None else "") or "python").lower()
             try:
-                inject_parameters(nb, options.parameters, language)
+                injected = inject_parameters(nb, options.parameters, language)
             except ValueError as exc:
                 fail(result, Status.FAILED, "ParameterError", str(exc))
                 return
-            code = {i for i, c in enumerate(nb.cells) if _is_code(c, client.skip_cells_with_tag)}
+            skip_tag = client.skip_cells_with_tag
+            code = tuple(
+                i for i, c in enumerate(nb.cells) if _is_code(c, skip_tag) and i != injected
+            )
+            run.cells = CellMap(code, injected)
             result.cells = len(code)
-            result.status = Status.STARTING
-            self._changed(result)
-            await client.async_start_new_kernel()
-            await client.async_start_new_kernel_client()
-            result.status = Status.RUNNING
-            self._changed(result)
-            client.reset_execution_trackers()
-            assert client.kc is not None
-            reply = await client.async_wait_for_reply(await ensure_async(client.kc.kernel_info()))
-            if reply is not None and "language_info" in reply["content"]:
-                nb.metadata["language_info"] = reply["content"]["language_info"]
-            for index, cell in enumerate(nb.cells):
-                if index in code:
-                    result.cell += 1
-                    self._changed(result)
-                await client.async_execute_cell(
-                    cell, index, execution_count=client.code_cells_executed + 1
-                )
-            client.set_widgets_metadata()
+            try:
+                await self._run_cells(result, nb, client, run)
+            except CellTimeoutError:
+                if run.cut_short:
+                    raise _NotebookTimeout from None
+                raise
             result.status = Status.PASSED
             graceful = True
-        except SETUP_ERRORS as exc:
+        except _NotebookTimeout:
+            by = "its metadata" if whole else "--notebook-timeout"
+            fail_in_cell(
+                result,
+                nb,
+                run.index,
+                run.label(),
+                Status.TIMED_OUT,
+                "NotebookTimeout",
+                f"the notebook ran past {notebook_timeout}s ({by})",
+            )
+        except CellTimeoutError:
+            by = "its metadata" if settings.timeout else "--timeout"
+            fail_in_cell(
+                result,
+                nb,
+                run.index,
+                run.label(),
+                Status.TIMED_OUT,
+                "CellTimeoutError",
+                f"no reply within {cell_timeout}s ({by})",
+            )
+        except CellExecutionError as exc:
+            what = f"{exc.ename}: {exc.evalue}"
+            fail_in_cell(result, nb, run.index, run.label(), Status.FAILED, exc.ename, what)
+        except DeadKernelError:
+            error_type, what = await death(run.km)
+            fail_in_cell(result, nb, run.index, run.label(), Status.FAILED, error_type, what)
+        except Exception as exc:  # setup errors, start failures, and anything unforeseen
+            self._failed_outside_cells(result, exc)
+        finally:
+            free_slot()
+            await self._shutdown(client, run.km, graceful)
+            result.stdout = stream_output(nb)
+
+    def _failed_outside_cells(self, result: NotebookResult, exc: Exception) -> None:
+        if is_setup_error(exc):
             assert isinstance(exc, SandboxError)
             result.setup_error = exc
             if self.setup_error is None:
                 self.setup_error = exc
-            fail(result, Status.ERROR, type(exc).__name__, str(exc))
-        except CellTimeoutError:
-            fail_in_cell(
-                result,
-                nb,
-                index,
-                Status.TIMED_OUT,
-                "CellTimeoutError",
-                f"no reply within {options.timeout}s (--timeout)",
+            what = str(exc)
+            if isinstance(exc, KernelStartError):  # the engine refused the container
+                what += (
+                    f"; check the policy of {self.options.kernel}: "
+                    f"`kernel-sandbox policy show {self.options.kernel}`"
+                )
+            fail(result, Status.ERROR, type(exc).__name__, what)
+        elif isinstance(exc, KernelStartError):
+            fail(result, Status.FAILED, "KernelStartError", _tried(str(exc), result))
+        elif isinstance(exc, TimeoutError):  # wait_for_ready
+            what = (
+                f"the kernel was not ready within {self.options.startup_timeout}s "
+                f"(--startup-timeout): {exc}"
             )
-        except CellExecutionError as exc:
-            fail_in_cell(result, nb, index, Status.FAILED, exc.ename, f"{exc.ename}: {exc.evalue}")
-        except DeadKernelError:
-            status = await self._exit_status(km)
-            fail_in_cell(
-                result, nb, index, Status.FAILED, "DeadKernelError", f"the kernel died{status}"
-            )
-        except KernelStartError as exc:
-            fail(result, Status.FAILED, "KernelStartError", str(exc))
-        except TimeoutError as exc:  # wait_for_ready
-            fail(
-                result,
-                Status.TIMED_OUT,
-                "StartupTimeout",
-                f"the kernel was not ready within {options.startup_timeout}s "
-                f"(--startup-timeout): {exc}",
-            )
-        except Exception as exc:  # a kernel that died while starting, and anything unforeseen
-            fail(result, Status.FAILED, type(exc).__name__, str(exc) or repr(exc))
-        finally:
-            free_slot()
-            await self._shutdown(client, km, graceful)
-            result.stdout = stream_output(nb)
+            fail(result, Status.TIMED_OUT, "StartupTimeout", _tried(what, result))
+        else:  # a kernel that died while starting, and anything unforeseen
+            fail(result, Status.FAILED, type(exc).__name__, _tried(str(exc) or repr(exc), result))
 
-    async def _exit_status(self, km: AsyncKernelManager) -> str:
-        try:
-            code = await km.provisioner.poll() if km.provisioner is not None else None
-        except Exception:
-            return ""
-        if code is None:
-            return ""
-        notice = getattr(km.provisioner, "notice", None)  # why, when the host knows
-        if notice is not None:
-            return f" with exit status {code}: {notice.text}"
-        hint = " (killed: out of memory or SIGKILL)" if code == EXIT_KILLED else ""
-        return f" with exit status {code}{hint}"
+    async def _run_cells(
+        self, result: NotebookResult, nb: Any, client: NotebookClient, run: _Run
+    ) -> None:
+        """Start the kernel (retrying a failed start), record the sandbox, run the cells."""
+        result.status = Status.STARTING
+        self._changed(result)
+        await self._start(result, client, run)
+        result.status = Status.RUNNING
+        self._changed(result)
+        client.reset_execution_trackers()
+        assert client.kc is not None
+        reply = await client.async_wait_for_reply(await ensure_async(client.kc.kernel_info()))
+        if reply is not None and "language_info" in reply["content"]:
+            nb.metadata["language_info"] = reply["content"]["language_info"]
+        await record_sandbox(nb, self.options.kernel, run.km)
+        deadline = time.monotonic() + (run.notebook_timeout or 0)
+        for index, cell in enumerate(nb.cells):
+            run.index = index
+            if run.notebook_timeout and cell.cell_type == "code":
+                # what is left of the notebook's time limits the cell: nbclient's own timeout
+                # then stops it cleanly, as it does for --timeout
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _NotebookTimeout
+                run.cut_short = run.cell_timeout is None or left < run.cell_timeout
+                client.timeout = max(1, math.ceil(left)) if run.cut_short else run.cell_timeout
+            if cell.cell_type == "code":
+                if index in run.cells.code:
+                    result.cell += 1
+                result.where, result.cell_started = run.label(), time.monotonic()
+                self._changed(result)
+            await client.async_execute_cell(
+                cell, index, execution_count=client.code_cells_executed + 1
+            )
+        client.set_widgets_metadata()
+
+    async def _start(self, result: NotebookResult, client: NotebookClient, run: _Run) -> None:
+        """Start the kernel; a kernel that failed to start gets ``options.retries`` more tries,
+        each in a new kernel (never a cell that failed: that is the notebook's)."""
+        while True:
+            try:
+                await client.async_start_new_kernel()
+                await client.async_start_new_kernel_client()
+                return
+            except START_FAILURES as exc:
+                if len(result.retries) >= self.options.retries or is_setup_error(exc):
+                    raise
+                result.retries.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                self._changed(result)
+                await self._shutdown(client, run.km, graceful=False)
+                options = self.options
+                run.km = self._km_factory(kernel_name=options.kernel, config=options.config)
+                client.km = run.km
 
     async def _shutdown(
         self, client: NotebookClient, km: AsyncKernelManager, graceful: bool

@@ -26,6 +26,7 @@ from kernel_sandbox.cli.egress import add_egress_command
 from kernel_sandbox.cli.image import add_image_command
 from kernel_sandbox.cli.install import add_install_command, add_wrap_command
 from kernel_sandbox.cli.lockdown import add_lockdown_command
+from kernel_sandbox.cli.mcp import add_mcp_command
 from kernel_sandbox.cli.policy import add_policy_command
 from kernel_sandbox.cli.run import add_run_command
 from kernel_sandbox.cli.sandboxes import add_gc_command, add_ps_command, add_stop_command
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_egress_command(commands)
     add_lockdown_command(commands)
     add_serve_command(commands)
+    add_mcp_command(commands)
     return parser
 
 

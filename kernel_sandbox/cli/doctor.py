@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -29,32 +29,36 @@ from rich.markup import escape
 from rich.table import Table
 from traitlets.config import Config
 
+from kernel_sandbox.cli.checks import FAIL, OK, WARN, Check
 from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, wide_console
+from kernel_sandbox.cli.doctor_kernelspecs import check_cpus, check_image, check_kernelspecs
 from kernel_sandbox.cli.service_mode import add_service_flags, which_mode
+from kernel_sandbox.cli.visibility import visibility_findings
 from kernel_sandbox.engine.backend import DockerBackend
-from kernel_sandbox.errors import PolicyError, SandboxError
+from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.rundir import CHANNELS, MAX_SOCKET_PATH, RuntimeDir, default_root
-from kernel_sandbox.inside.contract import EGRESS_NOTICE_SOCKET, IMAGE_KIND_KERNEL, label
+from kernel_sandbox.inside.contract import EGRESS_NOTICE_SOCKET
 from kernel_sandbox.kernelspec import PROVISIONER_NAME
 from kernel_sandbox.policy import DEFAULT_IMAGE
-from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config, resolve
+from kernel_sandbox.policy.effective import is_sandboxed, load_jupyter_config
 
-__all__ = ["Check", "add_doctor_command", "run_checks"]
+__all__ = [
+    "FAIL",
+    "OK",
+    "WARN",
+    "Check",
+    "add_doctor_command",
+    "check_cpus",
+    "check_image",
+    "check_kernelspecs",
+    "run_checks",
+    "visibility_findings",
+]
 
-OK, WARN, FAIL = "ok", "warn", "fail"
 # How runsc must be registered here: no network of its own, and host unix sockets for the
 # kernel's ipc sockets and the lifeline/broker sockets it connects to.
 RUNSC_ARGS = ["--network=none", "--host-uds=all"]
 RELOAD = "then reload the engine: `kill -HUP $(pidof dockerd)` (or `systemctl reload docker`)"
-
-
-@dataclass(frozen=True)
-class Check:
-    area: str
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
 
 
 # -- the checks -----------------------------------------------------------------------------
@@ -256,83 +260,6 @@ def check_runtime_root(root: str, uid: int | None = None) -> list[Check]:
     return checks
 
 
-def check_kernelspecs(
-    config: Config, specs: dict[str, Any] | None = None
-) -> tuple[list[Check], dict[str, list[str]], dict[str, list[str]]]:
-    """Every sandboxed kernelspec's policy, as its kernel's start would work it out.
-
-    Returns the checks, and the images and runtimes the kernelspecs need (name -> specs).
-    """
-    manager = KernelSpecManager()
-    specs = manager.get_all_specs() if specs is None else specs
-    checks: list[Check] = []
-    images: dict[str, list[str]] = {}
-    runtimes: dict[str, list[str]] = {}
-    for name, entry in sorted(specs.items()):
-        spec = manager.get_kernel_spec(name) if not hasattr(entry, "argv") else entry
-        if not is_sandboxed(spec):
-            continue
-        try:
-            effective = resolve(spec, name, config)
-        except (PolicyError, SandboxError) as exc:
-            checks.append(
-                Check(
-                    "kernelspec",
-                    name,
-                    FAIL,
-                    str(exc),
-                    f"edit {spec.resource_dir}/kernel.json, or write it again with "
-                    f"`kernel-sandbox install --name {name} ...`",
-                )
-            )
-            continue
-        policy = effective.policy
-        images.setdefault(policy.image, []).append(name)
-        if policy.runtime != "runc":
-            runtimes.setdefault(policy.runtime, []).append(name)
-        checks.append(
-            Check(
-                "kernelspec",
-                name,
-                OK,
-                f"profile {effective.profile}, image {policy.image}, runtime {policy.runtime}",
-            )
-        )
-    if not checks:
-        checks.append(
-            Check(
-                "kernelspec",
-                "(none)",
-                FAIL,
-                "no sandboxed kernelspec is installed",
-                "kernel-sandbox install",
-            )
-        )
-    return checks, images, runtimes
-
-
-def check_image(image: str, labels: dict[str, str] | None, specs: list[str]) -> Check:
-    users = f" (used by {', '.join(specs)})" if specs else ""
-    if labels is None:
-        fix = (
-            "kernel-sandbox image build (add --base kernel-sandbox/base:bookworm after "
-            "`kernel-sandbox image base` where no registry is reachable)"
-            if image == DEFAULT_IMAGE
-            else f"docker pull {image}, or build it"
-        )
-        return Check("image", image, FAIL, f"not on the engine{users}", fix)
-    if labels.get(label("image")) != IMAGE_KIND_KERNEL:
-        return Check(
-            "image",
-            image,
-            WARN,
-            f"present{users}, but not built by kernel-sandbox: no in-sandbox watchdog, "
-            "so a kernel orphaned by a crashed server runs on until `kernel-sandbox gc`",
-            "build kernel images with `kernel-sandbox image build --binder DIR`",
-        )
-    return Check("image", image, OK, f"present{users}")
-
-
 async def run_checks(
     backend: DockerBackend,
     config: Config,
@@ -340,7 +267,7 @@ async def run_checks(
     which: Callable[[str], str | None] = shutil.which,
 ) -> list[Check]:
     checks = [check_provisioner()]
-    spec_checks, images, runtimes = check_kernelspecs(config)
+    spec_checks, images, runtimes, cpus = check_kernelspecs(config)
     try:
         info: dict[str, Any] | None = await backend.engine_info()
         error = ""
@@ -349,6 +276,7 @@ async def run_checks(
     checks.append(check_engine(info, error))
     if info is not None:
         checks += check_runtimes(info, runtimes, which)
+        spec_checks += check_cpus(info, cpus)
         images.setdefault(DEFAULT_IMAGE, [])
         for image, specs in sorted(images.items()):
             checks.append(check_image(image, await backend.image_labels(image), specs))

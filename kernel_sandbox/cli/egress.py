@@ -3,6 +3,7 @@
     kernel-sandbox egress pending [--kernel ID] [--json]
     kernel-sandbox egress approve KERNEL_ID HOST:PORT [--always]
     kernel-sandbox egress deny KERNEL_ID HOST:PORT [--always]
+    kernel-sandbox egress secrets list|revoke|rotate ...   (kernel_sandbox.cli.egress_secrets)
 
 The install flags that give a kernelspec an allowlist (``--network allowlist --egress ...``)
 are in :mod:`kernel_sandbox.cli.install`. Through the sandbox service (which runs the proxies:
@@ -15,9 +16,11 @@ import argparse
 import json
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_OK, err
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, done
+from kernel_sandbox.cli.egress_secrets import add_secrets_command
 from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.egress.control import EgressControl
+from kernel_sandbox.egress.rules import TargetError, parse_target
 from kernel_sandbox.engine.backend import DockerBackend
 
 __all__ = ["add_egress_command"]
@@ -37,7 +40,7 @@ async def cmd_pending(args: argparse.Namespace, backend: DockerBackend) -> int:
         print(json.dumps(rows))
         return EXIT_OK
     if not rows:
-        err.print("no egress request is waiting for approval")
+        done("no egress request is waiting for approval")
         return EXIT_OK
     user = f" {'USER':<16}" if everyone else ""
     print(f"{'KERNEL':<38} {'TARGET':<40} {'WAITING':>7} {'LEFT':>6}{user}")
@@ -51,7 +54,13 @@ async def cmd_pending(args: argparse.Namespace, backend: DockerBackend) -> int:
 
 
 async def cmd_decide(args: argparse.Namespace, backend: DockerBackend) -> int:
-    """Approve or deny; no such kernel or nothing waiting is an EgressControlError (exit 2)."""
+    """Approve or deny; no such kernel or nothing waiting is an EgressControlError (exit 2).
+
+    TARGET may be pasted as a URL (``https://pypi.org/simple`` is ``pypi.org:443``)."""
+    try:
+        target = str(parse_target(args.target))
+    except TargetError as exc:
+        raise UsageError(f"TARGET: {exc}; give HOST:PORT as `egress pending` shows it") from None
     client = service_for(args)
     if client is not None:
         reply = await ask(
@@ -59,20 +68,17 @@ async def cmd_decide(args: argparse.Namespace, backend: DockerBackend) -> int:
             "egress_decide",
             decision=args.egress_command,
             kernel_id=args.kernel_id,
-            target=args.target,
+            target=target,
             always=args.always,
         )
         count = int(reply["decided"])
     else:
         control = EgressControl(args.runtime_root)
         decide = control.approve if args.egress_command == "approve" else control.deny
-        count = decide(args.kernel_id, args.target, always=args.always)
+        count = decide(args.kernel_id, target, always=args.always)
     verb = "approved" if args.egress_command == "approve" else "denied"
     scope = " (and from now on, for this kernel)" if args.always else ""
-    err.print(
-        f"{verb} {count} waiting request(s) to {args.target} in kernel {args.kernel_id}{scope}",
-        markup=False,
-    )
+    done(f"{verb} {count} waiting request(s) to {target} in kernel {args.kernel_id}{scope}")
     return EXIT_OK
 
 
@@ -95,7 +101,9 @@ def add_egress_command(commands: Any) -> None:
         action = actions.add_parser(name, help=f"{verb} the waiting requests to TARGET")
         action.add_argument("kernel_id", metavar="KERNEL_ID", help="kernel id (or a unique prefix)")
         action.add_argument(
-            "target", metavar="TARGET", help="HOST:PORT as `egress pending` shows it"
+            "target",
+            metavar="TARGET",
+            help="HOST:PORT as `egress pending` shows it (or a URL: https://HOST/... is HOST:443)",
         )
         action.add_argument(
             "--always",
@@ -112,3 +120,4 @@ def add_egress_command(commands: Any) -> None:
             help="runtime root of the kernels (default /tmp/kernel-sandbox-UID; direct mode)",
         )
         add_service_flags(parser)
+    add_secrets_command(actions)

@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_OK, progress
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, done, progress
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.image.build import (
     DEFAULT_BASE,
     LOCAL_BASE,
+    MINIMAL_IMAGE,
     build_base_image,
     build_kernel_image,
+    minimal_binder_dir,
 )
 from kernel_sandbox.policy import DEFAULT_IMAGE
 
@@ -20,7 +22,7 @@ __all__ = ["add_image_command"]
 
 
 async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> int:
-    await build_base_image(
+    built = await build_base_image(
         backend,
         tag=args.tag,
         suite=args.suite,
@@ -28,19 +30,28 @@ async def cmd_image_base(args: argparse.Namespace, backend: DockerBackend) -> in
         force=args.force,
         progress=progress("base"),
     )
+    done(f"built {args.tag}" if built else f"{args.tag} already exists")
     return EXIT_OK
 
 
 async def cmd_image_build(args: argparse.Namespace, backend: DockerBackend) -> int:
-    await build_kernel_image(
+    if args.binder is not None and not Path(args.binder).is_dir():
+        what = "is not a folder" if Path(args.binder).exists() else "does not exist"
+        raise UsageError(f"--binder {args.binder} {what}: give the environment folder")
+    if args.minimal:
+        tag, binder = args.tag or MINIMAL_IMAGE, minimal_binder_dir()
+    else:
+        tag, binder = args.tag or DEFAULT_IMAGE, args.binder
+    built = await build_kernel_image(
         backend,
         base=args.base,
-        tag=args.tag,
-        binder=args.binder,
+        tag=tag,
+        binder=binder,
         force=args.force,
         progress=progress("build"),
         mirror=args.mirror,
     )
+    done(f"built {tag}" if built else f"{tag} is up to date")
     return EXIT_OK
 
 
@@ -50,10 +61,12 @@ def add_image_command(commands: Any) -> None:
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
         "build",
-        help=f"build the kernel image ({DEFAULT_IMAGE})",
+        help=f"build the kernel image ({DEFAULT_IMAGE}, or --minimal)",
         description="Build the kernel image from an environment spec in repo2docker's formats "
         "(requirements.txt, apt.txt). Wheels and Debian packages are downloaded on the host; "
-        "the build itself has no network.",
+        f"the build itself has no network. The default, {DEFAULT_IMAGE}, has the analyst's "
+        "common stack (numpy, pandas with pyarrow for CSV and Parquet, matplotlib, ipywidgets); "
+        f"--minimal builds {MINIMAL_IMAGE} with ipykernel and fsspec only.",
     )
     build.add_argument(
         "--base",
@@ -61,12 +74,26 @@ def add_image_command(commands: Any) -> None:
         help=f"base image with Python (default {DEFAULT_BASE}; without a "
         f"registry use {LOCAL_BASE} from `kernel-sandbox image base`)",
     )
-    build.add_argument("--tag", default=DEFAULT_IMAGE, help="tag of the image to build")
     build.add_argument(
+        "--tag",
+        default=None,
+        help=f"tag of the image to build (default {DEFAULT_IMAGE}; with --minimal {MINIMAL_IMAGE})",
+    )
+    spec = build.add_mutually_exclusive_group()
+    spec.add_argument(
         "--binder",
         type=Path,
         default=None,
-        help="environment folder (default: the binder/ shipped with kernel-sandbox)",
+        help="environment folder (default: the binder/ shipped with kernel-sandbox, the "
+        "analyst's stack)",
+    )
+    spec.add_argument(
+        "--minimal",
+        action="store_true",
+        help=f"build the minimal image instead ({MINIMAL_IMAGE}, from binder/minimal/): "
+        "ipykernel and fsspec, without numpy, pandas, pyarrow, matplotlib or ipywidgets; "
+        "about 220 MB against 655 MB. A kernelspec or profile selects it with the policy key "
+        f"image ({MINIMAL_IMAGE})",
     )
     build.add_argument(
         "--mirror",

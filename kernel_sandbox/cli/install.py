@@ -20,10 +20,11 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec
 
-from kernel_sandbox.cli.console import EXIT_OK, err
+from kernel_sandbox.cli.console import EXIT_OK, done, warn
 from kernel_sandbox.cli.policy import POLICY_FLAGS, add_policy_flags
+from kernel_sandbox.cli.visibility import kernelspec_visibility
 from kernel_sandbox.engine.backend import DockerBackend
-from kernel_sandbox.errors import KernelspecError, PolicyError
+from kernel_sandbox.errors import KernelspecError, PolicyError, SandboxError
 from kernel_sandbox.kernelspec import (
     PYTHON_ARGV,
     check_kernel_name,
@@ -38,6 +39,8 @@ from kernel_sandbox.kernelspec import (
 )
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, parse_datasets
 from kernel_sandbox.policy.effective import EffectivePolicy, load_jupyter_config, resolve
+from kernel_sandbox.policy.host import check_host_files
+from kernel_sandbox.policy.values import URL_SCHEME
 
 __all__ = [
     "add_install_command",
@@ -80,6 +83,19 @@ def _absolute_mount(item: str) -> str:
     return os.path.abspath(os.path.expanduser(head)) + sep + rest
 
 
+def absolute_datasets(items: list[str]) -> list[str]:
+    """``--dataset NAME=SOURCE[:access]`` with a relative or ~ local SOURCE made absolute from
+    the current directory, as ``--mount`` does; URLs and malformed items are left to the
+    policy's own check."""
+    made: list[str] = []
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if sep and spec.strip() and not URL_SCHEME.match(spec.strip()):
+            spec = os.path.abspath(os.path.expanduser(spec.strip()))
+        made.append(name + sep + spec)
+    return made
+
+
 def egress_install_policy(args: argparse.Namespace) -> dict[str, Any]:
     """The policy values the egress flags ask for ({} when none was given).
 
@@ -95,8 +111,12 @@ def egress_install_policy(args: argparse.Namespace) -> dict[str, Any]:
         values["egress_mode"] = args.egress_mode
     if args.egress_ask_timeout is not None:
         values["egress_ask_timeout"] = args.egress_ask_timeout
+    if getattr(args, "egress_secret", None):
+        values["egress_secrets"] = list(args.egress_secret)
     if values and args.network != "allowlist":
-        raise PolicyError("--egress, --egress-host and --egress-mode need --network allowlist")
+        raise PolicyError(
+            "--egress, --egress-host, --egress-mode and --egress-secret need --network allowlist"
+        )
     if args.network:
         values["network"] = args.network
     policy = SandboxPolicy.from_mapping(values)  # validated and normalised
@@ -110,20 +130,51 @@ def _spec_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check(spec: dict[str, Any], name: str, config_file: str | None) -> EffectivePolicy:
-    """Work the policy out as the kernel's start will; refuse now what it would refuse."""
+    """Work the policy out as the kernel's start will; refuse now what it would refuse (a
+    seccomp file included)."""
     config, _files = load_jupyter_config(config_file)
     provisioner_config = spec["metadata"]["kernel_provisioner"]["config"]
     fields = ("argv", "display_name", "language", "metadata", "env")
     kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k in fields})
     kernel_spec.name = name
+    effective = resolve(kernel_spec, name, config, dict(provisioner_config))  # names the spec
     try:
-        return resolve(kernel_spec, name, config, dict(provisioner_config))
+        check_host_files(effective.policy)
     except PolicyError as exc:
         raise PolicyError(f"kernelspec {name}: {exc}") from exc
+    return effective
+
+
+async def _warn_missing_runtime(backend: DockerBackend, effective: EffectivePolicy) -> None:
+    """A warning when the engine answers and lacks the policy's runtime (it can be registered
+    after the install; ``doctor`` fails until it is). Silent when the engine does not answer."""
+    runtime = effective.policy.runtime
+    if runtime == "runc":
+        return
+    try:
+        known = await backend.runtimes()
+    except SandboxError:
+        return
+    if runtime not in known:
+        warn(
+            f"warning: the Docker engine has no OCI runtime {runtime!r}: kernels of "
+            f"{effective.kernelspec} will not start until it is registered (`kernel-sandbox "
+            "doctor` says how)"
+        )
 
 
 def _location(args: argparse.Namespace) -> tuple[bool, str | None]:
     return args.user, sys.prefix if args.sys_prefix else args.prefix
+
+
+def _installed(message: str, where: str) -> None:
+    """Say what was installed where, and which Jupyter will and will not find it."""
+    done(message)
+    for warning, line in kernelspec_visibility(where).lines():
+        if warning:
+            warn(f"warning: {line}")
+        else:
+            done(f"  {line}")
 
 
 # -- install --------------------------------------------------------------------------------
@@ -138,7 +189,8 @@ def _install_shipped(args: argparse.Namespace, egress: dict[str, Any]) -> None:
     """The shipped kernelspecs as they are, or with the egress and dataset values added."""
     extra = {k: list(v) if isinstance(v, tuple) else v for k, v in egress.items()}
     if args.dataset:
-        extra["datasets"] = {d.name: f"{d.source}:{d.access}" for d in parse_datasets(args.dataset)}
+        datasets = parse_datasets(absolute_datasets(args.dataset))
+        extra["datasets"] = {d.name: f"{d.source}:{d.access}" for d in datasets}
     user, prefix = _location(args)
     for source in shipped_kernelspecs():
         if extra:
@@ -146,10 +198,10 @@ def _install_shipped(args: argparse.Namespace, egress: dict[str, Any]) -> None:
             where = write_kernelspec(source.name, spec, user=user, prefix=prefix, resources=source)
         else:
             where = install_kernelspec(source, user=user, prefix=prefix)
-        err.print(f"installed kernelspec {source.name} in {where}", markup=False)
+        _installed(f"installed kernelspec {source.name} in {where}", where)
 
 
-def _install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> None:
+def _install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> EffectivePolicy:
     """``kernel-sandbox install --profile P --name N ...``: one kernelspec with a policy.
 
     ``extra`` are the egress and dataset values.
@@ -178,17 +230,19 @@ def _install_custom(args: argparse.Namespace, extra: dict[str, Any]) -> None:
     where = write_kernelspec(
         name, spec, user=user, prefix=prefix, resources=shipped_kernelspecs()[0]
     )
-    err.print(
+    _installed(
         f"installed kernelspec {name} ({display!r}, profile {effective.profile}) in {where}",
-        markup=False,
+        where,
     )
+    return effective
 
 
 async def cmd_install(args: argparse.Namespace, backend: DockerBackend) -> int:
     egress = egress_install_policy(args)
     if _wants_custom_install(args):
-        datasets = {"datasets": list(args.dataset)} if args.dataset else {}
-        _install_custom(args, {**egress, **datasets})
+        datasets = {"datasets": absolute_datasets(args.dataset)} if args.dataset else {}
+        effective = _install_custom(args, {**egress, **datasets})
+        await _warn_missing_runtime(backend, effective)
     else:
         _install_shipped(args, egress)
     return EXIT_OK
@@ -208,16 +262,14 @@ async def cmd_wrap(args: argparse.Namespace, backend: DockerBackend) -> int:
     where = write_kernelspec(
         name, spec, user=user, prefix=prefix, resources=Path(original.resource_dir)
     )
-    err.print(
+    _installed(
         f"installed kernelspec {name} ({spec['display_name']!r}): {args.kernel_name}'s "
         f"kernel in image {image}, profile {effective.profile}, in {where}",
-        markup=False,
+        where,
     )
     if spec["argv"] != original.argv:
-        err.print(
-            f"note: argv[0] {original.argv[0]!r} runs as {spec['argv'][0]!r} on the image's PATH",
-            markup=False,
-        )
+        done(f"  argv[0] {original.argv[0]!r} runs as {spec['argv'][0]!r} on the image's PATH")
+    await _warn_missing_runtime(backend, effective)
     return EXIT_OK
 
 
@@ -277,6 +329,15 @@ def _add_egress_flags(parser: argparse.ArgumentParser) -> None:
         choices=("deny", "ask"),
         default=None,
         help="unlisted targets: deny (default) or ask a person (kernel-sandbox egress approve)",
+    )
+    group.add_argument(
+        "--egress-secret",
+        action="append",
+        default=[],
+        metavar="HOST=SOURCE[:HOW]",
+        help="a credential the host-side proxy adds to HTTPS requests to HOST (the kernel never "
+        "sees it): SOURCE env:NAME, file:/PATH or keyring:SERVICE/USER; HOW bearer (default), "
+        "basic, header:NAME or query:NAME (repeatable)",
     )
     group.add_argument(
         "--egress-ask-timeout",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, UsageError, err, out
+from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, UsageError, done, warn
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.lockdown.config import EXTENSION
 from kernel_sandbox.lockdown.report import enabled_extensions
@@ -48,9 +48,7 @@ async def cmd_lockdown(args: argparse.Namespace, backend: DockerBackend) -> int:
         ) from exc
     if args.action == "status":
         on = _effective()
-        out.print(
-            f"lockdown is {'enabled' if on else 'not enabled'} (kernel-sandbox doctor says more)"
-        )
+        done(f"lockdown is {'enabled' if on else 'not enabled'} (kernel-sandbox doctor says more)")
         return EXIT_OK if on else EXIT_FAILED
     want = args.action == "enable"
     directory = config_dir(args.scope)
@@ -64,21 +62,21 @@ async def cmd_lockdown(args: argparse.Namespace, backend: DockerBackend) -> int:
             f"cannot write {path}: {exc.strerror or exc}; pick another scope "
             "(--user, --sys-prefix, --system) or run as a user who may write there"
         ) from exc
-    err.print(f"{'enabled' if want else 'disabled'} {EXTENSION} in {path}")
+    done(f"{'enabled' if want else 'disabled'} {EXTENSION} in {path}")
     if _effective() != want:
-        err.print(
-            f"but a Jupyter Server started here would still have it "
+        warn(
+            f"warning: but a Jupyter Server started here would still have it "
             f"{'disabled' if want else 'enabled'}: another config file overrides {path} "
             f"(see `jupyter server extension list` and `jupyter --paths`)"
         )
         return EXIT_FAILED
     if want:
-        err.print(
+        done(
             "restart the Jupyter Server; it refuses to start if lockdown cannot hold. "
             "Check with `kernel-sandbox doctor`."
         )
     else:
-        err.print("restart the Jupyter Server: clients may then start host kernels again")
+        done("restart the Jupyter Server: clients may then start host kernels again")
     return EXIT_OK
 
 

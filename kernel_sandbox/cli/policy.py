@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from kernel_sandbox.cli.console import EXIT_OK, out
 from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.engine.container import reserved_for, workspace_target
 from kernel_sandbox.policy import (
     POLICY_KEYS,
     PROFILES,
@@ -94,11 +96,32 @@ def _sources_table(effective: EffectivePolicy) -> Table:
     return table
 
 
+def _workspace_line(mode: str, folder: str) -> str:
+    """Where a notebook in ``folder`` finds its folder inside, and why if not at its path."""
+    if mode == "none":
+        return "workspace: none (no host folder is mounted; the kernel starts in its home)"
+    line = f"workspace ({mode}): a notebook in {folder} runs in {workspace_target(folder)} inside"
+    reserved = reserved_for(folder)
+    if reserved is None:
+        return line
+    return (
+        f"{line}, not at its own path ({reserved} is the sandbox's own there): absolute paths "
+        f"differ; use paths relative to the notebook, or keep notebooks outside {reserved}"
+    )
+
+
 async def cmd_policy_show(args: argparse.Namespace, backend: DockerBackend) -> int:
     config, files = load_jupyter_config(args.config)
     effective = effective_policy(args.kernel_name, config)
+    here = os.path.realpath(os.getcwd())
     if args.json:
-        print(json.dumps({**effective.to_dict(), "config_files": files}, indent=1, default=list))
+        inside = workspace_target(here) if effective.policy.workspace != "none" else None
+        facts = {
+            **effective.to_dict(),
+            "config_files": files,
+            "workspace_here": {"host": here, "inside": inside},
+        }
+        print(json.dumps(facts, indent=1, default=list))
         return EXIT_OK
     out.print(_sources_table(effective))
     if effective.ceilings:
@@ -108,6 +131,7 @@ async def cmd_policy_show(args: argparse.Namespace, backend: DockerBackend) -> i
         )
         out.print(f"operator ceilings: {caps}")
     out.print(f"kernelspec: {effective.resource_dir}/kernel.json")
+    out.print(_workspace_line(effective.policy.workspace, here), soft_wrap=True)
     out.print("Jupyter config read: " + (", ".join(files) or "none"))
     return EXIT_OK
 

@@ -15,12 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
-
+from kernel_sandbox.batch.display import LiveDisplay, PlainDisplay, summary
 from kernel_sandbox.batch.runner import (
     BatchRunner,
     NotebookResult,
@@ -30,6 +25,7 @@ from kernel_sandbox.batch.runner import (
     discover,
     kernel_config,
     load_jupyter_config,
+    load_parameters,
     parse_value,
     preflight,
     write_junit,
@@ -47,157 +43,6 @@ from kernel_sandbox.cli.console import (
 from kernel_sandbox.engine.backend import DockerBackend
 
 __all__ = ["add_run_command", "cmd_run", "exit_code"]
-
-STYLES = {
-    Status.QUEUED: "dim",
-    Status.STARTING: "cyan",
-    Status.RUNNING: "yellow",
-    Status.PASSED: "green",
-    Status.FAILED: "bold red",
-    Status.TIMED_OUT: "bold red",
-    Status.ERROR: "bold magenta",
-    Status.SKIPPED: "dim",
-}
-MARKS = {
-    Status.QUEUED: "·",
-    Status.STARTING: "…",
-    Status.RUNNING: "▶",
-    Status.PASSED: "✓",
-    Status.FAILED: "✗",
-    Status.TIMED_OUT: "✗",
-    Status.ERROR: "!",
-    Status.SKIPPED: "-",
-}
-
-
-def _state(result: NotebookResult) -> str:
-    if result.status is Status.RUNNING:
-        return f"running cell {result.cell} of {result.cells}"
-    if result.status is Status.STARTING:
-        return "starting kernel"
-    return result.status.value
-
-
-# -- displays -------------------------------------------------------------------------------
-
-
-class PlainDisplay:
-    """One log line when a notebook starts and one when it ends (for CI logs)."""
-
-    def __init__(self, console: Console, results: list[NotebookResult]):
-        self.console, self.results = console, results
-        self._seen: dict[int, Status] = {}
-
-    def __enter__(self) -> PlainDisplay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, result: NotebookResult) -> None:
-        before = self._seen.get(id(result))
-        self._seen[id(result)] = result.status
-        if result.status is before or result.status is Status.RUNNING:
-            return
-        number = f"[{self.results.index(result) + 1}/{len(self.results)}]"
-        if result.status is Status.STARTING:
-            cells = f"{result.cells} code cell{'' if result.cells == 1 else 's'}"
-            line = f"{number} start      {result.name} ({cells})"
-        elif result.status.done:
-            line = f"{number} {result.status.value.upper():<10} {result.name}"
-            if result.started is not None:
-                line += f" ({result.duration:.1f}s)"
-            if result.summary:
-                line += f": {result.summary.splitlines()[0]}"
-        else:
-            return
-        self.console.print(line, markup=False, soft_wrap=True)
-
-
-class LiveDisplay:
-    """One line per notebook on a terminal, redrawn as cells run."""
-
-    def __init__(self, console: Console, results: list[NotebookResult]):
-        self.console, self.results = console, results
-        self._start = time.monotonic()
-        self._live = Live(
-            console=console, get_renderable=self._render, refresh_per_second=8, transient=True
-        )
-
-    def __enter__(self) -> LiveDisplay:
-        self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._live.__exit__(None, None, None)
-
-    def update(self, result: NotebookResult) -> None:
-        self._live.refresh()
-
-    def _render(self) -> Group:
-        rows = self.results
-        room = max(5, self.console.height - 3)
-        hidden = 0
-        if len(rows) > room:  # keep what moves: running first, then the latest finished
-            keep = [r for r in rows if r.status in (Status.STARTING, Status.RUNNING)][:room]
-            done = sorted(
-                (r for r in rows if r.status.done), key=lambda r: (r.started or 0) + r.duration
-            )
-            queued = [r for r in rows if r.status is Status.QUEUED]
-            for more in (done[::-1], queued):
-                keep += more[: max(0, room - len(keep))]
-            shown = set(map(id, keep))
-            hidden = len(rows) - len(shown)
-            rows = [r for r in rows if id(r) in shown]
-        table = Table.grid(padding=(0, 1))
-        now = time.monotonic()
-        for r in rows:
-            elapsed = (r.duration or now - r.started) if r.started else None
-            line = Text(f"{MARKS[r.status]} ", style=STYLES[r.status])
-            line.append(f"{_state(r):<24}", style=STYLES[r.status])
-            table.add_row(
-                line, Text(r.name), Text(f"{elapsed:5.1f}s" if elapsed else "", style="dim")
-            )
-        counts = _counts(self.results)
-        footer = Text(f"{counts}  {now - self._start:.0f}s", style="dim")
-        if hidden:
-            footer.append(f"  ({hidden} more not shown)")
-        return Group(table, footer)
-
-
-def _counts(results: list[NotebookResult]) -> str:
-    order = list(Status)
-    tally = {s: sum(r.status is s for r in results) for s in order}
-    return ", ".join(f"{n} {s.value}" for s, n in tally.items() if n)
-
-
-# -- summary --------------------------------------------------------------------------------
-
-
-def _summary(out: Console, err: Console, results: list[NotebookResult], elapsed: float) -> None:
-    failures = [r for r in results if r.status in (Status.FAILED, Status.TIMED_OUT)]
-    for r in failures:
-        err.rule(f"{r.status.value.upper()}: {escape(r.name)}", style="red")
-        err.print(r.details, markup=False, highlight=False, soft_wrap=True)
-    table = Table(
-        title=f"kernel-sandbox run: {_counts(results)} in {elapsed:.1f}s", title_justify="left"
-    )
-    table.add_column("notebook", overflow="fold")
-    table.add_column("result")
-    table.add_column("cells", justify="right")
-    table.add_column("time", justify="right")
-    table.add_column("detail", overflow="fold")
-    for r in results:
-        cells = f"{r.cell}/{r.cells}" if r.cells else ""
-        table.add_row(
-            escape(r.name),
-            f"[{STYLES[r.status]}]{r.status.value}[/]",
-            cells,
-            f"{r.duration:.1f}s" if r.started else "",
-            escape(r.summary.split("\n")[0]),
-        )
-    out.print(table)
-
 
 # -- the command ----------------------------------------------------------------------------
 
@@ -218,6 +63,13 @@ def exit_code(results: Sequence[NotebookResult], setup_error: BaseException | No
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
+async def _tick(display: LiveDisplay | PlainDisplay) -> None:
+    """Once a second: the plain display's heartbeat lines."""
+    while True:
+        await asyncio.sleep(1)
+        display.tick()
+
+
 async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
     """Run the notebooks: the pre-flight check asks ``backend``; each kernel's provisioner
     reaches the engine through its own (shared) client."""
@@ -228,10 +80,16 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
         notebooks = discover(args.paths, args.output_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
-    parameters = {name: parse_value(value) for name, value in args.parameters or []}
-    for name in parameters:
+    parameters: dict[str, Any] = {}
+    for path in args.parameters_files or []:  # later files win, -p wins over all
+        try:
+            parameters.update(load_parameters(path))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    for name, value in args.parameters or []:
         if not name.isidentifier():
             raise UsageError(f"-p {name}: a parameter name must be an identifier")
+        parameters[name] = parse_value(value)
     try:
         base_config = load_jupyter_config()
     except Exception as exc:  # a broken config file is the user's to fix, not a traceback
@@ -241,7 +99,9 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
         profile=args.profile,
         jobs=args.jobs,
         timeout=args.timeout if args.timeout > 0 else None,
+        notebook_timeout=args.notebook_timeout or None,
         startup_timeout=args.startup_timeout,
+        retries=args.retries,
         allow_errors=args.allow_errors,
         parameters=parameters,
         output_dir=args.output_dir,
@@ -251,7 +111,11 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
     await preflight(options, backend)  # a SandboxError: exit 2 before any kernel starts
 
     runner = BatchRunner(notebooks, options)
-    display_class = LiveDisplay if err.is_terminal else PlainDisplay
+    display = (
+        LiveDisplay(err, runner.results)
+        if err.is_terminal
+        else PlainDisplay(err, runner.results, args.heartbeat or None)
+    )
     profile = f", profile {options.profile}" if options.profile else ""
     err.print(
         f"kernel-sandbox run: {len(notebooks)} notebook(s), kernel {options.kernel}"
@@ -261,9 +125,10 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     terminated = False
-    with display_class(err, runner.results) as display:
+    with display:
         runner.on_change = display.update
         task = asyncio.ensure_future(runner.run())
+        ticker = asyncio.ensure_future(_tick(display))
 
         def on_sigterm() -> None:
             nonlocal terminated
@@ -277,12 +142,13 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
             if not terminated:
                 raise
         finally:
+            ticker.cancel()
             loop.remove_signal_handler(signal.SIGTERM)
     if terminated:
         err.print("terminated: every kernel was shut down")
         return EXIT_TERMINATED
     results = runner.results
-    _summary(out, err, results, time.monotonic() - started)
+    summary(out, err, results, time.monotonic() - started)
     if args.junit:
         try:
             write_junit(
@@ -302,7 +168,8 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
     code = exit_code(results, runner.setup_error)
     error = _setup_error(results, runner.setup_error)
     if error is not None:
-        report_error(f"{error} (no notebook was at fault; the rest were skipped)")
+        said = next((r.summary for r in results if r.setup_error is error), str(error))
+        report_error(f"{said} (no notebook was at fault; the rest were skipped)")
     elif code == EXIT_FAILED:
         bad = sum(not r.ok for r in results)
         err.print(f"[bold red]{bad} of {len(results)} notebook(s) did not pass[/bold red]")
@@ -350,7 +217,8 @@ def add_run_command(subparsers: Any) -> argparse.ArgumentParser:
         type=_positive_or_zero,
         default=600,
         metavar="SECONDS",
-        help="limit per cell (default 600; 0: none)",
+        help="limit per cell (default 600; 0: none); a notebook's "
+        'metadata["kernel-sandbox"]["timeout"] overrides it',
     )
     run.add_argument(
         "--startup-timeout",
@@ -358,6 +226,32 @@ def add_run_command(subparsers: Any) -> argparse.ArgumentParser:
         default=60,
         metavar="SECONDS",
         help="limit for a kernel to start (default 60)",
+    )
+    run.add_argument(
+        "--notebook-timeout",
+        type=_positive_or_zero,
+        default=0,
+        metavar="SECONDS",
+        help="limit for all cells of a notebook together (its kernel's start has "
+        "--startup-timeout; default 0: none); "
+        'a notebook\'s metadata["kernel-sandbox"]["notebook_timeout"] overrides it',
+    )
+    run.add_argument(
+        "--retries",
+        type=_positive_or_zero,
+        default=0,
+        metavar="N",
+        help="start a new kernel up to N more times when a notebook's kernel fails to start "
+        "(died, or not ready within --startup-timeout); a failing cell is never retried "
+        "(default 0)",
+    )
+    run.add_argument(
+        "--heartbeat",
+        type=_positive_or_zero,
+        default=60,
+        metavar="SECONDS",
+        help="in a CI log (not a terminal), print a line for a notebook that printed none for "
+        "SECONDS: its running cell and time (default 60; 0: never)",
     )
     run.add_argument(
         "--allow-errors",
@@ -372,7 +266,17 @@ def add_run_command(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         metavar=("NAME", "VALUE"),
         help="papermill-style parameter injected after the cell tagged "
-        "'parameters' (repeatable; True, False, None and numbers are typed)",
+        "'parameters' (repeatable; True, False, None and numbers are typed; wins over -f)",
+    )
+    run.add_argument(
+        "-f",
+        "--parameters-file",
+        dest="parameters_files",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="parameters from a YAML or JSON file (a mapping of names to values), as "
+        "papermill's -f (repeatable; later files and -p win)",
     )
     where = run.add_mutually_exclusive_group()
     where.add_argument(

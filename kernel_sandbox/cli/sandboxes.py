@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
-from kernel_sandbox.cli.console import EXIT_OK, err, wide_console
+from kernel_sandbox.cli.console import EXIT_OK, done, warn, wide_console
 from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.host.reap import sweep
@@ -68,7 +68,7 @@ async def cmd_ps(args: argparse.Namespace, backend: DockerBackend) -> int:
         return EXIT_OK
     if not sandboxes:
         hint = "" if args.all else " (--all: ended ones too)"
-        err.print("no sandboxed kernel is running" + hint)
+        done("no sandboxed kernel is running" + hint)
         return EXIT_OK
     table = Table(box=None, header_style="bold")
     columns = ["KERNEL ID", "KERNELSPEC", "PROFILE", "UPTIME", "MEMORY", "OWNER", "CONTAINER"]
@@ -78,7 +78,7 @@ async def cmd_ps(args: argparse.Namespace, backend: DockerBackend) -> int:
         table.add_column(column, no_wrap=True)
     for s in sandboxes:
         row = [
-            s.kernel_id or "?",
+            "(pooled)" if s.waiting else s.kernel_id or "?",
             s.kernelspec,
             s.profile,
             _duration(s.uptime),
@@ -98,18 +98,16 @@ async def cmd_stop(args: argparse.Namespace, backend: DockerBackend) -> int:
             client, "stop", kernel_id=args.kernel_id, timeout=args.timeout, force=args.force
         )
         how = "ended; its clients are told why" if reply.get("ended") else "asked to end"
-        err.print(
+        done(
             f"stopped kernel {reply['stopped']} ({reply.get('kernelspec')}, of "
-            f"{reply.get('user')}, container {reply.get('container')}): {how}",
-            markup=False,
+            f"{reply.get('user')}, container {reply.get('container')}): {how}"
         )
         return EXIT_OK
     for sandbox in await find_sandbox(backend, args.kernel_id):
         how = await stop_sandbox(backend, sandbox, args.timeout, args.force)
-        err.print(
+        done(
             f"stopped kernel {sandbox.kernel_id} ({sandbox.kernelspec}, container "
-            f"{sandbox.container}): {how}",
-            markup=False,
+            f"{sandbox.container}): {how}"
         )
     return EXIT_OK
 
@@ -117,14 +115,14 @@ async def cmd_stop(args: argparse.Namespace, backend: DockerBackend) -> int:
 async def cmd_gc(args: argparse.Namespace, backend: DockerBackend) -> int:
     report = await sweep(backend, args.runtime_root or default_root(), dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    err.print(
+    done(
         f"{verb} {len(report.containers)} orphaned container(s) and "
         f"{len(report.runtime_dirs)} runtime director(ies)"
     )
     for item in [*report.containers, *report.runtime_dirs]:
-        err.print(f"  {item}", markup=False)
+        done(f"  {item}")
     for item in report.leftovers:
-        err.print(f"could not remove everything: {item}", markup=False)
+        warn(f"warning: could not remove everything: {item}")
     return EXIT_OK
 
 
@@ -137,7 +135,8 @@ def add_ps_command(commands: Any) -> None:
         help="list live sandboxed kernels",
         description="List the running sandboxed kernels on this engine, found by their "
         "container labels: kernel id, kernelspec, profile, uptime, memory in use (of the "
-        "limit), owning process and container. Through the sandbox service: your own "
+        "limit), owning process and container. A warm pool's sandbox waiting for a claim "
+        "shows '(pooled)' as its kernel id. Through the sandbox service: your own "
         "kernels only (an operator's: everyone's, OWNER says whose).",
     )
     ps.add_argument("--all", action="store_true", help="include containers that have ended")

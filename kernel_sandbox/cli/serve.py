@@ -30,6 +30,7 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
         "audit_log": os.path.join(args.log_dir, "audit.jsonl"),
         "egress_log": os.path.join(args.log_dir, "egress.jsonl"),
         "orphan_timeout": args.orphan_timeout,
+        "pool_size": args.pool_size,
     }
     if os.path.exists(args.data_credentials):
         settings["data_credentials"] = args.data_credentials
@@ -136,6 +137,14 @@ def add_serve_command(commands: Any) -> None:
         action="store_true",
         help="end every kernel when the service stops (default: they keep running and a "
         "restarted service adopts them)",
+    )
+    serve.add_argument(
+        "--pool-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N sandboxes started ahead for each kind of kernel users start (a warm pool "
+        "shared by all users; kernels without a workspace folder only; default 0: off)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument(

@@ -22,7 +22,7 @@ from typing import Any
 from rich.table import Table
 
 from kernel_sandbox.broker.tokens import TokenStore, default_state_dir
-from kernel_sandbox.cli.console import EXIT_OK, UsageError, err, wide_console
+from kernel_sandbox.cli.console import EXIT_OK, UsageError, done, wide_console
 from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.engine.backend import DockerBackend
 
@@ -42,6 +42,11 @@ def _database(path: Path) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise UsageError(f"token database {path}: {exc} (--db FILE)") from exc
+    except OSError as exc:  # its folder cannot be made or entered
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UsageError(
+            f"token database {path}: {exc.strerror or exc}{where} (--db FILE)"
+        ) from exc
 
 
 async def cmd_tokens_list(args: argparse.Namespace, backend: DockerBackend) -> int:
@@ -60,7 +65,7 @@ async def cmd_tokens_list(args: argparse.Namespace, backend: DockerBackend) -> i
         return EXIT_OK
     if not records:
         hint = "" if args.all else " (--all shows the others)"
-        err.print(f"no live tokens{hint}")
+        done(f"no live tokens{hint}")
         return EXIT_OK
     table = Table(box=None, header_style="bold")
     columns = ["TOKEN", "KERNEL", "STATE", "DATASETS", "EXPIRES", "REVOKED"]
@@ -88,17 +93,17 @@ async def cmd_tokens_revoke(args: argparse.Namespace, backend: DockerBackend) ->
     if client is not None:
         reply = await ask(client, "revoke", ident=args.ident, reason=args.reason)
         if not reply["revoked"]:
-            err.print(f"{args.ident}: its tokens were already revoked or expired", markup=False)
+            done(f"{args.ident}: its tokens were already revoked or expired")
         for token in reply["revoked"]:
-            err.print(f"revoked token {token['token_id']} of kernel {token['kernel_id']}")
+            done(f"revoked token {token['token_id']} of kernel {token['kernel_id']}")
         return EXIT_OK
     with _database(args.db):
         revoked = TokenStore(args.db).revoke(args.ident, reason=args.reason)  # TokenNotFound: 2
     if not revoked:
-        err.print(f"{args.ident}: its tokens were already revoked or expired", markup=False)
+        done(f"{args.ident}: its tokens were already revoked or expired")
         return EXIT_OK
     for record in revoked:
-        err.print(f"revoked token {record.token_id} of kernel {record.kernel_id}")
+        done(f"revoked token {record.token_id} of kernel {record.kernel_id}")
     return EXIT_OK
 
 

@@ -34,6 +34,11 @@ class ProxyConfig:
     log_interval: float = DEFAULT_INTERVAL
     log_max_bytes: int = DEFAULT_MAX_BYTES
     log_backups: int = DEFAULT_BACKUPS
+    # egress_secrets: host pattern -> "SOURCE:HOW" (references only; the proxy reads values)
+    secrets: dict[str, str] = field(default_factory=dict)
+    ca_bundle: str = ""  # where the kernel's CA bundle goes (its h/ directory)
+    trust_base: str = ""  # the host's trust store, put in the bundle before the kernel's CA
+    upstream_ca: str = ""  # verify servers against this bundle instead of the host's store
 
     @classmethod
     def load(cls, path: str) -> ProxyConfig:

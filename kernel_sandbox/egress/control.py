@@ -10,6 +10,9 @@ JupyterLab prompt, a chat bot)::
     control.approve(kernel_id, "pypi.corp.test:443")              # this request only
     control.approve(kernel_id, "pypi.corp.test:443", always=True) # for this kernel's life
     control.deny(kernel_id, "x.test:443")
+    control.secrets(kernel_id)                   # egress_secrets: host, source, state, count
+    control.revoke_secret(kernel_id, "api.corp.test")   # withdrawn from the next request on
+    control.rotate_secret(kernel_id, "api.corp.test")   # read again from its source
 
 Each kernel's proxy answers on a control socket in the host-only part of its runtime
 directory (mode 0700, the host user's), so code inside a sandbox can never approve anything.
@@ -124,6 +127,57 @@ class EgressControl:
     def deny(self, kernel_id: str, target: str, always: bool = False) -> int:
         """Refuse the waiting requests to ``target``; with ``always``, also later ones."""
         return self._decide("deny", kernel_id, target, always)
+
+    def secrets(self, kernel_id: str) -> list[dict[str, Any]]:
+        """The kernel's egress secrets: host, source, apply, state, injected (never a value).
+
+        Raises:
+            EgressControlError: no such kernel, or its proxy did not answer.
+        """
+        return list(self._secret_op("secrets", kernel_id, None)["secrets"])
+
+    def all_secrets(self) -> dict[str, list[dict[str, Any]]]:
+        """Every running kernel's egress secrets, by kernel id (kernels without any left out)."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for kernel_id, path in self._endpoints():
+            try:
+                reply = _ask(path, {"op": "secrets"})
+            except (OSError, ValueError):
+                continue
+            if reply.get("secrets"):
+                found[kernel_id] = list(reply["secrets"])
+        return found
+
+    def revoke_secret(self, kernel_id: str, host: str) -> list[str]:
+        """Withdraw the secret for ``host`` (a pattern of the policy, or a host it matches)
+        from that kernel: its next request there is refused. Returns the patterns changed.
+
+        Raises:
+            EgressControlError: no such kernel, or no secret for ``host``.
+        """
+        return list(self._secret_op("revoke", kernel_id, host)["changed"])
+
+    def rotate_secret(self, kernel_id: str, host: str) -> list[str]:
+        """Read the secret for ``host`` again from its source (a rewritten file, keyring
+        entry, ...); the next request carries the new value. Returns the patterns changed.
+
+        Raises:
+            EgressControlError: no such kernel, no secret for ``host``, or the source cannot
+                be read (the secret is then withdrawn).
+        """
+        return list(self._secret_op("rotate", kernel_id, host)["changed"])
+
+    def _secret_op(self, op: str, kernel_id: str, host: str | None) -> dict[str, Any]:
+        path = self._endpoint(kernel_id)
+        try:
+            reply = _ask(path, {"op": op, "host": host})
+        except (OSError, ValueError) as exc:
+            raise EgressControlError(
+                f"the egress proxy of kernel {kernel_id} did not answer: {exc}"
+            ) from exc
+        if not reply.get("ok"):
+            raise EgressControlError(str(reply.get("error")))
+        return reply
 
     def _decide(self, op: str, kernel_id: str, target: str, always: bool) -> int:
         path = self._endpoint(kernel_id)

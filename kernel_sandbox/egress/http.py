@@ -22,6 +22,7 @@ __all__ = [
     "CHUNK",
     "MAX_HEAD",
     "Refused",
+    "Rewrite",
     "Upstream",
     "close_writer",
     "forward",
@@ -167,9 +168,32 @@ class Upstream:
         await close_writer(self.writer)
 
 
-def host_header(target: Target) -> bytes:
+def host_header(target: Target, default_port: int = 80) -> bytes:
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return (host if target.port == 80 else f"{host}:{target.port}").encode()
+    return (host if target.port == default_port else f"{host}:{target.port}").encode()
+
+
+class Rewrite:
+    """What :func:`forward` lets a caller change (the secrets' interception, :mod:`.intercept`):
+    the request's headers and path, the response's headers and body. These do nothing."""
+
+    default_port = 80  # the port the Host header leaves out
+
+    def request(
+        self, headers: list[tuple[bytes, bytes]], path: bytes
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        return headers, path
+
+    def response(
+        self, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        return headers
+
+    def body(self, data: bytes) -> bytes:
+        return data
+
+    def end(self) -> bytes:
+        return b""
 
 
 async def next_event(
@@ -212,11 +236,15 @@ async def forward(
     reader: StreamReader,
     writer: StreamWriter,
     upstream: Upstream,
+    rewrite: Rewrite | None = None,
 ) -> bool:
-    """Carry one request and its response; True when the upstream connection can be reused."""
+    """Carry one request and its response; True when the upstream connection can be reused.
+    ``rewrite`` changes what goes up and what comes back (by default nothing)."""
+    rewrite = rewrite or Rewrite()
     headers = forwarded_headers(list(request.headers))
     headers = [(n, v) for n, v in headers if n != b"host"]
-    headers.insert(0, (b"host", host_header(upstream.target)))
+    headers.insert(0, (b"host", host_header(upstream.target, rewrite.default_port)))
+    headers, path = rewrite.request(headers, path)
     if any(n == b"transfer-encoding" for n, _ in request.headers):
         headers.append((b"transfer-encoding", b"chunked"))
     up = upstream.conn
@@ -243,7 +271,7 @@ async def forward(
                 writer.write(conn.send(event))
             continue
         if isinstance(event, h11.Response):
-            headers = forwarded_headers(list(event.headers))
+            headers = rewrite.response(event.status_code, forwarded_headers(list(event.headers)))
             if any(n == b"transfer-encoding" for n, _ in event.headers):
                 headers.append((b"transfer-encoding", b"chunked"))
             writer.write(
@@ -254,9 +282,14 @@ async def forward(
                 )
             )
         elif isinstance(event, h11.Data):
-            writer.write(conn.send(event))
-            await writer.drain()
+            data = rewrite.body(event.data)
+            if data:
+                writer.write(conn.send(h11.Data(data=data)))
+                await writer.drain()
         elif isinstance(event, h11.EndOfMessage):
+            tail = rewrite.end()
+            if tail:
+                writer.write(conn.send(h11.Data(data=tail)))
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
             break

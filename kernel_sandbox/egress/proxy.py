@@ -5,9 +5,10 @@ by the provisioner, and ends when the provisioner's process does (its stdin clos
 
 - ``listen``: a unix socket in the kernel's runtime directory, reached from inside through the
   loopback bridge. It speaks HTTP/1.1 as a forward proxy: absolute ``http://`` URLs are
-  forwarded request by request, ``CONNECT host:port`` is tunnelled byte for byte (TLS is never
-  intercepted). HTTP is parsed with h11; every request is decided on its own target, which is
-  the target that is resolved (on the host) and connected to.
+  forwarded request by request, ``CONNECT host:port`` is tunnelled byte for byte (TLS is
+  terminated only for the hosts of ``egress_secrets``: :mod:`.intercept`). HTTP is parsed
+  with h11; every request is decided on its own target, which is the target that is resolved
+  (on the host) and connected to.
 - ``notices``: a unix socket the kernel's extension reads, so a denial shows in the cell.
 - ``control``: a unix socket in the host-only part of the runtime directory, for
   ``kernel-sandbox egress pending|approve|deny`` (see :mod:`kernel_sandbox.egress.control`).
@@ -38,11 +39,13 @@ from typing import Any
 import h11
 
 from kernel_sandbox.egress.approvals import Approvals
+from kernel_sandbox.egress.ca import KernelCA, upstream_context
 from kernel_sandbox.egress.config import ProxyConfig
 from kernel_sandbox.egress.http import (
     CHUNK,
     MAX_HEAD,
     Refused,
+    Rewrite,
     Upstream,
     close_writer,
     forward,
@@ -52,6 +55,7 @@ from kernel_sandbox.egress.http import (
     refusal_message,
     tunnel,
 )
+from kernel_sandbox.egress.intercept import Injection, SecretStore, serve_intercepted
 from kernel_sandbox.egress.rules import (
     NOT_LISTED,
     Rule,
@@ -60,6 +64,7 @@ from kernel_sandbox.egress.rules import (
     decide,
     parse_rule,
 )
+from kernel_sandbox.errors import CredentialsError
 from kernel_sandbox.host.logfile import RotatingAppender
 from kernel_sandbox.host.logtext import LineBudget, Suppressed, budgeted_handler, clip
 
@@ -91,6 +96,9 @@ class EgressProxy:
         self._log = RotatingAppender(config.log, config.log_max_bytes, config.log_backups)
         self._budget = LineBudget(config.log_records, config.log_interval)
         self._summaries: asyncio.Task[None] | None = None
+        self.secrets = SecretStore(config.secrets)
+        self.ca: KernelCA | None = None
+        self.upstream_tls = upstream_context(config.upstream_ca) if self.secrets else None
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -100,8 +108,17 @@ class EgressProxy:
         Each is bound and chmod-ed in the host-only directory (next to the control socket)
         and then renamed into place: the shared directory belongs to the kernel's uid, and a
         path there may be a symbolic link planted by the kernel, which chmod would follow.
+        With ``egress_secrets``, the values are read and the kernel's CA made first.
+
+        Raises:
+            CredentialsError: a secret's source is unset, unreadable or unsafe.
         """
         private = os.path.dirname(self.config.control)
+        if self.secrets:
+            self.secrets.load()
+            self.ca = KernelCA(self.config.kernel_id, self.secrets.domains())
+            if self.config.ca_bundle:
+                self.ca.write_bundle(self.config.ca_bundle, self.config.trust_base, private)
         for path, handler, mode in (
             (self.config.listen, self._serve_client, 0o666),
             (self.config.notices, self._serve_notices, 0o666),
@@ -125,6 +142,9 @@ class EgressProxy:
         for path in (self.config.listen, self.config.notices, self.config.control):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        if self.ca is not None and self.config.ca_bundle:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.ca_bundle)
         self.approvals.close()
         if self._summaries is not None:
             self._summaries.cancel()
@@ -276,6 +296,7 @@ class EgressProxy:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         upstream: Upstream | None = None
         method: str | None = None
+        intercepted = False
         try:
             while True:
                 try:
@@ -308,6 +329,34 @@ class EgressProxy:
                     )
                 target, path = proxy_target(event)
                 rule, addresses = await self.decide(target, method)
+                spec = self.secrets.spec_for(target)
+                if spec is not None and event.method == b"CONNECT":
+                    assert self.ca is not None and self.upstream_tls is not None
+                    self.record(target, "allow", rule, method=method, intercept=True)
+                    intercepted = True  # from here TLS owns the connection, and closes it
+                    await serve_intercepted(
+                        conn,
+                        reader,
+                        writer,
+                        target,
+                        addresses,
+                        spec,
+                        self.secrets,
+                        self.ca,
+                        self.upstream_tls,
+                        self.record,
+                        self.refuse,
+                    )
+                    return
+                rewrite: Rewrite | None = None
+                if spec is not None:  # in clear: never the credential; the kernel's are dropped
+                    rewrite = Injection(spec.apply, None, default_port=80)
+                    self.notify(
+                        f"egress to {target}: its credential is added over HTTPS only",
+                        decision="allow",
+                        rule=rule,
+                        target=str(target),
+                    )
                 if upstream is None or upstream.target != target:
                     if upstream is not None:
                         await upstream.close()
@@ -325,7 +374,7 @@ class EgressProxy:
                     await tunnel(conn, reader, writer, upstream)
                     upstream = None
                     return
-                if not await forward(event, path, conn, reader, writer, upstream):
+                if not await forward(event, path, conn, reader, writer, upstream, rewrite):
                     await upstream.close()
                     upstream = None
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -340,7 +389,10 @@ class EgressProxy:
             self._connections -= 1
             if upstream is not None:
                 await upstream.close()
-            await close_writer(writer)
+            if intercepted:
+                writer.transport.close()
+            else:
+                await close_writer(writer)
 
     # -- the control socket (host only) -----------------------------------------------------
 
@@ -369,6 +421,14 @@ class EgressProxy:
             }
         if op == "pending":
             return {**status, "pending": self.approvals.waiting()}
+        if op == "secrets":
+            return {**status, "secrets": self.secrets.status()}
+        if op in ("revoke", "rotate"):
+            reply = self.secrets.change(op, str(request.get("host") or ""), self.config.kernel_id)
+            if not reply["ok"]:
+                return reply
+            self.record(None, op, f"secret {', '.join(reply['changed'])} {op}d by the owner")
+            return {**status, **reply}
         if op in ("approve", "deny"):
             target = str(request.get("target", ""))
             outcome = self.approvals.settle(op, target, bool(request.get("always")))
@@ -418,7 +478,11 @@ def main(argv: list[str]) -> int:
         level=logging.WARNING,
         handlers=[budgeted_handler(config.kernel_id, config.log_lines, config.log_interval)],
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except CredentialsError as exc:
+        print(f"kernel {config.kernel_id}: egress proxy not started: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

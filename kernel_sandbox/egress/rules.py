@@ -9,6 +9,11 @@ A rule is a host pattern with an optional port, written in a policy's ``egress``
     10.1.2.3:8080          this address (IP literals match only when listed like this)
     [fd00::5]:443          an IPv6 address
 
+What users paste is taken too: a URL stands for its host and port, ``https://api.corp.test/v1``
+for ``api.corp.test:443``, ``http://...`` for port 80, a port in the URL kept, the path ignored
+(:func:`parse_rule`, :func:`parse_target`). Every place that reads egress hosts (the policy's
+``egress``, ``install --egress``, the service's rules, ``egress approve``) parses them here.
+
 Names are compared in lower case without a trailing dot. Anything that is not a plain DNS
 name or a canonical IP literal (``0x7f.1``, ``2130706433``, ``a.test@b.test``, ``%``-escapes,
 non-ASCII) is refused before any rule is looked at, so the name that is checked is the name
@@ -35,9 +40,12 @@ __all__ = [
     "parse_authority",
     "parse_host_map",
     "parse_rule",
+    "parse_target",
 ]
 
 DEFAULT_PORTS = (80, 443)
+URL_PORTS = {"http": 80, "https": 443}
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 
@@ -163,6 +171,42 @@ def _split_host_port(text: str) -> tuple[str, str | None]:
     return host, port if sep else None
 
 
+def _pasted(text: str) -> tuple[str, int | None]:
+    """``host[:port]`` and the URL scheme's port from what a user pasted: a URL (its path,
+    query and fragment dropped) or ``host[:port][/path]``. Credentials are refused."""
+    text = pasted = text.strip()
+    scheme_port = None
+    match = _SCHEME.match(text)
+    if match:
+        scheme = match.group(1).lower()
+        if scheme not in URL_PORTS:
+            raise TargetError(
+                f"{text!r}: only http:// and https:// URLs name a host and port; "
+                "write host:port for others"
+            )
+        scheme_port = URL_PORTS[scheme]
+        text = text[match.end() :]
+    authority = re.split(r"[/?#]", text, maxsplit=1)[0]
+    if "@" in authority:
+        raise TargetError(f"{pasted!r}: credentials do not belong in an egress target")
+    if not authority:
+        raise TargetError(f"{pasted!r} names no host")
+    return authority, scheme_port
+
+
+def parse_target(text: str) -> Target:
+    """One target a person names (``egress approve``): ``host:port``, or a URL (its scheme
+    gives the port when it has none).
+
+    Raises:
+        TargetError: a bad name or port, or no port.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise TargetError(f"expected host:port or a URL, got {text!r}")
+    authority, scheme_port = _pasted(text)
+    return parse_authority(authority, scheme_port)
+
+
 def parse_authority(text: str, default_port: int | None = None) -> Target:
     """Parse ``host[:port]`` from a CONNECT line, a URL or a Host header.
 
@@ -190,10 +234,11 @@ def parse_rule(text: str) -> Rule:
     if not isinstance(text, str) or not text.strip():
         raise TargetError(f"expected a host pattern such as 'api.corp.test', got {text!r}")
     text = text.strip()
-    host, port = _split_host_port(text)
+    authority, scheme_port = _pasted(text)
+    host, port = _split_host_port(authority)
     ports: tuple[int, ...] | None
     if port is None:
-        ports = DEFAULT_PORTS
+        ports = DEFAULT_PORTS if scheme_port is None else (scheme_port,)
     elif port == "*":
         ports = None
     else:

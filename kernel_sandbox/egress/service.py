@@ -7,6 +7,7 @@ Paths, for a runtime directory ``<root>/<id>/``::
     <id>/egress-control       control socket: pending / approve / deny (host only)
     <id>/h/egress             the proxy socket the in-sandbox bridge connects to
     <id>/h/egress-notices     denial notices, read by the kernel's extension
+    <id>/h/egress-ca.pem      with egress_secrets: the host's trust store and the kernel's CA
 
 (``h/`` is mounted read-only inside: the kernel can connect, never replace a socket.)
 """
@@ -17,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -24,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from kernel_sandbox.egress.config import ProxyConfig
+from kernel_sandbox.egress.rules import parse_rule
 from kernel_sandbox.errors import KernelStartError
 from kernel_sandbox.host.logtext import LogLimits
 from kernel_sandbox.inside.contract import (
     EGRESS_BRIDGE_MODULE,
+    EGRESS_CA_BUNDLE,
     EGRESS_CONTROL_SOCKET,
     EGRESS_NOTICE_SOCKET,
     EGRESS_SOCKET,
@@ -59,6 +63,25 @@ def proxy_env(port: int) -> dict[str, str]:
     }
 
 
+def ca_env(bundle: str) -> dict[str, str]:
+    """The variables that make Python's ssl, requests, httpx, pip and curl trust ``bundle``."""
+    return {
+        "SSL_CERT_FILE": bundle,
+        "REQUESTS_CA_BUNDLE": bundle,
+        "CURL_CA_BUNDLE": bundle,
+        "PIP_CERT": bundle,
+    }
+
+
+def host_trust_store() -> str:
+    """The host's CA bundle (OpenSSL's default file), put before the kernel's CA."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and os.path.isfile(candidate):
+            return os.path.realpath(candidate)
+    return ""
+
+
 def is_ipython_kernel(argv: list[str]) -> bool:
     return any(
         arg in ("ipykernel_launcher", "ipykernel") or arg.endswith("ipykernel_launcher.py")
@@ -84,11 +107,13 @@ class EgressEndpoint:
         mount_point: str,
         port: int,
         limits: LogLimits | None = None,
+        upstream_ca: str = "",
     ):
         self.runtime_dir, self.shared_dir = Path(runtime_dir), Path(shared_dir)
         self.kernel_id, self.policy = kernel_id, policy
         self.log_path, self.mount_point, self.port = log_path, mount_point, port
         self.limits = limits or LogLimits()
+        self.upstream_ca = upstream_ca
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,12 +140,36 @@ class EgressEndpoint:
             log_interval=self.limits.interval,
             log_max_bytes=self.limits.max_bytes,
             log_backups=self.limits.backups,
+            secrets=dict(getattr(self.policy, "egress_secrets", {}) or {}),
+            ca_bundle=str(self.shared_dir / EGRESS_CA_BUNDLE),
+            trust_base=host_trust_store(),
+            upstream_ca=self.upstream_ca,
         )
+
+    @property
+    def has_secrets(self) -> bool:
+        return bool(getattr(self.policy, "egress_secrets", None))
+
+    def check_secrets(self) -> None:
+        """Every secret's host must be allowed by ``egress`` too (a secret opens nothing).
+
+        Raises:
+            KernelStartError: a secret for a host the allowlist does not let out.
+        """
+        rules = [parse_rule(r) for r in self.policy.egress]
+        for pattern in getattr(self.policy, "egress_secrets", {}) or {}:
+            secret = parse_rule(pattern)
+            if not any(rule.covers(secret) for rule in rules):
+                raise KernelStartError(
+                    f"kernel {self.kernel_id}: egress_secrets names {pattern}, which the egress "
+                    f"allowlist does not cover; add it to egress (e.g. --egress '{pattern}')"
+                )
 
     def start(self) -> None:
         """Spawn the proxy (if it is not running); it listens a moment later."""
         if self.process is not None and self.process.poll() is None:
             return
+        self.check_secrets()
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         config_file = self.runtime_dir / CONFIG_FILE
         fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -195,7 +244,10 @@ class EgressEndpoint:
         return [f"--ext={EGRESS_BRIDGE_MODULE}"] if is_ipython_kernel(argv) else []
 
     def container_env(self) -> dict[str, str]:
-        return {
+        env = {
             **proxy_env(self.port),
             "KERNEL_SANDBOX_EGRESS_NOTICES": f"{self.mount_point}/{EGRESS_NOTICE_SOCKET}",
         }
+        if self.has_secrets:  # the kernel's CA, for the hosts whose TLS the proxy terminates
+            env.update(ca_env(f"{self.mount_point}/{EGRESS_CA_BUNDLE}"))
+        return env

@@ -22,6 +22,7 @@ from kernel_sandbox.inside.contract import (
     RUNTIME_MOUNT,
     SANDBOX_HOME,
     WORKSPACE_FALLBACK,
+    WORKSPACE_NOTE_ENV,
 )
 from kernel_sandbox.policy.model import SandboxPolicy
 
@@ -31,6 +32,8 @@ __all__ = [
     "ContainerState",
     "container_options",
     "start_error",
+    "reserved_for",
+    "workspace_note",
     "workspace_target",
 ]
 
@@ -53,12 +56,38 @@ RESERVED_PATHS = (
 )
 
 
-def workspace_target(host_path: str) -> str:
-    """Where the notebook's directory appears inside: the same path, unless that is reserved."""
+# The size-capped tmpfs of every sandbox: a folder strictly under one keeps its own path (the
+# engine makes the mount point in that tmpfs); the other reserved paths are the image's own.
+SCRATCH_PATHS = ("/tmp", SANDBOX_HOME)
+
+
+def reserved_for(host_path: str) -> str | None:
+    """The reserved path ``host_path`` is or lies under, if it cannot keep its path inside."""
     for reserved in RESERVED_PATHS:
-        if host_path == reserved or host_path.startswith(reserved + "/"):
-            return WORKSPACE_FALLBACK
-    return host_path
+        if host_path == reserved:
+            return reserved
+        if host_path.startswith(reserved + "/") and reserved not in SCRATCH_PATHS:
+            return reserved
+    return None
+
+
+def workspace_target(host_path: str) -> str:
+    """Where the notebook's directory appears inside: the same path (a folder under /tmp
+    too, mounted in the sandbox's own /tmp), unless that path is the image's own."""
+    return WORKSPACE_FALLBACK if reserved_for(host_path) else host_path
+
+
+def workspace_note(host_path: str) -> str | None:
+    """One line saying why the workspace does not keep its host path inside (None: it does);
+    for the kernel's log, ``policy show`` and the notebook (the hints extension)."""
+    reserved = reserved_for(host_path)
+    if reserved is None:
+        return None
+    return (
+        f"kernel-sandbox: this notebook's folder {host_path} is {WORKSPACE_FALLBACK} inside the "
+        f"sandbox ({reserved} is the sandbox's own there), so absolute paths differ: use paths "
+        f"relative to the notebook, or keep notebooks outside {reserved}."
+    )
 
 
 @dataclass(frozen=True)
@@ -119,7 +148,7 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
         "command": request.command,
         "name": request.name,
         "labels": request.labels,
-        "environment": request.env,
+        "environment": _environment(request),
         "user": request.user,
         "working_dir": request.workdir,
         "hostname": "sandbox",
@@ -154,6 +183,14 @@ def container_options(request: ContainerRequest) -> dict[str, Any]:
     if request.terminal:
         options.update(tty=True, stdin_open=True, auto_remove=True)
     return options
+
+
+def _environment(request: ContainerRequest) -> dict[str, str]:
+    """The request's environment, and the workspace's note when its path cannot be kept."""
+    note = None
+    if request.workspace and request.policy.workspace != "none":
+        note = workspace_note(request.workspace_path or request.workspace)
+    return {**request.env, WORKSPACE_NOTE_ENV: note} if note else request.env
 
 
 def start_error(name: str, image: str, state: ContainerState, logs: str) -> KernelStartError:

@@ -11,7 +11,8 @@ token and the session's environment are made for the start that claims.
 - **Used once.** A claimed sandbox leaves the pool for good; a restart claims another.
 - **Keyed by the recipe**: everything that shapes the container (the effective policy, image,
   uid, workspace and where it appears, runtime directory settings, base environment, the
-  kernel's module). A start with another recipe starts cold, and its recipe gets a pool.
+  kernel's module). A start with another recipe starts cold, and its recipe gets a pool; a
+  start of the same kernelspec in the same folder with a changed recipe drains the old one.
   An image rebuilt under the same tag drains the recipe's pool (checked every few seconds).
 - **Refilled in the background**, one sandbox at a time, by one thread per process; a recipe
   nobody claimed for ``max_idle`` seconds stops being refilled and its sandboxes go.
@@ -30,6 +31,7 @@ import os
 import secrets
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -57,6 +59,7 @@ READY = b"ready\n"
 IMAGE_CHECK_EVERY = 5.0  # seconds between checks that a pool's image tag still names its image
 FAILURE_BACKOFF = 30.0  # seconds a recipe whose sandbox failed to start waits to try again
 TICK = 0.5  # the maintainer's period when nothing wakes it
+CLOSE_WAIT = 90.0  # seconds close() waits for a sandbox being started (then removed)
 
 log = logging.getLogger("kernel_sandbox.pool")
 
@@ -86,6 +89,15 @@ class PoolRecipe:
     size: int = 1
     max_idle: float = 3600.0
     launch_timeout: float = 60.0
+
+    def replaced_by(self, newer: PoolRecipe) -> bool:
+        """Whether ``newer`` is this kernelspec's recipe for the same folder, changed (its
+        config or kernelspec was edited): this one's sandboxes will never be claimed."""
+        return (
+            newer.kernelspec == self.kernelspec
+            and (newer.workspace, newer.runtime_root) == (self.workspace, self.runtime_root)
+            and newer.key != self.key
+        )
 
     @property
     def key(self) -> str:
@@ -209,6 +221,9 @@ class WarmPool:
                 pool = self._pools[recipe.key] = _Pool(recipe)
             pool.recipe = recipe  # the newest size and max_idle
             pool.wanted_until = now + recipe.max_idle
+            for other in self._pools.values():
+                if other is not pool and other.recipe.replaced_by(recipe):
+                    other.wanted_until = 0.0  # a changed kernelspec or config: drained
             found = None
             while pool.ready:
                 candidate = pool.ready.popleft()
@@ -245,6 +260,9 @@ class WarmPool:
         with self._lock:
             for pool in self._pools.values():
                 pool.wanted_until = 0.0
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=CLOSE_WAIT)  # a sandbox being started is removed by it
         self.drain()
 
     # -- the maintainer ---------------------------------------------------------------------
@@ -293,6 +311,9 @@ class WarmPool:
             try:
                 sandbox = self._create(recipe, pool.image_id)
             except Exception as exc:
+                if self._closed or _exiting():  # its executors refuse work: not a failure
+                    log.debug("kernel-sandbox pool: refill stopped by the exit: %s", clip(exc))
+                    return
                 pool.retry_at = time.monotonic() + FAILURE_BACKOFF
                 log.warning(
                     "kernel-sandbox pool: cannot start a pooled sandbox (%s); kernels start "
@@ -424,6 +445,12 @@ class WarmPool:
             listener,
             conn,
         )
+
+
+def _exiting() -> bool:
+    """Whether the interpreter is exiting: a refill under way then fails (its event loop's
+    executor refuses new work) and cleans up after itself, which is no failure to report."""
+    return sys.is_finalizing() or not threading.main_thread().is_alive()
 
 
 def _listen(runtime_dir: RuntimeDir) -> socket.socket:

@@ -260,6 +260,7 @@ class KernelResources:
         log_path: str,
         port: int,
         limits: LogLimits | None = None,
+        upstream_ca: str = "",
     ) -> EgressEndpoint:
         """Start the kernel's proxy unless it runs (it outlives restarts); it listens a moment
         later (:meth:`wait_egress_ready`)."""
@@ -274,6 +275,7 @@ class KernelResources:
                 HOST_SOCKETS_MOUNT,
                 port,
                 limits,
+                upstream_ca,
             )
         self.egress.start()
         return self.egress

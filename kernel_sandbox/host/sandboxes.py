@@ -1,7 +1,10 @@
 """The live sandboxes, found by their labels, and how one is ended.
 
 Every container the provisioner starts carries ``io.kernel-sandbox.*`` labels (kernel id,
-kernelspec, profile, owner, runtime directory), so nothing here keeps state of its own.
+kernelspec, profile, owner, runtime directory), so nothing here keeps state of its own. A
+warm pool's sandbox (label ``io.kernel-sandbox.pooled=true``, :mod:`kernel_sandbox.host.pool`)
+is started before any kernel exists, so its kernel-id label is empty: the kernel that claimed
+it is named in ``<runtime_dir>/kernel-id``, a host-only file; none means it is still waiting.
 
 :func:`stop_sandbox` ends a kernel the way its owner would: when the owning process (a
 Jupyter Server, an nbclient run) is alive, it asks it through a request file in the kernel's
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +29,31 @@ from kernel_sandbox.engine.backend import DockerBackend
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.monitor import request_stop
 from kernel_sandbox.host.owner import Owner
-from kernel_sandbox.host.rundir import RuntimeDir, default_root
+from kernel_sandbox.host.rundir import CLAIMED_BY, RuntimeDir, default_root
 from kernel_sandbox.inside.contract import LABEL_PREFIX
 
-__all__ = ["Sandbox", "find_sandbox", "list_sandboxes", "stop_sandbox"]
+__all__ = ["Sandbox", "claimed_by", "find_sandbox", "list_sandboxes", "stop_sandbox"]
+
+_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def claimed_by(runtime_dir: str) -> str:
+    """The id of the kernel that claimed the pooled sandbox in ``runtime_dir`` ("" while it
+    waits, or when the file cannot be read: another user's, or gone). The file is host-only
+    (the kernel cannot write it); it is still read without following a link, and bounded."""
+    if not runtime_dir:
+        return ""
+    try:
+        fd = os.open(os.path.join(runtime_dir, CLAIMED_BY), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    try:
+        text = os.read(fd, 256).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return text if _KERNEL_ID.fullmatch(text) else ""
 
 
 @dataclass
@@ -46,6 +72,12 @@ class Sandbox:
     runtime_dir: str
     memory: int | None = None
     memory_limit: int | None = None
+    pooled: bool = False  # a warm pool's sandbox: waiting for a claim while kernel_id is ""
+
+    @property
+    def waiting(self) -> bool:
+        """A pooled sandbox no kernel has claimed yet."""
+        return bool(self.pooled) and not self.kernel_id
 
     @property
     def uptime(self) -> float:
@@ -59,8 +91,12 @@ class Sandbox:
             return str(labels.get(LABEL_PREFIX + name, ""))
 
         names = summary.get("Names") or ["?"]
+        pooled = label("pooled") == "true"
+        kernel_id = label("kernel-id")
+        if pooled and not kernel_id:
+            kernel_id = claimed_by(label("runtime-dir"))
         return cls(
-            kernel_id=label("kernel-id"),
+            kernel_id=kernel_id,
             kernelspec=label("kernelspec"),
             profile=label("profile"),
             container_id=summary["Id"],
@@ -70,6 +106,7 @@ class Sandbox:
             owner=label("owner"),
             owner_pid=int(label("owner-pid") or 0),
             runtime_dir=label("runtime-dir"),
+            pooled=pooled,
         )
 
 
@@ -91,7 +128,9 @@ def _matching(sandboxes: list[Sandbox], ident: str) -> list[Sandbox]:
     if exact:
         return exact
     return [
-        s for s in sandboxes if s.kernel_id.startswith(ident) or s.container_id.startswith(ident)
+        s
+        for s in sandboxes
+        if (s.kernel_id and s.kernel_id.startswith(ident)) or s.container_id.startswith(ident)
     ]
 
 
@@ -105,7 +144,7 @@ async def find_sandbox(backend: DockerBackend, ident: str) -> list[Sandbox]:
     matches = _matching(await list_sandboxes(backend, all_states=True), ident)
     if not matches:
         raise SandboxError(f"no sandboxed kernel {ident!r} (see `kernel-sandbox ps`)")
-    kernels = {s.kernel_id for s in matches}
+    kernels = {s.kernel_id or s.container for s in matches}  # waiting pooled ones have no id
     if len(kernels) > 1:
         raise SandboxError(
             f"{ident!r} matches kernels {', '.join(sorted(kernels))}; give more of the id"
@@ -131,6 +170,10 @@ async def stop_sandbox(
     if sandbox.state != "running":
         await backend.remove(sandbox.container_id)
         return f"it had already ended ({sandbox.state}); container removed"
+    if sandbox.waiting and owner is not None and owner.is_alive():
+        # no kernel to shut down: its pool sees the waiter gone, cleans up and starts another
+        await backend.remove(sandbox.container_id)
+        return f"a pooled sandbox of pid {owner.pid}, not claimed yet; container removed"
     if not force and owner is not None and owner.is_alive() and runtime_dir is not None:
         try:
             request_stop(runtime_dir, getpass.getuser())

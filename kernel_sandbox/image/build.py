@@ -2,7 +2,9 @@
 
 The kernel image is built from an environment spec in repo2docker's formats (a ``binder/``
 folder). Wheels are downloaded on the host for the base image's Python, and the build itself
-runs with no network, so what is in the image is exactly what the host fetched.
+runs with no network, so what is in the image is exactly what the host fetched. The shipped
+``binder/`` gives the default image the analyst's common stack (numpy, pandas with pyarrow,
+matplotlib, ipywidgets); ``binder/minimal/`` gives the minimal variant (ipykernel, fsspec).
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from kernel_sandbox.policy import DEFAULT_IMAGE
 __all__ = [
     "DEFAULT_BASE",
     "LOCAL_BASE",
+    "MINIMAL_IMAGE",
     "build_base_image",
     "build_kernel_image",
     "debian_mirror",
     "default_binder_dir",
+    "minimal_binder_dir",
 ]
 
 DEFAULT_BASE = "python:3.11-slim"
 LOCAL_BASE = "kernel-sandbox/base:bookworm"
+# The variant without the analyst's stack (``image build --minimal``): ipykernel and fsspec.
+MINIMAL_IMAGE = "kernel-sandbox/python:minimal"
 PLATFORM_TAGS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}")
 ALWAYS_REQUIRED = ("ipykernel",)
 # Installed as dependencies but removed unless requirements.txt names them: ipykernel imports
@@ -86,6 +92,11 @@ def default_binder_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return package.parent / "binder"
+
+
+def minimal_binder_dir() -> Path:
+    """The minimal variant's spec (ipykernel and fsspec), a folder inside the default one."""
+    return default_binder_dir() / "minimal"
 
 
 def _debian_uris(sources: tuple[str, ...]) -> list[str]:

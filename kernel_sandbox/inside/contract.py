@@ -13,6 +13,7 @@ __all__ = [
     "DATA_SOCKET",
     "DATA_TOKEN",
     "EGRESS_BRIDGE_MODULE",
+    "EGRESS_CA_BUNDLE",
     "EGRESS_CONTROL_SOCKET",
     "EGRESS_NOTICE_SOCKET",
     "EGRESS_SOCKET",
@@ -32,6 +33,7 @@ __all__ = [
     "SOCKET_PREFIX",
     "WATCHDOG_MODULE",
     "WORKSPACE_FALLBACK",
+    "WORKSPACE_NOTE_ENV",
     "label",
 ]
 
@@ -57,6 +59,7 @@ DATA_TOKEN = "data-token"  # the kernel's data token (a file)
 EGRESS_SOCKET = "egress"  # the kernel's egress proxy
 EGRESS_NOTICE_SOCKET = "egress-notices"  # denial notices, read by the kernel's extension
 EGRESS_CONTROL_SOCKET = "egress-control"  # approvals (host side only, never mounted)
+EGRESS_CA_BUNDLE = "egress-ca.pem"  # trust store with the kernel's own CA (egress_secrets)
 CLAIM_SOCKET = "claim"  # a pooled sandbox waits here for its claim (kernel_sandbox.host.pool)
 
 # -- in-container entry points the host starts (python -m MODULE ...) ---------------------------
@@ -67,6 +70,9 @@ HINTS_MODULE = "kernel_sandbox.inside.hints"  # an IPython extension (images bui
 
 # -- environment the host sets for the kernel ---------------------------------------------------
 NETWORK_ENV = "KERNEL_SANDBOX_NETWORK"  # the policy's network mode, for the hints extension
+# Set only when the workspace could not keep its host path: the line the hints extension shows
+# in the first cell run (images built before it ignore it).
+WORKSPACE_NOTE_ENV = "KERNEL_SANDBOX_WORKSPACE_NOTE"
 
 # -- labels on containers and images ----------------------------------------------------------
 LABEL_PREFIX = "io.kernel-sandbox."

@@ -9,7 +9,9 @@ adds one short explanation where a user would otherwise see only a bare failure:
 - ``%pip install`` / ``!pip install`` (and ``pip3``, ``python -m pip``, ``uv pip``, conda,
   mamba, apt): nothing is run; a message says that packages come from the image and how to
   add them (``binder/requirements.txt``, ``binder/apt.txt``), and which are already there;
-- ``ModuleNotFoundError``: a note saying the same.
+- ``ModuleNotFoundError``: a note saying the same;
+- a notebook whose folder could not keep its host path inside (it is ``/workspace`` there):
+  one line in the first cell run, the host's words from ``$KERNEL_SANDBOX_WORKSPACE_NOTE``.
 
 It also lifts the limit on the kernel's own IOPub send queue (``inside/iopub.py``), so a busy
 owner cannot make a burst of output lose its end.
@@ -29,7 +31,7 @@ import socket
 import sys
 from typing import Any
 
-from kernel_sandbox.inside.contract import NETWORK_ENV
+from kernel_sandbox.inside.contract import NETWORK_ENV, WORKSPACE_NOTE_ENV
 
 __all__ = [
     "NETWORK_ENV",
@@ -305,6 +307,19 @@ def _magic(shell: Any, name: str, kind: str) -> None:
     shell.register_magic_function(magic, magic_kind="line", magic_name=name)
 
 
+# -- the workspace's path --------------------------------------------------------------------
+
+
+def _tell_once(ipython: Any, note: str) -> None:
+    """Print ``note`` (stderr) in the first cell that runs, once."""
+
+    def tell(*_: Any) -> None:
+        ipython.events.unregister("pre_run_cell", tell)
+        print(note, file=sys.stderr, flush=True)
+
+    ipython.events.register("pre_run_cell", tell)
+
+
 def load_ipython_extension(ipython: Any) -> None:
     try:
         from kernel_sandbox.inside.iopub import unbound_iopub_queue
@@ -328,3 +343,6 @@ def load_ipython_extension(ipython: Any) -> None:
 
     ipython.system = _guard(ipython.system, lambda: None)
     ipython.getoutput = _guard(ipython.getoutput, SList)
+    note = os.environ.get(WORKSPACE_NOTE_ENV, "").strip()
+    if note:
+        _tell_once(ipython, note.splitlines()[0][:500])

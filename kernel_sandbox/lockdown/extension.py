@@ -76,7 +76,8 @@ def preflight(lockdown: SandboxLockdown, specs: Any, config: Any, docker_cli: st
             return _through_service(lockdown, service.socket_path, sandboxed, docker_cli)
         policy = provisioner.policy
     except SandboxError as exc:
-        raise LockdownError(f"kernelspec {lockdown.map_to}: {exc}") from exc
+        named = f"kernelspec {lockdown.map_to}: "  # a PolicyError names it already
+        raise LockdownError(str(exc) if str(exc).startswith(named) else named + str(exc)) from exc
     backend = shared_backend()
     try:
         present = run_blocking(lambda: backend.image_exists(policy.image))

@@ -130,7 +130,9 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
             labels = await self.backend.image_labels(policy.image) or {}
             if provisioner.orphan_timeout > 0 and labels.get(label("image")) == IMAGE_KIND_KERNEL:
                 shell = with_watchdog(shell, provisioner.orphan_timeout)
-            env = container_env({}, (), provisioner.kernel_spec.env or {}, policy.env)
+            env = container_env(
+                {}, (), provisioner.kernel_spec.env or {}, policy.env, policy.cpu_limit
+            )
             env["TERM"] = self.term_settings.get("type", "xterm")
             labels = container_labels(
                 sandbox_id, spec_name, provisioner.profile, str(resources.runtime_dir.path)

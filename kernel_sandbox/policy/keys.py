@@ -33,6 +33,7 @@ from kernel_sandbox.policy.values import (
     parse_duration,
     parse_egress_hosts,
     parse_egress_rules,
+    parse_egress_secrets,
     parse_env,
     parse_idle_timeout,
     parse_image,
@@ -315,6 +316,16 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         60.0,
         "Seconds an 'ask' request waits for a person before it is denied (default 60).",
         other_flag="--egress-ask-timeout",
+    ),
+    PolicyKey(
+        "egress_secrets",
+        dict[str, str],
+        parse_egress_secrets,
+        {},
+        "With network 'allowlist': credentials the host-side proxy adds to requests to a host, "
+        "HOST -> 'SOURCE[:HOW]' (SOURCE env:NAME, file:/PATH or keyring:SERVICE/USER on the "
+        "host; HOW bearer, basic, header:NAME or query:NAME). The kernel never sees the value.",
+        other_flag="--egress-secret",
     ),
     PolicyKey(
         "idle_timeout",

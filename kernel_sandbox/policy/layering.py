@@ -2,17 +2,19 @@
 
 Precedence, lowest first: built-in defaults < profile < Jupyter config < kernelspec, each
 layer replacing a key's value except the merged keys (``env``); then the operator's ceilings
-cap what the layers chose. Which keys merge and which can be capped, and how, is in the
-policy table (:mod:`kernel_sandbox.policy.keys`).
+cap what the layers chose, and the host what it cannot give (:mod:`kernel_sandbox.policy.host`).
+Which keys merge and which can be capped, and how, is in the policy table
+(:mod:`kernel_sandbox.policy.keys`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kernel_sandbox.errors import PolicyError
+from kernel_sandbox.policy.host import apply_host_limits, host_cpus
 from kernel_sandbox.policy.keys import CEILING_KEYS, KEYS, MERGED_KEYS, display_value, validate
 from kernel_sandbox.policy.model import SandboxPolicy
 
@@ -47,7 +49,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "TZ": "UTC",
             "SOURCE_DATE_EPOCH": "0",
             "PYTHONDONTWRITEBYTECODE": "1",
-            "MPLBACKEND": "Agg",
+            # no MPLBACKEND: ipykernel's inline backend records figures in the executed
+            # notebook (Agg would drop them); scripts without a display pick Agg themselves
             "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
@@ -107,6 +110,7 @@ def layer_policy(
     config_values: Mapping[str, Any],
     spec_values: Mapping[str, Any],
     ceilings: Mapping[str, Any] | None = None,
+    cpus: Callable[[], int | None] = host_cpus,
 ) -> tuple[SandboxPolicy, dict[str, str]]:
     """Build the effective policy and say where each value came from.
 
@@ -115,9 +119,11 @@ def layer_policy(
     merged name by name. ``ceilings`` (operator config only) cap CEILING_KEYS: a value that
     only a default or profile chose is lowered to the ceiling; a value someone set explicitly
     (Jupyter config, kernelspec) above it is an error, so nothing exceeds the operator's cap.
+    The host's CPUs (``cpus()``, None: unknown) cap ``cpu_limit`` the same way.
 
     Raises:
-        PolicyError: unknown profile, unknown key, bad value, or a value over its ceiling.
+        PolicyError: unknown profile, unknown key, bad value, a value over its ceiling, or
+            more CPUs than the host has.
     """
     sources = {key: "default" for key in SandboxPolicy.keys()}
     policy = SandboxPolicy()
@@ -136,7 +142,8 @@ def layer_policy(
             else:
                 sources[key] = origin
         policy = layer
-    return apply_ceilings(policy, sources, ceilings or {})
+    policy, sources = apply_ceilings(policy, sources, ceilings or {})
+    return apply_host_limits(policy, sources, cpus())
 
 
 def apply_ceilings(

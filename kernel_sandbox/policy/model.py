@@ -57,6 +57,7 @@ class SandboxPolicy:
     egress_mode: str = _strict("egress_mode")
     egress_hosts: dict[str, str] = _strict("egress_hosts")
     egress_ask_timeout: float = _strict("egress_ask_timeout")
+    egress_secrets: dict[str, str] = _strict("egress_secrets")
     idle_timeout: int = _strict("idle_timeout")
     user: str | None = _strict("user")
     datasets: tuple[Dataset, ...] = _strict("datasets")

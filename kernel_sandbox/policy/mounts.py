@@ -3,6 +3,12 @@
 Used by every key that exposes a host path (``mounts``, the workspace, local ``datasets``):
 a path that would hand the host to the sandbox (the engine's socket, ``/``, ``/etc``, the
 home directory as a whole, ...) is refused, after symbolic links are resolved.
+
+Host paths in a policy (a mount's or a local dataset's) are absolute or start with ``~`` (the
+host user's home), alike (:func:`host_path`): a kernelspec or config file is read by servers
+whatever their working directory, so a relative path there would mean a different folder to
+each. On the command line (``install --mount``, ``--dataset``) a relative path is taken from
+the current directory and stored absolute.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ __all__ = [
     "Mount",
     "check_mount_source",
     "check_mount_target",
+    "host_path",
     "parse_mount",
     "parse_mounts",
     "resolve_workspace",
@@ -114,6 +121,23 @@ def check_mount_source(key: str, source: str) -> None:
         )
 
 
+def host_path(key: str, path: str, given: object = None) -> str:
+    """A host path of a policy, ``~`` expanded and normalised; a relative one is refused.
+
+    Raises:
+        PolicyError: naming ``key``, the path and ``given`` (the value it came from).
+    """
+    expanded = os.path.expanduser(path.strip())
+    if not os.path.isabs(expanded):
+        within = f" in {given!r}" if given not in (None, path) else ""
+        raise PolicyError(
+            f"{key}: the host path must be absolute (an absolute path or ~/...), got "
+            f"{path!r}{within} "
+            "(on the command line a relative path is taken from the current directory)"
+        )
+    return os.path.normpath(expanded)
+
+
 def check_mount_target(key: str, target: str) -> str:
     """Normalise a path inside the sandbox; refuse the ones the sandbox itself needs."""
     if not os.path.isabs(target):
@@ -161,10 +185,7 @@ def parse_mount(value: Any) -> Mount:
         raise PolicyError(f"mounts: expected 'HOST[:TARGET][:ro|rw]', got {value!r}")
     if mode not in ("ro", "rw"):
         raise PolicyError(f"mounts: the mode must be 'ro' or 'rw', got {mode!r} in {value!r}")
-    source = os.path.expanduser(source)
-    if not os.path.isabs(source):
-        raise PolicyError(f"mounts: the host path must be absolute, got {source!r} in {value!r}")
-    source = os.path.normpath(source)
+    source = host_path("mounts", source, value)
     check_mount_source("mounts", source)
     if not os.path.exists(source):
         raise PolicyError(f"mounts: host path {source} does not exist")

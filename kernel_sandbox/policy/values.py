@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.policy.mounts import check_mount_source
+from kernel_sandbox.policy.mounts import check_mount_source, host_path
 
 DEFAULT_IMAGE = "kernel-sandbox/python:latest"
 WORKSPACE_MODES = ("none", "ro", "rw")
@@ -180,7 +180,7 @@ DATASET_ACCESS = ("read", "read-write")
 DEFAULT_TOKEN_TTL = 8 * 3600
 MAX_TOKEN_TTL = 30 * 24 * 3600
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -209,7 +209,7 @@ def _dataset_source(name: str, source: Any) -> str:
     source = source.strip()
     if source.startswith("file://"):
         source = source[len("file://") :]
-    if _URL_SCHEME.match(source):
+    if URL_SCHEME.match(source):
         authority = source.split("://", 1)[1].split("/", 1)[0]
         if "@" in authority or "?" in source:
             raise PolicyError(
@@ -218,10 +218,7 @@ def _dataset_source(name: str, source: Any) -> str:
                 "(see docs/data.md)"
             )
         return source.rstrip("/")
-    if not os.path.isabs(source):
-        raise PolicyError(
-            f"datasets: {name!r}: a local source must be an absolute path, got {source!r}"
-        )
+    source = host_path(f"datasets: {name!r}", source)
     check_mount_source(f"datasets: {name!r}", source)
     if not os.path.isdir(source):
         raise PolicyError(f"datasets: {name!r}: {source} is not a directory on this host")
@@ -262,7 +259,8 @@ def parse_dataset(name: str, value: Any) -> Dataset:
             f"datasets: {name!r}: access must be 'read' or 'read-write', got {access!r}"
         )
     resolved = _dataset_source(name, source)
-    given = given or os.path.normpath(str(source).strip().removeprefix("file://"))
+    if not given and "://" not in resolved:
+        given = host_path("datasets", str(source).strip().removeprefix("file://"), value)
     return Dataset(name, resolved, access, given if "://" not in resolved else "")
 
 
@@ -341,6 +339,28 @@ def parse_egress_hosts(value: Any) -> dict[str, str]:
         return parse_host_map(dict(value))
     except TargetError as exc:
         raise PolicyError(f"egress_hosts: {exc}") from None
+
+
+def parse_egress_secrets(value: Any) -> dict[str, str]:
+    """Host pattern -> ``SOURCE[:HOW]`` (references to credentials on the host, never values):
+    ``{PATTERN: SOURCE}`` or ``["PATTERN=SOURCE"]``. Normalised to ``SOURCE:HOW``."""
+    from kernel_sandbox.egress.rules import TargetError
+    from kernel_sandbox.egress.secrets import parse_secret, parse_secret_item
+
+    try:
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(item, str) for item in value):
+                raise PolicyError("egress_secrets: expected 'HOST=SOURCE[:HOW]' items")
+            value = dict(parse_secret_item(item) for item in value)
+        if not isinstance(value, Mapping):
+            raise PolicyError(
+                "egress_secrets: expected a mapping of host pattern to SOURCE[:HOW], e.g. "
+                "{'api.corp.test': 'env:CORP_API_KEY'}"
+            )
+        specs = [parse_secret(str(pattern), source) for pattern, source in value.items()]
+    except TargetError as exc:
+        raise PolicyError(f"egress_secrets: {exc}") from None
+    return {str(spec.rule): spec.value_text for spec in specs}
 
 
 def parse_ask_timeout(value: Any) -> float:

@@ -51,14 +51,29 @@ def container_labels(kernel_id: str, kernelspec: str, profile: str, runtime_dir:
     return {prefixed(k): v for k, v in values.items()}
 
 
+# Thread pools that size themselves by the host's CPUs, not the container's cpu_limit: on a
+# big host they would start dozens of threads (each counts against pids_limit) for a kernel
+# allowed one or two CPUs. numpy's BLAS, pyarrow and numexpr read these.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
 def container_env(
     host_env: Mapping[str, str],
     allowed: Iterable[str],
     spec_env: Mapping[str, str],
     policy_env: Mapping[str, str],
+    cpu_limit: float | None = None,
 ) -> dict[str, str]:
-    """Deny by default: only the kernelspec's env, the policy's env and allowlisted names."""
-    env = {k: host_env[k] for k in allowed if k in host_env}
+    """Deny by default: only the kernelspec's env, the policy's env and allowlisted names;
+    thread pools sized to ``cpu_limit`` unless one of those says otherwise."""
+    threads = str(max(1, int(cpu_limit))) if cpu_limit else None
+    env = {name: threads for name in THREAD_VARIABLES} if threads else {}
+    env.update({k: host_env[k] for k in allowed if k in host_env})
     env.update({k: host_env.get(k, v) for k, v in spec_env.items()})
     env.update(policy_env)
     # A sandbox's own uid has no entry in the image's /etc/passwd: getpass.getuser() reads

@@ -22,6 +22,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from kernel_sandbox.egress.service import is_ipython_kernel
 from kernel_sandbox.engine.backend import ContainerRequest
 from kernel_sandbox.engine.backend import start_error as container_start_error
+from kernel_sandbox.engine.container import workspace_note
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.notices import DELIVERY, Notice, memory_notice, publish, stopped_notice
 from kernel_sandbox.host.pool import PooledSandbox, PoolRecipe, process_pool
@@ -274,7 +275,9 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             await resources.aclose(restart=self._launched)
             raise
         allowed = (*self.env_allowlist, *policy.env_passthrough)
-        env = container_env(host_env, allowed, self.kernel_spec.env or {}, policy.env)
+        env = container_env(
+            host_env, allowed, self.kernel_spec.env or {}, policy.env, policy.cpu_limit
+        )
         kwargs["env"] = {**env, **egress_env, NETWORK_ENV: policy.network}
         kwargs["user"] = identity.user
         return kwargs
@@ -373,7 +376,11 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 )
             # listening by the time the container is up (launch_kernel waits)
             egress = resources.start_egress(
-                self.policy, self.egress_log, self.egress_port, self.log_limits
+                self.policy,
+                self.egress_log,
+                self.egress_port,
+                self.log_limits,
+                self.egress_upstream_ca,
             )
             kernel_args += egress.kernel_arguments(argv)
         argv = argv + extra_arguments + kernel_args
@@ -427,6 +434,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 self.cwd,
                 SANDBOX_HOME,
             )
+        self._log_workspace_note(workspace, workspace_path)
         name = f"ks-{(self.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
         profile = self._spec_config.get("profile") or self.profile
         labels = container_labels(
@@ -463,6 +471,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         (the connection file was written by pre_launch)."""
         pooled, self._pooled = self._pooled, None
         assert pooled is not None
+        self._log_workspace_note(*self._workspace_mount())
         started = time.monotonic()
         try:
             await asyncio.to_thread(pooled.send_claim, cmd[3:], dict(kwargs.get("env", {})))
@@ -490,6 +499,13 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             time.monotonic() - started,
         )
         return self.connection_info
+
+    def _log_workspace_note(self, workspace: str | None, workspace_path: str | None) -> None:
+        """Say where the workspace appears when it cannot keep its host path (the notebook
+        shows it too: inside/hints.py)."""
+        moved = workspace_note(workspace_path or workspace) if workspace else None
+        if moved and self.policy.workspace != "none":
+            self.log.info("kernel %s: %s", self.kernel_id, moved.removeprefix("kernel-sandbox: "))
 
     def _workspace_mount(self) -> tuple[str | None, str | None]:
         """(host folder, path inside or None for its own) of the workspace mount, if any."""
@@ -795,7 +811,13 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             resources.relay.expose(str(resources.runtime_dir.client_socket(port)))
         self._watch()
         if self.policy.network == "allowlist":  # the old owner's proxy ended with it
-            resources.start_egress(self.policy, self.egress_log, self.egress_port, self.log_limits)
+            resources.start_egress(
+                self.policy,
+                self.egress_log,
+                self.egress_port,
+                self.log_limits,
+                self.egress_upstream_ca,
+            )
             await resources.wait_egress_ready()
         if self.policy.datasets and self.kernel_id:  # the token lives on in the database
             await asyncio.to_thread(resources.serve_data, self._broker())

@@ -7,7 +7,7 @@ A start is served from the pool (:mod:`kernel_sandbox.host.pool`) when its polic
 - the image is one ``kernel-sandbox image build`` made (it carries the waiter and watchdog);
 - network 'none' (an allowlist's egress bridge and proxy are made per kernel);
 - clients can reach the kernel's sockets through links (the handle needs them);
-- a direct start (the sandbox service keeps no pools yet).
+- in the sandbox service, no workspace folder (the caller's folder is staged per kernel).
 
 Everything else a container is made from goes into the recipe, so a start only ever claims
 a sandbox made exactly as its own cold start would have made it.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from kernel_sandbox.host.pool import PoolRecipe
 from kernel_sandbox.host.uids import UidPool, UidRange
-from kernel_sandbox.inside.contract import NETWORK_ENV
+from kernel_sandbox.inside.contract import NETWORK_ENV, label
 from kernel_sandbox.provisioner.container import container_env
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ def why_not_pooled(provisioner: DockerSandboxProvisioner, image_is_ours: bool) -
     policy = provisioner.policy
     if policy.pool_size <= 0:
         return "pool_size is 0"
-    if provisioner.client_owner is not None:
-        return "the sandbox service keeps no pools yet"
+    if provisioner.client_owner is not None and provisioner.staged_workspace is not None:
+        return "the sandbox service pools only kernels without a workspace folder"
     if policy.network != "none":
         return f"network {policy.network!r} (its egress is set up per kernel)"
     if kernel_module(list(provisioner.kernel_spec.argv)) is None:
@@ -67,7 +67,7 @@ def pool_recipe(
     python, module = kernel_module(list(spec.argv)) or ("python", "ipykernel_launcher")
     # Only what every start of this kernelspec shares: the session's variables (allowlisted
     # from the server's environment) come with the claim.
-    env = container_env({}, (), spec.env or {}, policy.env)
+    env = container_env({}, (), spec.env or {}, policy.env, policy.cpu_limit)
     env[NETWORK_ENV] = policy.network
     uid_pool = None
     if identity.pooled:
@@ -81,7 +81,7 @@ def pool_recipe(
         workspace_path=workspace_path,
         runtime_root=provisioner.runtime_root,
         runtime_dir_size=provisioner.runtime_dir_bytes(),
-        client_reachable=False,
+        client_reachable=provisioner.client_owner is not None,
         orphan_timeout=provisioner.orphan_timeout,
         env=env,
         python=python,
@@ -91,4 +91,6 @@ def pool_recipe(
         size=policy.pool_size,
         max_idle=float(policy.pool_max_idle),
         launch_timeout=provisioner.launch_timeout,
+        # reaped by the service alone (host/reap.py); the caller is known at the claim only
+        labels={label("service"): "true"} if provisioner.client_owner is not None else {},
     )

@@ -162,6 +162,12 @@ class ProvisionerSettings(HasTraits):
     egress_port = Integer(
         3128, config=True, help="Port of the egress bridge on the container's loopback."
     )
+    egress_upstream_ca = Unicode(
+        "",
+        config=True,
+        help="CA bundle the egress proxy verifies servers against when it adds an "
+        "egress_secrets credential (default: the host's trust store).",
+    )
     token_db = Unicode(
         config=True,
         help="SQLite file of the data tokens (only their hashes, scope, expiry and revocation; "

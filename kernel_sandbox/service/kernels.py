@@ -46,8 +46,11 @@ __all__ = ["KernelRegistry", "ServedKernel"]
 log = logging.getLogger("kernel_sandbox.service")
 
 # Policy keys a caller may not ask for at all: the operator decides them (``egress_hosts``
-# could point an allowed name at any address).
-OPERATOR_KEYS = frozenset({"user", "egress_hosts"})
+# could point an allowed name at any address; ``egress_secrets`` would hand the service's own
+# credentials to a host the caller chose).
+OPERATOR_KEYS = frozenset({"user", "egress_hosts", "egress_secrets"})
+# Keys a caller's kernelspec may carry but the service ignores: its warm pool is the operator's.
+POOL_KEYS = frozenset({"pool_size", "pool_max_idle"})
 
 
 class KeptAtExit(ExitRegistry):
@@ -204,7 +207,8 @@ class KernelRegistry:
                 f"kernelspec {name}: {', '.join(refused)} is decided by the sandbox service's "
                 "operator, not by a kernelspec"
             )
-        config = dict(asked)
+        # the warm pool is the operator's (`kernel-sandbox serve --pool-size`), one for all
+        config = {k: v for k, v in asked.items() if k not in POOL_KEYS}
         profile = _text(config.pop("profile", None), "config.profile", 255) or _default_profile(
             rules
         )

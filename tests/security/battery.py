@@ -64,6 +64,14 @@ PROBES: tuple[Probe, ...] = (
         "resolv.conf read-only, naming only 127.0.0.1 (not the host's resolver); resolution "
         "fails: only `lo`, no route anywhere",
     ),
+    Probe(
+        "net-egress-secret",
+        "Network",
+        "learn the key of an egress_secrets host: environment, /proc, readable files, an API "
+        "that echoes the request (with the kernel's own Authorization)",
+        "the server gets the key, the kernel none of it: not in its environment or files, the "
+        "echo masked, its own credential header dropped",
+    ),
     # -- file system ---------------------------------------------------------------------------
     Probe(
         "fs-rootfs-write",

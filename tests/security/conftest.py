@@ -14,6 +14,7 @@ import platform
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,9 +228,30 @@ def _restore(saved: dict[str, str | None]) -> None:
 def sandbox(
     jupyter_path: Path, kernel_image: str, runtime: str, bait: Bait, x86_64: None
 ) -> Iterator[Sandbox]:
-    """The shared probe kernel (kernel A): started in the bait workspace with a host secret."""
-    with started(runtime, bait.workspace, {bait.env_name: bait.env_value}) as kernel:
-        yield kernel
+    """The shared probe kernel (kernel A): started in the bait workspace with a host secret,
+    claimed from a warm pool (kernel_sandbox.host.pool), so every probe run in it holds for a
+    pooled kernel; the dedicated kernels below start cold."""
+    from traitlets.config import Config
+
+    from kernel_sandbox.host.pool import process_pool
+
+    config = Config()
+    config.DockerSandboxProvisioner.pool_size = 1
+    pool = process_pool()
+    with started(runtime, bait.workspace, config=config):
+        pass  # the first start of a recipe is cold; it fills the pool
+    deadline = time.monotonic() + 120
+    while not any(pool.counts().values()):
+        assert time.monotonic() < deadline, "the warm pool did not fill"
+        time.sleep(0.1)
+    try:
+        env = {bait.env_name: bait.env_value}
+        with started(runtime, bait.workspace, env, config=config) as kernel:
+            assert str(kernel.km.provisioner.container_name).startswith("ks-pool-")
+            pool.close()  # no waiting sandbox outlives this start (the leak checks count them)
+            yield kernel
+    finally:
+        pool.close()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 from jupyter_client.manager import KernelManager
 from support.kernels import run_cell
@@ -300,7 +301,10 @@ def test_fs_lifeline_takeover(
                 ended = time.monotonic() - killed
                 break
             time.sleep(0.25)
-        logs = docker_client.api.logs(container_id, tail=5).decode(errors="replace")
+        try:  # another process's orphan sweep may have removed it already
+            logs = docker_client.api.logs(container_id, tail=5).decode(errors="replace")
+        except docker.errors.APIError as exc:
+            logs = f"(gone: {exc.explanation})"
         print(f"container's last lines: {logs!r}")
     finally:
         owner.kill()

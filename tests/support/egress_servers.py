@@ -7,6 +7,7 @@ kernels use (api.test, pypi.test, ...) are mapped to it through the policy's egr
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import http.server
 import json
@@ -82,6 +83,7 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     wheel: bytes = b""
+    seen: list[dict] = []  # what reached the server: {"path", "headers"} (per LocalTargets)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -95,7 +97,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path
-        if path.startswith("/hello"):
+        self.seen.append({"path": path, "headers": dict(self.headers)})
+        del self.seen[:-200]
+        if path.startswith("/reflect"):  # the whole request back, as an echoing API would
+            body = json.dumps({"path": path, "headers": dict(self.headers)}).encode()
+            self._send(body, kind="application/json")
+        elif path.startswith("/gzip"):  # compressed whatever the client accepts
+            body = gzip.compress(json.dumps(dict(self.headers)).encode())
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path.startswith("/hello"):
             self._send(f"hello from {self.headers.get('Host')} at {path}\n".encode())
         elif path.startswith("/headers"):
             self._send(json.dumps(dict(self.headers)).encode(), kind="application/json")
@@ -167,13 +181,16 @@ class LocalTargets:
         self.folder = folder
         self.cert, key = make_certificate(folder)
         wheel = build_wheel(folder)
-        handler = type("Handler", (_Handler,), {"wheel": wheel.read_bytes()})
+        self.seen: list[dict] = []
+        handler = type("Handler", (_Handler,), {"wheel": wheel.read_bytes(), "seen": self.seen})
+        self.handler = handler
         self.http = _Server(("127.0.0.1", 0), handler)
         self.https = _Server(("127.0.0.1", 0), handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cert, key)
         self.https.socket = context.wrap_socket(self.https.socket, server_side=True)
         self.echo = EchoServer()
+        self.extra: list[_Server] = []
         for server in (self.http, self.https):
             threading.Thread(target=server.serve_forever, daemon=True).start()
 
@@ -189,12 +206,24 @@ class LocalTargets:
     def ca_pem(self) -> str:
         return self.cert.read_text()
 
+    def tls_server(self, cert: bytes, key: bytes, name: str) -> int:
+        """Another HTTPS server on 127.0.0.1 with this certificate chain; returns its port."""
+        chain = self.folder / f"{name}.pem"
+        chain.write_bytes(cert + key)
+        server = _Server(("127.0.0.1", 0), self.handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(chain)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.extra.append(server)
+        return int(server.server_address[1])
+
     def hosts(self) -> dict[str, str]:
         """Every test name maps to loopback: a refusal is the proxy's, never a lookup's."""
         return {name: "127.0.0.1" for name in NAMES}
 
     def close(self) -> None:
-        for server in (self.http, self.https):
+        for server in (self.http, self.https, *self.extra):
             server.shutdown()
             server.server_close()
         self.echo.close()
@@ -204,7 +233,7 @@ def tool_bundle(folder: Path) -> dict[str, bool]:
     """Copy the host's requests (and its dependencies) and curl (with its libraries) into
     ``folder``, to be mounted read-only: the kernel image has neither. Same Debian release
     and Python minor version as the image, so both run there as they are."""
-    found = {"requests": False, "curl": False}
+    found = {"requests": False, "curl": False, "httpx": False}
     site = folder / "site"
     site.mkdir(parents=True, exist_ok=True)
     purelib = Path(sysconfig.get_paths()["purelib"])
@@ -212,6 +241,12 @@ def tool_bundle(folder: Path) -> dict[str, bool]:
         for name in ("requests", "urllib3", "idna", "certifi", "charset_normalizer"):
             shutil.copytree(purelib / name, site / name, dirs_exist_ok=True)
         found["requests"] = True
+    except OSError:
+        pass
+    try:
+        for name in ("httpx", "httpcore", "h11", "anyio", "sniffio"):
+            shutil.copytree(purelib / name, site / name, dirs_exist_ok=True)
+        found["httpx"] = True
     except OSError:
         pass
     curl = shutil.which("curl")

@@ -187,6 +187,7 @@ class ServiceProcess:
     policy: Path | None = None
     orphan_timeout: float = 30.0
     process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # more `kernel-sandbox serve` options
 
     @property
     def socket(self) -> str:
@@ -212,7 +213,7 @@ class ServiceProcess:
         ]  # fmt: skip
         if self.policy is not None:
             cmd += ["--policy", str(self.policy)]
-        return cmd
+        return cmd + list(self.extra_args)
 
     def start(self, timeout: float = 30) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
