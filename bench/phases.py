@@ -5,7 +5,10 @@ Used by ``startup.py``. While installed, it wraps (without changing what they do
 - ``DockerSandboxProvisioner.pre_launch`` and ``.launch_kernel``;
 - ``RuntimeDir.sockets_ready``, to note when the kernel's sockets first all exist;
 - every HTTP request the docker SDK sends to the engine (``APIClient.send``), so each engine
-  round trip of a start is seen with its duration (create, start, inspects, ...).
+  round trip of a start is seen with its duration (create, start, inspects, ...);
+- for a start served by the warm pool: ``WarmPool.claim`` (taking a waiting sandbox),
+  ``PooledSandbox.send_claim`` (the claim to its waiter), the client links
+  (``_link_client_sockets``) and ``KernelResources.wait_relay`` (the IOPub relay attaching).
 
 After the kernel_info reply it asks the engine when the container's process started
 (``State.StartedAt``), which splits "docker start" from the kernel's own start-up inside.
@@ -140,7 +143,23 @@ class Probe:
             if runtime_dir is not None and (runtime_dir, "sockets_ready") not in wrapped:
                 wrapped.add((runtime_dir, "sockets_ready"))
                 self._wrap_sockets_ready(runtime_dir)
+            if "_link_client_sockets" in dir(cls) and (cls, "_link_client_sockets") not in wrapped:
+                wrapped.add((cls, "_link_client_sockets"))
+                owner = next(c for c in cls.__mro__ if "_link_client_sockets" in c.__dict__)
+                self._wrap_sync(owner, "_link_client_sockets", depth=1)
+        self._wrap_pool()
         self._wrap_send(docker.api.client.APIClient)
+
+    def _wrap_pool(self) -> None:
+        """The warm pool's steps of a claim (absent in checkouts without a pool)."""
+        try:
+            from kernel_sandbox.host.pool import PooledSandbox, WarmPool
+            from kernel_sandbox.host.resources import KernelResources
+        except ImportError:
+            return
+        self._wrap_sync(WarmPool, "claim", depth=1)
+        self._wrap_sync(PooledSandbox, "send_claim", depth=1)
+        self._wrap_async(KernelResources, "wait_relay", depth=1)
 
     def uninstall(self) -> None:
         for owner, name, original in reversed(self._undo):
@@ -166,6 +185,21 @@ class Probe:
             begin = time.perf_counter()
             try:
                 return await original(*args, **kwargs)
+            finally:
+                if record is not None:
+                    record.span(name, begin, time.perf_counter(), depth)
+
+        self._patch(owner, name, wrapper)
+
+    def _wrap_sync(self, owner: Any, name: str, depth: int) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            record = _current.get()
+            begin = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
             finally:
                 if record is not None:
                     record.span(name, begin, time.perf_counter(), depth)
