@@ -152,6 +152,24 @@ def test_each_sandbox_serves_one_session_and_a_restart_claims_a_fresh_one(
     assert second not in {s.container_id for s in waiting_sandboxes(warm_pool)}
 
 
+def test_a_start_waits_for_the_sandbox_being_started_instead_of_starting_cold(
+    jupyter_path, tmp_path, warm_pool
+):
+    spec = make_kernelspec("pool-in-flight", {"pool_size": 1})
+    with sandbox_kernel(spec, cwd=str(tmp_path)):
+        pass
+    wait_for_pool(warm_pool, 1)
+    with sandbox_kernel(spec, cwd=str(tmp_path)) as (first, _):
+        assert first.provisioner.container_name.startswith("ks-pool-")
+        deadline = time.monotonic() + 30  # the claim woke the refill: wait until it runs
+        while not any(warm_pool.filling(key) for key in warm_pool.counts()):
+            assert time.monotonic() < deadline, "no refill started after the claim"
+            time.sleep(0.005)
+        with sandbox_kernel(spec, cwd=str(tmp_path)) as (second, kc):
+            assert second.provisioner.container_name.startswith("ks-pool-")
+            assert run_cell(kc, "print(6 * 7)")["stdout"] == "42\n"
+
+
 def test_two_kernels_started_together_never_share_a_sandbox(
     jupyter_path, tmp_path, warm_pool, docker_client
 ):

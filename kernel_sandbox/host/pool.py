@@ -193,6 +193,7 @@ class _Pool:
     image_id: str | None = None
     image_checked: float = float("-inf")
     retry_at: float = 0.0
+    filling: bool = False  # a sandbox of this recipe is being started
 
 
 class WarmPool:
@@ -234,6 +235,23 @@ class WarmPool:
         self._ensure_thread()
         self._wake.set()
         return found
+
+    async def claim_or_wait(self, recipe: PoolRecipe) -> PooledSandbox | None:
+        """:meth:`claim`; when none waits but one is being started for ``recipe``, wait for
+        it (at most its ``launch_timeout``): it is ready sooner than a cold start would be,
+        and a cold start would compete with it for the same CPUs."""
+        sandbox = self.claim(recipe)
+        deadline = time.monotonic() + recipe.launch_timeout
+        while sandbox is None and self.filling(recipe.key) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+            sandbox = self.claim(recipe)
+        return sandbox
+
+    def filling(self, key: str) -> bool:
+        """Whether a sandbox of the recipe ``key`` is being started."""
+        with self._lock:
+            pool = self._pools.get(key)
+            return pool is not None and pool.filling
 
     def counts(self) -> dict[str, int]:
         """Waiting sandboxes per recipe key."""
@@ -308,9 +326,11 @@ class WarmPool:
                 missing = len(pool.ready) < recipe.size
             if not missing:
                 continue
+            pool.filling = True
             try:
                 sandbox = self._create(recipe, pool.image_id)
             except Exception as exc:
+                pool.filling = False
                 if self._closed or _exiting():  # its executors refuse work: not a failure
                     log.debug("kernel-sandbox pool: refill stopped by the exit: %s", clip(exc))
                     return
@@ -324,6 +344,7 @@ class WarmPool:
                 )
                 continue
             with self._lock:
+                pool.filling = False
                 if self._closed or time.monotonic() >= pool.wanted_until:
                     stale = True
                 else:

@@ -227,7 +227,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         size = self.runtime_dir_bytes()
         resources = self.resources
         recipe = await self._pool_recipe(identity)
-        pooled = process_pool().claim(recipe) if recipe is not None else None
+        pooled = await process_pool().claim_or_wait(recipe) if recipe is not None else None
         try:
             if pooled is not None:
                 if identity.pooled:  # the pooled sandbox's own uid from the range
