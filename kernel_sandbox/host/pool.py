@@ -24,6 +24,7 @@ token and the session's environment are made for the start that claims.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -99,7 +100,7 @@ class PoolRecipe:
             and newer.key != self.key
         )
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         shape = {
             "policy": {k: v for k, v in self.policy.to_dict().items() if k not in POOL_KEYS},
