@@ -112,6 +112,7 @@ class PoolRecipe:
             "env": self.env,
             "kernel": [self.python, self.module],
             "labels": self.labels,
+            "kernelspec": [self.kernelspec, self.profile],  # its labels name them (ps)
         }
         text = json.dumps(shape, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
