@@ -34,6 +34,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from security.battery import PRELUDE, parse_report
+from support import unavailable
 from support.kernels import make_kernelspec
 from support.leaks import Scope
 from test_containment import runtime_kernel
@@ -393,7 +394,7 @@ def test_a_workspace_no_kernel_could_write_is_refused_before_serving(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if os.getuid() != 0:
-        pytest.skip("without root the kernel runs as you: any folder you own will do")
+        unavailable("without root the kernel runs as you: any folder you own will do")
     workspace = tmp_path / "ws"
     workspace.mkdir()  # root's: a read-write workspace no sandbox may run in
     assert main(["mcp", "--profile", "analyst", "--workspace", str(workspace)]) == 2
