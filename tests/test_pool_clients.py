@@ -170,7 +170,12 @@ def test_ps_shows_pooled_sandboxes_and_stop_ends_a_claimed_one(
         assert again[0].container.startswith("ks-pool-")
         assert run_cell(first_kc, "print('still', 1 + 1)")["stdout"] == "still 2\n"
     warm_pool.close()
-    wait_for(lambda: not sandboxes_of(docker_client, me), "the pool to be drained", 30)
+    # (only this test's kernelspec: a session fixture's kernel of this process may live on)
+    wait_for(
+        lambda: not [s for s in sandboxes_of(docker_client, me) if s.kernelspec == spec],
+        "the pool to be drained",
+        30,
+    )
 
 
 # -- nbclient ---------------------------------------------------------------------------------
