@@ -622,11 +622,11 @@ def test_install_takes_an_egress_url_and_relative_dataset_paths(prefix, tmp_path
     (tmp_path / "sales").mkdir()
     monkeypatch.chdir(tmp_path)
     argv = ["install", "--prefix", str(prefix), "--name", "pasted"]
-    argv += ["--network", "allowlist", "--egress", "https://api.example.com/v1"]
+    argv += ["--network", "allowlist", "--egress", "https://api.example.test/v1"]
     argv += ["--dataset", "sales=sales:read", "--mount", "sales:/data/sales"]
     assert main(argv) == 0
     config = kernel_json(prefix, "pasted")["metadata"]["kernel_provisioner"]["config"]
-    assert config["egress"] == ["api.example.com:443"]
+    assert config["egress"] == ["api.example.test:443"]
     assert config["datasets"] == {"sales": f"{tmp_path}/sales:read"}
     assert config["mounts"] == [f"{tmp_path}/sales:/data/sales:ro"]
 

@@ -814,15 +814,15 @@ def test_the_public_names_of_the_old_policy_module_are_still_there():
 @pytest.mark.parametrize(
     ("pasted", "rule"),
     [
-        ("https://api.example.com/v1", "api.example.com:443"),
-        ("http://api.example.com", "api.example.com:80"),
-        ("HTTPS://API.Example.com/", "api.example.com:443"),
-        ("https://api.example.com:8443/v1?x=1#y", "api.example.com:8443"),
-        ("api.example.com:8443/v1", "api.example.com:8443"),
-        ("api.example.com/v1", "api.example.com"),  # no scheme: ports 80 and 443, as before
+        ("https://api.example.test/v1", "api.example.test:443"),
+        ("http://api.example.test", "api.example.test:80"),
+        ("HTTPS://API.Example.test/", "api.example.test:443"),
+        ("https://api.example.test:8443/v1?x=1#y", "api.example.test:8443"),
+        ("api.example.test:8443/v1", "api.example.test:8443"),
+        ("api.example.test/v1", "api.example.test"),  # no scheme: ports 80 and 443, as before
         ("https://*.corp.test/simple", "*.corp.test:443"),
         ("https://[fd00::5]/x", "[fd00::5]:443"),
-        ("api.example.com", "api.example.com"),
+        ("api.example.test", "api.example.test"),
     ],
 )
 def test_egress_hosts_are_taken_as_pasted_everywhere(pasted, rule, tmp_path):
