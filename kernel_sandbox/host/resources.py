@@ -35,10 +35,12 @@ from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Lifeline, Owner
 from kernel_sandbox.host.relay import IopubRelay, RelayLimits
 from kernel_sandbox.host.rundir import CLAIMED_BY, DEFAULT_SIZE, RuntimeDir
+from kernel_sandbox.host.shell_relay import ShellRelay
 from kernel_sandbox.host.uids import UidClaim, UidPool
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, HOST_SOCKETS_MOUNT
 
 if TYPE_CHECKING:
+    from kernel_sandbox.audit.executions import ExecutionAudit
     from kernel_sandbox.broker.server import DataBroker
     from kernel_sandbox.broker.tokens import TokenRecord
     from kernel_sandbox.host.pool import PooledSandbox
@@ -76,6 +78,8 @@ class KernelResources:
         self._broker: DataBroker | None = None
         self._monitor: KernelMonitor | None = None
         self.relay: IopubRelay | None = None  # kept across restarts
+        self.shell: ShellRelay | None = None  # kept across restarts (but a pool's)
+        self.executions: ExecutionAudit | None = None  # kept across restarts
         self.uid_claim: UidClaim | None = None  # kept across restarts
 
     # -- the kernel's own uid (kernel_sandbox.host.uids) -------------------------------------
@@ -159,6 +163,9 @@ class KernelResources:
             if self.relay is not None:  # bound in the old directory; started again there
                 self.relay.close()
                 self.relay = None
+            if self.shell is not None:  # likewise
+                self.shell.close()
+                self.shell = None
             if self._lifeline is not None:
                 self._lifeline.close()
             removal = old.remove()
@@ -324,6 +331,25 @@ class KernelResources:
                 timeout,
             )
 
+    # -- shell and the audit (kernel_sandbox.host.shell_relay, kernel_sandbox.audit) --------
+
+    def start_shell_relay(
+        self, kernel_link: str, bind_path: str, executions: ExecutionAudit
+    ) -> ShellRelay:
+        """Relay the shell channel through the host (clients reach it through a link,
+        :meth:`ShellRelay.expose`), each execute request recorded by ``executions``; unless it
+        runs (it outlives restarts: it reconnects to ``kernel_link``, made again each start).
+
+        Raises:
+            zmq.ZMQError: the relay's socket cannot be bound.
+        """
+        self.executions = executions
+        if self.shell is None:
+            shell = ShellRelay(kernel_link, bind_path, executions.observe, self.kernel_id, self.log)
+            shell.start()
+            self.shell = shell
+        return self.shell
+
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) ----------------
 
     def watch(
@@ -382,7 +408,12 @@ class KernelResources:
             except Exception as exc:
                 failure = exc
         self._release_data(restart)
+        if self.executions is not None:
+            self.executions.end("kernel restarted" if restart else "kernel shut down")
         if not restart:
+            if self.shell is not None:
+                self.shell.close()
+                self.shell = None
             if self.relay is not None:
                 self.relay.close()
                 self.relay = None

@@ -64,6 +64,7 @@ CLIENT_PREFIX = "c"  # client links are t/c-<port>
 CLAIMED_BY = "kernel-id"  # <id>/kernel-id: which kernel claimed a pooled sandbox (host only)
 HANDLE_PREFIX = "k-"  # <root>/k-<random>: a pooled kernel's link to its current t/ (make_handle)
 RELAY_PREFIX = "r"  # a host-side relay's own socket is t/r-<port> (kernel_sandbox.host.relay)
+KERNEL_LINK_PREFIX = "b"  # t/b-<port>: a relay's host-only link to the kernel's socket
 DEFAULT_SIZE = 4 * 1024**2
 
 
@@ -262,6 +263,11 @@ class RuntimeDir:
         it through their ``t/c-<port>`` link, hence on the same file system)."""
         return self.area / f"{RELAY_PREFIX}-{port}"
 
+    def kernel_link(self, port: int) -> Path:
+        """Where a relay that connects to the kernel's socket reaches it (``t/b-<port>``): a
+        hard link made by :meth:`link_client_socket`, never a path the kernel can change."""
+        return self.area / f"{KERNEL_LINK_PREFIX}-{port}"
+
     def socket_paths(self, info: Mapping[str, Any]) -> list[Path]:
         return [self.kernel_socket(info[name]) for name in CHANNELS]
 
@@ -278,7 +284,9 @@ class RuntimeDir:
             return False
         return all(stat.S_ISSOCK(f.st_mode) and kernel_uid in (None, f.st_uid) for f in found)
 
-    def link_client_socket(self, port: int, kernel_uid: int | None) -> None:
+    def link_client_socket(
+        self, port: int, kernel_uid: int | None, target: Path | None = None
+    ) -> None:
         """Point the client path of one channel (``t/c-<port>``) at the kernel's socket
         ``t/s/k-<port>``: a hard link, made only if that is a socket (not followed if it is a
         link) owned by ``kernel_uid`` (None: any owner). Replaces what was there atomically;
@@ -289,7 +297,7 @@ class RuntimeDir:
                 refused (e.g. fs.protected_hardlinks); the client path is then absent.
         """
         source = self.kernel_socket(port)
-        target = self.client_socket(port)
+        target = target or self.client_socket(port)
         staging = self.area / f".{CLIENT_PREFIX}-{port}.{secrets.token_hex(4)}"
         try:
             _check_socket(source, kernel_uid)
@@ -342,6 +350,7 @@ class RuntimeDir:
             for directory, entry in (
                 (self.shared, f"{SOCKET_PREFIX}-{info[name]}"),
                 (self.area, f"{CLIENT_PREFIX}-{info[name]}"),
+                (self.area, f"{KERNEL_LINK_PREFIX}-{info[name]}"),
             ):
                 _remove_in(directory, entry, result)
         return result

@@ -47,6 +47,12 @@ from kernel_sandbox.inside.contract import (
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
 from kernel_sandbox.policy.values import format_size
+from kernel_sandbox.provisioner.auditing import (
+    link_shell,
+    note,
+    note_signal,
+    start_shell_audit,
+)
 from kernel_sandbox.provisioner.container import (
     check_datasets_not_writable,
     check_exposure,
@@ -259,6 +265,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 info = ipc_connection_info(self._client_prefix(owner[0]), key, self._spec_name)
                 self.connection_info = cast(KernelConnectionInfo, info)
             self._start_relay(owner[0])
+            start_shell_audit(self)
             if policy.datasets:
                 record = await asyncio.to_thread(
                     resources.grant_data, self._broker(), policy.datasets, policy.token_ttl, owner
@@ -320,7 +327,10 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         )
         assert runtime_dir is not None
         skip = ("iopub_port",) if relay is not None else ()
+        if self.resources.shell is not None:
+            skip = (*skip, "shell_port")
         runtime_dir.link_client_sockets(info, kernel_uid, skip)
+        link_shell(self, kernel_uid)
         if relay is not None:
             relay.expose(str(runtime_dir.client_socket(info["iopub_port"])))
         if self.client_owner is not None and info["ip"] == runtime_dir.client_prefix:
@@ -489,6 +499,14 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         await self.resources.wait_relay(RELAY_ATTACH_TIMEOUT)
 
     def _launched_in(self, started: float) -> KernelConnectionInfo:
+        note(
+            self,
+            "kernel_start",
+            restart=self._launched,
+            image=self.policy.image,
+            container=self.container_name,
+            spec=self._spec_name,
+        )
         self._launched = True
         self._end_reason = self.notice = None
         self._watch()
@@ -580,6 +598,13 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             return None
         if self._told != self.container_id:
             self._told = self.container_id
+            note(
+                self,
+                "kernel_exit",
+                exit_code=state.exit_code,
+                oom_killed=state.oom_killed,
+                reason=self._end_reason,
+            )
             if state.oom_killed:
                 self.log.warning(
                     "kernel %s: container %s was killed: out of memory (memory_limit %s)",
@@ -647,6 +672,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             return await self.via_service.send_signal(signum)
         if self.container_id is None:
             return
+        note_signal(self, signum)
         try:
             await self.backend.signal(self.container_id, signum)
         except EngineUnavailable as exc:
@@ -809,6 +835,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         if resources.relay is not None and resources.runtime_dir is not None:
             port = self.connection_info["iopub_port"]  # its link names the old relay's socket
             resources.relay.expose(str(resources.runtime_dir.client_socket(port)))
+        start_shell_audit(self)
+        link_shell(self, self._identity.uid if self._identity else None)
         self._watch()
         if self.policy.network == "allowlist":  # the old owner's proxy ended with it
             resources.start_egress(

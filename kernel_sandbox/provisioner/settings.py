@@ -154,10 +154,14 @@ class ProvisionerSettings(HasTraits):
     log_max_bytes = Integer(
         DEFAULT_MAX_BYTES,
         config=True,
-        help="Size at which the audit and egress logs rotate (FILE -> FILE.1 -> ...); 0: never.",
+        help="Size at which the audit and egress logs rotate (FILE -> FILE.1 -> ...; the hash "
+        "chain continues across files); 0: never.",
     )
     log_backups = Integer(
-        DEFAULT_BACKUPS, config=True, help="Rotated audit and egress log files kept."
+        DEFAULT_BACKUPS,
+        config=True,
+        help="Rotated audit and egress log files kept (retention); the oldest beyond it is "
+        "deleted and its last hash kept in FILE.anchor, so `kernel-sandbox audit verify` holds.",
     )
     egress_port = Integer(
         3128, config=True, help="Port of the egress bridge on the container's loopback."
@@ -175,8 +179,28 @@ class ProvisionerSettings(HasTraits):
     )
     audit_log = Unicode(
         config=True,
-        help="JSON-lines audit log of every data broker request (default "
-        "~/.local/share/kernel-sandbox/audit.jsonl). Host-only: no policy may mount it.",
+        help="Hash-chained JSON-lines audit log: every execute request and every data broker "
+        "request (default ~/.local/share/kernel-sandbox/audit.jsonl; see docs/audit.md). "
+        "Host-only: no policy may mount it.",
+    )
+    audit_executions = Bool(
+        True,
+        config=True,
+        help="Relay each kernel's shell channel through the host and record every execute "
+        "request (its code, who sent it, start, end, status) in the hash-chained audit_log "
+        "(see docs/audit.md). False: no shell relay and no execution records.",
+    )
+    audit_code_limit = Integer(
+        64 * 1024,
+        config=True,
+        help="Characters of a request's code kept in its audit record (its SHA-256 and length "
+        "always cover all of it).",
+    )
+    audit_client = Unicode(
+        "",
+        config=True,
+        help="A label for the client driving this process's kernels, in their audit records "
+        "(default: worked out from the process and its kernel manager).",
     )
     data_credentials = Unicode(
         "",
