@@ -9,10 +9,10 @@ of the object ending at ``"prev":"..."}``), and ``prev`` is the previous record'
 (64 zeros for the first record ever). So a record edited, deleted, inserted or moved breaks the
 chain at that point (:mod:`kernel_sandbox.audit.verify`). Beside ``FILE`` live two small files:
 
-- ``FILE.head``: the last record's ``seq`` and ``hash`` (and the file's inode and size after
+- ``.FILE.head`` (hidden, beside it): the last record's ``seq`` and ``hash`` (and the file's inode and size after
   it), rewritten in place after every append. A file cut short (its last records removed) no
   longer reaches the head.
-- ``FILE.anchor``: written when retention deletes the oldest rotated file: the ``seq`` and
+- ``.FILE.anchor``: written when retention deletes the oldest rotated file: the ``seq`` and
   ``hash`` of the last record deleted, from which the oldest remaining file's chain continues.
 
 Rotation (``max_bytes``) renames ``FILE`` to ``FILE.1`` (``FILE.1`` to ``FILE.2``, ...; the
@@ -37,6 +37,8 @@ from typing import Any
 __all__ = [
     "GENESIS",
     "ChainedAppender",
+    "anchor_path",
+    "head_path",
     "Link",
     "chain_files",
     "read_anchor",
@@ -49,7 +51,7 @@ __all__ = [
 GENESIS = "0" * 64
 HEAD_SIZE = 256  # bytes of the head file (JSON, space-padded: rewritten in place)
 _HASH_TAIL = len(',"hash":"') + 64 + len('"}')
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
 class Link:
@@ -110,10 +112,20 @@ def chain_files(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
+def head_path(path: str | os.PathLike[str]) -> Path:
+    base = Path(path)
+    return base.parent / f".{base.name}.head"
+
+
+def anchor_path(path: str | os.PathLike[str]) -> Path:
+    base = Path(path)
+    return base.parent / f".{base.name}.anchor"
+
+
 def read_head(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The head record beside ``path`` (None: none, or unreadable)."""
     try:
-        value = json.loads(Path(f"{path}.head").read_bytes() or b"null")
+        value = json.loads(head_path(path).read_bytes() or b"null")
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -122,7 +134,7 @@ def read_head(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def read_anchor(path: str | os.PathLike[str]) -> Link | None:
     """Where the oldest remaining file's chain starts after retention deleted older ones."""
     try:
-        value = json.loads(Path(f"{path}.anchor").read_text())
+        value = json.loads(anchor_path(path).read_text())
         return Link(int(value["seq"]), str(value["hash"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -218,7 +230,7 @@ class ChainedAppender:
         if self._head_fd < 0:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            self._head_fd = os.open(f"{self.path}.head", flags, 0o600)
+            self._head_fd = os.open(head_path(self.path), flags, 0o600)
         return self._head_fd
 
     def _current(self) -> int:
@@ -289,10 +301,11 @@ class ChainedAppender:
             os.close(old_fd)
         if link is None:
             return
-        staging = f"{self.path}.anchor.{os.getpid()}.tmp"
+        target = anchor_path(self.path)
+        staging = f"{target}.{os.getpid()}.tmp"
         with open(staging, "w", opener=lambda p, f: os.open(p, f, 0o600)) as handle:
             json.dump({"seq": link.seq, "hash": link.hash}, handle)
-        os.rename(staging, f"{self.path}.anchor")
+        os.rename(staging, target)
 
 
 _SHARED: dict[tuple[str, int, int], ChainedAppender] = {}

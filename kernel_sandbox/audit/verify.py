@@ -19,7 +19,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernel_sandbox.audit.chain import GENESIS, Link, chain_files, read_anchor, read_head, split_hash
+from kernel_sandbox.audit.chain import (
+    GENESIS,
+    Link,
+    chain_files,
+    head_path,
+    read_anchor,
+    read_head,
+    split_hash,
+)
 
 __all__ = ["Break", "ChainReport", "verify_chain"]
 
@@ -134,7 +142,7 @@ def _check_head(path: str | os.PathLike[str], report: ChainReport, files: list[P
     try:
         seq, digest = int(head["seq"]), str(head["hash"])
     except (KeyError, TypeError, ValueError):
-        report.broken = Break(f"{path}.head", 1, None, "the head file is not a head record")
+        report.broken = Break(str(head_path(path)), 1, None, "the head file is not a head record")
         return
     last = report.last or read_anchor(path) or Link(0, GENESIS)
     if (seq, digest) != (last.seq, last.hash):

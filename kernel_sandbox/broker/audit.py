@@ -2,8 +2,9 @@
 
 Each line: time (UTC, ISO 8601), kernel id, token id, dataset, path, operation, decision
 (allow, deny or error), the reason for a refusal, and the bytes moved. Lines are appended
-with ``O_APPEND`` in a single write, so several brokers (processes) can share one file, which
-rotates by size (:mod:`kernel_sandbox.host.logfile`). The token itself never appears, not even
+with ``O_APPEND`` in a single write, hash-chained with the execution records in the same file
+(:mod:`kernel_sandbox.audit.chain`: several brokers, processes, can share it; it rotates by
+size without breaking the chain). The token itself never appears, not even
 hashed.
 
 A kernel chooses much of a line (its paths, dataset names, and how many requests it makes):
@@ -21,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingAppender
+from kernel_sandbox.audit.chain import shared_appender
+from kernel_sandbox.host.logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from kernel_sandbox.host.logtext import DEFAULT_RECORDS, LineBudget, Suppressed, clip
 
 __all__ = ["AuditLog"]
@@ -56,7 +58,7 @@ class AuditLog:
         budget: LineBudget | None = None,
     ):
         self.path = Path(path)
-        self.file = RotatingAppender(self.path, max_bytes, backups)
+        self.file = shared_appender(self.path, max_bytes, backups)  # chained (kernel_sandbox.audit)
         self.budget = budget or LineBudget(DEFAULT_RECORDS)
 
     def record(
@@ -73,6 +75,7 @@ class AuditLog:
     ) -> dict[str, Any]:
         entry = {
             "time": _now(),
+            "event": "data",
             "kernel_id": kernel_id,
             "token_id": token_id,
             "op": _clip(op),
@@ -108,6 +111,7 @@ class AuditLog:
         self._write(
             {
                 "time": _now(),
+                "event": "data",
                 "kernel_id": ended.key,
                 "decision": "suppressed",
                 "suppressed": ended.count,

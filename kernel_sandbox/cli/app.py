@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn
 
 from kernel_sandbox import __version__
+from kernel_sandbox.cli.audit import add_audit_command
 from kernel_sandbox.cli.console import EXIT_USAGE, err, exit_code_for, report_error
 from kernel_sandbox.cli.doctor import add_doctor_command
 from kernel_sandbox.cli.egress import add_egress_command
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lockdown_command(commands)
     add_serve_command(commands)
     add_mcp_command(commands)
+    add_audit_command(commands)
     return parser
 
 

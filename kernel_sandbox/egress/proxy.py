@@ -65,7 +65,7 @@ from kernel_sandbox.egress.rules import (
     parse_rule,
 )
 from kernel_sandbox.errors import CredentialsError
-from kernel_sandbox.host.logfile import RotatingAppender
+from kernel_sandbox.audit.chain import ChainedAppender
 from kernel_sandbox.host.logtext import LineBudget, Suppressed, budgeted_handler, clip
 
 __all__ = ["EgressProxy", "ProxyConfig", "Refused", "main"]
@@ -93,7 +93,8 @@ class EgressProxy:
         self._notice_writers: list[asyncio.StreamWriter] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._connections = 0
-        self._log = RotatingAppender(config.log, config.log_max_bytes, config.log_backups)
+        # hash-chained, checked by `kernel-sandbox audit verify` (kernel_sandbox.audit)
+        self._log = ChainedAppender(config.log, config.log_max_bytes, config.log_backups)
         self._budget = LineBudget(config.log_records, config.log_interval)
         self._summaries: asyncio.Task[None] | None = None
         self.secrets = SecretStore(config.secrets)
@@ -187,7 +188,7 @@ class EgressProxy:
 
     def _write(self, entry: dict[str, Any]) -> None:
         try:
-            self._log.write((json.dumps(entry) + "\n").encode())
+            self._log.write(json.dumps(entry).encode())
         except OSError as exc:  # a full disk must not stop the decisions, only their log
             _log.error("egress proxy: cannot write the decision log %s: %s", self.config.log, exc)
 
