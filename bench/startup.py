@@ -34,6 +34,11 @@ socket (as root, as the unit does) and adds the variant ``service`` (the same ke
 The provisioner's phases are timed for direct starts only (a service start's phases happen in
 the service process).
 
+``--audit`` adds the variant ``noaudit`` (the same kernelspec with
+``DockerSandboxProvisioner.audit_executions`` off: no shell relay, no execution records) and
+reports the default sandbox's ratio to it (issue 17: the audit may cost at most 5% of the
+execute round trip). ``bench/audit.py`` measures the same on two running kernels, interleaved.
+
 Every kernel is shut down, also on Ctrl-C (a first Ctrl-C finishes the current start and
 cleans up; a second one aborts at once and still removes the containers).
 """
@@ -78,6 +83,9 @@ TARGETS = {"start": 1.3, "execute": 1.1}
 SERVICE = "service"
 DIRECT = "sandbox"
 SERVICE_TARGETS = {"start": 1.1, "execute": 1.1}
+# Issue 17: the audit (shell relay and records) costs at most 5% of a round trip.
+NOAUDIT = "noaudit"
+AUDIT_TARGET = 1.05
 
 
 @dataclass
@@ -399,6 +407,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         variants = [] if args.no_default_sandbox else [Variant(DIRECT)]
         if service is not None:
             variants.append(Variant(SERVICE, {"service": service.start()}))
+        if args.audit:
+            off = {"DockerSandboxProvisioner.audit_executions": False}
+            variants.append(Variant(NOAUDIT, jupyter_config=off))
         targets = write_kernelspecs(
             tmp, [*variants, *args.variant], args.local_python, args.local_transport
         )
@@ -611,6 +622,12 @@ def report(
             "start": through["start_s"]["median"] / direct["start_s"]["median"],
             "execute": through["execute_s"]["median"] / direct["execute_s"]["median"],
         }
+    without = out["kernels"].get(NOAUDIT, {})
+    if direct.get("execute_s") and without.get("execute_s"):
+        out["audit_vs_noaudit"] = {
+            "start": direct["start_s"]["median"] / without["start_s"]["median"],
+            "execute": direct["execute_s"]["median"] / without["execute_s"]["median"],
+        }
     local = out["kernels"].get(LOCAL, {})
     for label, data in out["kernels"].items():
         if label == LOCAL or not data["start_s"] or not local.get("start_s"):
@@ -676,6 +693,13 @@ def print_table(out: dict[str, Any]) -> None:
             for what, target in SERVICE_TARGETS.items()
         ]
         print(f"{SERVICE}/{DIRECT}: " + ", ".join(verdicts))
+    if "audit_vs_noaudit" in out:
+        ratio = out["audit_vs_noaudit"]
+        verdict = "meets" if ratio["execute"] <= AUDIT_TARGET else "misses"
+        print(
+            f"{DIRECT}/{NOAUDIT} (the audit's cost): start {ratio['start']:.2f}x, execute "
+            f"{ratio['execute']:.3f}x ({verdict} <= {AUDIT_TARGET}x)"
+        )
     for label, data in kernels.items():
         if "phases" in data:
             print(
@@ -740,6 +764,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure the sandboxed kernel started through a sandbox service this "
         "script starts (kernel-sandbox serve on a temporary socket; needs root)",
+    )
+    parser.add_argument(
+        "--audit",
+        action="store_true",
+        help="also measure the sandbox with the execution audit off (variant noaudit) and "
+        "report the audit's cost as a ratio",
     )
     parser.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines")

@@ -31,9 +31,11 @@ def client_label(prov: DockerSandboxProvisioner) -> str:
         return prov.audit_client[:200]
     argv = sys.argv or [""]
     program = os.path.basename(argv[0]) or "python"
-    if program == "kernel-sandbox" and len(argv) > 1:
+    if (program == "kernel-sandbox" or "/kernel_sandbox/cli/" in argv[0]) and len(argv) > 1:
         program = f"kernel-sandbox {argv[1]}"
-    elif program in ("__main__.py", "-m", "-c") or program.startswith("python"):
+    elif program == "__main__.py":  # python -m PACKAGE
+        program = os.path.basename(os.path.dirname(argv[0])) or "python"
+    elif program in ("-m", "-c") or program.startswith("python"):
         program = "python"
     manager = prov.parent
     multi = getattr(manager, "parent", None)

@@ -19,6 +19,7 @@ from jupyter_client.connect import KernelConnectionInfo
 
 from kernel_sandbox.errors import PolicyError, ServiceUnavailable
 from kernel_sandbox.policy.model import SandboxPolicy
+from kernel_sandbox.provisioner.auditing import client_label
 from kernel_sandbox.policy.mounts import parse_mounts
 from kernel_sandbox.service.client import ServiceClient
 
@@ -124,6 +125,7 @@ class ServiceKernel:
                 env=kwargs.get("env", {}),
                 extra_arguments=kwargs.get("extra_arguments", []),
                 folders=folders,
+                client=client_label(prov),  # for the audit records the service writes
             )
         finally:
             for fd in fds:

@@ -252,6 +252,8 @@ class KernelRegistry:
             **config,
         )
         prov.client_owner = caller_owner
+        claimed = _text(request.get("client"), "client", 200)  # the caller's word: audit label
+        prov.audit_client = f"{claimed or 'unnamed client'} (through the service)"
         if enforce:  # the operator's ceilings for this caller, a refusal naming the rule
             policy, sources = rules.apply_ceilings(prov.policy, prov.policy_sources)
             prov._policy, prov._sources = policy, sources
