@@ -223,3 +223,39 @@ def test_rotation_and_retention_on_a_live_kernel(jupyter_path, tmp_path, leak_ch
     found = executions(log, kernel_id)
     assert found[-1]["code"].startswith("cell_24 = 24")
     assert found[0]["code"] != "cell_0 = 0"  # retired by retention, anchored
+
+
+def test_through_the_service_the_service_writes_what_the_user_cannot_touch(
+    sandbox_service, test_users
+):
+    """The caller's kernel is audited in the service's log directory, under the caller's uid;
+    the caller can neither read nor write it, and `audit verify --log-dir` holds."""
+    from test_service import kernel_script
+
+    home = test_users.add("kstalice").pw_dir
+    env = {"KERNEL_SANDBOX_SERVICE": sandbox_service.socket}
+    result = test_users.run_as(
+        "kstalice", kernel_script("print('through the service')", cwd=home), env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernel_id = json.loads(result.stdout.strip().splitlines()[-1])["kernel_id"]
+    log_dir = Path(sandbox_service.base) / "log"
+    found = executions(log_dir / "audit.jsonl", kernel_id)
+    assert [(r["code"], r["status"]) for r in found] == [("print('through the service')", "ok")]
+    account = test_users.add("kstalice")
+    assert found[0]["uid"] == account.pw_uid and found[0]["user"] == "kstalice"
+    assert found[0]["client"].endswith("(through the service)")
+    assert "KernelManager" in found[0]["client"]  # the caller's own label, as it claims it
+    attempt = test_users.run_as(
+        "kstalice",
+        "import sys\n"
+        "for mode in ('r', 'a'):\n"
+        "    try:\n"
+        f"        open({str(log_dir / 'audit.jsonl')!r}, mode)\n"
+        "        print(mode, 'opened')\n"
+        "    except PermissionError:\n"
+        "        print(mode, 'denied')\n",
+        check=False,
+    )
+    assert attempt.stdout.split() == ["r", "denied", "a", "denied"], attempt.stderr
+    assert main(["audit", "verify", "--log-dir", str(log_dir)]) == 0

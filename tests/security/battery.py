@@ -163,6 +163,14 @@ PROBES: tuple[Probe, ...] = (
         "after a swap the broker still serves the granted folder (the host folder is neither "
         "read nor written) and the audit log says `root: moved`",
     ),
+    Probe(
+        "fs-audit-log",
+        "File system",
+        "find, read or write the host's audit log; forge execute requests and replies on its "
+        "own shell socket",
+        "no audit file is visible inside; the host recorded the probe cell's real request "
+        "(exact code hash) and nothing forged; the hash chain verifies",
+    ),
     # -- privilege -----------------------------------------------------------------------------
     Probe(
         "priv-setuid",
