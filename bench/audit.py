@@ -93,7 +93,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from kernel_sandbox.audit.verify import verify_chain
 
     report = verify_chain(log)
-    ratios = [a / b for a, b in zip(block_medians["on"], block_medians["off"])]
+    ratios = [a / b for a, b in zip(block_medians["on"], block_medians["off"], strict=True)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     result = {
         "blocks": args.blocks,

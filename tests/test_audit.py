@@ -152,8 +152,15 @@ def test_kernel_sandbox_run(jupyter_path, tmp_path, leak_check):
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
     notebook = REPO / "notebooks" / "demo.ipynb"
     result = subprocess.run(
-        [sys.executable, "-m", "kernel_sandbox.cli", "run", str(notebook), "--output-dir",
-         str(tmp_path / "out")],
+        [
+            sys.executable,
+            "-m",
+            "kernel_sandbox.cli",
+            "run",
+            str(notebook),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -113,7 +113,7 @@ def test_rotation_links_files_and_retention_leaves_an_anchor(
     first_kept = json.loads(lines(files[0])[0])
     anchor = json.loads(anchor_path(log).read_text())
     assert first_kept["prev"] == anchor["hash"] and first_kept["seq"] == anchor["seq"] + 1
-    for older, newer in zip(files, files[1:]):  # each file continues the previous one
+    for older, newer in zip(files, files[1:], strict=False):  # each continues the last
         assert json.loads(lines(newer)[0])["prev"] == json.loads(lines(older)[-1])["hash"]
     code, out = verify(log, capsys)
     assert code == 0 and "in 4 file(s)" in out

@@ -9,9 +9,9 @@ of the object ending at ``"prev":"..."}``), and ``prev`` is the previous record'
 (64 zeros for the first record ever). So a record edited, deleted, inserted or moved breaks the
 chain at that point (:mod:`kernel_sandbox.audit.verify`). Beside ``FILE`` live two small files:
 
-- ``.FILE.head`` (hidden, beside it): the last record's ``seq`` and ``hash`` (and the file's inode and size after
-  it), rewritten in place after every append. A file cut short (its last records removed) no
-  longer reaches the head.
+- ``.FILE.head`` (hidden): the last record's ``seq`` and ``hash`` (and the file's inode and
+  size after it), rewritten in place after every append. A file cut short (its last records
+  removed) no longer reaches the head.
 - ``.FILE.anchor``: written when retention deletes the oldest rotated file: the ``seq`` and
   ``hash`` of the last record deleted, from which the oldest remaining file's chain continues.
 

@@ -38,8 +38,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(
-            f"--since {text!r}: an ISO time such as 2026-12-03T16:00 or an age such as 30m, "
-            "2h, 7d"
+            f"--since {text!r}: an ISO time such as 2026-12-03T16:00 or an age such as 30m, 2h, 7d"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 

@@ -136,8 +136,8 @@ def _check_head(path: str | os.PathLike[str], report: ChainReport, files: list[P
     head = read_head(path)
     if head is None:
         if report.records:
-            last = files[-1] if files else Path(path)
-            report.broken = Break(str(last), 0, None, "the head file is missing")
+            newest = files[-1] if files else Path(path)
+            report.broken = Break(str(newest), 0, None, "the head file is missing")
         return
     try:
         seq, digest = int(head["seq"]), str(head["hash"])

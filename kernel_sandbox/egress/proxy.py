@@ -38,6 +38,7 @@ from typing import Any
 
 import h11
 
+from kernel_sandbox.audit.chain import ChainedAppender
 from kernel_sandbox.egress.approvals import Approvals
 from kernel_sandbox.egress.ca import KernelCA, upstream_context
 from kernel_sandbox.egress.config import ProxyConfig
@@ -65,7 +66,6 @@ from kernel_sandbox.egress.rules import (
     parse_rule,
 )
 from kernel_sandbox.errors import CredentialsError
-from kernel_sandbox.audit.chain import ChainedAppender
 from kernel_sandbox.host.logtext import LineBudget, Suppressed, budgeted_handler, clip
 
 __all__ = ["EgressProxy", "ProxyConfig", "Refused", "main"]

@@ -54,9 +54,7 @@ class ShellRelay:
         log: a logger.
     """
 
-    def __init__(
-        self, kernel_path: str, client_path: str, observe: Observer, name: str, log: Any
-    ):
+    def __init__(self, kernel_path: str, client_path: str, observe: Observer, name: str, log: Any):
         self.kernel_path, self.client_path = kernel_path, client_path
         self.observe, self.name, self.log = observe, name, log
         self.observed = 0

@@ -19,8 +19,8 @@ from jupyter_client.connect import KernelConnectionInfo
 
 from kernel_sandbox.errors import PolicyError, ServiceUnavailable
 from kernel_sandbox.policy.model import SandboxPolicy
-from kernel_sandbox.provisioner.auditing import client_label
 from kernel_sandbox.policy.mounts import parse_mounts
+from kernel_sandbox.provisioner.auditing import client_label
 from kernel_sandbox.service.client import ServiceClient
 
 if TYPE_CHECKING:
