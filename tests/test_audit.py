@@ -60,6 +60,12 @@ def test_jupyter_client_requests_interrupt_restart_and_death(
     with sandbox_kernel(SANDBOX, config=audit_config(log), cwd=str(tmp_path)) as (km, kc):
         assert run_cell(kc, "x = 6 * 7\nprint(x)")["stdout"] == "42\n"
         assert run_cell(kc, "1 / 0")["status"] == "error"
+        on_control = kc.session.msg(
+            "execute_request",
+            {"code": "print('on control')", "silent": False, "store_history": False},
+        )
+        kc.control_channel.send(on_control)
+        assert kc.get_control_msg(timeout=60)["content"]["status"] == "ok"
         kc.execute("import time\ntime.sleep(60)")
         time.sleep(1.5)
         km.interrupt_kernel()
@@ -77,9 +83,10 @@ def test_jupyter_client_requests_interrupt_restart_and_death(
     found = executions(log, kernel_id)
     codes = [r["code"] for r in found]
     assert codes[:2] == ["x = 6 * 7\nprint(x)", "1 / 0"]
-    assert [r["status"] for r in found[:3]] == ["ok", "error", "error"]
+    assert (found[2]["code"], found[2]["channel"]) == ("print('on control')", "control")
+    assert [r["status"] for r in found[:4]] == ["ok", "error", "ok", "error"]
     assert found[1]["ename"] == "ZeroDivisionError"
-    assert found[2]["ename"] == "KeyboardInterrupt"
+    assert found[3]["ename"] == "KeyboardInterrupt"
     after = found[codes.index("print('after restart')")]
     assert after["status"] == "ok"
     assert found[-1]["code"].endswith("os.kill(os.getpid(), signal.SIGKILL)")

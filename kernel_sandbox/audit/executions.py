@@ -7,13 +7,15 @@ ran is what a client asked for, whatever the kernel says. The kernel's replies o
 request it was sent (matched by the request's ``msg_id``); its status is one of a fixed set,
 its error name clipped, and frames over a size are not parsed at all.
 
-Records (besides ``time``, ``event``, ``kernel_id``, and who: ``uid``, ``user``, ``client``):
+Records (besides ``time``, ``event``, ``kernel_id``, and who: ``uid``, ``user``, ``client``;
+``channel: control`` for a request sent on the control channel, which ipykernel also obeys):
 
 - ``execute_request``: ``msg_id``, ``code`` (up to ``code_limit`` characters, then a marker),
   ``code_sha256`` and ``code_chars`` of the whole code, ``silent``, ``username`` and
   ``session`` from the request's header, ``start``.
 - ``execute_reply``: ``msg_id``, ``status`` (ok, error, aborted, or ``other``),
   ``execution_count``, ``ename`` for an error, ``start``, ``end``, ``seconds``.
+- ``debug_request``: a debugger request (``evaluate`` runs code): ``command``, ``expression``.
 - ``execute_end``: a request left without a reply when the kernel ended or restarted
   (``status``: ``no-reply``, ``reason``).
 """
@@ -71,8 +73,9 @@ class ExecutionAudit:
         self.pending: dict[str, tuple[float, str]] = {}  # msg_id -> (monotonic, start time)
         self._lock = threading.Lock()
 
-    def observe(self, direction: bytes, frames: Sequence[Any]) -> None:
-        """One captured shell message (``frames`` as on the wire, identities first)."""
+    def observe(self, direction: bytes, frames: Sequence[Any], channel: str = "shell") -> None:
+        """One captured message of ``channel`` (shell or control: ipykernel runs execute
+        requests from either), ``frames`` as on the wire, identities first."""
         try:
             at = next(i for i, f in enumerate(frames) if len(f) == 9 and bytes(f) == DELIMITER)
         except StopIteration:
@@ -83,8 +86,11 @@ class ExecutionAudit:
         if header is None:
             return
         msg_type = header.get("msg_type")
+        extra = {"channel": channel} if channel != "shell" else {}
         if direction == b"in" and msg_type == "execute_request":
-            self._request(header, frames[at + 5])
+            self._request(header, frames[at + 5], extra)
+        elif direction == b"in" and msg_type == "debug_request":
+            self._debug(header, frames[at + 5], extra)
         elif direction == b"out" and msg_type == "execute_reply":
             self._reply(frames[at + 3], frames[at + 5])
 
@@ -110,7 +116,23 @@ class ExecutionAudit:
 
     # -- the two directions -----------------------------------------------------------------
 
-    def _request(self, header: dict[str, Any], content_frame: Any) -> None:
+    def _debug(self, header: dict[str, Any], content_frame: Any, extra: dict[str, Any]) -> None:
+        """A debugger request (its ``evaluate`` runs code too): the command and expression."""
+        content = _json(content_frame, MAX_REPLY) or {}
+        arguments = content.get("arguments")
+        arguments = arguments if isinstance(arguments, dict) else {}
+        self.trail.record(
+            "debug_request",
+            self.kernel_id,
+            **self.context,
+            **extra,
+            msg_id=str(header.get("msg_id", ""))[:128],
+            username=clip_text(str(header.get("username", "")), 128),
+            command=clip_text(str(content.get("command", "")), 128),
+            expression=clip_text(arguments.get("expression"), self.code_limit),
+        )
+
+    def _request(self, header: dict[str, Any], content_frame: Any, extra: dict[str, Any]) -> None:
         try:
             content = json.loads(bytes(content_frame))
         except (ValueError, UnicodeDecodeError):
@@ -130,6 +152,7 @@ class ExecutionAudit:
             "execute_request",
             self.kernel_id,
             **self.context,
+            **extra,
             msg_id=msg_id,
             username=clip_text(str(header.get("username", "")), 128),
             session=clip_text(str(header.get("session", "")), 128),

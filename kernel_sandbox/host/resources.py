@@ -78,7 +78,7 @@ class KernelResources:
         self._broker: DataBroker | None = None
         self._monitor: KernelMonitor | None = None
         self.relay: IopubRelay | None = None  # kept across restarts
-        self.shell: ShellRelay | None = None  # kept across restarts (but a pool's)
+        self.shell_relays: dict[str, ShellRelay] = {}  # kept across restarts (but a pool's)
         self.executions: ExecutionAudit | None = None  # kept across restarts
         self.uid_claim: UidClaim | None = None  # kept across restarts
 
@@ -163,9 +163,7 @@ class KernelResources:
             if self.relay is not None:  # bound in the old directory; started again there
                 self.relay.close()
                 self.relay = None
-            if self.shell is not None:  # likewise
-                self.shell.close()
-                self.shell = None
+            self._close_shell_relays()  # likewise
             if self._lifeline is not None:
                 self._lifeline.close()
             removal = old.remove()
@@ -334,21 +332,29 @@ class KernelResources:
     # -- shell and the audit (kernel_sandbox.host.shell_relay, kernel_sandbox.audit) --------
 
     def start_shell_relay(
-        self, kernel_link: str, bind_path: str, executions: ExecutionAudit
+        self, channel: str, kernel_link: str, bind_path: str, executions: ExecutionAudit
     ) -> ShellRelay:
-        """Relay the shell channel through the host (clients reach it through a link,
-        :meth:`ShellRelay.expose`), each execute request recorded by ``executions``; unless it
-        runs (it outlives restarts: it reconnects to ``kernel_link``, made again each start).
+        """Relay a request channel (shell, control) through the host (clients reach it through
+        a link, :meth:`ShellRelay.expose`), each execute request recorded by ``executions``;
+        unless it runs (it outlives restarts: it reconnects to ``kernel_link``, made again on
+        each start).
 
         Raises:
             zmq.ZMQError: the relay's socket cannot be bound.
         """
         self.executions = executions
-        if self.shell is None:
-            shell = ShellRelay(kernel_link, bind_path, executions.observe, self.kernel_id, self.log)
-            shell.start()
-            self.shell = shell
-        return self.shell
+        relay = self.shell_relays.get(channel)
+        if relay is None:
+            observe = functools.partial(_observe_on, executions, channel.removesuffix("_port"))
+            relay = ShellRelay(kernel_link, bind_path, observe, self.kernel_id, self.log)
+            relay.start()
+            self.shell_relays[channel] = relay
+        return relay
+
+    def _close_shell_relays(self) -> None:
+        relays, self.shell_relays = self.shell_relays, {}
+        for relay in relays.values():
+            relay.close()
 
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) ----------------
 
@@ -411,9 +417,7 @@ class KernelResources:
         if self.executions is not None:
             self.executions.end("kernel restarted" if restart else "kernel shut down")
         if not restart:
-            if self.shell is not None:
-                self.shell.close()
-                self.shell = None
+            self._close_shell_relays()
             if self.relay is not None:
                 self.relay.close()
                 self.relay = None
@@ -449,3 +453,7 @@ class KernelResources:
             self.close(restart)
             return
         await done
+
+
+def _observe_on(executions: ExecutionAudit, channel: str, direction: bytes, frames: Any) -> None:
+    executions.observe(direction, frames, channel)

@@ -20,7 +20,9 @@ from kernel_sandbox.audit.trail import AuditTrail, who
 if TYPE_CHECKING:
     from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
-__all__ = ["client_label", "link_shell", "note", "start_shell_audit"]
+__all__ = ["RELAYED", "client_label", "link_shell", "note", "note_signal", "start_shell_audit"]
+
+RELAYED = ("shell_port", "control_port")  # the channels a client's requests come in on
 
 
 def client_label(prov: DockerSandboxProvisioner) -> str:
@@ -62,29 +64,34 @@ def start_shell_audit(prov: DockerSandboxProvisioner) -> None:
     assert runtime_dir is not None
     if not prov.audit_executions or info["ip"] != runtime_dir.client_prefix:
         return  # no links (see _start_relay's warning): clients reach the kernel directly
-    port = info["shell_port"]
     executions = resources.executions or ExecutionAudit(
         _trail(prov), prov.kernel_id or "", _context(prov), prov.audit_code_limit
     )
-    resources.start_shell_relay(
-        str(runtime_dir.kernel_link(port)), str(runtime_dir.relay_socket(port)), executions
-    )
+    for channel in RELAYED:  # ipykernel runs execute requests from control too
+        port = info[channel]
+        resources.start_shell_relay(
+            channel,
+            str(runtime_dir.kernel_link(port)),
+            str(runtime_dir.relay_socket(port)),
+            executions,
+        )
 
 
 def link_shell(prov: DockerSandboxProvisioner, kernel_uid: int | None) -> bool:
-    """Link the relay to the kernel's new shell socket and give clients the relay's; False
-    when the shell is not relayed (the caller links it for clients as usual).
+    """Link the relays to the kernel's new shell and control sockets and give clients the
+    relays'; False when they are not relayed (the caller links them for clients as usual).
 
     Raises:
         KernelStartError: the kernel's shell socket cannot be linked (see RuntimeDir).
     """
     resources, info = prov.resources, prov.connection_info
-    runtime_dir, shell = resources.runtime_dir, resources.shell
-    if shell is None or runtime_dir is None:
+    runtime_dir = resources.runtime_dir
+    if not resources.shell_relays or runtime_dir is None:
         return False
-    port = info["shell_port"]
-    runtime_dir.link_client_socket(port, kernel_uid, runtime_dir.kernel_link(port))
-    shell.expose(str(runtime_dir.client_socket(port)))
+    for channel, relay in resources.shell_relays.items():
+        port = info[channel]
+        runtime_dir.link_client_socket(port, kernel_uid, runtime_dir.kernel_link(port))
+        relay.expose(str(runtime_dir.client_socket(port)))
     return True
 
 

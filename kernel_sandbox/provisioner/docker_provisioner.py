@@ -48,6 +48,7 @@ from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve
 from kernel_sandbox.policy.traits import PolicyTraits
 from kernel_sandbox.policy.values import format_size
 from kernel_sandbox.provisioner.auditing import (
+    RELAYED,
     link_shell,
     note,
     note_signal,
@@ -327,8 +328,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         )
         assert runtime_dir is not None
         skip = ("iopub_port",) if relay is not None else ()
-        if self.resources.shell is not None:
-            skip = (*skip, "shell_port")
+        if self.resources.shell_relays:
+            skip = (*skip, *RELAYED)
         runtime_dir.link_client_sockets(info, kernel_uid, skip)
         link_shell(self, kernel_uid)
         if relay is not None:
