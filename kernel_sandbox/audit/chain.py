@@ -187,6 +187,8 @@ class ChainedAppender:
         self._fd = -1
         self._head_fd = -1
         self._lock = threading.Lock()
+        # the head we wrote last, the file's (inode, size) then, and the link
+        self._last: tuple[bytes, int, int, Link] | None = None
 
     def write(self, line: bytes) -> Link:
         """Chain and append one JSON object's line (one ``write(2)``), rotating first when full.
@@ -250,8 +252,12 @@ class ChainedAppender:
         file's last record (a writer died between its line and the head), else the previous
         file's, else the anchor or the genesis."""
         info = os.fstat(fd)
+        raw = os.pread(head_fd, HEAD_SIZE, 0)
+        last = self._last
+        if last is not None and (raw, info.st_ino, info.st_size) == last[:3]:
+            return last[3]  # the head is still ours and the file as we left it
         try:
-            head = json.loads(os.pread(head_fd, HEAD_SIZE, 0) or b"null")
+            head = json.loads(raw or b"null")
             if head["ino"] == info.st_ino and head["size"] == info.st_size:
                 return Link(int(head["seq"]), str(head["hash"]))
         except (ValueError, KeyError, TypeError):
@@ -270,10 +276,13 @@ class ChainedAppender:
 
     def _save_head(self, head_fd: int, fd: int, link: Link) -> None:
         info = os.fstat(fd)
-        text = json.dumps(
-            {"seq": link.seq, "hash": link.hash, "ino": info.st_ino, "size": info.st_size}
-        ).encode()
-        os.pwrite(head_fd, text.ljust(HEAD_SIZE), 0)
+        text = (
+            f'{{"seq": {link.seq}, "hash": "{link.hash}", "ino": {info.st_ino}, '
+            f'"size": {info.st_size}}}'
+        )
+        raw = text.encode().ljust(HEAD_SIZE)
+        os.pwrite(head_fd, raw, 0)
+        self._last = (raw, info.st_ino, info.st_size, link)
 
     def _rotate(self, fd: int) -> int:
         """``FILE`` -> ``FILE.1`` -> ...; the oldest beyond ``backups`` deleted, anchored first."""

@@ -159,9 +159,9 @@ class ShellRelay:
     def _watch(self, watch: zmq.Socket) -> None:
         try:
             while True:
-                frames = watch.recv_multipart(copy=False)
+                frames = watch.recv_multipart()  # copies: cheaper than Frames when small
                 try:
-                    self.observe(frames[0].bytes, frames[1:])
+                    self.observe(frames[0], frames[1:])
                 except Exception as exc:  # an observer's bug must not stop forwarding
                     self.log.error("kernel %s: shell audit failed: %s", self.name, exc)
                 self.observed += 1
