@@ -5,8 +5,8 @@ On a shared machine the user's Jupyter Server holds no engine access: it asks th
 caller is and the operator's rules, what it starts. This side only forwards what the kernelspec
 and the Jupyter config ask for, and opens the folders to mount itself (so the kernel checks the
 user's rights; the descriptors go over the socket). The kernel's ZeroMQ traffic does not pass
-through here or the service: the connection info names sockets in the service's runtime
-directory that only this user may connect to.
+through here: the connection info names sockets in the service's runtime directory that only
+this user may connect to (shell and control are the service's audit relays, IOPub its relay).
 """
 
 from __future__ import annotations
