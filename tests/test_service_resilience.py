@@ -224,9 +224,9 @@ def test_kernels_survive_a_restart_of_the_service(
         stopped = time.monotonic()
         own_service.kill() if how == "SIGKILL" else own_service.stop()
         assert not answers(own_service)
-        # the kernel runs on without the service: its shell channel is direct (its output
-        # comes through the IOPub relay, which lives in the service and is back with it)
-        assert client.ask("reply y = x + 1")["status"] == "ok"
+        # the kernel runs on without the service; a request sent meanwhile waits in the
+        # client's socket for the shell relay (the audit's, in the service) to be back
+        sent = client.ask("send y = x + 1")["sent"]
         assert client.ask("alive")["alive"] is True  # a poll the service cannot answer
         assert kernel_container(docker_client, client.kernel_id)["State"] == "running"
         own_service.start()
@@ -241,6 +241,7 @@ def test_kernels_survive_a_restart_of_the_service(
         [record] = own_service.records()
         assert record["kernel_id"] == client.kernel_id
         assert client.ask("alive")["alive"] is True  # the new service answers the poll
+        assert client.ask(f"wait {sent}")["status"] == "ok"  # through the adopted relay
         # IOPub comes through the relay the new service started: output published before the
         # client's subscription is back is lost, so wait for it as a reconnecting client does
         iopub = client.ask("sync")["synced"]

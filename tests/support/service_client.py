@@ -10,6 +10,8 @@ answers one JSON line per command read from stdin:
 - ``exec CODE``: run a cell; ``{"output": stdout+errors, "status": ...}``
 - ``reply CODE``: run a cell, waiting for its execute reply only (not for its output, which
   comes through the IOPub relay); ``{"status": ...}``
+- ``send CODE``: send an execute request, not waiting; ``{"sent": msg_id}``
+- ``wait MSG_ID``: wait for that request's execute reply; ``{"status": ...}``
 - ``sync``: wait until IOPub delivers again; ``{"synced": seconds}``
 - ``alive``: ``{"alive": km.is_alive()}`` (the provisioner's poll, through the service)
 - ``restart``: ``km.restart_kernel()`` and wait for the kernel; ``{"restarted": true}``
@@ -101,6 +103,14 @@ def main() -> None:
                 while (reply := kc.get_shell_msg(timeout=60))["parent_header"].get(
                     "msg_id"
                 ) != msg_id:
+                    pass
+                say(status=reply["content"]["status"])
+            elif command == "send":
+                say(sent=kc.execute(argument))
+            elif command == "wait":
+                while (reply := kc.get_shell_msg(timeout=90))["parent_header"].get(
+                    "msg_id"
+                ) != argument:
                     pass
                 say(status=reply["content"]["status"])
             elif command == "sync":
