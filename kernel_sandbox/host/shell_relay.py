@@ -78,6 +78,9 @@ class ShellRelay:
         try:
             for sock in (front, back, capture, watch):
                 sock.setsockopt(zmq.LINGER, 0)
+            # as ipykernel's own ROUTER: a client reconnecting with the routing id (session)
+            # of one still connected (km.client() shares the manager's session) takes it over
+            front.setsockopt(zmq.ROUTER_HANDOVER, 1)
             capture.setsockopt(zmq.SNDHWM, CAPTURE_HWM)
             watch.setsockopt(zmq.RCVHWM, CAPTURE_HWM)
             back.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL)
