@@ -151,6 +151,8 @@ def setup_errors(
         ),
         ("lockdown",): (["enable", "--user"], 2, "cannot write"),
         ("mcp",): (["--workspace", missing], 2, "the folder does not exist"),
+        ("audit", "show"): (["--log-dir", missing], 2, "not a directory"),
+        ("audit", "verify"): (["--log", missing], 2, "no such audit log"),
     }
 
 
@@ -328,6 +330,8 @@ def outcomes(
         ),
         ("egress", "secrets", "list"): (root, {0}, "no running kernel has egress secrets"),
         ("lockdown",): (["status"], {0, 1}, "lockdown is"),
+        ("audit", "show"): (["--log-dir", str(tmp_path)], {0}, "no audit records"),
+        ("audit", "verify"): (["--log-dir", str(tmp_path)], {0}, "no records"),
     }
 
 
