@@ -3,14 +3,15 @@
 A sandboxed kernel holds, on the host: its runtime directory (sockets, connection file, owner
 record), the lifeline its in-sandbox watchdog stays connected to, its container, a data token
 and the broker's socket (with datasets), an egress proxy (with network 'allowlist') and a
-monitor thread (idle_timeout, ``kernel-sandbox stop``), and the claim on its own uid (when it
-has one from ``uid_range``). :class:`KernelResources` owns them all, and
-:meth:`KernelResources.close` releases them on every path::
+monitor thread (idle_timeout, ``kernel-sandbox stop``), the relays of its IOPub, shell and
+control channels, and the claim on its own uid (when it has one from ``uid_range``).
+:class:`KernelResources` owns them all, and :meth:`KernelResources.close` releases them on
+every path::
 
     close(restart=True)    a restart, or a failed restart: the container is removed and the
                            data token revoked; the runtime directory (clients stay connected),
-                           the lifeline, the broker's socket, the proxy, the IOPub relay
-                           and the uid are kept
+                           the lifeline, the broker's socket, the proxy, the IOPub relay,
+                           the shell and control relays (the audit's) and the uid are kept
     close()                the final cleanup, a failed first start, interpreter exit:
                            nothing is left
 
@@ -414,10 +415,11 @@ class KernelResources:
             except Exception as exc:
                 failure = exc
         self._release_data(restart)
+        if not restart:
+            self._close_shell_relays()  # first: what they captured is recorded
         if self.executions is not None:
             self.executions.end("kernel restarted" if restart else "kernel shut down")
         if not restart:
-            self._close_shell_relays()
             if self.relay is not None:
                 self.relay.close()
                 self.relay = None
