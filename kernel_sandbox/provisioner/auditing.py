@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kernel_sandbox.audit.executions import ExecutionAudit
 from kernel_sandbox.audit.trail import AuditTrail, who
@@ -68,7 +68,7 @@ def start_shell_audit(prov: DockerSandboxProvisioner) -> None:
         _trail(prov), prov.kernel_id or "", _context(prov), prov.audit_code_limit
     )
     for channel in RELAYED:  # ipykernel runs execute requests from control too
-        port = dict(info)[channel]
+        port = int(cast(Any, info)[channel])
         resources.start_shell_relay(
             channel,
             str(runtime_dir.kernel_link(port)),
@@ -89,7 +89,7 @@ def link_shell(prov: DockerSandboxProvisioner, kernel_uid: int | None) -> bool:
     if not resources.shell_relays or runtime_dir is None:
         return False
     for channel, relay in resources.shell_relays.items():
-        port = dict(info)[channel]
+        port = int(cast(Any, info)[channel])
         runtime_dir.link_client_socket(port, kernel_uid, runtime_dir.kernel_link(port))
         relay.expose(str(runtime_dir.client_socket(port)))
     return True
