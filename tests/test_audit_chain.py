@@ -213,13 +213,18 @@ def test_executions_pair_up_and_kernel_replies_cannot_forge(tmp_path: Path) -> N
     audit.observe(b"in", message("execute_request", {"code": "print(1)\nx = 2"}))
     audit.observe(b"out", message("execute_reply", {"status": "bogus"}, {"msg_id": "m1"}, "r"))
     audit.observe(b"in", message("execute_request", {"code": "while True: pass"}, msg_id="m2"))
+    debug = {"command": "evaluate", "arguments": {"expression": "secret()"}}
+    audit.observe(b"in", message("debug_request", debug, msg_id="d1"), "control")
     audit.end("kernel shut down")
     found = rows([log])
-    assert [(r["event"], r.get("status")) for r in found] == [
+    assert [(r["event"], r.get("status")) for r in found if r["event"] == "execute"] == [
         ("execute", "other"),
         ("execute", "no-reply"),
     ]
     assert found[0]["code"] == "print(1)\nx = 2" and found[0]["username"] == "ann"
+    [debugged] = [r for r in rows([log]) if r["event"] == "debug_request"]
+    assert (debugged["command"], debugged["expression"]) == ("evaluate", "secret()")
+    assert debugged["channel"] == "control"
     assert verify_chain(log).intact
 
 
