@@ -125,9 +125,12 @@ class AuditLog:
         self.file.write((json.dumps(entry, separators=(",", ":")) + "\n").encode())
 
     def entries(self) -> list[dict[str, Any]]:
-        """Every line so far (for tests and `kernel-sandbox tokens`); none when there is no log."""
+        """The broker's records so far in the current file (for tests and `kernel-sandbox
+        tokens`: not the kernels' execution records sharing the file); none when there is no
+        log."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [r for r in records if r.get("event", "data") == "data"]

@@ -209,10 +209,11 @@ def test_log_flood(
 
 
 def read(path: Path, kernel_id: str) -> list[dict]:
-    """This kernel's records in ``path`` and its rotated files (each line must be JSON)."""
+    """This kernel's decisions in ``path`` and its rotated files (each line must be JSON; the
+    audit log's execution and kernel records, which the kernel's requests do not make, aside)."""
     out = []
     for line in lines(path):
         record = json.loads(line)
-        if record.get("kernel_id") == kernel_id:
+        if record.get("kernel_id") == kernel_id and "decision" in record:
             out.append(record)
     return out
