@@ -74,5 +74,12 @@ class AuditTrail:
             return self.appender.append(entry)
         except (OSError, ValueError) as exc:
             self.failures += 1
-            _log.error("kernel %s: cannot write the audit trail %s: %s", kernel_id, self.path, exc)
+            if self.failures % 100 == 1:  # a full disk: the first failure, then every 100th
+                _log.error(
+                    "kernel %s: cannot write the audit trail %s (%d record(s) lost so far): %s",
+                    kernel_id,
+                    self.path,
+                    self.failures,
+                    exc,
+                )
             return None
