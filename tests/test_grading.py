@@ -1,0 +1,291 @@
+"""nbgrader autograding contained: five real submissions, two of them attacks, graded by the
+real ``nbgrader autograde`` (run as root, direct mode) in a sandboxed grading kernelspec.
+
+What is checked (issue 18, "Autograding contained"):
+- the grades: honest submissions get their points, the attackers nothing;
+- nothing of the instructor's (the canaries in the solutions, the unreleased assignment's
+  source and release folders, the gradebook) and nothing of another student's submission
+  appears in any autograded notebook, feedback page or nbgrader log;
+- the attacks got nowhere: no connection reached the listeners started here (loopback and
+  the Docker bridge gateway), the gradebook and the other notebooks are unchanged, the
+  fork bomb, disk and memory fills stayed in their sandbox (the memory bomb's kernel is
+  stopped, nbgrader reports that submission as failed and grades the next one);
+- the same attack with a plain local kernel (the control) does read the canaries and reach
+  the listener, so the probes can fail.
+
+nbgrader lives in a virtual environment of its own (``.ci/run`` makes it; it adds Jupyter
+Server extensions and Notebook 7 to the environment it is installed in): without it these
+tests skip, unless ``KS_REQUIRE_NBGRADER=1``, under which a missing nbgrader fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+import pytest
+from support import REPO
+from support.leaks import no_leaks
+
+if not os.environ.get("KS_REQUIRE_NBGRADER"):
+    pytest.importorskip("nbgrader", reason="needs nbgrader (own venv: .ci/run makes it)")
+import nbformat  # noqa: E402
+from nbgrader.api import Gradebook  # noqa: E402
+from support.grading import ASSIGNMENT, COURSE_ID, HONEST, KERNEL, Course, make_course  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+class Listener:
+    """A TCP listener on one local address that records every connection it gets."""
+
+    def __init__(self, host: str):
+        self.sock = socket.create_server((host, 0))
+        self.address = (host, self.sock.getsockname()[1])
+        self.got: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.got.append(conn.recv(4096))
+                except OSError:
+                    self.got.append(b"")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _gateway(client: docker.DockerClient) -> str:
+    return client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+
+
+@dataclass
+class Graded:
+    course: Course
+    autograde: subprocess.CompletedProcess[str]
+    feedback: subprocess.CompletedProcess[str]
+    listeners: list[Listener]
+    seconds: float
+    logs: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.logs = "".join(p.stdout + p.stderr for p in (self.autograde, self.feedback))
+
+
+def _environment(prefix: Path) -> dict[str, str]:
+    """nbgrader's environment: this venv's scripts first (nbgrader runs its own ``alembic``),
+    the grading kernelspec (and nbconvert's templates) findable, direct mode (no service)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    # nbconvert's templates (feedback) may be in the base Python's share/jupyter, which
+    # a --system-site-packages venv's Jupyter does not search
+    shared = [str(prefix / "share" / "jupyter"), env.get("JUPYTER_PATH")]
+    shared.append(str(Path(sys.base_prefix) / "share" / "jupyter"))
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, shared))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["KERNEL_SANDBOX_SERVICE"] = "off"
+    return env
+
+
+def _install_kernelspec(prefix: Path, runtime: str = "runc") -> None:
+    """The grading kernelspec, as docs/grading.md tells an instructor to write it."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernel_sandbox.cli",
+            "install",
+            "--name",
+            KERNEL,
+            "--display-name",
+            "Grading (sandboxed)",
+            "--profile",
+            "strict",
+            "--memory-limit",
+            "256m",
+            "--cpu-limit",
+            "1",
+            "--pids-limit",
+            "64",
+            "--tmpfs-size",
+            "64m",
+            "--workspace",
+            "ro",
+            "--runtime",
+            runtime,
+            "--prefix",
+            str(prefix),
+        ],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+
+
+@pytest.fixture(scope="module")
+def listeners(docker_client: docker.DockerClient) -> Iterator[list[Listener]]:
+    made = [Listener("127.0.0.1"), Listener(_gateway(docker_client))]
+    yield made
+    for listener in made:
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def graded(
+    docker_client: docker.DockerClient,
+    kernel_image: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    listeners: list[Listener],
+) -> Iterator[Graded]:
+    """Autograde the five submissions once, then write the feedback; no sandbox is left."""
+    base = tmp_path_factory.mktemp("grading")
+    _install_kernelspec(base / "prefix")
+    checker = no_leaks(docker_client)
+    scope = next(checker)
+    scope.spec(KERNEL)
+    course = make_course(
+        base / "course", _environment(base / "prefix"), [x.address for x in listeners]
+    )
+    started = time.monotonic()
+    autograde = course.nbgrader("autograde", ASSIGNMENT, "--force")
+    seconds = time.monotonic() - started
+    feedback = course.nbgrader("generate_feedback", ASSIGNMENT, "--force")
+    for _ in checker:  # the leak check: every grading sandbox is gone
+        pass
+    print(f"autograde of 5 submissions in sandboxes: {seconds:.1f} s")
+    yield Graded(course, autograde, feedback, listeners, seconds)
+
+
+def _score(course: Course, student: str) -> float:
+    with Gradebook(f"sqlite:///{course.root / 'gradebook.db'}", COURSE_ID) as gb:
+        return float(gb.find_submission(ASSIGNMENT, student).score)
+
+
+def _outputs(path: Path) -> str:
+    """Everything a notebook's cells printed or returned (not their source)."""
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(
+        str(out) for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+    )
+
+
+def _printed(path: Path) -> list[str]:
+    """The lines a notebook's cells printed."""
+    nb = nbformat.read(path, as_version=4)
+    return [
+        line
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.output_type == "stream"
+        for line in out.text.splitlines()
+    ]
+
+
+def _files(*folders: Path) -> Iterator[Path]:
+    for folder in folders:
+        if folder.exists():
+            yield from (p for p in folder.rglob("*") if p.is_file())
+
+
+def test_grades_honest_correct_attackers_zero(graded: Graded) -> None:
+    course = graded.course
+    for student, points in HONEST.items():
+        assert _score(course, student) == points, (student, graded.logs[-4000:])
+    assert _score(course, "mallory") == 0
+    assert _score(course, "eve") == 0
+    # mallory was graded (her kernel lived), eve's kernel was stopped by its memory limit:
+    # nbgrader reports that one submission and exits 1 after grading the others
+    assert (course.root / "autograded" / "mallory" / ASSIGNMENT / "ps1.ipynb").exists()
+    eve = graded.logs[graded.logs.find("for eve") :][:6000]
+    assert "out of memory (memory_limit 256m)" in graded.logs, eve
+    assert "error processing assignment 'ps1' for student 'eve'" in graded.logs
+    failed = [line for line in graded.logs.splitlines() if "There was an error processing" in line]
+    assert all("eve" in line for line in failed), failed
+    assert graded.autograde.returncode == 1
+
+
+def test_nothing_of_the_instructor_or_other_students_leaks(graded: Graded) -> None:
+    course, canaries = graded.course, graded.course.canaries
+    autograded, feedback = course.root / "autograded", course.root / "feedback"
+    files = list(_files(autograded, feedback))
+    assert any(p.suffix == ".html" for p in files), graded.feedback.stderr[-2000:]
+    mallory = (autograded / "mallory" / ASSIGNMENT / "ps1.ipynb").read_text()
+    assert "DENIED" in mallory and "NO ROUTE" in mallory  # the probes ran
+    for path in files:
+        text = path.read_text(errors="replace")
+        student = path.relative_to(course.root).parts[1]
+        for name in ("solution", "future"):
+            assert canaries[name] not in text, (name, path)
+        for other in HONEST:
+            if other != student:
+                assert canaries[f"student-{other}"] not in text, (other, path)
+    for name in ("solution", "future", *(f"student-{s}" for s in HONEST)):
+        assert canaries[name] not in graded.logs, name
+    # the hidden tests: nbgrader puts them into each notebook it grades (and shows them in
+    # the tracebacks of failing tests and in the feedback), so the kernel grading mallory
+    # could read them there and print them (her own notebook's; docs/grading.md)
+    assert canaries["hidden"] in _outputs(autograded / "mallory" / ASSIGNMENT / "ps1.ipynb")
+
+
+def test_attacks_reached_nothing(graded: Graded) -> None:
+    course = graded.course
+    for listener in graded.listeners:
+        assert listener.got == [], listener.address
+    lines = _printed(course.root / "autograded" / "mallory" / ASSIGNMENT / "ps1.ipynb")
+    said = {line.split(" ")[0] for line in lines}
+    assert not said & {"CONNECTED", "WROTE", "GRADEBOOK"}, lines
+    assert {"NO", "CANNOT", "DENIED"} <= said, lines
+    out = "\n".join(lines)
+    for path in _files(course.root / "autograded", course.root / "submitted"):
+        assert b"tampered" not in path.read_bytes(), path
+    # the grading kernel saw its own folder only, as a uid of its own
+    assert "FileNotFoundError" in out and "uid 20" in out
+
+
+def test_control_the_same_attack_with_a_local_kernel_leaks(
+    tmp_path: Path, jupyter_path: Path
+) -> None:
+    """Without the sandbox, mallory's submission reads the instructor's files, the other
+    students' work and the gradebook, and phones home: the probes above can fail."""
+    listener = Listener("127.0.0.1")
+    try:
+        course = make_course(
+            tmp_path / "course", _environment(tmp_path / "prefix"), [listener.address]
+        )
+        done = course.nbgrader(
+            "autograde",
+            ASSIGNMENT,
+            "--student",
+            "mallory",
+            "--force",
+            "--ExecutePreprocessor.kernel_name=python3-local",
+        )
+    finally:
+        listener.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = _outputs(course.root / "autograded" / "mallory" / ASSIGNMENT / "ps1.ipynb")
+    canaries = course.canaries
+    assert canaries["solution"] in out and canaries["future"] in out
+    assert canaries["student-alice"] in out
+    said = {
+        line.split(" ")[0]
+        for line in _printed(course.root / "autograded" / "mallory" / ASSIGNMENT / "ps1.ipynb")
+    }
+    assert {"CONNECTED", "WROTE", "GRADEBOOK"} <= said
+    assert listener.got and listener.got[0].startswith(b"exfiltrated")
