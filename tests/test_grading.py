@@ -261,10 +261,15 @@ def test_attacks_reached_nothing(graded: Graded, listeners: list[Listener]) -> N
     assert not said & {"CONNECTED", "WROTE", "GRADEBOOK"}, lines
     assert {"NO", "CANNOT", "DENIED"} <= said, lines
     out = "\n".join(lines)
-    for path in _files(course.root / "autograded", course.root / "submitted"):
-        assert b"TAMPERED-BY-MALLORY" not in path.read_bytes(), path
+    _untouched(course)
     # the grading kernel saw its own folder only, as a uid of its own
     assert "FileNotFoundError" in out and "uid 20" in out
+
+
+def _untouched(course: Course) -> None:
+    """No file of the course on the host (gradebook included) has mallory's mark."""
+    for path in _files(course.root):
+        assert b"TAMPERED-BY-MALLORY" not in path.read_bytes(), path
 
 
 def _grade_mallory(course: Course, kernel: str) -> tuple[list[str], str]:
@@ -293,8 +298,12 @@ def test_the_attack_gets_nothing_under_gvisor_either(
     lines, out = _grade_mallory(course, KERNEL)
     assert _score(course, "mallory") == 0
     said = {line.split(" ")[0] for line in lines}
-    assert not said & {"CONNECTED", "WROTE", "GRADEBOOK"}, lines
-    assert {"NO", "CANNOT", "DENIED"} <= said, lines
+    assert "CONNECTED" not in said and {"NO", "CANNOT", "DENIED"} <= said, lines
+    # gVisor makes the workspace's parent folders in the sandbox's /tmp writable to the
+    # kernel: a file "written" at the gradebook's path is the sandbox's own, never the host's
+    wrote = [line for line in lines if line.startswith("WROTE")]
+    assert all("/autograded/mallory/" not in line for line in wrote), wrote
+    _untouched(course)
     assert _received(listeners, course) == []
     for name in ("solution", "future", "student-alice", "student-bob"):
         assert course.canaries[name] not in out, name
@@ -313,3 +322,5 @@ def test_control_the_same_attack_with_a_local_kernel_leaks(
     assert {"CONNECTED", "WROTE", "GRADEBOOK"} <= {line.split(" ")[0] for line in lines}
     sent = _received(listeners, course)
     assert sent and canaries["solution"].encode() in sent[0]
+    with pytest.raises(AssertionError, match="TAMPERED"):
+        _untouched(course)
