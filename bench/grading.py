@@ -3,19 +3,19 @@ local kernel.
 
     python bench/grading.py [--rounds 3] [--json FILE]     (run with the Python nbgrader is in)
 
-Builds the course of tests/test_grading.py (``tests/support/grading.py``) once and grades its
-three honest submissions (alice, bob, carol: the attackers are left out, they would attack the
-host under the local kernel) with ``nbgrader autograde ps1 --force --student S``, one nbgrader
-process per submission as an instructor's loop would run it, with:
+Builds the course of tests/test_grading.py (``tests/support/grading.py``) once, without the
+two attackers' submissions (under the local kernel they would attack this machine), and grades
+the three honest ones (alice, bob, carol) with one ``nbgrader autograde ps1 --force`` per side
+and round, with:
 
 - **sandboxed**: the grading kernelspec of docs/grading.md (``kernel-sandbox install --profile
   strict --memory-limit 256m ...``), direct mode;
 - **local**: a plain ipykernel of this interpreter.
 
-Rounds alternate which side goes first. The figure is the median wall time of one
-``nbgrader autograde`` of one submission (nbgrader's own start, its gradebook work and the
-kernel's start, cells and shutdown); ``kernel`` is the part of it that differs, the median of
-(sandboxed - local).
+Rounds alternate which side goes first. Two figures, medians: ``per_submission``, the wall
+time of the whole ``nbgrader autograde`` divided by the submissions (nbgrader's start and
+gradebook work included), and ``execution``, one submission's execution alone (kernel start,
+cells, shutdown), from "Autograding" to "Writing" in nbgrader's log.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from support.grading import ASSIGNMENT, HONEST, KERNEL, make_course  # noqa: E402
+from support.grading import ASSIGNMENT, ATTACKERS, HONEST, KERNEL, make_course  # noqa: E402
 
 
 def _environment(data: Path) -> dict[str, str]:
@@ -69,6 +71,27 @@ def _kernelspecs(data: Path) -> None:
     (local / "kernel.json").write_text(json.dumps(spec))
 
 
+_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) (Autograding|Writing) ")
+
+
+def _execute_times(log: str) -> list[float]:
+    """Seconds from each "Autograding NOTEBOOK" line to the next "Writing" line: the
+    execution of one submission (kernel start, cells, shutdown), from nbgrader's own log."""
+    times, started = [], None
+    for line in log.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        h, mi, sec = m.group(1).split(":")
+        at = int(h) * 3600 + int(mi) * 60 + float(sec)
+        if m.group(2) == "Autograding":
+            started = at
+        elif started is not None:
+            times.append(at - started)
+            started = None
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -78,40 +101,52 @@ def main() -> None:
         data = Path(tmp) / "share" / "jupyter"
         _kernelspecs(data)
         course = make_course(Path(tmp) / "course", _environment(data), [])
-        times: dict[str, list[float]] = {"sandboxed": [], "local": []}
+        for attacker in ATTACKERS:  # they would attack this machine under the local kernel
+            shutil.rmtree(course.root / "submitted" / attacker)
+        whole: dict[str, list[float]] = {"sandboxed": [], "local": []}
+        execute: dict[str, list[float]] = {"sandboxed": [], "local": []}
         kernels = {"sandboxed": KERNEL, "local": "python3-local"}
         for round_ in range(args.rounds):
             sides = ["sandboxed", "local"] if round_ % 2 == 0 else ["local", "sandboxed"]
             for side in sides:
-                for student in HONEST:
-                    started = time.monotonic()
-                    done = course.nbgrader(
-                        "autograde",
-                        ASSIGNMENT,
-                        "--force",
-                        "--student",
-                        student,
-                        f"--ExecutePreprocessor.kernel_name={kernels[side]}",
-                    )
-                    elapsed = time.monotonic() - started
-                    if done.returncode != 0:
-                        sys.exit(f"{side} {student} failed:\n{done.stderr[-3000:]}")
-                    times[side].append(elapsed)
-                    print(f"round {round_ + 1} {side:9} {student:6} {elapsed:6.2f} s", flush=True)
-    sandboxed, local = (statistics.median(times[s]) for s in ("sandboxed", "local"))
-    result = {
-        "sandboxed_s": round(sandboxed, 2),
-        "local_s": round(local, 2),
-        "ratio": round(sandboxed / local, 2),
-        "kernel_s": round(sandboxed - local, 2),
-        "samples": {k: [round(v, 2) for v in vs] for k, vs in times.items()},
-        "load": os.getloadavg()[0],
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-    }
-    print(
-        f"one submission: sandboxed {sandboxed:.2f} s, local {local:.2f} s "
-        f"({sandboxed / local:.2f}x, +{sandboxed - local:.2f} s); load {result['load']:.1f}"
-    )
+                started = time.monotonic()
+                done = course.nbgrader(
+                    "autograde",
+                    ASSIGNMENT,
+                    "--force",
+                    f"--ExecutePreprocessor.kernel_name={kernels[side]}",
+                    "--Application.log_format=%(asctime)s.%(msecs)03d %(message)s",
+                    "--Application.log_datefmt=%H:%M:%S",
+                )
+                elapsed = time.monotonic() - started
+                if done.returncode != 0:
+                    sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
+                runs = _execute_times(done.stdout + done.stderr)
+                if len(runs) != len(HONEST):
+                    sys.exit(f"{side}: {len(runs)} executions in the log:\n{done.stderr[-3000:]}")
+                whole[side].append(elapsed / len(HONEST))
+                execute[side].extend(runs)
+                shown = " ".join(f"{t:.2f}" for t in runs)
+                print(
+                    f"round {round_ + 1} {side:9} {elapsed:6.2f} s; executions {shown}", flush=True
+                )
+    result: dict[str, object] = {}
+    for what, table in (("per_submission", whole), ("execution", execute)):
+        sandboxed, local = (statistics.median(table[s]) for s in ("sandboxed", "local"))
+        result[what] = {
+            "sandboxed_s": round(sandboxed, 2),
+            "local_s": round(local, 2),
+            "ratio": round(sandboxed / local, 2),
+            "added_s": round(sandboxed - local, 2),
+            "samples": {k: [round(v, 2) for v in vs] for k, vs in table.items()},
+        }
+        print(
+            f"{what}: sandboxed {sandboxed:.2f} s, local {local:.2f} s "
+            f"({sandboxed / local:.2f}x, +{sandboxed - local:.2f} s)"
+        )
+    result["load"] = os.getloadavg()[0]
+    result["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs"
+    print(f"load {result['load']:.1f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
