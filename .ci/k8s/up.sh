@@ -9,9 +9,15 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 [ "$(id -u)" == 0 ] || k8s_unavailable "needs root (kubelet, iptables, cgroups)"
 "$HERE/build.sh"
 mkdir -p "$K8S_STATE/run" "$K8S_STATE/logs"
+already_running() {  # running (perhaps busy: wait rather than restart it under its users)
+  k8s_wait_for 180 "apiserver ready" k8s_kubectl get --raw /readyz || exit 1
+  k8s_wait_for 180 "node $K8S_NODE_NAME Ready" k8s_node_ready || exit 1
+  k8s_log "cluster: already running"; exit 0
+}
+k8s_alive && already_running
 exec 8>"$K8S_STATE/.up.lock"
 flock 8   # a second up.sh waits for the first, then finds the cluster running
-if k8s_running; then k8s_log "cluster: already running"; exit 0; fi
+k8s_alive && already_running
 if ls "$K8S_STATE"/run/*.pid >/dev/null 2>&1; then
   k8s_log "leftovers of an earlier cluster: tearing them down first"
   "$HERE/down.sh"
@@ -26,7 +32,7 @@ if ! docker image inspect "$K8S_PAUSE_IMAGE" >/dev/null 2>&1; then
   k8s_pause_binary
   ctx=$(mktemp -d); cp "$K8S_BIN/pause" "$ctx/pause"
   printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$ctx/Dockerfile"
-  docker build -q -t "$K8S_PAUSE_IMAGE" "$ctx" >/dev/null; rm -rf "$ctx"
+  docker build -q -t "$K8S_PAUSE_IMAGE" "$ctx" >/dev/null 2>&1; rm -rf "$ctx"
   k8s_log "pause image $K8S_PAUSE_IMAGE built"
 fi
 
@@ -48,16 +54,9 @@ iptables -C FORWARD -j KS-K8S-FORWARD 2>/dev/null || iptables -I FORWARD 1 -j KS
 
 start() {  # name binary args...: a session of its own, so a test run's Ctrl-C does not reach it
   local name=$1; shift
-  setsid nohup "$@" > "$L/$name.log" 2>&1 < /dev/null & echo $! > "$R/$name.pid"
+  setsid nohup "$@" > "$L/$name.log" 2>&1 < /dev/null 8>&- & echo $! > "$R/$name.pid"  # 8: the lock
 }
-wait_for() {  # seconds description command...
-  local limit=$1 what=$2; shift 2; local end=$(( $(date +%s) + limit ))
-  until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$end" ] || { k8s_log "timed out after ${limit}s waiting for: $what"; tail -20 "$L"/*.log >&2; exit 1; }
-    sleep 0.3
-  done
-  k8s_log "$what"
-}
+wait_for() { k8s_wait_for "$@" || exit 1; }
 start etcd "$K8S_ROOT/usr/bin/etcd" --data-dir "$D/etcd" --name default \
   --listen-client-urls "http://127.0.0.1:$K8S_ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$K8S_ETCD_PORT" \
   --listen-peer-urls http://127.0.0.1:23800 --initial-advertise-peer-urls http://127.0.0.1:23800 \
