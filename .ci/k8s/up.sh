@@ -7,7 +7,6 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/common.sh"
 [ "$(id -u)" == 0 ] || k8s_unavailable "needs root (kubelet, iptables, cgroups)"
-"$HERE/build.sh"
 mkdir -p "$K8S_STATE/run" "$K8S_STATE/logs"
 already_running() {  # running (perhaps busy: wait rather than restart it under its users)
   k8s_wait_for 180 "apiserver ready" k8s_kubectl get --raw /readyz || exit 1
@@ -15,6 +14,7 @@ already_running() {  # running (perhaps busy: wait rather than restart it under 
   k8s_log "cluster: already running"; exit 0
 }
 k8s_alive && already_running
+"$HERE/build.sh"
 exec 8>"$K8S_STATE/.up.lock"
 flock 8   # a second up.sh waits for the first, then finds the cluster running
 k8s_alive && already_running
