@@ -21,7 +21,9 @@ def leases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> kube._Leases:
 def test_alone_is_last(leases: kube._Leases) -> None:
     leases.take()
     assert leases.mine.exists()
-    assert leases.release_and_is_last()
+    stopped: list[bool] = []
+    assert leases.release(lambda: stopped.append(True))
+    assert stopped == [True]
     assert not leases.mine.exists()
 
 
@@ -31,7 +33,7 @@ def test_not_last_while_another_live_session_holds_a_lease(leases: kube._Leases)
         (leases.dir).mkdir(parents=True, exist_ok=True)
         (leases.dir / str(other.pid)).write_text("")
         leases.take()
-        assert not leases.release_and_is_last()
+        assert not leases.release(lambda: pytest.fail("stopped under a live session"))
     finally:
         other.kill()
         other.wait()
@@ -43,6 +45,6 @@ def test_a_dead_sessions_lease_is_dropped(leases: kube._Leases) -> None:
     leases.dir.mkdir(parents=True, exist_ok=True)
     (leases.dir / str(dead.pid)).write_text("")
     leases.take()
-    assert leases.release_and_is_last()
+    assert leases.release(lambda: None)
     assert sorted(p.name for p in leases.dir.iterdir()) == [".lock"]
     assert os.getpid() != dead.pid
