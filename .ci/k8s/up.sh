@@ -36,13 +36,14 @@ if ! docker image inspect "$K8S_PAUSE_IMAGE" >/dev/null 2>&1; then
   k8s_log "pause image $K8S_PAUSE_IMAGE built"
 fi
 
-# CNI: one bridge, host-local addresses, no masquerade (pods reach this node, not beyond)
+# CNI: one bridge, host-local addresses, a default route via the bridge (Service IPs are
+# DNAT-ed on this node), no masquerade: pods reach this node and each other, nothing beyond
 mkdir -p "$K8S_STATE/cni/net.d"
 cat > "$K8S_STATE/cni/net.d/10-kernel-sandbox.conflist" <<JSON
 {"cniVersion": "0.4.0", "name": "kernel-sandbox-test", "plugins": [
   {"type": "bridge", "bridge": "$K8S_BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "$K8S_POD_CIDR", "gateway": "$K8S_POD_GATEWAY"}]],
-            "dataDir": "$D/cni-ipam"}},
+            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$D/cni-ipam"}},
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 JSON
 # Docker sets FORWARD's policy to DROP: let pod-to-pod traffic (bridge netfilter) through,
