@@ -24,6 +24,7 @@ if ls "$K8S_STATE"/run/*.pid >/dev/null 2>&1; then
 fi
 docker info >/dev/null 2>&1 || k8s_unavailable "the Docker engine does not answer (the kubelet runs pods on it)"
 "$HERE/pki.sh"
+rm -f "$K8S_STATE/run/started-by-fixture"   # written by a fixture after this says "started"
 PKI=$K8S_STATE/pki; D=$K8S_STATE/data; L=$K8S_STATE/logs; R=$K8S_STATE/run
 mkdir -p "$D"
 
