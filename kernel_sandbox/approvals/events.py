@@ -74,6 +74,8 @@ class Watcher:
         self.store, self.emit, self.interval, self.before = store, emit, interval, before
         self.known: dict[tuple[str, str, float], Request] = {}
         self._task: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None  # one look (or decision) at a time
+        self.settled_here: set[tuple[str, str, float]] = set()
 
     def start(self) -> None:
         if self._task is None:
@@ -96,12 +98,32 @@ class Watcher:
                 log.warning("kernel-sandbox approvals: could not list egress requests: %s", exc)
             await asyncio.sleep(self.interval)
 
+    def _locked(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
     async def look(self) -> list[Request]:
         """One round: list, emit what changed, return what waits now."""
+        async with self._locked():
+            return await self._look()
+
+    async def settled(self, request: Request, outcome: str) -> None:
+        """A decision made here: its event now, even if no round saw the request wait."""
+        async with self._locked():
+            key = (request.kernel_id, request.target, request.since)
+            self.known.pop(key, None)
+            self.settled_here.add(key)
+            self.emit(event("decided", request, outcome))
+
+    async def _look(self) -> list[Request]:
         if self.before is not None:
             await self.before()
         current = await asyncio.to_thread(self.store.pending)
         now = {(r.kernel_id, r.target, r.since): r for r in current}
+        self.settled_here &= set(now)  # a listing made before the decision may still hold it
+        for key in self.settled_here:
+            del now[key]
         for key, request in now.items():
             if key not in self.known:
                 self.emit(event("waiting", request))
@@ -109,7 +131,7 @@ class Watcher:
             if key not in now:
                 self.emit(event("decided", request, self._outcome(request)))
         self.known = now
-        return current
+        return list(now.values())
 
     def _outcome(self, request: Request) -> str:
         decided = self.store.decided.get((request.kernel_id, request.target))

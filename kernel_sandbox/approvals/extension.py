@@ -90,8 +90,10 @@ class ServerApprovals:
         return await asyncio.to_thread(self.store.pending)
 
     async def decide(self, kernel_id: str, target: str, choice: str) -> int:
+        await self.refresh_names()
+        request = await asyncio.to_thread(self.store.find, kernel_id, target)
         count = await asyncio.to_thread(self.store.decide, kernel_id, target, choice)
-        await self.watcher.look()  # the 'decided' event now, not at the next tick
+        await self.watcher.settled(request, choice)
         return count
 
 
