@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import websocket
-from support.approvals import FETCH, NAME, ask_kernelspec, fetch_code, listener
+from support.approvals import FETCH, NAME, OTHER, ask_kernelspec, fetch_code, listener
 from support.servers import Server, execute, jupyter_server
 
 from kernel_sandbox.approvals.events import SCHEMA_ID
@@ -29,6 +29,33 @@ pytestmark = pytest.mark.integration
 API = "/kernel-sandbox/approvals/api/requests"
 PAGE = "/kernel-sandbox/approvals"
 EXTENSION = "--ServerApp.jpserver_extensions={'kernel_sandbox.approvals': True}"
+
+
+ATTACK = """
+import json, os, subprocess, sys, urllib.request
+found = {{}}
+body = json.dumps({{'kernel_id': {kid!r}, 'target': {target!r}, 'decision': 'kernel'}}).encode()
+for how, opener in (('through the proxy', urllib.request.build_opener()),
+                    ('direct', urllib.request.build_opener(urllib.request.ProxyHandler({{}})))):
+    for host in ('127.0.0.1', 'localhost'):
+        url = f'http://{{host}}:{port}{api}'
+        json_type = {{'Content-Type': 'application/json'}}
+        request = urllib.request.Request(url, data=body, headers=json_type)
+        try:
+            found[how + ' ' + url] = opener.open(request, timeout=10).status
+        except Exception as e:
+            found[how + ' ' + url] = type(e).__name__ + ': ' + str(e)[:120]
+found['control sockets'] = []
+for d in ('/run/kernel-sandbox', '/run/kernel-sandbox-host'):
+    try:
+        found['control sockets'] += [n for n in os.listdir(d) if 'control' in n]
+    except OSError:
+        pass
+cli = subprocess.run([sys.executable, '-m', 'kernel_sandbox.cli', 'egress', 'approve',
+                      {kid!r}, {target!r}, '--always'], capture_output=True, text=True)
+found['cli'] = [cli.returncode, cli.stderr[-200:]]
+print(json.dumps(found))
+"""
 
 
 def wait_for_request(server: Server, target: str, timeout: float = 60) -> dict:
@@ -138,6 +165,34 @@ def test_rest_page_and_events(tmp_path, jupyter_path, kernel_image, leak_check):
             out = execute(ws, fetch_code(port, "/second"))
             assert out["stdout"].startswith("(200, 'the data behind /second')"), out
             assert server.api("GET", API).json() == {"requests": []}
+
+            # code in the kernel cannot decide its own request (a fetch waits in a thread)
+            other = f"{OTHER}:{port}"
+            waiting = (
+                "import threading\ngot = []\nthreading.Thread(target=lambda: got.append("
+                f"fetch('http://{other}/bg'))).start()"
+            )
+            assert execute(ws, waiting)["reply"]["status"] == "ok"
+            request = wait_for_request(server, other)
+            attack = ATTACK.format(
+                port=server.url.rsplit(":", 1)[1], kid=kernel_id, target=other, api=API
+            )
+            tried = json.loads(execute(ws, attack)["stdout"].strip().splitlines()[-1])
+            for what, result in tried.items():
+                if what.startswith(("through the proxy", "direct")):
+                    assert not isinstance(result, int), (what, result)
+            assert tried["control sockets"] == [] and tried["cli"][0] != 0, tried
+            environment = execute(ws, "import os, json; print(json.dumps(dict(os.environ)))")
+            assert server.token not in environment["stdout"]
+            assert wait_for_request(server, other)["since"] == request["since"]  # still waits
+            denied = server.api("POST", API, json={**decision, "target": other, "decision": "deny"})
+            assert denied.status_code == 200
+            out = execute(
+                ws,
+                "t = [x for x in threading.enumerate() if x.name != 'MainThread']\n"
+                "import time\nwhile not got: time.sleep(0.1)\nprint(got)",
+            )
+            assert out["stdout"].startswith("[(403,"), out
         finally:
             events.close()
             ws.close()

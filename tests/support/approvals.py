@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from support.kernels import make_kernelspec
 
 NAME = "data.test"  # the name the kernel asks for; egress_hosts maps it to 127.0.0.1
+OTHER = "other.test"  # another, mapped the same way
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -47,7 +48,7 @@ def ask_kernelspec(name: str, image: str, timeout: int = 90) -> str:
             "egress": ["listed.test:1"],
             "egress_mode": "ask",
             "egress_ask_timeout": timeout,
-            "egress_hosts": {NAME: "127.0.0.1", "listed.test": "127.0.0.1"},
+            "egress_hosts": {NAME: "127.0.0.1", OTHER: "127.0.0.1", "listed.test": "127.0.0.1"},
         },
     )
 
