@@ -45,7 +45,7 @@ BUILT = REPO / "kernel_sandbox" / "approvals" / "labextension"
 
 def installed_labextensions() -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "jupyter", "labextension", "list"],
+        [sys.executable, "-m", "jupyterlab.labextensions", "list"],
         capture_output=True,
         text=True,
         timeout=120,

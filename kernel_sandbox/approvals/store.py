@@ -22,7 +22,7 @@ from typing import Any
 
 from kernel_sandbox.egress.control import EgressControl
 from kernel_sandbox.egress.rules import TargetError, parse_authority
-from kernel_sandbox.errors import EgressControlError
+from kernel_sandbox.errors import EgressControlError, SandboxError
 
 __all__ = ["CHOICES", "ApprovalError", "Request", "PendingStore", "Source", "UnknownRequest"]
 
@@ -135,11 +135,12 @@ class PendingStore:
         if source.service:
             from kernel_sandbox.service.client import ServiceClient
 
-            reply = ServiceClient(source.service, timeout=30).ask(
-                "egress_decide", decision=op, kernel_id=kernel_id, target=wanted, always=always
-            )
-            if not reply.get("ok", True):
-                raise EgressControlError(str(reply.get("error")))
+            try:
+                reply = ServiceClient(source.service, timeout=30).ask(
+                    "egress_decide", decision=op, kernel_id=kernel_id, target=wanted, always=always
+                )
+            except SandboxError as exc:  # refused by the operator's rules, or unreachable
+                raise EgressControlError(f"the sandbox service: {exc}") from exc
             count = int(reply.get("decided", 0))
         else:
             control = EgressControl(source.runtime_root)
@@ -155,7 +156,7 @@ class PendingStore:
 
             try:
                 reply = ServiceClient(source.service, timeout=10).ask("egress_pending")
-            except (OSError, ValueError, EgressControlError):
+            except (OSError, ValueError, SandboxError):
                 return []
             return list(reply.get("pending") or [])
         # every proxy under the root answers once; the caller keeps its own kernels' rows
