@@ -108,7 +108,7 @@ def test_run_over_submissions_with_a_notebook_timeout(
     assert bob["error"].startswith("cell 3 (code cell 2 of 2): AssertionError: =1+1")
     assert (carol["status"], carol["error_type"]) == ("timed out", "NotebookTimeout")
     assert carol["failed_cell"] == "cell 2 (code cell 1 of 2)"
-    assert 20 <= float(carol["duration_s"]) < 60
+    assert float(carol["duration_s"]) >= 20  # the notebook ran until its time limit
     assert eve["status"] == "failed" and "out of memory" in eve["error"]
     assert eve["failed_cell"] == "cell 3 (code cell 2 of 2)"
     for row in rows.values():
