@@ -7,19 +7,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from support.grading import FORK_BOMB, MEMORY_BOMB
 from support.kernels import make_kernelspec
-from test_run import CONTAINED, junit_cases, notebook, run
+from test_run import CONTAINED, junit_cases, notebook, outputs, run
 
 from kernel_sandbox.batch.results import CSV_COLUMNS, NotebookResult, Status, write_csv
-
-FORK_BOMB = """import os, time
-if os.fork() == 0:
-    while True:
-        try:
-            os.fork()
-        except OSError:
-            time.sleep(1)
-"""
 
 
 def _rows(path: Path) -> dict[str, dict[str, str]]:
@@ -80,7 +72,7 @@ def test_run_over_submissions_with_a_notebook_timeout(
     notebook(
         subs / "eve" / "ps1.ipynb",
         FORK_BOMB,
-        "hog = []\nwhile True:\n    hog.append(bytearray(64 << 20))",
+        MEMORY_BOMB,
     )
     report, summary = tmp_path / "r.xml", tmp_path / "r.csv"
     proc = run(
@@ -95,6 +87,8 @@ def test_run_over_submissions_with_a_notebook_timeout(
         report,
         "--csv",
         summary,
+        "--output-dir",
+        tmp_path / "out",
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"CSV summary: {summary}" in proc.stderr
@@ -111,6 +105,9 @@ def test_run_over_submissions_with_a_notebook_timeout(
     assert float(carol["duration_s"]) >= 20  # the notebook ran until its time limit
     assert eve["status"] == "failed" and "out of memory" in eve["error"]
     assert eve["failed_cell"] == "cell 3 (code cell 2 of 2)"
+    counted = [line for line in outputs(tmp_path / "out" / "eve" / "ps1.ipynb").splitlines()]
+    processes = [int(line.split()[1]) for line in counted if line.startswith("processes ")]
+    assert processes and 30 <= processes[0] <= 64, counted  # the fork bomb met pids_limit
     for row in rows.values():
         assert row["kernelspec"] == kernel and row["profile"] == "strict"
         assert row["image"].startswith("kernel-sandbox/python") and row["runtime"] == "runc"

@@ -201,16 +201,28 @@ def mean(xs):
     return 0
 """
 
-RESOURCES = r"""
-import os, time
-pid = os.fork()
-if pid == 0:  # a fork bomb in a child, so the kernel itself goes on
+# A fork bomb that fills the pids limit, counted and then ended (so that the memory bomb
+# after it meets the memory limit, not a kernel that cannot start a thread), then /tmp filled.
+FORK_BOMB = r"""
+import os, signal, time
+bomb = os.fork()
+if bomb == 0:
+    os.setpgid(0, 0)
     while True:
         try:
             os.fork()
         except OSError:  # the pids limit: every process waits, holding its pid
-            time.sleep(1)
-time.sleep(2)
+            time.sleep(0.2)
+os.setpgid(bomb, bomb)
+time.sleep(3)
+print("processes", sum(name.isdigit() for name in os.listdir("/proc")))
+os.killpg(bomb, signal.SIGKILL)
+os.waitpid(bomb, 0)
+"""
+
+RESOURCES = (
+    FORK_BOMB
+    + r"""
 written = 0
 try:
     with open("/tmp/fill", "wb") as f:
@@ -219,6 +231,7 @@ try:
             written += 1
 except OSError as exc:
     print("disk full after", written, "MiB:", exc)
+os.remove("/tmp/fill")
 try:
     open("fill", "wb").write(b"x")
 except OSError as exc:
@@ -226,6 +239,7 @@ except OSError as exc:
 def squares(n):
     return None
 """
+)
 
 MEMORY_BOMB = r"""
 hog = []
