@@ -114,6 +114,7 @@ class ServiceTerminal:
         self.container_name = container_name
         self.log = log
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     def close(self) -> None:
         """Ask the service to end the terminal and remove its container (never raises)."""
@@ -129,8 +130,21 @@ class ServiceTerminal:
                 exc,
             )
 
+    def close_soon(self) -> None:
+        """:meth:`close` without blocking the event loop (terminado's kill is synchronous)."""
+        if self._closing is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.close()
+            return
+        self._closing = loop.run_in_executor(None, self.close)
+
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
+        self.close_soon()
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
 
 
 class _ServicePty(PtyWithClients):  # type: ignore[misc]
@@ -201,6 +215,6 @@ def open_service_terminal(
     os.set_blocking(received[0], False)
     for note in reply.get("notes") or []:
         log.warning("terminal %s: %s", name, note)
-    pty = _ServicePty(FdPtyProcess(received[0], on_kill=handle.close))
+    pty = _ServicePty(FdPtyProcess(received[0], on_kill=handle.close_soon))
     pty.sandbox = handle  # type: ignore[attr-defined]
     return pty

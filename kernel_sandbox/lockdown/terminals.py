@@ -174,9 +174,6 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
             )
 
     async def terminate(self, name: str, force: bool = False) -> None:
-        if isinstance(self._sandboxes.get(name), ServiceTerminal):
-            # no local process to signal: the service ends the attach and the container
-            await self._close_sandbox(name)
         try:
             await super().terminate(name, force=force)
         finally:

@@ -251,19 +251,26 @@ class TerminalRegistry:
         return reply, [master]
 
     async def _wait_started(self, resources: Any, attach: subprocess.Popen[bytes]) -> None:
-        """Wait until the attach has started the container (the staged folders may then go)."""
+        """Wait until the attach has started the container (its mounts are then its own,
+        and the staged folders may go)."""
         deadline = time.monotonic() + START_TIMEOUT
         backend = resources.backend
         while True:
-            state = await backend.state(resources.container_id)
-            if state.running:
+            try:
+                attrs = await asyncio.to_thread(
+                    backend.client.api.inspect_container, resources.container_id
+                )
+                status = attrs["State"].get("Status")
+            except Exception as exc:  # gone, or the engine hiccuped: said below
+                status = f"unknown ({exc})"
+            if status == "running":
                 return
-            if attach.poll() is not None:
+            if attach.poll() is not None or status not in ("created", "restarting"):
                 logs = await backend.logs_tail(resources.container_id)
                 raise SandboxError(
                     f"the terminal's container {resources.container_name} did not start "
-                    f"(attach exit status {attach.returncode}); last log lines:\n"
-                    f"{logs or '(none)'}"
+                    f"(state {status}, attach exit status {attach.returncode}); last log "
+                    f"lines:\n{logs or '(none)'}"
                 )
             if time.monotonic() > deadline:
                 raise SandboxError(
