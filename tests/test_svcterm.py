@@ -220,3 +220,30 @@ def test_a_killed_server_takes_its_terminals_with_it(
         os.kill(owner[0]["owner_pid"], signal.SIGKILL)  # the server process itself
         print(f"killed server's terminal gone after {wait_gone(docker_client, container):.1f} s")
     assert ident not in [r["kernel_id"] for r in rows_of(test_users, A, env)]
+
+
+def test_hostile_terminal_requests_change_nothing(test_users, sandbox_service, env):
+    spec = {"name": "python3-sandbox", "argv": ["python3", "-m", "ipykernel_launcher"]}
+    hostile = [
+        {"name": "../../x", "kernelspec": spec},
+        {"name": "1", "kernelspec": spec, "shell": "/bin/sh -c id"},
+        {"name": "1", "kernelspec": spec, "shell": []},
+        {"name": "1", "kernelspec": spec, "term": "xterm; id"},
+        {"name": "1", "kernelspec": {"name": "python3-sandbox", "argv": []}},
+        {"name": "1"},
+        {"name": "1", "kernelspec": spec, "folders": [{"for": "workspace"}]},  # no descriptor
+        {"name": "1", "kernelspec": spec, "config": {"user": "0:0"}},
+    ]
+    before = len(re.findall(rf"terminal \S+ of {B} ", sandbox_service.log_path.read_text()))
+    for fields in hostile:
+        reply = ask(test_users, B, sandbox_service, op="terminal_start", **fields)
+        assert reply.get("error") in ("BadRequest", "PolicyError"), (fields, reply)
+    assert ask(test_users, B, sandbox_service, op="terminal_close", terminal_id=5) == {
+        "error": "BadRequest"
+    }
+    assert ask(test_users, B, sandbox_service, op="terminal_close", terminal_id="nope") == {
+        "ok": True
+    }
+    after = len(re.findall(rf"terminal \S+ of {B} ", sandbox_service.log_path.read_text()))
+    assert after == before
+    assert [r for r in rows_of(test_users, B, env) if r.get("kind") == "terminal"] == []
