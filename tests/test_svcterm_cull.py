@@ -77,8 +77,8 @@ def send_execute(ws: websocket.WebSocket, code: str) -> str:
 
 
 def told(ws: websocket.WebSocket, timeout: float) -> list[dict]:
-    """The stream messages the client gets until the sandbox's notice, the server closing
-    the channels, or ``timeout``."""
+    """The stream messages the client gets until the server closes the channels (it does,
+    once the kernel has ended for a reason) or ``timeout``."""
     got: list[dict] = []
     deadline = time.monotonic() + timeout
     ws.settimeout(1)
@@ -88,12 +88,18 @@ def told(ws: websocket.WebSocket, timeout: float) -> list[dict]:
         except websocket.WebSocketTimeoutException:
             continue
         except (websocket.WebSocketConnectionClosedException, ConnectionError, ValueError):
-            break
+            return got
         if msg.get("msg_type") == "stream":
             got.append(msg)
-            if notices([msg]):
-                break
-    return got
+    raise AssertionError(f"the server did not close the channels; got {got}")
+
+
+def dead_with_reason(server: Server, kernel_id: str) -> str:
+    """The reason the kernel's model gives right after its channels closed (what JupyterLab
+    fetches then, and shows in a dialog when the kernel is dead)."""
+    model = server.api("GET", f"/api/kernels/{kernel_id}").json()
+    assert model.get("execution_state") == "dead", model
+    return str(model.get("reason", ""))
 
 
 def wait_forgotten(server: Server, kernel_id: str, timeout: float = 60) -> None:
@@ -123,17 +129,20 @@ def test_an_idle_kernel_is_culled_and_the_student_told_why(sandbox_service, env,
         msg_id = send_execute(ws, "x = 1")  # the last cell run; then nothing for IDLE s
         started = time.monotonic()
         said = notices(told(ws, 90))
+        elapsed = time.monotonic() - started
+        reason = dead_with_reason(alice, kernel_id)
     finally:
         ws.close()
-    elapsed = time.monotonic() - started
     assert said, "the client was not told why its kernel ended"
     text, parent = said[0]
     assert f"idle for {IDLE}s" in text or "idle for" in text, text
     assert f"idle_timeout is {IDLE}s" in text, text
     assert parent == msg_id  # under the cell that ran last
+    assert reason.startswith("kernel-sandbox: this kernel was shut down: idle for"), reason
     wait_forgotten(alice, kernel_id)  # shut down as a culler does: no restart
     log = alice.log_path.read_text()  # type: ignore[attr-defined]
     assert f"kernel {kernel_id}: idle for" in log, log[-3000:]
+    assert "restarting kernel" not in log.lower()
     print(f"told {elapsed:.1f} s after the last cell (idle_timeout {IDLE} s)")
 
 
@@ -160,8 +169,10 @@ def test_an_instructor_stops_a_students_kernel_and_the_student_is_told(
         assert stopped.returncode == 0, stopped.stderr
         assert f"stopped kernel {kernel_id}" in stopped.stdout and A in stopped.stdout
         said = notices(told(ws, 60))
+        reason = dead_with_reason(alice, kernel_id)
     finally:
         ws.close()
+    assert f"stopped by {OPERATOR}" in reason, reason
     assert said, "the student was not told why the kernel ended"
     text, parent = said[0]
     assert f"stopped by {OPERATOR}" in text, text
