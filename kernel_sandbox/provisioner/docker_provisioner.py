@@ -709,7 +709,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         ):
             self.log.warning("kernel %s: %s; shutting it down", self.kernel_id, reason)
             self._end_reason = reason
-            text = stopped_notice(reason).text
+            text = stopped_notice(reason).text.replace(". Its variables", ".\nIts variables")
             self._ending = self._loop.create_task(
                 end_with_reason(multi, self.kernel_id, manager, text, self.log)
             )

@@ -5,9 +5,11 @@ kernel's model (``GET /api/kernels/ID``) says ``execution_state: "dead"``. A ker
 Server just shuts down is gone from that API by then (404), so the notebook shows only "No
 Kernel" and a cell that finished long before (an idle cull) never shows the sandbox's notice.
 So when the sandbox service has ended a kernel for a reason (``idle_timeout``, an operator's
-stop), the server's kernel is first marked dead with the notice as its reason, its websocket
-connections are closed (each client fetches the model and learns why), and the kernel is shut
-down a few seconds later, as the server's own culler would (no restart).
+stop), the server's kernel is first marked dead with the notice as its reason and its
+``ready`` future failed with it (a client's reconnect is then refused with that reason, and
+JupyterLab, on a refused reconnect, fetches the model and shows the reason), its websocket
+connections are closed, and the kernel is shut down a few seconds later, as the server's own
+culler would (no restart).
 
 The connections are found through the restart callbacks each one registers on the kernel
 manager (jupyter_server's ``ZMQChannelsWebsocketConnection.on_restart_failed``); a server
@@ -19,10 +21,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-__all__ = ["close_connections", "end_with_reason"]
+__all__ = ["KernelEnded", "close_connections", "end_with_reason"]
 
 SETTLE = 1.0  # seconds for the notice already on its way to reach the websockets
-GRACE = 5.0  # seconds the clients have to fetch the dead kernel's model
+# Not 1000/1001 (a normal closure, after which JupyterLab just shows "disconnected"): a client
+# reconnects, is refused (the kernel's ready future failed) and then fetches the model.
+CLOSE_CODE = 4000
+GRACE = 10.0  # seconds the clients have to reconnect and fetch the dead kernel's model
+
+
+class KernelEnded(Exception):
+    """Why the kernel ended, as a reconnecting client is told."""
 
 
 def close_connections(manager: Any) -> int:
@@ -36,7 +45,7 @@ def close_connections(manager: Any) -> int:
         close = getattr(handler, "close", None)
         if callable(close):
             try:
-                close(1000, "kernel-sandbox: the kernel was shut down")
+                close(CLOSE_CODE, "kernel-sandbox: the kernel was shut down")
                 closed += 1
             except Exception:  # a connection that is going anyway
                 pass
@@ -54,6 +63,11 @@ async def end_with_reason(
             stop_restarter()  # its end is not a death to restart from
         manager.execution_state = "dead"
         manager.reason = reason
+        if hasattr(manager, "_ready"):  # jupyter_client's: the websocket handler awaits it
+            ended = asyncio.get_running_loop().create_future()
+            ended.set_exception(KernelEnded(reason))
+            ended.exception()  # retrieved: not logged as never retrieved
+            manager._ready = ended
         await asyncio.sleep(SETTLE)
         if close_connections(manager):
             await asyncio.sleep(grace)
