@@ -543,7 +543,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 if not state.running:
                     logs = await self.backend.logs_tail(container_id)
                     raise container_start_error(
-                        self.container_name or "", self.policy.image, state, logs
+                        self.container_name or "", self.policy.image, state, logs, self.policy
                     )
                 next_state_check = now + 0.25
             if now >= deadline:
