@@ -56,6 +56,8 @@ which runs inside the container on the standard library only.
 from __future__ import annotations
 
 __all__ = [
+    "ApprovalError",
+    "UnknownRequest",
     "CredentialsError",
     "EgressControlError",
     "EngineError",
@@ -157,6 +159,14 @@ class CredentialsError(SandboxError, PermissionError):
 
 class EgressControlError(SandboxError, LookupError):
     """No such kernel, nothing waiting for that target, or the kernel's proxy did not answer."""
+
+
+class ApprovalError(EgressControlError):
+    """An egress decision that cannot be made (bad choice, a kernel not in this view)."""
+
+
+class UnknownRequest(ApprovalError):
+    """No such egress request is waiting (decided meanwhile, timed out, or never there)."""
 
 
 class LockdownError(SandboxError, RuntimeError):

@@ -22,19 +22,11 @@ from typing import Any
 
 from kernel_sandbox.egress.control import EgressControl
 from kernel_sandbox.egress.rules import TargetError, parse_authority
-from kernel_sandbox.errors import EgressControlError, SandboxError
+from kernel_sandbox.errors import ApprovalError, EgressControlError, SandboxError, UnknownRequest
 
 __all__ = ["CHOICES", "ApprovalError", "Request", "PendingStore", "Source", "UnknownRequest"]
 
 CHOICES = ("once", "kernel", "deny")
-
-
-class ApprovalError(EgressControlError):
-    """A decision that cannot be made (bad choice, a kernel not in this view)."""
-
-
-class UnknownRequest(ApprovalError, LookupError):
-    """No such request is waiting (decided meanwhile, timed out, or never there)."""
 
 
 @dataclass(frozen=True)
