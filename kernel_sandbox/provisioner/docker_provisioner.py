@@ -72,7 +72,7 @@ RELAY_ATTACH_TIMEOUT = 5.0
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
 # Collaborators a caller (a test) may hand in as constructor kwargs instead of the defaults.
-_INJECTED_KWARGS = {"backend", "data_broker", "exit_registry", "orphan_sweeps"}
+_INJECTED_KWARGS = {"engine", "data_broker", "exit_registry", "orphan_sweeps"}
 
 
 class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisionerBase):  # type: ignore[misc]
@@ -126,7 +126,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         monitor."""
         if self._resources is None:
             self._resources = KernelResources(
-                self.kernel_id or "", self.backend, self.log, self.exit_registry
+                self.kernel_id or "", self.engine, self.log, self.exit_registry
             )
         return self._resources
 
@@ -223,7 +223,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         host_env = kwargs.pop("env")
 
         if self.reap_orphans:
-            self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
+            self.orphan_sweeps.start(self.engine, self.runtime_root, self.log)
         size = self.runtime_dir_bytes()
         resources = self.resources
         recipe = await self._pool_recipe(identity)
@@ -395,7 +395,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
     async def _image_built_by_us(self) -> bool:
         """Whether the image carries our in-sandbox code (watchdog, egress bridge)."""
         if self._image_is_ours is None:
-            labels = await self.backend.image_labels(self.policy.image) or {}
+            labels = await self.engine.image_labels(self.policy.image) or {}
             self._image_is_ours = labels.get(label("image")) == IMAGE_KIND_KERNEL
         return self._image_is_ours
 
@@ -457,7 +457,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         )
         started = time.monotonic()
         try:
-            resources.container_id = await self.backend.start(request)
+            resources.container_id = await self.engine.start(request)
             resources.container_name = name
             await resources.wait_egress_ready()
             await self._until_ready(int(kwargs["user"].split(":")[0]))
@@ -538,15 +538,15 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         while not runtime_dir.sockets_ready(self.connection_info, kernel_uid):
             now = time.monotonic()
             if now >= next_state_check:
-                state = await self.backend.state(container_id)
+                state = await self.engine.state(container_id)
                 if not state.running:
-                    logs = await self.backend.logs_tail(container_id)
+                    logs = await self.engine.logs_tail(container_id)
                     raise container_start_error(
                         self.container_name or "", self.policy.image, state, logs
                     )
                 next_state_check = now + 0.25
             if now >= deadline:
-                logs = await self.backend.logs_tail(container_id)
+                logs = await self.engine.logs_tail(container_id)
                 raise KernelStartError(
                     f"kernel container {self.container_name} (image {self.policy.image}) did not "
                     f"open its sockets within {self.launch_timeout:.0f}s; raise "
@@ -570,7 +570,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         if self._telling:
             return None  # the death is reported once its notice is out
         try:
-            state = await self.backend.state(self.container_id)
+            state = await self.engine.state(self.container_id)
         except EngineUnavailable as exc:
             # Without the engine there is no container to talk to (an engine that stops
             # takes its containers down): report the kernel dead rather than raise.
@@ -648,7 +648,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         if self.container_id is None:
             return
         try:
-            await self.backend.signal(self.container_id, signum)
+            await self.engine.signal(self.container_id, signum)
         except EngineUnavailable as exc:
             self.log.warning("kernel %s: cannot signal its container: %s", self.kernel_id, exc)
 
@@ -671,8 +671,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         if not restart:
             self._launched = False
             self._identity = self._user = None
-            if self._shared_backend is None or self.backend is not self._shared_backend:
-                self.backend.close()  # its connections to the engine; reopened if used again
+            if self._shared_backend is None or self.engine is not self._shared_backend:
+                self.engine.close()  # its connections to the engine; reopened if used again
 
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) -----------------
 
@@ -726,7 +726,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 return
         if self.container_id is not None:
             try:
-                asyncio.run(self.backend.signal(self.container_id, signal.SIGTERM))
+                asyncio.run(self.engine.signal(self.container_id, signal.SIGTERM))
             except EngineUnavailable as exc:
                 self.log.warning("kernel %s: cannot stop its container: %s", self.kernel_id, exc)
 
