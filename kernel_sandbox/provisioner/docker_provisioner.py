@@ -44,6 +44,7 @@ from kernel_sandbox.inside.contract import (
     SANDBOX_HOME,
     label,
 )
+from kernel_sandbox.kube.settings import KubeSettings
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
 from kernel_sandbox.policy.values import format_size
@@ -62,6 +63,7 @@ from kernel_sandbox.service.client import choose_service
 
 if TYPE_CHECKING:
     from kernel_sandbox.broker.server import DataBroker
+    from kernel_sandbox.kube.kernel import KubeKernel
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -75,7 +77,9 @@ _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
 _INJECTED_KWARGS = {"engine", "data_broker", "exit_registry", "orphan_sweeps"}
 
 
-class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisionerBase):  # type: ignore[misc]
+class DockerSandboxProvisioner(
+    ProvisionerSettings, KubeSettings, PolicyTraits, KernelProvisionerBase
+):  # type: ignore[misc]
     """Launch the kernelspec's argv inside an ephemeral, network-less Docker container.
 
     Every policy key is a trait here, so it can be set in Jupyter config
@@ -109,6 +113,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         self.staged_workspace: tuple[str, str] | None = None  # (bind source, path inside)
         self._pooled: PooledSandbox | None = None  # claimed in pre_launch, started by launch
         self._pool_reason: str | None = None  # why starts are not served by a pool (logged once)
+        self._kube: KubeKernel | None = None  # the pod half, with backend 'kubernetes'
 
     @property
     def via_service(self) -> ServiceKernel | None:
@@ -119,6 +124,16 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             self._via_service = ServiceKernel(self, path) if path else None
             self.log.debug("kernel %s: %s", self.kernel_id, why)
         return self._via_service if isinstance(self._via_service, ServiceKernel) else None
+
+    @property
+    def kube(self) -> KubeKernel | None:
+        """The pod half of this kernel when the policy says ``backend: kubernetes`` (and no
+        sandbox service starts it), else None (:mod:`kernel_sandbox.kube.kernel`)."""
+        if self._kube is None and self.policy.backend == "kubernetes":
+            from kernel_sandbox.kube.kernel import KubeKernel
+
+            self._kube = KubeKernel(self)
+        return self._kube
 
     @property
     def resources(self) -> KernelResources:
@@ -200,6 +215,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
     def has_process(self) -> bool:
         if self.via_service is not None:
             return self.via_service.started
+        if self._kube is not None:
+            return self._kube.started
         return self.container_id is not None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -211,6 +228,10 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.pre_launch(await super().pre_launch(**kwargs))
+        if self.kube is not None:
+            cwd, extra = kwargs.pop("cwd", None), kwargs.pop("extra_arguments", [])
+            kwargs = await super().pre_launch(**kwargs)
+            return await self.kube.pre_launch({**kwargs, "cwd": cwd, "extra_arguments": extra})
         policy = self.policy
         protected = [self.token_db, self.audit_log, self.data_credentials]
         check_exposure(policy, protected, self._spec_name)
@@ -420,6 +441,10 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.launch_kernel(cmd, kwargs)
+        if self._kube is not None:
+            connection_info = await self._kube.launch_kernel(cmd, kwargs)
+            self._launched = True
+            return connection_info
         resources = self.resources
         assert resources.runtime_dir is not None
         if self._pooled is not None:
@@ -565,6 +590,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.poll()
+        if self._kube is not None:
+            return await self._kube.poll()
         if self.container_id is None:
             return 0
         if self._telling:
@@ -645,6 +672,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.send_signal(signum)
+        if self._kube is not None:
+            return await self._kube.send_signal(signum)
         if self.container_id is None:
             return
         try:
@@ -666,6 +695,11 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.cleanup(restart)
+        if self._kube is not None:
+            await self._kube.cleanup(restart)
+            if not restart:
+                self._launched = False
+            return
         if self._resources is not None:
             await self._resources.aclose(restart)
         if not restart:
@@ -758,6 +792,11 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             if isinstance(key, bytes):
                 info["connection_info"] = {**self.connection_info, "key": key.decode()}
             return {**info, **self.via_service.provisioner_info()}
+        if self._kube is not None:
+            key = self.connection_info.get("key")
+            if isinstance(key, bytes):
+                info["connection_info"] = {**self.connection_info, "key": key.decode()}
+            return {**info, **self._kube.provisioner_info(), "cwd": self.cwd}
         key = self.connection_info.get("key")
         if isinstance(key, bytes):
             info["connection_info"] = {**self.connection_info, "key": key.decode()}
@@ -787,6 +826,15 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             self._via_service = False
         if self.via_service is not None:
             await self.via_service.adopt(provisioner_info)
+            return
+        if provisioner_info.get("kube") and self.kube is not None:
+            key = self.connection_info.get("key")
+            if isinstance(key, str):
+                info = {**self.connection_info, "key": key.encode()}
+                self.connection_info = cast(KernelConnectionInfo, info)
+            self.cwd = provisioner_info.get("cwd")
+            self._launched = True
+            self.kube.adopt(provisioner_info)
             return
         key = self.connection_info.get("key")
         if isinstance(key, str):
