@@ -44,7 +44,7 @@ from kernel_sandbox.kube.podspec import (
     runtime_class,
     secret_manifest,
 )
-from kernel_sandbox.kube.reap import start_sweep
+from kernel_sandbox.kube.reap import defer_deletion, retry_deletions, start_sweep
 from kernel_sandbox.kube.status import PodState, read_status, start_problem, timeout_message
 from kernel_sandbox.kube.transport import client_connection, new_connection, pod_connection_file
 from kernel_sandbox.provisioner.container import container_env
@@ -215,6 +215,7 @@ class KubeKernel:
                 )
             ref = owner_reference("Pod", owner["metadata"]["name"], owner["metadata"]["uid"])
             request = PodRequest(**{**request.__dict__, "owner_references": (ref,)})
+        await retry_deletions(self.api)
         started = time.monotonic()
         self.pod_name, self._deleted, self.pod_ip = request.name, False, ""
         try:
@@ -356,6 +357,10 @@ class KubeKernel:
         this process has ended."""
         await self._delete_all(grace=0)
         self.pod_name, self.pod_ip = None, ""
+        try:
+            await retry_deletions(self.api)
+        except Exception as exc:  # never raise into jupyter_client from cleanup
+            self.log.warning("kernel %s: %s", self.prov.kernel_id, exc)
         if not restart:
             self.info = None
             self.api.close()
@@ -369,8 +374,10 @@ class KubeKernel:
             try:
                 await self.api.delete(kind, name, grace if kind == PODS else None)
             except (EngineUnavailable, EngineError) as exc:
+                defer_deletion(self.api, kind, name)
                 self.log.warning(
-                    "kernel %s: could not delete %s %s (the orphan sweep will): %s",
+                    "kernel %s: could not delete %s %s (retried on this process's next "
+                    "request, else by the orphan sweep once it has ended): %s",
                     self.prov.kernel_id,
                     kind,
                     name,

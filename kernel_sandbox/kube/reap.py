@@ -17,11 +17,20 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from kernel_sandbox.errors import EngineError, EngineUnavailable
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, KubeApi
 from kernel_sandbox.kube.podspec import KUBE_PREFIX, label_value
 
-__all__ = ["KubeSweep", "is_orphan", "start_sweep", "sweep"]
+__all__ = [
+    "KubeSweep",
+    "defer_deletion",
+    "is_orphan",
+    "pending",
+    "retry_deletions",
+    "start_sweep",
+    "sweep",
+]
 
 
 @dataclass
@@ -77,12 +86,46 @@ async def sweep(api: KubeApi, dry_run: bool = False) -> KubeSweep:
 
 _swept: set[tuple[str, str]] = set()
 _lock = threading.Lock()
+# Objects this process failed to delete (the API server was away): retried on its next calls.
+_pending: dict[tuple[str, str], set[tuple[str, str]]] = {}
+
+
+def _key(api: KubeApi) -> tuple[str, str]:
+    return (f"{api.config_file}|{api.context}", api.namespace)
+
+
+def defer_deletion(api: KubeApi, kind: str, name: str) -> None:
+    """Remember ``kind``/``name`` for :func:`retry_deletions` (its deletion failed)."""
+    with _lock:
+        _pending.setdefault(_key(api), set()).add((kind, name))
+
+
+def pending(api: KubeApi) -> list[str]:
+    with _lock:
+        return sorted(f"{kind}/{name}" for kind, name in _pending.get(_key(api), ()))
+
+
+async def retry_deletions(api: KubeApi) -> list[str]:
+    """Delete what earlier deletions left (kept for later while the server is still away);
+    returns what was deleted now."""
+    with _lock:
+        todo = sorted(_pending.get(_key(api), ()))
+    done = []
+    for kind, name in todo:
+        try:
+            await api.delete(kind, name, 0 if kind == PODS else None)
+        except (EngineUnavailable, EngineError):
+            break
+        done.append(f"{kind}/{name}")
+        with _lock:
+            _pending.get(_key(api), set()).discard((kind, name))
+    return done
 
 
 def start_sweep(api: KubeApi, log: Any) -> bool:
     """Sweep ``api``'s namespace once per process, in a daemon thread (never delays or breaks a
     start); True when this call started it."""
-    key = (f"{api.config_file}|{api.context}", api.namespace)
+    key = _key(api)
     with _lock:
         if key in _swept:
             return False

@@ -89,7 +89,8 @@ class DockerSandboxProvisioner(
     """
 
     def __init__(self, **kwargs: Any):
-        framework = _FRAMEWORK_KWARGS | _INJECTED_KWARGS
+        # a kernelspec may name its cluster and namespace (kube_*): settings, not policy keys
+        framework = _FRAMEWORK_KWARGS | _INJECTED_KWARGS | set(KubeSettings.class_trait_names())
         spec_config = {k: kwargs.pop(k) for k in list(kwargs) if k not in framework}
         super().__init__(**kwargs)
         self._service_setting = str(spec_config.pop("service", "") or "")
