@@ -110,6 +110,9 @@ class KubeApi:
                     "kube_in_cluster"
                 ) from exc
             session = requests.Session()
+            # the kubeconfig alone says how to reach the server: not $REQUESTS_CA_BUNDLE
+            # (which would replace its CA) nor $HTTPS_PROXY
+            session.trust_env = False
             session.verify = (
                 cfg.ssl_ca_cert if cfg.verify_ssl and cfg.ssl_ca_cert else cfg.verify_ssl
             )

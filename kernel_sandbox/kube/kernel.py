@@ -43,6 +43,7 @@ from kernel_sandbox.kube.podspec import (
     pod_manifest,
     runtime_class,
     secret_manifest,
+    with_secret_copy,
 )
 from kernel_sandbox.kube.reap import defer_deletion, retry_deletions, start_sweep
 from kernel_sandbox.kube.status import PodState, read_status, start_problem, timeout_message
@@ -168,7 +169,7 @@ class KubeKernel:
         env = container_env(
             host_env, allowed, prov.kernel_spec.env or {}, policy.env, policy.cpu_limit
         )
-        kwargs["cmd"] = argv + extra
+        kwargs["cmd"] = with_secret_copy(argv + extra)
         kwargs["env"] = {**env, NETWORK_ENV: policy.network}
         kwargs["user"] = policy.user or f"{KERNEL_UID}:{KERNEL_UID}"
         return kwargs

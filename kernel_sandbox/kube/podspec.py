@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_sandbox.errors import PolicyError
-from kernel_sandbox.inside.contract import SANDBOX_HOME
+from kernel_sandbox.inside.contract import RUNTIME_MOUNT, SANDBOX_HOME
 from kernel_sandbox.kube.transport import KERNEL_PORTS
 from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = [
     "CONNECTION_FILE",
     "KUBE_PREFIX",
+    "SECRET_FILE",
     "SECRET_MOUNT",
     "PodRequest",
     "ingress_peers",
@@ -52,11 +53,19 @@ __all__ = [
     "pod_manifest",
     "runtime_class",
     "secret_manifest",
+    "with_secret_copy",
 ]
 
 KUBE_PREFIX = "kernel-sandbox.io/"  # labels and annotations (Kubernetes' prefix/name form)
 SECRET_MOUNT = "/run/kernel-sandbox-secret"  # the connection file's Secret, read-only
-CONNECTION_FILE = f"{SECRET_MOUNT}/connection.json"
+SECRET_FILE = f"{SECRET_MOUNT}/connection.json"
+# ipykernel writes its connection file back once bound: it reads a private copy in a small
+# in-memory volume of its own (RUNTIME_MOUNT), made by the pod's command (with_secret_copy).
+CONNECTION_FILE = f"{RUNTIME_MOUNT}/connection.json"
+_COPY = (
+    "import os, shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2]); "
+    "os.chmod(sys.argv[2], 0o600); os.execvp(sys.argv[3], sys.argv[3:])"
+)
 CONTAINER = "kernel"
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -65,6 +74,12 @@ def label_value(text: str) -> str:
     """``text`` as a valid label value: [A-Za-z0-9._-], at most 63, alphanumeric at both ends."""
     value = _LABEL_VALUE.sub("-", text)[:63]
     return value.strip("._-")
+
+
+def with_secret_copy(argv: Sequence[str]) -> list[str]:
+    """``argv`` (which reads CONNECTION_FILE), started once the Secret's file is copied there
+    (standard library only: any image with a Python runs it)."""
+    return ["python", "-c", _COPY, SECRET_FILE, CONNECTION_FILE, *argv]
 
 
 def runtime_class(runtime: str, classes: Mapping[str, str]) -> str | None:
@@ -142,6 +157,7 @@ def pod_manifest(request: PodRequest) -> dict[str, Any]:
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(policy.tmpfs_size)}},
         {"name": "home", "emptyDir": {"medium": "Memory", "sizeLimit": str(policy.tmpfs_size)}},
+        {"name": "runtime", "emptyDir": {"medium": "Memory", "sizeLimit": "4Mi"}},
         {
             "name": "connection",
             "secret": {"secretName": request.name, "defaultMode": 0o440},
@@ -150,6 +166,7 @@ def pod_manifest(request: PodRequest) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "home", "mountPath": SANDBOX_HOME},
+        {"name": "runtime", "mountPath": RUNTIME_MOUNT},
         {"name": "connection", "mountPath": SECRET_MOUNT, "readOnly": True},
     ]
     for index, mount in enumerate(policy.mounts):
