@@ -23,10 +23,11 @@ import docker
 import docker.errors
 import pytest
 from support import IMAGE, NO_ENGINE, REPO, unavailable
+from support.kube import kube_cluster  # noqa: F401  (the Kubernetes 1.20 test cluster)
 from support.leaks import Scope, no_leaks
 from support.service import ServiceProcess, TestUsers
 
-ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service"}
+ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service", "kube_cluster"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
