@@ -26,7 +26,7 @@ from support import IMAGE, REPO
 from support.kernels import make_kernelspec, run_cell
 
 from kernel_sandbox.errors import EngineUnavailable, KernelStartError
-from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, KubeApi
+from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.podspec import KUBE_PREFIX
 from kernel_sandbox.kube.reap import pending, sweep
 
@@ -59,7 +59,7 @@ def objects_of(api: KubeApi, kernel_id: str) -> list[str]:
     """Every pod, Secret and NetworkPolicy of ``kernel_id`` that still exists (not deleting)."""
     selector = f"{KUBE_PREFIX}kernel-id={kernel_id}"
     found = []
-    for kind in (PODS, SECRETS, NETWORK_POLICIES):
+    for kind in (PODS, SECRETS, NETWORK_POLICIES, SERVICES):
         for obj in asyncio.run(api.list(kind, selector)):
             if kind == PODS and obj["metadata"].get("deletionTimestamp"):
                 continue  # being deleted (the kubelet confirms it a moment later)
@@ -116,7 +116,8 @@ def test_a_kernel_runs_in_a_hardened_pod_and_leaves_nothing(kube_cluster, kube):
         assert km.connection_info if hasattr(km, "connection_info") else True
         info = km.get_connection_info()
         assert info["transport"] == "tcp" and info["curve_publickey"]
-        assert info["ip"].startswith("10.")  # the pod's own address
+        assert info["ip"] == km.provisioner.kube.address  # the kernel's Service
+        assert info["ip"] != km.provisioner.kube.pod_ip
         seen = json.loads(run_cell(kc, PROBE)["stdout"])
         assert seen["uid"] == 1000 and seen["gid"] == 1000
         assert seen["cap_eff"] == "0000000000000000"
@@ -166,15 +167,21 @@ def test_interrupt_and_restart_a_pod_kernel(kube_cluster, kube):
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = kc.get_shell_msg(timeout=30)
         assert reply["content"]["ename"] == "KeyboardInterrupt"
-        kc.stop_channels()
-        first = pod_of(km)
+        run_cell(kc, "marker = 'first pod'")
+        first, address = pod_of(km), km.get_connection_info()["ip"]
         km.restart_kernel(now=True)
         second = pod_of(km)
         assert second != first
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=60)
-        assert "42" in run_cell(kc, "print(6 * 7)")["stdout"]
+        assert km.get_connection_info()["ip"] == address  # the Service's: clients stay put
+        # the client made before the restart (as Jupyter Server's channels are) reconnects
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                seen = run_cell(kc, "print(6 * 7, 'marker' in globals())", timeout=10)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "the old client never reached the new pod"
+        assert seen["stdout"].split() == ["42", "False"]  # a new kernel, reached the same way
         kc.stop_channels()
         deadline = time.monotonic() + 60
         while asyncio.run(kube.get(PODS, first)) is not None and time.monotonic() < deadline:
@@ -288,7 +295,7 @@ def test_the_pod_traffic_on_the_bridge_carries_no_plaintext(kube_cluster):
     capture = None
     try:
         # captured from before the clients connect: their greetings and every message
-        capture = Capture(interface_to(km.get_connection_info()["ip"]))
+        capture = Capture(interface_to(km.provisioner.kube.pod_ip))
         kc = km.client()
         kc.start_channels()
         kc.wait_for_ready(timeout=60)

@@ -53,8 +53,7 @@ def test_the_kernels_policy_denies_its_egress_and_admits_its_owner(kube_cluster,
     km.start_kernel()
     server = None
     try:
-        pod_ip = km.get_connection_info()["ip"]
-        interface = interface_to(pod_ip)
+        interface = interface_to(km.provisioner.kube.pod_ip)
         if interface == "lo" or not interface:
             pytest.skip("the pods are not on a bridge of this machine")
         server = socket.create_server((address_of(interface), 0))

@@ -22,13 +22,15 @@ import requests
 
 from kernel_sandbox.errors import EngineError, EngineUnavailable
 
-__all__ = ["KubeApi", "NETWORK_POLICIES", "PODS", "SECRETS"]
+__all__ = ["KubeApi", "NETWORK_POLICIES", "PODS", "SECRETS", "SERVICES"]
 
 PODS = "pods"
 SECRETS = "secrets"
+SERVICES = "services"
 NETWORK_POLICIES = "networkpolicies"
 _GROUP = {
     PODS: "/api/v1",
+    SERVICES: "/api/v1",
     SECRETS: "/api/v1",
     NETWORK_POLICIES: "/apis/networking.k8s.io/v1",
 }

@@ -29,11 +29,12 @@ from jupyter_client.connect import KernelConnectionInfo
 from kernel_sandbox.errors import EngineError, EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import KERNEL_UID, NETWORK_ENV
-from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, KubeApi
+from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.control import send_interrupt
 from kernel_sandbox.kube.podspec import (
     CONNECTION_FILE,
     CONTAINER,
+    KERNEL_LABEL,
     KUBE_PREFIX,
     PodRequest,
     ingress_peers,
@@ -43,6 +44,7 @@ from kernel_sandbox.kube.podspec import (
     pod_manifest,
     runtime_class,
     secret_manifest,
+    service_manifest,
     with_secret_copy,
 )
 from kernel_sandbox.kube.reap import defer_deletion, retry_deletions, start_sweep
@@ -127,6 +129,10 @@ class KubeKernel:
         self.info: dict[str, Any] | None = None  # the secrets, kept across restarts
         self.pod_name: str | None = None
         self.pod_ip = ""
+        # the kernel across restarts: its pods' KERNEL_LABEL, its Service and that address
+        self.key = uuid.uuid4().hex[:12]
+        self.service: str | None = None
+        self.address = ""  # what clients connect to: the Service's, else the pod's
         self._deleted = False  # this side deleted the pod (kill, cleanup)
         self._api_down_logged = False
 
@@ -176,9 +182,10 @@ class KubeKernel:
 
     def _request(self, cmd: list[str], kwargs: dict[str, Any]) -> PodRequest:
         prov = self.prov
-        name = f"ks-{(prov.kernel_id or uuid.uuid4().hex)[:8]}-{uuid.uuid4().hex[:6]}"
+        name = f"ks-{self.key}-{uuid.uuid4().hex[:6]}"
         profile = prov._spec_config.get("profile") or prov.profile
         labels, annotations = owner_record(prov.kernel_id or "", prov._spec_name, profile)
+        labels[KERNEL_LABEL] = self.key
         cidrs = [c for c in prov.kube_ingress_from if c != "auto"]
         return PodRequest(
             name=name,
@@ -219,7 +226,16 @@ class KubeKernel:
         await retry_deletions(self.api)
         started = time.monotonic()
         self.pod_name, self._deleted, self.pod_ip = request.name, False, ""
+        made_service = False
         try:
+            if self.prov.kube_service and self.service is None:
+                name = f"ks-{self.key}"
+                made = await self.api.create(
+                    SERVICES,
+                    service_manifest(name, self.api.namespace, request.labels, request.annotations),
+                )
+                self.service, made_service = name, True
+                self.address = made["spec"]["clusterIP"]
             await self.api.create(NETWORK_POLICIES, network_policy_manifest(request))
             await self.api.create(SECRETS, secret_manifest(request, pod_connection_file(self.info)))
             pod = await self.api.create(PODS, pod_manifest(request))
@@ -231,19 +247,22 @@ class KubeKernel:
             )
             state = await self._until_running(request, started)
             await self._allow_owner(request, state.pod_ip)
-            await self._until_answering(request, state.pod_ip, started)
+            if not self.prov.kube_service:
+                self.address = state.pod_ip
+            await self._until_answering(request, self.address, started)
         except BaseException:
-            await self._delete_all(grace=0)
+            await self._delete_all(grace=0, service=made_service)
             raise
         self.pod_ip = state.pod_ip
-        info = client_connection(self.info, state.pod_ip)
+        info = client_connection(self.info, self.address)
         self.prov.connection_info = cast(KernelConnectionInfo, info)
         self.log.debug(
-            "kernel %s: pod %s (node %s, %s) ready in %.2fs",
+            "kernel %s: pod %s (node %s, %s; clients at %s) ready in %.2fs",
             self.prov.kernel_id,
             request.name,
             state.node,
             state.pod_ip,
+            self.address,
             time.monotonic() - started,
         )
         return self.prov.connection_info
@@ -280,7 +299,8 @@ class KubeKernel:
         await self.api.patch(NETWORK_POLICIES, request.name, {"spec": {"ingress": spec["ingress"]}})
 
     async def _until_answering(self, request: PodRequest, pod_ip: str, started: float) -> None:
-        """Wait until the kernel's heartbeat port accepts (ipykernel binds it last)."""
+        """Wait until the kernel's heartbeat port accepts at ``pod_ip`` (the Service's address:
+        its endpoint is programmed), as ipykernel binds it last."""
         assert self.info is not None
         port, timeout = int(self.info["hb_port"]), self.prov.launch_timeout
         next_check = time.monotonic() + 0.5
@@ -340,8 +360,8 @@ class KubeKernel:
         if self.pod_name is None:
             return
         try:
-            if signum == signal.SIGINT and self.info is not None and self.pod_ip:
-                await asyncio.to_thread(send_interrupt, client_connection(self.info, self.pod_ip))
+            if signum == signal.SIGINT and self.info is not None and self.address:
+                await asyncio.to_thread(send_interrupt, client_connection(self.info, self.address))
             elif signum in (signal.SIGTERM, signal.SIGKILL):
                 self._deleted = True
                 await self.api.delete(PODS, self.pod_name, 0 if signum == signal.SIGKILL else 2)
@@ -356,8 +376,10 @@ class KubeKernel:
         """Delete the pod, its Secret and its NetworkPolicy. Never raises: what cannot be
         deleted now (API server unreachable) is logged, and the orphan sweep deletes it once
         this process has ended."""
-        await self._delete_all(grace=0)
+        await self._delete_all(grace=0, service=not restart)
         self.pod_name, self.pod_ip = None, ""
+        if not restart:
+            self.service, self.address = None, ""
         try:
             await retry_deletions(self.api)
         except Exception as exc:  # never raise into jupyter_client from cleanup
@@ -366,12 +388,15 @@ class KubeKernel:
             self.info = None
             self.api.close()
 
-    async def _delete_all(self, grace: int) -> None:
-        name = self.pod_name
-        if name is None:
-            return
-        self._deleted = True
-        for kind in (PODS, SECRETS, NETWORK_POLICIES):
+    async def _delete_all(self, grace: int, service: bool = False) -> None:
+        """Delete the pod, its Secret and NetworkPolicy (and with ``service`` the Service)."""
+        objects = []
+        if self.pod_name is not None:
+            self._deleted = True
+            objects = [(kind, self.pod_name) for kind in (PODS, SECRETS, NETWORK_POLICIES)]
+        if service and self.service is not None:
+            objects.append((SERVICES, self.service))
+        for kind, name in objects:
             try:
                 await self.api.delete(kind, name, grace if kind == PODS else None)
             except (EngineUnavailable, EngineError) as exc:
@@ -396,6 +421,9 @@ class KubeKernel:
                 "namespace": self.api.namespace,
                 "pod": self.pod_name,
                 "pod_ip": self.pod_ip,
+                "key": self.key,
+                "service": self.service,
+                "address": self.address,
                 "connection": info,
             }
         }
@@ -408,3 +436,6 @@ class KubeKernel:
         self.info = info or None
         self.pod_name = kube.get("pod")
         self.pod_ip = kube.get("pod_ip") or ""
+        self.key = kube.get("key") or self.key
+        self.service = kube.get("service")
+        self.address = kube.get("address") or self.pod_ip

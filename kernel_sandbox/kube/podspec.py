@@ -42,6 +42,7 @@ from kernel_sandbox.policy.model import SandboxPolicy
 
 __all__ = [
     "CONNECTION_FILE",
+    "KERNEL_LABEL",
     "KUBE_PREFIX",
     "SECRET_FILE",
     "SECRET_MOUNT",
@@ -53,10 +54,12 @@ __all__ = [
     "pod_manifest",
     "runtime_class",
     "secret_manifest",
+    "service_manifest",
     "with_secret_copy",
 ]
 
 KUBE_PREFIX = "kernel-sandbox.io/"  # labels and annotations (Kubernetes' prefix/name form)
+KERNEL_LABEL = KUBE_PREFIX + "kernel"  # one kernel's pods across restarts (its Service selects it)
 SECRET_MOUNT = "/run/kernel-sandbox-secret"  # the connection file's Secret, read-only
 SECRET_FILE = f"{SECRET_MOUNT}/connection.json"
 # ipykernel writes its connection file back once bound: it reads a private copy in a small
@@ -257,6 +260,37 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
         "name": name,
         "uid": uid,
         "blockOwnerDeletion": True,
+    }
+
+
+def service_manifest(
+    name: str, namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str]
+) -> dict[str, Any]:
+    """The kernel's stable address: a ClusterIP Service selecting the pod of the kernel
+    ``labels[KERNEL_LABEL]`` names, whichever pod that is (a restart makes a new pod, with a new
+    pod address; clients, Jupyter Server's among them, keep connecting to this one)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels),
+            "annotations": dict(annotations),  # the owner record, for the orphan sweep
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {KERNEL_LABEL: labels[KERNEL_LABEL]},
+            "ports": [
+                {
+                    "name": port.replace("_port", ""),
+                    "port": number,
+                    "targetPort": number,
+                    "protocol": "TCP",
+                }
+                for port, number in KERNEL_PORTS.items()
+            ],
+        },
     }
 
 

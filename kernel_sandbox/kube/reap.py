@@ -19,7 +19,7 @@ from typing import Any
 
 from kernel_sandbox.errors import EngineError, EngineUnavailable
 from kernel_sandbox.host.owner import Owner
-from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, KubeApi
+from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.podspec import KUBE_PREFIX, label_value
 
 __all__ = [
@@ -74,7 +74,7 @@ async def sweep(api: KubeApi, dry_run: bool = False) -> KubeSweep:
             report.pods.append(name)
             if not dry_run:
                 await api.delete(PODS, name, 0)
-    for kind in (SECRETS, NETWORK_POLICIES):
+    for kind in (SECRETS, NETWORK_POLICIES, SERVICES):
         for obj in await api.list(kind, selector()):
             if is_orphan(obj):
                 name = obj["metadata"]["name"]

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from kernel_sandbox.host.sandboxes import Sandbox
-from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, KubeApi
+from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.podspec import KUBE_PREFIX
 from kernel_sandbox.kube.status import read_status
 
@@ -64,4 +64,6 @@ async def stop_pod(api: KubeApi, sandbox: Sandbox, grace: int = 2) -> str:
     await api.delete(PODS, name, grace)
     for kind in (SECRETS, NETWORK_POLICIES):
         await api.delete(kind, name)
+    key = name.rsplit("-", 1)[0]  # ks-KEY-RANDOM: the kernel's Service is ks-KEY
+    await api.delete(SERVICES, key)
     return f"pod {name} deleted (namespace {api.namespace})"

@@ -68,6 +68,13 @@ class KubeSettings(HasTraits):
         help="Name of the pod this process runs in (in the cluster, e.g. from the downward "
         "API): made the owner of every kernel pod, so the cluster deletes them with it.",
     )
+    kube_service = Bool(
+        True,
+        config=True,
+        help="Give each kernel a ClusterIP Service, the address its clients connect to: it "
+        "stays the same across restarts (a restart is a new pod with a new pod address). "
+        "False: clients connect to the pod's own address (one object fewer per kernel).",
+    )
     kube_api_timeout = Float(
         10.0, config=True, help="Seconds one request to the API server may take."
     )
