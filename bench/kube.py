@@ -58,7 +58,7 @@ def write_spec(root: Path, name: str, config: dict[str, Any]) -> None:
 def rss_mib(names: tuple[str, ...]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in names:
-        pids = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+        pids = subprocess.run(["pgrep", "-x", name[:15]], capture_output=True, text=True).stdout.split()
         total = 0
         for pid in pids:
             try:
