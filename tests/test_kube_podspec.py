@@ -236,3 +236,26 @@ def test_a_running_pod_is_not_a_problem():
     )
     assert state.running and state.pod_ip == "10.244.0.9" and not state.ended
     assert start_problem("ks-1", "img", state) is None
+
+
+def test_the_kernels_service_selects_its_pods_across_restarts():
+    from kernel_sandbox.kube.podspec import KERNEL_LABEL, service_manifest
+
+    req = request(labels={**request().labels, KERNEL_LABEL: "abc123def456"})
+    service = service_manifest("ks-abc123def456", "kernels", req.labels, req.annotations)
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == {KERNEL_LABEL: "abc123def456"}  # not the pod's name
+    assert sorted(p["port"] for p in service["spec"]["ports"]) == sorted(KERNEL_PORTS.values())
+    assert service["metadata"]["annotations"][KUBE_PREFIX + "owner-pid"].isdigit()
+    assert pod_manifest(req)["metadata"]["labels"][KERNEL_LABEL] == "abc123def456"
+
+
+def test_the_kernel_reads_a_private_copy_of_the_secrets_file():
+    from kernel_sandbox.kube.podspec import SECRET_FILE, with_secret_copy
+
+    argv = with_secret_copy(["python", "-m", "ipykernel_launcher", "-f", CONNECTION_FILE])
+    assert argv[:2] == ["python", "-c"] and argv[3:5] == [SECRET_FILE, CONNECTION_FILE]
+    mounts = {
+        m["mountPath"]: m for m in pod_manifest(request())["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert CONNECTION_FILE.rsplit("/", 1)[0] in mounts  # a small in-memory volume of its own

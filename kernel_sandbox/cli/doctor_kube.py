@@ -80,7 +80,6 @@ async def check_target(api: KubeApi, specs: list[str]) -> list[Check]:
     try:
         host = api.host
         rights = [(v, r, g, await api.access(v, r, g)) for v, r, g in NEEDED_RIGHTS]
-        policies = await api.list(NETWORK_POLICIES, "")
     except SandboxError as exc:
         return [Check(area, "api server", FAIL, f"{where} (for {', '.join(specs)}): {exc}")]
     checks = [Check(area, "api server", OK, f"{host}, {where}, for {', '.join(specs)}")]
@@ -90,7 +89,14 @@ async def check_target(api: KubeApi, specs: list[str]) -> list[Check]:
             Check(area, "rights", FAIL, f"{where}: may not {', '.join(missing)}", ROLE_HINT)
         )
     else:
-        checks.append(Check(area, "rights", OK, f"{where}: pods, secrets, networkpolicies"))
+        checks.append(
+            Check(area, "rights", OK, f"{where}: pods, services, secrets, networkpolicies")
+        )
+    try:
+        policies = await api.list(NETWORK_POLICIES, "")
+    except SandboxError as exc:
+        policies = []
+        checks.append(Check(area, "networkpolicy", FAIL, f"{where}: cannot list: {exc}"))
     own = [
         p for p in policies if (p["metadata"].get("labels") or {}).get("kernel-sandbox.io/managed")
     ]
