@@ -495,3 +495,42 @@ def test_several_async_kernels_start_at_once(kube_cluster, kube):
 
     for kernel_id in asyncio.run(main()):
         wait_gone(kube, kernel_id)
+
+
+def cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kernel_sandbox.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), "KERNEL_SANDBOX_SERVICE": "off"},
+    )
+
+
+def test_ps_stop_gc_and_doctor_see_kernel_pods(kube_cluster, kube):
+    spec = kube_spec(kube_cluster)
+    km = KernelManager(kernel_name=spec)
+    km.start_kernel()
+    try:
+        name = pod_of(km)
+        listed = cli("ps", "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = [r for r in json.loads(listed.stdout) if r["container"] == f"pod/{name}"]
+        assert [r["kernel_id"] for r in rows] == [km.kernel_id]
+        assert rows[0]["kernelspec"] == spec and rows[0]["state"] == "running"
+        doctor = cli("doctor", "--json", timeout=300)
+        checks = {(c["area"], c["name"]): c for c in json.loads(doctor.stdout)}
+        assert checks[("kubernetes", "rights")]["status"] == "ok"
+        assert checks[("kubernetes", "enforcement")]["status"] == "warn"
+        stopped = cli("stop", km.kernel_id)
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"pod {name} deleted" in stopped.stdout
+        deadline = time.monotonic() + 30
+        while km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not km.is_alive()  # the owner sees its kernel gone
+        swept = cli("gc", "--dry-run")
+        assert swept.returncode == 0 and "orphaned pod(s) in namespace" in swept.stdout
+    finally:
+        km.shutdown_kernel(now=True)
+    wait_gone(kube, km.kernel_id)
