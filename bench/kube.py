@@ -58,7 +58,8 @@ def write_spec(root: Path, name: str, config: dict[str, Any]) -> None:
 def rss_mib(names: tuple[str, ...]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in names:
-        pids = subprocess.run(["pgrep", "-x", name[:15]], capture_output=True, text=True).stdout.split()
+        found = subprocess.run(["pgrep", "-x", name[:15]], capture_output=True, text=True)
+        pids = found.stdout.split()
         total = 0
         for pid in pids:
             try:
