@@ -170,7 +170,8 @@ async def _pods(args: argparse.Namespace, all_states: bool) -> list[Sandbox]:
     found: list[Sandbox] = []
     for api in _kube_apis(args):
         try:
-            found += await list_pods(api, all_states)
+            seen = {p.container_id for p in found}  # two kubeconfigs may name one cluster
+            found += [p for p in await list_pods(api, all_states) if p.container_id not in seen]
         except SandboxError as exc:
             warn(f"warning: namespace {api.namespace}: {exc}")
         finally:

@@ -364,7 +364,7 @@ class KubeKernel:
                 await asyncio.to_thread(send_interrupt, client_connection(self.info, self.address))
             elif signum in (signal.SIGTERM, signal.SIGKILL):
                 self._deleted = True
-                await self.api.delete(PODS, self.pod_name, 0 if signum == signal.SIGKILL else 2)
+                await self.api.delete(PODS, self.pod_name, 1 if signum == signal.SIGKILL else 2)
             else:
                 self.log.warning(
                     "kernel %s: signal %d cannot be sent to a pod", self.prov.kernel_id, signum
@@ -376,7 +376,10 @@ class KubeKernel:
         """Delete the pod, its Secret and its NetworkPolicy. Never raises: what cannot be
         deleted now (API server unreachable) is logged, and the orphan sweep deletes it once
         this process has ended."""
-        await self._delete_all(grace=0, service=not restart)
+        pod = self.pod_name
+        await self._delete_all(grace=1, service=not restart)
+        if pod is not None:
+            await self._until_gone(pod)
         self.pod_name, self.pod_ip = None, ""
         if not restart:
             self.service, self.address = None, ""
@@ -387,6 +390,26 @@ class KubeKernel:
         if not restart:
             self.info = None
             self.api.close()
+
+    async def _until_gone(self, pod: str, timeout: float = 30.0) -> None:
+        """Wait until the kubelet has confirmed the pod's end (a graceful deletion removes the
+        object only then): until it has, its kernel may still answer on connections made before
+        (a restart's new kernel must not overlap it). Never raises: a pod that outlasts
+        ``timeout`` or an API server that stops answering is logged."""
+        deadline = time.monotonic() + timeout
+        try:
+            while await self.api.get(PODS, pod) is not None:
+                if time.monotonic() > deadline:
+                    self.log.warning(
+                        "kernel %s: pod %s still there %.0fs after its deletion",
+                        self.prov.kernel_id,
+                        pod,
+                        timeout,
+                    )
+                    return
+                await asyncio.sleep(0.2)
+        except (EngineUnavailable, EngineError) as exc:
+            self.log.warning("kernel %s: %s", self.prov.kernel_id, exc)
 
     async def _delete_all(self, grace: int, service: bool = False) -> None:
         """Delete the pod, its Secret and NetworkPolicy (and with ``service`` the Service)."""
