@@ -6,6 +6,7 @@ This checks the cluster the Kubernetes backend's tests stand on, not the backend
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
@@ -89,3 +90,47 @@ def test_pod_that_asks_for_root_is_refused_by_the_kubelet(kube_cluster: KubeClus
         assert reason and "non-root" in reason, reason
     finally:
         core.delete_namespaced_pod(name, kube_cluster.namespace, grace_period_seconds=0)
+
+
+def test_pod_network_host_to_pod_pod_to_pod_and_the_api_service(
+    kube_cluster: KubeCluster, sandbox_pod
+) -> None:
+    """What the backend needs from the network: this host reaches a pod's port (the kernel's
+    ZeroMQ sockets), pods reach each other and the API server's ClusterIP (kube-proxy)."""
+    core, client_pod = sandbox_pod
+    namespace = kube_cluster.namespace
+    server = f"listen-{uuid.uuid4().hex[:8]}"
+    pod = hardened_pod(server)
+    pod.spec.containers[0].command = [
+        "python3",
+        "-c",
+        "import socket\n"
+        "s = socket.create_server(('0.0.0.0', 8000))\n"
+        "while True:\n"
+        "    c, _ = s.accept(); c.sendall(b'pong'); c.close()\n",
+    ]
+    core.create_namespaced_pod(namespace, pod)
+    try:
+        wait_running(core, namespace, server)
+        wait_running(core, namespace, client_pod)
+        ip = core.read_namespaced_pod(server, namespace).status.pod_ip
+        api_ip = core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+        deadline = time.monotonic() + 30
+        while True:  # the server binds a moment after the container starts
+            try:
+                with socket.create_connection((ip, 8000), timeout=5) as conn:
+                    assert conn.recv(4) == b"pong"
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        probe = (
+            "import socket, sys\n"
+            "for host, port in ((sys.argv[1], 8000), (sys.argv[2], 443)):\n"
+            "    s = socket.create_connection((host, port), timeout=5); print('ok', port)\n"
+        )
+        out = exec_in(core, namespace, client_pod, ["python3", "-c", probe, ip, api_ip])
+        assert out.split("\n")[:2] == ["ok 8000", "ok 443"], out
+    finally:
+        core.delete_namespaced_pod(server, namespace, grace_period_seconds=0)

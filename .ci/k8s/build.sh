@@ -53,6 +53,10 @@ APTOPTS=(-o "Dir::Etc::SourceList=$APT/etc/sources.list" -o "Dir::Etc::SourcePar
 k8s_log "apt update (private lists with deb-src, $(grep -c . "$APT/etc/sources.list") lines)"
 apt-get "${APTOPTS[@]}" update >"$K8S_CACHE/apt-update.log" 2>&1 \
   || { tail -5 "$K8S_CACHE/apt-update.log"; k8s_unavailable "apt-get update failed (deb-src reachable?)"; }
+if ! apt-cache "${APTOPTS[@]}" showsrc "$K8S_SRC_PACKAGE" 2>/dev/null | grep -q "^Version: .*$K8S_SRC_VERSION"; then
+  grep -E '^(W|E|Err):' "$K8S_CACHE/apt-update.log" | tail -5 >&2
+  k8s_unavailable "no deb-src for $K8S_SRC_PACKAGE $K8S_SRC_VERSION from this machine's apt mirrors"
+fi
 
 # --- 1. debs ----------------------------------------------------------------------------------
 k8s_log "downloading debs: $K8S_DEBS"

@@ -31,8 +31,8 @@ K8S_NODE_IP=${K8S_NODE_IP:-$(hostname -I | awk '{print $1}')}
 K8S_NODE_NAME=$(hostname | tr 'A-Z_' 'a-z-')
 export PATH=$K8S_BIN:$K8S_ROOT/usr/bin:$PATH
 
-_K8S_T0=${_K8S_T0:-$(date +%s.%N)}
-k8s_log() { printf '[k8s %6.1fs] %s\n' "$(echo "$(date +%s.%N) - $_K8S_T0" | bc)" "$*"; }
+export _K8S_T0=${_K8S_T0:-$(date +%s.%N)}  # one clock for a script and those it calls
+k8s_log() { printf '[k8s %6.1fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$_K8S_T0" 'BEGIN{print a-b}')" "$*"; }
 k8s_die() { printf '[k8s] ERROR: %s\n' "$*" >&2; exit 1; }
 # exit 3: this machine cannot build or run the cluster (tests/support/kube.py: unavailable())
 k8s_unavailable() { printf '[k8s] UNAVAILABLE: %s\n' "$*" >&2; exit 3; }
@@ -43,18 +43,52 @@ k8s_pid_alive() { [ -f "$K8S_STATE/run/$1.pid" ] && kill -0 "$(cat "$K8S_STATE/r
 k8s_node_ready() {
   k8s_kubectl get node "$K8S_NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
 }
-k8s_running() {  # every component alive, the API ready, the node Ready
+k8s_alive() {  # every component's process alive
   local c; for c in etcd apiserver kcm sched kubelet proxy; do k8s_pid_alive $c || return 1; done
-  k8s_kubectl get --raw /readyz >/dev/null 2>&1 && k8s_node_ready
 }
-k8s_pause_binary() {  # $K8S_BIN/pause from the source's build/pause/linux/pause.c, static
+k8s_running() { k8s_alive && k8s_kubectl get --raw /readyz >/dev/null 2>&1 && k8s_node_ready; }
+k8s_wait_for() {  # seconds description command...: poll until the command succeeds
+  local limit=$1 what=$2; shift 2; local end=$(( $(date +%s) + limit ))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$end" ]; then
+      k8s_log "timed out after ${limit}s waiting for: $what"
+      tail -n 15 "$K8S_STATE"/logs/*.log >&2 2>/dev/null; return 1
+    fi
+    sleep 0.3
+  done
+  k8s_log "$what"
+}
+k8s_pause_binary() {  # $K8S_BIN/pause: the pod sandbox's PID 1 (sleeps, reaps, exits on TERM)
   [ -x "$K8S_BIN/pause" ] && return 0
   local tmp; tmp=$(mktemp -d)
-  tar xzf "$K8S_CACHE/src/${K8S_SRC_PACKAGE}_${K8S_SRC_VERSION}.orig.tar.gz" -C "$tmp" kubernetes-1.20.2/build/pause/linux/pause.c
-  if command -v gcc >/dev/null; then
-    gcc -Os -static -DVERSION=v3.4.1 -o "$K8S_BIN/pause" "$tmp/kubernetes-1.20.2/build/pause/linux/pause.c"
-  else
-    k8s_die "gcc is needed once to build the pause binary (apt-get install gcc libc6-dev)"
-  fi
+  cat > "$tmp/pause.go" <<'GO'
+// The infrastructure container of a pod: holds its namespaces; as PID 1 it reaps orphans
+// and exits on SIGINT/SIGTERM (what Kubernetes' build/pause/linux/pause.c does).
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+	for s := range sigs {
+		if s != syscall.SIGCHLD {
+			os.Exit(0)
+		}
+		for {
+			var ws syscall.WaitStatus
+			if pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil); pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+GO
+  (cd "$tmp" && CGO_ENABLED=0 GOROOT=$K8S_ROOT/usr/lib/go-1.19 GOPATH=$tmp/gopath GOCACHE=$K8S_CACHE/gocache \
+     GO111MODULE=off "$K8S_ROOT/usr/lib/go-1.19/bin/go" build -ldflags "-s -w" -o "$K8S_BIN/pause" pause.go)
   rm -rf "$tmp"
 }

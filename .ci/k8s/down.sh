@@ -34,6 +34,7 @@ ip link del "$K8S_BRIDGE" 2>/dev/null && k8s_log "bridge $K8S_BRIDGE deleted"
 for s in /sys/fs/cgroup/*/kubepods; do [ -d "$s" ] && find "$s" -depth -type d -exec rmdir {} \; 2>/dev/null; done
 for m in $(awk '{print $2}' /proc/mounts | grep "^$D/kubelet" | sort -r); do umount "$m" 2>/dev/null || umount -l "$m"; done
 rm -rf "$D"
+rm -f "$R/started-by-fixture"   # tests/support/kube.py: the next cluster is not a fixture's
 # directories the 1.20 kubelet makes at fixed paths
 rm -rf /var/lib/kubelet/device-plugins /var/log/pods/* /var/log/containers/*k8s* 2>/dev/null
 rmdir /var/lib/kubelet /var/log/pods /var/log/containers 2>/dev/null

@@ -7,17 +7,24 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/common.sh"
 [ "$(id -u)" == 0 ] || k8s_unavailable "needs root (kubelet, iptables, cgroups)"
-"$HERE/build.sh"
 mkdir -p "$K8S_STATE/run" "$K8S_STATE/logs"
+already_running() {  # running (perhaps busy: wait rather than restart it under its users)
+  k8s_wait_for 180 "apiserver ready" k8s_kubectl get --raw /readyz || exit 1
+  k8s_wait_for 180 "node $K8S_NODE_NAME Ready" k8s_node_ready || exit 1
+  k8s_log "cluster: already running"; exit 0
+}
+k8s_alive && already_running
+"$HERE/build.sh"
 exec 8>"$K8S_STATE/.up.lock"
 flock 8   # a second up.sh waits for the first, then finds the cluster running
-if k8s_running; then k8s_log "cluster: already running"; exit 0; fi
+k8s_alive && already_running
 if ls "$K8S_STATE"/run/*.pid >/dev/null 2>&1; then
   k8s_log "leftovers of an earlier cluster: tearing them down first"
   "$HERE/down.sh"
 fi
 docker info >/dev/null 2>&1 || k8s_unavailable "the Docker engine does not answer (the kubelet runs pods on it)"
 "$HERE/pki.sh"
+rm -f "$K8S_STATE/run/started-by-fixture"   # written by a fixture after this says "started"
 PKI=$K8S_STATE/pki; D=$K8S_STATE/data; L=$K8S_STATE/logs; R=$K8S_STATE/run
 mkdir -p "$D"
 
@@ -26,17 +33,18 @@ if ! docker image inspect "$K8S_PAUSE_IMAGE" >/dev/null 2>&1; then
   k8s_pause_binary
   ctx=$(mktemp -d); cp "$K8S_BIN/pause" "$ctx/pause"
   printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' > "$ctx/Dockerfile"
-  docker build -q -t "$K8S_PAUSE_IMAGE" "$ctx" >/dev/null; rm -rf "$ctx"
+  docker build -q -t "$K8S_PAUSE_IMAGE" "$ctx" >/dev/null 2>&1; rm -rf "$ctx"
   k8s_log "pause image $K8S_PAUSE_IMAGE built"
 fi
 
-# CNI: one bridge, host-local addresses, no masquerade (pods reach this node, not beyond)
+# CNI: one bridge, host-local addresses, a default route via the bridge (Service IPs are
+# DNAT-ed on this node), no masquerade: pods reach this node and each other, nothing beyond
 mkdir -p "$K8S_STATE/cni/net.d"
 cat > "$K8S_STATE/cni/net.d/10-kernel-sandbox.conflist" <<JSON
 {"cniVersion": "0.4.0", "name": "kernel-sandbox-test", "plugins": [
   {"type": "bridge", "bridge": "$K8S_BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "$K8S_POD_CIDR", "gateway": "$K8S_POD_GATEWAY"}]],
-            "dataDir": "$D/cni-ipam"}},
+            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$D/cni-ipam"}},
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 JSON
 # Docker sets FORWARD's policy to DROP: let pod-to-pod traffic (bridge netfilter) through,
@@ -48,16 +56,9 @@ iptables -C FORWARD -j KS-K8S-FORWARD 2>/dev/null || iptables -I FORWARD 1 -j KS
 
 start() {  # name binary args...: a session of its own, so a test run's Ctrl-C does not reach it
   local name=$1; shift
-  setsid nohup "$@" > "$L/$name.log" 2>&1 < /dev/null & echo $! > "$R/$name.pid"
+  setsid nohup "$@" > "$L/$name.log" 2>&1 < /dev/null 8>&- & echo $! > "$R/$name.pid"  # 8: the lock
 }
-wait_for() {  # seconds description command...
-  local limit=$1 what=$2; shift 2; local end=$(( $(date +%s) + limit ))
-  until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$end" ] || { k8s_log "timed out after ${limit}s waiting for: $what"; tail -20 "$L"/*.log >&2; exit 1; }
-    sleep 0.3
-  done
-  k8s_log "$what"
-}
+wait_for() { k8s_wait_for "$@" || exit 1; }
 start etcd "$K8S_ROOT/usr/bin/etcd" --data-dir "$D/etcd" --name default \
   --listen-client-urls "http://127.0.0.1:$K8S_ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$K8S_ETCD_PORT" \
   --listen-peer-urls http://127.0.0.1:23800 --initial-advertise-peer-urls http://127.0.0.1:23800 \

@@ -22,7 +22,7 @@ import fcntl
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,21 +129,23 @@ class _Leases:
         finally:
             os.close(fd)
 
-    def release_and_is_last(self) -> bool:
-        """Drop this process's lease; True if no live process holds one any more."""
+    def release(self, stop_if_last: Callable[[], None]) -> bool:
+        """Drop this process's lease; if no live process holds one any more, call
+        ``stop_if_last`` (under the lock, so a session starting meanwhile waits for it) and
+        return True."""
         fd = self._locked()
         try:
             self.mine.unlink(missing_ok=True)
-            alive = False
             for lease in self.dir.iterdir():
                 if not lease.name.isdigit():
                     continue
                 try:
                     os.kill(int(lease.name), 0)
-                    alive = True
+                    return False
                 except ProcessLookupError:
                     lease.unlink(missing_ok=True)
-            return not alive
+            stop_if_last()
+            return True
         finally:
             os.close(fd)
 
@@ -249,12 +251,16 @@ def kube_cluster() -> Iterator[KubeCluster]:
         _delete_namespace(cluster)
         cluster.api_client().close()
     finally:
-        last = leases.release_and_is_last()
-        if last and leases.started_marker.exists() and not os.environ.get("KS_K8S_KEEP"):
-            proc = _script("down.sh", timeout=300)
-            leases.started_marker.unlink(missing_ok=True)
-            if proc.returncode != 0:
-                print(f".ci/k8s/down.sh exit {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+        leases.release(stop_if_last=lambda: _stop_if_started_by_a_fixture(leases))
+
+
+def _stop_if_started_by_a_fixture(leases: _Leases) -> None:
+    if not leases.started_marker.exists() or os.environ.get("KS_K8S_KEEP"):
+        return
+    proc = _script("down.sh", timeout=300)
+    leases.started_marker.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        print(f".ci/k8s/down.sh exit {proc.returncode}:\n{proc.stdout}{proc.stderr}")
 
 
 # --- pods for tests -----------------------------------------------------------------------
