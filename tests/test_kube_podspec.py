@@ -259,3 +259,15 @@ def test_the_kernel_reads_a_private_copy_of_the_secrets_file():
         m["mountPath"]: m for m in pod_manifest(request())["spec"]["containers"][0]["volumeMounts"]
     }
     assert CONNECTION_FILE.rsplit("/", 1)[0] in mounts  # a small in-memory volume of its own
+
+
+def test_every_object_carries_the_owner_record_for_the_sweep():
+    req = request()
+    info = new_connection("python3")
+    for obj in (
+        pod_manifest(req),
+        secret_manifest(req, pod_connection_file(info)),
+        network_policy_manifest(req),
+    ):
+        notes = obj["metadata"]["annotations"]
+        assert notes[KUBE_PREFIX + "owner-pid"].isdigit() and notes[KUBE_PREFIX + "owner-host"]

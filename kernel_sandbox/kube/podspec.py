@@ -246,7 +246,7 @@ def secret_manifest(request: PodRequest, connection_file: bytes) -> dict[str, An
         "kind": "Secret",
         "type": "Opaque",
         "immutable": True,
-        "metadata": request.metadata(),
+        "metadata": request.metadata(annotations=dict(request.annotations)),
         "data": {"connection.json": base64.b64encode(connection_file).decode()},
     }
 
@@ -310,7 +310,7 @@ def network_policy_manifest(request: PodRequest) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": request.metadata(),
+        "metadata": request.metadata(annotations=dict(request.annotations)),
         "spec": {
             "podSelector": {"matchLabels": request.selector},
             "policyTypes": ["Ingress", "Egress"],
