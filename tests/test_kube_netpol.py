@@ -82,6 +82,11 @@ def test_the_kernels_policy_denies_its_egress_and_admits_its_owner(kube_cluster,
         # enforced: the kernel cannot get out, and its owner still drives it
         assert "FAILED" in run_cell(kc, probe, timeout=30)["stdout"]
         assert run_cell(kc, "print(2 + 2)")["stdout"].strip() == "4"
+        kc.stop_channels()
+        kc = km.client()  # new connections, made under the rules (not only older ones)
+        kc.start_channels()
+        kc.wait_for_ready(timeout=30)
+        assert run_cell(kc, "print(3 + 3)")["stdout"].strip() == "6"
         # and nobody else may connect to its ports: a peer from another pod address is not
         # listed (the rule admits this process's own address only)
         policy = kube_cluster.api_client()
@@ -89,7 +94,12 @@ def test_the_kernels_policy_denies_its_egress_and_admits_its_owner(kube_cluster,
             km.provisioner.kube.pod_name, kube_cluster.namespace
         )
         (rule,) = net.spec.ingress
-        assert [p.ip_block.cidr for p in rule._from] == [f"{address_of(interface)}/32"]
+        cidrs = [p.ip_block.cidr for p in rule._from]
+        assert f"{address_of(interface)}/32" in cidrs  # this host's own addresses only
+        for cidr in cidrs:
+            assert subprocess.run(
+                ["ip", "-o", "addr", "show", "to", cidr], capture_output=True, text=True, check=True
+            ).stdout.strip(), cidr
         enforcer.clear()
         assert "CONNECTED b'hello'" in run_cell(kc, probe)["stdout"]  # the rules blocked it
         kc.stop_channels()

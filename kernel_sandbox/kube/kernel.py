@@ -284,11 +284,17 @@ class KubeKernel:
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _allow_owner(self, request: PodRequest, pod_ip: str) -> None:
-        """Add this process's own address to the NetworkPolicy's ingress ('auto')."""
+        """Add this process's own addresses to the NetworkPolicy's ingress ('auto'): the one it
+        reaches the pod from and the one it reaches the Service from (a connection to a
+        ClusterIP keeps the source chosen for it, unless kube-proxy masquerades it to the
+        former: which one the pod sees depends on the cluster)."""
         if "auto" not in self.prov.kube_ingress_from:
             return
         cidrs = [c for c in self.prov.kube_ingress_from if c != "auto"]
-        cidrs.append(await asyncio.to_thread(source_address, pod_ip))
+        for target in dict.fromkeys(a for a in (pod_ip, self.address) if a):
+            own = await asyncio.to_thread(source_address, target)
+            if own not in cidrs:
+                cidrs.append(own)
         allowed = PodRequest(
             **{
                 **request.__dict__,

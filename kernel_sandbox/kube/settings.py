@@ -55,7 +55,8 @@ class KubeSettings(HasTraits):
         default_value=["auto"],
         config=True,
         help="Who may connect to a kernel's ports (its NetworkPolicy's ingress): CIDRs, or "
-        "'auto' for the address this process reaches the pod from. All egress is denied.",
+        "'auto' for the addresses this process reaches the pod and its Service from. All "
+        "egress is denied.",
     )
     kube_owner_labels = Dict(
         config=True,
