@@ -175,4 +175,4 @@ def test_reconnect_from_provisioner_info(jupyter_path, leak_check, tmp_path: Pat
         kc.stop_channels()
         km2.shutdown_kernel(now=True)
     assert not km2.is_alive()
-    assert asyncio.run(provisioner.backend.state(container_id)).exit_code == -1  # removed
+    assert asyncio.run(provisioner.engine.state(container_id)).exit_code == -1  # removed

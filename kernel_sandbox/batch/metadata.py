@@ -129,7 +129,7 @@ def _plain(value: Any) -> Any:
 async def _image_id(provisioner: Any) -> str | None:
     """The id of the image the kernel's container was created from (never raises)."""
     container_id = getattr(provisioner, "container_id", None)
-    backend = getattr(provisioner, "backend", None)
+    backend = getattr(provisioner, "engine", None)
     if container_id is None or backend is None:
         return None
     try:

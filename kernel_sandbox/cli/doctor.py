@@ -283,6 +283,9 @@ async def run_checks(
     checks += spec_checks
     checks += check_runtime_root(runtime_root)
     checks += check_server(config)
+    from kernel_sandbox.cli.doctor_kube import check_kube
+
+    checks += await check_kube(config)
     return checks
 
 

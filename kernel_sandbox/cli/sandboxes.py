@@ -18,6 +18,7 @@ from rich.table import Table
 from kernel_sandbox.cli.console import EXIT_OK, done, warn, wide_console
 from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.reap import sweep
 from kernel_sandbox.host.rundir import default_root
 from kernel_sandbox.host.sandboxes import Sandbox, find_sandbox, list_sandboxes, stop_sandbox
@@ -61,7 +62,7 @@ async def cmd_ps(args: argparse.Namespace, backend: DockerBackend) -> int:
     if served is not None:
         sandboxes, records = served
     else:
-        sandboxes = await list_sandboxes(backend, args.all)
+        sandboxes = await list_sandboxes(backend, args.all) + await _pods(args, args.all)
         records = [{**asdict(s), "uptime": round(s.uptime, 1)} for s in sandboxes]
     if args.json:
         print(json.dumps(records, indent=1))
@@ -103,6 +104,12 @@ async def cmd_stop(args: argparse.Namespace, backend: DockerBackend) -> int:
             f"{reply.get('user')}, container {reply.get('container')}): {how}"
         )
         return EXIT_OK
+    pods = [p for p in await _pods(args, True) if p.kernel_id.startswith(args.kernel_id)]
+    if pods and not await _docker_has(backend, args.kernel_id):
+        for pod in pods:
+            how = await _stop_pod(args, pod)
+            done(f"stopped kernel {pod.kernel_id} ({pod.kernelspec}): {how}")
+        return EXIT_OK
     for sandbox in await find_sandbox(backend, args.kernel_id):
         how = await stop_sandbox(backend, sandbox, args.timeout, args.force)
         done(
@@ -123,7 +130,78 @@ async def cmd_gc(args: argparse.Namespace, backend: DockerBackend) -> int:
         done(f"  {item}")
     for item in report.leftovers:
         warn(f"warning: could not remove everything: {item}")
+    for api in _kube_apis(args):
+        from kernel_sandbox.kube.reap import sweep as sweep_pods
+
+        try:
+            pods = await sweep_pods(api, dry_run=args.dry_run)
+        except SandboxError as exc:
+            warn(f"warning: namespace {api.namespace}: {exc}")
+            continue
+        finally:
+            api.close()
+        done(f"{verb} {len(pods.pods)} orphaned pod(s) in namespace {api.namespace}")
+        for item in [*pods.pods, *pods.others]:
+            done(f"  {item}")
     return EXIT_OK
+
+
+# -- kernel pods (backend: kubernetes), when a kernelspec starts them -------------------------
+
+
+def _kube_apis(args: argparse.Namespace) -> list[Any]:
+    """One API per cluster and namespace that a kernelspec starts pods in (none: [])."""
+    from kernel_sandbox.cli.doctor_kube import kube_targets
+    from kernel_sandbox.kube.api import KubeApi
+    from kernel_sandbox.policy.jupyter_config import load_jupyter_config
+
+    try:
+        config, _files = load_jupyter_config(getattr(args, "config", None))
+        targets = kube_targets(config)
+    except Exception as exc:  # a broken config: doctor says what; ps still shows containers
+        warn(f"warning: cannot tell which kernelspecs start pods: {exc}")
+        return []
+    return [KubeApi(ns, cfg, ctx, inc, timeout=5.0) for cfg, ctx, ns, inc in targets]
+
+
+async def _pods(args: argparse.Namespace, all_states: bool) -> list[Sandbox]:
+    from kernel_sandbox.kube.sandboxes import list_pods
+
+    found: list[Sandbox] = []
+    for api in _kube_apis(args):
+        try:
+            seen = {p.container_id for p in found}  # two kubeconfigs may name one cluster
+            found += [p for p in await list_pods(api, all_states) if p.container_id not in seen]
+        except SandboxError as exc:
+            warn(f"warning: namespace {api.namespace}: {exc}")
+        finally:
+            api.close()
+    return found
+
+
+async def _docker_has(backend: DockerBackend, ident: str) -> bool:
+    try:
+        return bool(await find_sandbox(backend, ident))
+    except SandboxError:
+        return False
+
+
+async def _stop_pod(args: argparse.Namespace, pod: Sandbox) -> str:
+    from kernel_sandbox.kube.sandboxes import stop_pod
+
+    for api in _kube_apis(args):
+        try:
+            if any(p.container == pod.container for p in await _pods_in(api)):
+                return await stop_pod(api, pod, 0 if args.force else 2)
+        finally:
+            api.close()
+    return "already gone"
+
+
+async def _pods_in(api: Any) -> list[Sandbox]:
+    from kernel_sandbox.kube.sandboxes import list_pods
+
+    return await list_pods(api, True)
 
 
 # -- parsers --------------------------------------------------------------------------------

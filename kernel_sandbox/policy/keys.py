@@ -20,6 +20,7 @@ from typing import Any
 from kernel_sandbox.errors import PolicyError
 from kernel_sandbox.policy.mounts import Mount, parse_mounts
 from kernel_sandbox.policy.values import (
+    BACKENDS,
     DEFAULT_IMAGE,
     DEFAULT_TOKEN_TTL,
     EGRESS_MODES,
@@ -389,6 +390,21 @@ POLICY_KEYS: tuple[PolicyKey, ...] = (
         "How long a pooled sandbox may wait for a kernel start, and a pool nobody claims "
         "from is kept filled: seconds, or e.g. '30m'.",
         flag=Flag("--pool-max-idle", "SECONDS", "how long pooled sandboxes wait unclaimed"),
+    ),
+    PolicyKey(
+        "backend",
+        str,
+        lambda value: parse_choice("backend", value, BACKENDS),
+        "docker",
+        "Where the sandbox runs: 'docker' (a container on this host's engine) or "
+        "'kubernetes' (a pod in the namespace the kube_* settings name, docs/kubernetes.md).",
+        ceiling=PIN,
+        flag=Flag(
+            "--backend",
+            "BACKEND",
+            "where the sandbox runs: docker (default) or kubernetes",
+            choices=("docker", "kubernetes"),
+        ),
     ),
 )
 

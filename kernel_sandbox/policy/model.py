@@ -64,6 +64,7 @@ class SandboxPolicy:
     token_ttl: int = _strict("token_ttl")
     pool_size: int = _strict("pool_size")
     pool_max_idle: int = _strict("pool_max_idle")
+    backend: str = _strict("backend")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from kernel_sandbox.policy.mounts import check_mount_source, host_path
 DEFAULT_IMAGE = "kernel-sandbox/python:latest"
 WORKSPACE_MODES = ("none", "ro", "rw")
 NETWORK_MODES = ("none", "allowlist")
+BACKENDS = ("docker", "kubernetes")  # where a sandbox runs (docs/kubernetes.md)
 SECCOMP_PROFILES = ("kernel-sandbox", "docker-default")  # or an absolute path to a JSON file
 
 # Below these a Python kernel cannot start; the engine would fail with a less clear message.

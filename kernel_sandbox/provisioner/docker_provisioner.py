@@ -44,6 +44,7 @@ from kernel_sandbox.inside.contract import (
     SANDBOX_HOME,
     label,
 )
+from kernel_sandbox.kube.settings import KubeSettings
 from kernel_sandbox.policy import PROFILES, SandboxPolicy, layer_policy, resolve_workspace
 from kernel_sandbox.policy.traits import PolicyTraits
 from kernel_sandbox.policy.values import format_size
@@ -69,6 +70,7 @@ from kernel_sandbox.service.client import choose_service
 
 if TYPE_CHECKING:
     from kernel_sandbox.broker.server import DataBroker
+    from kernel_sandbox.kube.kernel import KubeKernel
 
 __all__ = ["DockerSandboxProvisioner"]
 
@@ -79,10 +81,12 @@ RELAY_ATTACH_TIMEOUT = 5.0
 # Constructor kwargs that come from jupyter_client itself, not from a kernelspec's config.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "config", "log"}
 # Collaborators a caller (a test) may hand in as constructor kwargs instead of the defaults.
-_INJECTED_KWARGS = {"backend", "data_broker", "exit_registry", "orphan_sweeps"}
+_INJECTED_KWARGS = {"engine", "data_broker", "exit_registry", "orphan_sweeps"}
 
 
-class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisionerBase):  # type: ignore[misc]
+class DockerSandboxProvisioner(
+    ProvisionerSettings, KubeSettings, PolicyTraits, KernelProvisionerBase
+):  # type: ignore[misc]
     """Launch the kernelspec's argv inside an ephemeral, network-less Docker container.
 
     Every policy key is a trait here, so it can be set in Jupyter config
@@ -92,7 +96,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
     """
 
     def __init__(self, **kwargs: Any):
-        framework = _FRAMEWORK_KWARGS | _INJECTED_KWARGS
+        # a kernelspec may name its cluster and namespace (kube_*): settings, not policy keys
+        framework = _FRAMEWORK_KWARGS | _INJECTED_KWARGS | set(KubeSettings.class_trait_names())
         spec_config = {k: kwargs.pop(k) for k in list(kwargs) if k not in framework}
         super().__init__(**kwargs)
         self._service_setting = str(spec_config.pop("service", "") or "")
@@ -117,6 +122,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         self.staged_workspace: tuple[str, str] | None = None  # (bind source, path inside)
         self._pooled: PooledSandbox | None = None  # claimed in pre_launch, started by launch
         self._pool_reason: str | None = None  # why starts are not served by a pool (logged once)
+        self._kube: KubeKernel | None = None  # the pod half, with backend 'kubernetes'
 
     @property
     def via_service(self) -> ServiceKernel | None:
@@ -129,12 +135,22 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         return self._via_service if isinstance(self._via_service, ServiceKernel) else None
 
     @property
+    def kube(self) -> KubeKernel | None:
+        """The pod half of this kernel when the policy says ``backend: kubernetes`` (and no
+        sandbox service starts it), else None (:mod:`kernel_sandbox.kube.kernel`)."""
+        if self._kube is None and self.policy.backend == "kubernetes":
+            from kernel_sandbox.kube.kernel import KubeKernel
+
+            self._kube = KubeKernel(self)
+        return self._kube
+
+    @property
     def resources(self) -> KernelResources:
         """What the kernel holds on the host: runtime dir, lifeline, container, data, egress,
         monitor."""
         if self._resources is None:
             self._resources = KernelResources(
-                self.kernel_id or "", self.backend, self.log, self.exit_registry
+                self.kernel_id or "", self.engine, self.log, self.exit_registry
             )
         return self._resources
 
@@ -208,6 +224,8 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
     def has_process(self) -> bool:
         if self.via_service is not None:
             return self.via_service.started
+        if self._kube is not None:
+            return self._kube.started
         return self.container_id is not None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -219,6 +237,10 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.pre_launch(await super().pre_launch(**kwargs))
+        if self.kube is not None:
+            cwd, extra = kwargs.pop("cwd", None), kwargs.pop("extra_arguments", [])
+            kwargs = await super().pre_launch(**kwargs)
+            return await self.kube.pre_launch({**kwargs, "cwd": cwd, "extra_arguments": extra})
         policy = self.policy
         protected = [self.token_db, self.audit_log, self.data_credentials]
         check_exposure(policy, protected, self._spec_name)
@@ -231,7 +253,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         host_env = kwargs.pop("env")
 
         if self.reap_orphans:
-            self.orphan_sweeps.start(self.backend, self.runtime_root, self.log)
+            self.orphan_sweeps.start(self.engine, self.runtime_root, self.log)
         size = self.runtime_dir_bytes()
         resources = self.resources
         recipe = await self._pool_recipe(identity)
@@ -407,7 +429,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
     async def _image_built_by_us(self) -> bool:
         """Whether the image carries our in-sandbox code (watchdog, egress bridge)."""
         if self._image_is_ours is None:
-            labels = await self.backend.image_labels(self.policy.image) or {}
+            labels = await self.engine.image_labels(self.policy.image) or {}
             self._image_is_ours = labels.get(label("image")) == IMAGE_KIND_KERNEL
         return self._image_is_ours
 
@@ -432,6 +454,10 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.launch_kernel(cmd, kwargs)
+        if self._kube is not None:
+            connection_info = await self._kube.launch_kernel(cmd, kwargs)
+            self._launched = True
+            return connection_info
         resources = self.resources
         assert resources.runtime_dir is not None
         if self._pooled is not None:
@@ -469,7 +495,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         )
         started = time.monotonic()
         try:
-            resources.container_id = await self.backend.start(request)
+            resources.container_id = await self.engine.start(request)
             resources.container_name = name
             await resources.wait_egress_ready()
             await self._until_ready(int(kwargs["user"].split(":")[0]))
@@ -558,15 +584,15 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         while not runtime_dir.sockets_ready(self.connection_info, kernel_uid):
             now = time.monotonic()
             if now >= next_state_check:
-                state = await self.backend.state(container_id)
+                state = await self.engine.state(container_id)
                 if not state.running:
-                    logs = await self.backend.logs_tail(container_id)
+                    logs = await self.engine.logs_tail(container_id)
                     raise container_start_error(
                         self.container_name or "", self.policy.image, state, logs, self.policy
                     )
                 next_state_check = now + 0.25
             if now >= deadline:
-                logs = await self.backend.logs_tail(container_id)
+                logs = await self.engine.logs_tail(container_id)
                 raise KernelStartError(
                     f"kernel container {self.container_name} (image {self.policy.image}) did not "
                     f"open its sockets within {self.launch_timeout:.0f}s; raise "
@@ -585,12 +611,14 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.poll()
+        if self._kube is not None:
+            return await self._kube.poll()
         if self.container_id is None:
             return 0
         if self._telling:
             return None  # the death is reported once its notice is out
         try:
-            state = await self.backend.state(self.container_id)
+            state = await self.engine.state(self.container_id)
         except EngineUnavailable as exc:
             # Without the engine there is no container to talk to (an engine that stops
             # takes its containers down): report the kernel dead rather than raise.
@@ -672,11 +700,13 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.send_signal(signum)
+        if self._kube is not None:
+            return await self._kube.send_signal(signum)
         if self.container_id is None:
             return
         note_signal(self, signum)
         try:
-            await self.backend.signal(self.container_id, signum)
+            await self.engine.signal(self.container_id, signum)
         except EngineUnavailable as exc:
             self.log.warning("kernel %s: cannot signal its container: %s", self.kernel_id, exc)
 
@@ -694,13 +724,18 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         """
         if self.via_service is not None:
             return await self.via_service.cleanup(restart)
+        if self._kube is not None:
+            await self._kube.cleanup(restart)
+            if not restart:
+                self._launched = False
+            return
         if self._resources is not None:
             await self._resources.aclose(restart)
         if not restart:
             self._launched = False
             self._identity = self._user = None
-            if self._shared_backend is None or self.backend is not self._shared_backend:
-                self.backend.close()  # its connections to the engine; reopened if used again
+            if self._shared_backend is None or self.engine is not self._shared_backend:
+                self.engine.close()  # its connections to the engine; reopened if used again
 
     # -- idle_timeout and `kernel-sandbox stop` (kernel_sandbox.host.monitor) -----------------
 
@@ -774,7 +809,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 return
         if self.container_id is not None:
             try:
-                asyncio.run(self.backend.signal(self.container_id, signal.SIGTERM))
+                asyncio.run(self.engine.signal(self.container_id, signal.SIGTERM))
             except EngineUnavailable as exc:
                 self.log.warning("kernel %s: cannot stop its container: %s", self.kernel_id, exc)
 
@@ -806,6 +841,11 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             if isinstance(key, bytes):
                 info["connection_info"] = {**self.connection_info, "key": key.decode()}
             return {**info, **self.via_service.provisioner_info()}
+        if self._kube is not None:
+            key = self.connection_info.get("key")
+            if isinstance(key, bytes):
+                info["connection_info"] = {**self.connection_info, "key": key.decode()}
+            return {**info, **self._kube.provisioner_info(), "cwd": self.cwd}
         key = self.connection_info.get("key")
         if isinstance(key, bytes):
             info["connection_info"] = {**self.connection_info, "key": key.decode()}
@@ -835,6 +875,15 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
             self._via_service = False
         if self.via_service is not None:
             await self.via_service.adopt(provisioner_info)
+            return
+        if provisioner_info.get("kube") and self.kube is not None:
+            key = self.connection_info.get("key")
+            if isinstance(key, str):
+                info = {**self.connection_info, "key": key.encode()}
+                self.connection_info = cast(KernelConnectionInfo, info)
+            self.cwd = provisioner_info.get("cwd")
+            self._launched = True
+            self.kube.adopt(provisioner_info)
             return
         key = self.connection_info.get("key")
         if isinstance(key, str):

@@ -216,7 +216,7 @@ class ProvisionerSettings(HasTraits):
         "shares among all its kernels for the same token_db, audit_log and data_credentials).",
     )
 
-    backend = Instance(
+    engine = Instance(
         DockerBackend,
         help="The engine the kernel's container runs on (default: the one this process "
         "shares among its kernels). Also used by the orphan sweep.",
@@ -233,8 +233,8 @@ class ProvisionerSettings(HasTraits):
 
     _shared_backend: DockerBackend | None = None  # the default, not closed with the kernel
 
-    @default("backend")
-    def _default_backend(self) -> DockerBackend:
+    @default("engine")
+    def _default_engine(self) -> DockerBackend:
         self._shared_backend = shared_backend()
         return self._shared_backend
 

@@ -249,7 +249,7 @@ class KernelRegistry:
             exit_registry=self._exits,
             orphan_sweeps=self._sweeps,
             profile=profile,
-            **({"backend": self._backend} if self._backend is not None else {}),
+            **({"engine": self._backend} if self._backend is not None else {}),
             **({"data_broker": self._broker} if self._broker is not None else {}),
             **config,
         )

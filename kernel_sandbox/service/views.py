@@ -152,9 +152,9 @@ class CallerViews:
         if not prov.container_id:
             return "starting", None
         try:
-            if not (await prov.backend.state(prov.container_id)).running:
+            if not (await prov.engine.state(prov.container_id)).running:
                 return "exited", None
-            usage: tuple[int, int] | None = await prov.backend.memory_usage(prov.container_id)
+            usage: tuple[int, int] | None = await prov.engine.memory_usage(prov.container_id)
         except Exception:  # an engine hiccup must not fail the whole listing
             return "unknown", None
         return "running", usage
@@ -183,7 +183,7 @@ class CallerViews:
         deadline = time.monotonic() + float(timeout)
         ended = False
         while prov.container_id:
-            ended = not (await prov.backend.state(prov.container_id)).running
+            ended = not (await prov.engine.state(prov.container_id)).running
             if ended or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.2)

@@ -1,0 +1,147 @@
+"""``doctor``'s checks for kernelspecs whose policy says ``backend: kubernetes``: for each
+cluster and namespace they name, that the API server answers, that these credentials hold
+the rights a start needs (a SelfSubjectAccessReview per verb), and what the namespace's
+NetworkPolicies are, with the warning that enforcing them is the network plugin's job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from traitlets.config import Config
+
+from kernel_sandbox.cli.checks import FAIL, OK, WARN, Check
+from kernel_sandbox.errors import SandboxError
+from kernel_sandbox.kube.api import NETWORK_POLICIES, KubeApi
+
+__all__ = ["NEEDED_RIGHTS", "check_kube", "kube_targets"]
+
+# (verb, resource, API group) a kernel's start, stop and the orphan sweep use.
+NEEDED_RIGHTS = (
+    ("create", "pods", ""),
+    ("get", "pods", ""),
+    ("list", "pods", ""),
+    ("delete", "pods", ""),
+    ("get", "pods/log", ""),
+    ("create", "secrets", ""),
+    ("patch", "secrets", ""),
+    ("list", "secrets", ""),
+    ("delete", "secrets", ""),
+    ("create", "services", ""),
+    ("list", "services", ""),
+    ("delete", "services", ""),
+    ("create", "networkpolicies", "networking.k8s.io"),
+    ("patch", "networkpolicies", "networking.k8s.io"),
+    ("list", "networkpolicies", "networking.k8s.io"),
+    ("delete", "networkpolicies", "networking.k8s.io"),
+)
+ROLE_HINT = "apply deploy/kubernetes/role.yaml and bind it (see docs/kubernetes.md)"
+
+
+def kube_targets(config: Config) -> dict[tuple[str, str, str, Any], list[str]]:
+    """(kubeconfig, context, namespace, in_cluster) -> the kernelspecs that start pods there."""
+    from kernel_sandbox.policy.effective import is_sandboxed, provisioner_for
+
+    manager = KernelSpecManager()
+    targets: dict[tuple[str, str, str, Any], list[str]] = {}
+    for name in sorted(manager.find_kernel_specs()):
+        try:
+            spec = manager.get_kernel_spec(name)
+            if not is_sandboxed(spec):
+                continue
+            prov = provisioner_for(spec, config)
+            policy, _ = prov.resolve_policy()
+        except Exception:  # a broken kernelspec: check_kernelspecs reports it
+            continue
+        if policy.backend == "kubernetes":
+            key = (prov.kube_config, prov.kube_context, prov.kube_namespace, prov.kube_in_cluster)
+            targets.setdefault(key, []).append(name)
+    return targets
+
+
+def _has_default_deny(policies: list[dict[str, Any]]) -> bool:
+    """A policy selecting every pod (or every kernel pod) with Egress and no egress rule."""
+    for policy in policies:
+        spec = policy.get("spec") or {}
+        selector = spec.get("podSelector") or {}
+        labels = selector.get("matchLabels") or {}
+        everyone = not labels and not selector.get("matchExpressions")
+        kernels = labels == {"kernel-sandbox.io/managed": "true"}
+        if (everyone or kernels) and "Egress" in (spec.get("policyTypes") or []):
+            if not spec.get("egress"):
+                return True
+    return False
+
+
+async def check_target(api: KubeApi, specs: list[str]) -> list[Check]:
+    where = f"namespace {api.namespace}"
+    area = "kubernetes"
+    try:
+        host = api.host
+        rights = [(v, r, g, await api.access(v, r, g)) for v, r, g in NEEDED_RIGHTS]
+    except SandboxError as exc:
+        return [Check(area, "api server", FAIL, f"{where} (for {', '.join(specs)}): {exc}")]
+    checks = [Check(area, "api server", OK, f"{host}, {where}, for {', '.join(specs)}")]
+    missing = [f"{v} {r}" for v, r, _g, (allowed, _why) in rights if not allowed]
+    if missing:
+        checks.append(
+            Check(area, "rights", FAIL, f"{where}: may not {', '.join(missing)}", ROLE_HINT)
+        )
+    else:
+        checks.append(
+            Check(area, "rights", OK, f"{where}: pods, services, secrets, networkpolicies")
+        )
+    try:
+        policies = await api.list(NETWORK_POLICIES, "")
+    except SandboxError as exc:
+        policies = []
+        checks.append(Check(area, "networkpolicy", FAIL, f"{where}: cannot list: {exc}"))
+    own = [
+        p for p in policies if (p["metadata"].get("labels") or {}).get("kernel-sandbox.io/managed")
+    ]
+    others = len(policies) - len(own)
+    if _has_default_deny(policies):
+        checks.append(
+            Check(
+                area,
+                "networkpolicy",
+                OK,
+                f"{where}: a default deny of egress, {len(own)} kernel policies",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                area,
+                "networkpolicy",
+                WARN,
+                f"{where}: no namespace-wide default deny of egress ({others} other policies); "
+                "each kernel pod gets its own at start",
+                "apply deploy/kubernetes/default-deny.yaml",
+            )
+        )
+    checks.append(
+        Check(
+            area,
+            "enforcement",
+            WARN,
+            "NetworkPolicy is enforced by the cluster's network plugin (Calico, Cilium, "
+            "kube-router, ...), not by kernel-sandbox: without one, kernel pods can reach the "
+            "network whatever the policies say",
+            "check the plugin, e.g. a pod's connection out is refused (docs/kubernetes.md)",
+        )
+    )
+    return checks
+
+
+async def check_kube(config: Config) -> list[Check]:
+    """The checks of every cluster and namespace a kernelspec starts pods in ([] for none)."""
+    checks: list[Check] = []
+    for (config_file, context, namespace, in_cluster), specs in kube_targets(config).items():
+        api = KubeApi(namespace, config_file, context, in_cluster, timeout=5.0)
+        try:
+            checks += await check_target(api, specs)
+        finally:
+            api.close()
+    return checks

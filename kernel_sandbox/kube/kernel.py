@@ -1,0 +1,470 @@
+"""One kernel as a pod: what ``DockerSandboxProvisioner`` does when the policy says
+``backend: kubernetes``.
+
+A start makes three objects named alike: a NetworkPolicy (no egress; ingress to the kernel's
+ports from the owner only), a Secret holding the connection file (HMAC key and CurveZMQ key
+pair, never in the pod spec) and the hardened pod (:mod:`~kernel_sandbox.kube.podspec`). The
+Secret and the NetworkPolicy are then owned by the pod, so the cluster deletes them with it
+whoever deletes the pod; ``cleanup`` deletes all three itself too. The owner reaches the
+kernel at the pod's address over CurveZMQ (:mod:`~kernel_sandbox.kube.transport`); an
+interrupt is an ``interrupt_request`` on the control channel (no exec rights needed), a kill
+is the pod's deletion. Pods whose owner process died are deleted by
+:mod:`~kernel_sandbox.kube.reap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import signal
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, cast
+
+from jupyter_client.connect import KernelConnectionInfo
+
+from kernel_sandbox.errors import EngineError, EngineUnavailable, KernelStartError, PolicyError
+from kernel_sandbox.host.owner import Owner
+from kernel_sandbox.inside.contract import KERNEL_UID, NETWORK_ENV
+from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
+from kernel_sandbox.kube.control import send_interrupt
+from kernel_sandbox.kube.podspec import (
+    CONNECTION_FILE,
+    CONTAINER,
+    KERNEL_LABEL,
+    KUBE_PREFIX,
+    PodRequest,
+    ingress_peers,
+    label_value,
+    network_policy_manifest,
+    owner_reference,
+    pod_manifest,
+    runtime_class,
+    secret_manifest,
+    service_manifest,
+    with_secret_copy,
+)
+from kernel_sandbox.kube.reap import defer_deletion, retry_deletions, start_sweep
+from kernel_sandbox.kube.status import PodState, read_status, start_problem, timeout_message
+from kernel_sandbox.kube.transport import client_connection, new_connection, pod_connection_file
+from kernel_sandbox.provisioner.container import container_env
+
+if TYPE_CHECKING:
+    from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
+
+__all__ = ["KubeKernel", "unsupported"]
+
+# Seconds between two looks at a starting pod.
+POLL_INTERVAL = 0.1
+
+
+def unsupported(policy: Any) -> list[str]:
+    """The policy's keys this backend cannot honour yet (a start refuses them)."""
+    missing = []
+    if policy.network != "none":
+        missing.append(f"network {policy.network!r} (the egress proxy is host-side)")
+    if policy.datasets:
+        missing.append("datasets (the data broker is host-side)")
+    if policy.pool_size:
+        missing.append("pool_size (warm pools are containers on this host)")
+    return missing
+
+
+def owner_record(kernel_id: str, kernelspec: str, profile: str) -> tuple[dict, dict]:
+    """Labels (to select by) and annotations (the exact owner record) of a kernel's objects."""
+    owner = Owner.current()
+    labels = {
+        "managed": "true",
+        "kernel-id": label_value(kernel_id),
+        "kernelspec": label_value(kernelspec),
+        "profile": label_value(profile),
+        "owner-host": label_value(owner.host),
+        "owner-pid": str(owner.pid),
+        "owner-uid": str(os.getuid()),
+    }
+    annotations = {
+        "owner": getpass.getuser(),
+        "owner-host": owner.host,
+        "owner-pid": str(owner.pid),
+        "owner-start": owner.start or "",
+        "kernel-id": kernel_id,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return (
+        {KUBE_PREFIX + k: v for k, v in labels.items()},
+        {KUBE_PREFIX + k: v for k, v in annotations.items()},
+    )
+
+
+def source_address(pod_ip: str) -> str:
+    """The address this process reaches ``pod_ip`` from (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((pod_ip, 9))
+        return str(probe.getsockname()[0])
+
+
+def _answers(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class KubeKernel:
+    """The Kubernetes half of one provisioner (kept across restarts)."""
+
+    def __init__(self, provisioner: DockerSandboxProvisioner):
+        self.prov = provisioner
+        self.api = KubeApi(
+            provisioner.kube_namespace,
+            provisioner.kube_config,
+            provisioner.kube_context,
+            provisioner.kube_in_cluster,
+            provisioner.kube_api_timeout,
+        )
+        self.info: dict[str, Any] | None = None  # the secrets, kept across restarts
+        self.pod_name: str | None = None
+        self.pod_ip = ""
+        # the kernel across restarts: its pods' KERNEL_LABEL, its Service and that address
+        self.key = uuid.uuid4().hex[:12]
+        self.service: str | None = None
+        self.address = ""  # what clients connect to: the Service's, else the pod's
+        self._deleted = False  # this side deleted the pod (kill, cleanup)
+        self._api_down_logged = False
+
+    @property
+    def log(self) -> Any:
+        return self.prov.log
+
+    @property
+    def started(self) -> bool:
+        return self.pod_name is not None
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def pre_launch(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The kernel's argv (reading its connection file from the Secret) and environment.
+
+        Raises:
+            PolicyError: a policy key this backend cannot honour.
+        """
+        prov, policy = self.prov, self.prov.policy
+        missing = unsupported(policy)
+        if missing:
+            raise PolicyError(
+                f"kernelspec {prov._spec_name}: backend 'kubernetes' does not support "
+                f"{'; '.join(missing)} yet; use backend 'docker' for this kernelspec"
+            )
+        extra = list(kwargs.pop("extra_arguments", []))
+        prov.cwd = str(kwargs.pop("cwd", None) or os.getcwd())
+        host_env = kwargs.pop("env", {})
+        if self.info is None:
+            try:
+                self.info = new_connection(prov._spec_name)
+            except RuntimeError as exc:
+                raise KernelStartError(str(exc)) from exc
+        prov.connection_info = cast(KernelConnectionInfo, dict(self.info))
+        if prov.reap_orphans:
+            start_sweep(self.api, self.log)
+        argv = [a.replace("{connection_file}", CONNECTION_FILE) for a in prov.kernel_spec.argv]
+        allowed = (*prov.env_allowlist, *policy.env_passthrough)
+        env = container_env(
+            host_env, allowed, prov.kernel_spec.env or {}, policy.env, policy.cpu_limit
+        )
+        kwargs["cmd"] = with_secret_copy(argv + extra)
+        kwargs["env"] = {**env, NETWORK_ENV: policy.network}
+        kwargs["user"] = policy.user or f"{KERNEL_UID}:{KERNEL_UID}"
+        return kwargs
+
+    def _request(self, cmd: list[str], kwargs: dict[str, Any]) -> PodRequest:
+        prov = self.prov
+        name = f"ks-{self.key}-{uuid.uuid4().hex[:6]}"
+        profile = prov._spec_config.get("profile") or prov.profile
+        labels, annotations = owner_record(prov.kernel_id or "", prov._spec_name, profile)
+        labels[KERNEL_LABEL] = self.key
+        cidrs = [c for c in prov.kube_ingress_from if c != "auto"]
+        return PodRequest(
+            name=name,
+            namespace=self.api.namespace,
+            policy=prov.policy,
+            command=cmd,
+            env=kwargs.get("env", {}),
+            labels=labels,
+            annotations=annotations,
+            user=kwargs["user"],
+            image_pull_policy=prov.kube_image_pull_policy,
+            runtime_class=runtime_class(prov.policy.runtime, prov.kube_runtime_classes),
+            request_ratio=prov.kube_request_ratio,
+            ingress_from=ingress_peers(cidrs, prov.kube_owner_labels),
+        )
+
+    async def launch_kernel(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
+        """Make the kernel's objects and wait until it answers on its ports.
+
+        A failure deletes what was made.
+
+        Raises:
+            KernelStartError: the pod cannot be scheduled, pulled or started, or the kernel
+                did not answer within ``launch_timeout`` (the cluster's reason in the message).
+            EngineUnavailable, EngineError: the API server is unreachable, or refused.
+        """
+        assert self.info is not None
+        request = self._request(cmd, kwargs)
+        if self.prov.kube_owner_pod:
+            owner = await self.api.get(PODS, self.prov.kube_owner_pod)
+            if owner is None:
+                raise KernelStartError(
+                    f"kube_owner_pod {self.prov.kube_owner_pod!r} is not a pod in namespace "
+                    f"{self.api.namespace}"
+                )
+            ref = owner_reference("Pod", owner["metadata"]["name"], owner["metadata"]["uid"])
+            request = PodRequest(**{**request.__dict__, "owner_references": (ref,)})
+        await retry_deletions(self.api)
+        started = time.monotonic()
+        self.pod_name, self._deleted, self.pod_ip = request.name, False, ""
+        made_service = False
+        try:
+            if self.prov.kube_service and self.service is None:
+                name = f"ks-{self.key}"
+                made = await self.api.create(
+                    SERVICES,
+                    service_manifest(name, self.api.namespace, request.labels, request.annotations),
+                )
+                self.service, made_service = name, True
+                self.address = made["spec"]["clusterIP"]
+            await self.api.create(NETWORK_POLICIES, network_policy_manifest(request))
+            await self.api.create(SECRETS, secret_manifest(request, pod_connection_file(self.info)))
+            pod = await self.api.create(PODS, pod_manifest(request))
+            ref = owner_reference("Pod", request.name, pod["metadata"]["uid"])
+            owned = {"metadata": {"ownerReferences": [ref]}}
+            await asyncio.gather(
+                self.api.patch(SECRETS, request.name, owned),
+                self.api.patch(NETWORK_POLICIES, request.name, owned),
+            )
+            state = await self._until_running(request, started)
+            await self._allow_owner(request, state.pod_ip)
+            if not self.prov.kube_service:
+                self.address = state.pod_ip
+            await self._until_answering(request, self.address, started)
+        except BaseException:
+            await self._delete_all(grace=0, service=made_service)
+            raise
+        self.pod_ip = state.pod_ip
+        info = client_connection(self.info, self.address)
+        self.prov.connection_info = cast(KernelConnectionInfo, info)
+        self.log.debug(
+            "kernel %s: pod %s (node %s, %s; clients at %s) ready in %.2fs",
+            self.prov.kernel_id,
+            request.name,
+            state.node,
+            state.pod_ip,
+            self.address,
+            time.monotonic() - started,
+        )
+        return self.prov.connection_info
+
+    async def _until_running(self, request: PodRequest, started: float) -> PodState:
+        image, timeout = request.policy.image, self.prov.launch_timeout
+        while True:
+            state = read_status(await self.api.get(PODS, request.name))
+            if state.running and state.pod_ip:
+                return state
+            logs = ""
+            if state.exit_code is not None:
+                logs = await self.api.log_tail(request.name, CONTAINER)
+            problem = start_problem(request.name, image, state, logs)
+            if problem:
+                raise KernelStartError(problem)
+            if time.monotonic() - started > timeout:
+                raise KernelStartError(timeout_message(request.name, image, state, timeout))
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def _allow_owner(self, request: PodRequest, pod_ip: str) -> None:
+        """Add this process's own addresses to the NetworkPolicy's ingress ('auto'): the one it
+        reaches the pod from and the one it reaches the Service from (a connection to a
+        ClusterIP keeps the source chosen for it, unless kube-proxy masquerades it to the
+        former: which one the pod sees depends on the cluster)."""
+        if "auto" not in self.prov.kube_ingress_from:
+            return
+        cidrs = [c for c in self.prov.kube_ingress_from if c != "auto"]
+        for target in dict.fromkeys(a for a in (pod_ip, self.address) if a):
+            own = await asyncio.to_thread(source_address, target)
+            if own not in cidrs:
+                cidrs.append(own)
+        allowed = PodRequest(
+            **{
+                **request.__dict__,
+                "ingress_from": ingress_peers(cidrs, self.prov.kube_owner_labels),
+            }
+        )
+        spec = network_policy_manifest(allowed)["spec"]
+        await self.api.patch(NETWORK_POLICIES, request.name, {"spec": {"ingress": spec["ingress"]}})
+
+    async def _until_answering(self, request: PodRequest, pod_ip: str, started: float) -> None:
+        """Wait until the kernel's heartbeat port accepts at ``pod_ip`` (the Service's address:
+        its endpoint is programmed), as ipykernel binds it last."""
+        assert self.info is not None
+        port, timeout = int(self.info["hb_port"]), self.prov.launch_timeout
+        next_check = time.monotonic() + 0.5
+        while not await asyncio.to_thread(_answers, pod_ip, port):
+            now = time.monotonic()
+            if now >= next_check:
+                state = read_status(await self.api.get(PODS, request.name))
+                logs = await self.api.log_tail(request.name, CONTAINER) if state.ended else ""
+                problem = start_problem(request.name, request.policy.image, state, logs)
+                if problem:
+                    raise KernelStartError(problem)
+                next_check = now + 0.5
+            if now - started > timeout:
+                state = read_status(await self.api.get(PODS, request.name))
+                raise KernelStartError(
+                    timeout_message(request.name, request.policy.image, state, timeout)
+                )
+            await asyncio.sleep(0.02)
+
+    # -- a running kernel -------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        """None while the pod's kernel runs (or the API server cannot say), else its exit
+        code (137 for an OOM kill or a deleted pod)."""
+        if self.pod_name is None:
+            return 0
+        try:
+            pod = await self.api.get(PODS, self.pod_name)
+        except (EngineUnavailable, EngineError) as exc:
+            # The pod does not depend on the API server: the kernel may well be alive (its
+            # heartbeat says), so an outage is not a death, which would make jupyter_client
+            # restart it.
+            if not self._api_down_logged:
+                self.log.warning(
+                    "kernel %s: cannot ask about its pod: %s", self.prov.kernel_id, exc
+                )
+                self._api_down_logged = True
+            return None
+        self._api_down_logged = False
+        state = read_status(pod)
+        if state.running and not state.deleting:
+            return None
+        if (state.deleting or pod is None) and self._deleted:
+            return 137 if state.exit_code is None else state.exit_code
+        if state.oom_killed:
+            self.log.warning(
+                "kernel %s: pod %s was killed: out of memory", self.prov.kernel_id, self.pod_name
+            )
+            return 137
+        if state.ended:
+            return state.exit_code if state.exit_code is not None else 1
+        return None
+
+    async def send_signal(self, signum: int) -> None:
+        """SIGINT: an interrupt_request on the control channel; SIGTERM or SIGKILL: the pod is
+        deleted (with a short grace for SIGTERM). Never raises (logged)."""
+        if self.pod_name is None:
+            return
+        try:
+            if signum == signal.SIGINT and self.info is not None and self.address:
+                await asyncio.to_thread(send_interrupt, client_connection(self.info, self.address))
+            elif signum in (signal.SIGTERM, signal.SIGKILL):
+                self._deleted = True
+                await self.api.delete(PODS, self.pod_name, 1 if signum == signal.SIGKILL else 2)
+            else:
+                self.log.warning(
+                    "kernel %s: signal %d cannot be sent to a pod", self.prov.kernel_id, signum
+                )
+        except (EngineUnavailable, EngineError, OSError, TimeoutError) as exc:
+            self.log.warning("kernel %s: cannot signal its pod: %s", self.prov.kernel_id, exc)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Delete the pod, its Secret and its NetworkPolicy. Never raises: what cannot be
+        deleted now (API server unreachable) is logged, and the orphan sweep deletes it once
+        this process has ended."""
+        pod = self.pod_name
+        await self._delete_all(grace=1, service=not restart)
+        if pod is not None:
+            await self._until_gone(pod)
+        self.pod_name, self.pod_ip = None, ""
+        if not restart:
+            self.service, self.address = None, ""
+        try:
+            await retry_deletions(self.api)
+        except Exception as exc:  # never raise into jupyter_client from cleanup
+            self.log.warning("kernel %s: %s", self.prov.kernel_id, exc)
+        if not restart:
+            self.info = None
+            self.api.close()
+
+    async def _until_gone(self, pod: str, timeout: float = 30.0) -> None:
+        """Wait until the kubelet has confirmed the pod's end (a graceful deletion removes the
+        object only then): until it has, its kernel may still answer on connections made before
+        (a restart's new kernel must not overlap it). Never raises: a pod that outlasts
+        ``timeout`` or an API server that stops answering is logged."""
+        deadline = time.monotonic() + timeout
+        try:
+            while await self.api.get(PODS, pod) is not None:
+                if time.monotonic() > deadline:
+                    self.log.warning(
+                        "kernel %s: pod %s still there %.0fs after its deletion",
+                        self.prov.kernel_id,
+                        pod,
+                        timeout,
+                    )
+                    return
+                await asyncio.sleep(0.2)
+        except (EngineUnavailable, EngineError) as exc:
+            self.log.warning("kernel %s: %s", self.prov.kernel_id, exc)
+
+    async def _delete_all(self, grace: int, service: bool = False) -> None:
+        """Delete the pod, its Secret and NetworkPolicy (and with ``service`` the Service)."""
+        objects = []
+        if self.pod_name is not None:
+            self._deleted = True
+            objects = [(kind, self.pod_name) for kind in (PODS, SECRETS, NETWORK_POLICIES)]
+        if service and self.service is not None:
+            objects.append((SERVICES, self.service))
+        for kind, name in objects:
+            try:
+                await self.api.delete(kind, name, grace if kind == PODS else None)
+            except (EngineUnavailable, EngineError) as exc:
+                defer_deletion(self.api, kind, name)
+                self.log.warning(
+                    "kernel %s: could not delete %s %s (retried on this process's next "
+                    "request, else by the orphan sweep once it has ended): %s",
+                    self.prov.kernel_id,
+                    kind,
+                    name,
+                    exc,
+                )
+
+    # -- persistence across a Jupyter Server restart ----------------------------------------
+
+    def provisioner_info(self) -> dict[str, Any]:
+        info = dict(self.info or {})
+        if isinstance(info.get("key"), bytes):
+            info["key"] = info["key"].decode()
+        return {
+            "kube": {
+                "namespace": self.api.namespace,
+                "pod": self.pod_name,
+                "pod_ip": self.pod_ip,
+                "key": self.key,
+                "service": self.service,
+                "address": self.address,
+                "connection": info,
+            }
+        }
+
+    def adopt(self, provisioner_info: dict[str, Any]) -> None:
+        kube = provisioner_info.get("kube") or {}
+        info = dict(kube.get("connection") or {})
+        if isinstance(info.get("key"), str):
+            info["key"] = info["key"].encode()
+        self.info = info or None
+        self.pod_name = kube.get("pod")
+        self.pod_ip = kube.get("pod_ip") or ""
+        self.key = kube.get("key") or self.key
+        self.service = kube.get("service")
+        self.address = kube.get("address") or self.pod_ip
