@@ -212,7 +212,7 @@ def sandbox_provisioner(root: str, backend: FakeBackend, exits: ExitRegistry, **
     provisioner = DockerSandboxProvisioner(
         kernel_id="0123456789",
         kernel_spec=spec,
-        backend=backend,
+        engine=backend,
         exit_registry=exits,
         orphan_sweeps=SweepOnce(),
         **config,  # policy keys, as a kernelspec gives them
