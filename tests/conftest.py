@@ -18,6 +18,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -26,7 +27,7 @@ from support import IMAGE, NO_ENGINE, REPO, unavailable
 from support.leaks import Scope, no_leaks
 from support.service import ServiceProcess, TestUsers
 
-ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service"}
+ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service", "classroom"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -134,3 +135,16 @@ def sandbox_service(
     yield service
     service.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def classroom(
+    test_users: TestUsers, docker_client: docker.DockerClient, kernel_image: str
+) -> Iterator[Any]:
+    """One real JupyterHub class for tests/test_hub*.py, with its own sandbox service (the
+    class's policy): see support.hub and docs/jupyterhub.md."""
+    from support.hub import Classroom
+
+    room = Classroom.start(test_users, Path("/tmp") / f"kshs-{os.getpid()}")
+    yield room
+    room.stop()
