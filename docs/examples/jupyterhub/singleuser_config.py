@@ -7,7 +7,11 @@ c = get_config()  # noqa: F821 (Jupyter provides it)
 
 # Lockdown: only sandboxed kernels start, whatever name a client sends (python3 included),
 # and the server refuses to start if it cannot hold that.
-c.ServerApp.jpserver_extensions = {"kernel_sandbox.lockdown": True}
+c.ServerApp.jpserver_extensions = {
+    "kernel_sandbox.lockdown": True,
+    # language servers would run on the host, as the student, outside any sandbox
+    "jupyter_lsp": False,
+}
 c.SandboxLockdown.map_to = "course-101"
 c.SandboxLockdown.on_unsandboxed = "map"
 # Terminals: none until terminals through the sandbox service are in (a server without
