@@ -268,7 +268,10 @@ class Classroom:
             # the kernelspec, where every account finds it
             spec = json.loads((EXAMPLE / "kernels" / KERNEL / "kernel.json").read_text())
             config = spec["metadata"]["kernel_provisioner"]["config"]
-            config["mounts"] = [adapt(m, {"/srv/course:": f"{course}:"}) for m in config["mounts"]]
+            config["mounts"] = [  # the host side only: in the kernel it is /srv/course
+                f"{course}:{m.split(':', 1)[1]}" for m in config["mounts"]
+            ]
+            assert config["mounts"] == [f"{course}:{COURSE_IN_KERNEL}:ro"], config
             kernels = users.base / "jupyter" / "kernels" / KERNEL
             kernels.mkdir(parents=True, exist_ok=True)
             (kernels / "kernel.json").write_text(json.dumps(spec, indent=1))

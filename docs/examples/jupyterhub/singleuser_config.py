@@ -17,3 +17,8 @@ c.SandboxLockdown.on_unsandboxed = "map"
 # Terminals: none until terminals through the sandbox service are in (a server without
 # engine access cannot start a sandboxed one itself).
 c.SandboxLockdown.terminals = "off"
+
+# JupyterLab fetches nothing from the internet (news, update checks, extension listings)
+c.LabApp.news_url = None
+c.LabApp.check_for_updates_class = "jupyterlab.NeverCheckForUpdate"
+c.LabApp.extension_manager = "readonly"
