@@ -396,6 +396,7 @@ def test_a_students_own_config_is_not_read(classroom: Classroom) -> None:
     still locked down, its kernels sandboxed with the class's limits. (Run by the student's
     Python with the usual environment, the same files do run: the probe can fail.)"""
     name = STUDENTS[5]
+    classroom.start_server(name)  # running before the files appear, restarted after
     home = classroom.home(name)
     marker, pth_marker = home / "config-ran", home / "pth-ran"
     as_student(classroom, name, home / ".jupyter" / "jupyter_server_config.py",
