@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -317,7 +318,7 @@ ASKS = {  # a kernelspec of the student's own, asking for more: refused, naming 
     "profile": ({"profile": "analyst"}, "profiles"),
     "egress": ({"network": "allowlist", "egress": ["*.example.test"]}, "egress"),
     "dataset": ({"datasets": ["grades"]}, "datasets"),
-    "run-as-root": ({"user": "0:0"}, "user"),
+    "run-as-root": ({"user": "0:0"}, "decided by the sandbox service's operator"),
     "no-service": ({"service": "off"}, "docker"),
 }
 
@@ -361,6 +362,7 @@ def test_a_students_own_kernelspecs_cannot_raise_the_limits(classroom: Classroom
     assert {f"mine-{key}" for key in ASKS} <= set(listed)
     for key, (_, rule) in ASKS.items():
         made = refused_start(server, f"mine-{key}")
+        print(f"\nmine-{key}: {made[:300]}")
         assert rule in made, (key, made[:600])
     # count and memory: 3 x 512m fill max_memory (1536m), then 128m kernels fill max_kernels
     started: list[str] = []
@@ -505,3 +507,41 @@ def pids_of(kernel_id: str, seconds: float) -> list[int]:
             seen.append(int(path.read_text()))
         time.sleep(0.2)
     return seen
+
+
+# -- the instructor's view ------------------------------------------------------------------
+
+CLI = "import sys\nfrom kernel_sandbox.cli.app import main\nsys.exit(main({argv!r}))\n"
+
+
+def cli(room: Classroom, user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`kernel-sandbox ARGV` run by ``user`` through the class's sandbox service."""
+    env = {"KERNEL_SANDBOX_SERVICE": room.service.socket}
+    return room.users.run_as(user, CLI.format(argv=list(argv)), env=env, check=False)
+
+
+def test_the_instructor_sees_and_stops_students_kernels(classroom: Classroom) -> None:
+    """`kernel-sandbox ps` through the service: a student sees their own kernels only, an
+    instructor (operator in the policy) everyone's; a student cannot stop another's kernel,
+    the instructor can, and the student's server forgets it."""
+    a, b = STUDENTS[8], STUDENTS[9]
+    server_a, server_b = classroom.start_server(a), classroom.start_server(b)
+    kernel_a, kernel_b = start_kernel(server_a), start_kernel(server_b)
+    try:
+        everyone = cli(classroom, INSTRUCTOR, "ps", "--json")
+        assert everyone.returncode == 0, everyone.stderr[-2000:]
+        assert kernel_a in everyone.stdout and kernel_b in everyone.stdout
+        own = cli(classroom, a, "ps", "--json")
+        assert own.returncode == 0, own.stderr[-2000:]
+        assert kernel_a in own.stdout and kernel_b not in own.stdout
+        assert cli(classroom, a, "stop", kernel_b).returncode != 0
+        stopped = cli(classroom, INSTRUCTOR, "stop", kernel_a)
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        deadline = time.monotonic() + 60
+        while kernel_a in server_a.api("GET", "/api/kernels").text:
+            assert time.monotonic() < deadline, "the student's server still lists the kernel"
+            time.sleep(0.5)
+        assert kernel_b in server_b.api("GET", "/api/kernels").text
+    finally:
+        stop_kernel(server_a, kernel_a)
+        stop_kernel(server_b, kernel_b)
