@@ -120,7 +120,7 @@ def test_twenty_students_run_the_course_notebook_at_once(classroom: Classroom) -
         assert answer.read_text() == "55"
         assert answer.stat().st_uid == pwd.getpwnam(name).pw_uid
         saved = json.loads((classroom.home(name) / "work" / "week1.ipynb").read_text())
-        assert "total 55" in json.dumps(saved["cells"][1]["outputs"])
+        assert "total 55" in json.dumps(saved["cells"][2]["outputs"])  # after a markdown cell
 
     lines = [f"{len(STUDENTS)} students at once: wall {wall:.1f} s"]
     lines.append(f"{'student':9} {'login':>6} {'server':>7} {'notebook':>9} {'total':>6} "
@@ -353,14 +353,28 @@ def test_a_students_own_kernelspecs_cannot_raise_the_limits(classroom: Classroom
     the per-student kernel count and memory total hold whatever kernelspecs they use."""
     name = STUDENTS[4]
     kernels = classroom.home(name) / ".local" / "share" / "jupyter" / "kernels"
-    for key, (config, _) in ASKS.items():
+    other = classroom.home(STUDENTS[3]) / "work"
+    scratch = classroom.base / f"scratch-{name}"
+    scratch.mkdir(exist_ok=True)
+    os.chown(scratch, pwd.getpwnam(name).pw_uid, pwd.getpwnam(name).pw_gid)
+    asks = {
+        **ASKS,  # and folders: another student's, the course material read-write
+        "other-folder": ({"mounts": [f"{other}:/other:rw"]}, str(other)),
+        "course-rw": ({"mounts": [f"{classroom.course}:/srv/course:rw"]}, "cannot write"),
+        # a folder of theirs the policy does not name
+        "scratch": (
+            {"mounts": [f"{scratch}:/scratch:rw"]},
+            "not at or under a folder they may mount",
+        ),
+    }
+    for key, (config, _) in asks.items():
         as_student(classroom, name, kernels / f"mine-{key}" / "kernel.json", kernelspec(config))
     as_student(classroom, name, kernels / "mine-small" / "kernel.json",
                kernelspec({"memory_limit": "128m"}))  # fmt: skip
     server = classroom.start_server(name)
     listed = server.api("GET", "/api/kernelspecs").json()["kernelspecs"]
-    assert {f"mine-{key}" for key in ASKS} <= set(listed)
-    for key, (_, rule) in ASKS.items():
+    assert {f"mine-{key}" for key in asks} <= set(listed)
+    for key, (_, rule) in asks.items():
         made = refused_start(server, f"mine-{key}")
         print(f"\nmine-{key}: {made[:300]}")
         assert rule in made, (key, made[:600])

@@ -46,13 +46,13 @@ def test_a_student_logs_in_runs_the_course_notebook_and_sees_why_it_was_culled(
             expect(status(page)).to_have_attribute("data-status", "idle", timeout=WAIT)
             page.wait_for_timeout(1000)  # the kernel's first idle, then its connection
             menu(page, "Run", "Run All Cells")
-            expect(output(page, 0).last).to_contain_text("course rows 11", timeout=WAIT)
-            expect(output(page, 1).last).to_contain_text("total 55", timeout=WAIT)
-            expect(output(page, 2).last).to_contain_text("census rows 4", timeout=WAIT)
-            expect(output(page, 3).last).to_contain_text("saved", timeout=WAIT)
+            expect(output(page, 1).last).to_contain_text("course rows 11", timeout=WAIT)
+            expect(output(page, 2).last).to_contain_text("total 55", timeout=WAIT)
+            expect(output(page, 3).last).to_contain_text("census rows 4", timeout=WAIT)
+            expect(output(page, 4).last).to_contain_text("saved", timeout=WAIT)
             page.screenshot(path=str(ARTIFACTS / "hub-notebook.png"))
             # idle now: the service ends the kernel after idle_timeout, and says why
-            expect(output(page, 3).last).to_contain_text(CULLED, timeout=CULL_SECONDS * 1000 + WAIT)
+            expect(output(page, 4).last).to_contain_text(CULLED, timeout=CULL_SECONDS * 1000 + WAIT)
             page.screenshot(path=str(ARTIFACTS / "hub-culled.png"), full_page=True)
         except BaseException:
             page.screenshot(path=str(ARTIFACTS / "hub-browser-failure.png"))

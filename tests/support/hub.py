@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import requests
-from nbformat.v4 import new_code_cell, new_notebook
 
 from support import REPO, unavailable
 from support.servers import Server, execute, free_port
@@ -49,20 +47,8 @@ GRADEBOOK_SECRET = "GRADEBOOK-SECRET-7f3a"
 CULLED_STUDENT = STUDENTS[-1]  # the policy gives this one a short idle_timeout
 CULL_SECONDS = 20
 
-# The course notebook: tiny, touching what a class needs (course material, own folder,
-# dataset). Its last line names the result the tests look for.
-COURSE_CELLS = [
-    "from pathlib import Path\n"
-    "rows = (Path('/srv/course') / 'week1.csv').read_text().splitlines()\n"
-    "print('course rows', len(rows))",
-    "total = sum(int(r.split(',')[1]) for r in rows[1:])\nprint('total', total)",
-    "from kernel_sandbox import data\n"
-    "with data.open('census/people.csv') as f:\n"
-    "    people = f.read().splitlines()\n"
-    "print('census rows', len(people))",
-    "Path('answer.txt').write_text(str(total))\nprint('saved', Path('answer.txt').resolve())",
-]
-COURSE_CSV = "name,value\n" + "".join(f"item{i},{i}\n" for i in range(1, 11))  # total 55
+# The course notebook (docs/examples/jupyterhub/course/week1.ipynb): tiny, touching what a
+# class needs (course material, own folder, dataset). What its code cells print:
 EXPECTED = ["course rows 11", "total 55", "census rows 4", "saved "]
 
 
@@ -222,13 +208,8 @@ class Classroom:
         course = base / "srv" / "course"
         course.mkdir(parents=True)
         (base / "srv").chmod(0o755)
-        (course / "week1.csv").write_text(COURSE_CSV)
-        notebook = new_notebook(
-            cells=[new_code_cell(c) for c in COURSE_CELLS],
-            metadata={"kernelspec": {"name": KERNEL, "display_name": "Course 101 (sandboxed)",
-                                     "language": "python"}},
-        )  # fmt: skip
-        nbformat.write(notebook, course / "week1.ipynb")
+        for source in (EXAMPLE / "course").iterdir():
+            shutil.copy(source, course / source.name)
         for path in [course, *course.iterdir()]:
             _own(path, teacher, 0o755 if path.is_dir() else 0o644)
         # the instructor's own: sources and gradebook, in a home only they can read
@@ -239,7 +220,7 @@ class Classroom:
             _own(path, teacher, 0o700 if path.is_dir() else 0o600)
         census = base / "srv" / "data" / "census"
         census.mkdir(parents=True)
-        (census / "people.csv").write_text("name,age\nana,31\nbo,45\ncy,27\n")
+        shutil.copy(EXAMPLE / "data" / "census" / "people.csv", census / "people.csv")
         for path in [census.parent, census, *census.iterdir()]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         with ThreadedAccounts() as pool:
