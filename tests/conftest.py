@@ -24,10 +24,12 @@ import docker
 import docker.errors
 import pytest
 from support import IMAGE, NO_ENGINE, REPO, unavailable
+from support.kube import START_TIMEOUT as KUBE_START_TIMEOUT
+from support.kube import kube_cluster  # noqa: F401  (the Kubernetes 1.20 test cluster)
 from support.leaks import Scope, no_leaks
 from support.service import ServiceProcess, TestUsers
 
-ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service", "classroom"}
+ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service", "kube_cluster", "classroom"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -42,6 +44,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         ):
             item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
+    # the first test on the Kubernetes cluster may have to build and start it (fixture setup
+    # counts against the test's timeout): that one test gets the time a cold build takes
+    first_kube = next((i for i in items if "kube_cluster" in getattr(i, "fixturenames", ())), None)
+    if first_kube is not None:
+        first_kube.add_marker(pytest.mark.timeout(KUBE_START_TIMEOUT + 300))
 
 
 @pytest.fixture(autouse=True)

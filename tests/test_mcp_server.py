@@ -405,7 +405,7 @@ def test_egress_requests_and_datasets_under_an_allowlist(
     tmp_path: Path, kernel_image: str, docker_client: docker.DockerClient, leak_check: Scope
 ) -> None:
     """``egress_mode: ask``: a listed target is allowed already, another waits for a person
-    (the answer names the approve command for this kernel); datasets: names, never paths."""
+    (the answer says what they decided); datasets: names, never paths."""
     sales = tmp_path / "sales"
     sales.mkdir()
     (sales / "2024.csv").write_text("region,total\nnorth,1\n")
@@ -417,6 +417,7 @@ def test_egress_requests_and_datasets_under_an_allowlist(
             "network": "allowlist",
             "egress": ["allowed.test"],
             "egress_mode": "ask",
+            "egress_ask_timeout": 3,
             "datasets": {"sales": f"{sales}:read"},
         },
     )
@@ -440,8 +441,11 @@ def test_egress_requests_and_datasets_under_an_allowlist(
                 await ok(session, "request_egress", host="other.test", port=443, reason="docs")
             )
             kernel_id = (await policy_of(session))["kernel"]["id"]
-            assert asked["status"] == "awaiting approval" and asked["kernel"] == kernel_id
-            assert f"kernel-sandbox egress approve {kernel_id} other.test:443" in asked["message"]
+            # a client without URL elicitation: the page's address is printed (and given);
+            # nobody decides within the 3 s, which denies (tests/test_approvals_mcp.py: a person)
+            assert asked["status"] == "no decision" and asked["kernel"] == kernel_id, asked
+            assert asked["asked_by"] == "printed URL"
+            assert asked["approval_page"] in (tmp_path / "mcp.log").read_text()
 
     asyncio.run(go())
 

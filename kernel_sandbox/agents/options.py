@@ -25,5 +25,6 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     session_idle_timeout: float = 30 * 60.0  # an HTTP session without requests this long ends
+    approvals_port: int = 0  # the approval page on 127.0.0.1 (egress_mode ask); 0: any free
     token: str | None = field(default=None, repr=False)  # HTTP: the bearer token asked for
     config: Config = field(default_factory=Config)  # Jupyter config for the kernel managers

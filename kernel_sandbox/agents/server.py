@@ -112,11 +112,24 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
     """The MCP server; ``policy`` is the effective policy of the operator's kernelspec and
     profile (checked before serving), shown until a session's kernel reports its own."""
     sessions = Sessions(options)
+    site = None
+    if policy.network == "allowlist" and policy.egress_mode == "ask":
+        from kernel_sandbox.approvals.mcp import ApprovalSite, source_of
+
+        def kernels() -> dict[str, Any]:
+            found = {k.kernel_id: source_of(k.provisioner) for k in list(sessions.open)}
+            return {kid: source for kid, source in found.items() if kid and source}
+
+        site = ApprovalSite(kernels, options.approvals_port)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Any]) -> AsyncIterator[Sessions]:
         async with sessions.running():
-            yield sessions
+            if site is None:
+                yield sessions
+                return
+            async with site.running():  # the approval page (kernel_sandbox.approvals.mcp)
+                yield sessions
 
     server: MCPServer[Any] = MCPServer(
         "kernel-sandbox",
@@ -307,18 +320,15 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
                 target,
                 json.dumps(reason),
             )
-        if policy.network == "allowlist" and policy.egress_mode == "ask":
+        if policy.network == "allowlist" and policy.egress_mode == "ask" and site is not None:
+            from kernel_sandbox.approvals.mcp import ask_person
+
             session = await started(ctx)  # the person approves for this kernel: name it
             kernel_id = answer["kernel"] = session.kernel.kernel_id or kernel_id
-            answer.update(
-                status="awaiting approval",
-                message=(
-                    "recorded. Nothing is approved yet. Connect from the kernel (through the "
-                    "proxy, as for allowed targets): the connection waits up to "
-                    f"{policy.egress_ask_timeout:g} s for a person to run `kernel-sandbox egress "
-                    f"approve {kernel_id} {target}` on the host, and fails if nobody does."
-                ),
-            )
+            try:
+                answer.update(await ask_person(ctx, site, kernel_id, str(target), reason))
+            except SandboxError as exc:
+                raise ToolError(f"the request could not be put to a person: {exc}") from exc
         else:
             answer.update(
                 status="awaiting a person",
@@ -412,9 +422,12 @@ def build_server(options: ServerOptions, policy: SandboxPolicy) -> MCPServer[Any
         ),
         (
             request_egress,
-            "Ask for network access to HOST:PORT. This does NOT grant it: the request is "
-            "recorded for a person (the operator) and the answer says what, if anything, can "
-            "happen next. There is no way for this session to approve its own request.",
+            "Ask for network access to HOST:PORT. This does NOT grant it: a person decides. "
+            "In ask mode the person is sent to an approval page (through your client when it "
+            "supports URL elicitation) and this call returns their decision (approved once, "
+            "approved for this kernel, denied, or no decision in time); otherwise the request "
+            "is recorded for the operator. There is no way for this session to approve its "
+            "own request.",
             ToolAnnotations(
                 read_only_hint=False,
                 destructive_hint=False,

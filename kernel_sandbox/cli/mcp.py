@@ -101,6 +101,7 @@ async def cmd_mcp(args: argparse.Namespace, backend: DockerBackend) -> int:
         host=args.host,
         port=args.port,
         session_idle_timeout=args.session_idle_timeout,
+        approvals_port=args.approvals_port,
         token=token,
         config=config,
     )
@@ -231,6 +232,14 @@ def add_mcp_command(commands: Any) -> argparse.ArgumentParser:
     )
     mcp.add_argument(
         "--port", type=_port, default=8000, help="port of the HTTP transport (default 8000)"
+    )
+    mcp.add_argument(
+        "--approvals-port",
+        type=lambda text: 0 if text == "0" else _port(text),
+        default=0,
+        metavar="PORT",
+        help="egress_mode ask: port of the approval page on 127.0.0.1 (default: any free one; "
+        "its login link is printed on stderr at start)",
     )
     mcp.add_argument(
         "--default-timeout",

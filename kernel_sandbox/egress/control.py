@@ -45,6 +45,7 @@ class PendingRequest:
     since: float
     expires: float
     waiting: int
+    reason: str | None = None  # an agent's request_egress, registered ahead
 
     @property
     def seconds_left(self) -> float:
@@ -127,6 +128,29 @@ class EgressControl:
     def deny(self, kernel_id: str, target: str, always: bool = False) -> int:
         """Refuse the waiting requests to ``target``; with ``always``, also later ones."""
         return self._decide("deny", kernel_id, target, always)
+
+    def request(self, kernel_id: str, target: str, reason: str) -> dict[str, Any]:
+        """Register a question about ``target`` before anything connects (ask mode; an
+        agent's ``request_egress``). Returns ``target``, ``since`` and ``expires``."""
+        return self._op(kernel_id, {"op": "request", "target": target, "reason": reason})
+
+    def outcome(self, kernel_id: str, target: str) -> dict[str, Any] | None:
+        """The last verdict for ``target`` in that kernel: ``verdict`` (approve, deny,
+        expired), ``always``, ``at``; None while undecided."""
+        reply = self._op(kernel_id, {"op": "outcome", "target": target})
+        return dict(reply["outcome"]) if reply.get("outcome") else None
+
+    def _op(self, kernel_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        path = self._endpoint(kernel_id)
+        try:
+            reply = _ask(path, request)
+        except (OSError, ValueError) as exc:
+            raise EgressControlError(
+                f"the egress proxy of kernel {kernel_id} did not answer: {exc}"
+            ) from exc
+        if not reply.get("ok"):
+            raise EgressControlError(str(reply.get("error")))
+        return reply
 
     def secrets(self, kernel_id: str) -> list[dict[str, Any]]:
         """The kernel's egress secrets: host, source, apply, state, injected (never a value).

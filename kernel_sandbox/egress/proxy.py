@@ -60,8 +60,10 @@ from kernel_sandbox.egress.rules import (
     NOT_LISTED,
     Rule,
     Target,
+    TargetError,
     address_is_public,
     decide,
+    parse_authority,
     parse_rule,
 )
 from kernel_sandbox.errors import CredentialsError
@@ -429,6 +431,16 @@ class EgressProxy:
                 return reply
             self.record(None, op, f"secret {', '.join(reply['changed'])} {op}d by the owner")
             return {**status, **reply}
+        if op in ("request", "outcome"):  # an agent's question ahead; what was decided
+            try:
+                asked = parse_authority(str(request.get("target", "")))
+            except TargetError as exc:
+                return {"ok": False, "error": f"TARGET must be host:port ({exc})"}
+            if op == "outcome":
+                return {**status, "target": str(asked), "outcome": self.approvals.outcome(asked)}
+            if self.config.mode != "ask":
+                return {"ok": False, "error": "this kernel's egress_mode is not 'ask'"}
+            return {**status, **self.approvals.request(asked, str(request.get("reason") or ""))}
         if op in ("approve", "deny"):
             target = str(request.get("target", ""))
             outcome = self.approvals.settle(op, target, bool(request.get("always")))
