@@ -22,16 +22,8 @@ from pathlib import Path
 import docker
 import pytest
 from support import REPO
-from support.hub import (
-    EXPECTED,
-    GRADEBOOK_SECRET,
-    INSTRUCTOR,
-    STUDENTS,
-    Classroom,
-    kernel_memory,
-    run_notebook,
-    server_memory,
-)
+from support.hub import EXPECTED, GRADEBOOK_SECRET, INSTRUCTOR, STUDENTS, Classroom
+from support.hub_run import kernel_memory, run_notebook, server_memory
 from support.lockdown import terminal_run
 from support.servers import Server, execute
 
