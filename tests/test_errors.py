@@ -74,6 +74,19 @@ def test_container_exiting_during_start_shows_its_log(jupyter_path, docker_clien
     assert_nothing_started(docker_client, *before)
 
 
+def test_gvisor_with_too_few_pids_says_what_to_raise(jupyter_path, docker_client, kernel_image):
+    # runsc's own threads count against pids_limit: at 64 it exits with status 2 and prints
+    # nothing, which alone tells the user nothing
+    before = sandbox_containers(docker_client), runtime_dirs()
+    name = make_kernelspec("runsc-few-pids", {"runtime": "runsc", "pids_limit": 64})
+    with pytest.raises(KernelStartError) as info:
+        start(name)
+    message = str(info.value)
+    assert "(it printed nothing)" in message
+    assert "give pids_limit at least 128" in message
+    assert_nothing_started(docker_client, *before)
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [

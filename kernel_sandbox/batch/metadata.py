@@ -19,7 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KEY", "NotebookSettings", "load_parameters", "record_sandbox", "settings_of"]
+__all__ = [
+    "KEY",
+    "NotebookSettings",
+    "load_parameters",
+    "record_sandbox",
+    "sandbox_of",
+    "settings_of",
+]
 
 KEY = "kernel-sandbox"  # the notebook metadata key run reads and writes
 _SETTINGS = ("timeout", "notebook_timeout", "skip", "executed")
@@ -165,3 +172,14 @@ async def record_sandbox(nb: Any, kernel_name: str, km: Any) -> None:
     own = dict(nb.metadata.get(KEY) or {})
     own["executed"] = {k: v for k, v in record.items() if v is not None}
     nb.metadata[KEY] = own
+
+
+def sandbox_of(nb: Any, km: Any) -> dict[str, str]:
+    """What :func:`record_sandbox` wrote, plus the container's short id, for the reports."""
+    record = (nb.metadata.get(KEY) or {}).get("executed") or {}
+    keys = ("kernelspec", "profile", "image", "runtime")
+    found = {k: str(record[k]) for k in keys if k in record}
+    container = getattr(getattr(km, "provisioner", None), "container_id", None)
+    if isinstance(container, str) and container:
+        found["container"] = container[:12]
+    return found

@@ -1,5 +1,5 @@
-"""What ``kernel-sandbox run`` found: one :class:`NotebookResult` per notebook, and the JUnit
-XML report CI systems display.
+"""What ``kernel-sandbox run`` found: one :class:`NotebookResult` per notebook, the JUnit
+XML report CI systems display, and the CSV summary a spreadsheet reads (one row per notebook).
 
 Results are plain data, updated in place while the notebooks run, so a display can watch
 them and a report can be written from them without knowing how they were produced.
@@ -7,6 +7,7 @@ them and a report can be written from them without knowing how they were produce
 
 from __future__ import annotations
 
+import csv
 import enum
 import re
 import socket
@@ -26,6 +27,7 @@ __all__ = [
     "fail_in_cell",
     "plain",
     "stream_output",
+    "write_csv",
     "write_junit",
 ]
 
@@ -66,6 +68,8 @@ class NotebookResult:
     summary: str = ""  # one line: what went wrong
     details: str = ""  # the failing cell's source and its traceback
     error_type: str = ""
+    failed_cell: str = ""  # the cell it stopped in, as the user numbers it
+    sandbox: dict[str, str] = field(default_factory=dict)  # kernelspec, profile, image, ...
     stdout: str = ""  # stream output of all cells, for the report
     setup_error: SandboxError | None = None
 
@@ -114,6 +118,7 @@ def fail_in_cell(
     )
     details = f"{where}:\n{cell.source}\n{'-' * 40}\n{traceback or what}"
     fail(result, status, error_type, f"{where}: {what}", details)
+    result.failed_cell = where
 
 
 def stream_output(nb: Any, limit: int = 64_000) -> str:
@@ -216,3 +221,54 @@ def write_junit(
     ET.indent(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
+# -- CSV summary ----------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "notebook",
+    "path",
+    "status",
+    "cells_run",
+    "cells",
+    "failed_cell",
+    "error_type",
+    "error",
+    "duration_s",
+    "kernelspec",
+    "profile",
+    "image",
+    "runtime",
+    "container",
+)
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell_text(value: object) -> str:
+    """One CSV field: plain text on one line, never read as a formula by a spreadsheet
+    (error messages come from the notebook, which may be an attacker's)."""
+    text = " ".join(_XML_INVALID.sub("", plain(str(value))).split())
+    return "'" + text if text.startswith(_FORMULA) else text
+
+
+def write_csv(results: Sequence[NotebookResult], path: Path) -> None:
+    """One row per notebook, in :data:`CSV_COLUMNS`: what it is, how it ended, where it
+    stopped, how long it took and which sandbox ran it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in results:
+            row = {
+                "notebook": r.name,
+                "path": _shown_path(r.path),
+                "status": r.status.value,
+                "cells_run": r.cell,
+                "cells": r.cells,
+                "failed_cell": r.failed_cell,
+                "error_type": r.error_type,
+                "error": r.summary if not r.ok or r.status is Status.SKIPPED else "",
+                "duration_s": f"{r.duration:.3f}",
+                **{k: r.sandbox.get(k, "") for k in CSV_COLUMNS[9:]},
+            }
+            writer.writerow(_cell_text(row[column]) for column in CSV_COLUMNS)

@@ -28,7 +28,12 @@ from jupyter_core.utils import ensure_async
 
 from kernel_sandbox.batch.config import kernel_config, load_jupyter_config, preflight
 from kernel_sandbox.batch.failures import SETUP_ERRORS, START_FAILURES, death, is_setup_error
-from kernel_sandbox.batch.metadata import load_parameters, record_sandbox, settings_of
+from kernel_sandbox.batch.metadata import (
+    load_parameters,
+    record_sandbox,
+    sandbox_of,
+    settings_of,
+)
 from kernel_sandbox.batch.notebooks import CellMap, discover, inject_parameters, parse_value
 from kernel_sandbox.batch.options import RunOptions, default_jobs
 from kernel_sandbox.batch.results import (
@@ -37,6 +42,7 @@ from kernel_sandbox.batch.results import (
     fail,
     fail_in_cell,
     stream_output,
+    write_csv,
     write_junit,
 )
 from kernel_sandbox.errors import KernelspecError, KernelStartError, SandboxError
@@ -61,6 +67,7 @@ __all__ = [
     "load_parameters",
     "parse_value",
     "preflight",
+    "write_csv",
     "write_junit",
 ]
 
@@ -312,6 +319,7 @@ class BatchRunner:
         if reply is not None and "language_info" in reply["content"]:
             nb.metadata["language_info"] = reply["content"]["language_info"]
         await record_sandbox(nb, self.options.kernel, run.km)
+        result.sandbox = sandbox_of(nb, run.km)
         deadline = time.monotonic() + (run.notebook_timeout or 0)
         for index, cell in enumerate(nb.cells):
             run.index = index

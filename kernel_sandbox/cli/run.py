@@ -27,6 +27,7 @@ from kernel_sandbox.batch.runner import (
     load_parameters,
     parse_value,
     preflight,
+    write_csv,
     write_junit,
 )
 from kernel_sandbox.cli.console import (
@@ -149,6 +150,12 @@ async def cmd_run(args: argparse.Namespace, backend: DockerBackend) -> int:
         except OSError as exc:
             raise UsageError(f"cannot write the JUnit report: {exc}") from exc
         err.print(f"JUnit report: {args.junit}", markup=False)
+    if args.csv:
+        try:
+            write_csv(results, args.csv)
+        except OSError as exc:
+            raise UsageError(f"cannot write the CSV summary: {exc}") from exc
+        err.print(f"CSV summary: {args.csv}", markup=False)
     if options.output_dir is not None:
         err.print(f"executed notebooks: {options.output_dir}", markup=False)
     code = exit_code(results, runner.setup_error)
@@ -279,6 +286,14 @@ def add_run_command(subparsers: Any) -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="write a JUnit XML report (one test case per notebook)",
+    )
+    run.add_argument(
+        "--csv",
+        type=Path,
+        metavar="FILE",
+        help="write a CSV summary, one row per notebook: path, status, cells run, the cell "
+        "it failed in, the error, duration and the sandbox (kernelspec, profile, image, "
+        "runtime, container)",
     )
     run.set_defaults(func=cmd_run)
     return run

@@ -193,12 +193,32 @@ def _environment(request: ContainerRequest) -> dict[str, str]:
     return {**request.env, WORKSPACE_NOTE_ENV: note} if note else request.env
 
 
-def start_error(name: str, image: str, state: ContainerState, logs: str) -> KernelStartError:
+# gVisor's sentry runs in the container's cgroup: its own threads count against pids_limit,
+# and below about 80 (measured on 2 CPUs; more CPUs, more threads) it cannot boot at all
+GVISOR_PIDS_FLOOR = 128
+
+
+def start_error(
+    name: str, image: str, state: ContainerState, logs: str, policy: SandboxPolicy | None = None
+) -> KernelStartError:
     """Build the message for a kernel container that ended while starting."""
     how = (
         "was killed: out of memory" if state.oom_killed else f"exited with status {state.exit_code}"
     )
     tail = "\n".join(logs.splitlines()[-10:]) or "(it printed nothing)"
+    hint = ""
+    if (
+        policy is not None
+        and policy.runtime == "runsc"
+        and not logs.strip()
+        and policy.pids_limit < GVISOR_PIDS_FLOOR
+    ):
+        hint = (
+            f"\nUnder runsc, gVisor's own threads count against pids_limit ({policy.pids_limit}"
+            f" here) and it cannot start with too few: give pids_limit at least "
+            f"{GVISOR_PIDS_FLOOR}"
+        )
     return KernelStartError(
         f"kernel container {name} (image {image}) {how} during start. Last log lines:\n{tail}"
+        + hint
     )

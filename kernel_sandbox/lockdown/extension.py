@@ -4,7 +4,8 @@
 Link lays the guards over the server's configured classes (kernel manager, kernelspec
 manager, terminal manager) and checks that lockdown can hold: the ``map_to`` kernelspec exists
 and is sandboxed, its policy resolves, its image is on an engine that answers, the docker CLI
-is there for terminals, and the server does not adopt kernels it did not start. Load checks
+is there for terminals (or, through the sandbox service, that the service runs them), and the
+server does not adopt kernels it did not start. Load checks
 that the managers the server really built are the guarded ones (another extension may have
 swapped a class after us) and sets the default kernel. Any failure ends the process with a
 message and exit status 1: a locked-down server never falls back to host kernels. (An
@@ -106,22 +107,23 @@ def _through_service(
     lockdown: SandboxLockdown, socket_path: str, sandboxed: list[str], docker_cli: str | None
 ) -> str:
     """preflight for a server whose kernels start through the sandbox service: the service
-    must answer (it checks policy and image at each start); terminals cannot be sandboxed
-    from here, since this server has no engine access."""
+    must answer (it checks policy and image at each start), and serve terminals when they are
+    on (this server has no engine access: the service runs their sandboxes)."""
     from kernel_sandbox.service.client import ServiceClient
 
-    if docker_cli is not None:
-        raise LockdownError(
-            "sandboxed terminals need engine access, which a server using the sandbox service "
-            f"({socket_path}) does not have; set c.SandboxLockdown.terminals = 'off'"
-        )
     try:
         hello = ServiceClient(socket_path, timeout=10).ask("hello")
     except SandboxError as exc:
         raise LockdownError(str(exc)) from exc
+    if docker_cli is not None and not hello.get("terminals"):
+        raise LockdownError(
+            f"the sandbox service at {socket_path} does not run terminals (an older version); "
+            "upgrade it, or set c.SandboxLockdown.terminals = 'off'"
+        )
+    terminals = "sandboxed, through the service" if docker_cli is not None else "off"
     return (
         f"kernels: {', '.join(sandboxed)} (default {lockdown.map_to}) through the sandbox "
-        f"service at {socket_path} as {hello['caller']['name']}; terminals: off"
+        f"service at {socket_path} as {hello['caller']['name']}; terminals: {terminals}"
     )
 
 

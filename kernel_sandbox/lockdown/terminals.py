@@ -17,6 +17,11 @@ attach and removes the container and its runtime directory; a shell that exits e
 container (``auto_remove``). If the server dies, the in-sandbox watchdog loses the lifeline
 and ends the shell after ``orphan_timeout`` (as for kernels), and ``kernel-sandbox gc`` or
 the next server's sweep removes what is left (the containers carry the owner labels).
+
+Through the sandbox service (the same choice as kernels: ``map_to``'s provisioner has
+``via_service``) this server has no engine access: the service creates the container under
+its operator's rules and runs the attach, and this manager drives the pty master it sends
+(:mod:`kernel_sandbox.lockdown.service_terminals`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -33,27 +37,22 @@ from terminado.management import PtyWithClients
 from tornado import web
 from traitlets import Instance, default
 
-from kernel_sandbox.engine.backend import ContainerRequest, DockerBackend, shared_backend
+from kernel_sandbox.engine.backend import DockerBackend, shared_backend
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.host.resources import KernelResources
-from kernel_sandbox.host.uids import UidPool, UidRange
-from kernel_sandbox.inside.contract import IMAGE_KIND_KERNEL, label
 from kernel_sandbox.lockdown.config import SandboxLockdown
+from kernel_sandbox.lockdown.service_terminals import ServiceTerminal, open_service_terminal
 from kernel_sandbox.policy import resolve_workspace
 from kernel_sandbox.policy.effective import provisioner_for
-from kernel_sandbox.provisioner.container import (
-    check_exposure,
-    container_env,
-    container_labels,
-    with_watchdog,
+from kernel_sandbox.provisioner.terminal import (
+    DETACH_KEYS,
+    attach_command,
+    create_terminal_sandbox,
+    own_identity,
+    terminal_id,
 )
-from kernel_sandbox.provisioner.identity import decide_identity
 
-__all__ = ["SandboxTerminalManager", "run_blocking"]
-
-# The docker CLI's detach sequence, made one nobody types by accident (its default, ctrl-p
-# ctrl-q, would hold back every ctrl-p: readline's previous-history).
-DETACH_KEYS = "ctrl-^,ctrl-@,ctrl-_"
+__all__ = ["DETACH_KEYS", "SandboxTerminalManager", "run_blocking"]
 
 
 def run_blocking(make: Any) -> Any:
@@ -76,7 +75,7 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self._sandboxes: dict[str, KernelResources] = {}
+        self._sandboxes: dict[str, KernelResources | ServiceTerminal] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     # -- what a terminal gets -----------------------------------------------------------------
@@ -101,61 +100,22 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
     async def _create_sandbox(self, name: str, cwd: str | None) -> KernelResources:
         provisioner = self._provisioner()
         policy = provisioner.policy
-        spec_name = self.lockdown.map_to
-        check_exposure(
-            policy,
-            [provisioner.token_db, provisioner.audit_log, provisioner.data_credentials],
-            spec_name,
-        )
         workspace = None
         if policy.workspace != "none":
             workspace = resolve_workspace(self._workspace_for(cwd))
-        # the uid rule kernels follow (provisioner/identity.py)
         uid_range = provisioner.checked_uid_range() if os.getuid() == 0 else None
-        rw_workspace = workspace if policy.workspace == "rw" else None
-        identity = decide_identity(policy, rw_workspace, uid_range, spec_name)
-        # `kernel-sandbox ps` lists it under this id (there is no kernel id)
-        sandbox_id = f"terminal-{name}-{uuid.uuid4().hex[:6]}"
-        resources = KernelResources(sandbox_id, self.backend, self.log)
-        try:
-            if identity.pooled:
-                pool = UidPool(UidRange.parse(provisioner.uid_range), provisioner.uid_claims)
-                identity = identity.with_uid(await asyncio.to_thread(resources.claim_uid, pool))
-            user, owner = identity.user, (identity.uid, identity.gid)
-            resources.open_runtime_dir(
-                provisioner.runtime_root, owner, provisioner.runtime_dir_bytes()
-            )
-            assert resources.runtime_dir is not None
-            shell = list(self.lockdown.terminal_shell)
-            labels = await self.backend.image_labels(policy.image) or {}
-            if provisioner.orphan_timeout > 0 and labels.get(label("image")) == IMAGE_KIND_KERNEL:
-                shell = with_watchdog(shell, provisioner.orphan_timeout)
-            env = container_env(
-                {}, (), provisioner.kernel_spec.env or {}, policy.env, policy.cpu_limit
-            )
-            env["TERM"] = self.term_settings.get("type", "xterm")
-            labels = container_labels(
-                sandbox_id, spec_name, provisioner.profile, str(resources.runtime_dir.path)
-            )
-            labels[label("terminal")] = name
-            request = ContainerRequest(
-                name=f"ks-{sandbox_id.replace('terminal-', 'term-')}",
-                policy=policy,
-                command=shell,
-                env=env,
-                labels=labels,
-                runtime_dir=str(resources.runtime_dir.shared),
-                user=user,
-                workspace=workspace,
-                host_dir=str(resources.runtime_dir.host_dir),
-                terminal=True,
-            )
-            resources.container_id = await self.backend.create(request)
-            resources.container_name = request.name
-        except BaseException:
-            await resources.aclose()
-            raise
-        return resources
+        identity = own_identity(policy, workspace, uid_range, self.lockdown.map_to)
+        return await create_terminal_sandbox(
+            provisioner,
+            terminal_id(name),
+            name,
+            identity,
+            list(self.lockdown.terminal_shell),
+            self.term_settings.get("type", "xterm"),
+            self.log,
+            workspace=workspace,
+            backend=self.backend,
+        )
 
     # -- terminado's hooks ----------------------------------------------------------------------
 
@@ -164,19 +124,22 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
         counts (terminado would otherwise run a ``shell_command`` the client sends)."""
         name = str(kwargs.get("name") or "")
         try:
+            provisioner = self._provisioner()
+            if provisioner.via_service is not None:
+                return open_service_terminal(
+                    provisioner,
+                    name,
+                    self._workspace_for(kwargs.get("cwd")),
+                    self.term_settings.get("type", "xterm"),
+                    list(self.lockdown.terminal_shell),
+                    self.log,
+                )
             resources = run_blocking(lambda: self._create_sandbox(name, kwargs.get("cwd")))
         except SandboxError as exc:
             # Jupyter Server sends log_message as it is; tornado formats it when it logs
             message = f"cannot start a sandboxed terminal: {exc}".replace("%", "%%")
             raise web.HTTPError(503, message) from exc
-        argv = [
-            self.lockdown.docker_command,
-            "start",
-            "--attach",
-            "--interactive",
-            f"--detach-keys={DETACH_KEYS}",
-            str(resources.container_id),
-        ]
+        argv = attach_command(self.lockdown.docker_command, str(resources.container_id))
         env = self.make_term_env(**{**self.term_settings, **{"cwd": None}})
         try:
             term = PtyWithClients(argv, env, "/")
@@ -194,7 +157,7 @@ class SandboxTerminalManager(TerminalManager):  # type: ignore[misc]
             name = self._next_available_name()
         kwargs["name"] = name
         name, term = super().new_named_terminal(**kwargs)
-        sandbox: KernelResources = term.sandbox  # type: ignore[attr-defined]
+        sandbox: KernelResources | ServiceTerminal = term.sandbox  # type: ignore[attr-defined]
         self._sandboxes[name] = sandbox
         self.log.info("terminal %s: shell in sandbox container %s", name, sandbox.container_name)
         return name, term

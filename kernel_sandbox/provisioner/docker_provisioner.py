@@ -101,6 +101,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
         self._loop: asyncio.AbstractEventLoop | None = None
         self.cwd: str | None = None
         self._end_reason: str | None = None  # why the monitor ended the running container
+        self._ending: asyncio.Task[None] | None = None  # a served kernel's end (ending.py)
         self._told: str | None = None  # the container whose end has been explained
         self._telling = False
         self.notice: Notice | None = None  # why the last container ended, when the host knows
@@ -542,7 +543,7 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
                 if not state.running:
                     logs = await self.backend.logs_tail(container_id)
                     raise container_start_error(
-                        self.container_name or "", self.policy.image, state, logs
+                        self.container_name or "", self.policy.image, state, logs, self.policy
                     )
                 next_state_check = now + 0.25
             if now >= deadline:
@@ -691,8 +692,28 @@ class DockerSandboxProvisioner(ProvisionerSettings, PolicyTraits, KernelProvisio
 
     def _shut_down_for(self, reason: str) -> None:
         """End the kernel as the monitor would, from the event loop's own thread (the service
-        ended it: idle_timeout, a stop)."""
+        ended it: idle_timeout, a stop). In a Jupyter Server its clients first see it dead
+        with the reason (:mod:`.ending`: JupyterLab shows it), then it is shut down."""
+        from jupyter_client.multikernelmanager import MultiKernelManager
+
+        from kernel_sandbox.provisioner.ending import end_with_reason
+
         self._loop = asyncio.get_running_loop()
+        manager = self.parent
+        multi = getattr(manager, "parent", None)
+        if (
+            isinstance(multi, MultiKernelManager)
+            and self.kernel_id in multi
+            and multi.get_kernel(self.kernel_id) is manager
+            and hasattr(multi, "cull_idle_timeout")  # jupyter_server's: it serves websockets
+        ):
+            self.log.warning("kernel %s: %s; shutting it down", self.kernel_id, reason)
+            self._end_reason = reason
+            text = stopped_notice(reason).text.replace(". Its variables", ".\nIts variables")
+            self._ending = self._loop.create_task(
+                end_with_reason(multi, self.kernel_id, manager, text, self.log)
+            )
+            return
         self._end_from_monitor(reason)
 
     def _end_from_monitor(self, reason: str) -> None:

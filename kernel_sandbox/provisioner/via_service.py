@@ -25,7 +25,7 @@ from kernel_sandbox.service.client import ServiceClient
 if TYPE_CHECKING:
     from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
 
-__all__ = ["ServiceKernel"]
+__all__ = ["ServiceKernel", "open_folders"]
 
 
 def _open_folder(path: str) -> int | None:
@@ -34,6 +34,43 @@ def _open_folder(path: str) -> int | None:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
+
+
+def open_folders(
+    prov: DockerSandboxProvisioner, asked: dict[str, Any], cwd: str | None
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Open the folders a start sends the service: the workspace (``cwd``, when this process
+    can open it) and each of the policy's mounts; their descriptors and descriptions.
+
+    Raises:
+        PolicyError: a mount is malformed or this process cannot open its folder.
+    """
+    fds: list[int] = []
+    folders: list[dict[str, Any]] = []
+    try:
+        workspace = _open_folder(cwd) if cwd else None
+        if workspace is not None:
+            fds.append(workspace)
+            folders.append({"for": "workspace"})
+        if asked.get("mounts"):
+            try:
+                mounts = parse_mounts(asked["mounts"])
+            except PolicyError as exc:
+                raise PolicyError(f"kernelspec {prov._spec_name}: {exc}") from exc
+            for index, mount in enumerate(mounts):
+                fd = _open_folder(mount.source)
+                if fd is None:
+                    raise PolicyError(
+                        f"kernelspec {prov._spec_name}: mounts: you cannot open "
+                        f"{mount.source} for reading, so it cannot be mounted"
+                    )
+                fds.append(fd)
+                folders.append({"for": "mount", "index": index})
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds, folders
 
 
 class ServiceKernel:
@@ -86,27 +123,8 @@ class ServiceKernel:
         prov = self.prov
         asked = self.requested()
         spec = prov.kernel_spec
-        fds: list[int] = []
-        folders: list[dict[str, Any]] = []
+        fds, folders = open_folders(prov, asked, prov.cwd)
         try:
-            workspace = _open_folder(prov.cwd) if prov.cwd else None
-            if workspace is not None:
-                fds.append(workspace)
-                folders.append({"for": "workspace"})
-            if asked.get("mounts"):
-                try:
-                    mounts = parse_mounts(asked["mounts"])
-                except PolicyError as exc:
-                    raise PolicyError(f"kernelspec {prov._spec_name}: {exc}") from exc
-                for index, mount in enumerate(mounts):
-                    fd = _open_folder(mount.source)
-                    if fd is None:
-                        raise PolicyError(
-                            f"kernelspec {prov._spec_name}: mounts: you cannot open "
-                            f"{mount.source} for reading, so it cannot be mounted"
-                        )
-                    fds.append(fd)
-                    folders.append({"for": "mount", "index": index})
             reply = await self._ask(
                 "start",
                 fds,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kernel_sandbox.service.protocol import call
+from kernel_sandbox.service.protocol import call, exchange
 
 __all__ = ["DEFAULT_SOCKET", "ENV_VAR", "ServiceClient", "choose_service"]
 
@@ -46,3 +46,9 @@ class ServiceClient:
 
     def ask(self, op: str, fds: list[int] | tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
         return call(self.path, {"op": op, **fields}, fds, self.timeout)
+
+    def ask_fds(
+        self, op: str, fds: list[int] | tuple[int, ...] = (), **fields: Any
+    ) -> tuple[dict[str, Any], list[int]]:
+        """:meth:`ask`, with the descriptors the reply carries (the caller closes them)."""
+        return exchange(self.path, {"op": op, **fields}, fds, self.timeout)

@@ -162,6 +162,8 @@ class KernelRegistry:
         self.staging_root = staging_root
         self.orphan_timeout = orphan_timeout
         self.kernels: dict[str, ServedKernel] = {}
+        # the terminals' sandboxes (service/terminals.py): they count against max_kernels too
+        self.terminals: dict[str, Any] = {}
         self.starting: dict[int, list[int]] = {}  # uid -> memory of starts under way
         self._exits = KeptAtExit()
         self._sweeps = SweepOnce()
@@ -336,54 +338,9 @@ class KernelRegistry:
         staging = Staging(self.staging_root)
         received: list[CallerFolder] = []
         try:
-            mounts = list(policy.mounts)
-            rw = policy.workspace == "rw" or any(not m.read_only for m in mounts)
-            prov.staged_workspace = None
-            cwd = None
-            notes: list[str] = []
-            staged_mounts = []
-            for index, (folder, fd) in enumerate(zip(folders, list(fds), strict=True)):
-                fds[index] = -1  # ours now: receive_folder closes it on refusal
-                if folder["for"] == "workspace":
-                    if policy.workspace == "none":
-                        os.close(fd)
-                        continue
-                    try:  # as in direct mode: a folder no sandbox may see is not mounted
-                        got = receive_folder(fd, caller, policy.workspace, "workspace")
-                        received.append(got)
-                        rules.check_mount(got.path, got.mode)
-                    except (NotMountable, ServiceRefused) as exc:
-                        notes.append(f"the workspace is not mounted: {exc}")
-                        continue
-                    prov.staged_workspace = (staging.bind(got), got.path)
-                    cwd = got.path
-                else:
-                    which = folder.get("index")
-                    if not isinstance(which, int) or not 0 <= which < len(mounts):
-                        raise BadRequest(f"folder index {which!r}: no such mount")
-                    mount = mounts[which]
-                    mode = "ro" if mount.read_only else "rw"
-                    got = receive_folder(fd, caller, mode, f"mounts[{which}]")
-                    received.append(got)
-                    rules.check_mount(got.path, mode)
-                    staged_mounts.append((which, staging.bind(got)))
-            if len(staged_mounts) != len(mounts):
-                raise PolicyError(
-                    "mounts: through the sandbox service each mounted folder must be opened "
-                    "by you (the client sends it); this client sent "
-                    f"{len(staged_mounts)} of {len(mounts)}"
-                )
-            if staged_mounts:
-                replaced = list(mounts)
-                for which, source in staged_mounts:
-                    replaced[which] = type(mounts[which])(
-                        source, mounts[which].target, mounts[which].read_only
-                    )
-                prov._policy = dataclasses.replace(policy, mounts=tuple(replaced))
-            if rw and prov._identity is None:
-                prov._identity = Identity(
-                    caller.uid, caller.gid, "the caller's own uid (it writes the caller's folders)"
-                )
+            staged, notes = self.stage_folders(prov, caller, rules, folders, fds, staging, received)
+            prov.staged_workspace = staged
+            cwd = staged[1] if staged is not None else None
             env = _text_map(request.get("env"), "env")
             extra = _text_list(request.get("extra_arguments"), "extra_arguments")
             if cwd is None and policy.workspace != "none" and not notes:
@@ -410,8 +367,81 @@ class KernelRegistry:
             info["key"] = key.decode()
         return {"connection_info": info, "notes": notes}
 
+    def stage_folders(
+        self,
+        prov: Any,
+        caller: Caller,
+        rules: CallerRules,
+        folders: list[dict[str, Any]],
+        fds: list[int],
+        staging: Staging,
+        received: list[CallerFolder],
+    ) -> tuple[tuple[str, str] | None, list[str]]:
+        """Check the folders the caller sent and bind them in ``staging``: the workspace,
+        then each mount (put in ``prov``'s policy
+        in place of the caller's path). Takes the descriptors (``fds`` entries set to -1);
+        what was received goes in ``received`` (the caller closes those). Returns the
+        workspace as (staged folder, its path; None: not mounted) and notes for the caller;
+        sets the caller's uid as the sandbox's when a folder is mounted read-write.
+
+        Raises:
+            PolicyError, ServiceRefused: a mount the rules or the caller's rights refuse.
+        """
+        policy = prov.policy
+        mounts = list(policy.mounts)
+        rw = policy.workspace == "rw" or any(not m.read_only for m in mounts)
+        workspace: tuple[str, str] | None = None
+        notes: list[str] = []
+        staged_mounts = []
+        order = sorted(range(len(folders)), key=lambda i: folders[i]["for"] != "workspace")
+        for index in order:
+            folder, fd = folders[index], fds[index]
+            fds[index] = -1  # ours now: receive_folder closes it on refusal
+            if folder["for"] == "workspace":
+                if policy.workspace == "none" or workspace is not None:
+                    os.close(fd)
+                    continue
+                try:  # as in direct mode: a folder no sandbox may see is not mounted
+                    got = receive_folder(fd, caller, policy.workspace, "workspace")
+                    received.append(got)
+                    rules.check_mount(got.path, got.mode)
+                except (NotMountable, ServiceRefused) as exc:
+                    notes.append(f"the workspace is not mounted: {exc}")
+                    continue
+                workspace = (staging.bind(got), got.path)
+            else:
+                which = folder.get("index")
+                if not isinstance(which, int) or not 0 <= which < len(mounts):
+                    raise BadRequest(f"folder index {which!r}: no such mount")
+                mount = mounts[which]
+                mode = "ro" if mount.read_only else "rw"
+                got = receive_folder(fd, caller, mode, f"mounts[{which}]")
+                received.append(got)
+                rules.check_mount(got.path, mode)
+                staged_mounts.append((which, staging.bind(got)))
+        if len(staged_mounts) != len(mounts):
+            raise PolicyError(
+                "mounts: through the sandbox service each mounted folder must be opened "
+                "by you (the client sends it); this client sent "
+                f"{len(staged_mounts)} of {len(mounts)}"
+            )
+        if staged_mounts:
+            replaced = list(mounts)
+            for which, source in staged_mounts:
+                replaced[which] = type(mounts[which])(
+                    source, mounts[which].target, mounts[which].read_only
+                )
+            prov._policy = dataclasses.replace(policy, mounts=tuple(replaced))
+        if rw and prov._identity is None:
+            prov._identity = Identity(
+                caller.uid, caller.gid, "the caller's own uid (it writes the caller's folders)"
+            )
+        return workspace, notes
+
     def _reserve(self, caller: Caller, rules: CallerRules, memory: int) -> None:
-        live = [k for k in self.kernels.values() if k.uid == caller.uid]
+        live = [
+            s for s in [*self.kernels.values(), *self.terminals.values()] if s.uid == caller.uid
+        ]
         starting = self.starting.setdefault(caller.uid, [])
         rules.check_count(
             len(live) + len(starting), sum(k.memory for k in live) + sum(starting), memory

@@ -4,6 +4,7 @@ A client connects to the service's unix socket, sends one request (a JSON object
 ``{"op": ..., ...}``) with, where the operation needs them, open directory descriptors
 alongside (``SCM_RIGHTS``: the folders to mount, opened by the caller itself), and reads one
 reply line: ``{"ok": true, ...}`` or ``{"ok": false, "error": {"type": ..., "message": ...}}``.
+A reply may carry descriptors too (``terminal_start``: the master side of the terminal's pty).
 One request per connection keeps the service stateless towards its clients: a client whose
 service restarted just connects again.
 
@@ -31,6 +32,7 @@ __all__ = [
     "BadRequest",
     "call",
     "error_reply",
+    "exchange",
     "raise_for_reply",
     "read_request",
     "send_reply",
@@ -56,6 +58,8 @@ OPS = frozenset(
         "revoke",
         "egress_pending",
         "egress_decide",
+        "terminal_start",  # a terminal's sandbox: the pty's master descriptor back
+        "terminal_close",
     }
 )
 
@@ -121,12 +125,22 @@ def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
         raise
 
 
-def send_reply(sock: socket.socket, reply: dict[str, Any]) -> None:
-    """Send one reply line (a peer that is gone is not an error of ours)."""
+def send_reply(sock: socket.socket, reply: dict[str, Any], fds: list[int] | None = None) -> bool:
+    """Send one reply line, with ``fds`` alongside (a peer that is gone is not an error of
+    ours). Returns whether it was sent (the caller still owns and closes ``fds``)."""
+    line = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
     try:
-        sock.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        if fds:
+            sent = sock.sendmsg(
+                [line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            )
+            if sent < len(line):
+                sock.sendall(line[sent:])
+        else:
+            sock.sendall(line)
     except OSError:
-        pass
+        return False
+    return True
 
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
@@ -154,7 +168,26 @@ def call(
     fds: list[int] | tuple[int, ...] = (),
     timeout: float = 120.0,
 ) -> dict[str, Any]:
-    """Send ``request`` (and ``fds``) to the service at ``path``; return its successful reply.
+    """Send ``request`` (and ``fds``) to the service at ``path``; return its successful reply
+    (descriptors it sent back, if any, are closed).
+
+    Raises:
+        ServiceUnavailable: nothing answers at ``path`` (or it hung up without a reply).
+        SandboxError: the service refused; its own error class where it names one.
+    """
+    reply, received = exchange(path, request, fds, timeout)
+    _close_fds(received)
+    return reply
+
+
+def exchange(
+    path: str,
+    request: dict[str, Any],
+    fds: list[int] | tuple[int, ...] = (),
+    timeout: float = 120.0,
+) -> tuple[dict[str, Any], list[int]]:
+    """:func:`call`, also returning the descriptors the reply carried (close-on-exec; the
+    caller owns them).
 
     Raises:
         ServiceUnavailable: nothing answers at ``path`` (or it hung up without a reply).
@@ -162,6 +195,8 @@ def call(
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    received: list[int] = []
+    fd_size = array.array("i").itemsize
     try:
         try:
             sock.connect(path)
@@ -182,7 +217,14 @@ def call(
                 sock.sendall(line)
             reply = bytearray()
             while not reply.endswith(b"\n"):
-                chunk = sock.recv(65536)
+                chunk, ancillary, _flags, _ = sock.recvmsg(
+                    65536, socket.CMSG_SPACE(MAX_FDS * fd_size), socket.MSG_CMSG_CLOEXEC
+                )
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got = array.array("i")
+                        got.frombytes(payload[: len(payload) - len(payload) % fd_size])
+                        received.extend(got)
                 if not chunk:
                     break
                 reply += chunk
@@ -192,14 +234,19 @@ def call(
             raise ServiceUnavailable(
                 f"the sandbox service at {path} did not answer: {exc.strerror or exc}"
             ) from None
+        if not reply:
+            raise ServiceUnavailable(f"the sandbox service at {path} hung up without a reply")
+        try:
+            decoded = json.loads(reply)
+        except ValueError:
+            raise ServiceUnavailable(
+                f"the sandbox service at {path} sent a malformed reply"
+            ) from None
+        if not isinstance(decoded, dict):
+            raise ServiceUnavailable(f"the sandbox service at {path} sent a malformed reply")
+        return raise_for_reply(decoded), received
+    except BaseException:
+        _close_fds(received)
+        raise
     finally:
         sock.close()
-    if not reply:
-        raise ServiceUnavailable(f"the sandbox service at {path} hung up without a reply")
-    try:
-        decoded = json.loads(reply)
-    except ValueError:
-        raise ServiceUnavailable(f"the sandbox service at {path} sent a malformed reply") from None
-    if not isinstance(decoded, dict):
-        raise ServiceUnavailable(f"the sandbox service at {path} sent a malformed reply")
-    return raise_for_reply(decoded)

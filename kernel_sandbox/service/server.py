@@ -33,6 +33,7 @@ from kernel_sandbox.service.protocol import (
     read_request,
     send_reply,
 )
+from kernel_sandbox.service.terminals import TerminalRegistry
 from kernel_sandbox.service.views import CallerViews
 
 __all__ = ["DEFAULT_SOCKET", "SandboxService"]
@@ -42,6 +43,7 @@ log = logging.getLogger("kernel_sandbox.service")
 OPERATION_TIMEOUT = 300.0  # seconds one operation may take on the loop (a slow image start)
 SWEEP_INTERVAL = 5.0
 MAX_CONNECTIONS_PER_USER = 32
+FDS_KEY = "_fds"  # in a reply dict: descriptors to send with it
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -69,7 +71,8 @@ class SandboxService:
     ):
         self.socket_path = socket_path
         self.registry = registry
-        self.views = CallerViews(registry)
+        self.terminals = TerminalRegistry(registry)
+        self.views = CallerViews(registry, self.terminals)
         self.group = group
         self.mode = mode if mode is not None else (0o660 if group else 0o666)
         self.loop = asyncio.new_event_loop()
@@ -97,6 +100,7 @@ class SandboxService:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 await self.registry.sweep()
+                await self.terminals.sweep()
             except Exception as exc:  # the sweep must never end
                 log.warning("service: sweep failed: %s", exc)
 
@@ -186,7 +190,13 @@ class SandboxService:
             return
         try:
             reply = self.dispatch(caller, request, fds)
-            send_reply(sock, {"ok": True, **reply})
+            sent: list[int] = reply.pop(FDS_KEY, [])
+            try:
+                if not send_reply(sock, {"ok": True, **reply}, sent):
+                    self._undelivered(caller, request, reply)
+            finally:
+                for fd in sent:
+                    os.close(fd)
         except SandboxError as exc:
             send_reply(sock, error_reply(exc))
         except Exception as exc:
@@ -199,10 +209,22 @@ class SandboxService:
                 except OSError:
                     pass
 
+    def _undelivered(self, caller: Caller, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        """A terminal whose pty could not be handed over (its caller hung up) is closed."""
+        if request.get("op") == "terminal_start" and reply.get("terminal_id"):
+            self.run_on_loop(self.terminals.close(caller, {"terminal_id": reply["terminal_id"]}))
+
+    async def _terminal_start(
+        self, caller: Caller, request: dict[str, Any], fds: list[int]
+    ) -> dict[str, Any]:
+        reply, sent = await self.terminals.start(caller, request, fds)
+        return {**reply, FDS_KEY: sent}
+
     def dispatch(self, caller: Caller, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Answer ``request``; a reply's descriptors to send are under FDS_KEY (then closed)."""
         op = request["op"]
         registry, views = self.registry, self.views
-        if op != "start" and fds:
+        if op not in ("start", "terminal_start") and fds:
             raise BadRequest(f"{op} takes no descriptors")
         on_loop: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
             "start": lambda: registry.start(caller, request, fds),
@@ -212,6 +234,8 @@ class SandboxService:
             "adopt": lambda: registry.adopt(caller, request),
             "stop": lambda: views.stop(caller, request),
             "list": lambda: views.ps(caller, request),
+            "terminal_start": lambda: self._terminal_start(caller, request, fds),
+            "terminal_close": lambda: self.terminals.close(caller, request),
         }
         if op in on_loop:
             reply: dict[str, Any] = self.run_on_loop(on_loop[op]())
@@ -240,6 +264,7 @@ class SandboxService:
             },
             "rules": rules.describe(),
             "pid": os.getpid(),
+            "terminals": True,  # terminal_start is served
         }
 
     # -- life of the service ----------------------------------------------------------------
@@ -271,6 +296,7 @@ class SandboxService:
                 Path(self.socket_path).unlink()
             except OSError:
                 pass
+        self.run_on_loop(self.terminals.close_all())  # terminals never outlive the service
         if stop_kernels:
             self.run_on_loop(self.registry.close_all())
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -64,8 +64,9 @@ def _text(request: dict[str, Any], key: str, default: str | None = None) -> str:
 class CallerViews:
     """The per-caller operations over one :class:`KernelRegistry`."""
 
-    def __init__(self, registry: KernelRegistry):
+    def __init__(self, registry: KernelRegistry, terminals: Any = None):
         self.registry = registry
+        self.terminals = terminals  # a TerminalRegistry (service/terminals.py), or None
 
     @property
     def token_db(self) -> str | None:
@@ -91,7 +92,7 @@ class CallerViews:
         listed = sorted(kernels.values(), key=lambda k: k.started)
         states = await asyncio.gather(*(self._state(k) for k in listed))
         now = time.time()
-        rows = []
+        rows = await self._terminal_rows(caller, operator, now)
         for kernel, (state, usage) in zip(listed, states, strict=True):
             if state != "running" and request.get("all") is not True:
                 continue
@@ -109,7 +110,41 @@ class CallerViews:
                     "uptime": round(max(0.0, now - kernel.started), 1),
                 }
             )
+        rows.sort(key=lambda row: row["created"])
         return {"kernels": rows, "all": operator}
+
+    def _visible_terminals(self, caller: Caller, operator: bool) -> list[Any]:
+        if self.terminals is None:
+            return []
+        listed = list(self.terminals.terminals.values())
+        return [t for t in listed if operator or t.uid == caller.uid]
+
+    async def _terminal_rows(self, caller: Caller, operator: bool, now: float) -> list[dict]:
+        """The caller's terminals as ``ps`` rows (kind ``terminal``; they end when closed)."""
+        rows = []
+        for terminal in self._visible_terminals(caller, operator):
+            summary = terminal.summary()
+            usage = None
+            try:
+                usage = await terminal.resources.backend.memory_usage(
+                    terminal.resources.container_id
+                )
+            except Exception:  # an engine hiccup (or a container just removed)
+                pass
+            memory, limit = usage if usage is not None else (None, terminal.memory or None)
+            rows.append(
+                {
+                    **summary,
+                    "state": "running",
+                    "created": terminal.started,
+                    "owner": summary["user"],
+                    "runtime_dir": "",
+                    "memory": memory,
+                    "memory_limit": limit,
+                    "uptime": round(max(0.0, now - terminal.started), 1),
+                }
+            )
+        return rows
 
     async def _state(self, kernel: ServedKernel) -> tuple[str, tuple[int, int] | None]:
         """The container's state and (memory used, limit) while it runs."""
@@ -127,8 +162,17 @@ class CallerViews:
     async def stop(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
         """End one of the caller's kernels (its clients are told why), waiting up to
         ``timeout`` seconds for its container to end; ``force``: SIGKILL at once."""
-        kernels, _operator = self._visible(caller)
-        kernel = resolve(kernels, _text(request, "kernel_id"), caller)
+        kernels, operator = self._visible(caller)
+        ident = _text(request, "kernel_id")
+        terminals = {t.terminal_id: t for t in self._visible_terminals(caller, operator)}
+        named = [t for i, t in terminals.items() if i == ident or i.startswith(ident)]
+        if (
+            self.terminals is not None
+            and len(named) == 1
+            and not any(k.startswith(ident) for k in kernels)
+        ):
+            return dict(await self.terminals.stop(caller, named[0]))
+        kernel = resolve(kernels, ident, caller)
         timeout = request.get("timeout", 10.0)
         if not isinstance(timeout, (int, float)) or not 0 <= timeout <= 300:
             raise BadRequest("timeout must be a number of seconds, 0-300")

@@ -7,6 +7,8 @@
 - ``support.pools``: a warm pool's sandboxes, told apart from the host and from inside.
 - ``support.hub``: one real JupyterHub class built from docs/examples/jupyterhub/ (the
   ``classroom`` fixture); ``support.hub_run``: notebooks and memory on a student's server.
+- ``support.grading``: a real nbgrader course with honest and attacking submissions and
+  canaries (``tests/test_grading*.py``, ``bench/grading.py``).
 
 Tiers: a test that needs the Docker engine, the kernel image, a Jupyter Server or a browser
 is an ``integration`` test (marked in its module, or by conftest when it asks for an engine
