@@ -14,9 +14,9 @@ c.ServerApp.jpserver_extensions = {
 }
 c.SandboxLockdown.map_to = "course-101"
 c.SandboxLockdown.on_unsandboxed = "map"
-# Terminals: none until terminals through the sandbox service are in (a server without
-# engine access cannot start a sandboxed one itself).
-c.SandboxLockdown.terminals = "off"
+# Terminals: each a shell in a container of its own under course-101's policy, started by
+# the sandbox service (this server has no engine access); "off" for none.
+c.SandboxLockdown.terminals = "sandboxed"
 
 # JupyterLab fetches nothing from the internet (news, update checks, extension listings)
 c.LabApp.news_url = None
