@@ -316,6 +316,10 @@ class Classroom:
                 self.process.kill()
                 self.process.wait()
         self.service.stop()
+        for mount in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+            point = mount.split()[1]  # a runtime directory the service left mounted
+            if point.startswith(f"{self.service.base}/"):
+                subprocess.run(["umount", "-l", point], check=False)
         logs = REPO / "artifacts" / "hub-logs"  # kept for a failure's post-mortem
         logs.mkdir(parents=True, exist_ok=True)
         for log in (self.base / "hub.log", self.service.log_path):
