@@ -29,6 +29,11 @@ step "Chromium (headless browser for the JupyterLab test)"
 command -v chromium >/dev/null || apt_install chromium
 # --- end of browser block --------------------------------------------------------------------
 
+# tests/test_hub*.py: JupyterHub's configurable-http-proxy comes from npm (the hub fixture
+# installs it into ~/.cache/kernel-sandbox-chp when it is not on PATH)
+step "Node and npm (configurable-http-proxy for the JupyterHub tests)"
+command -v npm >/dev/null || apt_install nodejs npm
+
 step "gVisor (runsc) registered as an OCI runtime"
 command -v runsc >/dev/null || apt_install runsc
 # --network=none: no network stack inside (required on these hosts);

@@ -18,6 +18,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -28,7 +29,7 @@ from support.kube import kube_cluster  # noqa: F401  (the Kubernetes 1.20 test c
 from support.leaks import Scope, no_leaks
 from support.service import ServiceProcess, TestUsers
 
-ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service", "kube_cluster"}
+ENGINE_FIXTURES = {"docker_client", "kernel_image", "sandbox_service", "kube_cluster", "classroom"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -141,3 +142,16 @@ def sandbox_service(
     yield service
     service.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def classroom(
+    test_users: TestUsers, docker_client: docker.DockerClient, kernel_image: str
+) -> Iterator[Any]:
+    """One real JupyterHub class for tests/test_hub*.py, with its own sandbox service (the
+    class's policy): see support.hub and docs/jupyterhub.md."""
+    from support.hub import Classroom
+
+    room = Classroom.start(test_users, Path("/tmp") / f"kshs-{os.getpid()}")
+    yield room
+    room.stop()

@@ -5,6 +5,8 @@
 - ``support.servers``: a real Jupyter Server on loopback and a client for it.
 - ``support.egress_servers``: loopback HTTP/HTTPS/echo targets for the egress tests.
 - ``support.pools``: a warm pool's sandboxes, told apart from the host and from inside.
+- ``support.hub``: one real JupyterHub class built from docs/examples/jupyterhub/ (the
+  ``classroom`` fixture); ``support.hub_run``: notebooks and memory on a student's server.
 - ``support.grading``: a real nbgrader course with honest and attacking submissions and
   canaries (``tests/test_grading*.py``, ``bench/grading.py``).
 
