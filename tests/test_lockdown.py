@@ -26,6 +26,7 @@ from pathlib import Path
 import docker
 import pytest
 from support import REPO
+from support.kernels import make_kernelspec
 from support.leaks import Scope
 from support.lockdown import (
     ENABLE,
@@ -144,6 +145,20 @@ def test_refuse_mode_refuses_unsandboxed_names(refusing: Server, name: str, stat
     assert session.status_code == status, session.text
     assert "python3-sandbox" in session.json()["message"]
     assert refusing.api("GET", "/api/kernels").json() == before
+    assert refusing.api("GET", "/api/sessions").json() == []
+
+
+def test_a_start_the_policy_refuses_answers_with_the_reason(
+    refusing: Server, jupyter_path: Path
+) -> None:
+    # the stock handler answers any error of a start with a bare 500 "Unhandled error"
+    name = make_kernelspec("lockdown-bad-policy", {"memory_limit": "lots"})
+    response = refusing.api("POST", "/api/kernels", json={"name": name})
+    assert response.status_code == 400, response.text
+    assert "memory_limit: expected a size" in response.json()["message"]
+    body = {"path": new_path(), "type": "notebook", "kernel": {"name": name}}
+    session = refusing.api("POST", "/api/sessions", json=body)
+    assert "memory_limit: expected a size" in session.json()["message"], session.text
     assert refusing.api("GET", "/api/sessions").json() == []
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from jupyter_client.kernelspec import KernelSpec, NoSuchKernel
 from tornado import web
 
+from kernel_sandbox.errors import PolicyError, SandboxError
 from kernel_sandbox.kernelspec import PROVISIONER_NAME
 from kernel_sandbox.lockdown.config import SandboxLockdown
 from kernel_sandbox.policy.effective import is_sandboxed
@@ -34,6 +35,7 @@ __all__ = [
     "admit",
     "locked_class",
     "locked_session_handlers",
+    "start_refused",
 ]
 
 
@@ -133,6 +135,30 @@ class LockedKernelManager:
         if not is_sandboxed(km.kernel_spec):  # the kernelspec manager already refuses these
             raise web.HTTPError(403, "kernel not sandboxed", reason="Kernel not sandboxed")
         return km, name, kernel_id
+
+    async def start_kernel(self, *args: Any, **kwargs: Any) -> str:
+        """Start as the base does; a sandbox's refusal reaches the client with its reason.
+
+        Without this, ``POST /api/kernels`` answers any error of a start with a bare 500
+        "Unhandled error": a student whose kernel the operator's policy refuses would never
+        learn which rule, or what to do.
+        """
+        try:
+            return str(await super().start_kernel(*args, **kwargs))  # type: ignore[misc]
+        except SandboxError as exc:
+            raise start_refused(exc) from exc
+
+
+def start_refused(exc: SandboxError) -> web.HTTPError:
+    """The HTTP answer for a sandbox that could not start: the policy's or the operator's
+    refusal is the client's to fix (400, 403), anything else is the server's (500)."""
+    if isinstance(exc, PermissionError):
+        status, reason = 403, "Kernel start refused"
+    elif isinstance(exc, PolicyError):
+        status, reason = 400, "Kernel policy refused"
+    else:
+        status, reason = 500, "Kernel start failed"
+    return web.HTTPError(status, str(exc), reason=reason)
 
 
 def _refusal(handler: Any, name: str | None) -> bool:
