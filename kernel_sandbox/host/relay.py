@@ -47,7 +47,15 @@ from kernel_sandbox.host.zmtp import (
     ZmtpSubReader,
 )
 
-__all__ = ["NOTICE_INTERVAL", "IopubRelay", "RelayLimits", "TokenBucket", "human_size"]
+__all__ = [
+    "NOTICE_INTERVAL",
+    "IopubRelay",
+    "RelayLimits",
+    "TokenBucket",
+    "human_size",
+    "link_socket",
+    "unlink_socket",
+]
 
 NOTICE_INTERVAL = 2.0  # seconds between two drop notices (and log lines) of one kernel
 RETRY = 0.01  # seconds between attempts to reach the kernel's socket (start, restart)
@@ -150,7 +158,7 @@ class IopubRelay:
         Raises:
             zmq.ZMQError: the client path cannot be bound.
         """
-        _unlink_socket(self.client_path)
+        unlink_socket(self.client_path)
         socket: zmq.Socket = zmq.Context.instance().socket(zmq.PUB)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, self.limits.hwm)
@@ -174,14 +182,7 @@ class IopubRelay:
         Raises:
             OSError: the link could not be made.
         """
-        staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        _unlink_socket(staging)
-        os.link(self.client_path, staging, follow_symlinks=False)
-        try:
-            os.rename(staging, path)
-        except BaseException:
-            _unlink_socket(staging)
-            raise
+        link_socket(self.client_path, path)
 
     def publish(
         self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None = None
@@ -234,7 +235,7 @@ class IopubRelay:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-            _unlink_socket(self.client_path)
+            unlink_socket(self.client_path)
 
     # -- the relay's thread ---------------------------------------------------------------------
 
@@ -339,7 +340,23 @@ class IopubRelay:
         return f"kernel-sandbox: {what.format(size)} ({limit})"
 
 
-def _unlink_socket(path: str) -> None:
+def link_socket(socket_path: str, path: str) -> None:
+    """Make ``path`` a hard link to ``socket_path``, replacing whatever is there atomically.
+
+    Raises:
+        OSError: the link could not be made.
+    """
+    staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    unlink_socket(staging)
+    os.link(socket_path, staging, follow_symlinks=False)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        unlink_socket(staging)
+        raise
+
+
+def unlink_socket(path: str) -> None:
     """Remove a socket (or link) left at ``path``; anything else there is an error for bind."""
     try:
         info = os.lstat(path)

@@ -23,9 +23,6 @@ context of its own, so that :meth:`ShellRelay.close` can end the C loop (context
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +30,8 @@ from typing import Any
 
 import zmq
 from zmq.devices import monitored_queue
+
+from kernel_sandbox.host.relay import link_socket, unlink_socket
 
 __all__ = ["CAPTURE_HWM", "ShellRelay"]
 
@@ -68,7 +67,7 @@ class ShellRelay:
         Raises:
             zmq.ZMQError: the client path cannot be bound.
         """
-        _unlink_socket(self.client_path)
+        unlink_socket(self.client_path)
         context = zmq.Context(io_threads=1)
         front = context.socket(zmq.ROUTER)
         back = context.socket(zmq.DEALER)
@@ -119,14 +118,7 @@ class ShellRelay:
         Raises:
             OSError: the link could not be made.
         """
-        staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        _unlink_socket(staging)
-        os.link(self.client_path, staging, follow_symlinks=False)
-        try:
-            os.rename(staging, path)
-        except BaseException:
-            _unlink_socket(staging)
-            raise
+        link_socket(self.client_path, path)
 
     def close(self) -> None:
         """Let the observer finish what was captured, stop forwarding, release the sockets
@@ -144,7 +136,7 @@ class ShellRelay:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
         self._threads = []
-        _unlink_socket(self.client_path)
+        unlink_socket(self.client_path)
 
     # -- the relay's threads ------------------------------------------------------------------
 
@@ -172,14 +164,3 @@ class ShellRelay:
             pass
         finally:
             watch.close(linger=0)
-
-
-def _unlink_socket(path: str) -> None:
-    """Remove a socket (or link) left at ``path``; anything else there is an error for bind."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISSOCK(info.st_mode) or stat.S_ISLNK(info.st_mode):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
