@@ -86,7 +86,7 @@ def test_fs_audit_log(runtime, observe, jupyter_path, kernel_image):
         kernel_id = km.kernel_id
         mounts = [
             m["Source"]
-            for m in km.provisioner.backend.client.api.inspect_container(container)["Mounts"]
+            for m in km.provisioner.engine.client.api.inspect_container(container)["Mounts"]
         ]
     finally:
         kc.stop_channels()
