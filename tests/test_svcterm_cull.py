@@ -15,7 +15,10 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import docker
+import docker.errors
 import pytest
 import websocket
 from support import service as svc
@@ -109,6 +112,44 @@ def wait_forgotten(server: Server, kernel_id: str, timeout: float = 60) -> None:
         time.sleep(0.3)
 
 
+def sandbox_of(test_users, env: dict[str, str], kernel_id: str) -> tuple[str, Path]:
+    """The kernel's container (id, as the operator's ``ps`` lists it) and runtime directory."""
+    listed = test_users.run_as(OPERATOR, CLI.format(argv=["ps", "--json"]), env=env, check=False)
+    container_id = {r["kernel_id"]: r for r in json.loads(listed.stdout)}[kernel_id]["container_id"]
+    client = docker.from_env()
+    try:
+        labels = client.api.inspect_container(container_id)["Config"]["Labels"]
+    finally:
+        client.close()
+    runtime_dir = Path(labels["io.kernel-sandbox.runtime-dir"])
+    assert runtime_dir.is_dir(), runtime_dir
+    return container_id, runtime_dir
+
+
+def assert_cleaned(container_id: str, runtime_dir: Path, timeout: float = 40) -> None:
+    """The service removes the container and runtime directory of a kernel it ended, whatever
+    the client does (a Jupyter Server that forgets a dead kernel sends no cleanup)."""
+    client = docker.from_env()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.api.inspect_container(container_id)
+                container = True
+            except docker.errors.NotFound:
+                container = False
+            if not container and not runtime_dir.exists():
+                return
+            assert time.monotonic() < deadline, (
+                f"{timeout:.0f} s after the kernel ended: container {container_id[:12]} "
+                f"{'remains' if container else 'gone'}, runtime dir {runtime_dir} "
+                f"{'remains' if runtime_dir.exists() else 'gone'}"
+            )
+            time.sleep(0.5)
+    finally:
+        client.close()
+
+
 def notices(messages: list[dict]) -> list[tuple[str, str]]:
     return [
         (m["content"]["text"], m["parent_header"].get("msg_id", ""))
@@ -117,7 +158,7 @@ def notices(messages: list[dict]) -> list[tuple[str, str]]:
     ]
 
 
-def test_an_idle_kernel_is_culled_and_the_student_told_why(sandbox_service, env, alice):
+def test_an_idle_kernel_is_culled_and_the_student_told_why(test_users, sandbox_service, env, alice):
     sandbox_service.write_policy(policy(IDLE))
     time.sleep(1.5)  # the service re-reads the file when it changes
     created = alice.api("POST", "/api/kernels", json={"name": "python3-sandbox", "path": ""})
@@ -126,6 +167,7 @@ def test_an_idle_kernel_is_culled_and_the_student_told_why(sandbox_service, env,
     ws = alice.channels(kernel_id)
     try:
         assert execute(ws, "print('working')")["stdout"] == "working\n"
+        container_id, runtime_dir = sandbox_of(test_users, env, kernel_id)
         msg_id = send_execute(ws, "x = 1")  # the last cell run; then nothing for IDLE s
         started = time.monotonic()
         said = notices(told(ws, 90))
@@ -140,6 +182,7 @@ def test_an_idle_kernel_is_culled_and_the_student_told_why(sandbox_service, env,
     assert parent == msg_id  # under the cell that ran last
     assert reason.startswith("kernel-sandbox: this kernel was shut down: idle for"), reason
     wait_forgotten(alice, kernel_id)  # shut down as a culler does: no restart
+    assert_cleaned(container_id, runtime_dir)
     log = alice.log_path.read_text()  # type: ignore[attr-defined]
     assert f"kernel {kernel_id}: idle for" in log, log[-3000:]
     assert "restarting kernel" not in log.lower()
@@ -157,6 +200,7 @@ def test_an_instructor_stops_a_students_kernel_and_the_student_is_told(
     ws = alice.channels(kernel_id)
     try:
         assert execute(ws, "print('working')")["stdout"] == "working\n"
+        container_id, runtime_dir = sandbox_of(test_users, env, kernel_id)
         msg_id = send_execute(ws, "import time\nprint('long', flush=True)\ntime.sleep(600)")
         listed = test_users.run_as(
             OPERATOR, CLI.format(argv=["ps", "--json"]), env=env, check=False
@@ -178,5 +222,6 @@ def test_an_instructor_stops_a_students_kernel_and_the_student_is_told(
     assert f"stopped by {OPERATOR}" in text, text
     assert parent == msg_id  # in the cell that was running
     wait_forgotten(alice, kernel_id)
+    assert_cleaned(container_id, runtime_dir)
     log = alice.log_path.read_text()  # type: ignore[attr-defined]
     assert f"kernel {kernel_id}: stopped by {OPERATOR}" in log, log[-3000:]

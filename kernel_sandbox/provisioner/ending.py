@@ -9,7 +9,8 @@ stop), the server's kernel is first marked dead with the notice as its reason an
 ``ready`` future failed with it (a client's reconnect is then refused with that reason, and
 JupyterLab, on a refused reconnect, fetches the model and shows the reason), its websocket
 connections are closed, and the kernel is shut down a few seconds later, as the server's own
-culler would (no restart).
+culler would (no restart), and its resources cleaned (jupyter_client forgets a kernel whose
+``ready`` failed without cleaning it; the service cleans what it ended in any case).
 
 The connections are found through the restart callbacks each one registers on the kernel
 manager (jupyter_server's ``ZMQChannelsWebsocketConnection.on_restart_failed``); a server
@@ -19,6 +20,7 @@ without them just shuts the kernel down as before.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 __all__ = ["KernelEnded", "close_connections", "end_with_reason"]
@@ -77,3 +79,9 @@ async def end_with_reason(
         await multi.shutdown_kernel(kernel_id)
     except Exception as exc:  # already gone
         log.warning("kernel %s: shutdown after its end: %s", kernel_id, exc)
+    try:  # a kernel whose ready future failed is forgotten without its cleanup: do it
+        cleaned = manager.cleanup_resources(restart=False)
+        if inspect.isawaitable(cleaned):
+            await cleaned
+    except Exception as exc:
+        log.warning("kernel %s: cleanup after its end: %s", kernel_id, exc)

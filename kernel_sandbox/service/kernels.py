@@ -51,6 +51,11 @@ log = logging.getLogger("kernel_sandbox.service")
 OPERATOR_KEYS = frozenset({"user", "egress_hosts", "egress_secrets"})
 # Keys a caller's kernelspec may carry but the service ignores: its warm pool is the operator's.
 POOL_KEYS = frozenset({"pool_size", "pool_max_idle"})
+# A kernel the service ended (idle_timeout, a stop) is cleaned by the service this long after
+# its container ended (its clients have polled and been told why by then), whatever its client
+# does; its end is still reported to polls for ENDED_KEPT seconds after.
+ENDED_GRACE = 10.0
+ENDED_KEPT = 600.0
 
 
 class KeptAtExit(ExitRegistry):
@@ -74,6 +79,7 @@ class ServedKernel:
     started: float = field(default_factory=time.time)
     memory: int = 0
     owner_lost: float | None = None
+    ended: float | None = None  # when the sweep first saw it ended by the service
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def summary(self) -> dict[str, Any]:
@@ -165,6 +171,8 @@ class KernelRegistry:
         # the terminals' sandboxes (service/terminals.py): they count against max_kernels too
         self.terminals: dict[str, Any] = {}
         self.starting: dict[int, list[int]] = {}  # uid -> memory of starts under way
+        # kernels the service ended and cleaned: kernel id -> (uid, exit code, reason, when)
+        self.ended: dict[str, tuple[int, int, str, float]] = {}
         self._exits = KeptAtExit()
         self._sweeps = SweepOnce()
         self._backend = backend
@@ -313,6 +321,7 @@ class KernelRegistry:
         if existing is None:
             self._unreserve(caller, kernel.memory)
             self.kernels[kernel_id] = kernel
+            self.ended.pop(kernel_id, None)
         self._save(kernel)
         return {**launched, "policy": _policy_summary(kernel.provisioner)}
 
@@ -458,7 +467,19 @@ class KernelRegistry:
     def _owner(self, caller: Caller) -> Owner:
         return Owner(socket.gethostname(), caller.pid, process_start_time(caller.pid))
 
+    def _ended_of(self, caller: Caller, kernel_id: str) -> tuple[int, int, str, float] | None:
+        """The end of a kernel of the caller's that the service ended and cleaned, if any."""
+        ended = self.ended.get(kernel_id)
+        if ended is None or kernel_id in self.kernels:
+            return None
+        if ended[0] != caller.uid and not self.rules.current().for_caller(caller).operator:
+            return None
+        return ended
+
     async def poll(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        ended = self._ended_of(caller, _kernel_id(request))
+        if ended is not None:
+            return {"exit_code": ended[1], "end_reason": ended[2]}
         kernel = self._mine(caller, _kernel_id(request))
         prov = kernel.provisioner
         code = await prov.poll()
@@ -468,6 +489,8 @@ class KernelRegistry:
         return reply
 
     async def signal(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        if self._ended_of(caller, _kernel_id(request)) is not None:
+            return {}  # nothing left to signal
         kernel = self._mine(caller, _kernel_id(request))
         signum = request.get("signum")
         if not isinstance(signum, int) or not 0 < signum < 65:
@@ -479,6 +502,8 @@ class KernelRegistry:
         kernel_id = _kernel_id(request)
         kernel = self.kernels.get(kernel_id)
         if kernel is None:
+            if self._ended_of(caller, kernel_id) is not None:
+                self.ended.pop(kernel_id, None)
             return {}  # cleanup is idempotent
         kernel = self._mine(caller, kernel_id)
         restart = bool(request.get("restart"))
@@ -525,8 +550,10 @@ class KernelRegistry:
     # -- owners that vanish, and the service's own restart -----------------------------------
 
     async def sweep(self) -> None:
-        """End the kernels whose owner process has been gone for orphan_timeout."""
+        """End the kernels whose owner process has been gone for orphan_timeout; clean those
+        the service ended (:meth:`_clean_ended`)."""
         now = time.monotonic()
+        await self._clean_ended(now)
         for kernel in list(self.kernels.values()):
             if kernel.owner.is_alive() is not False:
                 kernel.owner_lost = None
@@ -545,6 +572,42 @@ class KernelRegistry:
                         await self._cleanup(kernel, restart=False)
                 except Exception as exc:
                     log.warning("kernel %s: cleanup failed: %s", kernel.kernel_id, exc)
+
+    async def _clean_ended(self, now: float) -> None:
+        """Remove the container and runtime directory of each kernel the service ended
+        (idle_timeout, an operator's stop) ENDED_GRACE after its container ended: its client
+        does not restart it, and may never send the cleanup (a Jupyter Server that forgets a
+        dead kernel does not). Polls are still answered with its end for ENDED_KEPT."""
+        for kernel_id, ended in list(self.ended.items()):
+            if now - ended[3] > ENDED_KEPT:
+                del self.ended[kernel_id]
+        for kernel in list(self.kernels.values()):
+            prov = kernel.provisioner
+            if prov._end_reason is None or kernel.lock.locked():
+                kernel.ended = None
+                continue
+            try:
+                code = await prov.poll()  # the first that sees it ended tells its clients why
+            except Exception as exc:
+                log.warning("kernel %s: cannot poll it: %s", kernel.kernel_id, exc)
+                continue
+            if code is None:
+                continue
+            if kernel.ended is None:
+                kernel.ended = now
+            if now - kernel.ended < ENDED_GRACE or prov._end_reason is None:
+                continue
+            reason = str(prov._end_reason)
+            log.info(
+                "kernel %s of uid %d: ended (%s); cleaning up", kernel.kernel_id, kernel.uid, reason
+            )
+            try:
+                async with kernel.lock:
+                    await self._cleanup(kernel, restart=False)
+            except Exception as exc:
+                log.warning("kernel %s: cleanup failed: %s", kernel.kernel_id, exc)
+                continue
+            self.ended[kernel.kernel_id] = (kernel.uid, int(code), reason, now)
 
     def _record(self, kernel_id: str) -> Path:
         return self.state_dir / f"{kernel_id}.json"
