@@ -273,3 +273,57 @@ def test_through_the_service_the_service_writes_what_the_user_cannot_touch(
     )
     assert attempt.stdout.split() == ["r", "denied", "a", "denied"], attempt.stderr
     assert main(["audit", "verify", "--log-dir", str(log_dir)]) == 0
+
+
+def _audit_show_as(test_users, user: str, socket: str, *args: str) -> tuple[int, list[dict]]:
+    """`kernel-sandbox audit show --json ARGS` run by ``user`` through the service."""
+    code = (
+        "import sys\nfrom kernel_sandbox.cli.app import main\n"
+        f"sys.exit(main(['audit', 'show', '--json', *{list(args)!r}]))\n"
+    )
+    result = test_users.run_as(user, code, env={"KERNEL_SANDBOX_SERVICE": socket}, check=False)
+    found = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return result.returncode, found
+
+
+def test_through_the_service_users_read_their_own_runs_and_an_operator_everyones(
+    sandbox_service, test_users
+):
+    """The instructor's view: the service reads its audit for its callers. A student gets the
+    records of their own kernels only; an operator (operator = true) everyone's, or one
+    student's with --user; a non-operator asking for another user is refused."""
+    from test_service import kernel_script
+
+    home = test_users.add("kstalice").pw_dir
+    env = {"KERNEL_SANDBOX_SERVICE": sandbox_service.socket}
+    ran = test_users.run_as(
+        "kstalice", kernel_script("print('alice was here')", cwd=home), env=env, check=False
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    kernel_id = json.loads(ran.stdout.strip().splitlines()[-1])["kernel_id"]
+    socket = sandbox_service.socket
+
+    status, own = _audit_show_as(test_users, "kstalice", socket, "--kernel", kernel_id)
+    assert status == 0
+    assert [r["code"] for r in own if r["event"] == "execute"] == ["print('alice was here')"]
+
+    status, bobs = _audit_show_as(test_users, "kstbob", socket)
+    assert status == 0
+    assert all(r.get("kernel_id") != kernel_id for r in bobs)
+    assert all(r.get("user") in (None, "kstbob") for r in bobs)
+    status, _ = _audit_show_as(test_users, "kstbob", socket, "--user", "kstalice")
+    assert status == 2  # one error line: only an operator reads other users' records
+
+    sandbox_service.write_policy("[user.kstcarol]\noperator = true\n")
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # the service reloads its policy file when it changes
+            status, alices = _audit_show_as(test_users, "kstcarol", socket, "--user", "kstalice")
+            if status == 0 and alices or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status == 0
+        assert "print('alice was here')" in [r.get("code") for r in alices]
+        assert {r["user"] for r in alices if "user" in r} == {"kstalice"}
+    finally:
+        sandbox_service.write_policy("")

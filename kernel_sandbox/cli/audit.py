@@ -3,7 +3,9 @@
 Both read files, never a kernel: the audit log (execute requests, kernel events, data
 accesses) and the egress decision log (decisions and approvals). By default this user's
 (direct mode); ``--log-dir`` names a directory holding both (the sandbox service's
-``--log-dir``, readable by its operator), ``--log`` one chain (repeatable).
+``--log-dir``, readable by root), ``--log`` one chain (repeatable). Where a sandbox service is
+in use, ``show`` asks it instead (:mod:`kernel_sandbox.service.audit_view`): your own kernels'
+records, or everyone's for an operator (``--user NAME`` for one student's).
 
 ``verify`` exits 0 when every chain is intact, 1 when one is not (the first bad record named
 on stdout), 2 on a usage error (a ``--log`` that does not exist), as every command does
@@ -21,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kernel_sandbox.cli.console import EXIT_FAILED, EXIT_OK, UsageError, done, wide_console
+from kernel_sandbox.cli.service_mode import add_service_flags, ask, service_for
 from kernel_sandbox.engine.backend import DockerBackend
 
 __all__ = ["add_audit_command", "default_chains"]
@@ -98,12 +101,21 @@ def _status(row: dict[str, Any]) -> str:
 
 async def cmd_audit_show(args: argparse.Namespace, backend: DockerBackend) -> int:
     from kernel_sandbox.audit.show import parse_since, rows
+    from kernel_sandbox.service.audit_view import owned_by
 
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    found = rows(_chains(args), args.kernel, since)
+    service = None if (args.log or args.log_dir) else service_for(args)
+    if service is not None:  # the service wrote the audit, and reads it for its callers
+        fields = {"kernel": args.kernel, "since": args.since, "user": args.user}
+        reply = await ask(service, "audit", **{k: v for k, v in fields.items() if v})
+        found, dropped = list(reply["rows"]), int(reply.get("dropped", 0))
+    else:
+        found, dropped = rows(_chains(args), args.kernel, since), 0
+        if args.user:
+            found = owned_by(found, None, args.user)
     if args.json:
         for row in found:
             print(json.dumps(row))
@@ -126,6 +138,8 @@ async def cmd_audit_show(args: argparse.Namespace, backend: DockerBackend) -> in
             escape(_summary(row)),
         )
     wide_console(140).print(table)
+    if dropped:
+        done(f"({dropped} older records not shown: narrow with --since or --kernel)")
     return EXIT_OK
 
 
@@ -159,8 +173,14 @@ def add_audit_command(commands: argparse._SubParsersAction) -> None:
     show.add_argument(
         "--since", metavar="T", help="from a time (2026-12-03T16:00, UTC) or an age (30m, 2h, 7d)"
     )
+    show.add_argument(
+        "--user",
+        metavar="NAME",
+        help="the kernels of one account (through the service: operators only)",
+    )
     show.add_argument("--json", action="store_true", help="one JSON record per line")
     where(show)
+    add_service_flags(show)
     show.set_defaults(func=cmd_audit_show)
 
     verify = actions.add_parser(

@@ -56,6 +56,7 @@ OPS = frozenset(
         "stop",
         "tokens",
         "revoke",
+        "audit",  # the audit of the caller's kernels (an operator's: everyone's)
         "egress_pending",
         "egress_decide",
         "terminal_start",  # a terminal's sandbox: the pty's master descriptor back

@@ -243,6 +243,7 @@ class SandboxService:
         off_loop = {  # SQLite and the proxies' sockets: in this connection's thread
             "tokens": views.tokens,
             "revoke": views.revoke,
+            "audit": views.audit,
             "egress_pending": views.egress_pending,
             "egress_decide": views.egress_decide,
         }

@@ -266,6 +266,15 @@ class CallerViews:
     def _control(self) -> EgressControl:
         return EgressControl(self.runtime_root)
 
+    def audit(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
+        """The audit records of the caller's kernels (an operator's: everyone's)."""
+        from kernel_sandbox.service.audit_view import audit_reply
+
+        config = self.registry.provisioner_config
+        chains = [str(config[key]) for key in ("audit_log", "egress_log") if config.get(key)]
+        operator = bool(self.registry.rules.current().for_caller(caller).operator)
+        return audit_reply(chains, caller.uid, operator, request)
+
     def egress_pending(self, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
         """The caller's kernels' egress requests waiting for a decision."""
         kernels, operator = self._visible(caller)
