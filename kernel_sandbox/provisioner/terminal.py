@@ -73,7 +73,7 @@ async def create_terminal_sandbox(
     """Create (not start) the container of terminal ``name`` under ``provisioner``'s policy.
 
     Args:
-        provisioner: a DockerSandboxProvisioner (nothing started): policy, backend, runtime
+        provisioner: a DockerSandboxProvisioner (nothing started): policy, engine, runtime
             root, uid range, watchdog timeout and kernelspec come from it.
         identity: who the shell runs as (``pooled``: a uid of its own from uid_range).
         backend: the engine (default: the provisioner's).
@@ -93,7 +93,7 @@ async def create_terminal_sandbox(
         [provisioner.token_db, provisioner.audit_log, provisioner.data_credentials],
         spec_name,
     )
-    backend = backend or provisioner.backend
+    backend = backend or provisioner.engine
     resources = KernelResources(sandbox_id, backend, log)
     try:
         if identity.pooled:
