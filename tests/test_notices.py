@@ -135,10 +135,13 @@ def test_oom_reaches_a_jupyter_server_client_before_the_restart(jupyter_path, tm
             # does: a request sent while the server restarts it may be lost, in any Jupyter)
             wait_until_answering(ws)
             after = send(ws, "print('back')")
+            # until IOPub's idle for it: the reply (shell) may overtake the output (IOPub)
             back = read_until(
                 ws,
                 lambda m: (
-                    m["parent_header"].get("msg_id") == after and m["msg_type"] == "execute_reply"
+                    m["parent_header"].get("msg_id") == after
+                    and m["msg_type"] == "status"
+                    and m["content"]["execution_state"] == "idle"
                 ),
             )
             assert any(m["msg_type"] == "stream" and m["content"]["text"] == "back\n" for m in back)
