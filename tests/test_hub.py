@@ -266,12 +266,10 @@ def test_a_students_kernel_reaches_nothing_of_anyone_else(classroom: Classroom) 
 
 def test_a_students_terminal_reaches_nothing_of_anyone_else(classroom: Classroom) -> None:
     """The same from a student's terminal (a sandboxed shell, through the service)."""
-    if not classroom.terminals_on():
-        pytest.skip(
-            "terminals are off in docs/examples/jupyterhub/singleuser_config.py until "
-            "terminals through the sandbox service are merged (svcterm); then set "
-            'c.SandboxLockdown.terminals = "sandboxed" there and this test runs'
-        )
+    assert classroom.terminals_on(), (
+        "the class example (docs/examples/jupyterhub/singleuser_config.py) must keep "
+        'c.SandboxLockdown.terminals = "sandboxed": students get terminals, through the service'
+    )
     name, other = STUDENTS[2], STUDENTS[3]
     server = classroom.start_server(name)
     made = server.api("POST", "/api/terminals")
