@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from kubernetes import client
+from support import unavailable
 from support.kube import KubeCluster, exec_in, hardened_pod, wait_running
 from support.kube_netpol import PolicyEnforcer
 
@@ -36,7 +37,7 @@ CONNECT = (
 def listener(kube_cluster: KubeCluster) -> Iterator[tuple[str, int]]:
     """A TCP listener on this host's pod-bridge address that greets and closes."""
     if not kube_cluster.managed or not kube_cluster.pod_gateway:
-        pytest.skip("needs the machine's own test cluster (its pod bridge and iptables)")
+        unavailable("needs the machine's own test cluster (its pod bridge and iptables)")
     srv = socket.create_server((kube_cluster.pod_gateway, 0))
     srv.settimeout(0.5)
     stop = threading.Event()

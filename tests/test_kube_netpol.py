@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from jupyter_client.manager import KernelManager
 from kubernetes import client
+from support import unavailable
 from support.kernels import run_cell
 from support.kube_netpol import PolicyEnforcer
 from test_kube import interface_to, kube_spec
@@ -55,7 +56,7 @@ def test_the_kernels_policy_denies_its_egress_and_admits_its_owner(kube_cluster,
     try:
         interface = interface_to(km.provisioner.kube.pod_ip)
         if interface == "lo" or not interface:
-            pytest.skip("the pods are not on a bridge of this machine")
+            unavailable("the pods are not on a bridge of this machine")
         server = socket.create_server((address_of(interface), 0))
         server.settimeout(0.5)
         host, port = server.getsockname()[:2]
