@@ -192,25 +192,8 @@ class EgressControl:
         return list(self._secret_op("rotate", kernel_id, host)["changed"])
 
     def _secret_op(self, op: str, kernel_id: str, host: str | None) -> dict[str, Any]:
-        path = self._endpoint(kernel_id)
-        try:
-            reply = _ask(path, {"op": op, "host": host})
-        except (OSError, ValueError) as exc:
-            raise EgressControlError(
-                f"the egress proxy of kernel {kernel_id} did not answer: {exc}"
-            ) from exc
-        if not reply.get("ok"):
-            raise EgressControlError(str(reply.get("error")))
-        return reply
+        return self._op(kernel_id, {"op": op, "host": host})
 
     def _decide(self, op: str, kernel_id: str, target: str, always: bool) -> int:
-        path = self._endpoint(kernel_id)
-        try:
-            reply = _ask(path, {"op": op, "target": target, "always": always})
-        except (OSError, ValueError) as exc:
-            raise EgressControlError(
-                f"the egress proxy of kernel {kernel_id} did not answer: {exc}"
-            ) from exc
-        if not reply.get("ok"):
-            raise EgressControlError(str(reply.get("error")))
+        reply = self._op(kernel_id, {"op": op, "target": target, "always": always})
         return int(reply.get("decided", 0))
