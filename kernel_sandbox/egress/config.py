@@ -39,6 +39,11 @@ class ProxyConfig:
     ca_bundle: str = ""  # where the kernel's CA bundle goes (its h/ directory)
     trust_base: str = ""  # the host's trust store, put in the bundle before the kernel's CA
     upstream_ca: str = ""  # verify servers against this bundle instead of the host's store
+    # a pod kernel (kernel_sandbox.kube.egress): the proxy and its notices on TCP at this
+    # address (ports chosen at bind, written to ports_file), each client authenticated by token
+    tcp: str = ""
+    token: str = ""
+    ports_file: str = ""
 
     @classmethod
     def load(cls, path: str) -> ProxyConfig:

@@ -67,6 +67,7 @@ def raw_response(status: int, body: str) -> bytes:
     reasons = {
         400: "Bad Request",
         403: "Forbidden",
+        407: "Proxy Authentication Required",
         431: "Request Header Fields Too Large",
         502: "Bad Gateway",
         503: "Service Unavailable",
@@ -76,7 +77,8 @@ def raw_response(status: int, body: str) -> bytes:
         f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         "X-Kernel-Sandbox-Egress: denied\r\n"
-        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        + ('Proxy-Authenticate: Basic realm="kernel-sandbox egress"\r\n' if status == 407 else "")
+        + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + data
 

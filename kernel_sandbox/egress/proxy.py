@@ -24,7 +24,9 @@ tunnels, refusals as responses) are :mod:`.http`; ask mode's waiting requests ar
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -117,6 +119,8 @@ class EgressProxy:
             CredentialsError: a secret's source is unset, unreadable or unsafe.
         """
         private = os.path.dirname(self.config.control)
+        if self.config.tcp:
+            await self._listen_tcp()
         if self.secrets:
             self.secrets.load()
             self.ca = KernelCA(self.config.kernel_id, self.secrets.domains())
@@ -127,6 +131,8 @@ class EgressProxy:
             (self.config.notices, self._serve_notices, 0o666),
             (self.config.control, self._serve_control, 0o600),
         ):
+            if not path:  # a pod kernel's proxy serves its clients on TCP only
+                continue
             staging = os.path.join(private, f".{os.path.basename(path)}.{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staging)
@@ -139,10 +145,35 @@ class EgressProxy:
             self._servers.append(server)
         self._summaries = asyncio.create_task(self._summarize())
 
+    async def _listen_tcp(self) -> None:
+        """A pod kernel's proxy: the proxy and the notices on TCP at ``tcp`` (ports chosen at
+        bind), their numbers written to ``ports_file`` before the control socket appears."""
+        ports = {}
+        for name, handler in (("proxy", self._serve_client), ("notices", self._serve_tcp_notices)):
+            server = await asyncio.start_server(
+                handler, self.config.tcp, 0, limit=MAX_HEAD, backlog=2 * MAX_CONNECTIONS
+            )
+            self._servers.append(server)
+            ports[name] = server.sockets[0].getsockname()[1]
+        fd = os.open(self.config.ports_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(ports, handle)
+
+    def authenticated(self, event: h11.Request) -> bool:
+        """Whether a request carries this kernel's ``Proxy-Authorization`` (always, without a
+        token: a unix socket only the kernel's sandbox can reach)."""
+        if not self.config.token:
+            return True
+        expected = "Basic " + base64.b64encode(f"kernel:{self.config.token}".encode()).decode()
+        given = [v for n, v in event.headers if n == b"proxy-authorization"]
+        return len(given) == 1 and hmac.compare_digest(given[0], expected.encode())
+
     async def close(self) -> None:
         for server in self._servers:
             server.close()
         for path in (self.config.listen, self.config.notices, self.config.control):
+            if not path:
+                continue
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if self.ca is not None and self.config.ca_bundle:
@@ -220,6 +251,19 @@ class EgressProxy:
         if writer in self._notice_writers:
             self._notice_writers.remove(writer)
         writer.close()
+
+    async def _serve_tcp_notices(self, reader: StreamReader, writer: StreamWriter) -> None:
+        """Notices on TCP: the first line must be the kernel's token (else closed at once)."""
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+        except (OSError, ValueError, asyncio.TimeoutError):
+            line = b""
+        if not self.config.token or not hmac.compare_digest(
+            line.strip(), self.config.token.encode()
+        ):
+            await close_writer(writer)
+            return
+        await self._serve_notices(reader, writer)
 
     def refuse(self, refusal: Refused, method: str | None) -> bytes:
         outcome = "error" if refusal.status == 502 else "deny"
@@ -319,6 +363,11 @@ class EgressProxy:
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed, or nothing more
                 method = event.method.decode("ascii", "replace")
+                if not self.authenticated(event):
+                    # not this kernel (another pod reaching the address): logged, no notice
+                    self.record(None, "deny", "proxy-auth", method=method)
+                    writer.write(raw_response(407, "egress: proxy authentication required"))
+                    break
                 if any(n == b"content-length" for n, _ in event.headers) and any(
                     n == b"transfer-encoding" for n, _ in event.headers
                 ):

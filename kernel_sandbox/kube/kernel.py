@@ -22,6 +22,7 @@ import socket
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -31,6 +32,7 @@ from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import KERNEL_UID, NETWORK_ENV
 from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.control import send_interrupt
+from kernel_sandbox.kube.egress import PodEgress, egress_address
 from kernel_sandbox.kube.podspec import (
     CONNECTION_FILE,
     CONTAINER,
@@ -64,8 +66,8 @@ POLL_INTERVAL = 0.1
 def unsupported(policy: Any) -> list[str]:
     """The policy's keys this backend cannot honour yet (a start refuses them)."""
     missing = []
-    if policy.network != "none":
-        missing.append(f"network {policy.network!r} (the egress proxy is host-side)")
+    if policy.network not in ("none", "allowlist"):
+        missing.append(f"network {policy.network!r}")
     if policy.datasets:
         missing.append("datasets (the data broker is host-side)")
     if policy.pool_size:
@@ -134,6 +136,7 @@ class KubeKernel:
         self.service: str | None = None
         self.address = ""  # what clients connect to: the Service's, else the pod's
         self._deleted = False  # this side deleted the pod (kill, cleanup)
+        self.egress: PodEgress | None = None  # network: allowlist (kernel_sandbox.kube.egress)
         self._api_down_logged = False
 
     @property
@@ -175,6 +178,17 @@ class KubeKernel:
         env = container_env(
             host_env, allowed, prov.kernel_spec.env or {}, policy.env, policy.cpu_limit
         )
+        if policy.network == "allowlist":
+            if self.egress is None:
+                self.egress = PodEgress(
+                    Path(prov.runtime_root) / (prov.kernel_id or self.key),
+                    prov.kernel_id or self.key,
+                    policy,
+                    prov.egress_log,
+                    prov.log_limits,
+                    prov.egress_upstream_ca,
+                )
+            extra += self.egress.endpoint.kernel_arguments(argv)  # the notice extension
         kwargs["cmd"] = with_secret_copy(argv + extra)
         kwargs["env"] = {**env, NETWORK_ENV: policy.network}
         kwargs["user"] = policy.user or f"{KERNEL_UID}:{KERNEL_UID}"
@@ -214,6 +228,7 @@ class KubeKernel:
         """
         assert self.info is not None
         request = self._request(cmd, kwargs)
+        owner_ip = ""
         if self.prov.kube_owner_pod:
             owner = await self.api.get(PODS, self.prov.kube_owner_pod)
             if owner is None:
@@ -223,6 +238,7 @@ class KubeKernel:
                 )
             ref = owner_reference("Pod", owner["metadata"]["name"], owner["metadata"]["uid"])
             request = PodRequest(**{**request.__dict__, "owner_references": (ref,)})
+            owner_ip = (owner.get("status") or {}).get("podIP") or ""
         await retry_deletions(self.api)
         started = time.monotonic()
         self.pod_name, self._deleted, self.pod_ip = request.name, False, ""
@@ -236,8 +252,12 @@ class KubeKernel:
                 )
                 self.service, made_service = name, True
                 self.address = made["spec"]["clusterIP"]
+            extra: dict[str, bytes] = {}
+            if self.egress is not None:
+                request, extra = await self._with_egress(request, owner_ip)
             await self.api.create(NETWORK_POLICIES, network_policy_manifest(request))
-            await self.api.create(SECRETS, secret_manifest(request, pod_connection_file(self.info)))
+            connection = pod_connection_file(self.info)
+            await self.api.create(SECRETS, secret_manifest(request, connection, extra))
             pod = await self.api.create(PODS, pod_manifest(request))
             ref = owner_reference("Pod", request.name, pod["metadata"]["uid"])
             owned = {"metadata": {"ownerReferences": [ref]}}
@@ -266,6 +286,24 @@ class KubeKernel:
             time.monotonic() - started,
         )
         return self.prov.connection_info
+
+    async def _with_egress(
+        self, request: PodRequest, owner_ip: str
+    ) -> tuple[PodRequest, dict[str, bytes]]:
+        """Start the kernel's egress proxy (once; it outlives restarts) and give the pod its
+        launcher, its NetworkPolicy's one egress rule and its Secret's token."""
+        assert self.egress is not None
+        if not self.egress.ports:
+            setting = self.prov.kube_egress_address
+            address = await asyncio.to_thread(egress_address, setting, owner_ip, self.address)
+            await self.egress.start(address)
+        else:
+            await self.egress.start(self.egress.address)  # a no-op unless the proxy ended
+        changes = {
+            "command": self.egress.command(request.command),
+            "egress_to": (self.egress.rule(),),
+        }
+        return PodRequest(**{**request.__dict__, **changes}), self.egress.secret_files()
 
     async def _until_running(self, request: PodRequest, started: float) -> PodState:
         image, timeout = request.policy.image, self.prov.launch_timeout
@@ -396,6 +434,12 @@ class KubeKernel:
         if not restart:
             self.info = None
             self.api.close()
+            if self.egress is not None:
+                egress, self.egress = self.egress, None
+                try:
+                    await egress.stop()
+                except Exception as exc:  # never raise into jupyter_client from cleanup
+                    self.log.warning("kernel %s: egress proxy: %s", self.prov.kernel_id, exc)
 
     async def _until_gone(self, pod: str, timeout: float = 30.0) -> None:
         """Wait until the kubelet has confirmed the pod's end (a graceful deletion removes the

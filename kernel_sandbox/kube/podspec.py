@@ -120,6 +120,8 @@ class PodRequest:
     # NetworkPolicy peers allowed to reach the kernel's ports (none: nobody, until patched)
     ingress_from: tuple[dict[str, Any], ...] = ()
     owner_references: tuple[dict[str, Any], ...] = field(default=())
+    # NetworkPolicy egress rules (none: nothing out; allowlist mode: its proxy only)
+    egress_to: tuple[dict[str, Any], ...] = ()
 
     @property
     def selector(self) -> dict[str, str]:
@@ -237,17 +239,21 @@ def pod_manifest(request: PodRequest) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": request.metadata(**extra), "spec": spec}
 
 
-def secret_manifest(request: PodRequest, connection_file: bytes) -> dict[str, Any]:
+def secret_manifest(
+    request: PodRequest, connection_file: bytes, extra: Mapping[str, bytes] | None = None
+) -> dict[str, Any]:
     """The Secret that carries the connection file (HMAC key, CurveZMQ keys) into the pod and
     nowhere else: never in the pod spec, never in an environment variable. The provisioner
-    makes the pod its owner, so the cluster deletes it with the pod."""
+    makes the pod its owner, so the cluster deletes it with the pod. ``extra``: more files
+    for the same mount (the egress proxy's token, :mod:`kernel_sandbox.kube.egress`)."""
+    data = {name: base64.b64encode(value).decode() for name, value in (extra or {}).items()}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "immutable": True,
         "metadata": request.metadata(annotations=dict(request.annotations)),
-        "data": {"connection.json": base64.b64encode(connection_file).decode()},
+        "data": {**data, "connection.json": base64.b64encode(connection_file).decode()},
     }
 
 
@@ -295,7 +301,8 @@ def service_manifest(
 
 
 def network_policy_manifest(request: PodRequest) -> dict[str, Any]:
-    """Deny all egress, and all ingress but the owner's to the kernel's ports.
+    """Deny all egress (but ``egress_to``: the egress proxy), and all ingress but the owner's
+    to the kernel's ports.
 
     Enforced only by a network plugin that implements NetworkPolicy (docs/kubernetes.md).
     """
@@ -315,7 +322,7 @@ def network_policy_manifest(request: PodRequest) -> dict[str, Any]:
             "podSelector": {"matchLabels": request.selector},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": ingress,
-            "egress": [],
+            "egress": [dict(rule) for rule in request.egress_to],
         },
     }
 

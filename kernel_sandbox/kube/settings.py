@@ -76,6 +76,14 @@ class KubeSettings(HasTraits):
         "stays the same across restarts (a restart is a new pod with a new pod address). "
         "False: clients connect to the pod's own address (one object fewer per kernel).",
     )
+    kube_egress_address = Unicode(
+        "auto",
+        config=True,
+        help="Address the egress proxy of a `network: allowlist` pod listens on, which the "
+        "pod connects to (its NetworkPolicy allows only it): 'auto' for the kube_owner_pod's "
+        "address, else this host's source address toward the kernel's Service; or an address "
+        "of this host that pods reach (e.g. its pod-bridge address).",
+    )
     kube_api_timeout = Float(
         10.0, config=True, help="Seconds one request to the API server may take."
     )

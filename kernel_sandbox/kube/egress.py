@@ -1,0 +1,250 @@
+"""``network: allowlist`` for a pod kernel: the same per-kernel egress proxy as the Docker path
+(:mod:`kernel_sandbox.egress`), run by the owner, reached by the pod over TCP.
+
+A container reaches its proxy through a unix socket in its runtime directory; a pod has no
+such directory, only the pod network. So the owner starts the proxy listening on TCP at the
+address the pod reaches the owner at (``kube_egress_address``), on ports chosen per kernel,
+and every request must carry ``Proxy-Authorization: Basic kernel:TOKEN`` with a token new for
+each kernel (another pod reaching that address gets 407). The token travels only in the
+kernel's Secret (``egress-token``), never in the pod spec: the pod's command reads it from
+there and sets ``HTTP(S)_PROXY=http://kernel:TOKEN@ADDRESS:PORT`` for the kernel
+(:data:`_LAUNCH`, standard library only). The kernel's NetworkPolicy allows egress to that
+address and those ports only. Denial notices come over a second port (the token first), which
+the launcher relays to a unix socket in the pod where the image's notice extension reads them,
+as on the Docker path. With ``egress_secrets`` the kernel's CA bundle goes into the Secret too.
+
+What crosses the pod network in clear: the proxy requests themselves (HTTP to the proxy, as
+any forward proxy: the token, the target names, and plain ``http://`` traffic; HTTPS stays
+TLS end to end through ``CONNECT``, or to the proxy's own CA for secret hosts). See
+docs/kubernetes.md for the threat model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import shutil
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kernel_sandbox.egress.config import ProxyConfig
+from kernel_sandbox.egress.service import EgressEndpoint
+from kernel_sandbox.errors import KernelStartError
+from kernel_sandbox.host.logtext import LogLimits
+from kernel_sandbox.host.owner import Owner
+from kernel_sandbox.inside.contract import EGRESS_CA_BUNDLE, RUNTIME_MOUNT
+from kernel_sandbox.kube.podspec import SECRET_MOUNT
+
+__all__ = ["PodEgress", "egress_address", "egress_rule", "with_egress"]
+
+TOKEN_KEY = "egress-token"  # the Secret's entries
+CA_KEY = "egress-ca.pem"
+NOTICES_PATH = f"{RUNTIME_MOUNT}/egress-notices"
+PORTS_FILE = "egress-ports.json"
+
+# Runs in the pod before the kernel (standard library only): the proxy variables from the
+# Secret's token, the notice relay (a forked child: unix socket in the pod -> the proxy's
+# notice port, token first), then exec of the rest of the command.
+_LAUNCH = r"""
+import os, socket, sys, threading
+a = sys.argv
+i = a.index("--")
+token = open(a[1]).read().strip()
+host, port, nport, path, ca = a[2], a[3], int(a[4]), a[5], a[6]
+url = "http://kernel:%s@%s:%s" % (token, host, port)
+for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    os.environ[k] = url
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "localhost,127.0.0.1,::1"
+os.environ["KERNEL_SANDBOX_EGRESS_NOTICES"] = path
+if ca:
+    for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT"):
+        os.environ[k] = ca
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(4)
+parent = os.getpid()
+if os.fork() == 0:
+    def pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+    def serve(conn):
+        try:
+            up = socket.create_connection((host, nport), timeout=10)
+            up.settimeout(None)
+            up.sendall(token.encode() + b"\n")
+        except OSError:
+            conn.close()
+            return
+        threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+        pump(up, conn)
+        conn.close()
+        up.close()
+    srv.settimeout(2)
+    while os.getppid() == parent:
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    os._exit(0)
+srv.close()
+os.execvp(a[i + 1], a[i + 1:])
+"""
+
+
+def with_egress(argv: Sequence[str], address: str, ports: dict[str, int], ca: bool) -> list[str]:
+    """``argv`` started with the proxy variables set from the Secret's token and the notice
+    relay running (see :data:`_LAUNCH`)."""
+    return [
+        "python",
+        "-c",
+        _LAUNCH,
+        f"{SECRET_MOUNT}/{TOKEN_KEY}",
+        address,
+        str(ports["proxy"]),
+        str(ports["notices"]),
+        NOTICES_PATH,
+        f"{SECRET_MOUNT}/{CA_KEY}" if ca else "",
+        "--",
+        *argv,
+    ]
+
+
+def egress_rule(address: str, ports: dict[str, int]) -> dict[str, Any]:
+    """The NetworkPolicy egress rule: the proxy's address and ports, nothing else."""
+    return {
+        "to": [{"ipBlock": {"cidr": f"{address}/32"}}],
+        "ports": [{"protocol": "TCP", "port": p} for p in sorted(ports.values())],
+    }
+
+
+def _source_address(target: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((target, 9))
+        return str(probe.getsockname()[0])
+
+
+def egress_address(setting: str, owner_pod_ip: str, service_ip: str) -> str:
+    """Where the proxy listens and the pod connects: ``kube_egress_address`` unless 'auto';
+    else the owner's pod address (an owner in the cluster), else this host's source address
+    toward the kernel's Service (an owner on a node).
+
+    Raises:
+        KernelStartError: 'auto' with neither an owner pod nor a Service.
+    """
+    if setting and setting != "auto":
+        return setting
+    if owner_pod_ip:
+        return owner_pod_ip
+    if service_ip:
+        return _source_address(service_ip)
+    raise KernelStartError(
+        "network 'allowlist' on Kubernetes needs the address kernel pods reach this process "
+        "at: set c.DockerSandboxProvisioner.kube_egress_address (or kube_owner_pod, or "
+        "leave kube_service on)"
+    )
+
+
+class PodEgress:
+    """One pod kernel's proxy (kept across restarts: same address, ports and token)."""
+
+    def __init__(
+        self,
+        private_dir: Path,
+        kernel_id: str,
+        policy: Any,
+        log_path: str,
+        limits: LogLimits | None,
+        upstream_ca: str,
+    ):
+        self.dir = Path(private_dir)
+        self.token = secrets.token_urlsafe(32)
+        self.address = ""
+        self.ports: dict[str, int] = {}
+        self.endpoint = _TcpEndpoint(self, kernel_id, policy, log_path, limits, upstream_ca)
+
+    async def start(self, address: str) -> None:
+        """Start the proxy at ``address`` (once) and learn its ports.
+
+        Raises:
+            KernelStartError: the proxy ended, did not listen, or a secret is refused.
+        """
+        if self.endpoint.process is not None and self.endpoint.process.poll() is None:
+            return
+        self.address = address
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.chmod(0o700)
+        Owner.current().save(self.dir)  # the Docker path's sweep leaves a live owner's dir
+        (self.dir / PORTS_FILE).unlink(missing_ok=True)
+        self.endpoint.start()
+        await self.endpoint.wait_ready()
+        self.ports = json.loads((self.dir / PORTS_FILE).read_text())
+
+    @property
+    def has_secrets(self) -> bool:
+        return self.endpoint.has_secrets
+
+    def secret_files(self) -> dict[str, bytes]:
+        """What the kernel's Secret carries for egress: the token, and with egress_secrets
+        the CA bundle (public certificates only)."""
+        files = {TOKEN_KEY: self.token.encode()}
+        if self.has_secrets:
+            files[CA_KEY] = (self.dir / EGRESS_CA_BUNDLE).read_bytes()
+        return files
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return with_egress(argv, self.address, self.ports, self.has_secrets)
+
+    def rule(self) -> dict[str, Any]:
+        return egress_rule(self.address, self.ports)
+
+    async def stop(self) -> None:
+        """End the proxy and remove its directory. Never raises."""
+        try:
+            await self.endpoint.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _TcpEndpoint(EgressEndpoint):
+    """The Docker path's proxy process, configured for TCP with a token."""
+
+    def __init__(
+        self,
+        owner: PodEgress,
+        kernel_id: str,
+        policy: Any,
+        log_path: str,
+        limits: LogLimits | None,
+        upstream_ca: str,
+    ):
+        super().__init__(
+            owner.dir, owner.dir, kernel_id, policy, log_path, "", 0, limits, upstream_ca
+        )
+        self.pod = owner
+
+    def config(self) -> ProxyConfig:
+        return dataclasses.replace(
+            super().config(),
+            listen="",
+            notices="",
+            tcp=self.pod.address,
+            token=self.pod.token,
+            ports_file=str(self.pod.dir / PORTS_FILE),
+        )

@@ -1,0 +1,255 @@
+"""``network: allowlist`` on a pod kernel: the owner's per-kernel egress proxy, reached over
+TCP with a per-kernel token, the kernel's NetworkPolicy allowing that one address and its
+ports (kernel_sandbox/kube/egress.py).
+
+Against the test cluster, with the stand-in NetworkPolicy enforcer (tests/support/kube_netpol.py)
+for the enforced part. Every target is a listener this test starts on the host's pod-bridge
+address (``kube_cluster.pod_gateway``), under ``.test`` names mapped by ``egress_hosts``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import KernelManager
+from kubernetes import client
+from support import unavailable
+from support.kernels import run_cell
+from support.kube import hardened_pod, wait_running
+from support.kube_netpol import PolicyEnforcer
+from test_kube import kube_spec
+
+from kernel_sandbox.egress import EgressControl
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+FETCH = """
+import urllib.request
+try:
+    print("BODY", urllib.request.urlopen({url!r}, timeout=20).read().decode())
+except Exception as exc:
+    print("FAILED", type(exc).__name__, exc)
+"""
+
+CONNECT = """
+import socket
+try:
+    with socket.create_connection(({host!r}, {port}), timeout=3) as s:
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        print("CONNECTED", s.recv(12))
+except OSError as exc:
+    print("REFUSED", type(exc).__name__)
+"""
+
+NO_TOKEN = """
+import os, socket, urllib.parse
+proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+with socket.create_connection((proxy.hostname, proxy.port), timeout=10) as s:
+    s.sendall(b"GET {url} HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n")
+    print("ANSWER", s.recv(200).split(b"\\r\\n")[0].decode())
+"""
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b"hello-egress"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _has_address(address: str) -> bool:
+    out = subprocess.run(["ip", "-o", "addr", "show", "to", f"{address}/32"], capture_output=True)
+    return bool(out.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def gateway(kube_cluster) -> str:
+    """The host's pod-bridge address, made to exist (the CNI bridge appears with the first
+    pod): where the listener and the proxy go."""
+    if not kube_cluster.pod_gateway:
+        unavailable("the cluster is not this fixture's (no pod bridge address known)")
+    gw = kube_cluster.pod_gateway
+    if not _has_address(gw):
+        core, name = kube_cluster.core(), f"bridge-{uuid.uuid4().hex[:6]}"
+        core.create_namespaced_pod(kube_cluster.namespace, hardened_pod(name))
+        try:
+            wait_running(core, kube_cluster.namespace, name)
+        finally:
+            core.delete_namespaced_pod(name, kube_cluster.namespace, grace_period_seconds=0)
+    assert _has_address(gw), f"{gw} is not an address of this host"
+    return gw
+
+
+@pytest.fixture(scope="module")
+def listener(gateway) -> Iterator[tuple[str, int]]:
+    """An HTTP server on the pod-bridge address: the only target."""
+    server = ThreadingHTTPServer((gateway, 0), _Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield gateway, server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def egress_log(tmp_path_factory) -> Iterator[Path]:
+    """Decisions of this module's proxies go to a log of their own."""
+    state = tmp_path_factory.mktemp("kube-egress-state")
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(state)
+    yield state / "kernel-sandbox" / "egress.jsonl"
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
+
+
+@pytest.fixture
+def enforcer(kube_cluster) -> Iterator[PolicyEnforcer]:
+    api = kube_cluster.api_client()
+    e = PolicyEnforcer(client.CoreV1Api(api), client.NetworkingV1Api(api))
+    yield e
+    e.clear()
+
+
+def read_log(log: Path, kernel_id: str) -> list[dict]:
+    if not log.exists():
+        return []
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [e for e in entries if e.get("kernel_id") == kernel_id]
+
+
+def allowlist_spec(kube_cluster, gateway: str, port: int, **extra) -> str:
+    return kube_spec(
+        kube_cluster,
+        network="allowlist",
+        egress=[f"files.example.test:{port}"],
+        egress_hosts={"files.example.test": gateway, "other.example.test": gateway},
+        kube_egress_address=gateway,
+        **extra,
+    )
+
+
+def started(spec: str) -> tuple[KernelManager, object]:
+    km = KernelManager(kernel_name=spec)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return km, kc
+
+
+def test_an_allowlist_pod_goes_out_only_through_its_proxy(
+    kube_cluster, listener, enforcer, egress_log
+):
+    host, port = listener
+    km, kc = started(allowlist_spec(kube_cluster, host, port))
+    try:
+        kube = km.provisioner.kube
+        egress = kube.egress
+        assert egress is not None and egress.address == host
+        listed = f"http://files.example.test:{port}/"
+        assert "BODY hello-egress" in run_cell(kc, FETCH.format(url=listed))["stdout"]
+        # unlisted: refused, and the Docker path's notice shows in the cell
+        out = run_cell(kc, FETCH.format(url=f"http://other.example.test:{port}/"))
+        assert "FAILED" in out["stdout"] and "403" in out["stdout"]
+        assert (
+            f"egress to other.example.test:{port} denied: not in this kernel's allowlist"
+            in out["stderr"]
+        )
+        # without the token: 407, from the pod itself and from this host
+        no_token = NO_TOKEN.format(url=listed, host=f"files.example.test:{port}")
+        answer = run_cell(kc, no_token)["stdout"]
+        assert "ANSWER HTTP/1.1 407" in answer, answer
+        with socket.create_connection((host, egress.ports["proxy"]), timeout=10) as s:
+            wrong = base64.b64encode(b"kernel:not-the-token").decode()
+            s.sendall(
+                f"GET {listed} HTTP/1.1\r\nHost: files.example.test:{port}\r\n"
+                f"Proxy-Authorization: Basic {wrong}\r\n\r\n".encode()
+            )
+            assert s.recv(200).startswith(b"HTTP/1.1 407")
+        # the notice port wants the token first too
+        with socket.create_connection((host, egress.ports["notices"]), timeout=10) as s:
+            s.sendall(b"not-the-token\n")
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed at once
+        # the objects: one egress rule (the proxy), the token in the Secret only
+        net = client.NetworkingV1Api(kube_cluster.api_client()).read_namespaced_network_policy(
+            kube.pod_name, kube_cluster.namespace
+        )
+        (rule,) = net.spec.egress
+        assert [p.ip_block.cidr for p in rule.to] == [f"{host}/32"]
+        assert sorted(p.port for p in rule.ports) == sorted(egress.ports.values())
+        core = kube_cluster.core()
+        pod = core.read_namespaced_pod(kube.pod_name, kube_cluster.namespace)
+        assert egress.token not in json.dumps(
+            kube_cluster.api_client().sanitize_for_serialization(pod)
+        )
+        secret = core.read_namespaced_secret(kube.pod_name, kube_cluster.namespace)
+        assert base64.b64decode(secret.data["egress-token"]).decode() == egress.token
+        # not enforced by the cluster: the pod still connects directly to the listener
+        direct = CONNECT.format(host=host, port=port)
+        assert "CONNECTED" in run_cell(kc, direct)["stdout"]
+        # enforced (the stand-in controller): direct is refused, the proxy still works
+        rules = enforcer.sync(kube_cluster.namespace)
+        assert kube.pod_name in str(rules)
+        assert "REFUSED" in run_cell(kc, direct, timeout=30)["stdout"]
+        assert "BODY hello-egress" in run_cell(kc, FETCH.format(url=listed))["stdout"]
+        enforcer.clear()
+        log = read_log(egress_log, km.kernel_id)
+        decisions = {(e["decision"], e["rule"]) for e in log}
+        assert ("allow", f"allow files.example.test:{port}") in decisions, decisions
+        assert ("deny", "not-listed") in decisions
+        assert ("deny", "proxy-auth") in decisions
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert egress.endpoint.process is None and not egress.dir.exists()
+    with pytest.raises(OSError):  # the proxy is gone with the kernel
+        socket.create_connection((host, egress.ports["proxy"]), timeout=3).close()
+
+
+def test_ask_mode_on_a_pod_waits_for_a_person(kube_cluster, listener, egress_log):
+    host, port = listener
+    km, kc = started(
+        allowlist_spec(kube_cluster, host, port, egress_mode="ask", egress_ask_timeout=60)
+    )
+    try:
+        control = EgressControl()
+        approved: list[str] = []
+
+        def approve() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for request in control.pending(km.kernel_id):
+                    control.approve(request.kernel_id, request.target)
+                    approved.append(request.target)
+                    return
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=approve, daemon=True)
+        thread.start()
+        url = f"http://other.example.test:{port}/"
+        out = run_cell(kc, FETCH.format(url=url), timeout=90)
+        thread.join(5)
+        assert approved == [f"other.example.test:{port}"]
+        assert "BODY hello-egress" in out["stdout"], out
+        assert "kernel-sandbox egress approve" in out["stderr"]  # the notice names the command
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
