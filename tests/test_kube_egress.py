@@ -25,10 +25,12 @@ import pytest
 from jupyter_client.manager import KernelManager
 from kubernetes import client
 from support import unavailable
+from support.egress_servers import LocalTargets
 from support.kernels import run_cell
 from support.kube import hardened_pod, wait_running
 from support.kube_netpol import PolicyEnforcer
 from test_kube import kube_spec
+from traitlets.config import Config
 
 from kernel_sandbox.egress import EgressControl
 
@@ -253,3 +255,71 @@ def test_ask_mode_on_a_pod_waits_for_a_person(kube_cluster, listener, egress_log
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+SECRET = "sk-pod-3f9a1c7e5b2d8064e1a9"
+SECRET_ENV = "KS_KUBE_SECRET_TEST_KEY"
+GET = """
+import urllib.request, urllib.error
+try:
+    with urllib.request.urlopen({url!r}, timeout=30) as r:   # the default trust: no context
+        print("STATUS", r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print("STATUS", e.code, e.read().decode())
+except Exception as e:
+    print("FAILED", type(e).__name__, e)
+"""
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory) -> Iterator[LocalTargets]:
+    """HTTP(S) servers on this host's loopback: the proxy (on this host) connects to them."""
+    servers = LocalTargets(tmp_path_factory.mktemp("kube-egress-targets"))
+    yield servers
+    servers.close()
+
+
+def test_egress_secrets_on_a_pod_the_server_gets_the_key_the_kernel_never_does(
+    kube_cluster, gateway, targets, egress_log
+):
+    port = targets.https_port
+    os.environ[SECRET_ENV] = SECRET  # the owner's environment, which the proxy inherits
+    spec = kube_spec(
+        kube_cluster,
+        network="allowlist",
+        egress=[f"api.test:{port}", f"pypi.test:{port}"],
+        egress_hosts=targets.hosts(),
+        egress_secrets={f"api.test:{port}": f"env:{SECRET_ENV}"},
+        kube_egress_address=gateway,
+    )
+    operator = Config({"DockerSandboxProvisioner": {"egress_upstream_ca": str(targets.cert)}})
+    km = KernelManager(kernel_name=spec, config=operator)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kube = km.provisioner.kube
+        # the kernel's CA reaches the pod through its Secret: certificates, no key
+        secret = kube_cluster.core().read_namespaced_secret(kube.pod_name, kube_cluster.namespace)
+        bundle = base64.b64decode(secret.data["egress-ca.pem"]).decode()
+        assert "BEGIN CERTIFICATE" in bundle and "PRIVATE KEY" not in bundle
+        out = run_cell(kc, GET.format(url=f"https://api.test:{port}/reflect"))["stdout"]
+        assert "STATUS 200" in out, out
+        seen = {k.lower(): v for k, v in targets.seen[-1]["headers"].items()}
+        assert seen["authorization"] == f"Bearer {SECRET}"
+        assert SECRET not in out and "*" * len(SECRET) in out  # the echo came back masked
+        # a host without a secret is a plain tunnel: the kernel verifies the real server
+        # itself, which the kernel's CA bundle does not vouch for (the test CA is not in it)
+        plain = run_cell(kc, GET.format(url=f"https://pypi.test:{port}/hello"))["stdout"]
+        assert "CERTIFICATE_VERIFY_FAILED" in plain, plain
+        assert SECRET not in json.dumps(
+            kube_cluster.api_client().sanitize_for_serialization(
+                kube_cluster.core().read_namespaced_pod(kube.pod_name, kube_cluster.namespace)
+            )
+        )
+        assert "inject" in {e["decision"] for e in read_log(egress_log, km.kernel_id)}
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        os.environ.pop(SECRET_ENV, None)
