@@ -43,9 +43,10 @@ T = TypeVar("T")
 class _Endpoint:
     """One kernel's listening socket and its live connections."""
 
-    path: Path
+    path: Path | None  # None: a TCP port (a pod kernel's, grant_tcp)
     server: asyncio.AbstractServer
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    port: int = 0  # the TCP port (path None)
 
 
 class DataBroker:
@@ -182,6 +183,23 @@ class DataBroker:
         self.serve(kernel_id, shared_dir)
         return record
 
+    def grant_tcp(
+        self, kernel_id: str, scope: Mapping[str, Grant], ttl: float, host: str, port: int = 0
+    ) -> tuple[str, TokenRecord, int]:
+        """:meth:`grant` for a kernel in a pod: the token is returned (for the pod's Secret)
+        and the kernel's requests are served on TCP at ``host`` (``port``, 0 for any: kept
+        while it serves). Requests are told apart by the port, as by the socket on the Docker
+        path, and authenticated by the token; nothing else about the peer is known.
+
+        Returns:
+            (token, its record, the port).
+        """
+        self.tokens.revoke_kernel(kernel_id, "replaced by a new token")
+        scope = self._sources.roots.pin(kernel_id, scope)
+        token, record = self.tokens.mint(kernel_id, scope, ttl)
+        bound = self._run(self._listen_tcp(kernel_id, host, port))
+        return token, record, bound
+
     def serve(self, kernel_id: str, shared_dir: Path) -> None:
         """Listen on ``shared_dir/data.sock`` for ``kernel_id`` (again after an adoption: its
         dataset roots are then re-opened on first use, checked against the identities its
@@ -240,6 +258,17 @@ class DataBroker:
         server = await asyncio.start_unix_server(partial(self._serve, kernel_id), sock=listener)
         self._endpoints[kernel_id] = _Endpoint(path, server)
 
+    async def _listen_tcp(self, kernel_id: str, host: str, port: int) -> int:
+        current = self._endpoints.get(kernel_id)
+        if current is not None:
+            if current.path is None and current.server.is_serving():
+                return current.port
+            await self._unlisten(kernel_id)
+        server = await asyncio.start_server(partial(self._serve, kernel_id), host, port)
+        bound = int(server.sockets[0].getsockname()[1])
+        self._endpoints[kernel_id] = _Endpoint(None, server, port=bound)
+        return bound
+
     async def _unlisten(self, kernel_id: str) -> None:
         endpoint = self._endpoints.pop(kernel_id, None)
         if endpoint is None:
@@ -248,7 +277,7 @@ class DataBroker:
         for writer in list(endpoint.writers):
             writer.close()
         try:
-            if is_socket(endpoint.path):
+            if endpoint.path is not None and is_socket(endpoint.path):
                 endpoint.path.unlink()
         except OSError:
             pass

@@ -8,7 +8,7 @@ and every request must carry ``Proxy-Authorization: Basic kernel:TOKEN`` with a 
 each kernel (another pod reaching that address gets 407). The token travels only in the
 kernel's Secret (``egress-token``), never in the pod spec: the pod's command reads it from
 there and sets ``HTTP(S)_PROXY=http://kernel:TOKEN@ADDRESS:PORT`` for the kernel
-(:data:`_LAUNCH`, standard library only). The kernel's NetworkPolicy allows egress to that
+(:mod:`.launch`). The kernel's NetworkPolicy allows egress to that
 address and those ports only. Denial notices come over a second port (the token first), which
 the launcher relays to a unix socket in the pod where the image's notice extension reads them,
 as on the Docker path. With ``egress_secrets`` the kernel's CA bundle goes into the Secret too.
@@ -26,111 +26,51 @@ import json
 import secrets
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from kernel_sandbox.egress.config import ProxyConfig
-from kernel_sandbox.egress.service import EgressEndpoint
+from kernel_sandbox.egress.service import EgressEndpoint, ca_env, proxy_env
 from kernel_sandbox.errors import KernelStartError
 from kernel_sandbox.host.logtext import LogLimits
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import EGRESS_CA_BUNDLE, RUNTIME_MOUNT
+from kernel_sandbox.kube.launch import Launch, Relay
 from kernel_sandbox.kube.podspec import SECRET_MOUNT
 
-__all__ = ["PodEgress", "egress_address", "egress_rule", "with_egress"]
+__all__ = ["PodEgress", "egress_address", "egress_launch", "owner_rule"]
 
 TOKEN_KEY = "egress-token"  # the Secret's entries
 CA_KEY = "egress-ca.pem"
 NOTICES_PATH = f"{RUNTIME_MOUNT}/egress-notices"
 PORTS_FILE = "egress-ports.json"
-
-# Runs in the pod before the kernel (standard library only): the proxy variables from the
-# Secret's token, the notice relay (a forked child: unix socket in the pod -> the proxy's
-# notice port, token first), then exec of the rest of the command.
-_LAUNCH = r"""
-import os, socket, sys, threading
-a = sys.argv
-i = a.index("--")
-token = open(a[1]).read().strip()
-host, port, nport, path, ca = a[2], a[3], int(a[4]), a[5], a[6]
-url = "http://kernel:%s@%s:%s" % (token, host, port)
-for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-    os.environ[k] = url
-os.environ["NO_PROXY"] = os.environ["no_proxy"] = "localhost,127.0.0.1,::1"
-os.environ["KERNEL_SANDBOX_EGRESS_NOTICES"] = path
-if ca:
-    for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT"):
-        os.environ[k] = ca
-srv = socket.socket(socket.AF_UNIX)
-srv.bind(path)
-srv.listen(4)
-parent = os.getpid()
-if os.fork() == 0:
-    def pump(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-    def serve(conn):
-        try:
-            up = socket.create_connection((host, nport), timeout=10)
-            up.settimeout(None)
-            up.sendall(token.encode() + b"\n")
-        except OSError:
-            conn.close()
-            return
-        threading.Thread(target=pump, args=(conn, up), daemon=True).start()
-        pump(up, conn)
-        conn.close()
-        up.close()
-    srv.settimeout(2)
-    while os.getppid() == parent:
-        try:
-            conn, _ = srv.accept()
-        except socket.timeout:
-            continue
-        except OSError:
-            break
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-    os._exit(0)
-srv.close()
-os.execvp(a[i + 1], a[i + 1:])
-"""
+LOCAL = proxy_env(0)["NO_PROXY"]  # what stays in the pod (as on the Docker path)
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 
 
-def with_egress(argv: Sequence[str], address: str, ports: dict[str, int], ca: bool) -> list[str]:
-    """``argv`` started with the proxy variables set from the Secret's token and the notice
-    relay running (see :data:`_LAUNCH`)."""
-    return [
-        "python",
-        "-c",
-        _LAUNCH,
-        f"{SECRET_MOUNT}/{TOKEN_KEY}",
-        address,
-        str(ports["proxy"]),
-        str(ports["notices"]),
-        NOTICES_PATH,
-        f"{SECRET_MOUNT}/{CA_KEY}" if ca else "",
-        "--",
-        *argv,
-    ]
+def egress_launch(address: str, ports: dict[str, int], ca: bool) -> Launch:
+    """The proxy variables (their token read from the Secret in the pod), the notice relay,
+    and with ``egress_secrets`` the kernel's CA bundle as the trust store."""
+    url = f"http://kernel:{{secret}}@{address}:{ports['proxy']}"
+    token = f"{SECRET_MOUNT}/{TOKEN_KEY}"
+    launch = Launch(
+        env={"NO_PROXY": LOCAL, "no_proxy": LOCAL},
+        secret_env={name: (url, token) for name in PROXY_VARIABLES},
+        relays=[Relay(NOTICES_PATH, address, ports["notices"], preamble=token)],
+    )
+    launch.env["KERNEL_SANDBOX_EGRESS_NOTICES"] = NOTICES_PATH
+    if ca:
+        launch.env.update(ca_env(f"{SECRET_MOUNT}/{CA_KEY}"))
+    return launch
 
 
-def egress_rule(address: str, ports: dict[str, int]) -> dict[str, Any]:
-    """The NetworkPolicy egress rule: the proxy's address and ports, nothing else."""
+def owner_rule(address: str, ports: Iterable[int]) -> dict[str, Any]:
+    """The NetworkPolicy egress rule: the owner's services (egress proxy, data broker) at
+    their address and ports, nothing else."""
     return {
         "to": [{"ipBlock": {"cidr": f"{address}/32"}}],
-        "ports": [{"protocol": "TCP", "port": p} for p in sorted(ports.values())],
+        "ports": [{"protocol": "TCP", "port": p} for p in sorted(set(ports))],
     }
 
 
@@ -208,11 +148,8 @@ class PodEgress:
             files[CA_KEY] = (self.dir / EGRESS_CA_BUNDLE).read_bytes()
         return files
 
-    def command(self, argv: Sequence[str]) -> list[str]:
-        return with_egress(argv, self.address, self.ports, self.has_secrets)
-
-    def rule(self) -> dict[str, Any]:
-        return egress_rule(self.address, self.ports)
+    def launch(self) -> Launch:
+        return egress_launch(self.address, self.ports, self.has_secrets)
 
     async def stop(self) -> None:
         """End the proxy and remove its directory. Never raises."""

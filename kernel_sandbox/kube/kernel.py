@@ -32,7 +32,9 @@ from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import KERNEL_UID, NETWORK_ENV
 from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.control import send_interrupt
-from kernel_sandbox.kube.egress import PodEgress, egress_address
+from kernel_sandbox.kube.data import PodData
+from kernel_sandbox.kube.egress import PodEgress, egress_address, owner_rule
+from kernel_sandbox.kube.launch import Launch
 from kernel_sandbox.kube.podspec import (
     CONNECTION_FILE,
     CONTAINER,
@@ -52,7 +54,7 @@ from kernel_sandbox.kube.podspec import (
 from kernel_sandbox.kube.reap import defer_deletion, retry_deletions, start_sweep
 from kernel_sandbox.kube.status import PodState, read_status, start_problem, timeout_message
 from kernel_sandbox.kube.transport import client_connection, new_connection, pod_connection_file
-from kernel_sandbox.provisioner.container import container_env
+from kernel_sandbox.provisioner.container import check_datasets_not_writable, container_env
 
 if TYPE_CHECKING:
     from kernel_sandbox.provisioner.docker_provisioner import DockerSandboxProvisioner
@@ -68,8 +70,6 @@ def unsupported(policy: Any) -> list[str]:
     missing = []
     if policy.network not in ("none", "allowlist"):
         missing.append(f"network {policy.network!r}")
-    if policy.datasets:
-        missing.append("datasets (the data broker is host-side)")
     if policy.pool_size:
         missing.append("pool_size (warm pools are containers on this host)")
     return missing
@@ -136,7 +136,10 @@ class KubeKernel:
         self.service: str | None = None
         self.address = ""  # what clients connect to: the Service's, else the pod's
         self._deleted = False  # this side deleted the pod (kill, cleanup)
-        self.egress: PodEgress | None = None  # network: allowlist (kernel_sandbox.kube.egress)
+        # the owner's services the pod uses, at owner_address: kube/egress.py, kube/data.py
+        self.egress: PodEgress | None = None  # network: allowlist
+        self.data: PodData | None = None  # datasets
+        self.owner_address = ""
         self._api_down_logged = False
 
     @property
@@ -189,6 +192,9 @@ class KubeKernel:
                     prov.egress_upstream_ca,
                 )
             extra += self.egress.endpoint.kernel_arguments(argv)  # the notice extension
+        if policy.datasets and self.data is None:
+            check_datasets_not_writable(policy, None, prov.runtime_root, prov._spec_name)
+            self.data = PodData(prov._broker(), prov.kernel_id or self.key, policy)
         kwargs["cmd"] = with_secret_copy(argv + extra)
         kwargs["env"] = {**env, NETWORK_ENV: policy.network}
         kwargs["user"] = policy.user or f"{KERNEL_UID}:{KERNEL_UID}"
@@ -253,8 +259,8 @@ class KubeKernel:
                 self.service, made_service = name, True
                 self.address = made["spec"]["clusterIP"]
             extra: dict[str, bytes] = {}
-            if self.egress is not None:
-                request, extra = await self._with_egress(request, owner_ip)
+            if self.egress is not None or self.data is not None:
+                request, extra = await self._with_owner_services(request, owner_ip)
             await self.api.create(NETWORK_POLICIES, network_policy_manifest(request))
             connection = pod_connection_file(self.info)
             await self.api.create(SECRETS, secret_manifest(request, connection, extra))
@@ -287,23 +293,33 @@ class KubeKernel:
         )
         return self.prov.connection_info
 
-    async def _with_egress(
+    async def _with_owner_services(
         self, request: PodRequest, owner_ip: str
     ) -> tuple[PodRequest, dict[str, bytes]]:
-        """Start the kernel's egress proxy (once; it outlives restarts) and give the pod its
-        launcher, its NetworkPolicy's one egress rule and its Secret's token."""
-        assert self.egress is not None
-        if not self.egress.ports:
-            setting = self.prov.kube_egress_address
-            address = await asyncio.to_thread(egress_address, setting, owner_ip, self.address)
-            await self.egress.start(address)
-        else:
-            await self.egress.start(self.egress.address)  # a no-op unless the proxy ended
+        """Start the owner's services this pod uses (the egress proxy once, it outlives
+        restarts; a new data token each start) and give the pod their launcher, its
+        NetworkPolicy's one egress rule (their address and ports) and its Secret's files."""
+        if not self.owner_address:
+            self.owner_address = await asyncio.to_thread(
+                egress_address, self.prov.kube_egress_address, owner_ip, self.address
+            )
+        launch, files, ports = Launch(), dict[str, bytes](), list[int]()
+        if self.egress is not None:
+            await self.egress.start(self.owner_address)  # a no-op while it runs
+            launch.extend(self.egress.launch())
+            files.update(self.egress.secret_files())
+            ports += self.egress.ports.values()
+        if self.data is not None:
+            record = await asyncio.to_thread(self.data.grant, self.owner_address)
+            self.log.debug("kernel %s: data token %s", self.prov.kernel_id, record.token_id)
+            launch.extend(self.data.launch())
+            files.update(self.data.secret_files())
+            ports.append(self.data.port)
         changes = {
-            "command": self.egress.command(request.command),
-            "egress_to": (self.egress.rule(),),
+            "command": launch.command(request.command),
+            "egress_to": (owner_rule(self.owner_address, ports),),
         }
-        return PodRequest(**{**request.__dict__, **changes}), self.egress.secret_files()
+        return PodRequest(**{**request.__dict__, **changes}), files
 
     async def _until_running(self, request: PodRequest, started: float) -> PodState:
         image, timeout = request.policy.image, self.prov.launch_timeout
@@ -422,6 +438,13 @@ class KubeKernel:
         this process has ended."""
         pod = self.pod_name
         await self._delete_all(grace=1, service=not restart)
+        if self.data is not None:
+            try:
+                await asyncio.to_thread(self.data.release, restart)
+            except Exception as exc:  # never raise into jupyter_client from cleanup
+                self.log.warning("kernel %s: data token: %s", self.prov.kernel_id, exc)
+            if not restart:
+                self.data = None
         if pod is not None:
             await self._until_gone(pod)
         self.pod_name, self.pod_ip = None, ""

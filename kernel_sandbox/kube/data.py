@@ -1,0 +1,60 @@
+"""``datasets`` for a pod kernel: the owner's data broker (:mod:`kernel_sandbox.broker`), reached
+by the pod over TCP.
+
+A container talks to the broker through ``data.sock`` in its runtime directory and presents
+the token file next to it. A pod gets the same two paths in its own runtime volume
+(``/run/kernel-sandbox``), where ``kernel_sandbox.data`` in the image looks for them: the
+token is a link to the kernel's Secret (``data-token``, never in the pod spec) and the socket
+a relay (:mod:`.launch`) to a TCP port the broker serves for this kernel alone, at the same
+address as the egress proxy. The broker authenticates every request by the token (live,
+minted for this kernel, its datasets only), as on the Docker path; a restart mints a new
+token (the Secret is new too), a shutdown revokes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, RUNTIME_MOUNT
+from kernel_sandbox.kube.launch import Launch, Relay
+from kernel_sandbox.kube.podspec import SECRET_MOUNT
+
+__all__ = ["PodData"]
+
+
+class PodData:
+    """One pod kernel's datasets: its token and its broker port (kept across restarts)."""
+
+    def __init__(self, broker: Any, kernel_id: str, policy: Any):
+        self.broker, self.kernel_id, self.policy = broker, kernel_id, policy
+        self.token = ""
+        self.port = 0
+        self.address = ""
+
+    def grant(self, address: str) -> Any:
+        """Mint this start's token (revoking the last) and serve the kernel's port at
+        ``address`` (the same port across restarts). Blocking: run it in a worker thread."""
+        from kernel_sandbox.broker.tokens import Grant
+
+        scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
+        self.token, record, self.port = self.broker.grant_tcp(
+            self.kernel_id, scope, self.policy.token_ttl, address, self.port
+        )
+        self.address = address
+        return record
+
+    def secret_files(self) -> dict[str, bytes]:
+        return {DATA_TOKEN: self.token.encode()}
+
+    def launch(self) -> Launch:
+        return Launch(
+            links={f"{RUNTIME_MOUNT}/{DATA_TOKEN}": f"{SECRET_MOUNT}/{DATA_TOKEN}"},
+            relays=[Relay(f"{RUNTIME_MOUNT}/{DATA_SOCKET}", self.address, self.port)],
+        )
+
+    def release(self, restart: bool) -> None:
+        """Revoke the token; on the final shutdown also stop serving the port. Blocking."""
+        if restart:
+            self.broker.revoke(self.kernel_id, "kernel restarted")
+        else:
+            self.broker.release(self.kernel_id, "kernel shut down")
