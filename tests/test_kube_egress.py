@@ -323,3 +323,67 @@ def test_egress_secrets_on_a_pod_the_server_gets_the_key_the_kernel_never_does(
         kc.stop_channels()
         km.shutdown_kernel(now=True)
         os.environ.pop(SECRET_ENV, None)
+
+
+READ = """
+from kernel_sandbox import data
+print("LS", sorted(data.ls("sales")))
+with data.open("sales/2024.csv") as f:
+    print("READ", f.read().strip().replace("\\n", "|"))
+for attempt in ("data.open('sales/../outside.txt').read()", "data.ls('other')",
+                "data.open('sales/new.csv', 'w')",
+                "data.Client(token='not-the-token').ls('sales')"):
+    try:
+        print("GOT", eval(attempt))
+    except Exception as exc:
+        print("REFUSED", type(exc).__name__)
+"""
+
+
+def test_datasets_on_a_pod_through_the_broker_with_the_scoped_token(
+    kube_cluster, gateway, egress_log, tmp_path
+):
+    root = tmp_path / "data"
+    (root / "sales").mkdir(parents=True)
+    (root / "sales" / "2024.csv").write_text("region,total\nnorth,12\n")
+    (root / "outside.txt").write_text("not-in-the-dataset")
+    spec = kube_spec(
+        kube_cluster, datasets={"sales": f"{root / 'sales'}:read"}, kube_egress_address=gateway
+    )
+    km, kc = started(spec)
+    try:
+        kube = km.provisioner.kube
+        assert kube.data is not None and kube.egress is None
+        out = run_cell(kc, READ, timeout=60)["stdout"]
+        assert "LS ['sales/2024.csv']" in out, out
+        assert "READ region,total|north,12" in out
+        assert "not-in-the-dataset" not in out and "GOT" not in out, out
+        refused = [line.split()[1] for line in out.splitlines() if line.startswith("REFUSED")]
+        assert refused == ["PathEscape", "NotInScope", "ReadOnly", "TokenInvalid"], out
+        # the objects: egress to the broker's port only, its token in the Secret only
+        net = client.NetworkingV1Api(kube_cluster.api_client()).read_namespaced_network_policy(
+            kube.pod_name, kube_cluster.namespace
+        )
+        (rule,) = net.spec.egress
+        assert [p.ip_block.cidr for p in rule.to] == [f"{gateway}/32"]
+        assert [p.port for p in rule.ports] == [kube.data.port]
+        core = kube_cluster.core()
+        secret = core.read_namespaced_secret(kube.pod_name, kube_cluster.namespace)
+        first = base64.b64decode(secret.data["data-token"]).decode()
+        assert first == kube.data.token
+        pod = core.read_namespaced_pod(kube.pod_name, kube_cluster.namespace)
+        assert first not in json.dumps(kube_cluster.api_client().sanitize_for_serialization(pod))
+        # a restart: a new token in a new Secret, the old one revoked; same port
+        port = kube.data.port
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=60)
+        assert kube.data.token != first and kube.data.port == port
+        again = run_cell(kc, READ, timeout=60)["stdout"]
+        assert "READ region,total|north,12" in again, again
+        stale = f"print(data.Client(token={first!r}).ls('sales'))"
+        assert run_cell(kc, "from kernel_sandbox import data\n" + stale)["ename"] == "TokenRevoked"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    with pytest.raises(OSError):  # not served once the kernel is gone
+        socket.create_connection((gateway, port), timeout=3).close()
