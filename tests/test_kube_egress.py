@@ -29,7 +29,7 @@ from support.egress_servers import LocalTargets
 from support.kernels import run_cell
 from support.kube import hardened_pod, wait_running
 from support.kube_netpol import PolicyEnforcer
-from test_kube import kube_spec
+from test_kube import Capture, interface_to, kube_spec
 from traitlets.config import Config
 
 from kernel_sandbox.egress import EgressControl
@@ -354,8 +354,15 @@ def test_datasets_on_a_pod_through_the_broker_with_the_scoped_token(
     try:
         kube = km.provisioner.kube
         assert kube.data is not None and kube.egress is None
-        out = run_cell(kc, READ, timeout=60)["stdout"]
+        capture = Capture(interface_to(kube.pod_ip))  # the pod bridge: all the pod's frames
+        try:
+            out = run_cell(kc, READ, timeout=60)["stdout"]
+        finally:
+            wire = capture.stop()
         assert "LS ['sales/2024.csv']" in out, out
+        # the broker's channel is TLS: neither the data nor the token crosses in clear
+        assert len(wire) > 2000 and b"\x16\x03" in wire  # TLS records were captured
+        assert b"north,12" not in wire and kube.data.token.encode() not in wire
         assert "READ region,total|north,12" in out
         assert "not-in-the-dataset" not in out and "GOT" not in out, out
         refused = [line.split()[1] for line in out.splitlines() if line.startswith("REFUSED")]
@@ -371,6 +378,7 @@ def test_datasets_on_a_pod_through_the_broker_with_the_scoped_token(
         secret = core.read_namespaced_secret(kube.pod_name, kube_cluster.namespace)
         first = base64.b64decode(secret.data["data-token"]).decode()
         assert first == kube.data.token
+        assert base64.b64decode(secret.data["data-tls-sha256"]).decode() == kube.data.fingerprint
         pod = core.read_namespaced_pod(kube.pod_name, kube_cluster.namespace)
         assert first not in json.dumps(kube_cluster.api_client().sanitize_for_serialization(pod))
         # a restart: a new token in a new Secret, the old one revoked; same port

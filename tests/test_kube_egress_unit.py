@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -204,45 +205,72 @@ def test_the_address_is_the_setting_the_owner_pod_or_the_way_to_the_service():
         egress_address("auto", "", "")
 
 
-def test_the_broker_serves_a_pod_kernel_on_tcp_by_token(tmp_path):
+def test_the_broker_serves_a_pod_kernel_on_tls_by_token_and_pinned_certificate(tmp_path):
     from kernel_sandbox.broker.audit import AuditLog
     from kernel_sandbox.broker.server import DataBroker
     from kernel_sandbox.broker.tokens import Grant, TokenStore
     from kernel_sandbox.inside.data import Client
     from kernel_sandbox.inside.wire import TokenInvalid, TokenRevoked
+    from kernel_sandbox.kube.data import tls_identity
 
     (tmp_path / "sales").mkdir()
-    (tmp_path / "sales" / "a.csv").write_text("x\n")
+    (tmp_path / "sales" / "a.csv").write_text("secret-rows\n")
     broker = DataBroker(TokenStore(str(tmp_path / "t.sqlite")), AuditLog(str(tmp_path / "a.jsonl")))
     try:
         scope = {"sales": Grant(str(tmp_path / "sales"), "read")}
-        token, _, port = broker.grant_tcp("k1", scope, 60, "127.0.0.1")
-        relay = tmp_path / "data.sock"
-        launch = Launch(relays=[Relay(str(relay), "127.0.0.1", port)])
+        tls, fingerprint = tls_identity("127.0.0.1")
+        token, _, port = broker.grant_tcp("k1", scope, 60, "127.0.0.1", tls=tls)
+        right, wrong = tmp_path / "pin", tmp_path / "wrong-pin"
+        right.write_text(fingerprint)
+        wrong.write_text(tls_identity("127.0.0.1")[1])  # another certificate's
         child = (
             "import sys, time, os\n"
             "from kernel_sandbox.inside.data import Client\n"
-            "while not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
-            "print(Client(socket_path=sys.argv[1], token=sys.argv[2]).ls('sales'))\n"
+            "for path in sys.argv[1:3]:\n"
+            "    while not os.path.exists(path): time.sleep(0.05)\n"
+            "    try:\n"
+            "        c = Client(socket_path=path, token=sys.argv[3])\n"
+            "        print('READ', c.read_bytes('sales/a.csv').decode().strip())\n"
+            "    except Exception as exc:\n"
+            "        print('REFUSED', type(exc).__name__)\n"
         )
-        argv = launch.command([sys.executable, "-c", child, str(relay), token])
+        good, bad = str(tmp_path / "good.sock"), str(tmp_path / "bad.sock")
+        launch = Launch(
+            relays=[
+                Relay(good, "127.0.0.1", port, pin=str(right)),
+                Relay(bad, "127.0.0.1", port, pin=str(wrong)),
+            ]
+        )
+        argv = launch.command([sys.executable, "-c", child, good, bad, token])
         argv[0] = sys.executable
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
-        assert "sales/a.csv" in out.stdout, out.stderr
-        # a second grant (a restart): same port, the first token no longer works
-        token2, _, port2 = broker.grant_tcp("k1", scope, 60, "127.0.0.1", port)
-        assert port2 == port and token2 != token
+        lines = out.stdout.split("\n")
+        assert lines[0] == "READ secret-rows", out
+        assert lines[1].startswith("REFUSED"), out  # not the pinned certificate: never sent
 
-        class Tcp(Client):
+        class Plain(Client):
             def connect(self) -> socket.socket:
                 return socket.create_connection(("127.0.0.1", port), timeout=10)
 
-        assert Tcp(token=token2).ls("sales") == ["sales/a.csv"]
+        with pytest.raises(Exception):  # noqa: B017 (no plaintext: a TLS port)
+            Plain(token=token).ls("sales")
+
+        class Tls(Client):
+            def connect(self) -> socket.socket:
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+                return context.wrap_socket(raw)
+
+        # a second grant (a restart): same port, the first token no longer works
+        token2, _, port2 = broker.grant_tcp("k1", scope, 60, "127.0.0.1", port, tls)
+        assert port2 == port and token2 != token
+        assert Tls(token=token2).ls("sales") == ["sales/a.csv"]
         with pytest.raises(TokenRevoked):
-            Tcp(token=token).ls("sales")
+            Tls(token=token).ls("sales")
         with pytest.raises(TokenInvalid):
-            Tcp(token="not-a-token").ls("sales")
+            Tls(token="not-a-token").ls("sales")
         broker.release("k1")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import ssl
 import threading
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -184,12 +185,18 @@ class DataBroker:
         return record
 
     def grant_tcp(
-        self, kernel_id: str, scope: Mapping[str, Grant], ttl: float, host: str, port: int = 0
+        self,
+        kernel_id: str,
+        scope: Mapping[str, Grant],
+        ttl: float,
+        host: str,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> tuple[str, TokenRecord, int]:
         """:meth:`grant` for a kernel in a pod: the token is returned (for the pod's Secret)
         and the kernel's requests are served on TCP at ``host`` (``port``, 0 for any: kept
-        while it serves). Requests are told apart by the port, as by the socket on the Docker
-        path, and authenticated by the token; nothing else about the peer is known.
+        while it serves), over TLS with ``tls``. Requests are told apart by the port, as by
+        the socket on the Docker path, and authenticated by the token.
 
         Returns:
             (token, its record, the port).
@@ -197,7 +204,7 @@ class DataBroker:
         self.tokens.revoke_kernel(kernel_id, "replaced by a new token")
         scope = self._sources.roots.pin(kernel_id, scope)
         token, record = self.tokens.mint(kernel_id, scope, ttl)
-        bound = self._run(self._listen_tcp(kernel_id, host, port))
+        bound = self._run(self._listen_tcp(kernel_id, host, port, tls))
         return token, record, bound
 
     def serve(self, kernel_id: str, shared_dir: Path) -> None:
@@ -258,13 +265,15 @@ class DataBroker:
         server = await asyncio.start_unix_server(partial(self._serve, kernel_id), sock=listener)
         self._endpoints[kernel_id] = _Endpoint(path, server)
 
-    async def _listen_tcp(self, kernel_id: str, host: str, port: int) -> int:
+    async def _listen_tcp(
+        self, kernel_id: str, host: str, port: int, tls: ssl.SSLContext | None
+    ) -> int:
         current = self._endpoints.get(kernel_id)
         if current is not None:
             if current.path is None and current.server.is_serving():
                 return current.port
             await self._unlisten(kernel_id)
-        server = await asyncio.start_server(partial(self._serve, kernel_id), host, port)
+        server = await asyncio.start_server(partial(self._serve, kernel_id), host, port, ssl=tls)
         bound = int(server.sockets[0].getsockname()[1])
         self._endpoints[kernel_id] = _Endpoint(None, server, port=bound)
         return bound

@@ -6,20 +6,70 @@ the token file next to it. A pod gets the same two paths in its own runtime volu
 (``/run/kernel-sandbox``), where ``kernel_sandbox.data`` in the image looks for them: the
 token is a link to the kernel's Secret (``data-token``, never in the pod spec) and the socket
 a relay (:mod:`.launch`) to a TCP port the broker serves for this kernel alone, at the same
-address as the egress proxy. The broker authenticates every request by the token (live,
-minted for this kernel, its datasets only), as on the Docker path; a restart mints a new
-token (the Secret is new too), a shutdown revokes it.
+address as the egress proxy. That port speaks **TLS** with a certificate made for this kernel
+(its key only in the owner's memory); the relay checks the server's certificate against the
+SHA-256 the Secret carries (``data-tls-sha256``), so the token and the data cross the pod
+network encrypted, to this owner only. The broker authenticates every request by the token
+(live, minted for this kernel, its datasets only), as on the Docker path; a restart mints a
+new token (the Secret is new too), a shutdown revokes it.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import ipaddress
+import os
+import ssl
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, RUNTIME_MOUNT
 from kernel_sandbox.kube.launch import Launch, Relay
 from kernel_sandbox.kube.podspec import SECRET_MOUNT
 
-__all__ = ["PodData"]
+__all__ = ["PodData", "tls_identity"]
+
+PIN_KEY = "data-tls-sha256"  # the Secret's entry: the broker certificate's SHA-256 (hex)
+
+
+def tls_identity(address: str) -> tuple[ssl.SSLContext, str]:
+    """A TLS server context with a new self-signed certificate for ``address`` (EC P-256;
+    the key loaded through a memfd, never a file) and the certificate's SHA-256, which the
+    pod pins."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kernel-sandbox data broker")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=400))  # pinned: the dates do not matter
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    fd = os.memfd_create("kernel-sandbox-broker", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 class PodData:
@@ -30,6 +80,8 @@ class PodData:
         self.token = ""
         self.port = 0
         self.address = ""
+        self.tls: ssl.SSLContext | None = None
+        self.fingerprint = ""
 
     def grant(self, address: str) -> Any:
         """Mint this start's token (revoking the last) and serve the kernel's port at
@@ -37,19 +89,28 @@ class PodData:
         from kernel_sandbox.broker.tokens import Grant
 
         scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
+        if self.tls is None:
+            self.tls, self.fingerprint = tls_identity(address)
         self.token, record, self.port = self.broker.grant_tcp(
-            self.kernel_id, scope, self.policy.token_ttl, address, self.port
+            self.kernel_id, scope, self.policy.token_ttl, address, self.port, self.tls
         )
         self.address = address
         return record
 
     def secret_files(self) -> dict[str, bytes]:
-        return {DATA_TOKEN: self.token.encode()}
+        return {DATA_TOKEN: self.token.encode(), PIN_KEY: self.fingerprint.encode()}
 
     def launch(self) -> Launch:
         return Launch(
             links={f"{RUNTIME_MOUNT}/{DATA_TOKEN}": f"{SECRET_MOUNT}/{DATA_TOKEN}"},
-            relays=[Relay(f"{RUNTIME_MOUNT}/{DATA_SOCKET}", self.address, self.port)],
+            relays=[
+                Relay(
+                    f"{RUNTIME_MOUNT}/{DATA_SOCKET}",
+                    self.address,
+                    self.port,
+                    pin=f"{SECRET_MOUNT}/{PIN_KEY}",
+                )
+            ],
         )
 
     def release(self, restart: bool) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 __all__ = ["Launch", "Relay"]
 
 _LAUNCH = r"""
-import json, os, socket, sys, threading
+import json, os, socket, sys
 a = sys.argv
 i = a.index("--")
 spec = json.loads(a[1])
@@ -38,47 +38,51 @@ for r in spec["relays"]:
     srv.bind(r["path"])
     srv.listen(16)
     pre = (read(r["preamble"]) + "\n").encode() if r["preamble"] else b""
-    relays.append((srv, r["host"], r["port"], pre))
+    relays.append((srv, r["host"], r["port"], pre, read(r["pin"]) if r["pin"] else ""))
 parent = os.getpid()
 if relays and os.fork() == 0:
-    def pump(src, dst):
+    import asyncio, hashlib, ssl
+    async def pump(reader, writer):
         try:
             while True:
-                data = src.recv(65536)
+                data = await reader.read(65536)
                 if not data:
                     break
-                dst.sendall(data)
-        except OSError:
-            pass
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except Exception:
+            writer.close()
+    async def carry(host, port, pre, pin, reader, writer):
+        tls = None
+        if pin:  # TLS to a certificate known only by its SHA-256 (from the Secret)
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
         try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-    def carry(conn, host, port, pre):
-        try:
-            up = socket.create_connection((host, port), timeout=10)
-            up.settimeout(None)
-            up.sendall(pre)
-        except OSError:
-            conn.close()
+            opened = asyncio.open_connection(host, port, ssl=tls)
+            up_reader, up_writer = await asyncio.wait_for(opened, 10)
+            if pin:
+                der = up_writer.get_extra_info("ssl_object").getpeercert(True)
+                if hashlib.sha256(der).hexdigest() != pin:
+                    up_writer.close()
+                    raise OSError("not the pinned certificate")
+            up_writer.write(pre)
+        except Exception:
+            writer.close()
             return
-        other = threading.Thread(target=pump, args=(conn, up), daemon=True)
-        other.start()
-        pump(up, conn)
-        other.join()
-        conn.close()
-        up.close()
-    def accept(srv, host, port, pre):
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=carry, args=(conn, host, port, pre), daemon=True).start()
-    for relay in relays:
-        threading.Thread(target=accept, args=relay, daemon=True).start()
-    while os.getppid() == parent:
-        threading.Event().wait(2)
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        up_writer.close()
+        writer.close()
+    async def serve():
+        for srv, *args in relays:
+            await asyncio.start_unix_server(
+                lambda r, w, args=args: carry(*args, r, w), sock=srv
+            )
+        while os.getppid() == parent:
+            await asyncio.sleep(2)
+    asyncio.run(serve())
     os._exit(0)
 for relay in relays:
     relay[0].close()
@@ -89,12 +93,15 @@ os.execvp(a[i + 1], a[i + 1:])
 @dataclass(frozen=True)
 class Relay:
     """A unix socket at ``path`` in the pod, carried to ``host:port`` (``preamble``: a
-    Secret file whose content is sent first, as a line)."""
+    Secret file whose content is sent first, as a line; ``pin``: a Secret file holding the
+    SHA-256 of the server's certificate, which makes the connection TLS to that one
+    certificate)."""
 
     path: str
     host: str
     port: int
     preamble: str = ""
+    pin: str = ""
 
 
 @dataclass
