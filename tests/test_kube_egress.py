@@ -361,8 +361,8 @@ def test_datasets_on_a_pod_through_the_broker_with_the_scoped_token(
             wire = capture.stop()
         assert "LS ['sales/2024.csv']" in out, out
         # the broker's channel is TLS: neither the data nor the token crosses in clear
-        assert len(wire) > 2000 and b"\x16\x03" in wire  # TLS records were captured
         assert b"north,12" not in wire and kube.data.token.encode() not in wire
+        assert len(wire) > 2000 and b"\x16\x03" in wire  # TLS records were captured
         assert "READ region,total|north,12" in out
         assert "not-in-the-dataset" not in out and "GOT" not in out, out
         refused = [line.split()[1] for line in out.splitlines() if line.startswith("REFUSED")]
