@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -129,6 +130,12 @@ def enforcer(kube_cluster) -> Iterator[PolicyEnforcer]:
     e.clear()
 
 
+def tls_connect(host: str, port: int) -> ssl.SSLSocket:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context.wrap_socket(socket.create_connection((host, port), timeout=10))
+
+
 def read_log(log: Path, kernel_id: str) -> list[dict]:
     if not log.exists():
         return []
@@ -166,7 +173,16 @@ def test_an_allowlist_pod_goes_out_only_through_its_proxy(
         egress = kube.egress
         assert egress is not None and egress.address == host
         listed = f"http://files.example.test:{port}/"
-        assert "BODY hello-egress" in run_cell(kc, FETCH.format(url=listed))["stdout"]
+        capture = Capture(interface_to(kube.pod_ip))  # the pod bridge: all the pod's frames
+        try:
+            fetched = run_cell(kc, FETCH.format(url=listed))["stdout"]
+        finally:
+            wire = capture.stop()
+        assert "BODY hello-egress" in fetched
+        # pod <-> proxy is TLS: the token, the target and the answer never cross in clear
+        for plain in (egress.token.encode(), b"files.example.test", b"hello-egress"):
+            assert plain not in wire, plain
+        assert len(wire) > 2000 and b"\x16\x03" in wire  # TLS records were captured
         # unlisted: refused, and the Docker path's notice shows in the cell
         out = run_cell(kc, FETCH.format(url=f"http://other.example.test:{port}/"))
         assert "FAILED" in out["stdout"] and "403" in out["stdout"]
@@ -178,7 +194,7 @@ def test_an_allowlist_pod_goes_out_only_through_its_proxy(
         no_token = NO_TOKEN.format(url=listed, host=f"files.example.test:{port}")
         answer = run_cell(kc, no_token)["stdout"]
         assert "ANSWER HTTP/1.1 407" in answer, answer
-        with socket.create_connection((host, egress.ports["proxy"]), timeout=10) as s:
+        with tls_connect(host, egress.ports["proxy"]) as s:
             wrong = base64.b64encode(b"kernel:not-the-token").decode()
             s.sendall(
                 f"GET {listed} HTTP/1.1\r\nHost: files.example.test:{port}\r\n"
@@ -186,7 +202,7 @@ def test_an_allowlist_pod_goes_out_only_through_its_proxy(
             )
             assert s.recv(200).startswith(b"HTTP/1.1 407")
         # the notice port wants the token first too
-        with socket.create_connection((host, egress.ports["notices"]), timeout=10) as s:
+        with tls_connect(host, egress.ports["notices"]) as s:
             s.sendall(b"not-the-token\n")
             s.settimeout(5)
             assert s.recv(100) == b""  # closed at once
@@ -204,6 +220,8 @@ def test_an_allowlist_pod_goes_out_only_through_its_proxy(
         )
         secret = core.read_namespaced_secret(kube.pod_name, kube_cluster.namespace)
         assert base64.b64decode(secret.data["egress-token"]).decode() == egress.token
+        pin = base64.b64decode(secret.data["egress-tls-sha256"]).decode()
+        assert pin == egress.fingerprint
         # not enforced by the cluster: the pod still connects directly to the listener
         direct = CONNECT.format(host=host, port=port)
         assert "CONNECTED" in run_cell(kc, direct)["stdout"]

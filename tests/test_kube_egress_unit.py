@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import socket
@@ -48,8 +49,17 @@ def pod_proxy(tmp_path, targets):
     asyncio.run(egress.stop())
 
 
-def exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+def tls_connect(port: int, pin: str) -> socket.socket:
+    """A TLS connection to the pod proxy's port, checked against its pinned certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+    assert hashlib.sha256(sock.getpeercert(True)).hexdigest() == pin
+    return sock
+
+
+def exchange(egress: PodEgress, data: bytes) -> bytes:
+    with tls_connect(egress.ports["proxy"], egress.fingerprint) as sock:
         sock.sendall(data)
         out = b""
         while chunk := sock.recv(65536):
@@ -67,36 +77,40 @@ def basic(token: str) -> str:
 
 
 def test_the_pod_proxy_wants_the_kernels_token_on_every_request(pod_proxy, targets):
-    port, http = pod_proxy.ports["proxy"], targets.http_port
+    http = targets.http_port
     url, host = f"http://api.test:{http}/hello", f"api.test:{http}"
     assert (pod_proxy.dir / "egress-control").exists()  # approvals as on the Docker path
-    ok = exchange(port, request(url, host, basic(pod_proxy.token)))
+    ok = exchange(pod_proxy, request(url, host, basic(pod_proxy.token)))
     assert ok.startswith(b"HTTP/1.1 200") and b"hello from" in ok
     for auth in (None, basic("wrong"), "Bearer " + pod_proxy.token, basic(pod_proxy.token)[:-2]):
-        out = exchange(port, request(url, host, auth))
+        out = exchange(pod_proxy, request(url, host, auth))
         assert out.startswith(b"HTTP/1.1 407"), (auth, out)
         assert b'Proxy-Authenticate: Basic realm="kernel-sandbox egress"' in out
     # a kept-alive connection: the second request without the token is refused too
     good = request(url, host, basic(pod_proxy.token)).replace(b"Connection: close\r\n", b"")
-    out = exchange(port, good + request(url, host, None))
+    out = exchange(pod_proxy, good + request(url, host, None))
     assert out.count(b"HTTP/1.1 200") == 1 and out.count(b"HTTP/1.1 407") == 1
     # the token never goes on to the target
-    exchange(port, request(f"http://api.test:{http}/headers", host, basic(pod_proxy.token)))
+    exchange(pod_proxy, request(f"http://api.test:{http}/headers", host, basic(pod_proxy.token)))
     assert not any("proxy-authorization" in k.lower() for k in targets.seen[-1]["headers"])
+    # and in clear, the port says nothing (TLS only)
+    with socket.create_connection(("127.0.0.1", pod_proxy.ports["proxy"]), timeout=10) as raw:
+        raw.sendall(request(url, host, basic(pod_proxy.token)))
+        assert not raw.recv(100).startswith(b"HTTP/")
     log = [json.loads(line) for line in Path(pod_proxy.endpoint.log_path).read_text().splitlines()]
     assert [e["rule"] for e in log].count("proxy-auth") == 5
 
 
 def test_the_notice_port_serves_only_the_token_holder(pod_proxy, targets):
-    port = pod_proxy.ports["notices"]
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as wrong:
+    port, pin = pod_proxy.ports["notices"], pod_proxy.fingerprint
+    with tls_connect(port, pin) as wrong:
         wrong.sendall(b"nope\n")
         assert wrong.recv(100) == b""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as reader:
+    with tls_connect(port, pin) as reader:
         reader.sendall(pod_proxy.token.encode() + b"\n")
         time.sleep(0.3)
         url = f"http://other.test:{targets.http_port}/"
-        out = exchange(pod_proxy.ports["proxy"], request(url, "other.test", basic(pod_proxy.token)))
+        out = exchange(pod_proxy, request(url, "other.test", basic(pod_proxy.token)))
         assert out.startswith(b"HTTP/1.1 403")
         notice = json.loads(reader.recv(65536).split(b"\n")[0])
         assert notice["message"].startswith("egress to other.test")
@@ -120,12 +134,19 @@ def test_the_launcher_sets_secrets_links_and_relays_then_execs(tmp_path):
             conn.sendall(b"pong")
 
     threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()  # the TCP relay's connection
     relay = str(tmp_path / "relay.sock")
+    with socket.socket() as free:  # a free loopback port for the TCP relay
+        free.bind(("127.0.0.1", 0))
+        tcp_port = free.getsockname()[1]
     launch = Launch(
         env={"PLAIN": "1"},
         secret_env={"PROXY": ("http://kernel:{secret}@h:1", str(secret))},
         links={str(tmp_path / "link"): str(secret)},
-        relays=[Relay(relay, "127.0.0.1", upstream.getsockname()[1], preamble=str(secret))],
+        relays=[
+            Relay(relay, "127.0.0.1", upstream.getsockname()[1], preamble=str(secret)),
+            Relay(f"127.0.0.1:{tcp_port}", "127.0.0.1", upstream.getsockname()[1]),
+        ],
     )
     child = (
         "import os, socket, sys, time\n"
@@ -133,35 +154,48 @@ def test_the_launcher_sets_secrets_links_and_relays_then_execs(tmp_path):
         "    if os.path.exists(sys.argv[1]): break\n"
         "    time.sleep(0.05)\n"
         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'ping')\n"
+        "t = socket.create_connection(('127.0.0.1', int(sys.argv[3]))); t.sendall(b'ping')\n"
         "print(os.getpid(), os.environ['PROXY'], os.environ['PLAIN'], s.recv(4).decode(),\n"
-        "      os.readlink(sys.argv[2]))\n"
+        "      os.readlink(sys.argv[2]), t.recv(4).decode())\n"
     )
-    argv = launch.command([sys.executable, "-c", child, relay, str(tmp_path / "link")])
+    argv = launch.command(
+        [sys.executable, "-c", child, relay, str(tmp_path / "link"), str(tcp_port)]
+    )
     assert "tok-123" not in json.dumps(argv)  # the spec names the file, never the value
     argv[0] = sys.executable
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     out, _ = process.communicate(timeout=30)
-    pid, proxy, plain, answer, link = out.split()
+    pid, proxy, plain, answer, link, tcp_answer = out.split()
+    assert tcp_answer == "pong"
     assert int(pid) == process.pid  # exec'd, not a child
     assert proxy == "http://kernel:tok-123@h:1" and plain == "1" and answer == "pong"
     assert link == str(secret)
-    assert received == [b"tok-123\nping"]
+    assert sorted(received) == [b"ping", b"tok-123\nping"]  # the preamble: that relay's only
     upstream.close()
 
 
 def test_the_egress_launch_names_the_token_file_and_the_proxy():
     launch = egress_launch("10.244.0.1", {"proxy": 4001, "notices": 4002}, ca=True)
     assert launch.secret_env["HTTPS_PROXY"] == (
-        "http://kernel:{secret}@10.244.0.1:4001",
+        "http://kernel:{secret}@127.0.0.1:3128",
         "/run/kernel-sandbox-secret/egress-token",
     )
     assert launch.env["SSL_CERT_FILE"] == "/run/kernel-sandbox-secret/egress-ca.pem"
     assert launch.env["NO_PROXY"] == "localhost,127.0.0.1,::1"
-    (relay,) = launch.relays
-    assert (relay.host, relay.port, relay.preamble) == (
+    proxy, notices = launch.relays
+    pin = "/run/kernel-sandbox-secret/egress-tls-sha256"
+    assert (proxy.path, proxy.host, proxy.port, proxy.preamble, proxy.pin) == (
+        "127.0.0.1:3128",
+        "10.244.0.1",
+        4001,
+        "",
+        pin,
+    )
+    assert (notices.host, notices.port, notices.preamble, notices.pin) == (
         "10.244.0.1",
         4002,
         "/run/kernel-sandbox-secret/egress-token",
+        pin,
     )
     assert not egress_launch("10.0.0.1", {"proxy": 1, "notices": 2}, ca=False).env.get(
         "SSL_CERT_FILE"
@@ -209,20 +243,20 @@ def test_the_broker_serves_a_pod_kernel_on_tls_by_token_and_pinned_certificate(t
     from kernel_sandbox.broker.audit import AuditLog
     from kernel_sandbox.broker.server import DataBroker
     from kernel_sandbox.broker.tokens import Grant, TokenStore
+    from kernel_sandbox.egress.ca import pinned_server_context
     from kernel_sandbox.inside.data import Client
     from kernel_sandbox.inside.wire import TokenInvalid, TokenRevoked
-    from kernel_sandbox.kube.data import tls_identity
 
     (tmp_path / "sales").mkdir()
     (tmp_path / "sales" / "a.csv").write_text("secret-rows\n")
     broker = DataBroker(TokenStore(str(tmp_path / "t.sqlite")), AuditLog(str(tmp_path / "a.jsonl")))
     try:
         scope = {"sales": Grant(str(tmp_path / "sales"), "read")}
-        tls, fingerprint = tls_identity("127.0.0.1")
+        tls, fingerprint = pinned_server_context("127.0.0.1", "data broker")
         token, _, port = broker.grant_tcp("k1", scope, 60, "127.0.0.1", tls=tls)
         right, wrong = tmp_path / "pin", tmp_path / "wrong-pin"
         right.write_text(fingerprint)
-        wrong.write_text(tls_identity("127.0.0.1")[1])  # another certificate's
+        wrong.write_text(pinned_server_context("127.0.0.1", "other")[1])  # another certificate's
         child = (
             "import sys, time, os\n"
             "from kernel_sandbox.inside.data import Client\n"

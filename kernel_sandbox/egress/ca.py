@@ -12,6 +12,8 @@ file. TLS itself is Python's ``ssl`` (OpenSSL); nothing here speaks TLS by hand.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import ipaddress
 import os
 import ssl
 
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["KernelCA", "upstream_context"]
+__all__ = ["KernelCA", "pinned_server_context", "upstream_context"]
 
 VALIDITY = datetime.timedelta(days=30)
 SKEW = datetime.timedelta(hours=1)
@@ -154,6 +156,41 @@ class KernelCA:
                 os.close(fd)
             self._contexts[host] = context
         return context
+
+
+def pinned_server_context(address: str, what: str) -> tuple[ssl.SSLContext, str]:
+    """A TLS server context with a new self-signed certificate for ``address`` (EC P-256;
+    the key only in this process's memory, loaded through a memfd) and the certificate's
+    SHA-256, which the client pins (a pod kernel's launcher: kernel_sandbox.kube.launch)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kernel-sandbox {what}")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=400))  # pinned: the dates do not matter
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    fd = os.memfd_create("kernel-sandbox-pinned", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def upstream_context(cafile: str | None) -> ssl.SSLContext:

@@ -40,8 +40,11 @@ class ProxyConfig:
     trust_base: str = ""  # the host's trust store, put in the bundle before the kernel's CA
     upstream_ca: str = ""  # verify servers against this bundle instead of the host's store
     # a pod kernel (kernel_sandbox.kube.egress): the proxy and its notices on TCP at this
-    # address (ports chosen at bind, written to ports_file), each client authenticated by token
+    # address, over TLS with a certificate made at start (ports chosen at bind unless
+    # tcp_ports names them, written with the certificate's SHA-256 to ports_file), each
+    # client authenticated by token
     tcp: str = ""
+    tcp_ports: dict[str, int] = field(default_factory=dict)
     token: str = ""
     ports_file: str = ""
 

@@ -42,7 +42,7 @@ import h11
 
 from kernel_sandbox.audit.chain import ChainedAppender
 from kernel_sandbox.egress.approvals import Approvals
-from kernel_sandbox.egress.ca import KernelCA, upstream_context
+from kernel_sandbox.egress.ca import KernelCA, pinned_server_context, upstream_context
 from kernel_sandbox.egress.config import ProxyConfig
 from kernel_sandbox.egress.http import (
     CHUNK,
@@ -146,18 +146,25 @@ class EgressProxy:
         self._summaries = asyncio.create_task(self._summarize())
 
     async def _listen_tcp(self) -> None:
-        """A pod kernel's proxy: the proxy and the notices on TCP at ``tcp`` (ports chosen at
-        bind), their numbers written to ``ports_file`` before the control socket appears."""
-        ports = {}
+        """A pod kernel's proxy: the proxy and the notices on TCP at ``tcp``, over TLS with a
+        certificate made now (the pod pins it), their ports and the certificate's SHA-256
+        written to ``ports_file`` before the control socket appears."""
+        tls, fingerprint = pinned_server_context(self.config.tcp, "egress proxy")
+        ports: dict[str, Any] = {}
         for name, handler in (("proxy", self._serve_client), ("notices", self._serve_tcp_notices)):
             server = await asyncio.start_server(
-                handler, self.config.tcp, 0, limit=MAX_HEAD, backlog=2 * MAX_CONNECTIONS
+                handler,
+                self.config.tcp,
+                self.config.tcp_ports.get(name, 0),
+                limit=MAX_HEAD,
+                backlog=2 * MAX_CONNECTIONS,
+                ssl=tls,
             )
             self._servers.append(server)
             ports[name] = server.sockets[0].getsockname()[1]
         fd = os.open(self.config.ports_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump(ports, handle)
+            json.dump({**ports, "sha256": fingerprint}, handle)
 
     def authenticated(self, event: h11.Request) -> bool:
         """Whether a request carries this kernel's ``Proxy-Authorization`` (always, without a

@@ -16,60 +16,17 @@ new token (the Secret is new too), a shutdown revokes it.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import ipaddress
-import os
 import ssl
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
+from kernel_sandbox.egress.ca import pinned_server_context
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, RUNTIME_MOUNT
 from kernel_sandbox.kube.launch import Launch, Relay
 from kernel_sandbox.kube.podspec import SECRET_MOUNT
 
-__all__ = ["PodData", "tls_identity"]
+__all__ = ["PodData"]
 
 PIN_KEY = "data-tls-sha256"  # the Secret's entry: the broker certificate's SHA-256 (hex)
-
-
-def tls_identity(address: str) -> tuple[ssl.SSLContext, str]:
-    """A TLS server context with a new self-signed certificate for ``address`` (EC P-256;
-    the key loaded through a memfd, never a file) and the certificate's SHA-256, which the
-    pod pins."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kernel-sandbox data broker")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=400))  # pinned: the dates do not matter
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    fd = os.memfd_create("kernel-sandbox-broker", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, pem)
-        context.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-    return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 class PodData:
@@ -90,7 +47,7 @@ class PodData:
 
         scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
         if self.tls is None:
-            self.tls, self.fingerprint = tls_identity(address)
+            self.tls, self.fingerprint = pinned_server_context(address, "data broker")
         self.token, record, self.port = self.broker.grant_tcp(
             self.kernel_id, scope, self.policy.token_ttl, address, self.port, self.tls
         )

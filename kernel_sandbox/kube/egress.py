@@ -1,22 +1,21 @@
 """``network: allowlist`` for a pod kernel: the same per-kernel egress proxy as the Docker path
-(:mod:`kernel_sandbox.egress`), run by the owner, reached by the pod over TCP.
+(:mod:`kernel_sandbox.egress`), run by the owner, reached by the pod over TLS.
 
 A container reaches its proxy through a unix socket in its runtime directory; a pod has no
 such directory, only the pod network. So the owner starts the proxy listening on TCP at the
 address the pod reaches the owner at (``kube_egress_address``), on ports chosen per kernel,
-and every request must carry ``Proxy-Authorization: Basic kernel:TOKEN`` with a token new for
-each kernel (another pod reaching that address gets 407). The token travels only in the
-kernel's Secret (``egress-token``), never in the pod spec: the pod's command reads it from
-there and sets ``HTTP(S)_PROXY=http://kernel:TOKEN@ADDRESS:PORT`` for the kernel
-(:mod:`.launch`). The kernel's NetworkPolicy allows egress to that
-address and those ports only. Denial notices come over a second port (the token first), which
-the launcher relays to a unix socket in the pod where the image's notice extension reads them,
-as on the Docker path. With ``egress_secrets`` the kernel's CA bundle goes into the Secret too.
-
-What crosses the pod network in clear: the proxy requests themselves (HTTP to the proxy, as
-any forward proxy: the token, the target names, and plain ``http://`` traffic; HTTPS stays
-TLS end to end through ``CONNECT``, or to the proxy's own CA for secret hosts). See
-docs/kubernetes.md for the threat model.
+over TLS with a certificate the proxy makes at start (its key only in the proxy's memory).
+In the pod, the launcher (:mod:`.launch`) listens on the loopback port the Docker path's
+bridge uses (``egress_port``, 3128) and carries each connection over TLS to the proxy,
+accepting only the certificate whose SHA-256 the kernel's Secret carries
+(``egress-tls-sha256``). Every request must carry ``Proxy-Authorization: Basic kernel:TOKEN``
+with a token new for each kernel (without it: 407); the token travels only in the Secret
+(``egress-token``), never in the pod spec: the launcher reads it there and sets
+``HTTP(S)_PROXY=http://kernel:TOKEN@127.0.0.1:3128`` for the kernel. Denial notices come
+over a second port (TLS too, the token first), relayed to a unix socket in the pod where the
+image's notice extension reads them, as on the Docker path. The kernel's NetworkPolicy allows
+egress to that address and those ports only. With ``egress_secrets`` the kernel's CA bundle
+goes into the Secret too. Nothing of the proxy protocol crosses the pod network in clear.
 """
 
 from __future__ import annotations
@@ -43,23 +42,27 @@ __all__ = ["PodEgress", "egress_address", "egress_launch", "owner_rule"]
 
 TOKEN_KEY = "egress-token"  # the Secret's entries
 CA_KEY = "egress-ca.pem"
+PIN_KEY = "egress-tls-sha256"
 NOTICES_PATH = f"{RUNTIME_MOUNT}/egress-notices"
 PORTS_FILE = "egress-ports.json"
 LOCAL = proxy_env(0)["NO_PROXY"]  # what stays in the pod (as on the Docker path)
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 
 
-def egress_launch(address: str, ports: dict[str, int], ca: bool) -> Launch:
-    """The proxy variables (their token read from the Secret in the pod), the notice relay,
-    and with ``egress_secrets`` the kernel's CA bundle as the trust store."""
-    url = f"http://kernel:{{secret}}@{address}:{ports['proxy']}"
-    token = f"{SECRET_MOUNT}/{TOKEN_KEY}"
+def egress_launch(address: str, ports: dict[str, int], ca: bool, port: int = 3128) -> Launch:
+    """The proxy variables (``127.0.0.1:port`` in the pod, with the token read from the
+    Secret there), the relays over pinned TLS to the proxy and its notices, and with
+    ``egress_secrets`` the kernel's CA bundle as the trust store."""
+    url = f"http://kernel:{{secret}}@127.0.0.1:{port}"
+    token, pin = f"{SECRET_MOUNT}/{TOKEN_KEY}", f"{SECRET_MOUNT}/{PIN_KEY}"
     launch = Launch(
-        env={"NO_PROXY": LOCAL, "no_proxy": LOCAL},
+        env={"NO_PROXY": LOCAL, "no_proxy": LOCAL, "KERNEL_SANDBOX_EGRESS_NOTICES": NOTICES_PATH},
         secret_env={name: (url, token) for name in PROXY_VARIABLES},
-        relays=[Relay(NOTICES_PATH, address, ports["notices"], preamble=token)],
+        relays=[
+            Relay(f"127.0.0.1:{port}", address, ports["proxy"], pin=pin),
+            Relay(NOTICES_PATH, address, ports["notices"], preamble=token, pin=pin),
+        ],
     )
-    launch.env["KERNEL_SANDBOX_EGRESS_NOTICES"] = NOTICES_PATH
     if ca:
         launch.env.update(ca_env(f"{SECRET_MOUNT}/{CA_KEY}"))
     return launch
@@ -112,11 +115,14 @@ class PodEgress:
         log_path: str,
         limits: LogLimits | None,
         upstream_ca: str,
+        port: int = 3128,
     ):
         self.dir = Path(private_dir)
+        self.port = port  # the proxy's port on the pod's loopback
         self.token = secrets.token_urlsafe(32)
         self.address = ""
         self.ports: dict[str, int] = {}
+        self.fingerprint = ""  # the proxy's certificate (SHA-256), pinned by the pod
         self.endpoint = _TcpEndpoint(self, kernel_id, policy, log_path, limits, upstream_ca)
 
     async def start(self, address: str) -> None:
@@ -134,7 +140,9 @@ class PodEgress:
         (self.dir / PORTS_FILE).unlink(missing_ok=True)
         self.endpoint.start()
         await self.endpoint.wait_ready()
-        self.ports = json.loads((self.dir / PORTS_FILE).read_text())
+        bound = json.loads((self.dir / PORTS_FILE).read_text())
+        self.fingerprint = bound.pop("sha256")
+        self.ports = bound
 
     @property
     def has_secrets(self) -> bool:
@@ -143,13 +151,13 @@ class PodEgress:
     def secret_files(self) -> dict[str, bytes]:
         """What the kernel's Secret carries for egress: the token, and with egress_secrets
         the CA bundle (public certificates only)."""
-        files = {TOKEN_KEY: self.token.encode()}
+        files = {TOKEN_KEY: self.token.encode(), PIN_KEY: self.fingerprint.encode()}
         if self.has_secrets:
             files[CA_KEY] = (self.dir / EGRESS_CA_BUNDLE).read_bytes()
         return files
 
     def launch(self) -> Launch:
-        return egress_launch(self.address, self.ports, self.has_secrets)
+        return egress_launch(self.address, self.ports, self.has_secrets, self.port)
 
     async def stop(self) -> None:
         """End the proxy and remove its directory. Never raises."""
@@ -182,6 +190,7 @@ class _TcpEndpoint(EgressEndpoint):
             listen="",
             notices="",
             tcp=self.pod.address,
+            tcp_ports=dict(self.pod.ports),  # a restarted proxy keeps the pod's ports
             token=self.pod.token,
             ports_file=str(self.pod.dir / PORTS_FILE),
         )

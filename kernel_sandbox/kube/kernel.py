@@ -190,6 +190,7 @@ class KubeKernel:
                     prov.egress_log,
                     prov.log_limits,
                     prov.egress_upstream_ca,
+                    prov.egress_port,
                 )
             extra += self.egress.endpoint.kernel_arguments(argv)  # the notice extension
         if policy.datasets and self.data is None:

@@ -1,14 +1,15 @@
 """What runs first in a pod that uses its owner's services (the egress proxy, the data broker):
-variables made from the Secret's files, links, and relays from unix sockets in the pod to the
-owner's TCP ports, then the kernel.
+variables made from the Secret's files, links, and relays from sockets in the pod to the
+owner's TCP ports (over TLS to a pinned certificate), then the kernel.
 
 A container reaches those services through unix sockets in its runtime directory; the image's
 code (the notice extension, ``kernel_sandbox.data``) looks for them there. In a pod the same
-paths are served by relays this launcher forks: each accepted unix connection is carried to
-``host:port`` on the pod network (after a preamble line read from a Secret file, where the
-service wants one). Standard library only (any image with a Python runs it); the spec is
-JSON in the pod's command, so it must never hold a secret: secrets are named by their file
-in the Secret's mount.
+paths (and the proxy's loopback port, as on Docker) are served by relays this launcher forks:
+each accepted connection is carried to ``host:port`` on the pod network, over TLS to the one
+certificate whose SHA-256 a Secret file holds, after a preamble line read from a Secret
+file where the service wants one. Standard library only (any image with a Python runs it);
+the spec is JSON in the pod's command, so it must never hold a secret: secrets are named by
+their file in the Secret's mount.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ for link, target in spec["links"].items():
     os.symlink(target, link)
 relays = []
 for r in spec["relays"]:
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(r["path"])
-    srv.listen(16)
+    if r["path"].startswith("/"):
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(r["path"])
+        srv.listen(128)
+    else:  # HOST:PORT in the pod (its own loopback)
+        address, _, number = r["path"].rpartition(":")
+        srv = socket.create_server((address, int(number)), backlog=128)
     pre = (read(r["preamble"]) + "\n").encode() if r["preamble"] else b""
     relays.append((srv, r["host"], r["port"], pre, read(r["pin"]) if r["pin"] else ""))
 parent = os.getpid()
@@ -77,9 +82,7 @@ if relays and os.fork() == 0:
         writer.close()
     async def serve():
         for srv, *args in relays:
-            await asyncio.start_unix_server(
-                lambda r, w, args=args: carry(*args, r, w), sock=srv
-            )
+            await asyncio.start_server(lambda r, w, args=args: carry(*args, r, w), sock=srv)
         while os.getppid() == parent:
             await asyncio.sleep(2)
     asyncio.run(serve())
@@ -92,7 +95,8 @@ os.execvp(a[i + 1], a[i + 1:])
 
 @dataclass(frozen=True)
 class Relay:
-    """A unix socket at ``path`` in the pod, carried to ``host:port`` (``preamble``: a
+    """A unix socket at ``path`` in the pod (or ``HOST:PORT``, a TCP listener there),
+    carried to ``host:port`` (``preamble``: a
     Secret file whose content is sent first, as a line; ``pin``: a Secret file holding the
     SHA-256 of the server's certificate, which makes the connection TLS to that one
     certificate)."""
