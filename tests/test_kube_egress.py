@@ -180,7 +180,8 @@ def test_an_allowlist_pod_goes_out_only_through_its_proxy(
             wire = capture.stop()
         assert "BODY hello-egress" in fetched
         # pod <-> proxy is TLS: the token, the target and the answer never cross in clear
-        for plain in (egress.token.encode(), b"files.example.test", b"hello-egress"):
+        header = base64.b64encode(f"kernel:{egress.token}".encode())  # Proxy-Authorization
+        for plain in (header, b"files.example.test", b"hello-egress", egress.token.encode()):
             assert plain not in wire, plain
         assert len(wire) > 2000 and b"\x16\x03" in wire  # TLS records were captured
         # unlisted: refused, and the Docker path's notice shows in the cell
