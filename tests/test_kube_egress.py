@@ -34,6 +34,7 @@ from test_kube import Capture, interface_to, kube_spec
 from traitlets.config import Config
 
 from kernel_sandbox.egress import EgressControl
+from kernel_sandbox.errors import KernelStartError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -414,3 +415,23 @@ def test_datasets_on_a_pod_through_the_broker_with_the_scoped_token(
         km.shutdown_kernel(now=True)
     with pytest.raises(OSError):  # not served once the kernel is gone
         socket.create_connection((gateway, port), timeout=3).close()
+
+
+def test_a_failed_start_leaves_no_proxy_and_no_broker_port(kube_cluster, gateway, tmp_path):
+    (tmp_path / "sales").mkdir()
+    spec = kube_spec(
+        kube_cluster,
+        image="kernel-sandbox/python:no-such-tag",
+        network="allowlist",
+        egress=["files.example.test:8080"],
+        datasets={"sales": f"{tmp_path / 'sales'}:read"},
+        kube_egress_address=gateway,
+    )
+    km = KernelManager(kernel_name=spec)
+    with pytest.raises(KernelStartError, match="ErrImageNeverPull"):
+        km.start_kernel()
+    kube = km.provisioner.kube
+    assert kube.egress is None and kube.data is None  # both stopped, not left to the owner's end
+    runtime_dir = Path(km.provisioner.runtime_root) / km.kernel_id
+    assert not runtime_dir.exists()  # the proxy's config and control socket are gone
+    assert km.kernel_id not in EgressControl().kernels()

@@ -279,6 +279,7 @@ class KubeKernel:
             await self._until_answering(request, self.address, started)
         except BaseException:
             await self._delete_all(grace=0, service=made_service)
+            await self._stop_services(restart=self.prov._launched)  # a first start: all
             raise
         self.pod_ip = state.pod_ip
         info = client_connection(self.info, self.address)
@@ -439,13 +440,7 @@ class KubeKernel:
         this process has ended."""
         pod = self.pod_name
         await self._delete_all(grace=1, service=not restart)
-        if self.data is not None:
-            try:
-                await asyncio.to_thread(self.data.release, restart)
-            except Exception as exc:  # never raise into jupyter_client from cleanup
-                self.log.warning("kernel %s: data token: %s", self.prov.kernel_id, exc)
-            if not restart:
-                self.data = None
+        await self._stop_services(restart)
         if pod is not None:
             await self._until_gone(pod)
         self.pod_name, self.pod_ip = None, ""
@@ -458,12 +453,23 @@ class KubeKernel:
         if not restart:
             self.info = None
             self.api.close()
-            if self.egress is not None:
-                egress, self.egress = self.egress, None
-                try:
-                    await egress.stop()
-                except Exception as exc:  # never raise into jupyter_client from cleanup
-                    self.log.warning("kernel %s: egress proxy: %s", self.prov.kernel_id, exc)
+
+    async def _stop_services(self, restart: bool) -> None:
+        """Revoke the data token; unless ``restart``, also stop serving the broker's port and
+        end the egress proxy (a restart keeps both, as the Docker path does). Never raises."""
+        if self.data is not None:
+            try:
+                await asyncio.to_thread(self.data.release, restart)
+            except Exception as exc:  # never raise into jupyter_client from cleanup
+                self.log.warning("kernel %s: data token: %s", self.prov.kernel_id, exc)
+            if not restart:
+                self.data = None
+        if not restart and self.egress is not None:
+            egress, self.egress = self.egress, None
+            try:
+                await egress.stop()
+            except Exception as exc:  # never raise into jupyter_client from cleanup
+                self.log.warning("kernel %s: egress proxy: %s", self.prov.kernel_id, exc)
 
     async def _until_gone(self, pod: str, timeout: float = 30.0) -> None:
         """Wait until the kubelet has confirmed the pod's end (a graceful deletion removes the
