@@ -1,7 +1,8 @@
 """``doctor``'s checks for kernelspecs whose policy says ``backend: kubernetes``: for each
 cluster and namespace they name, that the API server answers, that these credentials hold
 the rights a start needs (a SelfSubjectAccessReview per verb), and what the namespace's
-NetworkPolicies are, with the warning that enforcing them is the network plugin's job.
+NetworkPolicies are, with the warning that enforcing them is the network plugin's job; and
+for pods that use the owner's egress proxy or data broker, the address they reach it at.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from kernel_sandbox.cli.checks import FAIL, OK, WARN, Check
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.kube.api import NETWORK_POLICIES, KubeApi
 
-__all__ = ["NEEDED_RIGHTS", "check_kube", "kube_targets"]
+__all__ = ["NEEDED_RIGHTS", "check_kube", "kube_targets", "owner_address_checks"]
 
 # (verb, resource, API group) a kernel's start, stop and the orphan sweep use.
 NEEDED_RIGHTS = (
@@ -135,9 +136,75 @@ async def check_target(api: KubeApi, specs: list[str]) -> list[Check]:
     return checks
 
 
+def owner_address_checks(config: Config) -> list[Check]:
+    """For each kernelspec whose pods use the owner's egress proxy or data broker: the address
+    they would be served at (``kube_egress_address``) is one this host has, or 'auto' can
+    find one (docs/kubernetes.md#egress-and-data-the-owners-services-over-the-pod-network)."""
+    import socket
+
+    from kernel_sandbox.policy.effective import is_sandboxed, provisioner_for
+
+    manager = KernelSpecManager()
+    checks: list[Check] = []
+    for name in sorted(manager.find_kernel_specs()):
+        try:
+            spec = manager.get_kernel_spec(name)
+            if not is_sandboxed(spec):
+                continue
+            prov = provisioner_for(spec, config)
+            policy, _ = prov.resolve_policy()
+        except Exception:  # a broken kernelspec: check_kernelspecs reports it
+            continue
+        if policy.backend != "kubernetes" or (policy.network == "none" and not policy.datasets):
+            continue
+        setting = prov.kube_egress_address
+        if setting and setting != "auto":
+            try:
+                with socket.create_server((setting, 0)):
+                    pass
+            except OSError as exc:
+                checks.append(
+                    Check(
+                        "kubernetes",
+                        "egress address",
+                        FAIL,
+                        f"{name}: kube_egress_address {setting} cannot be listened on here: "
+                        f"{exc.strerror or exc}",
+                        "an address of this host that pods reach (e.g. its pod-bridge address)",
+                    )
+                )
+                continue
+            how = f"at {setting}"
+        elif prov.kube_owner_pod:
+            how = f"at the address of the owner pod {prov.kube_owner_pod}"
+        elif prov.kube_service:
+            how = "at this host's source address toward each kernel's Service"
+        else:
+            checks.append(
+                Check(
+                    "kubernetes",
+                    "egress address",
+                    FAIL,
+                    f"{name}: no address for its pods' egress proxy and data broker",
+                    "set kube_egress_address (or kube_owner_pod, or kube_service True)",
+                )
+            )
+            continue
+        checks.append(
+            Check(
+                "kubernetes",
+                "egress address",
+                OK,
+                f"{name}: its pods reach their egress proxy and data broker {how} (TLS, "
+                "pinned); the pods' NetworkPolicies allow only that",
+            )
+        )
+    return checks
+
+
 async def check_kube(config: Config) -> list[Check]:
     """The checks of every cluster and namespace a kernelspec starts pods in ([] for none)."""
-    checks: list[Check] = []
+    checks: list[Check] = owner_address_checks(config)
     for (config_file, context, namespace, in_cluster), specs in kube_targets(config).items():
         api = KubeApi(namespace, config_file, context, in_cluster, timeout=5.0)
         try:
