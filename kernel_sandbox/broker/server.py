@@ -207,6 +207,12 @@ class DataBroker:
         bound = self._run(self._listen_tcp(kernel_id, host, port, tls))
         return token, record, bound
 
+    def serve_tcp(self, kernel_id: str, host: str, port: int, tls: ssl.SSLContext | None) -> int:
+        """:meth:`serve` for a kernel in a pod (after an adoption): its port again, with the
+        token it has."""
+        self._sources.roots.adopt(kernel_id)
+        return self._run(self._listen_tcp(kernel_id, host, port, tls))
+
     def serve(self, kernel_id: str, shared_dir: Path) -> None:
         """Listen on ``shared_dir/data.sock`` for ``kernel_id`` (again after an adoption: its
         dataset roots are then re-opened on first use, checked against the identities its

@@ -22,7 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["KernelCA", "pinned_server_context", "upstream_context"]
+__all__ = [
+    "KernelCA",
+    "pinned_context",
+    "pinned_identity",
+    "pinned_server_context",
+    "upstream_context",
+]
 
 VALIDITY = datetime.timedelta(days=30)
 SKEW = datetime.timedelta(hours=1)
@@ -158,10 +164,11 @@ class KernelCA:
         return context
 
 
-def pinned_server_context(address: str, what: str) -> tuple[ssl.SSLContext, str]:
-    """A TLS server context with a new self-signed certificate for ``address`` (EC P-256;
-    the key only in this process's memory, loaded through a memfd) and the certificate's
-    SHA-256, which the client pins (a pod kernel's launcher: kernel_sandbox.kube.launch)."""
+def pinned_identity(address: str, what: str) -> tuple[bytes, str]:
+    """A new self-signed certificate for ``address`` (EC P-256) with its key, as PEM, and the
+    certificate's SHA-256, which the client pins (a pod kernel's launcher:
+    kernel_sandbox.kube.launch). Kept by the owner so that a re-adopting one serves the same
+    certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kernel-sandbox {what}")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -182,6 +189,12 @@ def pinned_server_context(address: str, what: str) -> tuple[ssl.SSLContext, str]
     pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    return pem, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def pinned_context(pem: bytes) -> tuple[ssl.SSLContext, str]:
+    """A TLS server context presenting ``pem`` (loaded through a memfd, never a file), and
+    the certificate's SHA-256."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     fd = os.memfd_create("kernel-sandbox-pinned", os.MFD_CLOEXEC)
@@ -190,7 +203,13 @@ def pinned_server_context(address: str, what: str) -> tuple[ssl.SSLContext, str]
         context.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+    cert = x509.load_pem_x509_certificate(pem)
     return context, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def pinned_server_context(address: str, what: str) -> tuple[ssl.SSLContext, str]:
+    """:func:`pinned_context` of a new :func:`pinned_identity`."""
+    return pinned_context(pinned_identity(address, what)[0])
 
 
 def upstream_context(cafile: str | None) -> ssl.SSLContext:

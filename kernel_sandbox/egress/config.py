@@ -45,6 +45,7 @@ class ProxyConfig:
     # client authenticated by token
     tcp: str = ""
     tcp_ports: dict[str, int] = field(default_factory=dict)
+    tls_pem: str = ""  # the certificate and key it presents (the owner keeps them: adoption)
     token: str = ""
     ports_file: str = ""
 

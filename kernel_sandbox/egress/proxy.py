@@ -42,7 +42,12 @@ import h11
 
 from kernel_sandbox.audit.chain import ChainedAppender
 from kernel_sandbox.egress.approvals import Approvals
-from kernel_sandbox.egress.ca import KernelCA, pinned_server_context, upstream_context
+from kernel_sandbox.egress.ca import (
+    KernelCA,
+    pinned_context,
+    pinned_server_context,
+    upstream_context,
+)
 from kernel_sandbox.egress.config import ProxyConfig
 from kernel_sandbox.egress.http import (
     CHUNK,
@@ -149,7 +154,10 @@ class EgressProxy:
         """A pod kernel's proxy: the proxy and the notices on TCP at ``tcp``, over TLS with a
         certificate made now (the pod pins it), their ports and the certificate's SHA-256
         written to ``ports_file`` before the control socket appears."""
-        tls, fingerprint = pinned_server_context(self.config.tcp, "egress proxy")
+        if self.config.tls_pem:
+            tls, fingerprint = pinned_context(self.config.tls_pem.encode())
+        else:
+            tls, fingerprint = pinned_server_context(self.config.tcp, "egress proxy")
         ports: dict[str, Any] = {}
         for name, handler in (("proxy", self._serve_client), ("notices", self._serve_tcp_notices)):
             server = await asyncio.start_server(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from kernel_sandbox.egress.ca import pinned_server_context
+from kernel_sandbox.egress.ca import pinned_context, pinned_identity
 from kernel_sandbox.inside.contract import DATA_SOCKET, DATA_TOKEN, RUNTIME_MOUNT
 from kernel_sandbox.kube.launch import Launch, Relay
 from kernel_sandbox.kube.podspec import SECRET_MOUNT
@@ -39,6 +39,7 @@ class PodData:
         self.address = ""
         self.tls: ssl.SSLContext | None = None
         self.fingerprint = ""
+        self.pem = b""  # the certificate and its key (kept for a re-adopting owner)
 
     def grant(self, address: str) -> Any:
         """Mint this start's token (revoking the last) and serve the kernel's port at
@@ -47,7 +48,8 @@ class PodData:
 
         scope = {d.name: Grant(d.source, d.access) for d in self.policy.datasets}
         if self.tls is None:
-            self.tls, self.fingerprint = pinned_server_context(address, "data broker")
+            self.pem, self.fingerprint = pinned_identity(address, "data broker")
+            self.tls = pinned_context(self.pem)[0]
         self.token, record, self.port = self.broker.grant_tcp(
             self.kernel_id, scope, self.policy.token_ttl, address, self.port, self.tls
         )
@@ -69,6 +71,18 @@ class PodData:
                 )
             ],
         )
+
+    def state(self) -> dict[str, Any]:
+        """What a re-adopting owner needs to serve the same pod (provisioner_info)."""
+        return {"address": self.address, "port": self.port, "tls": self.pem.decode()}
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """Serve an adopted kernel's port again, same certificate, with the token it has (its
+        record is in the token database). Blocking."""
+        self.address, self.port = str(state["address"]), int(state["port"])
+        self.pem = str(state["tls"]).encode()
+        self.tls, self.fingerprint = pinned_context(self.pem)
+        self.broker.serve_tcp(self.kernel_id, self.address, self.port, self.tls)
 
     def release(self, restart: bool) -> None:
         """Revoke the token; on the final shutdown also stop serving the port. Blocking."""

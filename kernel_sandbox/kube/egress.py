@@ -29,8 +29,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kernel_sandbox.egress.ca import pinned_identity
 from kernel_sandbox.egress.config import ProxyConfig
-from kernel_sandbox.egress.service import EgressEndpoint, ca_env, proxy_env
+from kernel_sandbox.egress.service import CONFIG_FILE, EgressEndpoint, ca_env, proxy_env
 from kernel_sandbox.errors import KernelStartError
 from kernel_sandbox.host.logtext import LogLimits
 from kernel_sandbox.host.owner import Owner
@@ -123,6 +124,7 @@ class PodEgress:
         self.address = ""
         self.ports: dict[str, int] = {}
         self.fingerprint = ""  # the proxy's certificate (SHA-256), pinned by the pod
+        self.pem = b""  # that certificate and its key (kept for a re-adopting owner)
         self.endpoint = _TcpEndpoint(self, kernel_id, policy, log_path, limits, upstream_ca)
 
     async def start(self, address: str) -> None:
@@ -133,16 +135,40 @@ class PodEgress:
         """
         if self.endpoint.process is not None and self.endpoint.process.poll() is None:
             return
+        self._spawn(address)
+        await self.endpoint.wait_ready()
+        (self.dir / CONFIG_FILE).unlink(missing_ok=True)  # read: the token, the key
+        bound = json.loads((self.dir / PORTS_FILE).read_text())
+        if bound.pop("sha256") != self.fingerprint:
+            raise KernelStartError("the egress proxy presents another certificate")
+        self.ports = bound
+
+    def _spawn(self, address: str) -> None:
         self.address = address
+        if not self.pem:
+            self.pem, self.fingerprint = pinned_identity(address, "egress proxy")
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dir.chmod(0o700)
         Owner.current().save(self.dir)  # the Docker path's sweep leaves a live owner's dir
         (self.dir / PORTS_FILE).unlink(missing_ok=True)
         self.endpoint.start()
-        await self.endpoint.wait_ready()
-        bound = json.loads((self.dir / PORTS_FILE).read_text())
-        self.fingerprint = bound.pop("sha256")
-        self.ports = bound
+
+    def state(self) -> dict[str, Any]:
+        """What a re-adopting owner needs to serve the same pod (provisioner_info)."""
+        return {
+            "address": self.address,
+            "ports": self.ports,
+            "token": self.token,
+            "tls": self.pem.decode(),
+            "sha256": self.fingerprint,
+        }
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """Start the proxy again for an adopted kernel: same address, ports, token and
+        certificate (it listens a moment later). Raises OSError if it cannot be spawned."""
+        self.token, self.ports = str(state["token"]), dict(state["ports"])
+        self.pem, self.fingerprint = str(state["tls"]).encode(), str(state["sha256"])
+        self._spawn(str(state["address"]))
 
     @property
     def has_secrets(self) -> bool:
@@ -191,6 +217,7 @@ class _TcpEndpoint(EgressEndpoint):
             notices="",
             tcp=self.pod.address,
             tcp_ports=dict(self.pod.ports),  # a restarted proxy keeps the pod's ports
+            tls_pem=self.pod.pem.decode(),
             token=self.pod.token,
             ports_file=str(self.pod.dir / PORTS_FILE),
         )

@@ -182,16 +182,7 @@ class KubeKernel:
             host_env, allowed, prov.kernel_spec.env or {}, policy.env, policy.cpu_limit
         )
         if policy.network == "allowlist":
-            if self.egress is None:
-                self.egress = PodEgress(
-                    Path(prov.runtime_root) / (prov.kernel_id or self.key),
-                    prov.kernel_id or self.key,
-                    policy,
-                    prov.egress_log,
-                    prov.log_limits,
-                    prov.egress_upstream_ca,
-                    prov.egress_port,
-                )
+            self.egress = self.egress or self._new_egress()
             extra += self.egress.endpoint.kernel_arguments(argv)  # the notice extension
         if policy.datasets and self.data is None:
             check_datasets_not_writable(policy, None, prov.runtime_root, prov._spec_name)
@@ -200,6 +191,18 @@ class KubeKernel:
         kwargs["env"] = {**env, NETWORK_ENV: policy.network}
         kwargs["user"] = policy.user or f"{KERNEL_UID}:{KERNEL_UID}"
         return kwargs
+
+    def _new_egress(self) -> PodEgress:
+        prov = self.prov
+        return PodEgress(
+            Path(prov.runtime_root) / (prov.kernel_id or self.key),
+            prov.kernel_id or self.key,
+            prov.policy,
+            prov.egress_log,
+            prov.log_limits,
+            prov.egress_upstream_ca,
+            prov.egress_port,
+        )
 
     def _request(self, cmd: list[str], kwargs: dict[str, Any]) -> PodRequest:
         prov = self.prov
@@ -528,6 +531,11 @@ class KubeKernel:
                 "service": self.service,
                 "address": self.address,
                 "connection": info,
+                "services": {  # the owner's egress proxy and broker port (kube/egress, data)
+                    "owner_address": self.owner_address,
+                    "egress": self.egress.state() if self.egress and self.egress.ports else None,
+                    "data": self.data.state() if self.data and self.data.port else None,
+                },
             }
         }
 
@@ -542,3 +550,24 @@ class KubeKernel:
         self.key = kube.get("key") or self.key
         self.service = kube.get("service")
         self.address = kube.get("address") or self.pod_ip
+        self._adopt_services(kube.get("services") or {})
+
+    def _adopt_services(self, services: dict[str, Any]) -> None:
+        """Serve an adopted pod its egress proxy and broker port again, as they were (the
+        pod pins their certificates and holds their tokens). Logged, never raised."""
+        self.owner_address = services.get("owner_address") or ""
+        policy = self.prov.policy
+        try:
+            if services.get("egress") and policy.network == "allowlist":
+                self.egress = self._new_egress()
+                self.egress.adopt(services["egress"])
+            if services.get("data") and policy.datasets:
+                self.data = PodData(self.prov._broker(), self.prov.kernel_id or self.key, policy)
+                self.data.adopt(services["data"])
+        except Exception as exc:
+            self.log.warning(
+                "kernel %s: cannot serve its egress proxy or data again (its pod's requests "
+                "fail until a restart): %s",
+                self.prov.kernel_id,
+                exc,
+            )
