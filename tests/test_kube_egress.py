@@ -9,12 +9,15 @@ address (``kube_cluster.pod_gateway``), under ``.test`` names mapped by ``egress
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from jupyter_client.manager import KernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
 from kubernetes import client
 from support import unavailable
 from support.egress_servers import LocalTargets
@@ -435,3 +439,78 @@ def test_a_failed_start_leaves_no_proxy_and_no_broker_port(kube_cluster, gateway
     runtime_dir = Path(km.provisioner.runtime_root) / km.kernel_id
     assert not runtime_dir.exists()  # the proxy's config and control socket are gone
     assert km.kernel_id not in EgressControl().kernels()
+
+
+OWNER = """
+import asyncio, json, sys
+from jupyter_client.manager import KernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+km = KernelManager(kernel_name=sys.argv[1])
+km.start_kernel()
+km.client().wait_for_ready(timeout=60)
+print(json.dumps(asyncio.run(km.provisioner.get_provisioner_info())), flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_an_adopted_pod_kernel_gets_its_proxy_and_data_again(
+    kube_cluster, listener, egress_log, tmp_path
+):
+    """The owner (a Jupyter Server) is killed; a new one adopts the pod as a restarted server
+    does: the same proxy ports, token and certificate, and the broker's port, come back."""
+    host, port = listener
+    (tmp_path / "sales").mkdir()
+    (tmp_path / "sales" / "2024.csv").write_text("region,total\nnorth,12\n")
+    spec = allowlist_spec(kube_cluster, host, port, datasets={"sales": f"{tmp_path}/sales:read"})
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, spec],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        line = owner.stdout.readline()
+        assert line, "the owner process did not start its kernel"
+        info = json.loads(line)
+    finally:
+        owner.send_signal(signal.SIGKILL)  # its proxy (lifeline) and broker die with it
+        owner.wait()
+        owner.stdin.close()
+        owner.stdout.close()
+    services = info["kube"]["services"]
+    proxy_port = services["egress"]["ports"]["proxy"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the proxy ends once its lifeline closes
+        try:
+            socket.create_connection((host, proxy_port), timeout=1).close()
+        except OSError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the dead owner's proxy still listens")
+    km = KernelManager(kernel_name=spec, kernel_id=info["kernel_id"])
+    provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+        info["kernel_id"], km.kernel_spec, parent=km
+    )
+    asyncio.run(provisioner.load_provisioner_info(info))
+    km.provisioner = provisioner
+    km.load_connection_info(provisioner.connection_info)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kube = provisioner.kube
+        assert kube.egress.ports == services["egress"]["ports"]
+        listed = f"http://files.example.test:{port}/"
+        deadline = time.monotonic() + 10
+        out = run_cell(kc, FETCH.format(url=listed))["stdout"]
+        while "BODY hello-egress" not in out and time.monotonic() < deadline:
+            time.sleep(0.5)  # the adopted proxy listens a moment after the adoption
+            out = run_cell(kc, FETCH.format(url=listed))["stdout"]
+        assert "BODY hello-egress" in out, out
+        assert "READ region,total|north,12" in run_cell(kc, READ, timeout=60)["stdout"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert kube.egress is None and kube.data is None
