@@ -4,7 +4,7 @@
 A container reaches its proxy through a unix socket in its runtime directory; a pod has no
 such directory, only the pod network. So the owner starts the proxy listening on TCP at the
 address the pod reaches the owner at (``kube_egress_address``), on ports chosen per kernel,
-over TLS with a certificate the proxy makes at start (its key only in the proxy's memory).
+over TLS with a certificate made for it (the owner keeps its key for a re-adoption).
 In the pod, the launcher (:mod:`.launch`) listens on the loopback port the Docker path's
 bridge uses (``egress_port``, 3128) and carries each connection over TLS to the proxy,
 accepting only the certificate whose SHA-256 the kernel's Secret carries
