@@ -9,9 +9,9 @@ a relay (:mod:`.launch`) to a TCP port the broker serves for this kernel alone, 
 address as the egress proxy. That port speaks **TLS** with a certificate made for this
 kernel (its key in the owner's memory and provisioner_info); the relay checks the server's
 certificate against the SHA-256 the Secret carries (``data-tls-sha256``), so the token and
-the data cross the pod network encrypted, to this owner only. The broker authenticates every request by the token
-(live, minted for this kernel, its datasets only), as on the Docker path; a restart mints a
-new token (the Secret is new too), a shutdown revokes it.
+the data cross the pod network encrypted, to this owner only. The broker authenticates every
+request by the token (live, minted for this kernel, its datasets only), as on the Docker
+path; a restart mints a new token (the Secret is new too), a shutdown revokes it.
 """
 
 from __future__ import annotations
