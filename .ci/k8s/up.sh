@@ -13,6 +13,9 @@ already_running() {  # running (perhaps busy: wait rather than restart it under 
   k8s_wait_for 180 "node $K8S_NODE_NAME Ready" k8s_node_ready || exit 1
   k8s_log "cluster: already running"; exit 0
 }
+# the project's seccomp profile on the node (the very file the Docker path applies), also when
+# the cluster already runs: the kubelet reads it at each container start
+install -D -m 0644 "$HERE/../../kernel_sandbox/engine/seccomp.json" "$K8S_SECCOMP_ROOT/$K8S_SECCOMP_PROFILE"
 k8s_alive && already_running
 "$HERE/build.sh"
 exec 8>"$K8S_STATE/.up.lock"

@@ -48,6 +48,7 @@ from kernel_sandbox.kube.podspec import (
     with_secret_copy,
 )
 from kernel_sandbox.kube.reap import defer_deletion, retry_deletions, start_sweep
+from kernel_sandbox.kube.seccomp import pod_seccomp
 from kernel_sandbox.kube.status import PodState, read_status, start_problem, timeout_message
 from kernel_sandbox.kube.transport import client_connection, new_connection, pod_connection_file
 from kernel_sandbox.provisioner.container import container_env
@@ -200,6 +201,7 @@ class KubeKernel:
             runtime_class=runtime_class(prov.policy.runtime, prov.kube_runtime_classes),
             request_ratio=prov.kube_request_ratio,
             ingress_from=ingress_peers(cidrs, prov.kube_owner_labels),
+            seccomp=pod_seccomp(prov.kube_seccomp_profile, prov.policy.seccomp),
         )
 
     async def launch_kernel(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
