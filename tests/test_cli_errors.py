@@ -153,6 +153,7 @@ def setup_errors(
         ("mcp",): (["--workspace", missing], 2, "the folder does not exist"),
         ("audit", "show"): (["--log-dir", missing], 2, "not a directory"),
         ("audit", "verify"): (["--log", missing], 2, "no such audit log"),
+        ("kube", "seccomp-profile"): (["--install", "--name", "/x"], 2, "kube_seccomp_profile"),
     }
 
 
