@@ -333,6 +333,11 @@ def outcomes(
         ("lockdown",): (["status"], {0, 1}, "lockdown is"),
         ("audit", "show"): (["--log-dir", str(tmp_path)], {0}, "no audit records"),
         ("audit", "verify"): (["--log-dir", str(tmp_path)], {0}, "no records"),
+        ("kube", "seccomp-profile"): (
+            ["--install", "--root", str(tmp_path / "seccomp")],
+            {0},
+            "installed",
+        ),
     }
 
 
