@@ -27,10 +27,13 @@ from typing import TYPE_CHECKING, Any, cast
 from jupyter_client.connect import KernelConnectionInfo
 
 from kernel_sandbox.errors import EngineError, EngineUnavailable, KernelStartError, PolicyError
+from kernel_sandbox.host.monitor import KernelMonitor
+from kernel_sandbox.host.notices import DELIVERY, stopped_notice
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import KERNEL_UID, NETWORK_ENV
 from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.control import send_interrupt
+from kernel_sandbox.kube.idle import pod_monitor, tell_in_pod
 from kernel_sandbox.kube.podspec import (
     CONNECTION_FILE,
     CONTAINER,
@@ -135,6 +138,7 @@ class KubeKernel:
         self.service: str | None = None
         self.address = ""  # what clients connect to: the Service's, else the pod's
         self._deleted = False  # this side deleted the pod (kill, cleanup)
+        self.monitor: KernelMonitor | None = None  # idle_timeout (kernel_sandbox.kube.idle)
         self._api_down_logged = False
 
     @property
@@ -258,6 +262,7 @@ class KubeKernel:
         self.pod_ip = state.pod_ip
         info = client_connection(self.info, self.address)
         self.prov.connection_info = cast(KernelConnectionInfo, info)
+        self._watch()
         self.log.debug(
             "kernel %s: pod %s (node %s, %s; clients at %s) ready in %.2fs",
             self.prov.kernel_id,
@@ -328,6 +333,47 @@ class KubeKernel:
                 )
             await asyncio.sleep(0.02)
 
+    # -- idle_timeout (kernel_sandbox.kube.idle) --------------------------------------------
+
+    def _watch(self) -> None:
+        """Watch the new pod's kernel for idle_timeout (from the event loop that started it:
+        the provisioner ends it through that loop's manager, as for a container)."""
+        self._unwatch()
+        idle_timeout = self.prov.policy.idle_timeout
+        if idle_timeout > 0 and self.info is not None:
+            self.prov._loop = asyncio.get_running_loop()
+            self.monitor = pod_monitor(self.info, self.address, idle_timeout, self._idle_end)
+
+    def _unwatch(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
+
+    def _idle_end(self, reason: str) -> None:
+        """The monitor fired (its thread): tell the clients in their last cell, then have the
+        provisioner end the kernel (:meth:`DockerSandboxProvisioner._end_from_monitor`)."""
+        notice = stopped_notice(reason)
+        self.prov.notice = notice
+        parent = self.monitor.request if self.monitor is not None else None
+        if self.info is not None and self.address:
+            try:
+                told = tell_in_pod(self.info, self.address, notice, parent)
+                self.log.info(
+                    "kernel %s: %s its clients why it ends: %s",
+                    self.prov.kernel_id,
+                    "told" if told else "could not tell (no answer)",
+                    notice.text,
+                )
+                if told:
+                    time.sleep(DELIVERY)  # the notice on its way before the pod goes
+            except Exception as exc:  # cosmetic: the kernel ends either way
+                self.log.warning(
+                    "kernel %s: could not tell its clients why it ends: %s",
+                    self.prov.kernel_id,
+                    exc,
+                )
+        self.prov._end_from_monitor(reason)
+
     # -- a running kernel -------------------------------------------------------------------
 
     async def poll(self) -> int | None:
@@ -385,6 +431,7 @@ class KubeKernel:
         deleted now (API server unreachable) is logged, and the orphan sweep deletes it once
         this process has ended."""
         pod = self.pod_name
+        self._unwatch()
         await self._delete_all(grace=1, service=not restart)
         if pod is not None:
             await self._until_gone(pod)

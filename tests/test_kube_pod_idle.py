@@ -1,0 +1,79 @@
+"""``idle_timeout`` on a kernel pod, against the test cluster: a cell running longer than the
+timeout is not cut short; once idle, the kernel is ended by its owner, its client is told why in
+the cell it ran last (as on the Docker path, tests/test_notices.py), and its pod, Secret,
+NetworkPolicy and Service are deleted."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+from jupyter_client.manager import KernelManager
+from support.kernels import run_cell
+from test_kube import kube_spec, wait_gone
+
+from kernel_sandbox.kube.api import KubeApi
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+IDLE = 4  # seconds
+
+
+@pytest.fixture(scope="module")
+def kube(kube_cluster):
+    api = KubeApi(kube_cluster.namespace, str(kube_cluster.kubeconfig))
+    yield api
+    api.close()
+
+
+def test_an_idle_pod_kernel_is_ended_and_its_client_told_why(kube_cluster, kube):
+    km = KernelManager(kernel_name=kube_spec(kube_cluster, idle_timeout=IDLE))
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        # busy for longer than idle_timeout: not idle, not ended
+        out = run_cell(kc, f"import time; time.sleep({IDLE + 3}); print('done')", timeout=60)
+        assert out["status"] == "ok" and out["stdout"] == "done\n", out
+        cell = kc.execute("x = 1")  # the last cell a client ran: the notice goes there
+        started = time.monotonic()
+        notice = None
+        while notice is None and time.monotonic() - started < 60:
+            try:
+                msg = kc.get_iopub_msg(timeout=1)
+            except queue.Empty:
+                continue
+            if msg["msg_type"] == "stream" and "shut down" in msg["content"]["text"]:
+                notice = msg
+        assert notice is not None, "no notice within 60 s"
+        text = notice["content"]["text"]
+        assert notice["content"]["name"] == "stderr"
+        assert f"idle_timeout is {IDLE}s" in text and "Its variables are gone" in text, text
+        assert notice["parent_header"]["msg_id"] == cell
+        deadline = time.monotonic() + 60
+        while km.is_alive():
+            assert time.monotonic() < deadline, "the idle pod kernel was not ended"
+            time.sleep(0.25)
+        assert km.provisioner.notice is not None and "idle" in km.provisioner.notice.text
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    wait_gone(kube, km.kernel_id)
+
+
+def test_without_idle_timeout_a_pod_kernel_stays(kube_cluster):
+    km = KernelManager(kernel_name=kube_spec(kube_cluster, idle_timeout=0))
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        assert km.provisioner.kube.monitor is None
+        time.sleep(IDLE + 2)
+        assert km.is_alive()
+        assert run_cell(kc, "print(2)")["stdout"] == "2\n"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
