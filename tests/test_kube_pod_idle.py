@@ -77,3 +77,33 @@ def test_without_idle_timeout_a_pod_kernel_stays(kube_cluster):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_jupyter_server_forgets_an_idle_pod_kernel_and_its_websocket_is_told(
+    kube_cluster, kube, jupyter_path, tmp_path
+):
+    from support.servers import jupyter_server
+    from test_notices import read_until, send
+
+    name = kube_spec(kube_cluster, idle_timeout=IDLE)
+    with jupyter_server(tmp_path, tmp_path / "server.log") as server:
+        kernel = server.api("POST", "/api/kernels", json={"name": name}).json()["id"]
+        ws = server.channels(kernel)
+        try:
+            cell = send(ws, "print('working')")
+            notice = read_until(
+                ws,
+                lambda m: m["msg_type"] == "stream" and "shut down" in m["content"]["text"],
+                timeout=60,
+            )[-1]
+        finally:
+            ws.close()
+        deadline = time.monotonic() + 30
+        while kernel in {k["id"] for k in server.api("GET", "/api/kernels").json()}:
+            assert time.monotonic() < deadline, "the idle kernel was not forgotten"
+            time.sleep(0.25)
+    assert f"idle_timeout is {IDLE}s" in notice["content"]["text"]
+    assert notice["parent_header"]["msg_id"] == cell
+    log = (tmp_path / "server.log").read_text()
+    assert "why it ends" in log and "restarting kernel" not in log.lower()
+    wait_gone(kube, kernel)
