@@ -85,7 +85,7 @@ class PodSandbox:
     runtime = "runc"  # the node's default runtime (dockershim: runc)
     init = ("python",)  # PID 1 of the kernel's container: the kernel (no init in a pod)
 
-    def __init__(self, km: Any, kc: Any, seccomp: str):
+    def __init__(self, km: Any, kc: Any, seccomp: str = "RuntimeDefault"):
         self.km, self.kc, self.seccomp = km, kc, seccomp
 
     @property

@@ -15,16 +15,20 @@ the Docker path's notice it is cosmetic: a kernel that does not answer is ended 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from jupyter_client.session import Session
 
 from kernel_sandbox.host.monitor import KernelMonitor
-from kernel_sandbox.host.notices import Notice
+from kernel_sandbox.host.notices import DELIVERY, Notice, stopped_notice
 
-__all__ = ["pod_monitor", "tell_in_pod"]
+if TYPE_CHECKING:
+    from kernel_sandbox.kube.kernel import KubeKernel
+
+__all__ = ["end_idle", "pod_monitor", "tell_in_pod"]
 
 # Run in the kernel: publish one IOPub message through the kernel's own session and socket,
 # parented to the last cell a client ran (as the Docker path's notice is).
@@ -101,3 +105,29 @@ def tell_in_pod(
         return False
     finally:
         sock.close(0)
+
+
+def end_idle(kernel: KubeKernel, reason: str) -> None:
+    """The monitor of ``kernel`` fired (in its thread): tell the clients in their last cell,
+    then have the provisioner end the kernel as it ends an idle container
+    (``DockerSandboxProvisioner._end_from_monitor``). Never raises."""
+    prov = kernel.prov
+    notice = stopped_notice(reason)
+    prov.notice = notice
+    parent = kernel.monitor.request if kernel.monitor is not None else None
+    if kernel.info is not None and kernel.address:
+        try:
+            told = tell_in_pod(kernel.info, kernel.address, notice, parent)
+            prov.log.info(
+                "kernel %s: %s its clients why it ends: %s",
+                prov.kernel_id,
+                "told" if told else "could not tell (no answer)",
+                notice.text,
+            )
+            if told:
+                time.sleep(DELIVERY)  # the notice on its way before the pod goes
+        except Exception as exc:  # cosmetic: the kernel ends either way
+            prov.log.warning(
+                "kernel %s: could not tell its clients why it ends: %s", prov.kernel_id, exc
+            )
+    prov._end_from_monitor(reason)

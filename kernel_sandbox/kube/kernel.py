@@ -28,12 +28,11 @@ from jupyter_client.connect import KernelConnectionInfo
 
 from kernel_sandbox.errors import EngineError, EngineUnavailable, KernelStartError, PolicyError
 from kernel_sandbox.host.monitor import KernelMonitor
-from kernel_sandbox.host.notices import DELIVERY, stopped_notice
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import KERNEL_UID, NETWORK_ENV
 from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.control import send_interrupt
-from kernel_sandbox.kube.idle import pod_monitor, tell_in_pod
+from kernel_sandbox.kube.idle import end_idle, pod_monitor
 from kernel_sandbox.kube.podspec import (
     CONNECTION_FILE,
     CONTAINER,
@@ -350,29 +349,8 @@ class KubeKernel:
             monitor.close()
 
     def _idle_end(self, reason: str) -> None:
-        """The monitor fired (its thread): tell the clients in their last cell, then have the
-        provisioner end the kernel (:meth:`DockerSandboxProvisioner._end_from_monitor`)."""
-        notice = stopped_notice(reason)
-        self.prov.notice = notice
-        parent = self.monitor.request if self.monitor is not None else None
-        if self.info is not None and self.address:
-            try:
-                told = tell_in_pod(self.info, self.address, notice, parent)
-                self.log.info(
-                    "kernel %s: %s its clients why it ends: %s",
-                    self.prov.kernel_id,
-                    "told" if told else "could not tell (no answer)",
-                    notice.text,
-                )
-                if told:
-                    time.sleep(DELIVERY)  # the notice on its way before the pod goes
-            except Exception as exc:  # cosmetic: the kernel ends either way
-                self.log.warning(
-                    "kernel %s: could not tell its clients why it ends: %s",
-                    self.prov.kernel_id,
-                    exc,
-                )
-        self.prov._end_from_monitor(reason)
+        """The monitor fired (its thread): the clients are told, the kernel ended."""
+        end_idle(self, reason)
 
     # -- a running kernel -------------------------------------------------------------------
 
