@@ -98,5 +98,18 @@ start proxy "$K8S_BIN/kube-proxy" --kubeconfig "$PKI/proxy.kubeconfig" --hostnam
   --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256
 wait_for 180 "node $K8S_NODE_NAME Ready" k8s_node_ready
 wait_for 60 "default service account exists" k8s_kubectl -n default get serviceaccount default
+# gVisor for `runtimeClassName: gvisor` (the untrusted profile): the patched dockershim runs a
+# pod whose RuntimeClass handler is `runsc-kube` under Docker's runtime of that name (build.sh;
+# setup.sh registers it: runsc in the pod's network namespace)
+if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc-kube"'; then
+  k8s_kubectl apply -f - >/dev/null <<'YAML'
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata:
+  name: gvisor
+handler: runsc-kube
+YAML
+  k8s_log "RuntimeClass gvisor (handler runsc-kube)"
+fi
 k8s_log "kubeconfig: $K8S_ADMIN_KUBECONFIG"
 k8s_log "cluster: started"
