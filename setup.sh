@@ -62,8 +62,8 @@ command -v curl >/dev/null || apt_install curl
 step "Docker engine"
 if docker info >/dev/null 2>&1; then
   echo "a Docker engine answers"
-  if ! docker info --format '{{json .Runtimes}}' | grep -q runsc; then
-    echo "reloading the engine's configuration (SIGHUP) to pick up runsc"
+  if ! docker info --format '{{json .Runtimes}}' | grep -q '"runsc-kube"'; then
+    echo "reloading the engine's configuration (SIGHUP) to pick up runsc and runsc-kube"
     pkill -HUP -x dockerd || true
     sleep 2
   fi
