@@ -92,7 +92,7 @@ start kubelet "$K8S_BIN/kubelet" --kubeconfig "$PKI/kubelet.kubeconfig" \
   --network-plugin cni --cni-bin-dir "$K8S_ROOT/usr/lib/cni" --cni-conf-dir "$K8S_STATE/cni/net.d" --cni-cache-dir "$D/cni-cache" \
   --fail-swap-on=false --cluster-dns 10.96.0.10 --cluster-domain cluster.local \
   --eviction-hard 'memory.available<100Mi' --image-gc-high-threshold 100 --image-gc-low-threshold 99 --oom-score-adj 0 \
-  --register-node=true --max-pods 110
+  --register-node=true --max-pods 110 --pod-max-pids 256
 start proxy "$K8S_BIN/kube-proxy" --kubeconfig "$PKI/proxy.kubeconfig" --hostname-override "$K8S_NODE_NAME" \
   --cluster-cidr "$K8S_POD_CIDR" --proxy-mode iptables --oom-score-adj 0 --conntrack-max-per-core 0 \
   --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256
