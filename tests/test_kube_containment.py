@@ -152,7 +152,7 @@ def observe():
 
 RUNTIME_DEFAULT = (
     "RuntimeDefault is the runtime's default seccomp profile, which allows {}: the project's "
-    "profile would have to be installed on every node as a Localhost profile"
+    "profile, installed on the node as a Localhost profile (kube_seccomp_profile), refuses it"
 )
 
 

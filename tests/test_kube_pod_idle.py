@@ -1,5 +1,5 @@
 """``idle_timeout`` on a kernel pod, against the test cluster: a cell running longer than the
-timeout is not cut short; once idle, the kernel is ended by its owner, its client is told why in
+timeout is not cut short; a restart's new pod is watched in its turn; once idle, the kernel is ended by its owner, its client is told why in
 the cell it ran last (as on the Docker path, tests/test_notices.py), and its pod, Secret,
 NetworkPolicy and Service are deleted."""
 
@@ -37,6 +37,12 @@ def test_an_idle_pod_kernel_is_ended_and_its_client_told_why(kube_cluster, kube)
         # busy for longer than idle_timeout: not idle, not ended
         out = run_cell(kc, f"import time; time.sleep({IDLE + 3}); print('done')", timeout=60)
         assert out["status"] == "ok" and out["stdout"] == "done\n", out
+        # a restart is a new pod: watched in its turn, the old pod's monitor gone
+        first = km.provisioner.kube.monitor
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=60)
+        assert first is not None and first._thread is None  # closed
+        assert km.provisioner.kube.monitor not in (None, first)
         cell = kc.execute("x = 1")  # the last cell a client ran: the notice goes there
         started = time.monotonic()
         notice = None
