@@ -1,7 +1,7 @@
 """``idle_timeout`` on a kernel pod, against the test cluster: a cell running longer than the
-timeout is not cut short; a restart's new pod is watched in its turn; once idle, the kernel is ended by its owner, its client is told why in
-the cell it ran last (as on the Docker path, tests/test_notices.py), and its pod, Secret,
-NetworkPolicy and Service are deleted."""
+timeout is not cut short; a restart's new pod is watched in its turn; once idle, the kernel is
+ended by its owner, its client is told why in the cell it ran last (as on the Docker path,
+tests/test_notices.py), and its pod, Secret, NetworkPolicy and Service are deleted."""
 
 from __future__ import annotations
 
