@@ -12,7 +12,7 @@ import uuid
 import pytest
 from jupyter_client.manager import KernelManager
 from support import REPO
-from support.kernels import run_cell
+from support.kernels import make_kernelspec, run_cell
 from test_kube import kube_spec, wait_gone
 
 from kernel_sandbox.cli import main
@@ -80,6 +80,37 @@ def test_install_writes_the_same_file_below_the_root(tmp_path, capsys):
     assert oct(written.stat().st_mode & 0o777) == "0o644"
     assert main(["kube", "seccomp-profile", "--install", "--root", str(tmp_path), "--name", "/x"])
     assert "kube_seccomp_profile" in capsys.readouterr().err
+
+
+def test_doctor_says_which_profile_pods_get_and_checks_this_nodes_copy(tmp_path):
+    from traitlets.config import Config
+
+    from kernel_sandbox.cli.checks import FAIL, OK, WARN
+    from kernel_sandbox.cli.doctor_kube_seccomp import check_seccomp
+
+    pods = {"backend": "kubernetes", "kube_namespace": "ns"}
+    default = make_kernelspec(f"kube-rd-{uuid.uuid4().hex[:6]}", pods)
+    local = make_kernelspec(
+        f"kube-lh-{uuid.uuid4().hex[:6]}", {**pods, "kube_seccomp_profile": LOCALHOST_PROFILE}
+    )
+
+    def status(root) -> dict[str, str]:
+        checks = check_seccomp(Config(), str(root))
+        return {
+            name: check.status
+            for check in checks
+            for name in (default, local)
+            if name in check.detail
+        }
+
+    node = tmp_path / "seccomp"
+    assert status(tmp_path / "no-node") == {default: WARN, local: OK}  # not a node: no files
+    node.mkdir()
+    assert status(node) == {default: WARN, local: FAIL}  # this node lacks it
+    install_profile(str(node))
+    assert status(node) == {default: WARN, local: OK}
+    (node / LOCALHOST_PROFILE).write_text("{}")
+    assert status(node)[local] == FAIL  # an old or foreign copy
 
 
 # -- against the test cluster ---------------------------------------------------------------

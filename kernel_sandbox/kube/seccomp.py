@@ -27,6 +27,7 @@ __all__ = [
     "RUNTIME_DEFAULT",
     "check_setting",
     "install_profile",
+    "node_copy",
     "pod_seccomp",
     "profile_text",
 ]
@@ -97,3 +98,15 @@ def install_profile(root: str = KUBELET_SECCOMP_ROOT, name: str = LOCALHOST_PROF
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def node_copy(name: str, root: str = KUBELET_SECCOMP_ROOT) -> str | None:
+    """The state of this machine's copy of profile ``name``: "same", "differs" or "missing";
+    None when this machine is no node (no kubelet seccomp root here)."""
+    if not Path(root).is_dir():
+        return None
+    try:
+        text = (Path(root) / name).read_text(encoding="utf-8")
+    except OSError:
+        return "missing"
+    return "same" if text == profile_text() else "differs"
