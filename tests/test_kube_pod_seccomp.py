@@ -6,13 +6,14 @@ tests/test_kube_containment.py."""
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 
 import pytest
 from jupyter_client.manager import KernelManager
 from support import REPO
-from support.kernels import make_kernelspec, run_cell
+from support.kernels import jupyter_kernels_dir, make_kernelspec, run_cell
 from test_kube import kube_spec, wait_gone
 
 from kernel_sandbox.cli import main
@@ -104,13 +105,17 @@ def test_doctor_says_which_profile_pods_get_and_checks_this_nodes_copy(tmp_path)
         }
 
     node = tmp_path / "seccomp"
-    assert status(tmp_path / "no-node") == {default: WARN, local: OK}  # not a node: no files
-    node.mkdir()
-    assert status(node) == {default: WARN, local: FAIL}  # this node lacks it
-    install_profile(str(node))
-    assert status(node) == {default: WARN, local: OK}
-    (node / LOCALHOST_PROFILE).write_text("{}")
-    assert status(node)[local] == FAIL  # an old or foreign copy
+    try:
+        assert status(tmp_path / "no-node") == {default: WARN, local: OK}  # not a node
+        node.mkdir()
+        assert status(node) == {default: WARN, local: FAIL}  # this node lacks it
+        install_profile(str(node))
+        assert status(node) == {default: WARN, local: OK}
+        (node / LOCALHOST_PROFILE).write_text("{}")
+        assert status(node)[local] == FAIL  # an old or foreign copy
+    finally:  # other tests' ps, stop, gc would look for these pods' cluster
+        for name in (default, local):
+            shutil.rmtree(jupyter_kernels_dir() / name)
 
 
 # -- against the test cluster ---------------------------------------------------------------
