@@ -5,6 +5,7 @@ tests/test_notices.py), and its pod, Secret, NetworkPolicy and Service are delet
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import time
 
@@ -113,3 +114,40 @@ def test_jupyter_server_forgets_an_idle_pod_kernel_and_its_websocket_is_told(
     log = (tmp_path / "server.log").read_text()
     assert "why it ends" in log and "restarting kernel" not in log.lower()
     wait_gone(kube, kernel)
+
+
+def test_an_async_manager_shuts_an_idle_pod_kernel_down(kube_cluster, kube):
+    """nbclient's way: the monitor ends the kernel through the manager's own shutdown."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def scenario() -> tuple[str, dict]:
+        km = AsyncKernelManager(kernel_name=kube_spec(kube_cluster, idle_timeout=IDLE))
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            cell = kc.execute("y = 2")
+            deadline = time.monotonic() + 60
+            notice: dict = {}
+            while not notice and time.monotonic() < deadline:
+                try:
+                    msg = await kc.get_iopub_msg(timeout=1)
+                except queue.Empty:
+                    continue
+                if msg["msg_type"] == "stream" and "shut down" in msg["content"]["text"]:
+                    notice = msg
+            while await km.is_alive():  # shut down by the monitor, through this manager
+                assert time.monotonic() < deadline, "the idle pod kernel was not shut down"
+                await asyncio.sleep(0.25)
+            assert not km.has_kernel  # a shutdown, not a death: nothing left to restart
+            return km.kernel_id, {"cell": cell, "notice": notice}
+        finally:
+            kc.stop_channels()
+            if km.has_kernel:
+                await km.shutdown_kernel(now=True)
+
+    kernel_id, seen = asyncio.run(scenario())
+    assert seen["notice"], "no notice within 60 s"
+    assert seen["notice"]["parent_header"]["msg_id"] == seen["cell"]
+    wait_gone(kube, kernel_id)
