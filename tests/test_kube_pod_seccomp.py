@@ -137,6 +137,7 @@ def test_a_profile_the_node_lacks_fails_the_start_at_once(kube_cluster, kube):
     with pytest.raises(KernelStartError) as info:
         km.start_kernel()
     took = time.monotonic() - started
+    print(f"a start under a profile the node lacks failed in {took:.2f}s")
     message = str(info.value)
     assert "cannot load seccomp profile" in message and missing in message, message
     assert "kernel-sandbox kube seccomp-profile --install" in message
