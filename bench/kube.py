@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,17 @@ def container_memory_mib(prefixes: list[str]) -> list[float]:
     return found
 
 
-async def run_backend(spec: str, kernels: int, concurrency: int) -> dict[str, Any]:
+Check = Callable[[AsyncKernelManager, Any], Awaitable[None]]
+
+
+async def start_kernels(
+    spec: str, kernels: int, concurrency: int, each: Check | None = None
+) -> tuple[list[AsyncKernelManager], list[float], list[BaseException]]:
+    """Start ``kernels`` kernels of ``spec``, ``concurrency`` at a time, each timed from
+    ``start_kernel`` to its first kernel_info reply; ``each(km, client)`` then runs (untimed)
+    before its client is closed. Returns the started managers (a kernel whose ``each`` failed
+    included, for shutdown), the latencies and the failures. Also tests/test_kube_pod_scale.py.
+    """
     gate = asyncio.Semaphore(concurrency)
     managers: list[AsyncKernelManager] = []
     latencies: list[float] = []
@@ -102,18 +113,31 @@ async def run_backend(spec: str, kernels: int, concurrency: int) -> dict[str, An
         async with gate:
             km = AsyncKernelManager(kernel_name=spec)
             began = time.monotonic()
-            await km.start_kernel()
+            try:
+                await km.start_kernel()
+            finally:
+                if km.has_kernel:
+                    managers.append(km)
             kc = km.client()
             kc.start_channels()
-            await kc.wait_for_ready(timeout=120)
-            latencies.append(time.monotonic() - began)
-            kc.stop_channels()
-            managers.append(km)
+            try:
+                await kc.wait_for_ready(timeout=120)
+                latencies.append(time.monotonic() - began)
+                if each is not None:
+                    await each(km, kc)
+            finally:
+                kc.stop_channels()
 
-    began = time.monotonic()
     results = await asyncio.gather(*(start_one() for _ in range(kernels)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    return managers, latencies, errors
+
+
+async def run_backend(spec: str, kernels: int, concurrency: int) -> dict[str, Any]:
+    began = time.monotonic()
+    managers, latencies, failures = await start_kernels(spec, kernels, concurrency)
     wall = time.monotonic() - began
-    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    errors = [repr(r) for r in failures]
     await asyncio.sleep(5)  # idle: the imports done, the memory settled
     names = []
     for km in managers:

@@ -153,6 +153,7 @@ def setup_errors(
         ("mcp",): (["--workspace", missing], 2, "the folder does not exist"),
         ("audit", "show"): (["--log-dir", missing], 2, "not a directory"),
         ("audit", "verify"): (["--log", missing], 2, "no such audit log"),
+        ("kube", "seccomp-profile"): (["--install", "--name", "/x"], 2, "kube_seccomp_profile"),
     }
 
 
@@ -332,6 +333,11 @@ def outcomes(
         ("lockdown",): (["status"], {0, 1}, "lockdown is"),
         ("audit", "show"): (["--log-dir", str(tmp_path)], {0}, "no audit records"),
         ("audit", "verify"): (["--log-dir", str(tmp_path)], {0}, "no records"),
+        ("kube", "seccomp-profile"): (
+            ["--install", "--root", str(tmp_path / "seccomp")],
+            {0},
+            "installed",
+        ),
     }
 
 

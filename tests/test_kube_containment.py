@@ -4,10 +4,12 @@ The probe code is the battery's own (tests/security/), imported here with a ``sa
 this module: one kernel pod of the test cluster, started through the provisioner with
 ``backend: kubernetes``, the battery's prelude loaded in it. Left out: probes of the Docker
 path's host side (runtime directory, lifeline, workspace, datasets, host listeners on the
-Docker bridge, the host's own files), which a pod does not have. Two probes hold on the Docker
-path only because of the project's seccomp profile; under the pod's ``RuntimeDefault`` (the
-runtime's default profile) they do not, and are marked so (strict: they fail the day they
-hold), see docs/kubernetes.md.
+Docker bridge, the host's own files), which a pod does not have. Every probe runs twice: in a
+pod under ``RuntimeDefault`` (the runtime's default seccomp profile) and in one under the
+project's own profile installed on the node as a ``Localhost`` profile
+(``kube_seccomp_profile``). Two probes hold on the Docker path only because of the project's
+profile: under ``RuntimeDefault`` they do not, and are marked so (strict: they fail the day
+they hold); under the Localhost profile they hold. See docs/kubernetes.md.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from security.test_privilege import test_ptrace_reaches_nothing_beyond_the_sandb
 from support.kernels import run_cell
 from test_kube import kube_spec
 
+from kernel_sandbox.kube.seccomp import LOCALHOST_PROFILE, install_profile
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 __all__ = [
@@ -79,9 +83,10 @@ class PodSandbox:
     """The battery's ``sandbox`` for a kernel pod."""
 
     runtime = "runc"  # the node's default runtime (dockershim: runc)
+    init = ("python",)  # PID 1 of the kernel's container: the kernel (no init in a pod)
 
-    def __init__(self, km: Any, kc: Any):
-        self.km, self.kc = km, kc
+    def __init__(self, km: Any, kc: Any, seccomp: str = "RuntimeDefault"):
+        self.km, self.kc, self.seccomp = km, kc, seccomp
 
     @property
     def container_id(self) -> str:
@@ -93,12 +98,24 @@ class PodSandbox:
         return parse_report(out["stdout"])
 
     def describe(self) -> str:
-        return f"pod {self.container_id}"
+        return f"pod {self.container_id} (seccomp {self.seccomp})"
 
 
 @pytest.fixture(scope="module")
-def sandbox(kube_cluster) -> Iterator[PodSandbox]:
-    km = KernelManager(kernel_name=kube_spec(kube_cluster))
+def node_profile(kube_cluster) -> str:
+    """The project's profile on the node (the machine's own test cluster: installed here, as
+    .ci/k8s/up.sh does; a cluster named by KERNEL_SANDBOX_KUBECONFIG must have it already)."""
+    if kube_cluster.managed:
+        install_profile()
+    return LOCALHOST_PROFILE
+
+
+@pytest.fixture(scope="module", params=["RuntimeDefault", "Localhost"])
+def sandbox(request, kube_cluster) -> Iterator[PodSandbox]:
+    profile = "RuntimeDefault"
+    if request.param == "Localhost":
+        profile = request.getfixturevalue("node_profile")
+    km = KernelManager(kernel_name=kube_spec(kube_cluster, kube_seccomp_profile=profile))
     km.start_kernel()
     kc = km.client()
     kc.start_channels()
@@ -107,7 +124,11 @@ def sandbox(kube_cluster) -> Iterator[PodSandbox]:
         out = run_cell(kc, PRELUDE)
         assert out["status"] == "ok", out
         run_cell(kc, f"_PRELUDE = {PRELUDE!r}")
-        yield PodSandbox(km, kc)
+        pod = kube_cluster.core().read_namespaced_pod(
+            km.provisioner.kube.pod_name, kube_cluster.namespace
+        )
+        assert pod.spec.containers[0].security_context.seccomp_profile.type == request.param
+        yield PodSandbox(km, kc, request.param)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
@@ -131,17 +152,24 @@ def observe():
 
 RUNTIME_DEFAULT = (
     "RuntimeDefault is the runtime's default seccomp profile, which allows {}: the project's "
-    "profile would have to be installed on every node as a Localhost profile"
+    "profile, installed on the node as a Localhost profile (kube_seccomp_profile), refuses it"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=RUNTIME_DEFAULT.format("io_uring"))
-def test_io_uring_in_a_pod(sandbox, observe):
+def _runtime_default_differs(request, sandbox, what: str) -> None:
+    """Under RuntimeDefault the probe is an expected failure (strict); under the project's
+    Localhost profile it must hold."""
+    if sandbox.seccomp == "RuntimeDefault":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=RUNTIME_DEFAULT.format(what)))
+
+
+def test_io_uring_in_a_pod(request, sandbox, observe):
+    _runtime_default_differs(request, sandbox, "io_uring")
     _io_uring(sandbox, observe)
 
 
-@pytest.mark.xfail(strict=True, reason=RUNTIME_DEFAULT.format("ptrace of one's own child"))
-def test_ptrace_in_a_pod(sandbox, observe):
+def test_ptrace_in_a_pod(request, sandbox, observe):
+    _runtime_default_differs(request, sandbox, "ptrace of one's own child")
     _ptrace(sandbox, observe)
 
 

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -313,21 +314,27 @@ def test_the_broker_serves_a_pod_kernel_on_tls_by_token_and_pinned_certificate(t
 
 
 def test_doctor_names_the_address_pods_reach_their_owners_services_at(jupyter_path):
-    from support.kernels import make_kernelspec
+    from support.kernels import jupyter_kernels_dir, make_kernelspec
     from traitlets.config import Config
 
     from kernel_sandbox.cli.checks import FAIL, OK
     from kernel_sandbox.cli.doctor_kube import owner_address_checks
 
     pod = {"backend": "kubernetes", "network": "allowlist", "egress": ["a.test"]}
-    make_kernelspec("kubeeg-here", {**pod, "kube_egress_address": "127.0.0.1"})
-    # TEST-NET-2: not an address of this machine (a bind is refused; nothing is sent)
-    make_kernelspec("kubeeg-elsewhere", {**pod, "kube_egress_address": "198.51.100.7"})
-    make_kernelspec("kubeeg-nowhere", {**pod, "kube_service": False})
-    make_kernelspec("kubeeg-none", {"backend": "kubernetes"})  # no services: no check
-    found = {
-        c.detail.split(":")[0]: c.status
-        for c in owner_address_checks(Config())
-        if c.detail.startswith("kubeeg-")
-    }
+    names = [
+        make_kernelspec("kubeeg-here", {**pod, "kube_egress_address": "127.0.0.1"}),
+        # TEST-NET-2: not an address of this machine (a bind is refused; nothing is sent)
+        make_kernelspec("kubeeg-elsewhere", {**pod, "kube_egress_address": "198.51.100.7"}),
+        make_kernelspec("kubeeg-nowhere", {**pod, "kube_service": False}),
+        make_kernelspec("kubeeg-none", {"backend": "kubernetes"}),  # no services: no check
+    ]
+    try:
+        found = {
+            c.detail.split(":")[0]: c.status
+            for c in owner_address_checks(Config())
+            if c.detail.startswith("kubeeg-")
+        }
+    finally:  # ps, stop and gc of later tests would look for their cluster
+        for name in names:
+            shutil.rmtree(jupyter_kernels_dir() / name)
     assert found == {"kubeeg-here": OK, "kubeeg-elsewhere": FAIL, "kubeeg-nowhere": FAIL}

@@ -9,7 +9,7 @@
 K8S_SRC_PACKAGE=kubernetes
 K8S_SRC_VERSION=1.20.5+really1.20.2   # upstream part of the bookworm version; the orig tarball holds v1.20.2
 K8S_VERSION=v1.20.2
-K8S_RECIPE_REV=1     # bump when the build (patches, flags) changes: a new cache key
+K8S_RECIPE_REV=2     # bump when the build (patches, flags) changes: a new cache key
 K8S_CACHE=${KS_K8S_CACHE:-/var/cache/kernel-sandbox/k8s}
 K8S_STATE=${KS_K8S_STATE:-/var/lib/kernel-sandbox/k8s}
 K8S_KEY="${K8S_SRC_VERSION}-r${K8S_RECIPE_REV}"
@@ -24,6 +24,10 @@ K8S_BRIDGE=kci0
 K8S_API_PORT=${KS_K8S_API_PORT:-6443}
 K8S_ETCD_PORT=23790
 K8S_PAUSE_IMAGE=kernel-sandbox/k8s-pause:3.4.1
+# the kubelet's seccomp root (1.20's default --seccomp-profile-root) and the project's profile
+# there, for pods with kube_seccomp_profile = kernel-sandbox/seccomp.json (docs/kubernetes.md)
+K8S_SECCOMP_ROOT=/var/lib/kubelet/seccomp
+K8S_SECCOMP_PROFILE=kernel-sandbox/seccomp.json
 # the node address: the default route's interface (kubelet, apiserver advertise, cert SAN)
 _k8s_dev=$(ip -4 route show default 2>/dev/null | awk '{for(i=1;i<NF;i++) if($i=="dev"){print $(i+1); exit}}')
 K8S_NODE_IP=${KS_K8S_NODE_IP:-$(ip -4 -o addr show dev "${_k8s_dev:-eth0}" 2>/dev/null | awk '{sub("/.*","",$4); print $4; exit}')}

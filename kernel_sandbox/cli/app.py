@@ -26,6 +26,7 @@ from kernel_sandbox.cli.doctor import add_doctor_command
 from kernel_sandbox.cli.egress import add_egress_command
 from kernel_sandbox.cli.image import add_image_command
 from kernel_sandbox.cli.install import add_install_command, add_wrap_command
+from kernel_sandbox.cli.kube import add_kube_command
 from kernel_sandbox.cli.lockdown import add_lockdown_command
 from kernel_sandbox.cli.mcp import add_mcp_command
 from kernel_sandbox.cli.policy import add_policy_command
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(commands)
     add_mcp_command(commands)
     add_audit_command(commands)
+    add_kube_command(commands)
     return parser
 
 

@@ -211,4 +211,6 @@ async def check_kube(config: Config) -> list[Check]:
             checks += await check_target(api, specs)
         finally:
             api.close()
-    return checks
+    from kernel_sandbox.cli.doctor_kube_seccomp import check_seccomp
+
+    return checks + check_seccomp(config)

@@ -75,25 +75,30 @@ class KernelMonitor:
     """Watch one kernel; call ``on_end(reason)`` once when it should end.
 
     Args:
-        runtime_dir: the kernel's host-only runtime directory (where stop requests appear).
-        iopub_url: the kernel's IOPub address (``ipc://...``); None disables idle tracking
-            and :attr:`request`.
+        runtime_dir: the kernel's host-only runtime directory (where stop requests appear);
+            None for a kernel without one (a pod: ``kernel-sandbox stop`` deletes it).
+        iopub_url: the kernel's IOPub address (``ipc://...``, or ``tcp://...`` for a pod);
+            None disables idle tracking and :attr:`request`.
         idle_timeout: seconds of idleness before the kernel ends; 0 never.
         on_end: called from the monitor's thread with a one-line reason.
         interval: seconds between checks.
         clock: monotonic clock, injectable for tests.
+        curve_serverkey: the kernel's CurveZMQ public key (Z85), for a kernel whose sockets
+            are Curve servers (a pod's): the monitor connects as a Curve client.
     """
 
     def __init__(
         self,
-        runtime_dir: Path,
+        runtime_dir: Path | None,
         iopub_url: str | None,
         idle_timeout: float,
         on_end: Callable[[str], None],
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        curve_serverkey: str | None = None,
     ):
-        self.stop_file = runtime_dir / STOP_REQUEST
+        self.stop_file = runtime_dir / STOP_REQUEST if runtime_dir is not None else None
+        self.curve_serverkey = curve_serverkey
         self.iopub_url = iopub_url
         self.idle_timeout = idle_timeout
         self.on_end = on_end
@@ -106,7 +111,8 @@ class KernelMonitor:
         self.busy = False
 
     def start(self) -> None:
-        self.stop_file.unlink(missing_ok=True)  # a request for an earlier container is spent
+        if self.stop_file is not None:  # a request for an earlier container is spent
+            self.stop_file.unlink(missing_ok=True)
         self._thread = threading.Thread(
             target=self._run, name="kernel-sandbox-monitor", daemon=True
         )
@@ -125,6 +131,11 @@ class KernelMonitor:
             socket = zmq.Context.instance().socket(zmq.SUB)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SUBSCRIBE, b"")
+            if self.curve_serverkey:
+                public, secret = zmq.curve_keypair()
+                socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+                socket.setsockopt(zmq.CURVE_SERVERKEY, self.curve_serverkey.encode("ascii"))
             socket.connect(self.iopub_url)
         try:
             reason = self._watch(socket)
@@ -151,7 +162,7 @@ class KernelMonitor:
                         busy = self.busy = state == "busy"
                     if state == "busy" and request is not None:
                         self.request = request
-            if self.stop_file.exists():
+            if self.stop_file is not None and self.stop_file.exists():
                 return "stopped by an operator (kernel-sandbox stop)"
             idle_for = self.clock() - last_activity
             if (

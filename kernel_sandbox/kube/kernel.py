@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, cast
 from jupyter_client.connect import KernelConnectionInfo
 
 from kernel_sandbox.errors import EngineError, EngineUnavailable, KernelStartError, PolicyError
+from kernel_sandbox.host.monitor import KernelMonitor
 from kernel_sandbox.host.owner import Owner
 from kernel_sandbox.inside.contract import KERNEL_UID, NETWORK_ENV
 from kernel_sandbox.kube.api import NETWORK_POLICIES, PODS, SECRETS, SERVICES, KubeApi
 from kernel_sandbox.kube.control import send_interrupt
 from kernel_sandbox.kube.data import PodData
 from kernel_sandbox.kube.egress import PodEgress, egress_address, owner_rule
+from kernel_sandbox.kube.idle import end_idle, pod_monitor
 from kernel_sandbox.kube.launch import Launch
 from kernel_sandbox.kube.podspec import (
     CONNECTION_FILE,
@@ -52,6 +54,7 @@ from kernel_sandbox.kube.podspec import (
     with_secret_copy,
 )
 from kernel_sandbox.kube.reap import defer_deletion, retry_deletions, start_sweep
+from kernel_sandbox.kube.seccomp import pod_seccomp
 from kernel_sandbox.kube.status import PodState, read_status, start_problem, timeout_message
 from kernel_sandbox.kube.transport import client_connection, new_connection, pod_connection_file
 from kernel_sandbox.provisioner.container import check_datasets_not_writable, container_env
@@ -140,6 +143,7 @@ class KubeKernel:
         self.egress: PodEgress | None = None  # network: allowlist
         self.data: PodData | None = None  # datasets
         self.owner_address = ""
+        self.monitor: KernelMonitor | None = None  # idle_timeout (kernel_sandbox.kube.idle)
         self._api_down_logged = False
 
     @property
@@ -224,6 +228,7 @@ class KubeKernel:
             runtime_class=runtime_class(prov.policy.runtime, prov.kube_runtime_classes),
             request_ratio=prov.kube_request_ratio,
             ingress_from=ingress_peers(cidrs, prov.kube_owner_labels),
+            seccomp=pod_seccomp(prov.kube_seccomp_profile, prov.policy.seccomp),
         )
 
     async def launch_kernel(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
@@ -268,7 +273,7 @@ class KubeKernel:
             await self.api.create(NETWORK_POLICIES, network_policy_manifest(request))
             connection = pod_connection_file(self.info)
             await self.api.create(SECRETS, secret_manifest(request, connection, extra))
-            pod = await self.api.create(PODS, pod_manifest(request))
+            pod = await self._create_pod(request)
             ref = owner_reference("Pod", request.name, pod["metadata"]["uid"])
             owned = {"metadata": {"ownerReferences": [ref]}}
             await asyncio.gather(
@@ -287,6 +292,7 @@ class KubeKernel:
         self.pod_ip = state.pod_ip
         info = client_connection(self.info, self.address)
         self.prov.connection_info = cast(KernelConnectionInfo, info)
+        self._watch()
         self.log.debug(
             "kernel %s: pod %s (node %s, %s; clients at %s) ready in %.2fs",
             self.prov.kernel_id,
@@ -325,6 +331,21 @@ class KubeKernel:
             "egress_to": (owner_rule(self.owner_address, ports),),
         }
         return PodRequest(**{**request.__dict__, **changes}), files
+
+    async def _create_pod(self, request: PodRequest) -> dict[str, Any]:
+        """Create the pod; a RuntimeClass the cluster lacks is the operator's to fix: say so."""
+        try:
+            return cast(dict, await self.api.create(PODS, pod_manifest(request)))
+        except EngineError as exc:
+            klass = request.runtime_class
+            if klass and f'RuntimeClass "{klass}" not found' in str(exc):
+                raise KernelStartError(
+                    f"the cluster has no RuntimeClass {klass!r}, which runtime "
+                    f"{request.policy.runtime!r} maps to: create it (for gVisor, a handler the "
+                    "nodes' container runtime has, see docs/kubernetes.md) or map the runtime to "
+                    "one the cluster has: c.DockerSandboxProvisioner.kube_runtime_classes"
+                ) from exc
+            raise
 
     async def _until_running(self, request: PodRequest, started: float) -> PodState:
         image, timeout = request.policy.image, self.prov.launch_timeout
@@ -385,6 +406,26 @@ class KubeKernel:
                 )
             await asyncio.sleep(0.02)
 
+    # -- idle_timeout (kernel_sandbox.kube.idle) --------------------------------------------
+
+    def _watch(self) -> None:
+        """Watch the new pod's kernel for idle_timeout (from the event loop that started it:
+        the provisioner ends it through that loop's manager, as for a container)."""
+        self._unwatch()
+        idle_timeout = self.prov.policy.idle_timeout
+        if idle_timeout > 0 and self.info is not None:
+            self.prov._loop = asyncio.get_running_loop()
+            self.monitor = pod_monitor(self.info, self.address, idle_timeout, self._idle_end)
+
+    def _unwatch(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
+
+    def _idle_end(self, reason: str) -> None:
+        """The monitor fired (its thread): the clients are told, the kernel ended."""
+        end_idle(self, reason)
+
     # -- a running kernel -------------------------------------------------------------------
 
     async def poll(self) -> int | None:
@@ -442,6 +483,7 @@ class KubeKernel:
         deleted now (API server unreachable) is logged, and the orphan sweep deletes it once
         this process has ended."""
         pod = self.pod_name
+        self._unwatch()
         await self._delete_all(grace=1, service=not restart)
         await self._stop_services(restart)
         if pod is not None:

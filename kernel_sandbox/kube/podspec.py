@@ -11,7 +11,7 @@ user uid:gid           runAsUser/runAsGroup, runAsNonRoot (uid 0 refused here to
 read_only              readOnlyRootFilesystem
 cap_drop ALL           capabilities.drop [ALL]
 no-new-privileges      allowPrivilegeEscalation false
-seccomp profile        seccompProfile RuntimeDefault (the node's runtime default)
+seccomp profile        seccompProfile RuntimeDefault, or Localhost (the node's copy: ``seccomp``)
 mem/memswap, cpus      limits.memory, limits.cpu (requests a fraction: ``request_ratio``)
 tmpfs /tmp, home       emptyDir medium Memory with sizeLimit
 volumes (mounts)       hostPath, only the policy's mounts (already checked by the mount rules)
@@ -122,6 +122,8 @@ class PodRequest:
     owner_references: tuple[dict[str, Any], ...] = field(default=())
     # NetworkPolicy egress rules (none: nothing out; allowlist mode: its proxy only)
     egress_to: tuple[dict[str, Any], ...] = ()
+    # the pod's seccompProfile (kernel_sandbox.kube.seccomp.pod_seccomp)
+    seccomp: dict[str, Any] = field(default_factory=lambda: {"type": "RuntimeDefault"})
 
     @property
     def selector(self) -> dict[str, str]:
@@ -158,7 +160,7 @@ def pod_manifest(request: PodRequest) -> dict[str, Any]:
     """
     policy = request.policy
     uid, gid = _ids(request.user)
-    seccomp = {"type": "RuntimeDefault"}
+    seccomp = dict(request.seccomp)
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(policy.tmpfs_size)}},
         {"name": "home", "emptyDir": {"medium": "Memory", "sizeLimit": str(policy.tmpfs_size)}},

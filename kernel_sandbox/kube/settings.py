@@ -84,6 +84,14 @@ class KubeSettings(HasTraits):
         "address, else this host's source address toward the kernel's Service; or an address "
         "of this host that pods reach (e.g. its pod-bridge address).",
     )
+    kube_seccomp_profile = Unicode(
+        "RuntimeDefault",
+        config=True,
+        help="The pods' seccomp profile: 'RuntimeDefault' (the container runtime's default, "
+        "which allows io_uring and ptrace), or the path, relative to the kubelet's seccomp "
+        "root, of the project's profile installed on every node (Localhost), e.g. "
+        "'kernel-sandbox/seccomp.json' (`kernel-sandbox kube seccomp-profile --install`).",
+    )
     kube_api_timeout = Float(
         10.0, config=True, help="Seconds one request to the API server may take."
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kernel_sandbox.kube.seccomp import INSTALL_HINT
+
 __all__ = ["FATAL_WAITING", "PodState", "read_status", "start_problem", "timeout_message"]
 
 # Waiting reasons that do not resolve by waiting (a pull that failed once is retried with
@@ -99,6 +101,8 @@ def start_problem(name: str, image: str, state: PodState, logs: str = "") -> str
                 "(kernel-sandbox image build, then push it or load it on every node; "
                 "c.DockerSandboxProvisioner.kube_image_pull_policy says when it is pulled)."
             )
+        elif "seccomp profile" in state.message:
+            hint = f" The node lacks the pod's seccomp profile: {INSTALL_HINT}."
         return f"kernel pod {name} cannot start: {state.reason}: {state.message}.{hint}"
     if state.exit_code is not None or state.phase in ("Succeeded", "Failed", ""):
         how = (

@@ -807,6 +807,9 @@ class DockerSandboxProvisioner(
             if isinstance(manager, KernelManager) and iscoroutinefunction(manager.shutdown_kernel):
                 asyncio.run_coroutine_threadsafe(manager.shutdown_kernel(), loop)
                 return
+        if self._kube is not None:  # a pod: deleted (its kube half never raises)
+            asyncio.run(self._kube.send_signal(signal.SIGTERM))
+            return
         if self.container_id is not None:
             try:
                 asyncio.run(self.engine.signal(self.container_id, signal.SIGTERM))
