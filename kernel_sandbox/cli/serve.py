@@ -34,7 +34,24 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
     if os.path.exists(args.data_credentials):
         settings["data_credentials"] = args.data_credentials
+    # where kernels with `backend: kubernetes` go: the operator's cluster and credentials, not
+    # the caller's (a kernelspec's kube_* settings do not reach the service)
+    for name in KUBE_FLAGS:
+        value = getattr(args, name, None)
+        if value:
+            settings[name] = value
     return settings
+
+
+KUBE_FLAGS = {
+    "kube_config": "kubeconfig with the service's credentials (keep it root-only; default: "
+    "$KUBECONFIG, ~/.kube/config, or the pod's service account in the cluster)",
+    "kube_namespace": "namespace of the kernel pods (default: 'default')",
+    "kube_context": "context of the kubeconfig (default: its current one)",
+    "kube_image_pull_policy": "the pods' imagePullPolicy (IfNotPresent, Never, Always)",
+    "kube_owner_pod": "the pod this service runs in (from the downward API): the owner of "
+    "every kernel pod, so the cluster deletes them with it",
+}
 
 
 def unit_text() -> str:
@@ -146,6 +163,13 @@ def add_serve_command(commands: Any) -> None:
         help="keep N sandboxes started ahead for each kind of kernel users start (a warm pool "
         "shared by all users; kernels without a workspace folder only; default 0: off)",
     )
+    for name, text in KUBE_FLAGS.items():
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            default=None,
+            metavar="NAME" if name != "kube_config" else "FILE",
+            help=f"backend kubernetes: {text}",
+        )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument(
         "--print-unit",
