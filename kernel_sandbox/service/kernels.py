@@ -384,7 +384,12 @@ class KernelRegistry:
             cwd = staged[1] if staged is not None else None
             env = _text_map(request.get("env"), "env")
             extra = _text_list(request.get("extra_arguments"), "extra_arguments")
-            if cwd is None and policy.workspace != "none" and not notes and not prov._kube:
+            if (
+                cwd is None
+                and policy.workspace != "none"
+                and not notes
+                and policy.backend != "kubernetes"
+            ):
                 asked = str(request.get("cwd") or "")[:200]
                 notes.append(f"the workspace is not mounted: the client could not open {asked}")
             # The provisioner mounts only the staged folder; cwd names it in its messages.
@@ -401,9 +406,10 @@ class KernelRegistry:
             staging.release()
             for got in received:
                 got.close()
-            for fd in fds:
-                if fd >= 0:
+            for index, fd in enumerate(fds):
+                if fd >= 0:  # taken: the server closes what is left in fds after the request
                     os.close(fd)
+                    fds[index] = -1
         info = dict(info)
         key = info.get("key")
         if isinstance(key, bytes):
