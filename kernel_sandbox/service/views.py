@@ -33,6 +33,12 @@ def visible_kernels(
     return {k.kernel_id: k for k in kernels if operator or k.uid == caller.uid}
 
 
+def _pod(kernel: ServedKernel) -> str | None:
+    """A pod kernel's ``pod/NAME`` (as ``ps`` shows it), else None."""
+    kube = getattr(kernel.provisioner, "_kube", None)
+    return f"pod/{kube.pod_name}" if kube is not None and kube.pod_name else None
+
+
 def resolve(kernels: dict[str, ServedKernel], ident: str, caller: Caller) -> ServedKernel:
     """The one kernel ``ident`` names among ``kernels``: its id, its container's name or id,
     or a unique prefix of its id (as ``kernel-sandbox stop`` takes them in direct mode).
@@ -48,7 +54,7 @@ def resolve(kernels: dict[str, ServedKernel], ident: str, caller: Caller) -> Ser
             k.kernel_id,
             k.provisioner.container_name,
             k.provisioner.container_id,
-            k.summary()["container"],
+            _pod(k),
         )
     ]
     matches = exact or [k for k in kernels.values() if k.kernel_id.startswith(ident)]
