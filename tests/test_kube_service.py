@@ -72,6 +72,17 @@ for line in sys.stdin:
         print(json.dumps(run(json.loads(arg))), flush=True)
     elif cmd == "input":
         print(json.dumps(run("print('got', input('? '))", stdin=arg)), flush=True)
+    elif cmd == "interrupt":
+        import time
+        msg_id = kc.execute("import time; time.sleep(60)")
+        time.sleep(2)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=30)
+        print(json.dumps(reply["content"].get("ename", reply["content"]["status"])), flush=True)
+    elif cmd == "restart":
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=120)
+        print(json.dumps("restarted"), flush=True)
     elif cmd == "quit":
         break
 kc.stop_channels()
@@ -383,3 +394,47 @@ def test_a_pod_dies_with_its_callers_server_and_survives_a_service_restart(
         assert took >= ORPHAN_TIMEOUT - 1
     finally:
         client.close()
+
+
+def test_interrupt_restart_and_only_the_service_reaps_its_pods(
+    kube_cluster, kube_service, test_users
+):
+    import asyncio
+
+    from kernel_sandbox.kube.reap import sweep
+
+    client = Client(test_users, A, kube_service)
+    admin = KubeApi(kube_service.namespace, str(kube_cluster.kubeconfig))
+    moved: list[tuple[Path, Path]] = []
+    try:
+        # interrupt: an interrupt_request the service sends on the pod's control channel
+        assert client.send("interrupt", 60) == "KeyboardInterrupt"
+        (pod,) = pods_of(kube_service.api, client.kernel_id)
+        # restart: a new pod behind the same Service; the caller's sockets stay the same
+        assert client.run("y = 1; print(y)").strip() == "1"
+        assert client.send("restart", 180) == "restarted"
+        (new,) = pods_of(kube_service.api, client.kernel_id)
+        assert new["metadata"]["name"] != pod["metadata"]["name"]
+        assert "NameError" in client.run("print(y)")
+        assert client.run("print('after restart')").strip() == "after restart"
+        # the service goes away: a direct-mode sweep (gc) on this host leaves its pod alone,
+        # although the owner record names a dead process
+        kube_service.process.kill()
+        report = asyncio.run(sweep(admin))
+        assert new["metadata"]["name"] not in report.pods
+        assert pods_of(kube_service.api, client.kernel_id)
+        # a restarted service without that kernel's record deletes the pod (no one else would)
+        records = kube_service.process.base / "state" / "kernels"
+        for record in records.glob("*.json"):
+            aside = record.with_suffix(".aside")
+            record.rename(aside)
+            moved.append((aside, record))
+        kube_service.process.start()
+        took = wait_no_pod(kube_service.api, client.kernel_id, 60)
+        print(f"unadopted pod reaped by the restarted service after {took:.1f}s")
+    finally:
+        for aside, record in moved:
+            if aside.exists():
+                aside.rename(record)
+        client.close()
+        admin.close()
