@@ -106,6 +106,9 @@ POLICY = """
 memory_limit = "256m"
 cpu_limit = 0.5
 max_kernels = 2
+
+[user.kstbob]
+max_kernels = 0
 """
 
 
@@ -254,7 +257,9 @@ def ask_as(users, user: str, service: KubeService, request: dict) -> dict:
 def test_a_user_runs_code_in_a_pod_capped_by_the_rules_and_gets_no_curve_key(
     kube_service, test_users
 ):
+    started = time.monotonic()
     client = Client(test_users, A, kube_service)
+    print(f"a kernel pod through the service, ready in {time.monotonic() - started:.2f}s")
     try:
         info = client.info
         # ipc sockets of the caller's, relayed by the service: no Curve key, no address
@@ -349,6 +354,22 @@ def test_the_user_holds_no_credentials_and_the_api_refuses_anonymous_calls(
     assert seen["status"] in (401, 403), seen  # no pod without credentials
     home = Path(pwd.getpwnam(A).pw_dir)
     assert not (home / ".kube").exists()
+
+
+def test_the_rules_refuse_a_pod_before_it_is_made(kube_service, test_users):
+    request = {
+        "op": "start",
+        "kernel_id": f"probe-{secrets.token_hex(4)}",
+        "kernelspec": {"name": SPEC, "argv": ["python", "-m", "ipykernel_launcher"]},
+        "config": {"backend": "kubernetes", "image": IMAGE},
+        "folders": [],
+    }
+    reply = ask_as(test_users, B, kube_service, request)
+    assert not reply["ok"] and "max_kernels = 0" in reply["message"], reply
+    request["config"] = {"backend": "kubernetes", "image": IMAGE, "memory_limit": "1g"}
+    reply = ask_as(test_users, A, kube_service, request)  # over A's ceiling of 256m
+    assert not reply["ok"] and "memory_limit" in reply["message"], reply
+    assert not pods_of(kube_service.api, request["kernel_id"])
 
 
 def test_the_caller_cannot_choose_the_cluster_or_namespace(kube_service, test_users):
