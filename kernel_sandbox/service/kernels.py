@@ -429,8 +429,15 @@ class KernelRegistry:
                 prov.runtime_root, f"p-{kernel.kernel_id[:8]}-{secrets.token_hex(4)}"
             )
             owner = prov.client_owner or (kernel.uid, kernel.gid)
+            limits = prov.relay_limits
             kernel.relays = PodRelays(
-                where, owner, audit_observer(prov), kernel.kernel_id, prov.log
+                where,
+                owner,
+                audit_observer(prov),
+                kernel.kernel_id,
+                prov.log,
+                limits.max_message,
+                limits.hwm,
             )
         await asyncio.to_thread(kernel.relays.start, kube.address, kube.info)
         return kernel.relays.connection_info(kube.info)

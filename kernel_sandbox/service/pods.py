@@ -13,7 +13,12 @@ One relay per channel, each a pyzmq device in a thread of its own (without the G
 control are ``monitored_queue`` with every message handed to the kernel's
 :class:`~kernel_sandbox.audit.executions.ExecutionAudit`, as the container path's audit relay
 does; IOPub is XPUB/XSUB (verbose, so each client's subscription reaches the kernel and it
-welcomes each); stdin and heartbeat are ROUTER/DEALER queues. The relays' kernel side
+welcomes each); stdin and heartbeat are ROUTER/DEALER queues. Every queue holds at most
+``iopub_hwm`` messages, and a caller's frames are bounded by ``iopub_max_message``. The
+kernel's are not: the container relay's per-message bound, rate limit and drop notices are not
+applied to pods (libzmq drops a connection that breaks ``MAXMSGSIZE`` for good when it is the
+connecting side, as the relay is toward the pod), so a pod's large outputs pass through the
+service's memory whole, up to ``iopub_hwm`` of them per caller socket. The relays' kernel side
 connects as a Curve client with a key pair of the service's own and one routing id for shell,
 control and stdin (ipykernel sends ``input_request`` on stdin to the identity a shell request
 came from). A kernel restart is a new pod behind the same Service address: the relays
@@ -59,6 +64,9 @@ class PodRelays:
         observe: called with (channel, b"in" | b"out", frames) for shell and control traffic.
         name: the kernel, in thread names and log lines.
         log: a logger.
+        max_message: the largest message frame a caller may send (``iopub_max_message``): a
+            larger one drops its connection (the caller's socket reconnects).
+        hwm: messages queued per socket and peer (``iopub_hwm``).
     """
 
     def __init__(
@@ -68,9 +76,12 @@ class PodRelays:
         observe: Observer | None,
         name: str,
         log: Any,
+        max_message: int = 64 * 1024**2,
+        hwm: int = 1000,
     ):
         self.directory, self.client = Path(directory), client
         self.observe, self.name, self.log = observe, name, log
+        self.max_message, self.hwm = max_message, hwm
         self.address = ""
         self._context: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
@@ -118,6 +129,11 @@ class PodRelays:
                 plan.append((channel, front, back))
                 for sock in (front, back):
                     sock.setsockopt(zmq.LINGER, 0)
+                    sock.setsockopt(zmq.SNDHWM, self.hwm)
+                    sock.setsockopt(zmq.RCVHWM, self.hwm)
+                # a caller's frame over the bound drops its connection (the caller's socket
+                # reconnects); not on the kernel's side: libzmq would not reconnect after it
+                front.setsockopt(zmq.MAXMSGSIZE, self.max_message)
                 if channel == "iopub_port":
                     front.setsockopt(zmq.XPUB_VERBOSE, 1)
                 else:
