@@ -399,7 +399,11 @@ class KernelRegistry:
             info = await prov.launch_kernel(cmd, **kwargs)
             await prov.post_launch(**kwargs)
             if prov._kube is not None:
-                info = await self._relay_pod(kernel)
+                try:
+                    info = await self._relay_pod(kernel)
+                except BaseException:  # no pod the caller cannot reach (nor anyone reap)
+                    await prov.cleanup(restart=False)
+                    raise
             for note in notes:
                 prov.log.warning("kernel %s: %s", kernel.kernel_id, note)
         finally:
