@@ -42,12 +42,18 @@ command -v runsc >/dev/null || apt_install runsc
 import json, os
 path = "/etc/docker/daemon.json"
 config = json.load(open(path)) if os.path.exists(path) else {}
-wanted = {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=all"]}
-if config.get("runtimes", {}).get("runsc") != wanted:
-    config.setdefault("runtimes", {})["runsc"] = wanted
+wanted = {
+    "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=all"]},
+    # Kubernetes pods of the test cluster (.ci/k8s, RuntimeClass gvisor): the kernel joins its
+    # pod's network namespace, where gVisor passes socket calls to the host kernel (its own
+    # netstack does not start here); everything else stays gVisor's
+    "runsc-kube": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=host"]},
+}
+if any(config.get("runtimes", {}).get(name) != args for name, args in wanted.items()):
+    config.setdefault("runtimes", {}).update(wanted)
     os.makedirs("/etc/docker", exist_ok=True)
     json.dump(config, open(path, "w"), indent=2)
-    print(f"registered runsc in {path}")
+    print(f"registered runsc and runsc-kube in {path}")
 PY
 
 # curl: the egress tests lend the host's curl to a kernel to show it obeys the proxy
@@ -56,8 +62,8 @@ command -v curl >/dev/null || apt_install curl
 step "Docker engine"
 if docker info >/dev/null 2>&1; then
   echo "a Docker engine answers"
-  if ! docker info --format '{{json .Runtimes}}' | grep -q runsc; then
-    echo "reloading the engine's configuration (SIGHUP) to pick up runsc"
+  if ! docker info --format '{{json .Runtimes}}' | grep -q '"runsc-kube"'; then
+    echo "reloading the engine's configuration (SIGHUP) to pick up runsc and runsc-kube"
     pkill -HUP -x dockerd || true
     sleep 2
   fi

@@ -6,10 +6,13 @@
 #   2. bookworm's `kubernetes` source package through a private apt config with deb-src
 #      (the system's apt sources are left alone)
 #   3. go build (GOPATH mode) of the five server commands, with two kubelet constants patched
-#      (no CAP_SYS_RESOURCE here: negative oom_score_adj fails) and openapi generated
+#      (no CAP_SYS_RESOURCE here: negative oom_score_adj fails), dockershim taught RuntimeClass
+#      handlers (dockershim-runtime-handler.patch: a handler names a Docker runtime such as
+#      runsc, so `runtimeClassName: gvisor` pods run under gVisor) and openapi generated
 # Usage: build.sh [--force]
 set -euo pipefail
-. "$(dirname "$0")/common.sh"
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/common.sh"
 [[ "${1:-}" == "--force" ]] && rm -f "$K8S_BIN/.complete"
 if k8s_built; then k8s_log "binaries cached in $K8S_BIN (no build)"; exit 0; fi
 mkdir -p "$K8S_CACHE"
@@ -62,8 +65,11 @@ fi
 k8s_log "downloading debs: $K8S_DEBS"
 (cd "$K8S_CACHE/debs" && apt-get "${APTOPTS[@]}" download $K8S_DEBS >/dev/null) \
   || k8s_unavailable "apt-get download $K8S_DEBS failed"
-rm -rf "$K8S_ROOT"; mkdir -p "$K8S_ROOT"
-for d in "$K8S_CACHE"/debs/*.deb; do dpkg -x "$d" "$K8S_ROOT"; done
+# extracted aside, then swapped in: a running cluster uses etcd and the CNI plugins from here
+rm -rf "$K8S_ROOT.tmp"; mkdir -p "$K8S_ROOT.tmp"
+for d in "$K8S_CACHE"/debs/*.deb; do dpkg -x "$d" "$K8S_ROOT.tmp"; done
+rm -rf "$K8S_ROOT.old"; [ -d "$K8S_ROOT" ] && mv "$K8S_ROOT" "$K8S_ROOT.old"
+mv "$K8S_ROOT.tmp" "$K8S_ROOT"; rm -rf "$K8S_ROOT.old"
 GOROOT_DIR=$K8S_ROOT/usr/lib/go-1.19
 [ -x "$GOROOT_DIR/bin/go" ] || k8s_die "go 1.19 missing after extracting debs"
 k8s_log "debs extracted into $K8S_ROOT ($(du -sh "$K8S_ROOT" | cut -f1))"
@@ -84,6 +90,8 @@ k8s_log "unpacking $(basename "$ORIG")"
 tar xzf "$ORIG" -C "$W"
 ln -sfn "$W/kubernetes-1.20.2" "$W/gopath/src/k8s.io/kubernetes"
 cd "$W/gopath/src/k8s.io/kubernetes"
+git apply -p1 "$HERE/dockershim-runtime-handler.patch" \
+  || k8s_die "dockershim-runtime-handler.patch did not apply"
 sed -i 's/^\tdefaultSandboxOOMAdj int = -998/\tdefaultSandboxOOMAdj int = 0/' pkg/kubelet/dockershim/docker_sandbox.go
 sed -i 's/^\tguaranteedOOMScoreAdj int = -997/\tguaranteedOOMScoreAdj int = 0/' pkg/kubelet/qos/policy.go
 grep -q 'defaultSandboxOOMAdj int = 0' pkg/kubelet/dockershim/docker_sandbox.go || k8s_die "OOM patch did not apply"

@@ -9,7 +9,7 @@
 K8S_SRC_PACKAGE=kubernetes
 K8S_SRC_VERSION=1.20.5+really1.20.2   # upstream part of the bookworm version; the orig tarball holds v1.20.2
 K8S_VERSION=v1.20.2
-K8S_RECIPE_REV=1     # bump when the build (patches, flags) changes: a new cache key
+K8S_RECIPE_REV=2     # bump when the build (patches, flags) changes: a new cache key
 K8S_CACHE=${KS_K8S_CACHE:-/var/cache/kernel-sandbox/k8s}
 K8S_STATE=${KS_K8S_STATE:-/var/lib/kernel-sandbox/k8s}
 K8S_KEY="${K8S_SRC_VERSION}-r${K8S_RECIPE_REV}"

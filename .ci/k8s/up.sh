@@ -92,11 +92,24 @@ start kubelet "$K8S_BIN/kubelet" --kubeconfig "$PKI/kubelet.kubeconfig" \
   --network-plugin cni --cni-bin-dir "$K8S_ROOT/usr/lib/cni" --cni-conf-dir "$K8S_STATE/cni/net.d" --cni-cache-dir "$D/cni-cache" \
   --fail-swap-on=false --cluster-dns 10.96.0.10 --cluster-domain cluster.local \
   --eviction-hard 'memory.available<100Mi' --image-gc-high-threshold 100 --image-gc-low-threshold 99 --oom-score-adj 0 \
-  --register-node=true --max-pods 110
+  --register-node=true --max-pods 110 --pod-max-pids 256
 start proxy "$K8S_BIN/kube-proxy" --kubeconfig "$PKI/proxy.kubeconfig" --hostname-override "$K8S_NODE_NAME" \
   --cluster-cidr "$K8S_POD_CIDR" --proxy-mode iptables --oom-score-adj 0 --conntrack-max-per-core 0 \
   --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256
 wait_for 180 "node $K8S_NODE_NAME Ready" k8s_node_ready
 wait_for 60 "default service account exists" k8s_kubectl -n default get serviceaccount default
+# gVisor for `runtimeClassName: gvisor` (the untrusted profile): the patched dockershim runs a
+# pod whose RuntimeClass handler is `runsc-kube` under Docker's runtime of that name (build.sh;
+# setup.sh registers it: runsc in the pod's network namespace)
+if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc-kube"'; then
+  k8s_kubectl apply -f - >/dev/null <<'YAML'
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata:
+  name: gvisor
+handler: runsc-kube
+YAML
+  k8s_log "RuntimeClass gvisor (handler runsc-kube)"
+fi
 k8s_log "kubeconfig: $K8S_ADMIN_KUBECONFIG"
 k8s_log "cluster: started"

@@ -183,7 +183,8 @@ class KubeApi:
             except ValueError:
                 message = response.text
             hint = ""
-            if response.status_code in (401, 403):
+            # 403 is also an admission plugin's refusal ("pod rejected: ..."): not credentials
+            if response.status_code == 401 or (response.status_code == 403 and "cannot" in message):
                 hint = (
                     f" (the credentials in use may not do this in namespace {self.namespace}; "
                     "see deploy/kubernetes/ for the Role kernel-sandbox needs, and "

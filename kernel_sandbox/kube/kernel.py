@@ -256,7 +256,7 @@ class KubeKernel:
                 self.address = made["spec"]["clusterIP"]
             await self.api.create(NETWORK_POLICIES, network_policy_manifest(request))
             await self.api.create(SECRETS, secret_manifest(request, pod_connection_file(self.info)))
-            pod = await self.api.create(PODS, pod_manifest(request))
+            pod = await self._create_pod(request)
             ref = owner_reference("Pod", request.name, pod["metadata"]["uid"])
             owned = {"metadata": {"ownerReferences": [ref]}}
             await asyncio.gather(
@@ -284,6 +284,21 @@ class KubeKernel:
             time.monotonic() - started,
         )
         return self.prov.connection_info
+
+    async def _create_pod(self, request: PodRequest) -> dict[str, Any]:
+        """Create the pod; a RuntimeClass the cluster lacks is the operator's to fix: say so."""
+        try:
+            return cast(dict, await self.api.create(PODS, pod_manifest(request)))
+        except EngineError as exc:
+            klass = request.runtime_class
+            if klass and f'RuntimeClass "{klass}" not found' in str(exc):
+                raise KernelStartError(
+                    f"the cluster has no RuntimeClass {klass!r}, which runtime "
+                    f"{request.policy.runtime!r} maps to: create it (for gVisor, a handler the "
+                    "nodes' container runtime has, see docs/kubernetes.md) or map the runtime to "
+                    "one the cluster has: c.DockerSandboxProvisioner.kube_runtime_classes"
+                ) from exc
+            raise
 
     async def _until_running(self, request: PodRequest, started: float) -> PodState:
         image, timeout = request.policy.image, self.prov.launch_timeout

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRELUDE", "PROBES", "SYSCALLS", "Battery", "Probe", "parse_report"]
+__all__ = ["PRELUDE", "PROBES", "REFUSED", "SYSCALLS", "Battery", "Probe", "parse_report"]
 
 
 @dataclass(frozen=True)
@@ -329,6 +329,11 @@ PROBES: tuple[Probe, ...] = (
 )
 
 # x86_64 system call numbers (Python has no wrapper for these).
+# How a socket of a kind the sandbox must not have is refused: EPERM (no capability, or the
+# seccomp profile), or EAFNOSUPPORT (the family does not exist there: gVisor passing sockets to
+# its host's stack, as in a gVisor pod, has no raw or packet sockets at all).
+REFUSED = ("EPERM", "EAFNOSUPPORT")
+
 SYSCALLS = {
     "ptrace": 101,
     "chown": 92,
