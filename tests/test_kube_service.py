@@ -35,7 +35,7 @@ from kernel_sandbox.kube.podspec import KUBE_PREFIX
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-A, B = "kstalice", "kstbob"
+A, B, C = "kstalice", "kstbob", "kstcarol"
 SPEC = "kube-svc"
 ORPHAN_TIMEOUT = 4.0
 
@@ -118,6 +118,9 @@ max_kernels = 2
 
 [user.kstbob]
 max_kernels = 0
+
+[user.kstcarol]
+runtime = "runsc"
 """
 
 
@@ -474,3 +477,16 @@ def test_interrupt_restart_and_only_the_service_reaps_its_pods(
                 aside.rename(record)
         client.close()
         admin.close()
+
+
+def test_the_operators_runtime_pin_puts_a_callers_pod_under_gvisor(kube_service, test_users):
+    """[user.kstcarol] runtime = "runsc": her plain (strict) kernelspec gets a gVisor pod."""
+    client = Client(test_users, C, kube_service)
+    try:
+        (pod,) = pods_of(kube_service.api, client.kernel_id)
+        assert pod["spec"].get("runtimeClassName") == "gvisor", pod["spec"]
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "500m"
+        release = client.run("import platform; print(platform.release())").strip()
+        assert release == "4.4.0" and release != os.uname().release, release  # gVisor's
+    finally:
+        client.close()
