@@ -755,31 +755,12 @@ class KernelRegistry:
                 for k in self.kernels.values()
                 if k.provisioner._kube is not None and k.provisioner._kube.pod_name
             )
-            asyncio.get_running_loop().create_task(self._sweep_pods(keep))
+            from kernel_sandbox.service.pods import sweep_service_pods
+
+            asyncio.get_running_loop().create_task(
+                sweep_service_pods(self.provisioner_config, keep, log)
+            )
         return adopted
-
-    async def _sweep_pods(self, keep: frozenset[str]) -> None:
-        """Delete the kernel pods of an earlier run of the service that it did not adopt (the
-        direct-mode sweeps leave the service's pods alone). Never raises (logged)."""
-        from kernel_sandbox.kube.api import KubeApi
-        from kernel_sandbox.kube.reap import sweep
-
-        conf = self.provisioner_config
-        api = KubeApi(
-            conf["kube_namespace"],
-            conf.get("kube_config", ""),
-            conf.get("kube_context", ""),
-            None,
-            10.0,
-        )
-        try:
-            report = await sweep(api, service=True, keep=keep)
-            if report:
-                log.info("service: reaped kernel pods no record adopted: %s", report.pods)
-        except Exception as exc:
-            log.warning("service: sweep of kernel pods failed: %s", exc)
-        finally:
-            api.close()
 
     async def _restore_pod(
         self, path: Path, record: dict[str, Any], caller: Caller, prov: Any

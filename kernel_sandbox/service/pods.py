@@ -39,7 +39,7 @@ from typing import Any
 import zmq
 from zmq.devices import monitored_queue
 
-__all__ = ["CHANNEL_PORTS", "PodRelays"]
+__all__ = ["CHANNEL_PORTS", "PodRelays", "audit_observer", "sweep_service_pods"]
 
 # The "ports" of the caller's ipc connection info: only suffixes of the socket paths.
 CHANNEL_PORTS = {
@@ -231,3 +231,27 @@ def audit_observer(prov: Any) -> Observer | None:
         _trail(prov), prov.kernel_id or "", _context(prov), prov.audit_code_limit
     )
     return lambda channel, direction, frames: executions.observe(direction, frames, channel)
+
+
+async def sweep_service_pods(conf: dict[str, Any], keep: frozenset[str], log: Any) -> None:
+    """Delete the kernel pods of an earlier run of the service that it did not adopt (the
+    direct-mode sweeps leave the service's pods alone), in the namespace of the service's
+    settings ``conf``. Never raises (logged)."""
+    from kernel_sandbox.kube.api import KubeApi
+    from kernel_sandbox.kube.reap import sweep
+
+    api = KubeApi(
+        conf["kube_namespace"],
+        conf.get("kube_config", ""),
+        conf.get("kube_context", ""),
+        None,
+        10.0,
+    )
+    try:
+        report = await sweep(api, service=True, keep=keep)
+        if report:
+            log.info("service: reaped kernel pods no record adopted: %s", report.pods)
+    except Exception as exc:
+        log.warning("service: sweep of kernel pods failed: %s", exc)
+    finally:
+        api.close()
