@@ -490,3 +490,38 @@ def test_the_operators_runtime_pin_puts_a_callers_pod_under_gvisor(kube_service,
         assert release == "4.4.0" and release != os.uname().release, release  # gVisor's
     finally:
         client.close()
+
+
+def test_a_service_that_starts_only_pods_needs_no_docker_engine(kube_service, test_users):
+    """The service in the cluster has no Docker engine: with --kube-namespace it starts
+    without one, and its callers' pod kernels work."""
+    base = Path("/tmp") / f"kssn-{os.getpid()}"
+    process = svc.ServiceProcess(
+        base,
+        policy=kube_service.process.policy,
+        orphan_timeout=ORPHAN_TIMEOUT,
+        extra_args=kube_service.process.extra_args,
+    )
+    old = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = f"unix://{base}/no-docker.sock"
+    try:
+        process.start()
+    finally:
+        if old is None:
+            os.environ.pop("DOCKER_HOST", None)
+        else:
+            os.environ["DOCKER_HOST"] = old
+    try:
+        assert "only kernels with backend 'kubernetes' can start" in process.log_path.read_text()
+        no_docker = KubeService(process, kube_service.kubeconfig, kube_service.namespace)
+        client = Client(test_users, A, no_docker)
+        try:
+            assert client.run("print(6 * 7)").strip() == "42"
+            assert pods_of(kube_service.api, client.kernel_id)
+        finally:
+            client.close()
+        wait_no_pod(kube_service.api, client.kernel_id, 60)
+        no_docker.api.close()
+    finally:
+        process.stop()
+        shutil.rmtree(base, ignore_errors=True)

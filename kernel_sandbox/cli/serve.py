@@ -10,6 +10,7 @@ from typing import Any
 
 from kernel_sandbox.cli.console import UsageError, err, out
 from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.errors import EngineUnavailable
 from kernel_sandbox.service.client import DEFAULT_SOCKET
 
 __all__ = ["add_serve_command"]
@@ -86,7 +87,13 @@ async def cmd_serve(args: argparse.Namespace, backend: DockerBackend) -> int:
         raise UsageError(f"--mode {args.mode}: an octal mode such as 0660") from None
     rules = RulesFile(args.policy)
     rules.current()  # a malformed policy file stops the service before it listens
-    await backend.ping()
+    try:
+        await backend.ping()
+    except EngineUnavailable as exc:
+        if not args.kube_namespace:
+            raise
+        # a service that starts only pods (e.g. in the cluster) needs no Docker engine
+        err.print(f"note: {exc}; only kernels with backend 'kubernetes' can start")
     for directory in (args.state_dir, args.log_dir):
         os.makedirs(directory, mode=0o700, exist_ok=True)
     registry = KernelRegistry(
