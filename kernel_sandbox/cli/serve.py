@@ -10,6 +10,7 @@ from typing import Any
 
 from kernel_sandbox.cli.console import UsageError, err, out
 from kernel_sandbox.engine.backend import DockerBackend
+from kernel_sandbox.errors import EngineUnavailable
 from kernel_sandbox.service.client import DEFAULT_SOCKET
 
 __all__ = ["add_serve_command"]
@@ -34,7 +35,24 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
     if os.path.exists(args.data_credentials):
         settings["data_credentials"] = args.data_credentials
+    # where kernels with `backend: kubernetes` go: the operator's cluster and credentials, not
+    # the caller's (a kernelspec's kube_* settings do not reach the service)
+    for name in KUBE_FLAGS:
+        value = getattr(args, name, None)
+        if value:
+            settings[name] = value
     return settings
+
+
+KUBE_FLAGS = {
+    "kube_config": "kubeconfig with the service's credentials (keep it root-only; default: "
+    "$KUBECONFIG, ~/.kube/config, or the pod's service account in the cluster)",
+    "kube_namespace": "namespace of the kernel pods (default: 'default')",
+    "kube_context": "context of the kubeconfig (default: its current one)",
+    "kube_image_pull_policy": "the pods' imagePullPolicy (IfNotPresent, Never, Always)",
+    "kube_owner_pod": "the pod this service runs in (from the downward API): the owner of "
+    "every kernel pod, so the cluster deletes them with it",
+}
 
 
 def unit_text() -> str:
@@ -69,7 +87,13 @@ async def cmd_serve(args: argparse.Namespace, backend: DockerBackend) -> int:
         raise UsageError(f"--mode {args.mode}: an octal mode such as 0660") from None
     rules = RulesFile(args.policy)
     rules.current()  # a malformed policy file stops the service before it listens
-    await backend.ping()
+    try:
+        await backend.ping()
+    except EngineUnavailable as exc:
+        if not args.kube_namespace:
+            raise
+        # a service that starts only pods (e.g. in the cluster) needs no Docker engine
+        err.print(f"note: {exc}; only kernels with backend 'kubernetes' can start")
     for directory in (args.state_dir, args.log_dir):
         os.makedirs(directory, mode=0o700, exist_ok=True)
     registry = KernelRegistry(
@@ -146,6 +170,13 @@ def add_serve_command(commands: Any) -> None:
         help="keep N sandboxes started ahead for each kind of kernel users start (a warm pool "
         "shared by all users; kernels without a workspace folder only; default 0: off)",
     )
+    for name, text in KUBE_FLAGS.items():
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            default=None,
+            metavar="NAME" if name != "kube_config" else "FILE",
+            help=f"backend kubernetes: {text}",
+        )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument(
         "--print-unit",

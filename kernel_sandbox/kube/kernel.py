@@ -104,6 +104,21 @@ def owner_record(kernel_id: str, kernelspec: str, profile: str) -> tuple[dict, d
     )
 
 
+def service_labels(caller_uid: int) -> dict[str, str]:
+    """The labels of a pod the sandbox service runs for a caller: only the service reaps it
+    (:func:`kernel_sandbox.kube.reap.selector`); ``ps`` shows the caller."""
+    return {KUBE_PREFIX + "service": "true", KUBE_PREFIX + "caller-uid": str(caller_uid)}
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def source_address(pod_ip: str) -> str:
     """The address this process reaches ``pod_ip`` from (no packet is sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -214,6 +229,9 @@ class KubeKernel:
         profile = prov._spec_config.get("profile") or prov.profile
         labels, annotations = owner_record(prov.kernel_id or "", prov._spec_name, profile)
         labels[KERNEL_LABEL] = self.key
+        if prov.client_owner is not None:  # the sandbox service's, for a caller (service/)
+            labels.update(service_labels(prov.client_owner[0]))
+            annotations[KUBE_PREFIX + "owner"] = _user_name(prov.client_owner[0])
         cidrs = [c for c in prov.kube_ingress_from if c != "auto"]
         return PodRequest(
             name=name,

@@ -59,23 +59,34 @@ def is_orphan(obj: dict[str, Any]) -> bool:
     return owner.is_alive() is False
 
 
-def selector() -> str:
-    """This host's kernels' objects."""
+def selector(service: bool = False) -> str:
+    """This host's kernels' objects: those of direct-mode owners, or (``service``) those the
+    sandbox service runs for its callers, which only the service judges (a restarted service
+    adopts them although the owner record names its previous process)."""
     host = label_value(socket.gethostname())
-    return f"{KUBE_PREFIX}managed=true,{KUBE_PREFIX}owner-host={host}"
+    which = f"{KUBE_PREFIX}service=true" if service else f"!{KUBE_PREFIX}service"
+    return f"{KUBE_PREFIX}managed=true,{KUBE_PREFIX}owner-host={host},{which}"
 
 
-async def sweep(api: KubeApi, dry_run: bool = False) -> KubeSweep:
-    """Delete the objects of this host's kernels whose owner process is dead."""
+async def sweep(
+    api: KubeApi, dry_run: bool = False, service: bool = False, keep: frozenset[str] = frozenset()
+) -> KubeSweep:
+    """Delete the objects of this host's kernels whose owner process is dead (``service``: of
+    the service's kernels, but for the pods in ``keep`` and their objects)."""
     report = KubeSweep()
-    for pod in await api.list(PODS, selector()):
+    for pod in await api.list(PODS, selector(service)):
+        if pod["metadata"]["name"] in keep:
+            continue
         if is_orphan(pod):
             name = pod["metadata"]["name"]
             report.pods.append(name)
             if not dry_run:
                 await api.delete(PODS, name, 0)
+    kept = {n.rsplit("-", 1)[0] for n in keep}  # ks-KEY-RANDOM: the kernel's Service ks-KEY
     for kind in (SECRETS, NETWORK_POLICIES, SERVICES):
-        for obj in await api.list(kind, selector()):
+        for obj in await api.list(kind, selector(service)):
+            if obj["metadata"]["name"] in keep or obj["metadata"]["name"] in kept:
+                continue
             if is_orphan(obj):
                 name = obj["metadata"]["name"]
                 report.others.append(f"{kind}/{name}")

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import pwd
+import secrets
+import shutil
 import socket
 import string
 import time
@@ -36,6 +38,7 @@ from kernel_sandbox.errors import BadRequest, NoSuchKernel, PolicyError, Service
 from kernel_sandbox.host.exits import ExitRegistry
 from kernel_sandbox.host.owner import Owner, process_start_time
 from kernel_sandbox.host.reap import SweepOnce
+from kernel_sandbox.policy.model import SandboxPolicy
 from kernel_sandbox.provisioner.identity import Identity
 from kernel_sandbox.service.callers import Caller
 from kernel_sandbox.service.folders import CallerFolder, NotMountable, Staging, receive_folder
@@ -81,10 +84,18 @@ class ServedKernel:
     owner_lost: float | None = None
     ended: float | None = None  # when the sweep first saw it ended by the service
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    relays: Any = None  # a pod kernel's relays (service/pods.py): the caller's sockets
 
     def summary(self) -> dict[str, Any]:
         prov = self.provisioner
         policy = prov._policy
+        kube = prov._kube
+        if kube is not None:  # backend kubernetes: the pod, as `kernel-sandbox ps` shows pods
+            container = f"pod/{kube.pod_name}" if kube.pod_name else None
+            return {**self._summary(prov, policy), "container": container, "container_id": None}
+        return self._summary(prov, policy)
+
+    def _summary(self, prov: Any, policy: Any) -> dict[str, Any]:
         return {
             "kernel_id": self.kernel_id,
             "uid": self.uid,
@@ -211,6 +222,13 @@ class KernelRegistry:
         asked = request.get("config") or {}
         if not isinstance(asked, dict):
             raise BadRequest("config must be an object of policy keys")
+        not_policy = sorted(set(asked) - set(SandboxPolicy.keys()) - POOL_KEYS - {"profile"})
+        if not_policy:  # kube_config, kube_namespace, engine, ...: the service's, not the caller's
+            raise PolicyError(
+                f"kernelspec {name}: {', '.join(not_policy)}: not a policy key; through the "
+                "sandbox service only policy keys may be asked for (where and how kernels "
+                "run is the service's configuration)"
+            )
         refused = sorted(OPERATOR_KEYS & set(asked))
         if refused:
             raise PolicyError(
@@ -349,12 +367,29 @@ class KernelRegistry:
         staging = Staging(self.staging_root)
         received: list[CallerFolder] = []
         try:
-            staged, notes = self.stage_folders(prov, caller, rules, folders, fds, staging, received)
+            notes: list[str] = []
+            if policy.backend == "kubernetes":
+                staged = None
+                if policy.mounts:  # a node's folder is not the caller's to open and send
+                    raise PolicyError(
+                        f"kernelspec {prov._spec_name}: mounts: through the sandbox service a "
+                        "kernel pod mounts no folders (backend 'kubernetes'); use backend "
+                        "'docker' for this kernelspec"
+                    )
+            else:
+                staged, notes = self.stage_folders(
+                    prov, caller, rules, folders, fds, staging, received
+                )
             prov.staged_workspace = staged
             cwd = staged[1] if staged is not None else None
             env = _text_map(request.get("env"), "env")
             extra = _text_list(request.get("extra_arguments"), "extra_arguments")
-            if cwd is None and policy.workspace != "none" and not notes:
+            if (
+                cwd is None
+                and policy.workspace != "none"
+                and not notes
+                and policy.backend != "kubernetes"
+            ):
                 asked = str(request.get("cwd") or "")[:200]
                 notes.append(f"the workspace is not mounted: the client could not open {asked}")
             # The provisioner mounts only the staged folder; cwd names it in its messages.
@@ -363,20 +398,53 @@ class KernelRegistry:
             cmd = kwargs.pop("cmd")
             info = await prov.launch_kernel(cmd, **kwargs)
             await prov.post_launch(**kwargs)
+            if prov._kube is not None:
+                try:
+                    info = await self._relay_pod(kernel)
+                except BaseException:  # no pod the caller cannot reach (nor anyone reap)
+                    await prov.cleanup(restart=False)
+                    raise
             for note in notes:
                 prov.log.warning("kernel %s: %s", kernel.kernel_id, note)
         finally:
             staging.release()
             for got in received:
                 got.close()
-            for fd in fds:
-                if fd >= 0:
+            for index, fd in enumerate(fds):
+                if fd >= 0:  # taken: the server closes what is left in fds after the request
                     os.close(fd)
+                    fds[index] = -1
         info = dict(info)
         key = info.get("key")
         if isinstance(key, bytes):
             info["key"] = key.decode()
         return {"connection_info": info, "notes": notes}
+
+    async def _relay_pod(self, kernel: ServedKernel, directory: str | None = None) -> dict:
+        """Relay a pod kernel's sockets to ipc sockets of the caller's (service/pods.py): the
+        caller gets those and the HMAC key, never the Curve keys or the pod's address."""
+        from kernel_sandbox.service.pods import PodRelays, audit_observer
+
+        prov = kernel.provisioner
+        kube = prov._kube
+        assert kube is not None and kube.info is not None
+        if kernel.relays is None:
+            where = directory or os.path.join(
+                prov.runtime_root, f"p-{kernel.kernel_id[:8]}-{secrets.token_hex(4)}"
+            )
+            owner = prov.client_owner or (kernel.uid, kernel.gid)
+            limits = prov.relay_limits
+            kernel.relays = PodRelays(
+                where,
+                owner,
+                audit_observer(prov),
+                kernel.kernel_id,
+                prov.log,
+                limits.max_message,
+                limits.hwm,
+            )
+        await asyncio.to_thread(kernel.relays.start, kube.address, kube.info)
+        return kernel.relays.connection_info(kube.info)
 
     def stage_folders(
         self,
@@ -513,6 +581,8 @@ class KernelRegistry:
 
     async def _cleanup(self, kernel: ServedKernel, restart: bool) -> None:
         await kernel.provisioner.cleanup(restart=restart)
+        if not restart and kernel.relays is not None:
+            await asyncio.to_thread(kernel.relays.close)
         if not restart:
             self.kernels.pop(kernel.kernel_id, None)
             self._record(kernel.kernel_id).unlink(missing_ok=True)
@@ -525,6 +595,8 @@ class KernelRegistry:
             raise NoSuchKernel(f"no running kernel {_kernel_id(request)} of {caller.describe()}")
         kernel.owner, kernel.owner_lost = self._owner(caller), None
         self._save(kernel)
+        if kernel.relays is not None and kernel.provisioner._kube is not None:
+            return {"connection_info": kernel.relays.connection_info(kernel.provisioner._kube.info)}
         info = dict(kernel.provisioner.connection_info)
         if isinstance(info.get("key"), bytes):
             info["key"] = info["key"].decode()
@@ -631,6 +703,7 @@ class KernelRegistry:
             "started": kernel.started,
             "memory": kernel.memory,
             "provisioner_info": info,
+            "relays": str(kernel.relays.directory) if kernel.relays is not None else None,
         }
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         staging = self.state_dir / f".{kernel.kernel_id}.tmp"
@@ -653,6 +726,9 @@ class KernelRegistry:
                     kernel_id, caller.owner, record["request"], rules, enforce=False
                 )
                 await prov.load_provisioner_info(record["provisioner_info"])
+                if prov._kube is not None:
+                    adopted += await self._restore_pod(path, record, caller, prov)
+                    continue
                 state = prov.container_id and await prov.poll()
                 if prov.runtime_dir is None or not prov.runtime_dir.exists() or state is not None:
                     await prov.cleanup(restart=False)
@@ -673,7 +749,43 @@ class KernelRegistry:
                 adopted += 1
             except Exception as exc:  # one bad record must not keep the service down
                 log.warning("service: cannot adopt the kernel of %s: %s", path.name, exc)
+        if self.provisioner_config.get("kube_namespace"):
+            keep = frozenset(
+                k.provisioner._kube.pod_name
+                for k in self.kernels.values()
+                if k.provisioner._kube is not None and k.provisioner._kube.pod_name
+            )
+            from kernel_sandbox.service.pods import sweep_service_pods
+
+            asyncio.get_running_loop().create_task(
+                sweep_service_pods(self.provisioner_config, keep, log)
+            )
         return adopted
+
+    async def _restore_pod(
+        self, path: Path, record: dict[str, Any], caller: Caller, prov: Any
+    ) -> int:
+        """Adopt a pod kernel whose pod still runs: its relays again, at the same paths (the
+        caller's sockets reconnect). 1 when adopted, 0 when it had ended (cleaned)."""
+        if prov._kube.pod_name is None or await prov.poll() is not None:
+            await prov.cleanup(restart=False)
+            path.unlink(missing_ok=True)
+            if record.get("relays"):
+                shutil.rmtree(record["relays"], ignore_errors=True)
+            return 0
+        kernel = ServedKernel(
+            str(record["kernel_id"]),
+            caller.uid,
+            caller.gid,
+            Owner(**record["owner"]),
+            record["request"],
+            prov,
+            started=float(record.get("started") or time.time()),
+            memory=int(record.get("memory") or 0),
+        )
+        await self._relay_pod(kernel, record.get("relays") or None)
+        self.kernels[kernel.kernel_id] = kernel
+        return 1
 
     async def close_all(self) -> None:
         """End every kernel (an operator's `serve --stop-kernels-at-exit`, and tests)."""

@@ -33,6 +33,12 @@ def visible_kernels(
     return {k.kernel_id: k for k in kernels if operator or k.uid == caller.uid}
 
 
+def _pod(kernel: ServedKernel) -> str | None:
+    """A pod kernel's ``pod/NAME`` (as ``ps`` shows it), else None."""
+    kube = getattr(kernel.provisioner, "_kube", None)
+    return f"pod/{kube.pod_name}" if kube is not None and kube.pod_name else None
+
+
 def resolve(kernels: dict[str, ServedKernel], ident: str, caller: Caller) -> ServedKernel:
     """The one kernel ``ident`` names among ``kernels``: its id, its container's name or id,
     or a unique prefix of its id (as ``kernel-sandbox stop`` takes them in direct mode).
@@ -43,7 +49,13 @@ def resolve(kernels: dict[str, ServedKernel], ident: str, caller: Caller) -> Ser
     exact = [
         k
         for k in kernels.values()
-        if ident in (k.kernel_id, k.provisioner.container_name, k.provisioner.container_id)
+        if ident
+        in (
+            k.kernel_id,
+            k.provisioner.container_name,
+            k.provisioner.container_id,
+            _pod(k),
+        )
     ]
     matches = exact or [k for k in kernels.values() if k.kernel_id.startswith(ident)]
     if len(matches) == 1:
@@ -149,6 +161,13 @@ class CallerViews:
     async def _state(self, kernel: ServedKernel) -> tuple[str, tuple[int, int] | None]:
         """The container's state and (memory used, limit) while it runs."""
         prov = kernel.provisioner
+        if prov._kube is not None:  # a pod: its state from the API server (no usage figure)
+            if not prov._kube.pod_name:
+                return "starting", None
+            try:
+                return ("running" if await prov.poll() is None else "exited"), None
+            except Exception:
+                return "unknown", None
         if not prov.container_id:
             return "starting", None
         try:
@@ -182,6 +201,11 @@ class CallerViews:
             await prov.send_signal(9)
         deadline = time.monotonic() + float(timeout)
         ended = False
+        while prov._kube is not None and prov._kube.pod_name:  # a pod: deleted, then gone
+            ended = await prov.poll() is not None
+            if ended or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.2)
         while prov.container_id:
             ended = not (await prov.engine.state(prov.container_id)).running
             if ended or time.monotonic() >= deadline:
@@ -191,7 +215,7 @@ class CallerViews:
             "stopped": kernel.kernel_id,
             "user": _user_name(kernel.uid),
             "kernelspec": kernel.summary()["kernelspec"],
-            "container": prov.container_name,
+            "container": kernel.summary()["container"],
             "ended": ended,
         }
 
