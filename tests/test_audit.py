@@ -107,6 +107,29 @@ def test_jupyter_client_requests_interrupt_restart_and_death(
     assert "x = 6 * 7 (+1 lines)" in shown and "error" in shown
 
 
+def answer_input(kc, answer: str) -> dict:
+    """Run a cell that asks for input; answer its ``input_request``; return the reply."""
+    kc.execute("x = input('name? '); print('got', x)", allow_stdin=True)
+    request = kc.get_stdin_msg(timeout=30)
+    assert request["content"]["prompt"] == "name? "
+    kc.input(answer)
+    return kc.get_shell_msg(timeout=30)
+
+
+def test_input_reaches_the_client_through_the_relays(jupyter_path, tmp_path, leak_check):
+    # ipykernel sends input_request to the shell request's routing path, which now begins
+    # with the relay's id: stdin must come back through a relay with that id
+    log = tmp_path / "audit.jsonl"
+    with sandbox_kernel(SANDBOX, config=audit_config(log), cwd=str(tmp_path)) as (km, kc):
+        assert answer_input(kc, "ada")["content"]["status"] == "ok"
+        assert run_cell(kc, "print(x)")["stdout"] == "ada\n"
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=60)
+        assert answer_input(kc, "grace")["content"]["status"] == "ok"
+        assert run_cell(kc, "print(x)")["stdout"] == "grace\n"
+    assert any("input(" in record["code"] for record in executions(log))
+
+
 def test_nbclient_notebook(jupyter_path, tmp_path, leak_check):
     log = tmp_path / "audit.jsonl"
     nb = nbformat.v4.new_notebook()
@@ -273,6 +296,36 @@ def test_through_the_service_the_service_writes_what_the_user_cannot_touch(
     )
     assert attempt.stdout.split() == ["r", "denied", "a", "denied"], attempt.stderr
     assert main(["audit", "verify", "--log-dir", str(log_dir)]) == 0
+
+
+INPUT_SCRIPT = """
+from jupyter_client.manager import KernelManager
+km = KernelManager(kernel_name="python3-sandbox")
+km.start_kernel(cwd={cwd!r})
+kc = km.client()
+kc.start_channels()
+try:
+    kc.wait_for_ready(timeout=60)
+    kc.execute("x = input('name? '); print('got', x)", allow_stdin=True)
+    print(kc.get_stdin_msg(timeout=30)["content"]["prompt"])
+    kc.input("ada")
+    print(kc.get_shell_msg(timeout=30)["content"]["status"])
+finally:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+"""
+
+
+def test_input_through_the_service(sandbox_service, test_users):
+    home = test_users.add("kstalice").pw_dir
+    result = test_users.run_as(
+        "kstalice",
+        INPUT_SCRIPT.format(cwd=home),
+        env={"KERNEL_SANDBOX_SERVICE": sandbox_service.socket},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == ["name? ", "ok"]
 
 
 def _audit_show_as(test_users, user: str, socket: str, *args: str) -> tuple[int, list[dict]]:

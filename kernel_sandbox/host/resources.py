@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,7 @@ class KernelResources:
         self._monitor: KernelMonitor | None = None
         self.relay: IopubRelay | None = None  # kept across restarts
         self.shell_relays: dict[str, ShellRelay] = {}  # kept across restarts (but a pool's)
+        self.relay_routing_id = b"ks-" + secrets.token_hex(8).encode()  # shell's = stdin's
         self.executions: ExecutionAudit | None = None  # kept across restarts
         self.uid_claim: UidClaim | None = None  # kept across restarts
 
@@ -347,7 +349,9 @@ class KernelResources:
         relay = self.shell_relays.get(channel)
         if relay is None:
             observe = functools.partial(_observe_on, executions, channel.removesuffix("_port"))
-            relay = ShellRelay(kernel_link, bind_path, observe, self.kernel_id, self.log)
+            relay = ShellRelay(
+                kernel_link, bind_path, observe, self.kernel_id, self.log, self.relay_routing_id
+            )
             relay.start()
             self.shell_relays[channel] = relay
         return relay

@@ -51,10 +51,22 @@ class ShellRelay:
         observe: called in the relay's observer thread with (b"in" | b"out", frames).
         name: the kernel, in thread names and log lines.
         log: a logger.
+        routing_id: the kernel-side DEALER's routing id; a kernel's shell and stdin relays
+            share one, because ipykernel sends ``input_request`` on stdin to the routing path
+            the shell request came by (the relay's id, then the client's).
     """
 
-    def __init__(self, kernel_path: str, client_path: str, observe: Observer, name: str, log: Any):
+    def __init__(
+        self,
+        kernel_path: str,
+        client_path: str,
+        observe: Observer,
+        name: str,
+        log: Any,
+        routing_id: bytes | None = None,
+    ):
         self.kernel_path, self.client_path = kernel_path, client_path
+        self.routing_id = routing_id
         self.observe, self.name, self.log = observe, name, log
         self.observed = 0
         self._context: zmq.Context | None = None
@@ -82,6 +94,8 @@ class ShellRelay:
             front.setsockopt(zmq.ROUTER_HANDOVER, 1)
             capture.setsockopt(zmq.SNDHWM, CAPTURE_HWM)
             watch.setsockopt(zmq.RCVHWM, CAPTURE_HWM)
+            if self.routing_id:
+                back.setsockopt(zmq.ROUTING_ID, self.routing_id)
             back.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL)
             back.setsockopt(zmq.RECONNECT_IVL_MAX, 100)
             front.bind(f"ipc://{self.client_path}")

@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 
 __all__ = ["RELAYED", "client_label", "link_shell", "note", "note_signal", "start_shell_audit"]
 
-RELAYED = ("shell_port", "control_port")  # the channels a client's requests come in on
+# The channels a client's requests come in on, and stdin: ipykernel sends ``input_request``
+# to the routing path of the shell request it answers (the relay's, then the client's), so
+# the answer must come back through a relay with the same routing id (ShellRelay).
+RELAYED = ("shell_port", "control_port", "stdin_port")
 
 
 def client_label(prov: DockerSandboxProvisioner) -> str:
