@@ -7,6 +7,7 @@ for pods that use the owner's egress proxy or data broker, the address they reac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
@@ -16,7 +17,13 @@ from kernel_sandbox.cli.checks import FAIL, OK, WARN, Check
 from kernel_sandbox.errors import SandboxError
 from kernel_sandbox.kube.api import NETWORK_POLICIES, KubeApi
 
-__all__ = ["NEEDED_RIGHTS", "check_kube", "kube_targets", "owner_address_checks"]
+__all__ = [
+    "NEEDED_RIGHTS",
+    "check_kube",
+    "kube_kernelspecs",
+    "kube_targets",
+    "owner_address_checks",
+]
 
 # (verb, resource, API group) a kernel's start, stop and the orphan sweep use.
 NEEDED_RIGHTS = (
@@ -40,12 +47,11 @@ NEEDED_RIGHTS = (
 ROLE_HINT = "apply deploy/kubernetes/role.yaml and bind it (see docs/kubernetes.md)"
 
 
-def kube_targets(config: Config) -> dict[tuple[str, str, str, Any], list[str]]:
-    """(kubeconfig, context, namespace, in_cluster) -> the kernelspecs that start pods there."""
+def kube_kernelspecs(config: Config) -> Iterator[tuple[str, Any, Any]]:
+    """(name, provisioner, policy) of each sandboxed kernelspec whose kernels are pods."""
     from kernel_sandbox.policy.effective import is_sandboxed, provisioner_for
 
     manager = KernelSpecManager()
-    targets: dict[tuple[str, str, str, Any], list[str]] = {}
     for name in sorted(manager.find_kernel_specs()):
         try:
             spec = manager.get_kernel_spec(name)
@@ -56,8 +62,15 @@ def kube_targets(config: Config) -> dict[tuple[str, str, str, Any], list[str]]:
         except Exception:  # a broken kernelspec: check_kernelspecs reports it
             continue
         if policy.backend == "kubernetes":
-            key = (prov.kube_config, prov.kube_context, prov.kube_namespace, prov.kube_in_cluster)
-            targets.setdefault(key, []).append(name)
+            yield name, prov, policy
+
+
+def kube_targets(config: Config) -> dict[tuple[str, str, str, Any], list[str]]:
+    """(kubeconfig, context, namespace, in_cluster) -> the kernelspecs that start pods there."""
+    targets: dict[tuple[str, str, str, Any], list[str]] = {}
+    for name, prov, _policy in kube_kernelspecs(config):
+        key = (prov.kube_config, prov.kube_context, prov.kube_namespace, prov.kube_in_cluster)
+        targets.setdefault(key, []).append(name)
     return targets
 
 
@@ -142,20 +155,9 @@ def owner_address_checks(config: Config) -> list[Check]:
     find one (docs/kubernetes.md#egress-and-data-the-owners-services-over-the-pod-network)."""
     import socket
 
-    from kernel_sandbox.policy.effective import is_sandboxed, provisioner_for
-
-    manager = KernelSpecManager()
     checks: list[Check] = []
-    for name in sorted(manager.find_kernel_specs()):
-        try:
-            spec = manager.get_kernel_spec(name)
-            if not is_sandboxed(spec):
-                continue
-            prov = provisioner_for(spec, config)
-            policy, _ = prov.resolve_policy()
-        except Exception:  # a broken kernelspec: check_kernelspecs reports it
-            continue
-        if policy.backend != "kubernetes" or (policy.network == "none" and not policy.datasets):
+    for name, prov, policy in kube_kernelspecs(config):
+        if policy.network == "none" and not policy.datasets:
             continue
         setting = prov.kube_egress_address
         if setting and setting != "auto":

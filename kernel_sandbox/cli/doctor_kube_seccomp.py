@@ -6,7 +6,6 @@ operator installs the profile on each (``kernel-sandbox kube seccomp-profile --i
 
 from __future__ import annotations
 
-from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
 from kernel_sandbox.cli.checks import FAIL, OK, WARN, Check
@@ -25,21 +24,11 @@ INSTALL = "kernel-sandbox kube seccomp-profile --install (on every node)"
 
 def _profiles(config: Config) -> dict[str, list[str]]:
     """kube_seccomp_profile -> the kernelspecs whose pods get it."""
-    from kernel_sandbox.policy.effective import is_sandboxed, provisioner_for
+    from kernel_sandbox.cli.doctor_kube import kube_kernelspecs
 
-    manager = KernelSpecManager()
     profiles: dict[str, list[str]] = {}
-    for name in sorted(manager.find_kernel_specs()):
-        try:
-            spec = manager.get_kernel_spec(name)
-            if not is_sandboxed(spec):
-                continue
-            prov = provisioner_for(spec, config)
-            policy, _ = prov.resolve_policy()
-        except Exception:  # a broken kernelspec: check_kernelspecs reports it
-            continue
-        if policy.backend == "kubernetes":
-            profiles.setdefault(prov.kube_seccomp_profile, []).append(name)
+    for name, prov, _policy in kube_kernelspecs(config):
+        profiles.setdefault(prov.kube_seccomp_profile, []).append(name)
     return profiles
 
 
